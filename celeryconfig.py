@@ -1,0 +1,56 @@
+"""Every Celery setting of tilerec, in one place; each can be overridden from the environment.
+
+A calling app needs only the broker, the result backend and the JSON serializer; see the README's task contract.
+"""
+
+import os
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+broker_url = _env("TILEREC_BROKER_URL", "redis://localhost:6379/0")
+result_backend = _env("TILEREC_RESULT_BACKEND", broker_url)
+
+# JSON only: a pickle message from anyone who can reach the broker is refused, never executed.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# Queues: tiling and merging on one, tile recognition on the other, so recognition can have its own workers.
+jobs_queue = _env("TILEREC_JOBS_QUEUE", "tilerec")
+tiles_queue = _env("TILEREC_TILES_QUEUE", "tilerec.tiles")
+task_default_queue = jobs_queue
+task_queues = {jobs_queue: {}, tiles_queue: {}}
+task_routes = {
+    "tilerec.recognize": {"queue": jobs_queue},
+    "tilerec.merge": {"queue": jobs_queue},
+    "tilerec.recognize_tiles": {"queue": tiles_queue},
+}
+
+# A task is acknowledged after it ran, and handed back if its worker dies, so no tile is lost to a crash.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+visibility_timeout = int(_env("TILEREC_VISIBILITY_TIMEOUT", "3600"))
+broker_transport_options = {"visibility_timeout": visibility_timeout}
+result_backend_transport_options = {"visibility_timeout": visibility_timeout}
+broker_connection_retry_on_startup = True
+
+# Results: kept a day; extended so Flower and other apps see task names and arguments.
+result_expires = int(_env("TILEREC_RESULT_EXPIRES", str(24 * 3600)))
+result_extended = True
+task_track_started = True
+
+# Events, so Flower shows every task.
+worker_send_task_events = True
+task_send_sent_event = True
+
+# tilerec's own settings (not Celery's): where tiles are stored and for how long, and what input is accepted.
+tilerec_store_url = _env("TILEREC_STORE_URL", result_backend)
+tilerec_tile_ttl = int(_env("TILEREC_TILE_TTL", "3600"))
+tilerec_max_pixels = int(_env("TILEREC_MAX_PIXELS", str(40_000 * 40_000)))
+tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
+tilerec_threads_per_process = int(_env("TILEREC_THREADS_PER_PROCESS", "0"))  # 0: cores / worker processes

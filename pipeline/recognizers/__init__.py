@@ -1,0 +1,106 @@
+"""Recognizers: the protocol, the registry, and a per-process cache so nothing heavy is rebuilt per tile."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from pipeline.model import Detections
+
+
+class Recognizer(Protocol):
+    """Takes one tile (8-bit grey or BGR array) and returns detections in that tile's coordinates."""
+
+    def __call__(self, tile: np.ndarray) -> Detections: ...
+
+
+class RecognizerError(ValueError):
+    """Unknown recognizer or bad recognizer parameters."""
+
+
+@dataclass(frozen=True)
+class RecognizerSpec:
+    """A registered recognizer: how to build it, its parameters with defaults, and what a tile costs.
+
+    `cost_ms` is a rough time for one 640x640 tile on one core; it sets how many tiles a task batches.
+    """
+
+    name: str
+    factory: Callable[..., Recognizer]
+    params: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    cost_ms: float = 20.0
+
+
+_REGISTRY: dict[str, RecognizerSpec] = {}
+
+
+def register(spec: RecognizerSpec) -> RecognizerSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def available() -> list[RecognizerSpec]:
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def get_spec(name: object) -> RecognizerSpec:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise RecognizerError(f"unknown recognizer {name!r}; available: {known}")
+    return _REGISTRY[name]
+
+
+def _coerce(recognizer: str, name: str, value: Any, default: Any) -> Any:
+    """A parameter value checked against the type of its default (JSON turns tuples into lists)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value):
+            return int(value)
+    elif isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    raise RecognizerError(
+        f"recognizer {recognizer!r}: parameter {name!r} must be {type(default).__name__}, got {value!r}"
+    )
+
+
+def resolve_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The recognizer's full parameter set: its defaults overridden by `params`, each checked."""
+    spec = get_spec(name)
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        known = ", ".join(sorted(spec.params)) or "none"
+        raise RecognizerError(f"recognizer {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {known}")
+    return {key: _coerce(name, key, params.get(key, default), default) for key, default in spec.params.items()}
+
+
+def limit_threads(threads: int) -> None:
+    """Cap the native thread pools of this process, so worker processes × threads fit the cores."""
+    cv2.setNumThreads(max(1, int(threads)))
+
+
+@lru_cache(maxsize=16)
+def _build(name: str, frozen: tuple[tuple[str, Any], ...]) -> Recognizer:
+    return get_spec(name).factory(**dict(frozen))
+
+
+def get_recognizer(name: str, params: Mapping[str, Any] | None = None) -> Recognizer:
+    """The recognizer built once per process for this name and parameter set."""
+    resolved = resolve_params(name, params)
+    return _build(name, tuple(sorted(resolved.items())))
+
+
+from pipeline.recognizers import opencv  # noqa: E402,F401  registers the built-ins

@@ -1,0 +1,134 @@
+"""OpenCV's classical recognizers: nothing to download, all shipped inside opencv-python-headless 4.x."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipeline.model import Detections
+from pipeline.recognizers import RecognizerError, RecognizerSpec, register
+
+
+def _grey(tile: np.ndarray) -> np.ndarray:
+    return tile if tile.ndim == 2 else cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY)
+
+
+def _bgr(tile: np.ndarray) -> np.ndarray:
+    return tile if tile.ndim == 3 else cv2.cvtColor(tile, cv2.COLOR_GRAY2BGR)
+
+
+def _squash(margin: np.ndarray) -> np.ndarray:
+    """Classifier margins (unbounded) to a score in (0, 1); monotonic, so thresholds keep their order."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(margin, dtype=np.float64).reshape(-1)))
+
+
+def _from_quads(quads: np.ndarray, texts: list[str], label: str) -> Detections:
+    quads = np.asarray(quads, dtype=np.float64).reshape(-1, 4, 2)
+    xyxy = np.hstack([quads.min(axis=1), quads.max(axis=1)])
+    return Detections(xyxy, np.ones(len(quads)), [label] * len(quads), texts, list(quads))
+
+
+class HaarFaces:
+    def __init__(self, scale_factor: float, min_neighbors: int, min_size: int) -> None:
+        self.cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+        self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        boxes, _, weights = self.cascade.detectMultiScale3(
+            _grey(tile),
+            scaleFactor=self.scale_factor,
+            minNeighbors=self.min_neighbors,
+            minSize=(self.min_size, self.min_size),
+            outputRejectLevels=True,
+        )
+        return Detections.from_xywh(np.asarray(boxes).reshape(-1, 4), _squash(weights), "face")
+
+
+class HogPeople:
+    def __init__(self, scale: float, win_stride: int) -> None:
+        self.hog = cv2.HOGDescriptor()
+        self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+        self.scale, self.win_stride = scale, win_stride
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        if min(tile.shape[:2]) < 128:
+            return Detections.empty()
+        stride = (self.win_stride, self.win_stride)
+        boxes, weights = self.hog.detectMultiScale(tile, winStride=stride, padding=(8, 8), scale=self.scale)
+        return Detections.from_xywh(np.asarray(boxes).reshape(-1, 4), _squash(weights), "person")
+
+
+class QRCodes:
+    """QR codes, detected and decoded; codes that are found but cannot be decoded are left out."""
+
+    def __init__(self) -> None:
+        self.detector = cv2.QRCodeDetectorAruco()
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        found, texts, quads, _ = self.detector.detectAndDecodeMulti(tile)
+        if not found or quads is None:
+            return Detections.empty()
+        keep = [i for i, text in enumerate(texts) if text]
+        return _from_quads(quads[keep], [texts[i] for i in keep], "qrcode")
+
+
+class Barcodes:
+    """1-D barcodes (EAN-8, EAN-13, UPC-A, UPC-E); the payload goes to `text`."""
+
+    def __init__(self) -> None:
+        self.detector = cv2.barcode.BarcodeDetector()
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        found, texts, _, quads = self.detector.detectAndDecodeWithType(tile)
+        if not found or quads is None:
+            return Detections.empty()
+        keep = [i for i, text in enumerate(texts) if text]
+        return _from_quads(quads[keep], [texts[i] for i in keep], "barcode")
+
+
+class ArucoMarkers:
+    """ArUco markers of one dictionary; the marker id goes to `text`, its four corners to `points`."""
+
+    def __init__(self, dictionary: str) -> None:
+        if not dictionary.startswith("DICT_") or not hasattr(cv2.aruco, dictionary):
+            known = ", ".join(name for name in dir(cv2.aruco) if name.startswith("DICT_"))
+            raise RecognizerError(f"unknown ArUco dictionary {dictionary!r}; known: {known}")
+        chosen = cv2.aruco.getPredefinedDictionary(getattr(cv2.aruco, dictionary))
+        self.detector = cv2.aruco.ArucoDetector(chosen, cv2.aruco.DetectorParameters())
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        quads, ids, _ = self.detector.detectMarkers(_grey(tile))
+        if ids is None:
+            return Detections.empty()
+        return _from_quads(np.asarray(quads), [str(int(i)) for i in ids.reshape(-1)], "aruco")
+
+
+register(
+    RecognizerSpec(
+        "faces",
+        HaarFaces,
+        {"scale_factor": 1.1, "min_neighbors": 5, "min_size": 24},
+        "frontal faces, Haar cascade (Viola-Jones)",
+        cost_ms=23,
+    )
+)
+register(
+    RecognizerSpec(
+        "people",
+        HogPeople,
+        {"scale": 1.05, "win_stride": 8},
+        "standing people at least 64x128 px, HOG + linear SVM (Dalal-Triggs)",
+        cost_ms=60,
+    )
+)
+register(RecognizerSpec("qrcode", QRCodes, {}, "QR codes, detected and decoded (payload in text)", cost_ms=40))
+register(RecognizerSpec("barcode", Barcodes, {}, "1-D barcodes EAN/UPC, decoded (payload in text)", cost_ms=3))
+register(
+    RecognizerSpec(
+        "aruco",
+        ArucoMarkers,
+        {"dictionary": "DICT_4X4_50"},
+        "ArUco markers (id in text, corners in points)",
+        cost_ms=1.5,
+    )
+)

@@ -1,0 +1,102 @@
+"""Drawing detections on an image with OpenCV: box, label, score and decoded text, so a person can check a result.
+
+Pure functions on arrays: the input is never modified, and pixels away from the drawn boxes and captions stay
+exactly as they were (the tests and `tilerec run --annotate` rely on that).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import zlib
+
+import cv2
+import numpy as np
+
+from pipeline.model import Detections
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+MAX_TEXT = 32  # characters of decoded text shown in a caption; long payloads would hide the picture
+
+
+def label_color(label: str) -> tuple[int, int, int]:
+    """A bright BGR colour fixed by the label's name, so a label has the same colour in every picture and run."""
+    hue = (zlib.crc32(label.encode("utf-8")) % 360) / 360.0
+    red, green, blue = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return round(blue * 255), round(green * 255), round(red * 255)
+
+
+def caption(label: str, score: float, text: str | None = None, max_text: int = MAX_TEXT) -> str:
+    """'label 0.97 payload': OpenCV's Hershey fonts draw ASCII only, so other characters become '?'."""
+    words = f"{label} {score:.2f}"
+    if text:
+        shown = text if len(text) <= max_text else text[: max_text - 3] + "..."
+        words += " " + " ".join(shown.split())
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in words)
+
+
+def default_thickness(height: int, width: int) -> int:
+    """Line width that stays visible when a 4000 px image is shown scaled to a screen."""
+    return max(1, round(max(height, width) / 1500))
+
+
+def to_bgr(image: np.ndarray) -> np.ndarray:
+    """A BGR copy of a grey, BGR or BGRA 8-bit image: colours need three channels."""
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return image.copy()
+
+
+def _ink(color: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white text, whichever reads better on the caption's background."""
+    blue, green, red = color
+    return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else (255, 255, 255)
+
+
+def _box_corners(xyxy: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Pixel corners of a box whose x2, y2 are exclusive (x + w), so the line lies on the object's border pixels."""
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    left, top = math.floor(x1), math.floor(y1)
+    return (left, top), (max(left, math.ceil(x2) - 1), max(top, math.ceil(y2) - 1))
+
+
+def _draw_caption(
+    canvas: np.ndarray, words: str, corner: tuple[int, int], color: tuple[int, int, int], scale: float, weight: int
+) -> None:
+    """A filled label above the box, or just inside its top when the box touches the image's top edge."""
+    (text_w, text_h), baseline = cv2.getTextSize(words, FONT, scale, weight)
+    pad = max(2, weight)
+    box_h = text_h + baseline + 2 * pad
+    x = int(np.clip(corner[0], 0, max(0, canvas.shape[1] - text_w - 2 * pad)))
+    top = corner[1] - box_h if corner[1] - box_h >= 0 else corner[1]
+    cv2.rectangle(canvas, (x, top), (x + text_w + 2 * pad - 1, top + box_h - 1), color, thickness=cv2.FILLED)
+    cv2.putText(canvas, words, (x + pad, top + pad + text_h), FONT, scale, _ink(color), weight, cv2.LINE_AA)
+
+
+def draw_detections(
+    image: np.ndarray,
+    detections: Detections,
+    thickness: int | None = None,
+    font_scale: float | None = None,
+    captions: bool = True,
+) -> np.ndarray:
+    """A BGR copy of `image` with every detection's box (and points, if any) and a caption drawn on it."""
+    canvas = to_bgr(image)
+    height, width = canvas.shape[:2]
+    thickness = thickness or default_thickness(height, width)
+    scale = font_scale or max(0.4, 0.4 * thickness)
+    weight = max(1, round(scale * 1.5))
+    for i in range(len(detections)):
+        color = label_color(str(detections.labels[i]))
+        top_left, bottom_right = _box_corners(detections.xyxy[i])
+        cv2.rectangle(canvas, top_left, bottom_right, color, thickness)
+        points = detections.points[i]
+        if points is not None and len(points) >= 3:
+            polygon = np.round(points).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(canvas, [polygon], True, color, max(1, thickness // 2), cv2.LINE_AA)
+        if captions:
+            words = caption(str(detections.labels[i]), float(detections.scores[i]), detections.texts[i])
+            _draw_caption(canvas, words, top_left, color, scale, weight)
+    return canvas

@@ -1,0 +1,81 @@
+"""Overlapping tile grid with SAHI's semantics: fixed-size windows, the last row and column flush to the edge."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One tile of the grid: its index in the job and its place in the image, in pixels."""
+
+    index: int
+    x: int
+    y: int
+    width: int
+    height: int
+
+    @property
+    def x2(self) -> int:
+        return self.x + self.width
+
+    @property
+    def y2(self) -> int:
+        return self.y + self.height
+
+    def to_list(self) -> list[int]:
+        return [self.index, self.x, self.y, self.width, self.height]
+
+    @classmethod
+    def from_list(cls, values: list[int] | tuple[int, ...]) -> Window:
+        index, x, y, width, height = (int(v) for v in values)
+        return cls(index, x, y, width, height)
+
+
+def validate_tiling(tile: object, overlap: object) -> tuple[int, float]:
+    """Return (tile, overlap) as int and float, or raise ValueError saying what is wrong."""
+    if isinstance(tile, bool) or not isinstance(tile, int | float) or tile != int(tile) or tile <= 0:
+        raise ValueError(f"tile must be a positive whole number of pixels, got {tile!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int | float) or not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be a ratio in [0, 1), got {overlap!r}")
+    return int(tile), float(overlap)
+
+
+def _starts(size: int, tile: int, step: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, step))
+    starts.append(size - tile)
+    return starts
+
+
+def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list[Window]:
+    """Windows covering an image of height x width, row by row.
+
+    step = tile - round(tile * overlap). The last row and column are full-size windows pushed flush against
+    the bottom and right edges, so no window is padded or a sliver; a side shorter than a tile is one window
+    of that side's length.
+    """
+    tile, overlap = validate_tiling(tile, overlap)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    step = max(1, tile - round(tile * overlap))
+    tile_h, tile_w = min(tile, height), min(tile, width)
+    windows = []
+    for y in _starts(height, tile, step):
+        for x in _starts(width, tile, step):
+            windows.append(Window(len(windows), x, y, tile_w, tile_h))
+    return windows
+
+
+def auto_batch_size(tiles: int, tile_cost_ms: float, target_task_ms: float = 40.0, min_tasks: int = 16) -> int:
+    """Tiles per task: enough that a task's work dwarfs its ~1.6 ms of Celery overhead, yet at least
+    `min_tasks` tasks (where there are that many tiles) so every worker gets a share."""
+    by_cost = max(1, math.ceil(target_task_ms / max(tile_cost_ms, 1e-3)))
+    by_spread = max(1, math.ceil(tiles / min_tasks))
+    return min(by_cost, by_spread)
+
+
+def batches(windows: list[Window], size: int) -> list[list[Window]]:
+    return [windows[start : start + size] for start in range(0, len(windows), size)]

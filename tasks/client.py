@@ -1,0 +1,55 @@
+"""Submitting jobs from Python: store bytes or arrays in Redis, submit, follow progress, get the result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from celery.result import AsyncResult
+
+from pipeline.images import encode_array
+from tasks import app, recognize, store
+
+
+def put_image(image: bytes | np.ndarray, ttl: int | None = None) -> str:
+    """Store encoded image bytes (PNG, JPEG, …) or a NumPy array for a job; returns its `redis:` reference.
+
+    The reference lives for `ttl` seconds (default: the tile TTL) and can be used by several jobs.
+    """
+    data = encode_array(image) if isinstance(image, np.ndarray) else bytes(image)
+    return store.put_bytes(store.connect(app.conf.tilerec_store_url), data, ttl or app.conf.tilerec_tile_ttl)
+
+
+@dataclass
+class Job:
+    """A submitted recognition: its AsyncResult, plus progress read from the tile store while it runs."""
+
+    result: AsyncResult
+
+    @property
+    def id(self) -> str:
+        return self.result.id
+
+    def progress(self) -> tuple[int, int | None]:
+        """(tiles done, tiles in all); the total is None until the tiling task has planned the grid."""
+        if self.result.ready():
+            return (self._total() or 0, self._total())
+        done = store.get_progress(store.connect(app.conf.tilerec_store_url), self.id)
+        total = self._total()
+        return (min(done, total) if total else done, total)
+
+    def _total(self) -> int | None:
+        info = self.result.info
+        if isinstance(info, dict) and "tiling" in info:
+            return int(info["tiling"]["tiles"])
+        return store.get_total(store.connect(app.conf.tilerec_store_url), self.id)
+
+    def get(self, timeout: float | None = None) -> dict[str, Any]:
+        return self.result.get(timeout=timeout)
+
+
+def submit(image: str | bytes | np.ndarray, recognizer: str = "faces", **options: Any) -> Job:
+    """Submit `tilerec.recognize`. A path (or `redis:` reference) is sent as is; bytes and arrays are stored first."""
+    reference = image if isinstance(image, str) else put_image(image)
+    return Job(recognize.delay(reference, recognizer, **options))

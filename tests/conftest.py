@@ -1,0 +1,51 @@
+"""Real parts only: a redis-server on a free local port and real `celery worker` processes, per test session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasks.local import RedisServer, Worker
+
+IMAGES_ROOT = Path(tempfile.mkdtemp(prefix="tilerec-images-"))
+os.environ["TILEREC_ALLOWED_ROOTS"] = str(IMAGES_ROOT)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def app(redis_server: RedisServer):
+    """tilerec's Celery app, pointed at the test Redis (broker, result backend and tile store)."""
+    from tasks import app as celery_app
+
+    url = redis_server.url
+    celery_app.conf.update(
+        broker_url=url, result_backend=url, tilerec_store_url=url, tilerec_allowed_roots=str(IMAGES_ROOT)
+    )
+    return celery_app
+
+
+@pytest.fixture(scope="session")
+def worker(app, redis_server: RedisServer, tmp_path_factory) -> Iterator[Worker]:
+    log = tmp_path_factory.mktemp("logs") / "worker.log"
+    env = {"TILEREC_RESULT_BACKEND": redis_server.url, "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT)}
+    with Worker(redis_server.url, concurrency=2, env=env, log_file=str(log)) as running:
+        yield running
+
+
+@pytest.fixture
+def images_root() -> Path:
+    """The folder the workers may read images from (TILEREC_ALLOWED_ROOTS)."""
+    return IMAGES_ROOT
+
+
+def tilerec_keys(server: RedisServer) -> list[bytes]:
+    return sorted(server.client().scan_iter("tilerec:job:*"))

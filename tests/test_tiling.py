@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from pipeline.tiling import Window, auto_batch_size, batches, grid
+
+
+def covered(windows: list[Window], height: int, width: int) -> np.ndarray:
+    counts = np.zeros((height, width), dtype=np.int32)
+    for w in windows:
+        counts[w.y : w.y2, w.x : w.x2] += 1
+    return counts
+
+
+def test_step_is_tile_minus_rounded_overlap_and_last_tile_is_flush():
+    windows = grid(1000, 2000, tile=640, overlap=0.2)  # step 640 - 128 = 512
+    xs = sorted({w.x for w in windows})
+    ys = sorted({w.y for w in windows})
+    assert xs == [0, 512, 1024, 1360]  # 1360 = 2000 - 640: flush right, full width
+    assert ys == [0, 360]  # 360 = 1000 - 640
+    assert all(w.width == 640 and w.height == 640 for w in windows)
+    assert [w.index for w in windows] == list(range(len(windows)))
+
+
+def test_every_pixel_is_covered_and_nothing_leaves_the_image():
+    for height, width, tile, overlap in [(1000, 2000, 640, 0.2), (777, 1301, 256, 0.35), (641, 641, 640, 0.0)]:
+        windows = grid(height, width, tile, overlap)
+        assert covered(windows, height, width).min() >= 1
+        assert all(w.x >= 0 and w.y >= 0 and w.x2 <= width and w.y2 <= height for w in windows)
+
+
+def test_exact_fit_has_no_extra_flush_tile():
+    windows = grid(1152, 1152, tile=640, overlap=0.2)  # 0 and 512 reach 1152 exactly
+    assert sorted({w.x for w in windows}) == [0, 512]
+    assert len(windows) == 4
+
+
+def test_image_smaller_than_a_tile_is_one_tile_of_its_own_size():
+    assert grid(300, 500, tile=640) == [Window(0, 0, 0, 500, 300)]
+
+
+def test_one_side_smaller_than_a_tile():
+    windows = grid(200, 1500, tile=640, overlap=0.0)
+    assert [(w.x, w.width, w.height) for w in windows] == [(0, 640, 200), (640, 640, 200), (860, 640, 200)]
+
+
+def test_zero_overlap_tiles_do_not_overlap_except_the_flush_one():
+    windows = grid(1280, 1280, tile=640, overlap=0.0)
+    assert covered(windows, 1280, 1280).max() == 1
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "message"),
+    [(0, 0.2, "tile"), (-5, 0.2, "tile"), (64.5, 0.2, "tile"), ("640", 0.2, "tile"), (True, 0.2, "tile"),
+     (640, 1.0, "overlap"), (640, -0.1, "overlap"), (640, "0.2", "overlap")],
+)  # fmt: skip
+def test_bad_tiling_is_refused_with_the_reason(tile, overlap, message):
+    with pytest.raises(ValueError, match=message):
+        grid(1000, 1000, tile, overlap)
+
+
+def test_window_round_trips_through_a_list():
+    window = Window(7, 10, 20, 640, 480)
+    assert Window.from_list(window.to_list()) == window
+
+
+def test_batches_keep_order_and_cover_every_window():
+    windows = grid(3000, 3000, tile=640)
+    planned = batches(windows, 4)
+    assert [w for batch in planned for w in batch] == windows
+    assert all(len(batch) == 4 for batch in planned[:-1])
+
+
+def test_auto_batch_size_groups_cheap_tiles_but_keeps_workers_busy():
+    assert auto_batch_size(tiles=1000, tile_cost_ms=1.5) == 27  # ceil(40 ms / 1.5 ms) tiles per task
+    assert auto_batch_size(tiles=400, tile_cost_ms=60) == 1  # expensive tiles go one by one
+    assert auto_batch_size(tiles=32, tile_cost_ms=1.5) == 2  # still 16 tasks to spread
+    assert auto_batch_size(tiles=1, tile_cost_ms=1.5) == 1
