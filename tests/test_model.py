@@ -61,7 +61,9 @@ def test_columns_must_agree_in_length():
 
 
 def test_recognition_json_has_the_documented_schema_and_round_trips():
-    r = Recognition(width=4000, height=3000, detections=sample(), recognizer="qrcode", source="/data/a.png", tiles=30, tasks=8)
+    r = Recognition(
+        width=4000, height=3000, detections=sample(), recognizer="qrcode", source="/data/a.png", tiles=30, tasks=8
+    )
     data = json.loads(json.dumps(r.to_json()))
     assert data["schema"] == SCHEMA == "tilerec/recognition@1"
     assert set(data) == {"schema", "image", "recognizer", "tiling", "detections", "failed_tiles", "timings"}

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from pipeline import OptionsError, RecognizerError, recognize_image
+from pipeline.scenes import qr_code, qr_scene, score
+from pipeline.tiling import grid
+from tests.scenes import assert_each_code_once
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return qr_scene(3000, 2000, count=12, seam_share=0.5, seed=7)
+
+
+def crosses_a_seam(box, windows) -> bool:
+    x, y, w, h = box
+    edges_x = {win.x2 for win in windows if win.x2 < 3000} | {win.x for win in windows if win.x > 0}
+    edges_y = {win.y2 for win in windows if win.y2 < 2000} | {win.y for win in windows if win.y > 0}
+    return any(x < e < x + w for e in edges_x) or any(y < e < y + h for e in edges_y)
+
+
+def test_the_scene_really_puts_codes_across_seams(scene):
+    windows = grid(2000, 3000)
+    assert sum(crosses_a_seam(t.box, windows) for t in scene.truths) >= 6
+
+
+def test_in_process_finds_every_code_once_with_its_box(scene):
+    result = recognize_image(scene.image, "qrcode", tile=640, overlap=0.2)
+    assert_each_code_once(result.to_json()["detections"], scene.truths)
+    assert result.tiles == len(grid(2000, 3000))
+
+
+def test_without_merging_seam_codes_are_reported_twice(scene):
+    """The control for the test above: the overlap really makes tiles see codes twice."""
+    result = recognize_image(scene.image, "qrcode", merge="none")
+    assert score(result.detections, scene.truths).duplicates > 0
+
+
+def test_a_one_tile_image():
+    picture, (bx, by, bw, bh) = qr_code("solo", 4)
+    image = np.full((300, 400, 3), 255, dtype=np.uint8)
+    image[50 : 50 + picture.shape[0], 60 : 60 + picture.shape[1]] = picture[:, :, None]
+    result = recognize_image(image, "qrcode")
+    assert result.tiles == 1
+    [found] = result.to_json()["detections"]
+    assert found["text"] == "solo"
+    assert max(abs(a - b) for a, b in zip(found["box"], (60 + bx, 50 + by, bw, bh), strict=True)) <= 3
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"tile": 0}, OptionsError, "tile must be a positive whole number"),
+        ({"overlap": 1.5}, OptionsError, r"overlap must be a ratio in \[0, 1\)"),
+        ({"merge": "mean"}, OptionsError, "merge must be one of"),
+        ({"min_score": "high"}, OptionsError, "min_score must be a number"),
+        ({"batch_size": 0}, OptionsError, "batch_size must be a positive whole number"),
+        ({"colour": "red"}, RecognizerError, "has no parameter"),
+    ],
+)
+def test_bad_options_are_refused_with_the_reason(options, error, message):
+    with pytest.raises(error, match=message):
+        recognize_image(np.zeros((10, 10), dtype=np.uint8), "qrcode", **options)
