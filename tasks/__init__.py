@@ -129,7 +129,9 @@ def recognize_tiles(self: Any, job: dict[str, Any], tiles: list[list[int]]) -> l
             records.append({"tile": window.index, "window": values[1:], "error": f"{type(error).__name__}: {error}"})
             continue
         records.append({"tile": window.index, "seconds": time.perf_counter() - began, **found.to_columns()})
-    store.add_progress(client, job["id"], len(tiles), app.conf.tilerec_tile_ttl)
+    done = store.add_progress(client, job["id"], len(tiles), app.conf.tilerec_tile_ttl)
+    # Flower shows task state only from events: one small event per task, not per tile
+    self.send_event("task-progress", job=job["id"], done=min(done, job["tiles"]), total=job["tiles"])
     return records
 
 

@@ -71,11 +71,13 @@ def get_total(client: redis.Redis, job_id: str) -> int | None:
     return None if value is None else int(value)
 
 
-def add_progress(client: redis.Redis, job_id: str, tiles: int, ttl: int) -> None:
+def add_progress(client: redis.Redis, job_id: str, tiles: int, ttl: int) -> int:
+    """Count `tiles` more tiles done; returns the job's count so far (a redelivered tile may count twice)."""
     with client.pipeline(transaction=False) as pipe:
         pipe.incrby(progress_key(job_id), tiles)
         pipe.expire(progress_key(job_id), ttl)
-        pipe.execute()
+        done, _ = pipe.execute()
+    return int(done)
 
 
 def get_progress(client: redis.Redis, job_id: str) -> int:
