@@ -10,7 +10,17 @@ from pipeline.merge import MATCH_METRICS, MERGE_METHODS
 from pipeline.recognizers import get_spec, resolve_params
 from pipeline.tiling import validate_tiling
 
-JOB_OPTIONS = ("tile", "overlap", "min_score", "merge", "match_metric", "match_threshold", "batch_size")
+JOB_OPTIONS = (
+    "tile",
+    "overlap",
+    "min_score",
+    "merge",
+    "match_metric",
+    "match_threshold",
+    "batch_size",
+    "on_tile_error",
+)
+ON_TILE_ERROR = ("fail", "partial")
 
 
 class OptionsError(ValueError):
@@ -28,6 +38,7 @@ class JobOptions:
     match_metric: str = "ios"
     match_threshold: float = 0.5
     batch_size: int | None = None  # None: chosen from the recognizer's cost
+    on_tile_error: str = "fail"  # "partial": return the other tiles' result and list the failed ones
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +82,9 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         batch_size = None
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise OptionsError(f"batch_size must be a positive whole number or 'auto', got {batch_size!r}")
+    on_tile_error = options.get("on_tile_error", "fail")
+    if on_tile_error not in ON_TILE_ERROR:
+        raise OptionsError(f"on_tile_error must be one of {', '.join(ON_TILE_ERROR)}, got {on_tile_error!r}")
     return JobOptions(
         recognizer=recognizer,
         params=resolve_params(recognizer, params),
@@ -81,4 +95,5 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         match_metric=metric,
         match_threshold=_ratio("match_threshold", options.get("match_threshold", 0.5)),
         batch_size=batch_size,
+        on_tile_error=on_tile_error,
     )

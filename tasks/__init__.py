@@ -26,10 +26,16 @@ app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+MAX_TILE_ATTEMPTS = 3  # a tile whose worker process dies this many times is reported failed, not redelivered again
+CANCEL_CHECK_S = 0.05  # how often a running batch looks for a cancellation
 
 
 class TileFailure(RuntimeError):
     """One or more tiles of a job could not be recognized."""
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled before it finished."""
 
 
 _worker: Any = None
@@ -60,9 +66,17 @@ def _load(image: Any) -> bytes:
     return images.read_file(image, images.allowed_roots_from_env(app.conf.tilerec_allowed_roots))
 
 
+def _refuse_if_cancelled(client: redis.Redis, job_id: str, tiles: int | None) -> None:
+    if store.is_cancelled(client, job_id):
+        store.delete_job(client, job_id, tiles)
+        raise JobCancelled(f"job {job_id} was cancelled")
+
+
 @app.task(name="tilerec.recognize", bind=True)
 def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) -> Any:
     started = time.time()
+    client = _tile_store()
+    _refuse_if_cancelled(client, self.request.id, None)
     parsed = parse_options(recognizer, options)
     data = _load(image)
     loaded = time.time()
@@ -73,14 +87,13 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     planned = plan(height, width, parsed)
     windows = [window for batch in planned for window in batch]
-    client = _tile_store()
     try:
-        store.set_total(client, self.request.id, len(windows), app.conf.tilerec_tile_ttl)
         store.put_tiles(client, self.request.id, pixels, windows, app.conf.tilerec_tile_ttl)
     except BaseException:
         store.delete_job(client, self.request.id, len(windows))
         raise
     del pixels
+    _refuse_if_cancelled(client, self.request.id, len(windows))
     job = {
         "id": self.request.id,
         "source": image,
@@ -101,37 +114,48 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
     return self.replace(chord(header, merge.s(job)))
 
 
-@app.task(
-    name="tilerec.recognize_tiles",
-    bind=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=True,
-    max_retries=3,
-)
+def _failed(window: Window, error: str) -> dict[str, Any]:
+    return {"tile": window.index, "window": [window.x, window.y, window.width, window.height], "error": error}
+
+
+@app.task(name="tilerec.recognize_tiles", bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=3)
 def recognize_tiles(self: Any, job: dict[str, Any], tiles: list[list[int]]) -> list[dict[str, Any]]:
     """One record per tile: its detections in image coordinates, or the error that stopped it.
 
-    A tile's own failure is reported, not raised, so one bad tile does not silently cancel the chord and the
-    merge can say which region failed. Broker and store outages are raised and retried.
+    A tile's own failure is reported, not raised: a failed chord part would cancel the merge, which must run
+    to clean up and to say which region failed. Store outages are raised and retried with backoff.
+    A redelivered task (its worker process died) counts attempts per tile, so a tile that kills its worker
+    every time ends as a failed tile instead of an endless redelivery.
     """
+    job_id = job["id"]
     options = JobOptions.from_json(job["options"])
     client = _tile_store()
+    deliveries, cancelled = store.count_delivery(client, job_id, self.request.id, app.conf.tilerec_tile_ttl)
+    last_check = time.monotonic()
     records = []
     for values in tiles:
         window = Window.from_list(values)
+        if time.monotonic() - last_check > CANCEL_CHECK_S:
+            cancelled, last_check = store.is_cancelled(client, job_id), time.monotonic()
+        if cancelled:
+            records.append(_failed(window, "cancelled"))
+            continue
+        if deliveries > 1 and store.count_tile_attempt(client, job_id, window.index) > MAX_TILE_ATTEMPTS:
+            records.append(_failed(window, f"the worker process died {MAX_TILE_ATTEMPTS} times on this tile"))
+            continue
         began = time.perf_counter()
         try:
-            pixels = store.get_tile(client, job["id"], window, job["channels"])
+            pixels = store.get_tile(client, job_id, window, job["channels"])
             found = recognize_tile(pixels, window, options, job["width"], job["height"])
         except TRANSIENT:
             raise
-        except Exception as error:
-            records.append({"tile": window.index, "window": values[1:], "error": f"{type(error).__name__}: {error}"})
+        except Exception as error:  # reported per tile, see the docstring
+            records.append(_failed(window, f"{type(error).__name__}: {error}"))
             continue
         records.append({"tile": window.index, "seconds": time.perf_counter() - began, **found.to_columns()})
-    done = store.add_progress(client, job["id"], len(tiles), app.conf.tilerec_tile_ttl)
+    done = store.add_progress(client, job_id, len(tiles), app.conf.tilerec_tile_ttl)
     # Flower shows task state only from events: one small event per task, not per tile
-    self.send_event("task-progress", job=job["id"], done=min(done, job["tiles"]), total=job["tiles"])
+    self.send_event("task-progress", job=job_id, done=min(done, job["tiles"]), total=job["tiles"])
     return records
 
 
@@ -142,26 +166,26 @@ def merge(self: Any, results: list[list[dict[str, Any]]], job: dict[str, Any]) -
     for record in (record for batch in results for record in batch):
         by_tile.setdefault(record["tile"], record)  # a redelivered tile counts once
     client = _tile_store()
+    cancelled = store.is_cancelled(client, job["id"])
     store.delete_job(client, job["id"], job["tiles"])
-    failed = [
-        {"tile": record["tile"], "window": record["window"], "error": record["error"]}
-        for record in by_tile.values()
-        if "error" in record
-    ]
+    failed = sorted((record for record in by_tile.values() if "error" in record), key=lambda r: r["tile"])
+    if cancelled:
+        done = len(by_tile) - len(failed)
+        raise JobCancelled(f"job {job['id']} was cancelled ({done} of {job['tiles']} tiles had been recognized)")
+    options = JobOptions.from_json(job["options"])
     missing = sorted(set(range(job["tiles"])) - set(by_tile))
-    if failed or missing:
+    if (failed or missing) and options.on_tile_error == "fail":
         described = "; ".join(f"tile {f['tile']} at {f['window']}: {f['error']}" for f in failed[:5])
         if missing:
             described += f"{'; ' if described else ''}no result for tiles {missing[:10]}"
         raise TileFailure(f"{len(failed) + len(missing)} of {job['tiles']} tiles failed: {described}")
-    options = JobOptions.from_json(job["options"])
-    per_tile = [Detections.from_columns(by_tile[index]) for index in sorted(by_tile)]
+    per_tile = [Detections.from_columns(by_tile[index]) for index in sorted(by_tile) if "error" not in by_tile[index]]
     merged = merge_tiles(per_tile, options)
     finished = time.time()
     timings = dict(job["timings"])
     started = timings.pop("started")
     timings.update(
-        recognize_s=sum(record["seconds"] for record in by_tile.values()),
+        recognize_s=sum(record.get("seconds", 0.0) for record in by_tile.values()),
         merge_s=finished - began,
         total_s=finished - started,
     )
@@ -176,5 +200,7 @@ def merge(self: Any, results: list[list[dict[str, Any]]], job: dict[str, Any]) -
         overlap=options.overlap,
         tiles=job["tiles"],
         tasks=job["tasks"],
+        failed_tiles=[{"tile": f["tile"], "window": f["window"], "error": f["error"]} for f in failed]
+        + [{"tile": index, "window": None, "error": "no result"} for index in missing],
         timings=timings,
     ).to_json()

@@ -48,6 +48,18 @@ class Job:
     def get(self, timeout: float | None = None) -> dict[str, Any]:
         return self.result.get(timeout=timeout)
 
+    def cancel(self) -> None:
+        cancel(self.id)
+
+
+def cancel(job_id: str) -> None:
+    """Stop a job: a tiling task not yet started refuses to start, tile tasks skip every tile they have not
+    begun, and the merge removes the job's keys and fails the job with JobCancelled.
+
+    A flag in the store rather than `revoke`: after `replace`, the merge task carries the job's id, so revoking
+    the id would also revoke the merge that cleans up, and revoked ids live only in the workers' memory."""
+    store.cancel(store.connect(app.conf.tilerec_store_url), job_id, app.conf.tilerec_tile_ttl)
+
 
 def submit(image: str | bytes | np.ndarray, recognizer: str = "faces", **options: Any) -> Job:
     """Submit `tilerec.recognize`. A path (or `redis:` reference) is sent as is; bytes and arrays are stored first."""

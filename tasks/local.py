@@ -93,6 +93,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
     def start(self) -> RedisServer:
+        os.makedirs(self.workdir, exist_ok=True)  # a stopped server can be started again on the same port
         command = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "no", "--dir", self.workdir, "--loglevel", "warning"]  # fmt: skip
         if self.password:

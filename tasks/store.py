@@ -1,4 +1,13 @@
-"""The tile store (claim check): pixels live in Redis under job-scoped keys with a TTL; messages carry references."""
+"""The tile store (claim check): pixels live in Redis under job-scoped keys with a TTL; messages carry references.
+
+Keys of job J (all expire after the tile TTL and are deleted when the job ends):
+    tilerec:job:J:tile:I     raw pixels of tile I
+    tilerec:job:J:total      number of tiles
+    tilerec:job:J:done       tiles recognized so far (progress)
+    tilerec:job:J:attempts   hash: deliveries per tile task and crashes per tile (crash-loop guard)
+    tilerec:job:J:cancelled  present once the job is cancelled
+Inputs stored by clients: tilerec:input:<uuid> (expire after their TTL).
+"""
 
 from __future__ import annotations
 
@@ -18,15 +27,15 @@ REF_SCHEME = "redis:"
 @lru_cache(maxsize=4)
 def connect(url: str) -> redis.Redis:
     """One client (and connection pool) per URL per process."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+
+
+def job_key(job_id: str, part: str) -> str:
+    return f"{PREFIX}:job:{job_id}:{part}"
 
 
 def tile_key(job_id: str, index: int) -> str:
-    return f"{PREFIX}:job:{job_id}:tile:{index}"
-
-
-def input_key() -> str:
-    return f"{PREFIX}:input:{uuid.uuid4().hex}"
+    return job_key(job_id, f"tile:{index}")
 
 
 def put_tiles(
@@ -36,6 +45,7 @@ def put_tiles(
     Sent in pipelines of `flush_every` tiles so memory holds at most that many tile copies. Returns bytes stored."""
     stored = 0
     with client.pipeline(transaction=False) as pipe:
+        pipe.set(job_key(job_id, "total"), len(windows), ex=ttl)
         for n, window in enumerate(windows, start=1):
             pixels = np.ascontiguousarray(image[window.y : window.y2, window.x : window.x2]).tobytes()
             pipe.set(tile_key(job_id, window.index), pixels, ex=ttl)
@@ -54,45 +64,61 @@ def get_tile(client: redis.Redis, job_id: str, window: Window, channels: int) ->
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
-def progress_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:done"
-
-
-def total_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:total"
-
-
-def set_total(client: redis.Redis, job_id: str, tiles: int, ttl: int) -> None:
-    client.set(total_key(job_id), tiles, ex=ttl)
-
-
 def get_total(client: redis.Redis, job_id: str) -> int | None:
-    value = client.get(total_key(job_id))
+    value = client.get(job_key(job_id, "total"))
     return None if value is None else int(value)
 
 
 def add_progress(client: redis.Redis, job_id: str, tiles: int, ttl: int) -> int:
     """Count `tiles` more tiles done; returns the job's count so far (a redelivered tile may count twice)."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.incrby(progress_key(job_id), tiles)
-        pipe.expire(progress_key(job_id), ttl)
+        pipe.incrby(job_key(job_id, "done"), tiles)
+        pipe.expire(job_key(job_id, "done"), ttl)
         done, _ = pipe.execute()
     return int(done)
 
 
 def get_progress(client: redis.Redis, job_id: str) -> int:
-    return int(client.get(progress_key(job_id)) or 0)
+    return int(client.get(job_key(job_id, "done")) or 0)
 
 
-def delete_tiles(client: redis.Redis, job_id: str, tiles: int) -> None:
-    keys = [tile_key(job_id, index) for index in range(tiles)]
+def count_delivery(client: redis.Redis, job_id: str, task_id: str, ttl: int) -> tuple[int, bool]:
+    """(how many times this tile task has started, whether the job is cancelled), in one round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hincrby(job_key(job_id, "attempts"), f"task:{task_id}", 1)
+        pipe.expire(job_key(job_id, "attempts"), ttl)
+        pipe.exists(job_key(job_id, "cancelled"))
+        deliveries, _, cancelled = pipe.execute()
+    return int(deliveries), bool(cancelled)
+
+
+def count_tile_attempt(client: redis.Redis, job_id: str, index: int) -> int:
+    """Count one more attempt at a tile whose task was redelivered; returns the attempts so far."""
+    return int(client.hincrby(job_key(job_id, "attempts"), f"tile:{index}", 1))
+
+
+def cancel(client: redis.Redis, job_id: str, ttl: int) -> None:
+    client.set(job_key(job_id, "cancelled"), 1, ex=ttl)
+
+
+def is_cancelled(client: redis.Redis, job_id: str) -> bool:
+    return bool(client.exists(job_key(job_id, "cancelled")))
+
+
+def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> None:
+    """Everything the job put in Redis. `tiles` spares a scan when the count is known."""
+    if tiles is None:
+        keys = list(client.scan_iter(job_key(job_id, "*"), count=1000))
+    else:
+        keys = [tile_key(job_id, index) for index in range(tiles)]
+        keys += [job_key(job_id, part) for part in ("total", "done", "attempts", "cancelled")]
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
 
 
 def put_bytes(client: redis.Redis, data: bytes, ttl: int) -> str:
     """Store input bytes; returns the `redis:` reference a job takes as its image."""
-    key = input_key()
+    key = f"{PREFIX}:input:{uuid.uuid4().hex}"
     client.set(key, data, ex=ttl)
     return REF_SCHEME + key
 
@@ -109,9 +135,3 @@ def get_bytes(client: redis.Redis, ref: str) -> bytes:
 
 def delete_ref(client: redis.Redis, ref: str) -> None:
     client.unlink(ref[len(REF_SCHEME) :])
-
-
-def delete_job(client: redis.Redis, job_id: str, tiles: int) -> None:
-    """Everything the job put in Redis: its tiles and its progress counters."""
-    delete_tiles(client, job_id, tiles)
-    client.unlink(progress_key(job_id), total_key(job_id))

@@ -1,0 +1,221 @@
+"""Crashes, broker faults, cancellation, bad input and hostile callers, with real processes and a real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from kombu import Connection, Exchange, Producer
+
+from pipeline.scenes import qr_code, qr_scene
+from tasks import recognize
+from tasks.client import submit
+from tasks.local import RedisServer, Worker
+from tests.conftest import IMAGES_ROOT, tilerec_keys
+from tests.scenes import assert_each_code_once
+
+TIMEOUT = 120
+
+
+def wait_for(predicate, timeout: float = 30, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(step)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.fixture(scope="module")
+def big_scene():
+    """Big enough that a job runs for a while on two processes: 35 tiles of QR recognition."""
+    scene = qr_scene(4000, 3000, count=16, seam_share=0.5, seed=21)
+    path = IMAGES_ROOT / "big-qr.png"
+    cv2.imwrite(str(path), scene.image)
+    return scene, str(path)
+
+
+def test_a_killed_worker_process_loses_nothing_and_reports_nothing_twice(worker, redis_server, big_scene):
+    scene, path = big_scene
+    job = submit(path, "qrcode", batch_size=2)
+    wait_for(lambda: job.progress()[0] >= 2)
+    victim = worker.child_pids()[0]
+    os.kill(victim, signal.SIGKILL)  # mid-job: its batch is handed back by the broker and run again
+    result = job.get(timeout=TIMEOUT)
+    assert_each_code_once(result["detections"], scene.truths)
+    assert result["failed_tiles"] == []
+    wait_for(lambda: len(worker.child_pids()) == 2)  # the pool replaced the lost process
+    assert tilerec_keys(redis_server) == []
+
+
+def test_cancel_stops_the_job_and_cleans_the_store(worker, redis_server, big_scene):
+    _, path = big_scene
+    job = submit(path, "qrcode", batch_size=1)
+    wait_for(lambda: job.progress()[0] >= 1)
+    job.cancel()
+    with pytest.raises(Exception) as raised:
+        job.get(timeout=TIMEOUT)
+    assert type(raised.value).__name__ == "JobCancelled"
+    done = int(str(raised.value).split("(")[1].split(" of ")[0])
+    assert done < 35, "cancelled tiles must not be recognized"
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_job_cancelled_before_it_starts_never_tiles(worker, redis_server, big_scene, app):
+    _, path = big_scene
+    from tasks.client import cancel
+
+    job_id = "cancelled-before-start"
+    cancel(job_id)
+    outcome = recognize.apply_async((path, "qrcode"), task_id=job_id)
+    with pytest.raises(Exception) as raised:
+        outcome.get(timeout=TIMEOUT)
+    assert type(raised.value).__name__ == "JobCancelled"
+    assert tilerec_keys(redis_server) == []
+
+
+def png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def jpeg(image: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+def bad_inputs() -> dict[str, tuple[bytes, str]]:
+    photo = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 200_000, 200_000, 8, 2, 0, 0, 0))
+    bomb += chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return {
+        "empty.png": (b"", "the image is empty"),
+        "text.jpg": (b"hello, I am not a picture\n" * 10, "not an image"),
+        "truncated.jpg": (jpeg(photo)[:2000], "JPEG file is truncated"),
+        "truncated.png": (png(photo)[:5000], "PNG file is truncated"),
+        "bomb.png": (bomb, "above the limit"),
+    }
+
+
+@pytest.mark.parametrize("name", list(bad_inputs()))
+def test_bad_images_fail_clearly_and_leave_nothing(worker, redis_server, name):
+    data, message = bad_inputs()[name]
+    path = IMAGES_ROOT / name
+    path.write_bytes(data)
+    with pytest.raises(Exception) as raised:
+        recognize.delay(str(path), "qrcode").get(timeout=TIMEOUT)
+    assert type(raised.value).__name__ == "ImageError"
+    assert message in str(raised.value)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_odd_but_valid_images_are_handled(worker, redis_server):
+    picture, _ = qr_code("deep", 4)
+    canvas = np.full((400, 400), 255, dtype=np.uint8)
+    canvas[30 : 30 + picture.shape[0], 30 : 30 + picture.shape[1]] = picture
+    sixteen = IMAGES_ROOT / "sixteen.png"
+    cv2.imwrite(str(sixteen), canvas.astype(np.uint16) * 257)
+    four = IMAGES_ROOT / "four.png"
+    cv2.imwrite(str(four), cv2.cvtColor(canvas, cv2.COLOR_GRAY2BGRA))
+    tiny = IMAGES_ROOT / "tiny.png"
+    cv2.imwrite(str(tiny), np.zeros((1, 1, 3), dtype=np.uint8))
+    for path in (sixteen, four):
+        assert [d["text"] for d in recognize.delay(str(path), "qrcode").get(timeout=TIMEOUT)["detections"]] == ["deep"]
+    result = recognize.delay(str(tiny), "qrcode").get(timeout=TIMEOUT)
+    assert (result["image"]["width"], result["image"]["height"], result["detections"]) == (1, 1, [])
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_pickle_message_is_refused_and_never_executed(worker, redis_server, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    body = ((Exploit(),), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+    with Connection(redis_server.url) as connection:
+        producer = Producer(connection.channel(), exchange=Exchange("tilerec", type="direct"), routing_key="tilerec")
+        producer.publish(
+            pickle.dumps(body),
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={"task": "tilerec.recognize", "id": "pickled-job", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
+            declare=[],
+        )
+    log = Path(worker.log_file)
+    wait_for(lambda: "pickle" in log.read_text(errors="replace"), timeout=20)
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert worker.process.poll() is None
+    assert (
+        "refusing to deserialize" in log.read_text(errors="replace").lower()
+        or "disallowed" in log.read_text(errors="replace").lower()
+    )
+
+
+def test_redis_restart_mid_life_clients_get_clear_errors_and_workers_reconnect(tmp_path):
+    picture, _ = qr_code("after restart", 4)
+    image = np.full((400, 400), 255, dtype=np.uint8)
+    image[20 : 20 + picture.shape[0], 20 : 20 + picture.shape[1]] = picture
+    path = IMAGES_ROOT / "restart.png"
+    cv2.imwrite(str(path), image)
+    server = RedisServer().start()
+    env = {"TILEREC_RESULT_BACKEND": server.url, "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT)}
+    worker = Worker(server.url, 1, env=env, log_file=str(tmp_path / "w.log")).start()
+    client = run_client_script(server.url, str(path), timeout=20)
+    try:
+        assert client["texts"] == ["after restart"]
+        server.stop()
+        began = time.monotonic()
+        down = run_client_script(server.url, str(path), timeout=10)
+        assert down["error"] is not None and time.monotonic() - began < 40
+        assert "connect" in down["error"].lower() or "timed out" in down["error"].lower()
+        server.start()  # same port, empty data: the worker must reconnect by itself
+        wait_for(
+            lambda: run_client_script(server.url, str(path), timeout=10)["texts"] == ["after restart"],
+            timeout=60,
+            step=1,
+        )
+        assert worker.process.poll() is None
+    finally:
+        worker.stop()
+        server.stop()
+
+
+CLIENT_SCRIPT = """
+import json, sys
+from tasks import app, recognize
+url, path, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+app.conf.update(broker_url=url, result_backend=url, tilerec_store_url=url,
+                broker_connection_timeout=2, broker_connection_max_retries=1,
+                task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5})
+try:
+    result = recognize.delay(path, "qrcode").get(timeout=timeout)
+    print(json.dumps({"texts": [d.get("text") for d in result["detections"]], "error": None}))
+except Exception as error:
+    print(json.dumps({"texts": None, "error": f"{type(error).__name__}: {error}"}))
+"""
+
+
+def run_client_script(url: str, path: str, timeout: float) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENT_SCRIPT, url, path, str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
