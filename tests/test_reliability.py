@@ -219,3 +219,89 @@ def run_client_script(url: str, path: str, timeout: float) -> dict:
         timeout=timeout + 60,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def small_qr_image(name: str, text: str) -> str:
+    picture, _ = qr_code(text, 4)
+    image = np.full((900, 1200), 235, dtype=np.uint8)
+    image[100 : 100 + picture.shape[0], 700 : 700 + picture.shape[1]] = picture
+    path = IMAGES_ROOT / name
+    cv2.imwrite(str(path), image)
+    return str(path)
+
+
+def test_a_password_protected_redis_works_and_the_password_never_shows(tmp_path):
+    secret = "s3cret-Pa55-for-tilerec"
+    path = small_qr_image("password.png", "behind a password")
+    log = tmp_path / "worker.log"
+    with RedisServer(password=secret) as server:
+        env = {"TILEREC_RESULT_BACKEND": server.url, "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT)}
+        with Worker(server.url, 1, env=env, log_file=str(log)):
+            outcome = run_client_script(server.url, path, timeout=30)
+    assert outcome["texts"] == ["behind a password"]
+    assert secret not in log.read_text(errors="replace")
+    assert secret not in json.dumps(outcome)
+
+
+def test_a_node_stopped_with_sigterm_hands_its_work_back(tmp_path, big_scene):
+    scene, path = big_scene
+    with RedisServer() as server:
+        env = {"TILEREC_RESULT_BACKEND": server.url, "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT)}
+        first = Worker(server.url, 1, env=env, log_file=str(tmp_path / "first.log")).start()
+        second = Worker(server.url, 1, env=env, log_file=str(tmp_path / "second.log")).start()
+        try:
+            script = tmp_path / "job.py"
+            script.write_text(
+                "import json, sys\nfrom tasks import app, recognize\n"
+                "url = sys.argv[1]\napp.conf.update(broker_url=url, result_backend=url, tilerec_store_url=url)\n"
+                f"result = recognize.delay({path!r}, 'qrcode', batch_size=1).get(timeout=120)\n"
+                "print(json.dumps(result['detections']))\n"
+            )
+            client = subprocess.Popen([sys.executable, str(script), server.url], stdout=subprocess.PIPE, text=True)
+            progress = server.client()
+            wait_for(lambda: any(int(progress.get(k) or 0) >= 3 for k in progress.scan_iter("tilerec:job:*:done")))
+            first.process.send_signal(signal.SIGTERM)  # warm shutdown of a whole node mid-job
+            assert first.process.wait(60) == 0
+            output, _ = client.communicate(timeout=120)
+            assert_each_code_once(json.loads(output), scene.truths)
+            assert list(progress.scan_iter("tilerec:job:*")) == []
+        finally:
+            first.stop()
+            second.stop()
+
+
+LOAD_CLIENT = """
+import json, sys, time
+from tasks import app, recognize
+url, jobs = sys.argv[1], json.loads(sys.argv[2])
+app.conf.update(broker_url=url, result_backend=url, tilerec_store_url=url)
+submitted = [(text, time.monotonic(), recognize.delay(path, "qrcode")) for path, text in jobs]
+report = []
+for text, began, outcome in submitted:
+    result = outcome.get(timeout=300)
+    texts = [d.get("text") for d in result["detections"]]
+    report.append({"expected": text, "texts": texts, "latency": time.monotonic() - began})
+print(json.dumps(report))
+"""
+
+
+def test_fifty_jobs_from_several_clients_all_complete_correctly(worker, redis_server):
+    jobs = [(small_qr_image(f"load-{n}.png", f"load job {n}"), f"load job {n}") for n in range(50)]
+    clients = [jobs[k::5] for k in range(5)]
+    began = time.monotonic()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOAD_CLIENT, redis_server.url, json.dumps(share)], stdout=subprocess.PIPE, text=True
+        )
+        for share in clients
+    ]
+    reports = [json.loads(p.communicate(timeout=600)[0]) for p in processes]
+    wall = time.monotonic() - began
+    rows = [row for report in reports for row in report]
+    assert len(rows) == 50
+    assert all(row["texts"] == [row["expected"]] for row in rows)
+    latencies = sorted(row["latency"] for row in rows)
+    print(
+        f"\n50 jobs from 5 clients: wall {wall:.1f} s, latency median {latencies[25]:.1f} s, max {latencies[-1]:.1f} s"
+    )
+    assert tilerec_keys(redis_server) == []
