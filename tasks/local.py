@@ -215,7 +215,9 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         try:
             self.redis.start()
-            self.worker = Worker(self.url, self.workers, env=self.env, log_file=self.log_file).start()
+            # assigned before it starts, so an interrupt or timeout while waiting for it still stops it
+            self.worker = Worker(self.url, self.workers, env=self.env, log_file=self.log_file)
+            self.worker.start()
         except BaseException:
             self.stop()
             raise

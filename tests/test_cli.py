@@ -1,0 +1,467 @@
+"""`tilerec` as a user runs it: a subprocess, on synthetic scenes whose QR codes and boxes are known.
+
+Expected values come from the scenes' ground truth (pipeline.scenes), never from the program's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import cv2
+import numpy as np
+import pytest
+import redis
+
+from pipeline.recognizers import available
+from pipeline.scenes import Scene, Truth, qr_scene
+from tasks.cli import CliError, output_path, parse_param, parse_size, worker_command
+from tasks.local import RedisServer, Worker, free_port
+
+CLI = [sys.executable, "-m", "tasks.cli"]
+T = TypeVar("T")
+
+
+def cli_env() -> dict[str, str]:
+    """This environment without any TILEREC_* setting, so no test picks up a broker by accident."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("TILEREC_")}
+
+
+def tilerec(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(completed: subprocess.CompletedProcess[str]) -> str:
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert lines[0].startswith("tilerec: error: ") and "Traceback" not in completed.stderr
+    return lines[0]
+
+
+def write_scene(folder: Path, name: str, scene: Scene) -> Path:
+    path = folder / name
+    assert cv2.imwrite(str(path), scene.image)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scene() -> Scene:
+    return qr_scene(1800, 1400, count=6, seed=11)
+
+
+@pytest.fixture
+def scene_png(tmp_path: Path, scene: Scene) -> Path:
+    return write_scene(tmp_path, "scene.png", scene)
+
+
+def assert_matches_truth(detections: list[dict], truths: list[Truth], tolerance: float = 3.0) -> None:
+    """Every known payload exactly once, its box within `tolerance` px of the truth."""
+    texts = sorted(record.get("text") for record in detections)
+    assert texts == sorted(truth.text for truth in truths)
+    by_text = {record["text"]: record for record in detections}
+    for truth in truths:
+        box = by_text[truth.text]["box"]
+        assert np.allclose(box, truth.box, atol=tolerance), (truth, box)
+
+
+# -------------------------------------------------------------------------------------------------- embedded mode
+
+
+def test_run_embedded_end_to_end(tmp_path: Path, scene: Scene, scene_png: Path) -> None:
+    out_json, out_png = tmp_path / "result.json", tmp_path / "annotated.png"
+    began = time.monotonic()
+    completed = tilerec(
+        "run",
+        str(scene_png),
+        "-r",
+        "qrcode",
+        "--workers",
+        "2",
+        "--json",
+        str(out_json),
+        "--annotate",
+        str(out_png),
+        "--quiet",
+    )
+    elapsed = time.monotonic() - began
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "" and completed.stderr == ""  # --quiet: nothing on either stream
+    result = json.loads(out_json.read_text())
+    assert result["schema"] == "tilerec/recognition@1"
+    assert (result["image"]["width"], result["image"]["height"]) == (1800, 1400)
+    assert result["image"]["source"] == str(scene_png.resolve())
+    assert_matches_truth(result["detections"], scene.truths)
+
+    original, annotated = cv2.imread(str(scene_png)), cv2.imread(str(out_png))
+    assert annotated.shape == original.shape
+    near = np.zeros(original.shape[:2], dtype=bool)
+    for truth in scene.truths:
+        x, y, w, h = truth.box
+        assert (annotated[y, x : x + w] != original[y, x : x + w]).any(), truth  # the box's top edge is drawn
+        near[max(0, y - 40) : y + h + 10, max(0, x - 10) : x + w + 300] = True  # box, caption and margins
+    assert (~near).mean() > 0.5
+    assert (annotated[~near] == original[~near]).all()
+    print(f"embedded run, cluster start to stop: {elapsed:.1f} s")
+
+
+def test_several_images_run_as_concurrent_jobs_and_print_a_summary(tmp_path: Path, scene: Scene) -> None:
+    other = qr_scene(900, 700, count=2, seed=5, prefix="other")
+    first, second = write_scene(tmp_path, "first.png", scene), write_scene(tmp_path, "second.png", other)
+    completed = tilerec(
+        "run",
+        str(first),
+        str(second),
+        "-r",
+        "qrcode",
+        "--workers",
+        "2",
+        "--json",
+        "-",
+        "--annotate",
+        str(tmp_path / "{stem}-annotated.png"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(completed.stdout)  # --json -: stdout is the JSON and nothing else
+    assert [r["image"]["source"] for r in results] == [str(first.resolve()), str(second.resolve())]
+    assert_matches_truth(results[0]["detections"], scene.truths)
+    assert_matches_truth(results[1]["detections"], other.truths)
+    assert (tmp_path / "first-annotated.png").exists() and (tmp_path / "second-annotated.png").exists()
+    summary = completed.stderr  # not a terminal: plain lines, no progress bars or colour codes
+    assert f"{first}: {len(scene.truths)} detections (qrcode {len(scene.truths)})" in summary
+    assert f"{second}: {len(other.truths)} detections (qrcode {len(other.truths)})" in summary
+    assert "\x1b[" not in summary
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid → command line of every process below `pid`, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int(fields[1])
+            except (OSError, IndexError):
+                continue
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = command_line(child)
+                frontier.append(child)
+    return {child: line for child, line in found.items() if line is not None}
+
+
+def command_line(pid: int) -> str | None:
+    """None for a process that is gone or a zombie."""
+    try:
+        if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z":
+            return None
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, IndexError):
+        return None
+
+
+def local_cluster_of(pid: int) -> tuple[int, str] | None:
+    """(redis port, worker hostname) of the private cluster below `pid`, once both processes exist."""
+    lines = descendants(pid).values()
+    ports = [
+        m.group(1)
+        for line in lines
+        if "redis-server" in line and (m := re.search(r"(?:127\.0\.0\.1:|--port )(\d+)", line))
+    ]
+    hosts = [m.group(1) for line in lines if (m := re.search(r"--hostname (\S+)", line))]
+    return (int(ports[0]), hosts[0]) if ports and hosts else None
+
+
+def processes_mentioning(*needles: str) -> list[str]:
+    lines = [command_line(int(entry.name)) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [line for line in lines if line and any(needle in line for needle in needles)]
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def slow_scene_png(tmp_path: Path, scene: Scene) -> Path:
+    """The scene with the `people` recognizer at a fine scale step: about a second per tile, so a job lasts."""
+    return write_scene(tmp_path, "slow.png", scene)
+
+
+SLOW = ("-r", "people", "--param", "scale=1.01")
+
+
+@pytest.mark.parametrize(
+    ("moment", "signum", "code"),
+    [
+        ("mid-job", signal.SIGINT, 130),
+        ("while the worker starts", signal.SIGINT, 130),
+        ("mid-job", signal.SIGTERM, 128 + signal.SIGTERM),
+    ],
+)
+def test_ctrl_c_leaves_no_process_behind(slow_scene_png: Path, moment: str, signum: int, code: int) -> None:
+    cli = subprocess.Popen(
+        [*CLI, "run", str(slow_scene_png), *SLOW, "--workers", "2"],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port, hostname = wait_for(lambda: local_cluster_of(cli.pid), 30, "the local cluster's processes")
+        if moment == "mid-job":
+            client = redis.Redis(port=port)
+            totals = wait_for(lambda: list(client.scan_iter("tilerec:job:*:total")), 60, "the job to be tiled")
+            total = int(client.get(totals[0]))
+            done = int(client.get(totals[0].replace(b":total", b":done")) or 0)
+            assert done < total
+        running = descendants(cli.pid)  # mid-job: redis, the worker and its pool
+        assert len(running) >= (4 if moment == "mid-job" else 2), running
+        cli.send_signal(signum)
+        began = time.monotonic()
+        _, stderr = cli.communicate(timeout=30)
+        print(f"{signal.Signals(signum).name} {moment}: exited after {time.monotonic() - began:.1f} s")
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == code
+    assert stderr.strip().splitlines()[-1] == "tilerec: error: interrupted" and "Traceback" not in stderr
+    left = {pid: line for pid, line in running.items() if command_line(pid) == line}
+    assert not left, left
+    assert not processes_mentioning(f"127.0.0.1:{port}", f"--port {port}", hostname)
+
+
+def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    completed = tilerec(
+        "demo", "--size", "1600x1200", "--count", "4", "--seed", "3", "--out", str(out), "--workers", "2"
+    )
+    assert completed.returncode == 0, completed.stderr
+    truths = qr_scene(1600, 1200, count=4, seed=3).truths  # the demo's scene, rebuilt here from its seed
+    assert "found 4 of 4 known QR codes" in completed.stdout
+    scene_png = cv2.imread(str(out / "scene.png"))
+    assert scene_png.shape == (1200, 1600, 3)
+    assert_matches_truth(json.loads((out / "scene.json").read_text())["detections"], truths)
+    assert cv2.imread(str(out / "scene-annotated.png")).shape == scene_png.shape
+
+
+# ---------------------------------------------------------------------------------------------- a running cluster
+
+
+def input_keys(server: RedisServer) -> set[bytes]:
+    return set(server.client().scan_iter("tilerec:input:*"))
+
+
+def test_run_with_a_broker_uploads_the_image(
+    tmp_path: Path, scene: Scene, scene_png: Path, redis_server: RedisServer, worker: Worker
+):
+    before = input_keys(redis_server)
+    out = tmp_path / "result.json"
+    completed = tilerec("run", str(scene_png), "-r", "qrcode", "--broker", redis_server.url, "--json", str(out))
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(out.read_text())
+    assert_matches_truth(result["detections"], scene.truths)
+    assert result["image"]["source"] == str(scene_png.resolve())  # tmp_path: outside the worker's allowed roots
+    assert input_keys(redis_server) <= before  # the upload was removed after the job
+    assert "starting a local cluster" not in completed.stderr
+
+
+def test_coco_format(scene: Scene, scene_png: Path, redis_server: RedisServer, worker: Worker) -> None:
+    completed = tilerec(
+        "run",
+        str(scene_png),
+        "-r",
+        "qrcode",
+        "--broker",
+        redis_server.url,
+        "--format",
+        "coco",
+        "--json",
+        "-",
+        "--quiet",
+    )
+    assert completed.returncode == 0, completed.stderr
+    coco = json.loads(completed.stdout)
+    assert coco["images"] == [{"id": 1, "file_name": str(scene_png), "width": 1800, "height": 1400}]
+    assert coco["categories"] == [{"id": 1, "name": "qrcode", "supercategory": "tilerec"}]
+    annotations = coco["annotations"]
+    assert len(annotations) == len(scene.truths)
+    assert all(a["image_id"] == 1 and a["category_id"] == 1 and 0 < a["score"] <= 1 for a in annotations)
+    for truth in scene.truths:
+        assert sum(np.allclose(a["bbox"], truth.box, atol=3) for a in annotations) == 1, truth
+
+
+def test_shared_path_sends_the_path_and_a_failed_job_is_one_line(
+    tmp_path: Path,
+    scene: Scene,
+    images_root: Path,
+    redis_server: RedisServer,
+    worker: Worker,
+) -> None:
+    shared = write_scene(images_root, "shared.png", scene)
+    try:
+        completed = tilerec(
+            "run", str(shared), "-r", "qrcode", "--broker", redis_server.url, "--shared-path", "--json", "-", "--quiet"
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert_matches_truth(json.loads(completed.stdout)["detections"], scene.truths)
+    finally:
+        shared.unlink(missing_ok=True)
+
+    outside = write_scene(tmp_path, "outside.png", scene)  # not under the worker's TILEREC_ALLOWED_ROOTS
+    failed = tilerec("run", str(outside), "-r", "qrcode", "--broker", redis_server.url, "--shared-path", "--quiet")
+    assert failed.returncode == 1
+    line = one_error_line(failed)
+    assert str(outside) in line and "outside the allowed roots" in line
+
+
+def test_timeout_gives_up_and_cleans_the_job(slow_scene_png: Path, redis_server: RedisServer, worker: Worker) -> None:
+    began = time.monotonic()
+    completed = tilerec("run", str(slow_scene_png), *SLOW, "--broker", redis_server.url, "--timeout", "2", "--quiet")
+    assert time.monotonic() - began < 15
+    assert completed.returncode == 4
+    assert "timed out after 2 s" in one_error_line(completed)
+    client = redis_server.client()
+    wait_for(lambda: not list(client.scan_iter("tilerec:job:*:tile:*")), 20, "the job's tiles to be deleted")
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["run", "/no/such/image.png", "-r", "qrcode"], "cannot read image '/no/such/image.png': no such file"),
+        (["run", __file__, "-r", "qrcode"], "not an image format OpenCV can read"),
+        (["run", __file__, "-r", "no-such-recognizer"], "unknown recognizer 'no-such-recognizer'"),
+        (["run", __file__, "-r", "faces", "--param", "min_size=big"], "parameter 'min_size' must be int"),
+        (["run", __file__, "-r", "qrcode", "--overlap", "1.5"], "overlap must be a ratio"),
+        (["run", __file__, "-r", "qrcode", "--format", "coco"], "--format coco needs --json"),
+        (["demo", "--size", "4000by3000"], "size must be WIDTHxHEIGHT"),
+    ],
+)
+def test_bad_arguments_fail_fast_with_one_line(arguments: list[str], expected: str) -> None:
+    began = time.monotonic()
+    completed = tilerec(*arguments, timeout=30)
+    assert time.monotonic() - began < 10
+    assert completed.returncode == 2
+    assert expected in completed.stderr.strip()
+    assert len(completed.stderr.strip().splitlines()) == 1 and "Traceback" not in completed.stderr
+
+
+def test_unreachable_broker_fails_within_seconds(scene_png: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    began = time.monotonic()
+    completed = tilerec("run", str(scene_png), "-r", "qrcode", "--broker", url, timeout=30)
+    assert time.monotonic() - began < 10
+    assert completed.returncode == 3
+    assert f"cannot reach the broker at {url}" in one_error_line(completed)
+
+
+def test_broker_from_the_environment_is_used(scene_png: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**cli_env(), "TILEREC_BROKER_URL": url}
+    completed = subprocess.run(
+        [*CLI, "run", str(scene_png), "-r", "qrcode"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert completed.returncode == 3
+    assert f"cannot reach the broker at {url}" in one_error_line(completed)
+
+
+# ------------------------------------------------------------------------------------------------ other commands
+
+
+def test_recognizers_lists_every_recognizer_with_its_parameters() -> None:
+    completed = tilerec("recognizers", timeout=30)
+    assert completed.returncode == 0
+    blocks: dict[str, str] = {}  # name → its lines: the name and description, then its parameters indented
+    for line in completed.stdout.splitlines():
+        if not line.startswith(" "):
+            name = line.split()[0]
+        blocks[name] = blocks.get(name, "") + line + "\n"
+    assert "qrcode" in blocks and "params: (none)" in blocks["qrcode"]
+    for spec in available():
+        assert spec.description in blocks[spec.name]
+        for key, default in spec.params.items():
+            shown = default if isinstance(default, str) and default else json.dumps(default)
+            assert f" {key}={shown}" in blocks[spec.name], (spec.name, key)
+
+    listed = json.loads(tilerec("recognizers", "--json", timeout=30).stdout)
+    assert {r["name"]: r["params"] for r in listed} == {s.name: dict(s.params) for s in available()}
+
+
+def test_installed_console_script_shows_help() -> None:
+    script = Path(sys.executable).parent / "tilerec"
+    if not script.exists():
+        pytest.skip("the tilerec console script is not installed next to this Python")
+    completed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 0
+    for command in ("run", "recognizers", "demo", "worker"):
+        assert command in completed.stdout
+
+
+# ------------------------------------------------------------------------------------------------- in process
+
+
+def test_param_values_are_json_when_they_can_be() -> None:
+    assert parse_param("min_size=24") == ("min_size", 24)
+    assert parse_param("scale=1.05") == ("scale", 1.05)
+    assert parse_param("flag=true") == ("flag", True)
+    assert parse_param("dictionary=DICT_4X4_50") == ("dictionary", "DICT_4X4_50")
+    assert parse_param('text="42"') == ("text", "42")
+    assert parse_param("expr=a=b") == ("expr", "a=b")
+    for bad in ("novalue", "=1"):
+        with pytest.raises(CliError):
+            parse_param(bad)
+
+
+def test_size_parsing() -> None:
+    assert parse_size("4000x3000") == (4000, 3000)
+    assert parse_size("640X480") == (640, 480)
+
+
+def test_output_paths_for_several_images(tmp_path: Path) -> None:
+    from tasks.cli import Target
+
+    target = Target("in/a.png", tmp_path / "a.png")
+    assert output_path("out.png", target, 0, 1) == Path("out.png")
+    assert output_path("out.png", target, 0, 2) == Path("out-a.png")
+    assert output_path("dir/{index}-{stem}.jpg", target, 2, 3) == Path("dir/3-a.jpg")
+    with pytest.raises(CliError):
+        output_path("{nope}.png", target, 0, 2)
+
+
+def test_worker_command_passes_arguments_through() -> None:
+    command, env = worker_command(["--concurrency", "4", "-Q", "tilerec.tiles", "--broker", "redis://h:1/0"])
+    assert command == [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--concurrency", "4", "-Q",
+                       "tilerec.tiles"]  # fmt: skip
+    assert env["TILEREC_BROKER_URL"] == "redis://h:1/0"
+    command, env = worker_command(["--broker=redis://h:2/0", "--loglevel", "INFO", "-c", "auto"])
+    assert env["TILEREC_BROKER_URL"] == "redis://h:2/0"
+    assert command[-4:-1] == ["--loglevel", "INFO", "-c"]
+    assert 1 <= int(command[-1]) <= (os.cpu_count() or 1)
+    command, _ = worker_command(["--concurrency=auto"])
+    assert command[-2] == "--concurrency" and int(command[-1]) >= 1
+    with pytest.raises(CliError):
+        worker_command(["--broker"])
+
+
+def test_worker_execs_celery_worker() -> None:
+    completed = tilerec("worker", "--help", timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert "--concurrency" in completed.stdout and "--queues" in completed.stdout  # celery worker's own help
