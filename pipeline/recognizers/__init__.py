@@ -1,7 +1,11 @@
-"""Recognizers: the protocol, the registry, and a per-process cache so nothing heavy is rebuilt per tile."""
+"""Recognizers: the protocol, the registry, and a per-process cache so nothing heavy is rebuilt per tile.
+
+Built-ins live in `opencv` (classical) and `dnn` (neural); third-party ones load by name through `plugins`.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -46,12 +50,23 @@ def register(spec: RecognizerSpec) -> RecognizerSpec:
 
 
 def available() -> list[RecognizerSpec]:
+    """The built-ins and every installed plugin (a plugin that fails to load is left out with a warning)."""
+    for name in plugins.entry_point_names() - set(_REGISTRY):
+        try:
+            get_spec(name)
+        except RecognizerError as error:
+            warnings.warn(str(error), stacklevel=2)
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
 def get_spec(name: object) -> RecognizerSpec:
+    """The spec registered under `name`; installed plugins and allowed `module:factory` names load on first use."""
+    if isinstance(name, str) and name not in _REGISTRY:
+        found = plugins.find(name)
+        if found is not None:
+            register(found)
     if not isinstance(name, str) or name not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
+        known = ", ".join(sorted(set(_REGISTRY) | plugins.entry_point_names()))
         raise RecognizerError(f"unknown recognizer {name!r}; available: {known}")
     return _REGISTRY[name]
 
@@ -87,9 +102,23 @@ def resolve_params(name: str, params: Mapping[str, Any] | None = None) -> dict[s
     return {key: _coerce(name, key, params.get(key, default), default) for key, default in spec.params.items()}
 
 
+_thread_budget = 0
+
+
 def limit_threads(threads: int) -> None:
-    """Cap the native thread pools of this process, so worker processes × threads fit the cores."""
-    cv2.setNumThreads(max(1, int(threads)))
+    """Cap the native thread pools of this process, so worker processes × threads fit the cores.
+
+    OpenCV's pool changes at once; ONNX Runtime sessions read the budget when they are built, which is after this
+    (recognizers are built on a worker process's first tile).
+    """
+    global _thread_budget
+    _thread_budget = max(1, int(threads))
+    cv2.setNumThreads(_thread_budget)
+
+
+def thread_budget() -> int:
+    """Threads a native library may use per call in this process; 0 until `limit_threads` (the library's default)."""
+    return _thread_budget
 
 
 @lru_cache(maxsize=16)
@@ -103,4 +132,4 @@ def get_recognizer(name: str, params: Mapping[str, Any] | None = None) -> Recogn
     return _build(name, tuple(sorted(resolved.items())))
 
 
-from pipeline.recognizers import opencv  # noqa: E402,F401  registers the built-ins
+from pipeline.recognizers import dnn, opencv, plugins  # noqa: E402,F401  registers the built-ins
