@@ -1,0 +1,186 @@
+"""Flower, for real: a `celery flower` process with basic auth on the test Redis, watching the session's worker.
+
+What it shows comes from events alone: the client's task-sent, the worker's task-received/started/succeeded and the
+tile tasks' task-progress. tilerec.recognize replaces itself with chord(tiles, merge), and the merge inherits the job's
+task id, so Flower's row for the job id ends as tilerec.merge; a tilerec.recognize that fails keeps its own row.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import cv2
+import pytest
+
+from pipeline.scenes import qr_scene
+from pipeline.tiling import grid
+from tasks import recognize
+from tasks.local import _die_with_parent, _stop, _wait, free_port
+from tests.conftest import IMAGES_ROOT
+from tests.scenes import assert_each_code_once
+
+TIMEOUT = 120
+USER, PASSWORD = "watcher", "s3cret-flower"
+NAMES = ("tilerec.recognize", "tilerec.recognize_tiles", "tilerec.merge")
+PIXELS = re.compile(r"(?<!\w)b['\"]|\\x[0-9a-f]{2}|array\(")  # a bytes literal, escaped bytes, a NumPy array
+
+
+class Flower:
+    def __init__(self, url: str, process: subprocess.Popen) -> None:
+        self.url = url
+        self.process = process
+
+    def get(self, path: str, credentials: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, str]:
+        headers = {}
+        if credentials:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+        request = urllib.request.Request(self.url + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def json(self, path: str) -> Any:
+        status, body = self.get(path)
+        assert status == 200, (path, status, body[:500])
+        return json.loads(body)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of one Prometheus sample, labels matched exactly; None when Flower has no such sample."""
+        status, text = self.get("/metrics", credentials=None)
+        assert status == 200
+        for line in text.splitlines():
+            match = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+            if match and dict(re.findall(r'(\w+)="([^"]*)"', match.group(1))) == labels:
+                return float(match.group(2))
+        return None
+
+
+@pytest.fixture(scope="module")
+def flower(worker, redis_server, tmp_path_factory):
+    """Flower on a free loopback port; stopped (and checked gone) when the module is done."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("flower") / "flower.log"
+    command = [sys.executable, "-m", "celery", "-A", "tasks", "--broker", redis_server.url, "flower",
+               f"--port={port}", "--address=127.0.0.1", f"--basic-auth={USER}:{PASSWORD}"]  # fmt: skip
+    env = {**os.environ, "TILEREC_BROKER_URL": redis_server.url, "TILEREC_RESULT_BACKEND": redis_server.url}
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
+    running = Flower(f"http://127.0.0.1:{port}", process)
+
+    def up() -> bool:
+        try:
+            return running.get("/healthcheck", credentials=None) == (200, "OK")
+        except OSError:
+            return False
+
+    try:
+        _wait(up, 30, "flower", process)
+        # its event receiver is listening once it has heard the worker's heartbeat (every 2 s)
+        _wait(lambda: running.metric("flower_worker_online", worker=worker.hostname) == 1.0, 30, "flower events")
+        yield running
+    finally:
+        _stop(process, 10)
+    assert process.poll() is not None, "flower is still running"
+
+
+@pytest.fixture(scope="module")
+def jobs(flower, worker):
+    """One good job and one refused one, run while Flower watches; returns what the caller saw."""
+    scene = qr_scene(1920, 1280, count=6, seam_share=0.5, seed=5)
+    path = IMAGES_ROOT / "flower-scene.png"
+    cv2.imwrite(str(path), scene.image)
+    job = recognize.delay(str(path), "qrcode", batch_size=3)
+    result = job.get(timeout=TIMEOUT)
+    assert_each_code_once(result["detections"], scene.truths)
+    refused = recognize.delay(str(path), "cats")
+    with pytest.raises(Exception, match="unknown recognizer 'cats'"):
+        refused.get(timeout=TIMEOUT)
+    tasks: dict[str, dict[str, Any]] = {}
+
+    def seen() -> bool:
+        tasks.clear()
+        tasks.update(flower.json("/api/tasks"))
+        rows = [t for t in tasks.values() if t["root_id"] == job.id and t["state"] == "SUCCESS"]
+        return len(rows) == result["tiling"]["tasks"] + 1 and tasks.get(refused.id, {}).get("state") == "FAILURE"
+
+    _wait(seen, 15, "flower to see the tasks' last events")
+    return {"path": str(path), "job": job.id, "result": result, "refused": refused.id, "tasks": tasks}
+
+
+def test_flower_shows_every_tilerec_task_with_small_readable_arguments(flower, jobs, worker):
+    tasks, job_id, result = jobs["tasks"], jobs["job"], jobs["result"]
+    ours = {uuid: task for uuid, task in tasks.items() if task["root_id"] in (job_id, jobs["refused"])}
+    for task in ours.values():
+        assert task["name"] in NAMES
+        for shown in (task["args"], task["kwargs"], task["result"] or ""):
+            assert len(shown) < 2048, "arguments and results are shown small: references and windows, no pixels"
+            assert not PIXELS.search(shown), shown
+
+    # tile tasks: the job's reference and their windows, readable; together exactly the job's grid
+    tiles = [task for task in ours.values() if task["name"] == "tilerec.recognize_tiles"]
+    windows_expected = sorted(window.to_list() for window in grid(1280, 1920, 640, 0.2))
+    assert len(tiles) == result["tiling"]["tasks"] == math.ceil(len(windows_expected) / 3)
+    windows = []
+    for task in tiles:
+        assert (task["parent_id"], task["worker"]) == (job_id, worker.hostname)
+        job, batch = ast.literal_eval(task["args"])
+        assert job["id"] == job_id and job["source"] == jobs["path"] and job["tiles"] == result["tiling"]["tiles"]
+        windows += batch
+    assert sorted(windows) == windows_expected
+
+    # the job's own row: the merge that took over its id, with the result's summary first
+    merged = ours[job_id]
+    assert (merged["name"], merged["state"]) == ("tilerec.merge", "SUCCESS")
+    assert merged["result"].startswith("{'schema': 'tilerec/recognition@1', 'image': {'width': 1920, 'height': 1280")
+    assert f"'tiles': {len(windows_expected)}, 'tasks': {len(tiles)}" in merged["result"]
+
+    # a refused job keeps its tilerec.recognize row: its arguments exactly as sent, and the error
+    refused = ours[jobs["refused"]]
+    assert (refused["name"], refused["state"]) == ("tilerec.recognize", "FAILURE")
+    assert ast.literal_eval(refused["args"]) == (jobs["path"], "cats")
+    assert "RecognizerError" in refused["exception"] and "unknown recognizer 'cats'" in refused["exception"]
+
+    assert set(NAMES) <= set(flower.json("/api/task/types")["task-types"])
+
+
+def test_flower_sees_sent_events_progress_events_and_the_worker(flower, jobs, worker):
+    client = f"gen{os.getpid()}@{socket.gethostname()}"  # this test process, the client that sent the jobs
+    assert flower.metric("flower_events_total", task="tilerec.recognize", type="task-sent", worker=client) == 2.0
+    for name in NAMES:
+        assert flower.metric("flower_events_total", task=name, type="task-started", worker=worker.hostname)
+    progress = flower.metric("flower_events_total", task="tilerec.recognize_tiles", type="task-progress",
+                             worker=worker.hostname)  # fmt: skip
+    assert progress == jobs["result"]["tiling"]["tasks"]  # one progress event per tile task
+
+    seen: dict[str, Any] = {}
+
+    def inspected() -> bool:  # a refresh waits for the workers' replies for 1 s: a busy machine may need another
+        seen.update(flower.json("/api/workers?refresh=1").get(worker.hostname, {}))
+        return seen.get("stats", {}).get("total", {}).get("tilerec.recognize", 0) >= 2
+
+    _wait(inspected, 20, "the worker's stats in flower")
+    assert {queue["name"] for queue in seen["active_queues"]} == {"tilerec", "tilerec.tiles"}
+    assert set(NAMES) <= set(seen["registered"])
+
+
+def test_flower_wants_credentials(flower, jobs):
+    for path in ("/api/tasks", "/api/workers", f"/api/task/info/{jobs['job']}", "/tasks"):
+        assert flower.get(path, credentials=None)[0] == 401, path
+        assert flower.get(path, credentials=(USER, "wrong"))[0] == 401, path
+    assert flower.get(f"/api/task/info/{jobs['job']}")[0] == 200
