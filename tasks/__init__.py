@@ -63,6 +63,11 @@ def _load(image: Any) -> bytes:
         raise images.ImageError(f"image must be a file path or a redis: reference (a string), got {image!r}")
     if image.startswith(store.REF_SCHEME):
         return store.get_bytes(_tile_store(), image)
+    if "://" in image:
+        raise images.ImageError(
+            f"{image!r}: images are not fetched from URLs (workers would fetch for anyone who can publish); "
+            "store the bytes with tasks.client.put_image and pass its redis: reference"
+        )
     return images.read_file(image, images.allowed_roots_from_env(app.conf.tilerec_allowed_roots))
 
 
@@ -154,8 +159,11 @@ def recognize_tiles(self: Any, job: dict[str, Any], tiles: list[list[int]]) -> l
             continue
         records.append({"tile": window.index, "seconds": time.perf_counter() - began, **found.to_columns()})
     done = store.add_progress(client, job_id, len(tiles), app.conf.tilerec_tile_ttl)
-    # Flower shows task state only from events: one small event per task, not per tile
-    self.send_event("task-progress", job=job_id, done=min(done, job["tiles"]), total=job["tiles"])
+    progress = {"done": min(done, job["tiles"]), "total": job["tiles"]}
+    # once per task, not per tile: an event for Flower (it sees states only from events), and the job's own
+    # state in the result backend, so any app can follow the job from its AsyncResult (state PROGRESS)
+    self.send_event("task-progress", job=job_id, **progress)
+    self.backend.store_result(job_id, progress, "PROGRESS")
     return records
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,24 +26,26 @@ class Job:
     """A submitted recognition: its AsyncResult, plus progress read from the tile store while it runs."""
 
     result: AsyncResult
+    _done: int = field(default=0, init=False, repr=False)
+    _total: int | None = field(default=None, init=False, repr=False)
 
     @property
     def id(self) -> str:
         return self.result.id
 
     def progress(self) -> tuple[int, int | None]:
-        """(tiles done, tiles in all); the total is None until the tiling task has planned the grid."""
-        if self.result.ready():
-            return (self._total() or 0, self._total())
-        done = store.get_progress(store.connect(app.conf.tilerec_store_url), self.id)
-        total = self._total()
-        return (min(done, total) if total else done, total)
+        """(tiles done, tiles in all); the total is None until the tiling task has planned the grid.
 
-    def _total(self) -> int | None:
-        info = self.result.info
-        if isinstance(info, dict) and "tiling" in info:
-            return int(info["tiling"]["tiles"])
-        return store.get_total(store.connect(app.conf.tilerec_store_url), self.id)
+        Never goes backwards, though the merge deletes the job's counters just before the result lands."""
+        if self.result.successful():
+            self._total = int(self.result.info["tiling"]["tiles"])
+            self._done = self._total
+            return self._done, self._total
+        client = store.connect(app.conf.tilerec_store_url)
+        self._total = store.get_total(client, self.id) or self._total
+        done = store.get_progress(client, self.id)
+        self._done = max(self._done, min(done, self._total) if self._total else done)
+        return self._done, self._total
 
     def get(self, timeout: float | None = None) -> dict[str, Any]:
         return self.result.get(timeout=timeout)

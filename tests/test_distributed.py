@@ -84,6 +84,7 @@ def test_a_one_tile_image_still_goes_through_the_chord(worker, images_root):
         (("{root}/missing.png", "qrcode"), {}, "ImageError", "does not exist"),
         (("/etc/hostname", "qrcode"), {}, "ImageError", "outside the allowed roots"),
         ((12345, "qrcode"), {}, "ImageError", "must be a file path or a redis: reference"),
+        (("http://127.0.0.1:9/a.png", "qrcode"), {}, "ImageError", "not fetched from URLs"),
         (("redis:tilerec:input:nothing-here", "qrcode"), {}, "ImageError", "no image is stored"),
         (("{root}/qr-scene.png", "qrcode"), {"overlap": 2}, "OptionsError", "overlap must be a ratio"),
         (("{root}/qr-scene.png", "qrcode"), {"shiny": True}, "RecognizerError", "has no parameter"),

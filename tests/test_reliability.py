@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from celery.exceptions import TimeoutError
 from kombu import Connection, Exchange, Producer
 
 from pipeline.scenes import qr_code, qr_scene
@@ -50,7 +51,11 @@ def test_a_killed_worker_process_loses_nothing_and_reports_nothing_twice(worker,
     wait_for(lambda: job.progress()[0] >= 2)
     victim = worker.child_pids()[0]
     os.kill(victim, signal.SIGKILL)  # mid-job: its batch is handed back by the broker and run again
-    result = job.get(timeout=TIMEOUT)
+    try:
+        result = job.get(timeout=TIMEOUT)
+    except TimeoutError:
+        log = Path(worker.log_file).read_text(errors="replace")[-4000:]
+        pytest.fail(f"job {job.id} did not finish after a worker process was killed; worker log tail:\n{log}")
     assert_each_code_once(result["detections"], scene.truths)
     assert result["failed_tiles"] == []
     wait_for(lambda: len(worker.child_pids()) == 2)  # the pool replaced the lost process
