@@ -26,7 +26,7 @@ app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
-MAX_TILE_ATTEMPTS = 3  # a tile whose worker process dies this many times is reported failed, not redelivered again
+MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many times fails instead of coming back
 CANCEL_CHECK_S = 0.05  # how often a running batch looks for a cancellation
 
 
@@ -81,7 +81,12 @@ def _refuse_if_cancelled(client: redis.Redis, job_id: str, tiles: int | None) ->
 def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) -> Any:
     started = time.time()
     client = _tile_store()
-    _refuse_if_cancelled(client, self.request.id, None)
+    deliveries, cancelled = store.count_delivery(client, self.request.id, "tiling", app.conf.tilerec_tile_ttl)
+    if cancelled or deliveries > MAX_ATTEMPTS:
+        store.delete_job(client, self.request.id)
+        if cancelled:
+            raise JobCancelled(f"job {self.request.id} was cancelled")
+        raise images.ImageError(f"gave up on {image!r}: the worker process died all {MAX_ATTEMPTS} times it read it")
     parsed = parse_options(recognizer, options)
     data = _load(image)
     loaded = time.time()
@@ -145,8 +150,12 @@ def recognize_tiles(self: Any, job: dict[str, Any], tiles: list[list[int]]) -> l
         if cancelled:
             records.append(_failed(window, "cancelled"))
             continue
-        if deliveries > 1 and store.count_tile_attempt(client, job_id, window.index) > MAX_TILE_ATTEMPTS:
-            records.append(_failed(window, f"the worker process died {MAX_TILE_ATTEMPTS} times on this tile"))
+        # the first delivery is not counted per tile (no cost in the common case), hence MAX_ATTEMPTS - 1
+        careful = deliveries > 1
+        if careful and store.count_tile_attempt(client, job_id, window.index) > MAX_ATTEMPTS - 1:
+            records.append(
+                _failed(window, f"gave up: the worker process died all {MAX_ATTEMPTS} times it ran this tile")
+            )
             continue
         began = time.perf_counter()
         try:
@@ -157,6 +166,8 @@ def recognize_tiles(self: Any, job: dict[str, Any], tiles: list[list[int]]) -> l
         except Exception as error:  # reported per tile, see the docstring
             records.append(_failed(window, f"{type(error).__name__}: {error}"))
             continue
+        if careful:
+            store.clear_tile_attempts(client, job_id, window.index)
         records.append({"tile": window.index, "seconds": time.perf_counter() - began, **found.to_columns()})
     done = store.add_progress(client, job_id, len(tiles), app.conf.tilerec_tile_ttl)
     progress = {"done": min(done, job["tiles"]), "total": job["tiles"]}

@@ -97,6 +97,11 @@ def count_tile_attempt(client: redis.Redis, job_id: str, index: int) -> int:
     return int(client.hincrby(job_key(job_id, "attempts"), f"tile:{index}", 1))
 
 
+def clear_tile_attempts(client: redis.Redis, job_id: str, index: int) -> None:
+    """The tile went through: it must not be blamed when a batch-mate crashes the task again."""
+    client.hdel(job_key(job_id, "attempts"), f"tile:{index}")
+
+
 def cancel(client: redis.Redis, job_id: str, ttl: int) -> None:
     client.set(job_key(job_id, "cancelled"), 1, ex=ttl)
 

@@ -36,7 +36,11 @@ def app(redis_server: RedisServer):
 @pytest.fixture(scope="session")
 def worker(app, redis_server: RedisServer, tmp_path_factory) -> Iterator[Worker]:
     log = tmp_path_factory.mktemp("logs") / "worker.log"
-    env = {"TILEREC_RESULT_BACKEND": redis_server.url, "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT)}
+    env = {
+        "TILEREC_RESULT_BACKEND": redis_server.url,
+        "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT),
+        "TILEREC_PLUGIN_MODULES": "tests.faulty",  # recognizers that fail on purpose, for the reliability tests
+    }
     with Worker(redis_server.url, concurrency=2, env=env, log_file=str(log)) as running:
         yield running
 

@@ -310,3 +310,57 @@ def test_fifty_jobs_from_several_clients_all_complete_correctly(worker, redis_se
         f"\n50 jobs from 5 clients: wall {wall:.1f} s, latency median {latencies[25]:.1f} s, max {latencies[-1]:.1f} s"
     )
     assert tilerec_keys(redis_server) == []
+
+
+def marked_scene(name: str) -> tuple:
+    """The QR scene with a red marker square next to a code, placed so that the tiles holding the marker are the
+    only ones that see that code whole: those tiles fail, the code is lost, every other code must be found."""
+    from pipeline.tiling import grid
+    from tests.faulty import MARKER_BGR
+
+    scene = qr_scene(3000, 2000, count=12, seam_share=0.5, seed=11)
+    windows = grid(2000, 3000)
+
+    def inside(box, w) -> bool:
+        bx, by, bw, bh = box
+        return w.x <= bx and bx + bw <= w.x2 and w.y <= by and by + bh <= w.y2
+
+    for truth in scene.truths:
+        x, y = truth.box[0] + truth.box[2] + 4, truth.box[1]  # just right of the code
+        failing = [w for w in windows if inside((x, y, 20, 20), w)]
+        expected = sorted(t.text for t in scene.truths if any(inside(t.box, w) for w in windows if w not in failing))
+        if truth.text not in expected and failing:
+            break
+    else:
+        raise AssertionError("no place for the marker loses a code; change the seed")
+    image = scene.image.copy()
+    image[y : y + 20, x : x + 20] = MARKER_BGR
+    path = IMAGES_ROOT / name
+    cv2.imwrite(str(path), image)
+    return str(path), failing, expected
+
+
+@pytest.mark.parametrize("recognizer", ["tests.faulty:RaisesOnMarker", "tests.faulty:CrashesOnMarker"])
+def test_partial_results_name_exactly_the_failed_tiles(worker, redis_server, recognizer):
+    path, failing, expected = marked_scene("marked.png")
+    outcome = recognize.delay(path, recognizer, on_tile_error="partial", batch_size=4)
+    result = outcome.get(timeout=TIMEOUT)
+    assert sorted(f["tile"] for f in result["failed_tiles"]) == [w.index for w in failing]
+    assert [f["window"] for f in result["failed_tiles"]] == [[w.x, w.y, w.width, w.height] for w in failing]
+    reason = "the red marker" if "Raises" in recognizer else "worker process died all 3 times"
+    assert all(reason in f["error"] for f in result["failed_tiles"])
+    assert sorted(d["text"] for d in result["detections"]) == expected
+    assert tilerec_keys(redis_server) == []
+    wait_for(lambda: len(worker.child_pids()) == 2)
+
+
+def test_by_default_a_failed_tile_fails_the_job_and_says_where(worker, redis_server):
+    path, failing, _ = marked_scene("marked-fail.png")
+    with pytest.raises(Exception) as raised:
+        recognize.delay(path, "tests.faulty:RaisesOnMarker").get(timeout=TIMEOUT)
+    assert type(raised.value).__name__ == "TileFailure"
+    first = failing[0]
+    assert f"{len(failing)} of 24 tiles failed: tile {first.index} at [{first.x}, {first.y}, 640, 640]" in str(
+        raised.value
+    )
+    assert tilerec_keys(redis_server) == []
