@@ -71,21 +71,27 @@ def _load(image: Any) -> bytes:
     return images.read_file(image, images.allowed_roots_from_env(app.conf.tilerec_allowed_roots))
 
 
-def _refuse_if_cancelled(client: redis.Redis, job_id: str, tiles: int | None) -> None:
-    if store.is_cancelled(client, job_id):
-        store.delete_job(client, job_id, tiles)
-        raise JobCancelled(f"job {job_id} was cancelled")
-
-
 @app.task(name="tilerec.recognize", bind=True)
 def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) -> Any:
-    started = time.time()
     client = _tile_store()
-    deliveries, cancelled = store.count_delivery(client, self.request.id, "tiling", app.conf.tilerec_tile_ttl)
-    if cancelled or deliveries > MAX_ATTEMPTS:
-        store.delete_job(client, self.request.id)
-        if cancelled:
-            raise JobCancelled(f"job {self.request.id} was cancelled")
+    try:
+        job, planned = _tile_into_store(client, self.request.id, image, recognizer, options)
+    except BaseException:
+        store.delete_job(client, self.request.id)  # a job refused or failed while tiling leaves nothing behind
+        raise
+    header = [recognize_tiles.s(job, [window.to_list() for window in batch]) for batch in planned]
+    return self.replace(chord(header, merge.s(job)))
+
+
+def _tile_into_store(
+    client: redis.Redis, job_id: str, image: Any, recognizer: Any, options: dict[str, Any]
+) -> tuple[dict[str, Any], list[list[Window]]]:
+    """Check, load, decode and plan the job and store its tiles; returns the job description and the batches."""
+    started = time.time()
+    deliveries, cancelled = store.count_delivery(client, job_id, "tiling", app.conf.tilerec_tile_ttl)
+    if cancelled:
+        raise JobCancelled(f"job {job_id} was cancelled")
+    if deliveries > MAX_ATTEMPTS:
         raise images.ImageError(f"gave up on {image!r}: the worker process died all {MAX_ATTEMPTS} times it read it")
     parsed = parse_options(recognizer, options)
     data = _load(image)
@@ -94,22 +100,17 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
     del data
     decoded = time.time()
     height, width = pixels.shape[:2]
-    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
     planned = plan(height, width, parsed)
     windows = [window for batch in planned for window in batch]
-    try:
-        store.put_tiles(client, self.request.id, pixels, windows, app.conf.tilerec_tile_ttl)
-    except BaseException:
-        store.delete_job(client, self.request.id, len(windows))
-        raise
-    del pixels
-    _refuse_if_cancelled(client, self.request.id, len(windows))
+    store.put_tiles(client, job_id, pixels, windows, app.conf.tilerec_tile_ttl)
+    if store.is_cancelled(client, job_id):
+        raise JobCancelled(f"job {job_id} was cancelled")
     job = {
-        "id": self.request.id,
+        "id": job_id,
         "source": image,
         "width": width,
         "height": height,
-        "channels": channels,
+        "channels": 1 if pixels.ndim == 2 else pixels.shape[2],
         "options": parsed.to_json(),
         "tiles": len(windows),
         "tasks": len(planned),
@@ -120,8 +121,7 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
             "store_s": time.time() - decoded,
         },
     }
-    header = [recognize_tiles.s(job, [window.to_list() for window in batch]) for batch in planned]
-    return self.replace(chord(header, merge.s(job)))
+    return job, planned
 
 
 def _failed(window: Window, error: str) -> dict[str, Any]:
