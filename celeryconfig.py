@@ -53,4 +53,8 @@ tilerec_store_url = _env("TILEREC_STORE_URL", result_backend)
 tilerec_tile_ttl = int(_env("TILEREC_TILE_TTL", "3600"))
 tilerec_max_pixels = int(_env("TILEREC_MAX_PIXELS", str(40_000 * 40_000)))
 tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
+# files a job may name as recognizer parameters (models, label lists): only under these folders (os.pathsep list)
+tilerec_model_roots = os.pathsep.join(
+    root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root
+)
 tilerec_threads_per_process = int(_env("TILEREC_THREADS_PER_PROCESS", "0"))  # 0: cores / worker processes

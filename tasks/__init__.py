@@ -18,7 +18,7 @@ from pipeline import images
 from pipeline.inference import merge_tiles, plan, recognize_tile
 from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, parse_options
-from pipeline.recognizers import limit_threads
+from pipeline.recognizers import limit_threads, restrict_file_params
 from pipeline.tiling import Window
 from tasks import store
 
@@ -48,10 +48,12 @@ def _remember_worker(sender: Any = None, **_: Any) -> None:
 
 
 @signals.worker_process_init.connect
-def _size_thread_pools(**_: Any) -> None:
-    """processes × threads = cores: OpenCV would otherwise give every worker process all the cores."""
+def _set_up_process(**_: Any) -> None:
+    """processes × threads = cores (OpenCV would give every worker process all the cores), and files named in
+    messages confined to the model folders."""
     processes = int(getattr(_worker, "concurrency", None) or 1)
     limit_threads(app.conf.tilerec_threads_per_process or max(1, (os.cpu_count() or 1) // processes))
+    restrict_file_params(images.allowed_roots_from_env(app.conf.tilerec_model_roots))
 
 
 def _tile_store() -> redis.Redis:

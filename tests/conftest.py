@@ -13,6 +13,8 @@ from tasks.local import RedisServer, Worker
 
 IMAGES_ROOT = Path(tempfile.mkdtemp(prefix="tilerec-images-"))
 os.environ["TILEREC_ALLOWED_ROOTS"] = str(IMAGES_ROOT)
+# the workers open model files named in jobs only under TILEREC_MODEL_DIR: the shared models beside the repo
+os.environ.setdefault("TILEREC_MODEL_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "models"))
 
 
 @pytest.fixture(scope="session")

@@ -364,3 +364,12 @@ def test_by_default_a_failed_tile_fails_the_job_and_says_where(worker, redis_ser
         raised.value
     )
     assert tilerec_keys(redis_server) == []
+
+
+def test_a_job_cannot_make_a_worker_open_files_outside_the_model_folders(worker, redis_server, big_scene):
+    _, path = big_scene
+    with pytest.raises(Exception) as raised:
+        recognize.delay(path, "objects", model="/etc/hostname").get(timeout=TIMEOUT)
+    assert type(raised.value).__name__ == "RecognizerError"
+    assert "parameter 'model' names '/etc/hostname', outside the model folders" in str(raised.value)
+    assert tilerec_keys(redis_server) == []

@@ -5,10 +5,12 @@ Built-ins live in `opencv` (classical) and `dnn` (neural); third-party ones load
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
@@ -39,6 +41,7 @@ class RecognizerSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     cost_ms: float = 20.0
+    file_params: tuple[str, ...] = ()  # parameters that name files the worker opens (models, label lists)
 
 
 _REGISTRY: dict[str, RecognizerSpec] = {}
@@ -99,7 +102,9 @@ def resolve_params(name: str, params: Mapping[str, Any] | None = None) -> dict[s
     if unknown:
         known = ", ".join(sorted(spec.params)) or "none"
         raise RecognizerError(f"recognizer {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {known}")
-    return {key: _coerce(name, key, params.get(key, default), default) for key, default in spec.params.items()}
+    resolved = {key: _coerce(name, key, params.get(key, default), default) for key, default in spec.params.items()}
+    _check_files(name, spec, resolved)
+    return resolved
 
 
 _thread_budget = 0
@@ -119,6 +124,33 @@ def limit_threads(threads: int) -> None:
 def thread_budget() -> int:
     """Threads a native library may use per call in this process; 0 until `limit_threads` (the library's default)."""
     return _thread_budget
+
+
+_file_roots: list[Path] | None = None
+
+
+def restrict_file_params(roots: Sequence[Path]) -> None:
+    """From now on, files named in parameters must lie inside `roots`. Workers call this: a job's message can come
+    from anyone who can publish to the broker, and must not make the worker open arbitrary files. In-process use
+    (a library caller naming its own model) stays unrestricted."""
+    global _file_roots
+    _file_roots = [Path(root).resolve() for root in roots]
+
+
+def _check_files(name: str, spec: RecognizerSpec, params: Mapping[str, Any]) -> None:
+    if _file_roots is None:
+        return
+    for param in spec.file_params:
+        value = params.get(param)
+        if not value:
+            continue
+        real = Path(value).expanduser().resolve()
+        if not any(real == root or root in real.parents for root in _file_roots):
+            shown = os.pathsep.join(str(root) for root in _file_roots) or "none configured"
+            raise RecognizerError(
+                f"recognizer {name!r}: parameter {param!r} names {value!r}, outside the model folders ({shown}); "
+                "workers open only files under TILEREC_MODEL_DIR or TILEREC_MODEL_ROOTS"
+            )
 
 
 @lru_cache(maxsize=16)

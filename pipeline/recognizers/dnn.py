@@ -2,8 +2,8 @@
 
 Model files are not part of tilerec (where to get them: ../shared/models/PROVENANCE.md). Each recognizer takes
 its file from its `model` parameter, else from its own env var, else from the folder in TILEREC_MODEL_DIR.
-A `model` (or `names`) sent in a job is a path the worker opens: parsed as ONNX (or text), never run as code, but
-any file the worker may read can be named, so run workers as a user that can read only what they need.
+A `model` (or `names`) sent in a job is a path the worker opens: on workers it must lie under TILEREC_MODEL_DIR or
+TILEREC_MODEL_ROOTS (see `restrict_file_params`), so a message cannot make a worker parse arbitrary files.
 """
 
 from __future__ import annotations
@@ -243,6 +243,7 @@ register(
         {"model": "", "score_threshold": 0.7, "nms_threshold": 0.3, "top_k": 5000},
         f"faces with 5 landmarks, YuNet CNN (model: {YUNET_FILE})",
         cost_ms=47,  # measured: 640x640 tile, one thread (YuNet net + OpenCV's post-processing)
+        file_params=("model",),
     )
 )
 register(
@@ -260,5 +261,6 @@ register(
         },
         f"objects (80 COCO classes), ONNX Runtime: FastestDet, YOLOv5 or YOLOv8/11 exports (model: {OBJECTS_FILE})",
         cost_ms=14,  # measured with FastestDet: 640x640 tile, one thread (a YOLO model costs several times more)
+        file_params=("model", "names"),
     )
 )
