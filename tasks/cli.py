@@ -668,6 +668,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return report_failures(outcomes)
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel jobs on a running cluster by id (what `tilerec run` and `Job.id` give)."""
+    broker = args.broker or os.environ.get("TILEREC_BROKER_URL")
+    if not broker:
+        raise CliError("cancel needs the cluster: --broker URL or TILEREC_BROKER_URL")
+    settings = Settings(broker, None, False, None, True)
+    with remote_cluster(broker, settings, Console(stderr=True)):
+        from tasks.client import cancel
+
+        for job_id in args.job_ids:
+            cancel(job_id)
+            print(f"cancelled {job_id}", file=sys.stderr)
+    return 0
+
+
 def param_text(key: str, value: Any) -> str:
     """`key=value` as it would be typed after --param: plain strings bare, everything else as JSON."""
     plain = isinstance(value, str) and value and value == value.strip() and not value.startswith(("{", "[", '"'))
@@ -902,6 +917,14 @@ def build_parser() -> Parser:
     demo.add_argument("--seed", type=int, default=0, help="scene random seed (default 0)")
     add_cluster_flags(demo)
     demo.set_defaults(handler=cmd_demo)
+
+    cancelling = commands.add_parser(
+        "cancel",
+        help="cancel jobs by id: their unstarted tiles are skipped, their keys removed, the job fails as cancelled",
+    )
+    cancelling.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    cancelling.add_argument("--broker", metavar="URL", help="the cluster's broker (default: TILEREC_BROKER_URL)")
+    cancelling.set_defaults(handler=cmd_cancel)
 
     commands.add_parser(
         "worker",

@@ -340,6 +340,22 @@ def test_timeout_gives_up_and_cleans_the_job(slow_scene_png: Path, redis_server:
     wait_for(lambda: not list(client.scan_iter("tilerec:job:*:tile:*")), 20, "the job's tiles to be deleted")
 
 
+def test_cancel_by_job_id(slow_scene_png: Path, redis_server: RedisServer, worker: Worker, images_root: Path) -> None:
+    from tasks.client import submit
+
+    path = images_root / "slow-cancel.png"
+    path.write_bytes(slow_scene_png.read_bytes())
+    job = submit(str(path), "people", scale=1.01)
+    wait_for(lambda: job.progress()[1], 30, "the job to be tiled")
+    completed = tilerec("cancel", job.id, "--broker", redis_server.url)
+    assert completed.returncode == 0, completed.stderr
+    assert f"cancelled {job.id}" in completed.stderr
+    with pytest.raises(Exception, match="was cancelled") as raised:
+        job.get(timeout=60)
+    assert type(raised.value).__name__ == "JobCancelled"
+    wait_for(lambda: not list(redis_server.client().scan_iter("tilerec:job:*")), 20, "the job's keys to be deleted")
+
+
 # ------------------------------------------------------------------------------------------------------- errors
 
 
