@@ -53,6 +53,12 @@ tilerec_store_url = _env("TILEREC_STORE_URL", result_backend)
 tilerec_tile_ttl = int(_env("TILEREC_TILE_TTL", "3600"))
 tilerec_max_pixels = int(_env("TILEREC_MAX_PIXELS", str(40_000 * 40_000)))
 tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
+# Tile tasks read their own windows of a tiled TIFF straight from the file (no pixels through Redis); set "false"
+# when the workers taking the tiles queue do not see the allowed roots at the same paths as the tiling worker.
+tilerec_shared_storage = _env("TILEREC_SHARED_STORAGE", "true").strip().lower() not in ("false", "0", "no", "off")
+# A result whose JSON is larger than this (bytes) is stored under tilerec:result:<job id> in the tile store, and the
+# result backend gets a summary with `result_ref` (tasks.client.Job.get fetches it). -1: never; 0: always.
+tilerec_result_inline_max_bytes = int(_env("TILEREC_RESULT_INLINE_MAX_BYTES", str(4 * 2**20)))
 # files a job may name as recognizer parameters (models, label lists): only under these folders (os.pathsep list)
 tilerec_model_roots = os.pathsep.join(
     root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root

@@ -11,8 +11,9 @@ import numpy as np
 from pipeline.images import normalize
 from pipeline.merge import merge_detections, place
 from pipeline.model import Detections, Recognition
-from pipeline.options import JobOptions, parse_options
+from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.recognizers import get_recognizer, get_spec
+from pipeline.sources import ArraySource, Source, check_region, is_blank
 from pipeline.tiling import Window, auto_batch_size, batches, grid
 
 
@@ -20,15 +21,45 @@ def crop(image: np.ndarray, window: Window) -> np.ndarray:
     return image[window.y : window.y2, window.x : window.x2]
 
 
+def region(height: int, width: int, options: JobOptions) -> Window:
+    """The part of the image the job covers: its `roi`, checked to lie inside the image, or the whole image."""
+    if options.roi is None:
+        return Window(0, 0, 0, width, height)
+    x, y, w, h = options.roi
+    if x + w > width or y + h > height:
+        raise OptionsError(f"roi {options.roi} is not inside the {width}x{height} image (level {options.level})")
+    return Window(0, x, y, w, h)
+
+
+def check_size(height: int, width: int, options: JobOptions, max_pixels: int) -> None:
+    """Refuse a job whose region (the roi, or the level read) has more pixels than `max_pixels`, before reading."""
+    covered = region(height, width, options)
+    check_region(covered.width, covered.height, max_pixels)
+
+
+def windows_of(height: int, width: int, options: JobOptions) -> list[Window]:
+    """The tile grid over the job's region, in the image's coordinates (so detections need no further shift)."""
+    covered = region(height, width, options)
+    tiles = grid(covered.height, covered.width, options.tile, options.overlap)
+    if covered.x == covered.y == 0:
+        return tiles
+    return [Window(t.index, t.x + covered.x, t.y + covered.y, t.width, t.height) for t in tiles]
+
+
 def plan(height: int, width: int, options: JobOptions) -> list[list[Window]]:
     """The tile grid cut into task batches: `batch_size` tiles each, or as many as the recognizer's cost suggests."""
-    windows = grid(height, width, options.tile, options.overlap)
+    windows = windows_of(height, width, options)
     size = options.batch_size
     if size is None:
         area = windows[0].width * windows[0].height
         tile_cost_ms = get_spec(options.recognizer).cost_ms * area / (640 * 640)
         size = auto_batch_size(len(windows), tile_cost_ms)
     return batches(windows, size)
+
+
+def blank(tile: np.ndarray, options: JobOptions) -> bool:
+    """The tile is to be skipped: `skip_blank` is on and the tile has no content (see `sources.is_blank`)."""
+    return options.skip_blank is not None and is_blank(tile, options.skip_blank)
 
 
 def recognize_tile(tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:
@@ -47,12 +78,27 @@ def merge_tiles(per_tile: Iterable[Detections], options: JobOptions) -> Detectio
 
 def recognize_image(image: np.ndarray, recognizer: str = "faces", **options: object) -> Recognition:
     """Sliced recognition of a whole image in this process (what SAHI does), with tilerec's tiling and merge."""
+    return recognize_source(ArraySource(normalize(np.asarray(image))), recognizer, **options)
+
+
+def recognize_source(source: Source, recognizer: str = "faces", **options: object) -> Recognition:
+    """`recognize_image` for any source (a TIFF read window by window, say): same tiles, skips and merge as a job.
+
+    The source must be opened at the level the options name (`sources.open_source(path, level)`).
+    """
     started = time.perf_counter()
     parsed = parse_options(recognizer, options)
-    image = normalize(np.asarray(image))
-    height, width = image.shape[:2]
-    windows = grid(height, width, parsed.tile, parsed.overlap)
-    per_tile = [recognize_tile(crop(image, w), w, parsed, width, height) for w in windows]
+    if parsed.level != source.level:
+        raise OptionsError(f"the source is open at level {source.level}, the options ask for level {parsed.level}")
+    width, height = source.width, source.height
+    windows = windows_of(height, width, parsed)
+    per_tile, skipped = [], 0
+    for window in windows:
+        tile = source.read(window)
+        if blank(tile, parsed):
+            skipped += 1
+            continue
+        per_tile.append(recognize_tile(tile, window, parsed, width, height))
     recognized = time.perf_counter()
     merged = merge_tiles(per_tile, parsed)
     finished = time.perf_counter()
@@ -67,4 +113,8 @@ def recognize_image(image: np.ndarray, recognizer: str = "faces", **options: obj
         tiles=len(windows),
         tasks=1,
         timings={"recognize_s": recognized - started, "merge_s": finished - recognized, "total_s": finished - started},
+        level=parsed.level,
+        downsample=source.downsample,
+        roi=parsed.roi,
+        skipped=skipped if parsed.skip_blank is not None else None,
     )

@@ -102,7 +102,7 @@ def overlapping_pairs(xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     first, second = _expand_ranges(np.arange(len(cell_id)) + 1, group_end)
     i, j = box_of_entry[first], box_of_entry[second]
     keys = np.sort(np.minimum(i, j) * n + np.maximum(i, j))
-    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys  # no box shares a cell
     i, j = keys // n, keys % n
     a, b = xyxy[i], xyxy[j]
     touching = (np.maximum(a[:, 0], b[:, 0]) < np.minimum(a[:, 2], b[:, 2])) & (

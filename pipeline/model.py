@@ -196,22 +196,27 @@ class Recognition:
     tasks: int = 1
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    level: int = 0  # pyramid level read; width, height and boxes are in its pixels
+    downsample: float = 1.0  # level 0's width / this level's width: boxes times this are level-0 pixels
+    roi: list[int] | None = None  # [x, y, w, h] the job was restricted to; None: the whole image
+    skipped: int | None = None  # tiles skipped as blank; None: skip_blank was off
 
     def to_json(self) -> dict[str, Any]:
+        """The result document; `image.level`/`image.downsample` (level > 0), `image.roi` (a roi was given) and
+        `tiling.skipped` (skip_blank was on) appear only when they apply."""
+        image: dict[str, Any] = {"width": self.width, "height": self.height, "source": self.source}
+        if self.level:
+            image.update(level=self.level, downsample=round(self.downsample, 6))
+        if self.roi is not None:
+            image["roi"] = list(self.roi)
+        tiling: dict[str, Any] = {"tile": self.tile, "overlap": self.overlap, "tiles": self.tiles, "tasks": self.tasks}
+        if self.skipped is not None:
+            tiling["skipped"] = self.skipped
         return {
             "schema": SCHEMA,
-            "image": {
-                "width": self.width,
-                "height": self.height,
-                "source": self.source,
-            },
+            "image": image,
             "recognizer": {"name": self.recognizer, "params": self.params},
-            "tiling": {
-                "tile": self.tile,
-                "overlap": self.overlap,
-                "tiles": self.tiles,
-                "tasks": self.tasks,
-            },
+            "tiling": tiling,
             "detections": self.detections.to_records(),
             "failed_tiles": self.failed_tiles,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
@@ -234,4 +239,8 @@ class Recognition:
             tasks=data["tiling"]["tasks"],
             failed_tiles=data.get("failed_tiles", []),
             timings=data.get("timings", {}),
+            level=data["image"].get("level", 0),
+            downsample=data["image"].get("downsample", 1.0),
+            roi=data["image"].get("roi"),
+            skipped=data["tiling"].get("skipped"),
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline.merge import MATCH_METRICS, MERGE_METHODS
 from pipeline.recognizers import get_spec, resolve_params
+from pipeline.sources import BLANK_RANGE
 from pipeline.tiling import validate_tiling
 
 JOB_OPTIONS = (
@@ -19,6 +20,9 @@ JOB_OPTIONS = (
     "match_threshold",
     "batch_size",
     "on_tile_error",
+    "level",
+    "roi",
+    "skip_blank",
 )
 ON_TILE_ERROR = ("fail", "partial")
 
@@ -39,6 +43,9 @@ class JobOptions:
     match_threshold: float = 0.5
     batch_size: int | None = None  # None: chosen from the recognizer's cost
     on_tile_error: str = "fail"  # "partial": return the other tiles' result and list the failed ones
+    level: int = 0  # pyramid level of a TIFF (0: full resolution)
+    roi: list[int] | None = None  # [x, y, width, height] in the level's pixels; None: the whole image
+    skip_blank: float | None = None  # a tile whose 4x4 block means vary by <= this many grey levels is skipped
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +64,36 @@ def _ratio(name: str, value: Any, upper_open: bool = False) -> float:
     ):
         raise OptionsError(f"{name} must be a number in [0, 1{')' if upper_open else ']'}, got {value!r}")
     return float(value)
+
+
+def _whole(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionsError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _roi(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        raise OptionsError(f"roi must be [x, y, width, height] in pixels, got {value!r}")
+    try:
+        x, y = (_whole("roi x and y", v, 0) for v in value[:2])
+        width, height = (_whole("roi width and height", v, 1) for v in value[2:])
+    except OptionsError as error:
+        raise OptionsError(f"{error} (roi is [x, y, width, height] in pixels)") from None
+    return [x, y, width, height]
+
+
+def _skip_blank(value: Any) -> float | None:
+    """False/None: off; True: the default threshold (BLANK_RANGE); a number: that threshold in grey levels."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return BLANK_RANGE
+    if isinstance(value, int | float) and 0 <= value <= 255:
+        return float(value)
+    raise OptionsError(f"skip_blank must be true, false or a threshold in [0, 255] grey levels, got {value!r}")
 
 
 def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None = None) -> JobOptions:
@@ -96,4 +133,7 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         match_threshold=_ratio("match_threshold", options.get("match_threshold", 0.5)),
         batch_size=batch_size,
         on_tile_error=on_tile_error,
+        level=_whole("level", options.get("level", 0), 0),
+        roi=_roi(options.get("roi")),
+        skip_blank=_skip_blank(options.get("skip_blank")),
     )

@@ -468,7 +468,9 @@ def poll(index: int, run: Running, tracker: Tracker) -> None:
         return
     seconds = time.monotonic() - run.started
     if result.successful():
-        recognition = dict(result.result)
+        from tasks.client import fetch_result
+
+        recognition = dict(fetch_result(result.result))
         recognition["image"] = {**recognition["image"], "source": str(run.target.path)}
         run.outcome = Outcome(run.target, result=recognition, seconds=seconds)
         tracker.finish(index, recognition["tiling"]["tiles"], ok=True)

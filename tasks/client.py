@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +49,20 @@ class Job:
         return self._done, self._total
 
     def get(self, timeout: float | None = None) -> dict[str, Any]:
-        return self.result.get(timeout=timeout)
+        """The job's result document, fetched whole even when the result backend holds only its summary."""
+        return fetch_result(self.result.get(timeout=timeout))
 
     def cancel(self) -> None:
         cancel(self.id)
+
+
+def fetch_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The whole result of a job whose result was too large for the result backend (TILEREC_RESULT_INLINE_MAX_BYTES):
+    the backend holds a summary whose `result_ref` names the Redis key with the document. Others pass through."""
+    reference = result.get("result_ref") if isinstance(result, dict) else None
+    if reference is None:
+        return result
+    return json.loads(store.get_result(store.connect(app.conf.tilerec_store_url), reference))
 
 
 def cancel(job_id: str) -> None:

@@ -1,17 +1,19 @@
 """The tile store (claim check): pixels live in Redis under job-scoped keys with a TTL; messages carry references.
 
 Keys of job J (all expire after the tile TTL and are deleted when the job ends):
-    tilerec:job:J:tile:I     raw pixels of tile I
+    tilerec:job:J:tile:I     raw pixels of tile I (empty: the tile is blank and skipped)
     tilerec:job:J:total      number of tiles
     tilerec:job:J:done       tiles recognized so far (progress)
     tilerec:job:J:attempts   hash: deliveries per tile task and crashes per tile (crash-loop guard)
     tilerec:job:J:cancelled  present once the job is cancelled
 Inputs stored by clients: tilerec:input:<uuid> (expire after their TTL).
+Results too large for the result backend: tilerec:result:<job id>, the result's JSON text (expires with the result).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -39,15 +41,26 @@ def tile_key(job_id: str, index: int) -> str:
 
 
 def put_tiles(
-    client: redis.Redis, job_id: str, image: np.ndarray, windows: list[Window], ttl: int, flush_every: int = 32
+    client: redis.Redis,
+    job_id: str,
+    image: np.ndarray | Callable[[Window], np.ndarray],
+    windows: list[Window],
+    ttl: int,
+    flush_every: int = 32,
+    blank: Callable[[np.ndarray], bool] | None = None,
 ) -> int:
     """Store each window's pixels as raw bytes (no codec: a PNG round trip costs more than most recognizers).
-    Sent in pipelines of `flush_every` tiles so memory holds at most that many tile copies. Returns bytes stored."""
+
+    `image` is the decoded image or a function reading one window (a TIFF read window by window), so memory holds
+    the source plus at most `flush_every` tiles waiting in the pipeline. A tile that `blank` calls blank is stored
+    empty: the tile task skips it without another look. Returns the bytes stored."""
+    read = image if callable(image) else (lambda window: image[window.y : window.y2, window.x : window.x2])
     stored = 0
     with client.pipeline(transaction=False) as pipe:
         pipe.set(job_key(job_id, "total"), len(windows), ex=ttl)
         for n, window in enumerate(windows, start=1):
-            pixels = np.ascontiguousarray(image[window.y : window.y2, window.x : window.x2]).tobytes()
+            tile = read(window)
+            pixels = b"" if blank is not None and blank(tile) else np.ascontiguousarray(tile).tobytes()
             pipe.set(tile_key(job_id, window.index), pixels, ex=ttl)
             stored += len(pixels)
             if n % flush_every == 0:
@@ -56,10 +69,13 @@ def put_tiles(
     return stored
 
 
-def get_tile(client: redis.Redis, job_id: str, window: Window, channels: int) -> np.ndarray:
+def get_tile(client: redis.Redis, job_id: str, window: Window, channels: int) -> np.ndarray | None:
+    """The tile's pixels, or None for a tile stored as blank."""
     data = client.get(tile_key(job_id, window.index))
     if data is None:
         raise LookupError(f"tile {window.index} of job {job_id} is gone from the tile store (expired or cancelled)")
+    if not data:
+        return None
     shape = (window.height, window.width, channels) if channels > 1 else (window.height, window.width)
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
@@ -140,3 +156,23 @@ def get_bytes(client: redis.Redis, ref: str) -> bytes:
 
 def delete_ref(client: redis.Redis, ref: str) -> None:
     client.unlink(ref[len(REF_SCHEME) :])
+
+
+RESULT_PREFIX = f"{PREFIX}:result:"
+
+
+def put_result(client: redis.Redis, job_id: str, text: str, ttl: int) -> str:
+    """Store a job's result JSON under its own key; returns the `redis:` reference the result backend carries."""
+    key = RESULT_PREFIX + job_id
+    client.set(key, text, ex=ttl or None)
+    return REF_SCHEME + key
+
+
+def get_result(client: redis.Redis, ref: str) -> bytes:
+    key = ref[len(REF_SCHEME) :] if ref.startswith(REF_SCHEME) else ""
+    if not key.startswith(RESULT_PREFIX):
+        raise ValueError(f"{ref!r} is not a tilerec result reference (expected {REF_SCHEME}{RESULT_PREFIX}…)")
+    data = client.get(key)
+    if data is None:
+        raise LookupError(f"no result is stored under {ref!r} (it expired: results live TILEREC_RESULT_EXPIRES s)")
+    return data
