@@ -195,3 +195,231 @@ def ean13(first12: str, module_px: int = 3, height_px: int = 120) -> tuple[np.nd
     picture = np.repeat(np.repeat(row[None, :], height_px, axis=0), module_px, axis=1)
     picture = cv2.copyMakeBorder(picture, 10, 10, 0, 0, cv2.BORDER_CONSTANT, value=255)
     return picture, (quiet * module_px, 10, len(modules) * module_px, height_px), digits
+
+
+# --- scenes for the benchmarks: ArUco markers, EAN-13 barcodes and QR codes, alone or mixed, up to 16000² and more ---
+
+PLACEMENTS = ("seam", "edge", "inside")
+
+
+@dataclass(frozen=True)
+class Sticker:
+    """A grey picture to paste (code plus its quiet zone), the box of the code inside it, and what it should read."""
+
+    picture: np.ndarray
+    box: tuple[int, int, int, int]  # x, y, w, h inside `picture`
+    label: str
+    text: str | None
+
+
+def aruco_marker(marker_id: int, module_px: int, dictionary: str = "DICT_4X4_50") -> Sticker:
+    """An ArUco marker (black border included in the box) with a one-module white quiet zone, id as its text."""
+    chosen = cv2.aruco.getPredefinedDictionary(getattr(cv2.aruco, dictionary))
+    side = (chosen.markerSize + 2) * module_px
+    marker = cv2.aruco.generateImageMarker(chosen, marker_id, side, borderBits=1)
+    picture = cv2.copyMakeBorder(marker, module_px, module_px, module_px, module_px, cv2.BORDER_CONSTANT, value=255)
+    return Sticker(picture, (module_px, module_px, side, side), "aruco", str(marker_id))
+
+
+def qr_sticker(text: str, module_px: int, quiet_modules: int = 2) -> Sticker:
+    """A QR code with a quiet zone trimmed to `quiet_modules` (the encoder's 4 make seam codes too big to place)."""
+    picture, (bx, by, bw, bh) = qr_code(text, module_px)
+    quiet = quiet_modules * module_px
+    x0, y0 = max(0, bx - quiet), max(0, by - quiet)
+    trimmed = np.ascontiguousarray(picture[y0 : by + bh + quiet, x0 : bx + bw + quiet])
+    return Sticker(trimmed, (bx - x0, by - y0, bw, bh), "qrcode", text)
+
+
+def barcode_sticker(first12: str, module_px: int, height_px: int = 100) -> Sticker:
+    """An EAN-13 barcode; its text is the 13 digits, as the barcode recognizer reports them."""
+    picture, box, digits = ean13(first12, module_px, height_px)
+    return Sticker(picture, box, "barcode", digits)
+
+
+def _sticker(kind: str, serial: int, rng: np.random.Generator, prefix: str) -> Sticker:
+    """The `serial`-th object of a kind, at one of a few sizes drawn from `rng`.
+
+    Sizes are ones OpenCV's recognizers read reliably in a 640² tile: EAN-13 at 2 px per module (at 3 px OpenCV's
+    barcode detector finds fewer than half), first digit never 0 (that code is reported as a 12-digit UPC-A).
+    """
+    if kind == "qrcode":
+        return qr_sticker(f"{prefix}-{serial:05d}", int(rng.choice([3, 4, 5])))
+    if kind == "aruco":
+        return aruco_marker(serial % 50, int(rng.choice([6, 10, 16])))
+    if kind == "barcode":
+        first12 = f"{1 + serial % 9}{serial % 100:02d}{int(rng.integers(0, 10**9)):09d}"
+        return barcode_sticker(first12, 2, int(rng.choice([80, 100, 120])))
+    raise ValueError(f"unknown code kind {kind!r}; known: qrcode, aruco, barcode")
+
+
+def _tile_starts(width: int, height: int, tile: int, overlap: float) -> tuple[list[int], list[int]]:
+    """The grid's tile starts along x and along y (tiles are their product)."""
+    windows = grid(height, width, tile, overlap)
+    return sorted({w.x for w in windows}), sorted({w.y for w in windows})
+
+
+def _whole_in_a_tile(start: int, extent: int, starts: list[int], tile: int) -> bool:
+    """Some tile along this axis holds [start, start + extent) whole: the overlap's promise for this object."""
+    return any(s <= start and start + extent <= s + tile for s in starts)
+
+
+def _axis_position(
+    size: int, extent: int, starts: list[int], tile: int, rng: np.random.Generator, tries: int = 50
+) -> int | None:
+    """A random start along one axis where the extent lies whole in some tile; None if none was found."""
+    if extent > min(size, tile):
+        return None
+    for _ in range(tries):
+        start = int(rng.integers(0, size - extent + 1))
+        if _whole_in_a_tile(start, extent, starts, tile):
+            return start
+    return None
+
+
+def _seam_start(
+    size: int,
+    sticker_extent: int,
+    box_offset: int,
+    box_extent: int,
+    starts: list[int],
+    tile: int,
+    rng: np.random.Generator,
+) -> int | None:
+    """A start for the picture along one axis where the code's box crosses the end of one tile (so that tile cuts it)
+    and the whole picture lies inside the next tile; None where the axis has one tile or the picture is too big."""
+    if len(starts) < 2:
+        return None
+    k = int(rng.integers(0, len(starts) - 1))
+    seam, next_start = starts[k] + min(tile, size), starts[k + 1]
+    low = max(next_start, seam - box_offset - box_extent + 1)  # picture start: box end past the seam
+    high = min(seam - box_offset - 1, next_start + tile - sticker_extent)  # box start before the seam, picture whole
+    if low > high:
+        return None
+    return int(rng.integers(low, high + 1))
+
+
+def _place(
+    sticker: Sticker,
+    where: str,
+    width: int,
+    height: int,
+    tile: int,
+    xs: list[int],
+    ys: list[int],
+    rng: np.random.Generator,
+) -> tuple[int, int] | None:
+    """Top-left corner of the picture for a placement kind, or None if this sticker cannot go there."""
+    ph, pw = sticker.picture.shape[:2]
+    bx, by, bw, bh = sticker.box
+    if where == "seam":
+        axes = ["x", "y"] if rng.random() < 0.5 else ["y", "x"]
+        for axis in axes:
+            if axis == "x":
+                x = _seam_start(width, pw, bx, bw, xs, tile, rng)
+                y = _axis_position(height, ph, ys, tile, rng)
+            else:
+                y = _seam_start(height, ph, by, bh, ys, tile, rng)
+                x = _axis_position(width, pw, xs, tile, rng)
+            if x is not None and y is not None:
+                return x, y
+        return None
+    if where == "edge":
+        side = int(rng.integers(0, 4))
+        if side in (0, 1):  # left or right edge
+            y = _axis_position(height, ph, ys, tile, rng)
+            return None if y is None else (0 if side == 0 else width - pw, y)
+        x = _axis_position(width, pw, xs, tile, rng)
+        return None if x is None else (x, 0 if side == 2 else height - ph)
+    x, y = _axis_position(width, pw, xs, tile, rng), _axis_position(height, ph, ys, tile, rng)
+    return None if x is None or y is None else (x, y)
+
+
+def textured_grey(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Soft grey noise, BGR: drawn at 1/4 size and scaled up, so a 16000² background takes a second, not a minute."""
+    small = rng.integers(150, 230, size=(height // 4 + 1, width // 4 + 1), dtype=np.uint8)
+    small = cv2.GaussianBlur(small, (0, 0), 1)
+    grey = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+    return cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+
+
+def code_scene(
+    width: int = 4000,
+    height: int = 4000,
+    kinds: tuple[str, ...] = ("qrcode", "aruco", "barcode"),
+    count: int | None = None,
+    seam_share: float = 0.3,
+    edge_share: float = 0.15,
+    tile: int = 640,
+    overlap: float = 0.2,
+    seed: int = 0,
+    per_megapixel: float = 2.0,
+) -> Scene:
+    """QR codes, ArUco markers and EAN-13 barcodes (one kind or a mix, taken in turn) at a few sizes each.
+
+    `count` objects in all (default: `per_megapixel` per million pixels, at least 4 per kind). About `seam_share` of
+    them cross a tile seam of the (tile, overlap) grid yet lie whole in the next tile, `edge_share` touch an image
+    edge, and the rest lie anywhere some tile holds them whole: every object is findable by a tiled pass, so a miss
+    or a duplicate is the recognizer's or the merge's doing, not the scene's. Seeded: the same arguments give the
+    same pixels and truths.
+    """
+    if not kinds:
+        raise ValueError("code_scene needs at least one kind")
+    if count is None:
+        count = max(4 * len(kinds), round(per_megapixel * width * height / 1e6))
+    rng = np.random.default_rng(seed)
+    image = textured_grey(width, height, rng)
+    xs, ys = _tile_starts(width, height, tile, overlap)
+    occupied: list[tuple[int, int, int, int]] = []
+    truths: list[Truth] = []
+    wanted = {"seam": round(count * seam_share), "edge": round(count * edge_share)}
+    wanted["inside"] = count - wanted["seam"] - wanted["edge"]
+    placed = dict.fromkeys(PLACEMENTS, 0)
+    misses = dict.fromkeys(PLACEMENTS, 0)
+    for _ in range(count * 200):
+        if len(truths) == count:
+            break
+        where = next(kind for kind in PLACEMENTS if placed[kind] < wanted[kind])
+        kind = kinds[len(truths) % len(kinds)]
+        sticker = _sticker(kind, len(truths), rng, f"tilerec-{seed}")
+        corner = _place(sticker, where, width, height, tile, xs, ys, rng)
+        ph, pw = sticker.picture.shape[:2]
+        if corner is None or not _free_rect(occupied, *corner, pw, ph, 8):
+            misses[where] += 1
+            if where != "inside" and misses[where] > 20 + count:  # e.g. one tile along an axis: no seams
+                wanted["inside"] += wanted[where] - placed[where]
+                wanted[where] = placed[where]
+            continue
+        x, y = corner
+        occupied.append((x, y, pw, ph))
+        image[y : y + ph, x : x + pw] = sticker.picture[:, :, None]
+        bx, by, bw, bh = sticker.box
+        truths.append(Truth(sticker.label, (x + bx, y + by, bw, bh), sticker.text))
+        placed[where] += 1
+    if len(truths) < count:
+        raise ValueError(f"could not place {count} codes in a {width}x{height} scene (placed {len(truths)})")
+    return Scene(image, truths)
+
+
+def _free_rect(occupied: list[tuple[int, int, int, int]], x: int, y: int, w: int, h: int, gap: int) -> bool:
+    return all(
+        x + w + gap <= ox or ox + ow + gap <= x or y + h + gap <= oy or oy + oh + gap <= y
+        for ox, oy, ow, oh in occupied
+    )
+
+
+def _cut_along(start: int, extent: int, starts: list[int], tile: int) -> bool:
+    """Some tile along this axis overlaps [start, start + extent) without holding it whole."""
+    return any(
+        s < start + extent and start < s + tile and not (s <= start and start + extent <= s + tile) for s in starts
+    )
+
+
+def placement_of(truth: Truth, width: int, height: int, tile: int = 640, overlap: float = 0.2) -> str:
+    """Where an object lies relative to the grid, for recall by placement: "edge" (within 16 px of an image edge),
+    "seam" (some tile cuts its box, so only a neighbour sees it whole) or "inside"."""
+    x, y, w, h = truth.box
+    if min(x, y) <= 16 or x + w >= width - 16 or y + h >= height - 16:
+        return "edge"
+    xs, ys = _tile_starts(width, height, tile, overlap)
+    cut = _cut_along(x, w, xs, min(tile, width)) or _cut_along(y, h, ys, min(tile, height))
+    return "seam" if cut else "inside"

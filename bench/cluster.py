@@ -1,0 +1,284 @@
+"""Real tilerec clusters for the benchmark: a private redis-server and `celery worker` processes (tasks.local), a
+client app of our own per cluster, and the job timeline read back from the worker's log.
+
+The timeline comes from Celery's own INFO lines ("received", "succeeded in Xs", "ignored" for the replaced tiling
+task), so the tasks need no extra instrumentation and are measured exactly as they run in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from tasks.local import RedisServer, Worker
+
+JOBS_QUEUE = "tilerec"
+TILES_QUEUE = "tilerec.tiles"
+LOG_LINE = re.compile(
+    r"^\[(?P<when>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): INFO/(?P<process>[^\]]+)\] "
+    r"Task (?P<task>tilerec\.\w+)\[(?P<id>[0-9a-f-]+)\] (?P<what>received|ignored|succeeded in (?P<runtime>[0-9.e-]+)s)"
+)
+
+
+@dataclass
+class TaskSpan:
+    """One task execution as the worker logged it; times are epoch seconds."""
+
+    task: str
+    id: str
+    process: str = ""
+    received: float | None = None
+    start: float | None = None
+    end: float | None = None
+
+
+@dataclass
+class JobRun:
+    """A finished (or failed) job: the result JSON, the client's clock around it, and its task spans."""
+
+    result: dict[str, Any] | None
+    submitted: float
+    done: float
+    spans: list[TaskSpan] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def wall_s(self) -> float:
+        return self.done - self.submitted
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def parse_log(text: str) -> list[TaskSpan]:
+    """Task spans from worker log lines; a span's start is its end minus the runtime Celery measured."""
+    spans: dict[str, TaskSpan] = {}
+    order: list[str] = []
+    for line in text.splitlines():
+        match = LOG_LINE.match(line)
+        if not match:
+            continue
+        key = f"{match['task']}:{match['id']}"
+        if key not in spans:
+            spans[key] = TaskSpan(match["task"], match["id"])
+            order.append(key)
+        span, when = spans[key], _epoch(match["when"])
+        if match["what"] == "received":
+            span.received = when
+        else:
+            span.process, span.end = match["process"], when
+            if match["runtime"]:
+                span.start = when - float(match["runtime"])
+    return [spans[key] for key in order]
+
+
+def client_app(url: str) -> Celery:
+    """A client per cluster (tilerec's settings, this cluster's broker), so several clusters can live at once."""
+    app = Celery("tilerec-bench", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    app.conf.update(broker_url=url, result_backend=url, broker_connection_retry_on_startup=False)
+    return app
+
+
+def whole_result(client: redis.Redis, out: Any) -> Any:
+    """A result too large for the result backend comes as a summary naming the Redis key of the whole document
+    (`result_ref`, TILEREC_RESULT_INLINE_MAX_BYTES); fetch that document, as tasks.client.Job.get does."""
+    reference = out.get("result_ref") if isinstance(out, dict) else None
+    if not reference:
+        return out
+    text = client.get(str(reference).removeprefix("redis:"))
+    return out if text is None else json.loads(text)
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident set (VmHWM) of a process in MiB, from /proc; None if it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+WHATIF_DIR = Path(__file__).resolve().parent / "whatif"
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    """Popen takes the parent's working directory; `python -m celery` puts it first on sys.path."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+class Cluster:
+    """A redis-server plus one `celery worker` with `workers` prefork processes, consuming both queues.
+
+    `overrides` (Celery settings) start the worker on bench/whatif/celeryconfig.py: tilerec's settings with those
+    replaced, to measure a configuration change side by side with today's.
+    """
+
+    def __init__(
+        self, workers: int, folder: Path, env: dict[str, str], overrides: dict[str, Any] | None = None
+    ) -> None:
+        self.workers = workers
+        self.folder = folder
+        self.env = env
+        self.overrides = overrides
+        self.redis = RedisServer()
+        self.worker: Worker | None = None
+        self.app: Celery | None = None
+        self.log_path = folder / f"worker-W{workers}-{self.redis.port}.log"
+
+    def start(self) -> Cluster:
+        try:
+            self.redis.start()
+            env = {**self.env, "TILEREC_RESULT_BACKEND": self.redis.url}
+            worker = Worker(self.redis.url, self.workers, env=env, log_file=str(self.log_path))
+            if self.overrides is None:
+                self.worker = worker.start()
+            else:
+                worker.env["TILEREC_BENCH_OVERRIDES"] = json.dumps(self.overrides)
+                with _working_directory(WHATIF_DIR):
+                    self.worker = worker.start(wait=False)
+                worker.wait_ready()
+            self.app = client_app(self.redis.url)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.app is not None:
+            self.app.close()
+            self.app = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        self.redis.stop()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def client(self) -> redis.Redis:
+        return self.redis.client()
+
+    def _log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def run(self, image: str, recognizer: str, options: dict[str, Any], timeout: float) -> JobRun:
+        """Submit one job and wait for it; spans are the log lines the job added (jobs run one at a time)."""
+        assert self.app is not None, "start the cluster first"
+        offset = self._log_size()
+        submitted = time.time()
+        try:
+            result = self.app.send_task("tilerec.recognize", args=[image, recognizer], kwargs=options)
+            out = whole_result(self.client(), result.get(timeout=timeout, interval=0.01))
+            done, error = time.time(), None
+        except Exception as failure:  # a failed job is a benchmark figure, not a benchmark crash
+            out, done, error = None, time.time(), f"{type(failure).__name__}: {failure}"[:300]
+        return JobRun(out, submitted, done, self._spans_since(offset), error)
+
+    def _spans_since(self, offset: int, settle_s: float = 0.05, tries: int = 20) -> list[TaskSpan]:
+        """Spans logged since `offset`, waiting briefly for the merge's line (logged after the result is stored)."""
+        spans: list[TaskSpan] = []
+        for _ in range(tries):
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                spans = parse_log(log.read().decode("utf-8", "replace"))
+            if any(s.task == "tilerec.merge" and s.end is not None for s in spans):
+                break
+            time.sleep(settle_s)
+        return spans
+
+    def warm(self, image: str, recognizer: str, options: dict[str, Any], timeout: float) -> None:
+        """Build the recognizer in every worker process (one tile per task, a few rounds), as a long-lived cluster."""
+        for _ in range(2):
+            self.run(image, recognizer, {**options, "batch_size": 1}, timeout)
+
+    def children_hwm_mb(self) -> list[float]:
+        if self.worker is None:
+            return []
+        return [mb for mb in (vm_hwm_mb(pid) for pid in self.worker.child_pids()) if mb is not None]
+
+
+def stages(run: JobRun) -> dict[str, float] | None:
+    """A distributed job cut into consecutive stages whose sum is the client's wall time.
+
+    queue_in: submit → tiling task starts; load/decode/store: the tiling task's own timings; dispatch: tiles stored →
+    tiling task done (the chord's tile messages are published here); to_first_tile: → first tile task starts;
+    recognition: first tile task start → last tile task end (wall); gather: → merge starts (chord counting and the
+    merge message); merge: the merge task (merging, and deleting the job's tiles); deliver: → the client has it.
+    """
+    if run.result is None:
+        return None
+    timings = run.result["timings"]
+    tiles = [s for s in run.spans if s.task == "tilerec.recognize_tiles" and s.start is not None and s.end is not None]
+    merges = [s for s in run.spans if s.task == "tilerec.merge" and s.start is not None and s.end is not None]
+    tiling = [s for s in run.spans if s.task == "tilerec.recognize" and s.end is not None]
+    if not tiles or not merges:
+        return None
+    merge = merges[-1]
+    job_end = merge.end or run.done
+    merge_start = merge.start if merge.start is not None else job_end - timings["merge_s"]
+    # the result keeps no absolute start: the merge's own clock says finished = its start + merge_s
+    started = merge_start + timings["merge_s"] - timings["total_s"]
+    stored = started + timings["load_s"] + timings["decode_s"] + timings["store_s"]
+    tiling_end = tiling[-1].end if tiling and tiling[-1].end else stored
+    first_start = min(s.start for s in tiles if s.start is not None)
+    last_end = max(s.end for s in tiles if s.end is not None)
+    # at W > 1 another process starts tiles while the tiling task still publishes: stages stay consecutive by
+    # ending the dispatch at whichever comes first, and the rest of the publishing overlaps recognition
+    dispatch_end = min(max(tiling_end, stored), first_start)
+    parts = {
+        "queue_in": started - run.submitted,
+        # one stage: where reading ends and decoding starts depends on the input (a TIFF is opened, not decoded)
+        "read_decode": timings["load_s"] + timings["decode_s"],
+        "store": timings["store_s"],
+        "dispatch": max(0.0, dispatch_end - stored),
+        "to_first_tile": max(0.0, first_start - max(tiling_end, stored)),
+        "recognition": last_end - first_start,
+        "gather": merge_start - last_end,
+        "merge": job_end - merge_start,
+        "deliver": run.done - job_end,
+    }
+    parts["publish_total"] = max(0.0, tiling_end - stored)  # the whole publishing, overlapped or not
+    parts["tile_task_busy"] = sum((s.end or 0) - (s.start or 0) for s in tiles)
+    parts["recognize_sum"] = timings["recognize_s"]
+    return parts
+
+
+def timeline(run: JobRun) -> list[dict[str, Any]]:
+    """Spans relative to the submit, for the Gantt plot."""
+    rows = []
+    for span in run.spans:
+        if span.start is None and span.end is None:
+            continue
+        start = span.start if span.start is not None else span.received
+        rows.append(
+            {
+                "task": span.task.removeprefix("tilerec."),
+                "process": span.process,
+                "received": None if span.received is None else span.received - run.submitted,
+                "start": None if start is None else start - run.submitted,
+                "end": None if span.end is None else span.end - run.submitted,
+            }
+        )
+    return rows

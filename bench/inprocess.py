@@ -1,0 +1,151 @@
+"""In-process recognition, timed from the image file on disk, in a fresh interpreter per variant.
+
+A fresh process per variant because thread settings leak: once OpenCV's pool or an ONNX Runtime session is built
+with N threads, later runs in that process keep N. The parent runs `python -m bench.inprocess SPEC_JSON` and reads
+one JSON line back.
+
+Modes: "tiled" is `pipeline.recognize_image` (same tiles and merge as tilerec: what SAHI does); "whole" calls the
+recognizer once on the whole image (no tiling, no merge). Threads: "default" leaves the libraries' pools as they
+come (what a SAHI user gets); a number caps OpenCV and ONNX Runtime to it (1: the per-core compute limit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _set_threads(threads: str | int) -> None:
+    """Must run before any recognizer is built: ONNX Runtime reads the budget when its session is created."""
+    if threads == "default":
+        return
+    from pipeline.recognizers import limit_threads
+
+    limit_threads(int(threads))
+
+
+def _warm_up(recognizer: str, options: dict[str, Any]) -> None:
+    """Build the recognizer and start the thread pools on a blank tile, as a warm worker process would have."""
+    from pipeline.options import parse_options
+    from pipeline.recognizers import get_recognizer
+
+    parsed = parse_options(recognizer, options)
+    get_recognizer(parsed.recognizer, parsed.params)(np.full((parsed.tile, parsed.tile, 3), 200, dtype=np.uint8))
+
+
+def _whole(pixels: np.ndarray, recognizer: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+    """The recognizer once on the whole image, detections placed as a single full-image window would be."""
+    from pipeline.merge import place
+    from pipeline.options import parse_options
+    from pipeline.recognizers import get_recognizer
+    from pipeline.tiling import Window
+
+    parsed = parse_options(recognizer, options)
+    height, width = pixels.shape[:2]
+    began = time.perf_counter()
+    found = get_recognizer(parsed.recognizer, parsed.params)(pixels)
+    seconds = time.perf_counter() - began
+    return place(found, Window(0, 0, 0, width, height), width, height).to_records(), seconds
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time `reps` passes over the image file; detections from the first pass (later ones are checked equal)."""
+    _set_threads(spec["threads"])
+    from pipeline.images import decode
+    from pipeline.inference import recognize_image
+
+    recognizer, options = spec["recognizer"], spec.get("options", {})
+    _warm_up(recognizer, options)
+    passes, detections, identical = [], None, True
+    for _ in range(spec.get("reps", 1)):
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        if Path(spec["image"]).suffix in (".tif", ".tiff") and spec["mode"] != "whole":
+            # a tiled TIFF is read window by window, as the tile tasks read it: no whole decode
+            from pipeline.inference import recognize_source
+            from pipeline.sources import open_source
+
+            source = open_source(Path(spec["image"]))
+            t1 = t2 = time.perf_counter()
+            result = recognize_source(source, recognizer, **options)
+            source.close()
+            records, tiles = result.detections.to_records(), result.tiles
+            recognize_s, merge_s = result.timings["recognize_s"], result.timings["merge_s"]
+            t3 = time.perf_counter()
+            passes.append({"read_s": t1 - t0, "decode_s": 0.0, "recognize_s": recognize_s, "merge_s": merge_s,
+                           "total_s": t3 - t0, "cpu_s": time.process_time() - cpu0, "tiles": tiles})  # fmt: skip
+            detections = records if detections is None else detections
+            identical = identical and records == detections
+            continue
+        data = Path(spec["image"]).read_bytes()
+        t1 = time.perf_counter()
+        pixels = decode(data)
+        del data
+        t2 = time.perf_counter()
+        if spec["mode"] == "whole":
+            records, recognize_s = _whole(pixels, recognizer, options)
+            merge_s, tiles = 0.0, 1
+        else:
+            result = recognize_image(pixels, recognizer, **options)
+            records, tiles = result.detections.to_records(), result.tiles
+            recognize_s, merge_s = result.timings["recognize_s"], result.timings["merge_s"]
+        t3 = time.perf_counter()
+        passes.append(
+            {
+                "read_s": t1 - t0,
+                "decode_s": t2 - t1,
+                "recognize_s": recognize_s,
+                "merge_s": merge_s,
+                "total_s": t3 - t0,
+                "cpu_s": time.process_time() - cpu0,
+                "tiles": tiles,
+            }
+        )
+        if detections is None:
+            detections = records
+        identical = identical and records == detections
+        del pixels
+    import cv2
+
+    return {
+        "passes": passes,
+        "detections": detections,
+        "reps_identical": identical,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "opencv_threads": cv2.getNumThreads(),
+    }
+
+
+def run_in_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run `run(spec)` in a fresh interpreter; a crash, an error or a time-out comes back as {"error": ...}."""
+    command = [sys.executable, "-m", "bench.inprocess", json.dumps(spec)]
+    cwd = Path(__file__).resolve().parents[1]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "timed_out": True}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        return {"error": tail[0][:300]}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    try:
+        out = run(spec)
+    except Exception as error:  # reported to the parent as data: one failed variant must not stop the benchmark
+        out = {"error": f"{type(error).__name__}: {error}"[:300]}
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

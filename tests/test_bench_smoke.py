@@ -1,0 +1,93 @@
+"""The benchmark's code keeps working: a tiny profile (one small scene, one repetition, W=1, aruco) end to end.
+
+Not a timed test: the figures of a smoke run mean nothing; only that every stage ran and the report and JSON
+hold sane values (2 and 3 identical, no duplicates, every section present).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    main(["--smoke", "--out", str(out)])
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_every_run_succeeded_and_tiled_runs_agree(smoke):
+    results, _ = smoke
+    summary = results["summary"]
+    assert summary["errors"] == []
+    [row] = summary["accuracy"]
+    assert row["recognizer"] == "aruco" and row["size"] == 1000
+    assert row["identical_2_3"] is True and row["all_tiled_identical"] is True
+    distributed = row["modes"]["distributed"]["score"]
+    assert distributed["duplicates"] == 0
+    assert distributed["recall"] == 1.0 and distributed["precision"] == 1.0
+    assert row["modes"]["tiled"]["score"] == distributed
+
+
+def test_speed_stages_add_up_to_the_wall_time(smoke):
+    results, _ = smoke
+    [speed] = results["summary"]["speed"]
+    entry = speed["by_workers"]["1"]
+    assert 0 < entry["wall_s"] < 60 and entry["speedup_vs_single"] > 0
+    stages = entry["stages"]
+    parts = ("queue_in", "read_decode", "store", "dispatch", "to_first_tile", "recognition", "gather", "merge")
+    assert all(stages[name] >= -0.005 for name in parts), stages  # log stamps are ms-rounded
+    assert math.isclose(sum(stages[name] for name in (*parts, "deliver")), entry["wall_s"], abs_tol=0.01)
+    assert 0 < entry["recognize_sum_s"] <= entry["recognition_wall_s"] + 0.005  # W=1: one process does every tile
+    assert entry["in_task_overhead_ms"] >= 0 and entry["between_tasks_ms"] >= 0
+
+
+def test_memory_messages_latency_and_storage_are_measured(smoke):
+    results, _ = smoke
+    [anatomy] = results["anatomy"]
+    assert anatomy["keys_left"] == 0 and anatomy["tiles"] == anatomy["messages"]["recognize_tiles"]["count"]
+    assert 0 < anatomy["messages"]["recognize_tiles"]["max_bytes"] < 100_000
+    assert all(10 < mb < 5000 for mb in anatomy["memory_mb"]["tile_processes"])
+    shapes = {m["tiles_per_task"]: m for m in results["message_shapes"]}
+    assert shapes[1]["slim"]["max_bytes"] < shapes[1]["today"]["max_bytes"]
+    latency = results["summary"]["latency"]
+    assert latency["reps"] == 2 and latency["overhead_ms"] > 0
+    codecs = {row["codec"]: row for row in results["storage"]["codecs"]}
+    assert codecs["raw (today)"]["lossless"] and codecs["raw (today)"]["ratio"] == 1.0
+
+
+def test_the_report_has_every_section_and_its_plots(smoke):
+    results, out = smoke
+    text = (out / "report.md").read_text()
+    for heading in ("## Targets", "## Accuracy", "## Speed", "## Tiles per task", "## Memory and broker messages",
+                    "## Latency of a one-tile image", "## Tile storage", "## Where the time goes"):  # fmt: skip
+        assert heading in text
+    assert "## Errors" not in text
+    for name in results["plots"].values():
+        assert (out / name).stat().st_size > 1000 and f"]({name})" in text
+    (out / "report.md").unlink()
+    main(["--rerender", str(out), "--no-plots"])  # the report is rebuilt from results.json alone
+    assert "## Targets" in (out / "report.md").read_text()
+
+
+def test_code_scenes_are_seeded_and_put_objects_on_seams_and_edges():
+    import numpy as np
+
+    from pipeline.scenes import code_scene, placement_of
+    from pipeline.tiling import grid
+
+    first, again = code_scene(3000, 2500, seed=4), code_scene(3000, 2500, seed=4)
+    assert np.array_equal(first.image, again.image) and first.truths == again.truths
+    assert {t.label for t in first.truths} == {"qrcode", "aruco", "barcode"}
+    places = [placement_of(t, 3000, 2500) for t in first.truths]
+    assert {"seam", "edge", "inside"} <= set(places)
+    windows = grid(2500, 3000)
+    for truth in first.truths:  # whatever its placement, some tile holds it whole
+        x, y, w, h = truth.box
+        assert any(t.x <= x and x + w <= t.x2 and t.y <= y and y + h <= t.y2 for t in windows), truth
