@@ -69,9 +69,10 @@ def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list
     return windows
 
 
-def auto_batch_size(tiles: int, tile_cost_ms: float, target_task_ms: float = 40.0, min_tasks: int = 16) -> int:
-    """Tiles per task: enough that a task's work dwarfs its ~1.6 ms of Celery overhead, yet at least
-    `min_tasks` tasks (where there are that many tiles) so every worker gets a share."""
+def auto_batch_size(tiles: int, tile_cost_ms: float, target_task_ms: float = 200.0, min_tasks: int = 16) -> int:
+    """Tiles per task: enough that a task's work dwarfs its overhead (15-25 ms per tile task measured by
+    `python -m bench`: result storage, events, messaging), yet at least `min_tasks` tasks (where there are that
+    many tiles) so every worker gets a share."""
     by_cost = max(1, math.ceil(target_task_ms / max(tile_cost_ms, 1e-3)))
     by_spread = max(1, math.ceil(tiles / min_tasks))
     return min(by_cost, by_spread)
