@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -38,16 +39,23 @@ def confine(path: str, roots: Sequence[Path]) -> Path:
     return real
 
 
-def read_file(path: str, roots: Sequence[Path]) -> bytes:
-    real = confine(path, roots)
+@contextmanager
+def file_errors(path: str) -> Iterator[None]:
+    """OS errors while reading an image file, as ImageErrors in words a user understands."""
     try:
-        return real.read_bytes()
+        yield
     except FileNotFoundError:
         raise ImageError(f"image file {path!r} does not exist") from None
     except IsADirectoryError:
         raise ImageError(f"{path!r} is a directory, not an image file") from None
     except OSError as error:
         raise ImageError(f"cannot read image file {path!r}: {error.strerror}") from None
+
+
+def read_file(path: str, roots: Sequence[Path]) -> bytes:
+    real = confine(path, roots)
+    with file_errors(path):
+        return real.read_bytes()
 
 
 def _png_size(data: bytes) -> tuple[int, int]:

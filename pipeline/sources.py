@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from pipeline.images import ImageError, decode, normalize
+from pipeline.images import ImageError, decode, file_errors, normalize
 from pipeline.tiling import Window
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
@@ -395,22 +395,13 @@ def _head(target: Path | bytes) -> bytes:
         if not target:
             raise ImageError("the image is empty (0 bytes)")
         return target[:4]
-    try:
-        with open(target, "rb") as handle:
-            return handle.read(4)
-    except FileNotFoundError:
-        raise ImageError(f"image file {str(target)!r} does not exist") from None
-    except IsADirectoryError:
-        raise ImageError(f"{str(target)!r} is a directory, not an image file") from None
-    except OSError as error:
-        raise ImageError(f"cannot read image file {str(target)!r}: {error.strerror}") from None
+    with file_errors(str(target)), open(target, "rb") as handle:
+        return handle.read(4)
 
 
 def _read(path: Path) -> bytes:
-    try:
+    with file_errors(str(path)):
         return path.read_bytes()
-    except OSError as error:
-        raise ImageError(f"cannot read image file {str(path)!r}: {error.strerror}") from None
 
 
 def is_blank(tile: np.ndarray, threshold: float) -> bool:
