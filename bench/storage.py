@@ -212,12 +212,13 @@ def input_formats(image: np.ndarray, repeat: int = 1) -> list[dict[str, Any]]:
 
 def store_and_cleanup(client: redis.Redis, image: np.ndarray, tile: int, overlap: float) -> dict[str, Any]:
     """tasks.store.put_tiles and delete_job on a whole image, as the tiling and merge tasks call them."""
+    from pipeline.inference import crop
     from pipeline.tiling import grid
     from tasks import store
 
     windows = grid(image.shape[0], image.shape[1], tile, overlap)
     began = time.perf_counter()
-    stored = store.put_tiles(client, "bench-store", image, windows, 600)
+    stored = store.put_tiles(client, "bench-store", windows, lambda window: crop(image, window), 600)
     put_s = time.perf_counter() - began
     window = windows[len(windows) // 2]
     channels = 1 if image.ndim == 2 else image.shape[2]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+import cv2
 import numpy as np
 
 from pipeline.images import normalize
@@ -62,10 +63,18 @@ def blank(tile: np.ndarray, options: JobOptions) -> bool:
     return options.skip_blank is not None and is_blank(tile, options.skip_blank)
 
 
+def compact(tile: np.ndarray, options: JobOptions) -> np.ndarray:
+    """The tile in the channels its recognizer reads: grey for a grey-only one. Tiles are stored this way (a third
+    of the bytes), and in-process runs convert the same way, so both feed the recognizer identical pixels."""
+    if tile.ndim == 3 and get_spec(options.recognizer).grey:
+        return cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY)
+    return tile
+
+
 def recognize_tile(tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:
     """One tile's detections, filtered by score and placed in image coordinates."""
     recognizer = get_recognizer(options.recognizer, options.params)
-    found = recognizer(tile)
+    found = recognizer(compact(tile, options))
     if options.min_score > 0 and len(found):
         found = found[np.flatnonzero(found.scores >= options.min_score)]
     return place(found, window, width, height)

@@ -1,9 +1,10 @@
 """tilerec's Celery app and its three tasks. Thin: they move references and results and call `pipeline`.
 
-tilerec.recognize(image, recognizer, **options)  plans the tiles (storing their pixels, unless the workers read a
-                                                 shared TIFF themselves), then becomes chord(tiles, merge)
-tilerec.recognize_tiles(job, tiles)              recognizes a batch of tiles: stored ones, or windows of the file
-tilerec.merge(results, job)                      merges the tile results into the job's Recognition
+tilerec.recognize(image, recognizer, **options)  plans the tiles, stores them (unless the workers read a shared
+                                                 TIFF themselves) and the job's description, then becomes
+                                                 chord(tiles, merge); a job of one batch is recognized right there
+tilerec.recognize_tiles(job_id, first, stop)     recognizes tiles [first, stop): stored ones, or windows of the file
+tilerec.merge(results, job_id)                   merges the tile records into the job's Recognition
 """
 
 from __future__ import annotations
@@ -11,16 +12,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import redis
 from celery import Celery, chord, signals
 
 from pipeline import images, sources
-from pipeline.inference import blank, check_size, merge_tiles, plan, recognize_tile
+from pipeline.inference import blank, check_size, compact, merge_tiles, plan, recognize_tile, windows_of
 from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, parse_options
-from pipeline.recognizers import limit_threads, restrict_file_params
+from pipeline.recognizers import get_spec, limit_threads, restrict_file_params
 from pipeline.sources import FileRef, Source
 from pipeline.tiling import Window
 from tasks import store
@@ -94,19 +98,24 @@ def _open(image: Any, options: JobOptions) -> tuple[Source, FileRef | None, floa
 @app.task(name="tilerec.recognize", bind=True)
 def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) -> Any:
     client = _tile_store()
+    job_id = self.request.id
     try:
-        job, planned = _tile_into_store(client, self.request.id, image, recognizer, options)
+        job, spans, records = _start_job(client, job_id, image, recognizer, options)
+        if records is not None:  # one batch: recognized right here, a chord would only add its round trips
+            return _conclude(client, job, records)
     except BaseException:
-        store.delete_job(client, self.request.id)  # a job refused or failed while tiling leaves nothing behind
+        store.delete_job(client, job_id)  # a job refused or failed while tiling leaves nothing behind
         raise
-    header = [recognize_tiles.s(job, [window.to_list() for window in batch]) for batch in planned]
-    return self.replace(chord(header, merge.s(job)))
+    header = [recognize_tiles.s(job_id, first, stop) for first, stop in spans]
+    return self.replace(chord(header, merge.s(job_id)))
 
 
-def _tile_into_store(
+def _start_job(
     client: redis.Redis, job_id: str, image: Any, recognizer: Any, options: dict[str, Any]
-) -> tuple[dict[str, Any], list[list[Window]]]:
-    """Check, load, decode and plan the job and store its tiles; returns the job description and the batches."""
+) -> tuple[dict[str, Any], list[tuple[int, int]], list[dict[str, Any]] | None]:
+    """Check, load, decode and plan the job. Returns its description, its task batches as [first, stop) ranges of
+    tile indexes, and, for a job of one batch, the tile records (recognized here); otherwise None, and the tiles
+    (unless the workers read a shared file) and the description are in the store for the tile tasks."""
     started = time.time()
     deliveries, cancelled = store.count_delivery(client, job_id, "tiling", app.conf.tilerec_tile_ttl)
     if cancelled:
@@ -120,36 +129,67 @@ def _tile_into_store(
         height, width = source.height, source.width
         check_size(height, width, parsed, app.conf.tilerec_max_pixels)
         planned = plan(height, width, parsed)
+        spans = [(batch[0].index, batch[-1].index + 1) for batch in planned]
         windows = [window for batch in planned for window in batch]
+        grey = file is None and get_spec(parsed.recognizer).grey  # stored tiles are compact()ed
+        job = {
+            "id": job_id,
+            "source": image,
+            "width": width,
+            "height": height,
+            "channels": 1 if grey else source.channels,
+            "level": source.level,
+            "downsample": source.downsample,
+            "file": file.to_json() if file is not None else None,
+            "options": parsed.to_json(),
+            "tiles": len(windows),
+            "tasks": len(planned),
+            "timings": {"started": started, "load_s": loaded - started, "decode_s": decoded - loaded},
+        }
+        if len(planned) == 1:
+            records = _recognize_batch(client, job, parsed, windows, source.read, deliveries)
+            job["timings"]["store_s"] = 0.0
+            return job, spans, records
         if file is None:  # no shared file: the tiles travel through the store, read (or cut) one by one
-            skip = (lambda tile: blank(tile, parsed)) if parsed.skip_blank is not None else None
-            store.put_tiles(client, job_id, source.read, windows, app.conf.tilerec_tile_ttl, blank=skip)
+            store.put_tiles(client, job_id, windows, lambda w: _storable(source.read(w), parsed), _ttl())
     finally:
         source.close()
     if store.is_cancelled(client, job_id):
         raise JobCancelled(f"job {job_id} was cancelled")
-    job = {
-        "id": job_id,
-        "source": image,
-        "width": width,
-        "height": height,
-        "channels": source.channels,
-        "level": source.level,
-        "downsample": source.downsample,
-        "file": file.to_json() if file is not None else None,
-        "options": parsed.to_json(),
-        "tiles": len(windows),
-        "tasks": len(planned),
-        "timings": {
-            "started": started,
-            "load_s": loaded - started,
-            "decode_s": decoded - loaded,
-            "store_s": time.time() - decoded,
-        },
-    }
-    return job, planned
+    job["timings"]["store_s"] = time.time() - decoded
+    store.put_job(client, job_id, job, _ttl())
+    return job, spans, None
 
 
+def _ttl() -> int:
+    return app.conf.tilerec_tile_ttl
+
+
+def _storable(tile: Any, options: JobOptions) -> Any:
+    """What the store keeps of a tile: None for a blank one (skip_blank), else the channels the recognizer reads."""
+    return None if blank(tile, options) else compact(tile, options)
+
+
+class _Jobs:
+    """Job descriptions this worker process has read, with their parsed options and tile grid: a job's tasks
+    land on the same processes again and again, and a description never changes once stored."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self.known: OrderedDict[str, tuple[dict[str, Any], JobOptions, list[Window]]] = OrderedDict()
+
+    def get(self, client: redis.Redis, job_id: str) -> tuple[dict[str, Any], JobOptions, list[Window]]:
+        if job_id not in self.known:
+            job = store.get_job(client, job_id)
+            options = JobOptions.from_json(job["options"])
+            self.known[job_id] = (job, options, windows_of(job["height"], job["width"], options))
+            while len(self.known) > self.capacity:
+                self.known.popitem(last=False)
+        self.known.move_to_end(job_id)
+        return self.known[job_id]
+
+
+_jobs = _Jobs()
 _open_files = sources.SourceCache()  # per worker process: tile tasks of a job share one open TIFF
 
 
@@ -163,35 +203,27 @@ def _tile_pixels(client: redis.Redis, job: dict[str, Any], window: Window) -> An
     return _open_files.get(file).read(window)
 
 
-def _recognize_window(client: redis.Redis, job: dict[str, Any], window: Window, options: JobOptions) -> dict[str, Any]:
-    """The tile's detections as columns, or {"skipped": True} for a blank tile (skip_blank)."""
-    pixels = _tile_pixels(client, job, window)
-    if pixels is None or blank(pixels, options):
-        return {"skipped": True}
-    return recognize_tile(pixels, window, options, job["width"], job["height"]).to_columns()
-
-
 def _failed(window: Window, error: str) -> dict[str, Any]:
     return {"tile": window.index, "window": [window.x, window.y, window.width, window.height], "error": error}
 
 
-@app.task(name="tilerec.recognize_tiles", bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=3)
-def recognize_tiles(self: Any, job: dict[str, Any], tiles: list[list[int]]) -> list[dict[str, Any]]:
-    """One record per tile: its detections in image coordinates, or the error that stopped it.
+def _recognize_batch(
+    client: redis.Redis,
+    job: dict[str, Any],
+    options: JobOptions,
+    windows: list[Window],
+    read: Callable[[Window], Any],
+    deliveries: int,
+) -> list[dict[str, Any]]:
+    """One record per tile: its detections in image coordinates, {"skipped": True} for a blank tile, or the error
+    that stopped it. A tile's own failure is recorded, not raised (see recognize_tiles); store outages are raised.
 
-    A tile's own failure is reported, not raised: a failed chord part would cancel the merge, which must run
-    to clean up and to say which region failed. Store outages are raised and retried with backoff.
-    A redelivered task (its worker process died) counts attempts per tile, so a tile that kills its worker
-    every time ends as a failed tile instead of an endless redelivery.
-    """
+    `deliveries` > 1 means the batch's worker process died before: each tile's attempts are then counted, so a tile
+    that kills its worker every time ends as a failed tile instead of an endless redelivery."""
     job_id = job["id"]
-    options = JobOptions.from_json(job["options"])
-    client = _tile_store()
-    deliveries, cancelled = store.count_delivery(client, job_id, self.request.id, app.conf.tilerec_tile_ttl)
-    last_check = time.monotonic()
+    cancelled, last_check = store.is_cancelled(client, job_id), time.monotonic()
     records = []
-    for values in tiles:
-        window = Window.from_list(values)
+    for window in windows:
         if time.monotonic() - last_check > CANCEL_CHECK_S:
             cancelled, last_check = store.is_cancelled(client, job_id), time.monotonic()
         if cancelled:
@@ -206,34 +238,78 @@ def recognize_tiles(self: Any, job: dict[str, Any], tiles: list[list[int]]) -> l
             continue
         began = time.perf_counter()
         try:
-            outcome = _recognize_window(client, job, window, options)
+            pixels = read(window)
+            if pixels is None or blank(pixels, options):
+                outcome: dict[str, Any] = {"skipped": True}
+            else:
+                found = recognize_tile(pixels, window, options, job["width"], job["height"])
+                outcome = found.to_columns()
         except TRANSIENT:
             raise
-        except Exception as error:  # reported per tile, see the docstring
+        except Exception as error:  # reported per tile, see recognize_tiles
             records.append(_failed(window, f"{type(error).__name__}: {error}"))
             continue
         if careful:
             store.clear_tile_attempts(client, job_id, window.index)
         records.append({"tile": window.index, "seconds": time.perf_counter() - began, **outcome})
-    done = store.add_progress(client, job_id, len(tiles), app.conf.tilerec_tile_ttl)
-    progress = {"done": min(done, job["tiles"]), "total": job["tiles"]}
-    # once per task, not per tile: an event for Flower (it sees states only from events), and the job's own
-    # state in the result backend, so any app can follow the job from its AsyncResult (state PROGRESS)
-    self.send_event("task-progress", job=job_id, **progress)
-    self.backend.store_result(job_id, progress, "PROGRESS")
     return records
 
 
+@app.task(
+    name="tilerec.recognize_tiles",
+    bind=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=True,
+    max_retries=3,
+    track_started=False,  # a STARTED state per tile task is a backend write nobody reads: Flower has its events
+)
+def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> list[dict[str, Any]]:
+    """Tiles [first, stop) of the job: one record per tile (see _recognize_batch).
+
+    A tile's own failure is reported, not raised: a failed chord part would cancel the merge, which must run
+    to clean up and to say which region failed. Store outages are raised and retried with backoff.
+    """
+    client = _tile_store()
+    job, options, windows = _jobs.get(client, job_id)
+    deliveries, _ = store.count_delivery(client, job_id, self.request.id, _ttl())
+    read = partial(_tile_pixels, client, job)
+    records = _recognize_batch(client, job, options, windows[first:stop], read, deliveries)
+    _report_progress(self, client, job, stop - first)
+    return records
+
+
+PROGRESS_STEPS = 50  # a job reports its progress at most this many times (plus once when done)
+
+
+def _report_progress(task: Any, client: redis.Redis, job: dict[str, Any], tiles: int) -> None:
+    """Count the tiles done and, when the job crossed another 1/PROGRESS_STEPS of its tiles, tell the world: an event
+    for Flower (it sees states only from events), and the job's own state PROGRESS in the result backend, so any app
+    can follow the job from its AsyncResult. Throttled: each costs a round trip, and a job may have 10k tasks."""
+    total = job["tiles"]
+    done = min(store.add_progress(client, job["id"], tiles, _ttl()), total)
+    if done * PROGRESS_STEPS // total == (done - tiles) * PROGRESS_STEPS // total and done < total:
+        return
+    progress = {"done": done, "total": total}
+    task.send_event("task-progress", job=job["id"], **progress)
+    task.backend.store_result(job["id"], progress, "PROGRESS")
+
+
 @app.task(name="tilerec.merge", bind=True)
-def merge(self: Any, results: list[list[dict[str, Any]]], job: dict[str, Any]) -> dict[str, Any]:
-    began = time.time()
+def merge(self: Any, results: list[list[dict[str, Any]]], job_id: str) -> dict[str, Any]:
     # result_extended stores a task's arguments beside its result, and these are every tile's detections:
     # 2.3 times the result's size for nothing (measured). The result backend keeps a summary instead.
-    self.request.args = [f"<{sum(len(batch) for batch in results)} tile records>", job]
-    by_tile: dict[int, dict[str, Any]] = {}
-    for record in (record for batch in results for record in batch):
-        by_tile.setdefault(record["tile"], record)  # a redelivered tile counts once
+    self.request.args = [f"<{sum(len(batch) for batch in results)} tile records>", job_id]
     client = _tile_store()
+    job = store.get_job(client, job_id)
+    return _conclude(client, job, [record for batch in results for record in batch])
+
+
+def _conclude(client: redis.Redis, job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The job's Recognition from its tile records; deletes the job's keys first, whatever the outcome."""
+    began = time.time()
+    by_tile: dict[int, dict[str, Any]] = {}
+    for record in records:
+        by_tile.setdefault(record["tile"], record)  # a redelivered tile counts once
     cancelled = store.is_cancelled(client, job["id"])
     store.delete_job(client, job["id"], job["tiles"])
     failed = sorted((record for record in by_tile.values() if "error" in record), key=lambda r: r["tile"])

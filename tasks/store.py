@@ -1,6 +1,7 @@
 """The tile store (claim check): pixels live in Redis under job-scoped keys with a TTL; messages carry references.
 
 Keys of job J (all expire after the tile TTL and are deleted when the job ends):
+    tilerec:job:J:job        the job's description (JSON): size, options, how its tiles are read
     tilerec:job:J:tile:I     raw pixels of tile I (empty: the tile is blank and skipped)
     tilerec:job:J:total      number of tiles
     tilerec:job:J:done       tiles recognized so far (progress)
@@ -12,9 +13,11 @@ Results too large for the result backend: tilerec:result:<job id>, the result's 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import redis
@@ -43,24 +46,22 @@ def tile_key(job_id: str, index: int) -> str:
 def put_tiles(
     client: redis.Redis,
     job_id: str,
-    image: np.ndarray | Callable[[Window], np.ndarray],
     windows: list[Window],
+    read: Callable[[Window], np.ndarray | None],
     ttl: int,
     flush_every: int = 32,
-    blank: Callable[[np.ndarray], bool] | None = None,
 ) -> int:
-    """Store each window's pixels as raw bytes (no codec: a PNG round trip costs more than most recognizers).
+    """Store each window's pixels, as `read` gives them, as raw bytes (no codec: a PNG round trip costs more than
+    most recognizers); None is stored empty, a blank tile the tile task skips without another look.
 
-    `image` is the decoded image or a function reading one window (a TIFF read window by window), so memory holds
-    the source plus at most `flush_every` tiles waiting in the pipeline. A tile that `blank` calls blank is stored
-    empty: the tile task skips it without another look. Returns the bytes stored."""
-    read = image if callable(image) else (lambda window: image[window.y : window.y2, window.x : window.x2])
+    `read` cuts the decoded image or reads a TIFF window by window, so memory holds the source plus at most
+    `flush_every` tiles waiting in the pipeline. Returns the bytes stored."""
     stored = 0
     with client.pipeline(transaction=False) as pipe:
         pipe.set(job_key(job_id, "total"), len(windows), ex=ttl)
         for n, window in enumerate(windows, start=1):
             tile = read(window)
-            pixels = b"" if blank is not None and blank(tile) else np.ascontiguousarray(tile).tobytes()
+            pixels = b"" if tile is None else np.ascontiguousarray(tile).tobytes()
             pipe.set(tile_key(job_id, window.index), pixels, ex=ttl)
             stored += len(pixels)
             if n % flush_every == 0:
@@ -78,6 +79,20 @@ def get_tile(client: redis.Redis, job_id: str, window: Window, channels: int) ->
         return None
     shape = (window.height, window.width, channels) if channels > 1 else (window.height, window.width)
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def put_job(client: redis.Redis, job_id: str, job: dict[str, Any], ttl: int) -> None:
+    """The job's description, read by its tile tasks and merge: messages carry only the job id (≤ 2 KB each)."""
+    client.set(job_key(job_id, "job"), json.dumps(job), ex=ttl)
+
+
+def get_job(client: redis.Redis, job_id: str) -> dict[str, Any]:
+    data = client.get(job_key(job_id, "job"))
+    if data is None:
+        raise LookupError(
+            f"job {job_id} is gone from the tile store: it finished, failed, or outlived TILEREC_TILE_TTL"
+        )
+    return json.loads(data)
 
 
 def get_total(client: redis.Redis, job_id: str) -> int | None:
@@ -132,7 +147,7 @@ def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> No
         keys = list(client.scan_iter(job_key(job_id, "*"), count=1000))
     else:
         keys = [tile_key(job_id, index) for index in range(tiles)]
-        keys += [job_key(job_id, part) for part in ("total", "done", "attempts", "cancelled")]
+        keys += [job_key(job_id, part) for part in ("job", "total", "done", "attempts", "cancelled")]
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
 

@@ -32,7 +32,9 @@ def scene_path(scene, tmp_path_factory):
 
 
 def test_distributed_finds_every_code_once_and_equals_in_process(worker, redis_server, scene, scene_path):
-    result = recognize.delay(scene_path, "qrcode", tile=640, overlap=0.2).get(timeout=TIMEOUT)
+    outcome = recognize.delay(scene_path, "qrcode", tile=640, overlap=0.2)
+    result = outcome.get(timeout=TIMEOUT)
+    assert outcome.name == "tilerec.merge", "the tiling task became chord(tiles, merge)"
     assert result["schema"] == "tilerec/recognition@1"
     assert result["image"] == {"width": 3000, "height": 2000, "source": scene_path}
     assert result["tiling"]["tiles"] == len(grid(2000, 3000, 640, 0.2))
@@ -43,11 +45,15 @@ def test_distributed_finds_every_code_once_and_equals_in_process(worker, redis_s
     assert tilerec_keys(redis_server) == []
 
 
-def test_batches_of_tiles_give_the_same_result(worker, redis_server, scene, scene_path):
+@pytest.mark.parametrize("batch_size", [5, 1000])  # 1000: every tile in one batch, recognized by the tiling task
+def test_batches_of_tiles_give_the_same_result(worker, redis_server, scene, scene_path, batch_size):
     tiles = len(grid(2000, 3000, 640, 0.2))
-    result = recognize.delay(scene_path, "qrcode", batch_size=5).get(timeout=TIMEOUT)
-    assert result["tiling"]["tasks"] == math.ceil(tiles / 5)
+    result = recognize.delay(scene_path, "qrcode", batch_size=batch_size).get(timeout=TIMEOUT)
+    assert result["tiling"]["tasks"] == math.ceil(tiles / batch_size)
     assert_each_code_once(result["detections"], scene.truths)
+    in_process = recognize_image(cv2.imread(scene_path), "qrcode")
+    assert result["detections"] == in_process.to_json()["detections"]
+    assert tilerec_keys(redis_server) == []
 
 
 def test_stored_bytes_and_arrays_are_claim_checked(worker, redis_server, scene):
@@ -63,14 +69,17 @@ def test_stored_bytes_and_arrays_are_claim_checked(worker, redis_server, scene):
     assert tilerec_keys(redis_server) == []
 
 
-def test_a_one_tile_image_still_goes_through_the_chord(worker, images_root):
+def test_a_one_batch_job_is_recognized_in_its_tiling_task(worker, redis_server, images_root):
     picture, (bx, by, bw, bh) = qr_code("one tile", 4)
     image = np.full((300, 420), 255, dtype=np.uint8)
     image[40 : 40 + picture.shape[0], 70 : 70 + picture.shape[1]] = picture
     path = images_root / "one.png"
     cv2.imwrite(str(path), image)
-    result = recognize.delay(str(path), "qrcode").get(timeout=TIMEOUT)
+    outcome = recognize.delay(str(path), "qrcode")
+    result = outcome.get(timeout=TIMEOUT)
+    assert outcome.name == "tilerec.recognize", "no chord: the tiling task itself stored the result"
     assert result["tiling"]["tiles"] == result["tiling"]["tasks"] == 1
+    assert tilerec_keys(redis_server) == []
     [found] = result["detections"]
     assert found["text"] == "one tile"
     assert max(abs(a - b) for a, b in zip(found["box"], (70 + bx, 40 + by, bw, bh), strict=True)) <= 3
@@ -102,9 +111,10 @@ def test_bad_requests_fail_clearly_through_the_async_result(
     assert tilerec_keys(redis_server) == []
 
 
-def test_a_tile_that_fails_is_named_and_the_store_is_cleaned(worker, redis_server, scene_path):
+@pytest.mark.parametrize("batch_size", [None, 1000])  # through the chord, and in the tiling task
+def test_a_tile_that_fails_is_named_and_the_store_is_cleaned(worker, redis_server, scene_path, batch_size):
     # the dictionary name is a string, so it passes the option check and fails only when a worker builds it
-    outcome = recognize.delay(scene_path, "aruco", dictionary="DICT_NOPE")
+    outcome = recognize.delay(scene_path, "aruco", dictionary="DICT_NOPE", batch_size=batch_size)
     with pytest.raises(Exception) as raised:
         outcome.get(timeout=TIMEOUT)
     assert type(raised.value).__name__ == "TileFailure"

@@ -25,7 +25,7 @@ import pytest
 
 from pipeline.scenes import qr_scene
 from pipeline.tiling import grid
-from tasks import recognize
+from tasks import PROGRESS_STEPS, recognize
 from tasks.local import _die_with_parent, _stop, _wait, free_port
 from tests.conftest import IMAGES_ROOT
 from tests.scenes import assert_each_code_once
@@ -132,17 +132,17 @@ def test_flower_shows_every_tilerec_task_with_small_readable_arguments(flower, j
             assert len(shown) < 2048, "arguments and results are shown small: references and windows, no pixels"
             assert not PIXELS.search(shown), shown
 
-    # tile tasks: the job's reference and their windows, readable; together exactly the job's grid
+    # tile tasks: the job's id and their range of tile indexes, readable; together exactly the job's grid
     tiles = [task for task in ours.values() if task["name"] == "tilerec.recognize_tiles"]
-    windows_expected = sorted(window.to_list() for window in grid(1280, 1920, 640, 0.2))
+    windows_expected = grid(1280, 1920, 640, 0.2)
     assert len(tiles) == result["tiling"]["tasks"] == math.ceil(len(windows_expected) / 3)
-    windows = []
+    indexes = []
     for task in tiles:
         assert (task["parent_id"], task["worker"]) == (job_id, worker.hostname)
-        job, batch = ast.literal_eval(task["args"])
-        assert job["id"] == job_id and job["source"] == jobs["path"] and job["tiles"] == result["tiling"]["tiles"]
-        windows += batch
-    assert sorted(windows) == windows_expected
+        job, first, stop = ast.literal_eval(task["args"])
+        assert job == job_id and 0 < stop - first <= 3
+        indexes += range(first, stop)
+    assert sorted(indexes) == [window.index for window in windows_expected]
 
     # the job's own row: the merge that took over its id, with the result's summary first
     merged = ours[job_id]
@@ -166,7 +166,9 @@ def test_flower_sees_sent_events_progress_events_and_the_worker(flower, jobs, wo
         assert flower.metric("flower_events_total", task=name, type="task-started", worker=worker.hostname)
     progress = flower.metric("flower_events_total", task="tilerec.recognize_tiles", type="task-progress",
                              worker=worker.hostname)  # fmt: skip
-    assert progress == jobs["result"]["tiling"]["tasks"]  # one progress event per tile task
+    # a task reports when the job crosses another 1/PROGRESS_STEPS of its tiles: with fewer tiles, every task does
+    assert jobs["result"]["tiling"]["tiles"] <= PROGRESS_STEPS
+    assert progress == jobs["result"]["tiling"]["tasks"]
 
     seen: dict[str, Any] = {}
 

@@ -99,3 +99,18 @@ def test_parameters_are_checked():
         resolve_params("cats")
     with pytest.raises(RecognizerError, match="unknown ArUco dictionary"):
         get_recognizer("aruco", {"dictionary": "DICT_NOPE"})
+
+
+@pytest.mark.parametrize("name", sorted(spec.name for spec in available() if spec.grey))
+def test_grey_recognizers_find_the_same_on_the_grey_tiles_the_store_keeps(name):
+    """Tiles of grey recognizers are stored grey (pipeline.inference.compact): nothing may change but the bytes."""
+    from pipeline.scenes import code_scene
+
+    scene = code_scene(1200, 900, seed=3, per_megapixel=8).image
+    photo = cv2.imread(str(ASTRONAUT))
+    scene[: photo.shape[0], : photo.shape[1]] = photo
+    assert scene.ndim == 3
+    recognizer = get_recognizer(name)
+    in_colour = recognizer(scene).to_records()
+    assert in_colour, f"the scene should hold something {name} finds"
+    assert recognizer(cv2.cvtColor(scene, cv2.COLOR_BGR2GRAY)).to_records() == in_colour

@@ -42,6 +42,7 @@ class RecognizerSpec:
     description: str = ""
     cost_ms: float = 20.0
     file_params: tuple[str, ...] = ()  # parameters that name files the worker opens (models, label lists)
+    grey: bool = False  # it reads grey pixels only: colour tiles are converted before storing (a third of the bytes)
 
 
 _REGISTRY: dict[str, RecognizerSpec] = {}

@@ -110,6 +110,7 @@ register(
         {"scale_factor": 1.1, "min_neighbors": 5, "min_size": 24},
         "frontal faces, Haar cascade (Viola-Jones)",
         cost_ms=23,
+        grey=True,
     )
 )
 register(
@@ -121,8 +122,12 @@ register(
         cost_ms=60,
     )
 )
-register(RecognizerSpec("qrcode", QRCodes, {}, "QR codes, detected and decoded (payload in text)", cost_ms=40))
-register(RecognizerSpec("barcode", Barcodes, {}, "1-D barcodes EAN/UPC, decoded (payload in text)", cost_ms=3))
+register(
+    RecognizerSpec("qrcode", QRCodes, {}, "QR codes, detected and decoded (payload in text)", cost_ms=40, grey=True)
+)
+register(
+    RecognizerSpec("barcode", Barcodes, {}, "1-D barcodes EAN/UPC, decoded (payload in text)", cost_ms=3, grey=True)
+)
 register(
     RecognizerSpec(
         "aruco",
@@ -130,5 +135,6 @@ register(
         {"dictionary": "DICT_4X4_50"},
         "ArUco markers (id in text, corners in points)",
         cost_ms=1.5,
+        grey=True,
     )
 )
