@@ -352,7 +352,6 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     summary["latency"] = latency(runs)
     summary["whatif"] = what_if(runs, summary["speed"])
     summary["memory"] = memory(results.get("anatomy", []))
-    summary["message_shapes"] = results.get("message_shapes", [])
     summary["errors"] = [
         {k: r.get(k) for k in ("phase", "scene", "recognizer", "variant", "error")} for r in runs if "error" in r
     ]

@@ -194,16 +194,17 @@ class Cluster:
             done, error = time.time(), None
         except Exception as failure:  # a failed job is a benchmark figure, not a benchmark crash
             out, done, error = None, time.time(), f"{type(failure).__name__}: {failure}"[:300]
-        return JobRun(out, submitted, done, self._spans_since(offset), error)
+        return JobRun(out, submitted, done, self._spans_since(offset, result.id), error)
 
-    def _spans_since(self, offset: int, settle_s: float = 0.05, tries: int = 20) -> list[TaskSpan]:
-        """Spans logged since `offset`, waiting briefly for the merge's line (logged after the result is stored)."""
+    def _spans_since(self, offset: int, job_id: str, settle_s: float = 0.05, tries: int = 20) -> list[TaskSpan]:
+        """Spans logged since `offset`, waiting briefly for the line of the task that stored the job's result (logged
+        after storing it): the merge, or the tiling task itself for a job of one batch."""
         spans: list[TaskSpan] = []
         for _ in range(tries):
             with open(self.log_path, "rb") as log:
                 log.seek(offset)
                 spans = parse_log(log.read().decode("utf-8", "replace"))
-            if any(s.task == "tilerec.merge" and s.end is not None for s in spans):
+            if any(s.id == job_id and s.start is not None for s in spans):  # succeeded (a replaced task is ignored)
                 break
             time.sleep(settle_s)
         return spans
@@ -233,7 +234,9 @@ def stages(run: JobRun) -> dict[str, float] | None:
     tiles = [s for s in run.spans if s.task == "tilerec.recognize_tiles" and s.start is not None and s.end is not None]
     merges = [s for s in run.spans if s.task == "tilerec.merge" and s.start is not None and s.end is not None]
     tiling = [s for s in run.spans if s.task == "tilerec.recognize" and s.end is not None]
-    if not tiles or not merges:
+    if not merges:
+        return _inline_stages(run, tiling[-1]) if tiling and tiling[-1].start is not None else None
+    if not tiles:
         return None
     merge = merges[-1]
     job_end = merge.end or run.done
@@ -263,6 +266,28 @@ def stages(run: JobRun) -> dict[str, float] | None:
     parts["tile_task_busy"] = sum((s.end or 0) - (s.start or 0) for s in tiles)
     parts["recognize_sum"] = timings["recognize_s"]
     return parts
+
+
+def _inline_stages(run: JobRun, tiling: TaskSpan) -> dict[str, float]:
+    """`stages` of a job of one batch, which its tiling task recognized and merged itself: no store, no chord."""
+    timings = run.result["timings"] if run.result else {}
+    job_end = tiling.end or run.done
+    started = job_end - timings["total_s"]
+    read_decode = timings["load_s"] + timings["decode_s"]
+    return {
+        "queue_in": started - run.submitted,
+        "read_decode": read_decode,
+        "store": 0.0,
+        "dispatch": 0.0,
+        "to_first_tile": 0.0,
+        "recognition": timings["total_s"] - read_decode - timings["merge_s"],
+        "gather": 0.0,
+        "merge": timings["merge_s"],
+        "deliver": run.done - job_end,
+        "publish_total": 0.0,
+        "tile_task_busy": 0.0,
+        "recognize_sum": timings["recognize_s"],
+    }
 
 
 def timeline(run: JobRun) -> list[dict[str, Any]]:

@@ -288,18 +288,6 @@ def memory_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
     text += "\n" + _table(
         ["image", "task", "messages", "max bytes", "mean bytes", "max body (decoded)", "max headers"], message_rows
     )
-    shapes = summary.get("message_shapes") or []
-    if shapes:
-        text += (
-            "\nThe same tile-task message built with no worker consuming (bench/anatomy.py `message_shapes`): today's "
-            "shape, then with only the job id in the message (the job's description in the tile store, argsrepr "
-            "empty), then also the tiles as an index range (workers recompute the windows with `grid`):\n\n"
-        )
-        text += _table(
-            ["tiles per task", "today (bytes)", "job id only", "job id + index range"],
-            [[m["tiles_per_task"], m["today"]["max_bytes"], m["slim"]["max_bytes"], m["slim_index_range"]["max_bytes"]]
-             for m in shapes],
-        )  # fmt: skip
     if "memory" in plots:
         text += f"\n![peak memory]({plots['memory']})\n"
     return text
@@ -482,12 +470,11 @@ def findings(results: dict[str, Any], summary: dict[str, Any]) -> str:
             f"{_f(st.get('merge'), 1)} ms."
         )
     messages = [a["messages"]["recognize_tiles"]["max_bytes"] for a in summary["memory"]["rows"]]
-    shapes = {m["tiles_per_task"]: m for m in summary.get("message_shapes", [])}
-    if messages and 1 in shapes:
+    if messages:
         notes.append(
-            f"**Messages**: a tile task's message is up to {max(messages):,} B because the job's description travels "
-            f"in each one twice (argument and the chord's merge callback) plus its repr in the headers; with only the "
-            f"job id it would be {shapes[1]['slim']['max_bytes']:,} B."
+            f"**Messages**: a tile task's message is at most {max(messages):,} B: the job id, its range of tile "
+            "indexes and the chord's merge callback (which carries the job id too); the job's description is in the "
+            "tile store, read once per job by each worker process."
         )
     if summary["errors"]:
         notes.append(f"**{len(summary['errors'])} run(s) failed**; see the Errors section.")

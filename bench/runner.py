@@ -534,8 +534,6 @@ def memory_and_messages(runner: Runner, scenes: list[SceneFile]) -> None:
         row["in_process_peak_mb"] = in_process[0].get("peak_rss_mb")
         rows.append(row)
         runner.advance()
-    runner.step("message shapes")
-    bench.results["message_shapes"] = [anatomy.message_shapes(n) for n in (1, 16)]
 
 
 def tile_storage(runner: Runner, scenes: list[SceneFile]) -> None:

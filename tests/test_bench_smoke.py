@@ -52,10 +52,8 @@ def test_memory_messages_latency_and_storage_are_measured(smoke):
     results, _ = smoke
     [anatomy] = results["anatomy"]
     assert anatomy["keys_left"] == 0 and anatomy["tiles"] == anatomy["messages"]["recognize_tiles"]["count"]
-    assert 0 < anatomy["messages"]["recognize_tiles"]["max_bytes"] < 100_000
+    assert 0 < anatomy["messages"]["recognize_tiles"]["max_bytes"] <= 2048  # ids and indexes, the job is in the store
     assert all(10 < mb < 5000 for mb in anatomy["memory_mb"]["tile_processes"])
-    shapes = {m["tiles_per_task"]: m for m in results["message_shapes"]}
-    assert shapes[1]["slim"]["max_bytes"] < shapes[1]["today"]["max_bytes"]
     latency = results["summary"]["latency"]
     assert latency["reps"] == 2 and latency["overhead_ms"] > 0
     codecs = {row["codec"]: row for row in results["storage"]["codecs"]}
