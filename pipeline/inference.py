@@ -15,7 +15,7 @@ from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.recognizers import get_recognizer, get_spec
 from pipeline.sources import ArraySource, Source, check_region, is_blank
-from pipeline.tiling import Window, auto_batch_size, batches, grid
+from pipeline.tiling import Window, auto_batch_size, batches, grid, tapered_batches
 
 
 def crop(image: np.ndarray, window: Window) -> np.ndarray:
@@ -47,15 +47,33 @@ def windows_of(height: int, width: int, options: JobOptions) -> list[Window]:
     return [Window(t.index, t.x + covered.x, t.y + covered.y, t.width, t.height) for t in tiles]
 
 
-def plan(height: int, width: int, options: JobOptions) -> list[list[Window]]:
-    """The tile grid cut into task batches: `batch_size` tiles each, or as many as the recognizer's cost suggests."""
+def plan(
+    height: int,
+    width: int,
+    options: JobOptions,
+    tile_cost_ms: float | None = None,
+    target_task_ms: float = 200.0,
+    min_tasks: int = 16,
+) -> list[list[Window]]:
+    """The tile grid cut into task batches: `batch_size` tiles each, or (auto) about `target_task_ms` of work per
+    task and at least `min_tasks` tasks, with a tapered tail so the workers finish together.
+
+    `tile_cost_ms` is what a 640x640 tile costs, measured on earlier jobs; by default the recognizer's estimate."""
     windows = windows_of(height, width, options)
-    size = options.batch_size
-    if size is None:
-        area = windows[0].width * windows[0].height
-        tile_cost_ms = get_spec(options.recognizer).cost_ms * area / (640 * 640)
-        size = auto_batch_size(len(windows), tile_cost_ms)
-    return batches(windows, size)
+    if options.batch_size is not None:
+        return batches(windows, options.batch_size)
+    per_640 = get_spec(options.recognizer).cost_ms if tile_cost_ms is None else tile_cost_ms
+    cost = per_640 * windows[0].width * windows[0].height / (640 * 640)
+    return tapered_batches(windows, auto_batch_size(len(windows), cost, target_task_ms, min_tasks))
+
+
+def measured_tile_cost(seconds: list[float], height: int, width: int, options: JobOptions) -> float | None:
+    """The mean time of a job's recognized tiles, scaled to a 640x640 tile (the unit of `plan`), in ms."""
+    if not seconds:
+        return None
+    covered = region(height, width, options)
+    area = min(options.tile, covered.width) * min(options.tile, covered.height)
+    return 1000 * sum(seconds) / len(seconds) * (640 * 640) / area
 
 
 def blank(tile: np.ndarray, options: JobOptions) -> bool:

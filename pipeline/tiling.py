@@ -70,9 +70,9 @@ def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list
 
 
 def auto_batch_size(tiles: int, tile_cost_ms: float, target_task_ms: float = 200.0, min_tasks: int = 16) -> int:
-    """Tiles per task: enough that a task's work dwarfs its overhead (15-25 ms per tile task measured by
-    `python -m bench`: result storage, events, messaging), yet at least `min_tasks` tasks (where there are that
-    many tiles) so every worker gets a share."""
+    """Tiles per task: enough that a task's work dwarfs its overhead (about 8 ms per tile task measured by
+    `python -m bench`: messaging, result storage, events, the tile GET), yet at least `min_tasks` tasks (where there
+    are that many tiles) so every worker gets a share."""
     by_cost = max(1, math.ceil(target_task_ms / max(tile_cost_ms, 1e-3)))
     by_spread = max(1, math.ceil(tiles / min_tasks))
     return min(by_cost, by_spread)
@@ -80,3 +80,29 @@ def auto_batch_size(tiles: int, tile_cost_ms: float, target_task_ms: float = 200
 
 def batches(windows: list[Window], size: int) -> list[list[Window]]:
     return [windows[start : start + size] for start in range(0, len(windows), size)]
+
+
+def tapered_sizes(total: int, size: int) -> list[int]:
+    """Batch sizes summing to `total`: `size` each, except a tail of halving batches (…, size/4, size/2… 2, 1).
+
+    Workers take tasks in order, so the last ones decide when a job ends; small last tasks let every worker finish
+    at about the same time (guided self-scheduling) for a few more tasks: about log2(size). A first batch smaller
+    than `size` takes the remainder."""
+    tail, part, left = [], 1, total
+    while part < size and left > 0:
+        tail.append(min(part, left))
+        left -= tail[-1]
+        part *= 2
+    body = [size] * (left // size)
+    if left % size:
+        body.insert(0, left % size)
+    return body + tail[::-1]
+
+
+def tapered_batches(windows: list[Window], size: int) -> list[list[Window]]:
+    """`windows` cut into consecutive batches of `tapered_sizes`."""
+    cut, start = [], 0
+    for length in tapered_sizes(len(windows), size):
+        cut.append(windows[start : start + length])
+        start += length
+    return cut

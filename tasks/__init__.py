@@ -21,7 +21,16 @@ import redis
 from celery import Celery, chord, signals
 
 from pipeline import images, sources
-from pipeline.inference import blank, check_size, compact, merge_tiles, plan, recognize_tile, windows_of
+from pipeline.inference import (
+    blank,
+    check_size,
+    compact,
+    measured_tile_cost,
+    merge_tiles,
+    plan,
+    recognize_tile,
+    windows_of,
+)
 from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, parse_options
 from pipeline.recognizers import get_spec, limit_threads, restrict_file_params
@@ -128,7 +137,8 @@ def _start_job(
         decoded = time.time()
         height, width = source.height, source.width
         check_size(height, width, parsed, app.conf.tilerec_max_pixels)
-        planned = plan(height, width, parsed)
+        measured = store.get_tile_cost(client, parsed.recognizer, parsed.params)
+        planned = plan(height, width, parsed, measured, app.conf.tilerec_task_target_ms, app.conf.tilerec_min_tasks)
         spans = [(batch[0].index, batch[-1].index + 1) for batch in planned]
         windows = [window for batch in planned for window in batch]
         grey = file is None and get_spec(parsed.recognizer).grey  # stored tiles are compact()ed
@@ -324,6 +334,7 @@ def _conclude(client: redis.Redis, job: dict[str, Any], records: list[dict[str, 
             described += f"{'; ' if described else ''}no result for tiles {missing[:10]}"
         raise TileFailure(f"{len(failed) + len(missing)} of {job['tiles']} tiles failed: {described}")
     recognized = [by_tile[index] for index in sorted(by_tile) if "xyxy" in by_tile[index]]
+    _learn_tile_cost(client, job, options, recognized)
     merged = merge_tiles((Detections.from_columns(record) for record in recognized), options)
     skipped = sum(1 for record in by_tile.values() if record.get("skipped"))
     finished = time.time()
@@ -354,6 +365,15 @@ def _conclude(client: redis.Redis, job: dict[str, Any], records: list[dict[str, 
         skipped=skipped if options.skip_blank is not None else None,
     ).to_json()
     return _deliver(client, job["id"], document)
+
+
+def _learn_tile_cost(
+    client: redis.Redis, job: dict[str, Any], options: JobOptions, recognized: list[dict[str, Any]]
+) -> None:
+    """Remember what this job's tiles cost, so the next job's auto batches carry the work they were sized for."""
+    cost = measured_tile_cost([record["seconds"] for record in recognized], job["height"], job["width"], options)
+    if cost is not None:
+        store.record_tile_cost(client, options.recognizer, options.params, cost)
 
 
 def _deliver(client: redis.Redis, job_id: str, document: dict[str, Any]) -> dict[str, Any]:

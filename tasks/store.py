@@ -8,11 +8,13 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:attempts   hash: deliveries per tile task and crashes per tile (crash-loop guard)
     tilerec:job:J:cancelled  present once the job is cancelled
 Inputs stored by clients: tilerec:input:<uuid> (expire after their TTL).
+Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>, ms per 640x640 tile (expire after a week unused).
 Results too large for the result backend: tilerec:result:<job id>, the result's JSON text (expires with the result).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Callable
@@ -150,6 +152,29 @@ def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> No
         keys += [job_key(job_id, part) for part in ("job", "total", "done", "attempts", "cancelled")]
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
+
+
+COST_TTL = 7 * 24 * 3600
+COST_WEIGHT = 0.5  # of the newest job in the running estimate: recent jobs count most, one odd job does not rule
+
+
+def _cost_key(recognizer: str, params: dict[str, Any]) -> str:
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{PREFIX}:cost:{recognizer}:{digest}"
+
+
+def get_tile_cost(client: redis.Redis, recognizer: str, params: dict[str, Any]) -> float | None:
+    """What a 640x640 tile has cost this recognizer with these parameters in recent jobs (ms), if measured."""
+    value = client.get(_cost_key(recognizer, params))
+    return None if value is None else float(value)
+
+
+def record_tile_cost(client: redis.Redis, recognizer: str, params: dict[str, Any], ms: float) -> None:
+    """Fold a finished job's mean tile cost into the running estimate (concurrent jobs may each win: harmless)."""
+    key = _cost_key(recognizer, params)
+    before = client.get(key)
+    estimate = ms if before is None else (1 - COST_WEIGHT) * float(before) + COST_WEIGHT * ms
+    client.set(key, f"{estimate:.3f}", ex=COST_TTL)
 
 
 def put_bytes(client: redis.Redis, data: bytes, ttl: int) -> str:

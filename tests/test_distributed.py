@@ -8,8 +8,8 @@ import pytest
 
 from pipeline import recognize_image
 from pipeline.scenes import qr_code, qr_scene
-from pipeline.tiling import grid
-from tasks import recognize
+from pipeline.tiling import grid, tapered_sizes
+from tasks import recognize, store
 from tasks.client import put_image, submit
 from tests.conftest import tilerec_keys
 from tests.scenes import assert_each_code_once
@@ -128,3 +128,21 @@ def test_the_worker_is_still_up_after_the_errors(worker, scene, scene_path):
     assert worker.process.poll() is None
     result = recognize.delay(scene_path, "qrcode").get(timeout=TIMEOUT)
     assert len(result["detections"]) == len(scene.truths)
+
+
+def test_auto_batches_are_sized_from_what_earlier_tiles_cost(worker, redis_server, scene_path):
+    client = redis_server.client()
+    params = {"dictionary": "DICT_4X4_50"}
+    client.delete(*client.scan_iter("tilerec:cost:aruco:*"), "absent")  # earlier tests' measurements
+    store.record_tile_cost(client, "aruco", params, 1e6)  # as if a tile took 1000 s: one tile per task
+    tiles = len(grid(2000, 3000))
+    first = recognize.delay(scene_path, "aruco").get(timeout=TIMEOUT)
+    assert first["tiling"]["tasks"] == tiles
+    # that job measured the real cost (a few ms a tile) and halved the gap to it
+    learned = store.get_tile_cost(client, "aruco", params)
+    assert 1e6 / 2 < learned < 1e6 / 2 + 1000
+    client.delete(*client.scan_iter("tilerec:cost:aruco:*"))
+    store.record_tile_cost(client, "aruco", params, 0.001)  # now nearly free: the 16-task floor decides
+    cheap = recognize.delay(scene_path, "aruco").get(timeout=TIMEOUT)
+    assert cheap["tiling"]["tasks"] == len(tapered_sizes(tiles, math.ceil(tiles / 16)))
+    assert cheap["detections"] == first["detections"]

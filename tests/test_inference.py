@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline import OptionsError, RecognizerError, recognize_image
+from pipeline.inference import measured_tile_cost, plan
+from pipeline.options import parse_options
 from pipeline.scenes import qr_code, qr_scene, score
 from pipeline.tiling import grid
 from tests.scenes import assert_each_code_once
@@ -61,3 +63,22 @@ def test_a_one_tile_image():
 def test_bad_options_are_refused_with_the_reason(options, error, message):
     with pytest.raises(error, match=message):
         recognize_image(np.zeros((10, 10), dtype=np.uint8), "qrcode", **options)
+
+
+def test_auto_batches_follow_the_measured_tile_cost():
+    options = parse_options("aruco", {})
+    # 8000² at 640/0.2: 256 tiles. Measured 50 ms a tile: 4 tiles make 200 ms; the estimate (1.5 ms) would allow
+    # 134, so the 16-task floor decides (16 a task); both end in a tapered tail
+    costly = plan(8000, 8000, options, tile_cost_ms=50.0)
+    assert max(len(batch) for batch in costly) == 4 and len(costly[-1]) == 1
+    cheap = plan(8000, 8000, options)
+    assert max(len(batch) for batch in cheap) == 16
+    assert all(len(batch) == 1 for batch in plan(8000, 8000, options, tile_cost_ms=50.0, min_tasks=256))
+
+
+def test_measured_tile_cost_is_scaled_to_a_640_tile():
+    options = parse_options("aruco", {"tile": 320})
+    assert measured_tile_cost([0.010, 0.030], 2000, 2000, options) == pytest.approx(80.0)  # 20 ms × 4
+    assert measured_tile_cost([], 2000, 2000, options) is None
+    small = parse_options("aruco", {})  # a 300x200 image is one 300x200 tile
+    assert measured_tile_cost([0.006], 200, 300, small) == pytest.approx(6 * 640 * 640 / (300 * 200))

@@ -1,7 +1,9 @@
+import math
+
 import numpy as np
 import pytest
 
-from pipeline.tiling import Window, auto_batch_size, batches, grid
+from pipeline.tiling import Window, auto_batch_size, batches, grid, tapered_batches, tapered_sizes
 
 
 def covered(windows: list[Window], height: int, width: int) -> np.ndarray:
@@ -76,3 +78,23 @@ def test_auto_batch_size_groups_cheap_tiles_but_keeps_workers_busy():
     assert auto_batch_size(tiles=400, tile_cost_ms=500) == 1  # a tile that outweighs the overhead goes alone
     assert auto_batch_size(tiles=32, tile_cost_ms=1.5) == 2  # still 16 tasks to spread
     assert auto_batch_size(tiles=1, tile_cost_ms=1.5) == 1
+
+
+def test_tapered_sizes_end_in_halving_batches_and_cover_everything():
+    # 256 = 1 + 15 * 16 + (8 + 4 + 2 + 1): the tail halves down to one tile, the remainder goes first
+    assert tapered_sizes(256, 16) == [1] + [16] * 15 + [8, 4, 2, 1]
+    assert tapered_sizes(10, 1) == [1] * 10
+    assert tapered_sizes(0, 4) == []
+    for total in range(1, 300, 7):
+        for size in (1, 2, 3, 5, 16, 134):
+            sizes = tapered_sizes(total, size)
+            assert sum(sizes) == total and min(sizes) >= 1 and max(sizes) <= size
+            assert sizes[-1] == 1, "the last task is a single tile"
+            assert len(sizes) <= math.ceil(total / size) + math.ceil(math.log2(size)) + 1
+
+
+def test_tapered_batches_keep_order():
+    windows = grid(3000, 4000, 640, 0.2)
+    planned = tapered_batches(windows, 8)
+    assert [w for batch in planned for w in batch] == windows
+    assert [len(batch) for batch in planned] == tapered_sizes(len(windows), 8)
