@@ -104,7 +104,7 @@ def speed(summary: dict[str, Any], folder: Path) -> Path | None:
                 left += value
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(f"{row['recognizer']}, {row['size']}², {row['tiles']} tiles", fontsize=9)
+        ax.set_title(f"{row['recognizer']}, {row['size']}² {row.get('input', 'PNG')}, {row['tiles']} tiles", fontsize=9)
         ax.set_xlabel("seconds (end to end, from the file on disk)", fontsize=8)
     handles, names = axes[0, 0].get_legend_handles_labels()
     unique = dict(zip(names, handles, strict=True))

@@ -220,6 +220,7 @@ class Runner:
         base = {
             "phase": phase,
             "scene": scene.name,
+            "input": input_format(scene.path),
             "kind": scene.kind,
             "size": scene.size,
             "recognizer": recognizer,
@@ -291,6 +292,7 @@ class Runner:
         record: dict[str, Any] = {
             "phase": phase,
             "scene": name,
+            "input": input_format(path),
             "kind": getattr(scene, "kind", None),
             "size": getattr(scene, "size", None),
             "recognizer": recognizer,
@@ -401,11 +403,15 @@ def accuracy_and_speed(runner: Runner, scenes: list[SceneFile]) -> None:
             else:
                 runner.in_process(scene, recognizer, "whole", "default", 1, "accuracy", profile.whole_timeout_s)
             if scene.size == profile.speed_size:
+                # the same pixels as PNG (decoded whole, serially, in both modes) and as a tiled TIFF (read window
+                # by window: in process, and by tilerec's tile tasks themselves)
+                inputs = [scene, *[tiff for tiff in (_as_tiled_tiff(scene),) if tiff is not None]]
                 for rep in range(profile.reps):
-                    runner.in_process(scene, recognizer, "tiled", "default", 1, "speed")
-                    runner.in_process(scene, recognizer, "tiled", 1, 1, "speed")
-                    for workers in profile.workers:
-                        runner.distributed(scene, recognizer, workers, "speed", rep)
+                    for source in inputs:
+                        runner.in_process(source, recognizer, "tiled", "default", 1, "speed")
+                        runner.in_process(source, recognizer, "tiled", 1, 1, "speed")
+                        for workers in profile.workers:
+                            runner.distributed(source, recognizer, workers, "speed", rep)
             else:
                 runner.in_process(scene, recognizer, "tiled", matching_threads, 1, "accuracy")
                 runner.distributed(scene, recognizer, bench.max_workers, "accuracy")
@@ -424,15 +430,14 @@ def batch_curve(runner: Runner, scenes: list[SceneFile]) -> None:
 
 
 WHATIF_CONFIGS: dict[str, dict[str, Any]] = {
-    "no task-sent events, no STARTED state": {"task_send_sent_event": False, "task_track_started": False},
-    "same, and prefetch multiplier 4": {
-        "task_send_sent_event": False,
-        "task_track_started": False,
-        "worker_prefetch_multiplier": 4,
-    },
+    "no task-sent events": {"task_send_sent_event": False},
+    "no task events at all (Flower sees nothing)": {"task_send_sent_event": False, "worker_send_task_events": False},
 }
 INPUT_NPY = "input as .npy (no decode)"
-INPUT_TIFF = "input as tiled TIFF (tile tasks read the file)"
+
+
+def input_format(path: Path) -> str:
+    return {".tif": "tiled TIFF", ".npy": ".npy"}.get(path.suffix, path.suffix.lstrip(".").upper())
 
 
 def _as_tiled_tiff(scene: SceneFile) -> SceneFile | None:
@@ -462,7 +467,8 @@ def _as_npy(scene: SceneFile) -> SceneFile:
 
 def what_if(runner: Runner, scenes: list[SceneFile]) -> None:
     """Changes that the numbers point at, measured side by side with today at the speed size and W = max:
-    Celery settings (bench/whatif/celeryconfig.py on extra clusters) and an input that needs no decoding."""
+    Celery settings (bench/whatif/celeryconfig.py on extra clusters) and an input that needs no decoding (the tiled
+    TIFF, read window by window, is part of the speed phase)."""
     bench, profile = runner.bench, runner.bench.profile
     workers = bench.max_workers
     chosen = [r for r in profile.whatif_recognizers if r in bench.recognizers][:2]
@@ -479,7 +485,7 @@ def what_if(runner: Runner, scenes: list[SceneFile]) -> None:
             runner.step(f"what-if cluster: {name}")
             extra[name] = stack.enter_context(Cluster(workers, bench.out, bench.env, overrides))
         for recognizer, scene in targets:
-            npy, tiff = _as_npy(scene), _as_tiled_tiff(scene)
+            npy = _as_npy(scene)
             for cluster in extra.values():
                 cluster.warm(str(scene.path), recognizer, bench.options(), profile.job_timeout_s)
             for rep in range(profile.reps):
@@ -489,9 +495,6 @@ def what_if(runner: Runner, scenes: list[SceneFile]) -> None:
                                        whatif=name)  # fmt: skip
                 runner.distributed(npy, recognizer, workers, "whatif", rep, score_it=False, whatif=INPUT_NPY)
                 runner.in_process(npy, recognizer, "tiled", 1, 1, "whatif", whatif=INPUT_NPY)
-                if tiff is not None:
-                    runner.distributed(tiff, recognizer, workers, "whatif", rep, score_it=False, whatif=INPUT_TIFF)
-                    runner.in_process(tiff, recognizer, "tiled", 1, 1, "whatif", whatif=INPUT_TIFF)
         image = one_tile_image(bench.scenes_dir, profile.seed)
         recognizer = targets[0][0]
         for name, cluster in extra.items():
