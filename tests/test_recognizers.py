@@ -101,6 +101,7 @@ def test_parameters_are_checked():
         get_recognizer("aruco", {"dictionary": "DICT_NOPE"})
 
 
+@pytest.mark.skipif(not ASTRONAUT.exists(), reason=f"{ASTRONAUT} is missing")
 @pytest.mark.parametrize("name", sorted(spec.name for spec in available() if spec.grey))
 def test_grey_recognizers_find_the_same_on_the_grey_tiles_the_store_keeps(name):
     """Tiles of grey recognizers are stored grey (pipeline.inference.compact): nothing may change but the bytes."""
