@@ -271,7 +271,10 @@ def _recognize_batch(
     autoretry_for=TRANSIENT,
     retry_backoff=True,
     max_retries=3,
-    track_started=False,  # a STARTED state per tile task is a backend write nobody reads: Flower has its events
+    # No result of its own in the backend: the chord still gets the records (the Redis backend's chord counting keeps
+    # them), and Flower gets them from events. A stored SUCCESS would also make Celery ack, not requeue, a task whose
+    # process died after storing it but before the chord counted it: the job would then wait forever (seen in tests).
+    ignore_result=True,
 )
 def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> list[dict[str, Any]]:
     """Tiles [first, stop) of the job: one record per tile (see _recognize_batch).
