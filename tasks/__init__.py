@@ -318,13 +318,20 @@ def merge(self: Any, results: list[list[dict[str, Any]]], job_id: str) -> dict[s
 
 
 def _conclude(client: redis.Redis, job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The job's Recognition from its tile records; deletes the job's keys first, whatever the outcome."""
+    """The job's Recognition from its tile records. The job's keys go last, whatever the outcome: a merge whose
+    process dies before its result is stored runs again, and needs the job's description then."""
+    try:
+        return _recognition(client, job, records)
+    finally:
+        store.delete_job(client, job["id"], job["tiles"])
+
+
+def _recognition(client: redis.Redis, job: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     began = time.time()
     by_tile: dict[int, dict[str, Any]] = {}
     for record in records:
         by_tile.setdefault(record["tile"], record)  # a redelivered tile counts once
     cancelled = store.is_cancelled(client, job["id"])
-    store.delete_job(client, job["id"], job["tiles"])
     failed = sorted((record for record in by_tile.values() if "error" in record), key=lambda r: r["tile"])
     if cancelled:
         done = len(by_tile) - len(failed)
