@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from tasks.local import RedisServer, Worker
+from tasks.local import LocalCluster
 
 JOBS_QUEUE = "tilerec"
 TILES_QUEUE = "tilerec.tiles"
@@ -114,19 +112,9 @@ def vm_hwm_mb(pid: int) -> float | None:
 WHATIF_DIR = Path(__file__).resolve().parent / "whatif"
 
 
-@contextlib.contextmanager
-def _working_directory(path: Path) -> Iterator[None]:
-    """Popen takes the parent's working directory; `python -m celery` puts it first on sys.path."""
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
-class Cluster:
-    """A redis-server plus one `celery worker` with `workers` prefork processes, consuming both queues.
+class Cluster(LocalCluster):
+    """tasks.local.LocalCluster (a redis-server plus one `celery worker` with `workers` prefork processes, consuming
+    both queues) with a client app, its worker's log, and the job runs read back from it.
 
     `overrides` (Celery settings) start the worker on bench/whatif/celeryconfig.py: tilerec's settings with those
     replaced, to measure a configuration change side by side with today's.
@@ -135,28 +123,19 @@ class Cluster:
     def __init__(
         self, workers: int, folder: Path, env: dict[str, str], overrides: dict[str, Any] | None = None
     ) -> None:
-        self.workers = workers
-        self.folder = folder
-        self.env = env
-        self.overrides = overrides
-        self.redis = RedisServer()
-        self.worker: Worker | None = None
-        self.app: Celery | None = None
+        super().__init__(workers, dict(env))
+        self.env["TILEREC_RESULT_BACKEND"] = self.url
+        if overrides is not None:
+            self.env["TILEREC_BENCH_OVERRIDES"] = json.dumps(overrides)
+            self.cwd = str(WHATIF_DIR)
         self.log_path = folder / f"worker-W{workers}-{self.redis.port}.log"
+        self.log_file = str(self.log_path)
+        self.app: Celery | None = None
 
     def start(self) -> Cluster:
+        super().start()
         try:
-            self.redis.start()
-            env = {**self.env, "TILEREC_RESULT_BACKEND": self.redis.url}
-            worker = Worker(self.redis.url, self.workers, env=env, log_file=str(self.log_path))
-            if self.overrides is None:
-                self.worker = worker.start()
-            else:
-                worker.env["TILEREC_BENCH_OVERRIDES"] = json.dumps(self.overrides)
-                with _working_directory(WHATIF_DIR):
-                    self.worker = worker.start(wait=False)
-                worker.wait_ready()
-            self.app = client_app(self.redis.url)
+            self.app = client_app(self.url)
         except BaseException:
             self.stop()
             raise
@@ -166,16 +145,10 @@ class Cluster:
         if self.app is not None:
             self.app.close()
             self.app = None
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
-        self.redis.stop()
+        super().stop()
 
     def __enter__(self) -> Cluster:
         return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
 
     def client(self) -> redis.Redis:
         return self.redis.client()
@@ -187,14 +160,15 @@ class Cluster:
         """Submit one job and wait for it; spans are the log lines the job added (jobs run one at a time)."""
         assert self.app is not None, "start the cluster first"
         offset = self._log_size()
-        submitted = time.time()
+        submitted, job_id = time.time(), ""
         try:
             result = self.app.send_task("tilerec.recognize", args=[image, recognizer], kwargs=options)
+            job_id = result.id
             out = whole_result(self.client(), result.get(timeout=timeout, interval=0.01))
             done, error = time.time(), None
         except Exception as failure:  # a failed job is a benchmark figure, not a benchmark crash
             out, done, error = None, time.time(), f"{type(failure).__name__}: {failure}"[:300]
-        return JobRun(out, submitted, done, self._spans_since(offset, result.id), error)
+        return JobRun(out, submitted, done, self._spans_since(offset, job_id), error)
 
     def _spans_since(self, offset: int, job_id: str, settle_s: float = 0.05, tries: int = 20) -> list[TaskSpan]:
         """Spans logged since `offset`, waiting briefly for the line of the task that stored the job's result (logged

@@ -139,6 +139,7 @@ class Worker:
         env: dict[str, str] | None = None,
         name: str | None = None,
         log_file: str | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.broker_url = broker_url
         self.concurrency = concurrency
@@ -146,6 +147,7 @@ class Worker:
         self.hostname = f"{name or 'tilerec-' + uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         self.env = {**os.environ, "TILEREC_BROKER_URL": broker_url, **(env or {})}
         self.log_file = log_file
+        self.cwd = cwd  # `python -m celery` puts it first on sys.path (a celeryconfig of its own, say)
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Worker:
@@ -158,6 +160,7 @@ class Worker:
         self.process = subprocess.Popen(
             command,
             env=self.env,
+            cwd=self.cwd,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -201,11 +204,18 @@ class Worker:
 class LocalCluster:
     """A private Redis plus `workers` worker processes in one Celery worker; a context manager."""
 
-    def __init__(self, workers: int | None = None, env: dict[str, str] | None = None, log_file: str | None = None):
+    def __init__(
+        self,
+        workers: int | None = None,
+        env: dict[str, str] | None = None,
+        log_file: str | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self.redis = RedisServer()
         self.workers = workers or os.cpu_count() or 1
         self.env = env or {}
         self.log_file = log_file
+        self.cwd = cwd
         self.worker: Worker | None = None
 
     @property
@@ -216,7 +226,7 @@ class LocalCluster:
         try:
             self.redis.start()
             # assigned before it starts, so an interrupt or timeout while waiting for it still stops it
-            self.worker = Worker(self.url, self.workers, env=self.env, log_file=self.log_file)
+            self.worker = Worker(self.url, self.workers, env=self.env, log_file=self.log_file, cwd=self.cwd)
             self.worker.start()
         except BaseException:
             self.stop()
