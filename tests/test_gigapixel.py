@@ -371,7 +371,7 @@ def test_blank_means_flat_once_noise_is_averaged_out():
 
 def test_a_compression_without_its_codec_is_refused_when_opening(tmp_path, scene):
     path = write_tiff(tmp_path / "jpeg.tif", scene.image[:300, :300], tile=(64, 64))
-    patch_tag(path, 259, 7)  # Compression: JPEG (the pixels are not, which only a decoder would notice)
+    patch_tags(path, {259: ("SHORT", 7)})  # Compression: JPEG (the pixels are not, which only a decoder would notice)
     try:
         import imagecodecs  # noqa: F401
     except ImportError:
@@ -382,29 +382,21 @@ def test_a_compression_without_its_codec_is_refused_when_opening(tmp_path, scene
             open_source(path).read(Window(0, 0, 0, 64, 64))
 
 
-def patch_tag(path: Path, tag: int, value: int) -> None:
-    """Set a SHORT tag of a classic little-endian TIFF's first page in place."""
-    data = bytearray(path.read_bytes())
-    (ifd,) = struct.unpack_from("<I", data, 4)
-    (count,) = struct.unpack_from("<H", data, ifd)
-    for k in range(count):
-        entry = ifd + 2 + 12 * k
-        if struct.unpack_from("<H", data, entry)[0] == tag:
-            struct.pack_into("<HHIHH", data, entry, tag, 3, 1, value, 0)
-    path.write_bytes(bytes(data))
+TIFF_TYPES = {"SHORT": ("<HHIHH", 3), "LONG": ("<HHII", 4)}  # entry layout, type code
 
 
-def patched_size(path: Path, width: int, height: int) -> None:
-    """Rewrite a classic little-endian TIFF's ImageWidth and ImageLength tags in place: a header that lies."""
+def patch_tags(path: Path, tags: dict[int, tuple[str, int]]) -> None:
+    """Set tags of a classic little-endian TIFF's first page in place: {tag: ("SHORT" or "LONG", value)}."""
     data = bytearray(path.read_bytes())
     (ifd,) = struct.unpack_from("<I", data, 4)
     (count,) = struct.unpack_from("<H", data, ifd)
     for k in range(count):
         entry = ifd + 2 + 12 * k
         (tag,) = struct.unpack_from("<H", data, entry)
-        if tag in (256, 257):
-            value = width if tag == 256 else height
-            struct.pack_into("<HHII", data, entry, tag, 4, 1, value)  # LONG
+        if tag in tags:
+            kind, value = tags[tag]
+            layout, code = TIFF_TYPES[kind]
+            struct.pack_into(layout, data, entry, tag, code, 1, value, *([0] if kind == "SHORT" else []))
     path.write_bytes(bytes(data))
 
 
@@ -414,7 +406,7 @@ def bad_tiffs(scene) -> dict[str, tuple[Path, dict, str, str]]:
     small = scene.image[:600, :800]
     made = {}
     huge = write_tiff(IMAGES_ROOT / "claims-huge.tif", small, tile=(256, 256))
-    patched_size(huge, 60_000, 60_000)
+    patch_tags(huge, {256: ("LONG", 60_000), 257: ("LONG", 60_000)})  # ImageWidth, ImageLength: a header that lies
     made["claims 3.6 gigapixels"] = (huge, {}, "ImageError", "above the limit of 1,600,000,000")
     made["a roi larger than the limit"] = (huge, {"roi": [0, 0, 50_000, 50_000]}, "ImageError", "refusing to read it")
     made["a small roi of it is read, and found damaged"] = (
