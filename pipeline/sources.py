@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -452,11 +452,15 @@ class SourceCache:
         self.capacity = capacity
         self._open: OrderedDict[FileRef, TiffSource] = OrderedDict()
 
-    def get(self, ref: FileRef) -> TiffSource:
+    def get(self, ref: FileRef, check: Callable[[str], object] | None = None) -> TiffSource:
+        """The open file; `check(path)` runs before a file is opened (a confinement check: once per open file, not
+        per tile, as what is read afterwards is the open file, whatever its path comes to name)."""
         source = self._open.get(ref)
         if source is not None:
             self._open.move_to_end(ref)
             return source
+        if check is not None:
+            check(ref.path)
         path = Path(ref.path)
         try:
             current = FileRef.of(path, ref.level)

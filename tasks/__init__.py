@@ -14,8 +14,8 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from functools import partial
-from typing import Any
+from functools import lru_cache, partial
+from typing import Any, NamedTuple
 
 import redis
 from celery import Celery, chord, signals
@@ -77,7 +77,13 @@ def _tile_store() -> redis.Redis:
 
 
 def _roots() -> list:
-    return images.allowed_roots_from_env(app.conf.tilerec_allowed_roots)
+    return _resolved_roots(app.conf.tilerec_allowed_roots)
+
+
+@lru_cache(maxsize=4)
+def _resolved_roots(setting: str) -> list:
+    """Resolving the roots costs a system call per path component: once per process, not per tile."""
+    return images.allowed_roots_from_env(setting)
 
 
 def _open(image: Any, options: JobOptions) -> tuple[Source, FileRef | None, float]:
@@ -157,7 +163,7 @@ def _start_job(
             "timings": {"started": started, "load_s": loaded - started, "decode_s": decoded - loaded},
         }
         if len(planned) == 1:
-            records = _recognize_batch(client, job, parsed, windows, source.read, deliveries)
+            records = _recognize_batch(client, job, parsed, windows, source.read, deliveries, cancelled=False)
             job["timings"]["store_s"] = 0.0
             return job, spans, records
         if file is None:  # no shared file: the tiles travel through the store, read (or cut) one by one
@@ -180,19 +186,27 @@ def _storable(tile: Any, options: JobOptions) -> Any:
     return None if blank(tile, options) else compact(tile, options)
 
 
+class _JobView(NamedTuple):
+    job: dict[str, Any]
+    options: JobOptions
+    windows: list[Window]
+    file: FileRef | None  # the shared file the tiles are read from; None: from the store
+
+
 class _Jobs:
-    """Job descriptions this worker process has read, with their parsed options and tile grid: a job's tasks
-    land on the same processes again and again, and a description never changes once stored."""
+    """Job descriptions this worker process has read, with their parsed options, tile grid and file: a job's
+    tasks land on the same processes again and again, and a description never changes once stored."""
 
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
-        self.known: OrderedDict[str, tuple[dict[str, Any], JobOptions, list[Window]]] = OrderedDict()
+        self.known: OrderedDict[str, _JobView] = OrderedDict()
 
-    def get(self, client: redis.Redis, job_id: str) -> tuple[dict[str, Any], JobOptions, list[Window]]:
+    def get(self, client: redis.Redis, job_id: str) -> _JobView:
         if job_id not in self.known:
             job = store.get_job(client, job_id)
             options = JobOptions.from_json(job["options"])
-            self.known[job_id] = (job, options, windows_of(job["height"], job["width"], options))
+            file = FileRef.from_json(job["file"]) if job.get("file") is not None else None
+            self.known[job_id] = _JobView(job, options, windows_of(job["height"], job["width"], options), file)
             while len(self.known) > self.capacity:
                 self.known.popitem(last=False)
         self.known.move_to_end(job_id)
@@ -203,14 +217,17 @@ _jobs = _Jobs()
 _open_files = sources.SourceCache()  # per worker process: tile tasks of a job share one open TIFF
 
 
-def _tile_pixels(client: redis.Redis, job: dict[str, Any], window: Window) -> Any:
+def _tile_pixels(client: redis.Redis, view: _JobView, window: Window) -> Any:
     """The tile's pixels from the shared file (its own window, decoded here) or from the store; None: blank."""
-    if job.get("file") is None:
-        return store.get_tile(client, job["id"], window, job["channels"])
-    file = FileRef.from_json(job["file"])
-    images.confine(file.path, _roots())  # a tile task reads only what a tiling task on this worker could read
+    if view.file is None:
+        return store.get_tile(client, view.job["id"], window, view.job["channels"])
     sources.check_region(window.width, window.height, app.conf.tilerec_max_pixels)
-    return _open_files.get(file).read(window)
+    # a tile task reads only what a tiling task on this worker could read
+    return _open_files.get(view.file, check=_confine).read(window)
+
+
+def _confine(path: str) -> None:
+    images.confine(path, _roots())
 
 
 def _failed(window: Window, error: str) -> dict[str, Any]:
@@ -224,14 +241,16 @@ def _recognize_batch(
     windows: list[Window],
     read: Callable[[Window], Any],
     deliveries: int,
+    cancelled: bool,
 ) -> list[dict[str, Any]]:
     """One record per tile: its detections in image coordinates, {"skipped": True} for a blank tile, or the error
     that stopped it. A tile's own failure is recorded, not raised (see recognize_tiles); store outages are raised.
 
     `deliveries` > 1 means the batch's worker process died before: each tile's attempts are then counted, so a tile
-    that kills its worker every time ends as a failed tile instead of an endless redelivery."""
+    that kills its worker every time ends as a failed tile instead of an endless redelivery. `cancelled`: the job
+    was cancelled when the batch started (read with `deliveries`, in the same round trip)."""
     job_id = job["id"]
-    cancelled, last_check = store.is_cancelled(client, job_id), time.monotonic()
+    last_check = time.monotonic()
     records = []
     for window in windows:
         if time.monotonic() - last_check > CANCEL_CHECK_S:
@@ -283,11 +302,11 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> list[dict[
     to clean up and to say which region failed. Store outages are raised and retried with backoff.
     """
     client = _tile_store()
-    job, options, windows = _jobs.get(client, job_id)
-    deliveries, _ = store.count_delivery(client, job_id, self.request.id, _ttl())
-    read = partial(_tile_pixels, client, job)
-    records = _recognize_batch(client, job, options, windows[first:stop], read, deliveries)
-    _report_progress(self, client, job, stop - first)
+    view = _jobs.get(client, job_id)
+    deliveries, cancelled = store.count_delivery(client, job_id, self.request.id, _ttl())
+    read = partial(_tile_pixels, client, view)
+    records = _recognize_batch(client, view.job, view.options, view.windows[first:stop], read, deliveries, cancelled)
+    _report_progress(self, client, view.job, stop - first)
     return records
 
 

@@ -479,6 +479,27 @@ def test_a_file_changed_after_planning_is_not_misread(tmp_path, scene):
     cache.clear()
 
 
+def test_the_cache_checks_a_file_once_before_opening_it(tmp_path, scene):
+    from pipeline.sources import FileRef, SourceCache
+
+    path = write_tiff(tmp_path / "checked.tif", scene.image[:300, :300], tile=(64, 64))
+    ref = FileRef.of(path, 0)
+    checked: list[str] = []
+    cache = SourceCache()
+    for _ in range(3):
+        cache.get(ref, check=checked.append).read(Window(0, 0, 0, 10, 10))
+    assert checked == [ref.path]  # tile tasks confine the file once per process, not once per tile
+
+    def refuse(named: str) -> None:
+        raise ImageError(f"{named!r} is outside the allowed roots")
+
+    refusing = SourceCache()
+    for _ in range(2):  # a refused file is never opened, so it is checked (and refused) again
+        with pytest.raises(ImageError, match="outside the allowed roots"):
+            refusing.get(ref, check=refuse)
+    cache.clear()
+
+
 def test_boxes_that_share_no_grid_cell_are_all_kept():
     far_apart = Detections(
         np.array([[0, 0, 10, 10], [500, 500, 510, 510], [900, 0, 930, 30]], float), [1, 1, 1], ["a"] * 3
