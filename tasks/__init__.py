@@ -307,7 +307,27 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> list[dict[
     read = partial(_tile_pixels, client, view)
     records = _recognize_batch(client, view.job, view.options, view.windows[first:stop], read, deliveries, cancelled)
     _report_progress(self, client, view.job, stop - first)
+    if deliveries > 1:
+        _outwait_dead_chord_claim(self)
     return records
+
+
+CHORD_CLAIM_WAIT_S = 120.0  # Celery 5.7's claim on a chord's callback lasts 6 s, 21 s once its publishing started
+
+
+def _outwait_dead_chord_claim(task: Any) -> None:
+    """This batch is back because its process died. If that process was the chord's last part, it may have died
+    after claiming the chord's callback (the merge) and before publishing it: Celery lets such a claim lapse, but
+    only a part returning after that publishes the callback, and this redelivery is the last part there will be.
+    Wait until the claim is released ("done") or lapses, so this part's return publishes the merge (seen in
+    tests: without this, the job waited forever)."""
+    backend, group = task.backend, task.request.group
+    if not group or not hasattr(backend, "client"):
+        return
+    claim = backend.get_key_for_group(group, ".c")
+    deadline = time.monotonic() + CHORD_CLAIM_WAIT_S
+    while backend.client.get(claim) not in (None, b"done", "done") and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 PROGRESS_STEPS = 50  # a job reports its progress at most this many times (plus once when done)

@@ -62,6 +62,30 @@ def test_a_killed_worker_process_loses_nothing_and_reports_nothing_twice(worker,
     assert tilerec_keys(redis_server) == []
 
 
+def test_a_process_killed_publishing_the_merge_does_not_strand_the_job(worker, redis_server, big_scene):
+    """The narrowest crash window of a chord: the last tile task's process claimed the chord's callback and died
+    before publishing it. Its batch comes back, and that redelivery must publish the merge once the dead claim
+    lapses (Celery 5.7 keeps it up to about 21 s), or the job would wait forever."""
+    from tests.faulty import DIE_PUBLISHING_THE_MERGE
+
+    scene, path = big_scene
+    flag = IMAGES_ROOT / DIE_PUBLISHING_THE_MERGE
+    flag.touch()
+    try:
+        job = submit(path, "tests.faulty:DiesPublishingTheMerge", batch_size=4)
+        try:
+            result = job.get(timeout=TIMEOUT)
+        except TimeoutError:
+            log = Path(worker.log_file).read_text(errors="replace")[-4000:]
+            pytest.fail(f"job {job.id} never merged after its merge's publisher died; worker log tail:\n{log}")
+        assert not flag.exists(), "no process died publishing the merge: the test did not test anything"
+    finally:
+        flag.unlink(missing_ok=True)
+    assert_each_code_once(result["detections"], scene.truths)
+    assert result["failed_tiles"] == []
+    assert tilerec_keys(redis_server) == []
+
+
 def test_cancel_stops_the_job_and_cleans_the_store(worker, redis_server, big_scene):
     _, path = big_scene
     job = submit(path, "qrcode", batch_size=1)
