@@ -10,6 +10,10 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _flag(name: str, default: str) -> bool:
+    return _env(name, default).strip().lower() not in ("false", "0", "no", "off")
+
+
 broker_url = _env("TILEREC_BROKER_URL", "redis://localhost:6379/0")
 result_backend = _env("TILEREC_RESULT_BACKEND", broker_url)
 
@@ -55,7 +59,7 @@ tilerec_max_pixels = int(_env("TILEREC_MAX_PIXELS", str(40_000 * 40_000)))
 tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
 # Tile tasks read their own windows of a tiled TIFF straight from the file (no pixels through Redis); set "false"
 # when the workers taking the tiles queue do not see the allowed roots at the same paths as the tiling worker.
-tilerec_shared_storage = _env("TILEREC_SHARED_STORAGE", "true").strip().lower() not in ("false", "0", "no", "off")
+tilerec_shared_storage = _flag("TILEREC_SHARED_STORAGE", "true")
 # A result whose JSON is larger than this (bytes) is stored under tilerec:result:<job id> in the tile store, and the
 # result backend gets a summary with `result_ref` (tasks.client.Job.get fetches it). -1: never; 0: always.
 tilerec_result_inline_max_bytes = int(_env("TILEREC_RESULT_INLINE_MAX_BYTES", str(4 * 2**20)))
@@ -68,3 +72,5 @@ tilerec_model_roots = os.pathsep.join(
 tilerec_task_target_ms = float(_env("TILEREC_TASK_TARGET_MS", "200"))
 tilerec_min_tasks = int(_env("TILEREC_MIN_TASKS", "16"))
 tilerec_threads_per_process = int(_env("TILEREC_THREADS_PER_PROCESS", "0"))  # 0: cores / worker processes
+# worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
+tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")

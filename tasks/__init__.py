@@ -31,6 +31,7 @@ from pipeline.inference import (
     recognize_tile,
     windows_of,
 )
+from pipeline.memory import keep_freed_buffers
 from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, parse_options
 from pipeline.recognizers import get_spec, limit_threads, restrict_file_params
@@ -70,6 +71,8 @@ def _set_up_process(**_: Any) -> None:
     processes = int(getattr(_worker, "concurrency", None) or 1)
     limit_threads(app.conf.tilerec_threads_per_process or max(1, (os.cpu_count() or 1) // processes))
     restrict_file_params(images.allowed_roots_from_env(app.conf.tilerec_model_roots))
+    if app.conf.tilerec_keep_freed_buffers:
+        keep_freed_buffers()
 
 
 def _tile_store() -> redis.Redis:
