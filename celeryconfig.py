@@ -67,10 +67,11 @@ tilerec_result_inline_max_bytes = int(_env("TILEREC_RESULT_INLINE_MAX_BYTES", st
 tilerec_model_roots = os.pathsep.join(
     root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root
 )
-# batch_size "auto": about this much recognizer work per tile task (ms), and at least this many tasks per job (set it
-# to 2-4 times the tile worker processes of your cluster, so each gets a share of a job)
-tilerec_task_target_ms = float(_env("TILEREC_TASK_TARGET_MS", "200"))
-tilerec_min_tasks = int(_env("TILEREC_MIN_TASKS", "16"))
+# batch_size "auto": about this much recognizer work per tile task (ms), and at least this many tasks per job; "auto":
+# 4 per live tile worker process (tasks/registry.py), 16 while none is registered
+tilerec_task_target_ms = float(_env("TILEREC_TASK_TARGET_MS", "400"))
+_min_tasks = _env("TILEREC_MIN_TASKS", "auto").strip().lower()
+tilerec_min_tasks = None if _min_tasks == "auto" else int(_min_tasks)
 tilerec_threads_per_process = int(_env("TILEREC_THREADS_PER_PROCESS", "0"))  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
 tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")

@@ -52,7 +52,7 @@ def plan(
     width: int,
     options: JobOptions,
     tile_cost_ms: float | None = None,
-    target_task_ms: float = 200.0,
+    target_task_ms: float = 400.0,
     min_tasks: int = 16,
 ) -> list[list[Window]]:
     """The tile grid cut into task batches: `batch_size` tiles each, or (auto) about `target_task_ms` of work per

@@ -69,7 +69,7 @@ def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list
     return windows
 
 
-def auto_batch_size(tiles: int, tile_cost_ms: float, target_task_ms: float = 200.0, min_tasks: int = 16) -> int:
+def auto_batch_size(tiles: int, tile_cost_ms: float, target_task_ms: float = 400.0, min_tasks: int = 16) -> int:
     """Tiles per task: enough that a task's work dwarfs its overhead (about 8 ms per tile task measured by
     `python -m bench`: messaging, result storage, events, the tile GET), yet at least `min_tasks` tasks (where there
     are that many tiles) so every worker gets a share."""

@@ -10,6 +10,7 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
 Inputs stored by clients: tilerec:input:<uuid> (expire after their TTL).
 Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>, ms per 640x640 tile (expire after a week unused).
 Results too large for the result backend: tilerec:result:<job id>, the result's JSON text (expires with the result).
+Live tile worker processes: tilerec:tile-processes:<tiles queue> (tasks/registry.py).
 """
 
 from __future__ import annotations

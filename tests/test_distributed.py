@@ -9,7 +9,7 @@ import pytest
 from pipeline import recognize_image
 from pipeline.scenes import qr_code, qr_scene
 from pipeline.tiling import grid, tapered_sizes
-from tasks import recognize, store
+from tasks import TASKS_PER_PROCESS, recognize, registry, store
 from tasks.client import put_image, submit
 from tests.conftest import tilerec_keys
 from tests.scenes import assert_each_code_once
@@ -142,7 +142,10 @@ def test_auto_batches_are_sized_from_what_earlier_tiles_cost(worker, redis_serve
     learned = store.get_tile_cost(client, "aruco", params)
     assert 1e6 / 2 < learned < 1e6 / 2 + 1000
     client.delete(*client.scan_iter("tilerec:cost:aruco:*"))
-    store.record_tile_cost(client, "aruco", params, 0.001)  # now nearly free: the 16-task floor decides
+    store.record_tile_cost(client, "aruco", params, 0.001)  # now nearly free: the floor of tasks decides,
+    assert registry.live_processes(client, "tilerec.tiles") == worker.concurrency  # TASKS_PER_PROCESS each
     cheap = recognize.delay(scene_path, "aruco").get(timeout=TIMEOUT)
-    assert cheap["tiling"]["tasks"] == len(tapered_sizes(tiles, math.ceil(tiles / 16)))
+    assert cheap["tiling"]["tasks"] == len(
+        tapered_sizes(tiles, math.ceil(tiles / (TASKS_PER_PROCESS * worker.concurrency)))
+    )
     assert cheap["detections"] == first["detections"]

@@ -67,10 +67,10 @@ def test_bad_options_are_refused_with_the_reason(options, error, message):
 
 def test_auto_batches_follow_the_measured_tile_cost():
     options = parse_options("aruco", {})
-    # 8000² at 640/0.2: 256 tiles. Measured 50 ms a tile: 4 tiles make 200 ms; the estimate (1.5 ms) would allow
-    # 134, so the 16-task floor decides (16 a task); both end in a tapered tail
+    # 8000² at 640/0.2: 256 tiles. Measured 50 ms a tile: 8 tiles make 400 ms; the estimate (1.5 ms) would allow
+    # 267, so the 16-task floor decides (16 a task); both end in a tapered tail
     costly = plan(8000, 8000, options, tile_cost_ms=50.0)
-    assert max(len(batch) for batch in costly) == 4 and len(costly[-1]) == 1
+    assert max(len(batch) for batch in costly) == 8 and len(costly[-1]) == 1
     cheap = plan(8000, 8000, options)
     assert max(len(batch) for batch in cheap) == 16
     assert all(len(batch) == 1 for batch in plan(8000, 8000, options, tile_cost_ms=50.0, min_tasks=256))

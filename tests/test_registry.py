@@ -1,0 +1,67 @@
+"""The tile worker registry, for real: worker nodes register their processes in Redis while they consume the tiles
+queue, and a job's automatic batches give every live process its share. A Redis and workers of their own, so no
+other test's workers are counted."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+from celery import Celery
+
+from celeryconfig import tilerec_task_target_ms
+from pipeline.inference import plan
+from pipeline.options import parse_options
+from pipeline.scenes import code_scene
+from tasks import MIN_TASKS_UNKNOWN, TASKS_PER_PROCESS, registry
+from tasks.local import RedisServer, Worker
+from tests.conftest import IMAGES_ROOT
+from tests.scenes import assert_each_code_once
+
+TILES_QUEUE = "tilerec.tiles"
+TILE_PROCESSES = 3
+
+
+def test_live_tile_processes_set_how_many_tasks_a_job_gets(tmp_path):
+    scene = code_scene(4000, 4000, kinds=("aruco",), seed=11)
+    path = IMAGES_ROOT / "registry-scene.png"
+    cv2.imwrite(str(path), scene.image)
+    options = parse_options("aruco", {})
+    expected_tasks = len(plan(4000, 4000, options, None, tilerec_task_target_ms, TASKS_PER_PROCESS * TILE_PROCESSES))
+    assert expected_tasks != len(plan(4000, 4000, options, None, tilerec_task_target_ms, MIN_TASKS_UNKNOWN)), (
+        "the scene tells apart"
+    )
+
+    with RedisServer() as server:
+        client = server.client()
+        env = {"TILEREC_RESULT_BACKEND": server.url, "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT)}
+        jobs = Worker(server.url, 1, queues=["tilerec"], env=env, log_file=str(tmp_path / "jobs.log"))
+        tiles = Worker(server.url, TILE_PROCESSES, queues=[TILES_QUEUE], env=env, log_file=str(tmp_path / "tiles.log"))
+        jobs.start(wait=False)
+        tiles.start(wait=False)
+        try:
+            jobs.wait_ready()
+            tiles.wait_ready()
+            # the jobs-only node is not counted: it never takes a tile task
+            assert registry.live_processes(client, TILES_QUEUE) == TILE_PROCESSES
+
+            caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
+            caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+            result = caller.send_task("tilerec.recognize", args=[str(path), "aruco"], queue="tilerec").get(timeout=120)
+            caller.close()
+            assert result["tiling"]["tasks"] == expected_tasks
+            assert_each_code_once(result["detections"], scene.truths)
+
+            # a node that died without unregistering lapses
+            registry.register(client, TILES_QUEUE, "dead@elsewhere", 5, lapse_s=0.5)
+            assert registry.live_processes(client, TILES_QUEUE) == TILE_PROCESSES + 5
+            time.sleep(0.7)
+            assert registry.live_processes(client, TILES_QUEUE) == TILE_PROCESSES
+            assert client.hkeys(registry.registry_key(TILES_QUEUE)) == [tiles.hostname.encode()]
+
+            tiles.stop()
+            assert registry.live_processes(client, TILES_QUEUE) == 0
+            assert not client.exists(registry.registry_key(TILES_QUEUE)), "a stopped cluster leaves nothing behind"
+        finally:
+            tiles.stop()
+            jobs.stop()
