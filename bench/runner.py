@@ -431,7 +431,7 @@ def batch_curve(runner: Runner, scenes: list[SceneFile]) -> None:
 
 WHATIF_CONFIGS: dict[str, dict[str, Any]] = {
     "no task-sent events": {"task_send_sent_event": False},
-    "no task events at all (Flower sees nothing)": {"task_send_sent_event": False, "worker_send_task_events": False},
+    "task events on (as while Flower watches)": {"worker_send_task_events": True},
 }
 INPUT_NPY = "input as .npy (no decode)"
 

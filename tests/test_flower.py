@@ -18,6 +18,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -31,6 +32,7 @@ from tests.conftest import IMAGES_ROOT
 from tests.scenes import assert_each_code_once
 
 TIMEOUT = 120
+ENABLED_BY_FLOWER = "Events of group {task} enabled by remote"  # what a worker logs when a monitor turns them on
 USER, PASSWORD = "watcher", "s3cret-flower"
 NAMES = ("tilerec.recognize", "tilerec.recognize_tiles", "tilerec.merge")
 PIXELS = re.compile(r"(?<!\w)b['\"]|\\x[0-9a-f]{2}|array\(")  # a bytes literal, escaped bytes, a NumPy array
@@ -93,6 +95,8 @@ def flower(worker, redis_server, tmp_path_factory):
         _wait(up, 30, "flower", process)
         # its event receiver is listening once it has heard the worker's heartbeat (every 2 s)
         _wait(lambda: running.metric("flower_worker_online", worker=worker.hostname) == 1.0, 30, "flower events")
+        # the worker sends no task events until a monitor asks: Flower does, within 5 s of starting
+        _wait(lambda: ENABLED_BY_FLOWER in Path(worker.log_file).read_text(), 30, "flower to enable task events")
         yield running
     finally:
         _stop(process, 10)
