@@ -23,7 +23,9 @@ import redis
 
 from pipeline.recognizers import available
 from pipeline.scenes import Scene, Truth, qr_scene
-from tasks.cli import CliError, output_path, parse_param, parse_size, worker_command
+from tasks.cli.clusters import worker_command
+from tasks.cli.errors import CliError
+from tasks.cli.inputs import output_path, parse_param, parse_size
 from tasks.local import RedisServer, Worker, free_port
 
 CLI = [sys.executable, "-m", "tasks.cli"]
@@ -452,7 +454,7 @@ def test_size_parsing() -> None:
 
 
 def test_output_paths_for_several_images(tmp_path: Path) -> None:
-    from tasks.cli import Target
+    from tasks.cli.inputs import Target
 
     target = Target("in/a.png", tmp_path / "a.png")
     assert output_path("out.png", target, 0, 1) == Path("out.png")

@@ -1,0 +1,5 @@
+import sys
+
+from tasks.cli.commands import main
+
+sys.exit(main())

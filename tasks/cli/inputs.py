@@ -1,0 +1,125 @@
+"""The command line's arguments and input images, checked before any cluster starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from pipeline import images
+from pipeline.options import JOB_OPTIONS, parse_options
+from tasks.cli.errors import CliError
+
+
+def parse_param(pair: str) -> tuple[str, Any]:
+    """`key=value`, the value read as JSON when it is JSON (numbers, true, lists), else kept as a string."""
+    key, sep, value = pair.partition("=")
+    if not sep or not key.strip():
+        raise CliError(f"--param wants key=value, got {pair!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`4000x3000` to (width, height); argparse turns the ValueError into a usage error."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit() or int(width) <= 0 or int(height) <= 0:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT in pixels, e.g. 4000x3000, got {text!r}")
+    return int(width), int(height)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0, got {text!r}")
+    return int(text)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def job_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's keyword options from the flags the user set (unset flags keep the pipeline's defaults), checked
+    here with the workers' own parser so a bad option fails before any cluster starts."""
+    options: dict[str, Any] = {
+        name: getattr(args, name) for name in JOB_OPTIONS if getattr(args, name, None) is not None
+    }
+    params = dict(parse_param(pair) for pair in args.param or [])
+    if params:
+        options["params"] = params
+    try:
+        parse_options(args.recognizer, options)
+    except ValueError as error:  # OptionsError, RecognizerError
+        raise CliError(str(error)) from None
+    return options
+
+
+@dataclass(frozen=True)
+class Target:
+    """One input image: the name the user gave (for messages and outputs) and its real absolute path."""
+
+    given: str
+    path: Path
+
+
+def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Target:
+    """Fail early, in this process, for a missing, unreadable or non-image file, rather than as a job error later."""
+    path = Path(given).expanduser()
+    try:
+        real = path.resolve(strict=True)
+        data = real.read_bytes()
+    except FileNotFoundError:
+        raise CliError(f"cannot read image {given!r}: no such file") from None
+    except IsADirectoryError:
+        raise CliError(f"cannot read image {given!r}: it is a directory") from None
+    except OSError as error:
+        raise CliError(f"cannot read image {given!r}: {error.strerror or error}") from None
+    try:
+        size = images.header_size(data)
+        if size is not None:
+            images.check_pixels(*size, max_pixels)
+        elif not data.startswith(images.NPY_MAGIC) and not cv2.haveImageReader(str(real)):
+            raise images.ImageError("it is not an image format OpenCV can read")
+    except images.ImageError as error:
+        raise CliError(f"cannot use image {given!r}: {error}") from None
+    return Target(given, real)
+
+
+def output_path(template: str, target: Target, index: int, count: int) -> Path:
+    """Where one image's output goes: the path itself for one image; for several, `{stem}`, `{name}` and `{index}`
+    in the path are filled in, or else `-STEM` is put before the suffix."""
+    if count == 1:
+        return Path(template)
+    if "{" in template:
+        try:
+            return Path(template.format(stem=target.path.stem, name=target.path.name, index=index + 1))
+        except (KeyError, IndexError, ValueError) as error:
+            raise CliError(f"bad output template {template!r}: use {{stem}}, {{name}} or {{index}} ({error})") from None
+    path = Path(template)
+    return path.with_name(f"{path.stem}-{target.path.stem}{path.suffix}")
+
+
+def annotate_paths(template: str | None, targets: Sequence[Target]) -> list[Path]:
+    """Checked before any work: a format OpenCV can write, and one distinct file per image."""
+    if template is None:
+        return []
+    paths = [output_path(template, target, i, len(targets)) for i, target in enumerate(targets)]
+    if len(set(paths)) != len(paths):
+        raise CliError(f"--annotate {template!r} gives two images the same file; put {{index}} in it")
+    for path in paths:
+        if not cv2.haveImageWriter(str(path)):
+            raise CliError(f"--annotate {str(path)!r}: OpenCV cannot write that format (use .png or .jpg)")
+    return paths
