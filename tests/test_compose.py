@@ -33,7 +33,7 @@ import yaml
 from celery import Celery
 from packaging.specifiers import SpecifierSet
 
-from tasks.cli import worker_command
+from tasks.cli.clusters import worker_command
 from tasks.local import Worker, _die_with_parent, _stop, _wait, find_redis_server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ def celery_context(argv: list[str]) -> click.Context:
 
 
 def tilerec_worker(argv: list[str]) -> click.Context:
-    """`tilerec worker ARGS` as tasks.cli turns it into `celery -A tasks worker ARGS`, then celery's parse."""
+    """`tilerec worker ARGS` as tasks.cli.clusters turns it into `celery -A tasks worker ARGS`, then celery's parse."""
     assert argv[:2] == ["tilerec", "worker"], argv
     assert "tilerec" in PYPROJECT["project"]["scripts"]
     command, _ = worker_command(argv[2:])
