@@ -73,6 +73,8 @@ tilerec_model_roots = os.pathsep.join(
 # 4 per live tile worker process (tasks/registry.py), 16 while none is registered
 tilerec_task_target_ms = float(_env("TILEREC_TASK_TARGET_MS", "400"))
 _min_tasks = _env("TILEREC_MIN_TASKS", "auto").strip().lower()
+if _min_tasks != "auto" and not (_min_tasks.isdigit() and int(_min_tasks) >= 1):
+    raise ValueError(f"TILEREC_MIN_TASKS must be 'auto' or a whole number of at least 1, got {_min_tasks!r}")
 tilerec_min_tasks = None if _min_tasks == "auto" else int(_min_tasks)
 tilerec_threads_per_process = int(_env("TILEREC_THREADS_PER_PROCESS", "0"))  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults

@@ -103,7 +103,7 @@ class TileProcessRegistry(bootsteps.StartStopStep):
                 register(_client(worker), queue, worker.hostname, worker.pool.num_processes, LAPSE_S)
             else:  # e.g. the queue was cancelled with `celery control cancel_consumer`
                 unregister(_client(worker), queue, worker.hostname)
-        except redis.RedisError as error:  # jobs fall back to TILEREC_MIN_TASKS' default meanwhile
+        except redis.RedisError as error:  # the node lapses meanwhile: jobs size their tasks for the others
             log.warning("could not register %s in the tile worker registry: %s", worker.hostname, error)
 
 

@@ -4,9 +4,13 @@ other test's workers are counted."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import cv2
+import pytest
 from celery import Celery
 
 from celeryconfig import tilerec_task_target_ms
@@ -65,3 +69,19 @@ def test_live_tile_processes_set_how_many_tasks_a_job_gets(tmp_path):
         finally:
             tiles.stop()
             jobs.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_a_bad_min_tasks_setting_stops_the_worker_with_the_reason(value):
+    env = {**os.environ, "TILEREC_MIN_TASKS": value}
+    loaded = subprocess.run([sys.executable, "-c", "import celeryconfig"], env=env, capture_output=True, text=True)
+    assert loaded.returncode != 0
+    assert f"TILEREC_MIN_TASKS must be 'auto' or a whole number of at least 1, got '{value}'" in loaded.stderr
+
+
+def test_min_tasks_is_auto_by_default_or_the_number_given():
+    code = "import celeryconfig; print(celeryconfig.tilerec_min_tasks)"
+    for value, parsed in (("", "None"), ("auto", "None"), (" AUTO ", "None"), ("5", "5")):
+        env = {**os.environ, "TILEREC_MIN_TASKS": value}
+        shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout
+        assert shown == parsed + "\n", value
