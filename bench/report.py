@@ -50,13 +50,13 @@ def header(results: dict[str, Any], command: str) -> str:
     load_end = "/".join(f"{x:.2f}" for x in m.get("load_average_end", m["load_average_start"]))
     capacity = [m.get("cpu_capacity_start"), m.get("cpu_capacity_end")]
     capacity_text = " → ".join(_f(c) for c in capacity if c is not None)
-    busy = max(m["load_average_start"][0], m.get("load_average_end", [0])[0]) > 0.5 or any(
-        c is not None and c < 0.85 * m["cores"] for c in capacity
-    )
+    # the load average at the end is the benchmark's own load; before it starts, and the calibration loop run at
+    # the start and at the end, tell whether other processes competed
+    busy = m["load_average_start"][0] > 0.5 or any(c is not None and c < 0.85 * m["cores"] for c in capacity)
     warning = (
-        f"\n> **Noisy machine**: the load average was {load_start} at the start and {load_end} at the end, and "
-        f"{m['cores']} busy processes got {capacity_text} cores' worth of CPU (a {m['cores']}-process calibration "
-        "loop against one alone): other processes competed for the CPU, so the ratios understate what W processes "
+        f"\n> **Noisy machine**: the load average was {load_start} before the run, and {m['cores']} busy processes "
+        f"got {capacity_text} cores' worth of CPU (a {m['cores']}-process calibration loop against one alone, at the "
+        "start and at the end): other processes competed for the CPU, so the ratios understate what W processes "
         "get on a quiet machine. Rerun there before quoting.\n"
         if busy
         else ""
