@@ -37,7 +37,7 @@ task_routes = {
 # A task is acknowledged after it ran, and handed back if its worker dies, so no tile is lost to a crash.
 task_acks_late = True
 task_reject_on_worker_lost = True
-worker_prefetch_multiplier = 1
+worker_prefetch_multiplier = int(_env("TILEREC_PREFETCH_MULTIPLIER", "1"))
 visibility_timeout = int(_env("TILEREC_VISIBILITY_TIMEOUT", "3600"))
 broker_transport_options = {"visibility_timeout": visibility_timeout}
 result_backend_transport_options = {"visibility_timeout": visibility_timeout}

@@ -7,6 +7,9 @@ one JSON line back.
 Modes: "tiled" is `pipeline.recognize_image` (same tiles and merge as tilerec: what SAHI does); "whole" calls the
 recognizer once on the whole image (no tiling, no merge). Threads: "default" leaves the libraries' pools as they
 come (what a SAHI user gets); a number caps OpenCV and ONNX Runtime to it (1: the per-core compute limit).
+`run_together` starts W one-thread interpreters that share the same tiles, each taking the next one not yet taken:
+the recognition stage with a perfect split and no Celery at all, so the hardware's own limit on W processes (cores
+shared with hyperthreads, memory bandwidth, other tenants) shows apart from what tilerec adds.
 Every variant keeps freed buffers (`pipeline.memory`), as tilerec's worker processes do: without it glibc faults
 fresh pages in for each tile's buffers (barcode: 360 thousand faults, 28 % slower), and the ratios would credit
 distribution with what is an allocator setting.
@@ -126,6 +129,80 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "reps_identical": identical,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "opencv_threads": cv2.getNumThreads(),
+    }
+
+
+def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any) -> None:
+    """One process of the ceiling: load and warm up, wait for the others, then take the next tile not yet taken
+    until none is left (the dynamic split of an ideal scheduler that costs nothing)."""
+    try:
+        from pipeline.memory import keep_freed_buffers
+
+        keep_freed_buffers()
+        _set_threads(1)
+        from pipeline.images import decode
+        from pipeline.inference import blank, recognize_tile, windows_of
+        from pipeline.options import parse_options
+        from pipeline.sources import ArraySource, open_source
+
+        recognizer, options = spec["recognizer"], spec.get("options", {})
+        path = Path(spec["image"])
+        source = open_source(path) if path.suffix in (".tif", ".tiff") else ArraySource(decode(path.read_bytes()))
+        parsed = parse_options(recognizer, options)
+        width, height = source.width, source.height
+        windows = windows_of(height, width, parsed)
+        _warm_up(recognizer, options)
+        start.wait()
+        started, cpu0, tiles = time.time(), time.process_time(), 0
+        while True:
+            with next_tile.get_lock():
+                index = next_tile.value
+                next_tile.value += 1
+            if index >= len(windows):
+                break
+            tile = source.read(windows[index])  # then what recognize_source does per tile
+            if not blank(tile, parsed):
+                recognize_tile(tile, windows[index], parsed, width, height)
+            tiles += 1
+        out.put({"start": started, "end": time.time(), "cpu_s": time.process_time() - cpu0, "tiles": tiles})
+    except Exception as error:  # reported as data, like run_in_subprocess
+        start.abort()
+        out.put({"error": f"{type(error).__name__}: {error}"[:300]})
+
+
+def run_together(spec: dict[str, Any], workers: int, timeout: float) -> dict[str, Any]:
+    """The hardware ceiling of the recognition stage: `workers` fresh one-thread interpreters share the tiles, released
+    at once when all are loaded. The stage runs from the first start to the last end."""
+    import multiprocessing
+    import queue
+
+    context = multiprocessing.get_context("spawn")
+    start, next_tile, out = context.Barrier(workers), context.Value("l", 0), context.Queue()
+    procs = [context.Process(target=_share, args=(spec, start, next_tile, out)) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    parts: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(parts) < workers:
+            try:
+                parts.append(out.get(timeout=1.0))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    return {"error": f"timed out after {timeout:.0f} s", "timed_out": True}
+                if any(proc.exitcode not in (None, 0) for proc in procs):
+                    return {"error": "a share process died before it reported"}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.join()
+    if any("error" in part for part in parts):
+        return {"error": next(part["error"] for part in parts if "error" in part)}
+    return {
+        "recognize_s": max(p["end"] for p in parts) - min(p["start"] for p in parts),
+        "share_s": [p["end"] - p["start"] for p in parts],
+        "cpu_s": sum(p["cpu_s"] for p in parts),
+        "tiles": sum(p["tiles"] for p in parts),
     }
 
 

@@ -80,8 +80,8 @@ def header(results: dict[str, Any], command: str) -> str:
 
 
 def targets_section(summary: dict[str, Any]) -> str:
-    rows = [[t["target"], t["goal"], _f(t["value"], 2), _met(t["met"])] for t in summary["targets"]]
-    return "## Targets\n\n" + _table(["what", "target", "measured", ""], rows)
+    rows = [[t["target"], t["goal"], _f(t["value"], 2), _met(t["met"]), t["note"]] for t in summary["targets"]]
+    return "## Targets\n\n" + _table(["what", "target", "measured", "", "note"], rows)
 
 
 def accuracy_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
@@ -150,6 +150,7 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
             serial = (
                 f"serial {_f(e['serial_s'])} s ({_f(100 * (e['serial_share'] or 0), 0)} %); "
                 f"recognizer ×{_f(e.get('recognizer_inflation'))} per tile"
+                + (f"; hardware ceiling {_f(e['ceiling_efficiency'])}" if e.get("ceiling_efficiency") else "")
             )
             ratios = [
                 _f(e[k]) for k in ("speedup_vs_single", "speedup_vs_default", "efficiency", "recognition_efficiency")
@@ -164,6 +165,8 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
         "Medians of the repetitions. Speedup = in-process time / tilerec time; efficiency = speedup over the "
         "1-thread in-process run / W; recognition efficiency = 1-thread in-process recognizer time / (W × tilerec's "
         "recognition-stage wall time). Serial = queue + load + decode + store + dispatch of the tiling task. "
+        "Hardware ceiling: the recognition efficiency of W one-thread processes that share the tiles perfectly, with "
+        "no Celery at all, measured beside each run (below 1: the W processes slow each other on this machine). "
         "Recognizer ×: the workers' summed per-tile recognizer time over the 1-thread in-process one (above 1: the "
         "W processes did not each get a whole core, or the tile GET, which the workers' per-tile time includes, "
         "adds up).\n\n"
@@ -425,6 +428,12 @@ def _speed_notes(row: dict[str, Any]) -> list[str]:
             f"tasks × ({e['in_task_overhead_ms']:.1f} ms inside each task outside the recognizer + "
             f"{e['between_tasks_ms']:.1f} ms idle between tasks), and per-tile recognizer time "
             f"×{_f(e.get('recognizer_inflation'))} the 1-thread in-process one."
+        )
+    if e.get("ceiling_recognition_s"):
+        notes.append(
+            f"{w} one-thread processes sharing the same tiles perfectly, with no Celery, took "
+            f"{e['ceiling_recognition_s']:.2f} s for this stage (efficiency {_f(e['ceiling_efficiency'])}: the "
+            f"machine's own limit for {w} processes); tilerec took ×{_f(1 / e['share_of_ceiling'])} that."
         )
     return notes
 

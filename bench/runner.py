@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bench import anatomy, storage
 from bench.cluster import Cluster, JobRun, stages, timeline
 from bench.config import Profile, cores
-from bench.inprocess import run_in_subprocess
+from bench.inprocess import run_in_subprocess, run_together
 from bench.scenes import CODE_KIND, PHOTO_KINDS, SceneFile, one_tile_image, scene_file
 from pipeline.model import Detections
 from pipeline.scenes import Truth, placement_of, score
@@ -268,6 +268,30 @@ class Runner:
         self.cluster(workers).warm(str(image), recognizer, self.bench.options(), self.bench.profile.job_timeout_s)
         self.bench.warmed.add((workers, recognizer))
 
+    def ceiling(self, scene: SceneFile, recognizer: str, workers: int, rep: int) -> dict[str, Any]:
+        """The recognition stage with `workers` one-thread processes, a perfect split and no Celery: what the
+        hardware allows W processes here, for tilerec's recognition efficiency to be read against."""
+        self.step(f"{scene.name} {recognizer}: ceiling W={workers}")
+        spec = {"image": str(scene.path), "recognizer": recognizer, "options": self.bench.options()}
+        out = run_together(spec, workers, self.bench.profile.job_timeout_s)
+        record: dict[str, Any] = {
+            "phase": "ceiling",
+            "scene": scene.name,
+            "input": input_format(scene.path),
+            "recognizer": recognizer,
+            "variant": f"ceiling-W{workers}",
+            "workers": workers,
+            "threads": 1,
+            "rep": rep,
+        }
+        self.advance()
+        if "error" in out:
+            record["error"] = out["error"]
+        else:
+            record.update(wall_s=out["recognize_s"], timings=out, tiles=out["tiles"])
+        self.runs.append(record)
+        return record
+
     def distributed(
         self,
         scene: SceneFile | Path,
@@ -412,6 +436,8 @@ def accuracy_and_speed(runner: Runner, scenes: list[SceneFile]) -> None:
                         runner.in_process(source, recognizer, "tiled", 1, 1, "speed")
                         for workers in profile.workers:
                             runner.distributed(source, recognizer, workers, "speed", rep)
+                            if workers > 1:
+                                runner.ceiling(source, recognizer, workers, rep)
             else:
                 runner.in_process(scene, recognizer, "tiled", matching_threads, 1, "accuracy")
                 runner.distributed(scene, recognizer, bench.max_workers, "accuracy")

@@ -93,3 +93,24 @@ def test_code_scenes_are_seeded_and_put_objects_on_seams_and_edges():
     for truth in first.truths:  # whatever its placement, some tile holds it whole
         x, y, w, h = truth.box
         assert any(t.x <= x and x + w <= t.x2 and t.y <= y and y + h <= t.y2 for t in windows), truth
+
+
+def test_the_hardware_ceiling_shares_every_tile_once_between_its_processes(tmp_path):
+    import cv2
+
+    from bench.inprocess import run_together
+    from pipeline.scenes import code_scene
+
+    image = tmp_path / "scene.png"
+    cv2.imwrite(str(image), code_scene(1800, 1000, kinds=("aruco",), seed=1).image)
+    out = run_together({"image": str(image), "recognizer": "aruco", "options": {}}, 2, timeout=120)
+    # 640-pixel tiles, 20 % overlap: columns at x = 0, 512, 1024 and 1160 (flush right), rows at y = 0 and 360
+    assert out["tiles"] == 8, out
+    assert len(out["share_s"]) == 2 and 0 < max(out["share_s"]) <= out["recognize_s"]
+
+
+def test_the_hardware_ceiling_reports_a_process_that_failed(tmp_path):
+    from bench.inprocess import run_together
+
+    out = run_together({"image": str(tmp_path / "missing.png"), "recognizer": "aruco", "options": {}}, 2, timeout=120)
+    assert "missing.png" in out["error"] and "timed_out" not in out
