@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from itertools import pairwise
 from typing import Any
 
 STAGES = (
@@ -155,11 +156,21 @@ def speed(runs: list[dict[str, Any]], workers: list[int]) -> list[dict[str, Any]
             if busy is not None and entry["recognize_sum_s"] is not None and rec_wall:
                 # inside a task but outside the recognizer (tile GET, store round trips, result + chord counting)
                 entry["in_task_overhead_ms"] = 1000 * (busy - entry["recognize_sum_s"]) / tasks
-                # between tasks in a process (ack, next message): idle lane time over the recognition stage
-                entry["between_tasks_ms"] = 1000 * max(0.0, rec_wall * w - busy) / tasks
+                # between two tasks of one process (ack, next message), read off each process's own timeline
+                gaps = _median([s.get("idle_between") for s in staged])
+                processes = _median([s.get("tile_processes") for s in staged]) or w
+                entry["between_tasks_ms"] = 1000 * gaps / max(1, tasks - processes) if gaps is not None else None
+                # idle at the stage's ends, all processes: a late first task (the tiling task's process publishes
+                # the chord meanwhile) and an early last one (the others still run theirs)
+                entry["idle_start_ms"] = _ms(_median([s.get("idle_lead") for s in staged]))
+                entry["idle_end_ms"] = _ms(_median([s.get("idle_tail") for s in staged]))
             row["by_workers"][str(w)] = entry
         rows.append(row)
     return rows
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -357,6 +368,28 @@ def _upgrade(runs: list[dict[str, Any]]) -> None:
         if stages and "read_decode" not in stages and "load" in stages:
             stages["read_decode"] = stages.pop("load") + stages.pop("decode")
             stages.setdefault("publish_total", stages["dispatch"])
+        if stages and "idle_lead" not in stages and run.get("timeline"):  # written before idle_time existed
+            rows = [r for r in run["timeline"] if r["task"] == "recognize_tiles" and r["start"] is not None]
+            stages.update(idle_time([(r["process"], r["start"], r["end"]) for r in rows if r["end"] is not None]))
+
+
+def idle_time(spans: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Idle time of the processes that ran tile tasks (process, start, end) during the recognition stage, summed
+    over processes, by where it falls: before a process's first task (the tiling task's process is still publishing
+    the chord), between two of its tasks (the ack and the next message), after its last (the others still run)."""
+    if not spans:
+        return {"idle_lead": 0.0, "idle_between": 0.0, "idle_tail": 0.0, "tile_processes": 0}
+    first, last = min(start for _, start, _ in spans), max(end for _, _, end in spans)
+    by_process: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for process, start, end in spans:
+        by_process[process].append((start, end))
+    lead = between = tail = 0.0
+    for lane in by_process.values():
+        lane.sort()
+        lead += lane[0][0] - first
+        tail += last - lane[-1][1]
+        between += sum(max(0.0, b[0] - a[1]) for a, b in pairwise(lane))
+    return {"idle_lead": lead, "idle_between": between, "idle_tail": tail, "tile_processes": len(by_process)}
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:

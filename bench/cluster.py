@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from bench.analysis import idle_time
 from tasks.local import LocalCluster
 
 JOBS_QUEUE = "tilerec"
@@ -239,6 +240,7 @@ def stages(run: JobRun) -> dict[str, float] | None:
     parts["publish_total"] = max(0.0, tiling_end - stored)  # the whole publishing, overlapped or not
     parts["tile_task_busy"] = sum((s.end or 0) - (s.start or 0) for s in tiles)
     parts["recognize_sum"] = timings["recognize_s"]
+    parts.update(idle_time([(s.process, s.start or first_start, s.end or last_end) for s in tiles]))
     return parts
 
 
@@ -261,6 +263,10 @@ def _inline_stages(run: JobRun, tiling: TaskSpan) -> dict[str, float]:
         "publish_total": 0.0,
         "tile_task_busy": 0.0,
         "recognize_sum": timings["recognize_s"],
+        "idle_lead": 0.0,
+        "idle_between": 0.0,
+        "idle_tail": 0.0,
+        "tile_processes": 1,
     }
 
 

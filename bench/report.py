@@ -156,7 +156,8 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
                 _f(e[k]) for k in ("speedup_vs_single", "speedup_vs_default", "efficiency", "recognition_efficiency")
             ]
             rows.append([*base, f"tilerec W={w} ({e['tasks']} tasks)", _f(e["wall_s"]), *ratios, serial])
-            per_task = [_f(e.get("in_task_overhead_ms"), 1), _f(e.get("between_tasks_ms"), 1)]
+            per_task = [_f(e.get(k), 1) for k in ("in_task_overhead_ms", "between_tasks_ms")]
+            per_task.append(f"{_f(e.get('idle_start_ms'), 0)} + {_f(e.get('idle_end_ms'), 0)}")
             stages = [_f(1000 * (e["stages"].get(s) or 0), 0) for s in STAGES]
             label = f"{row['recognizer']} ({row.get('input', 'PNG')})"
             stage_rows.append([label, w, *stages, _f(1000 * (e["recognize_sum_s"] or 0), 0), *per_task])
@@ -190,9 +191,12 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
     text += (
         "Σ recognizer: the recognizer's own time summed over tiles. Per task: in-task overhead = task runtime minus "
         "its recognizer time (tile GET, store round trips, result and chord bookkeeping); between tasks = idle time "
-        "of a worker process between its tasks during the recognition stage (ack, fetching the next message).\n\n"
+        "of a worker process between two of its tasks (ack, fetching the next message). Idle at start + end: all "
+        "processes' idle time before their first tile task (the tiling task's process publishes the chord "
+        "meanwhile) and after their last (the others still run theirs).\n\n"
     )
-    header = ["recognizer", "W", *STAGES, "Σ recognizer", "in-task overhead ms/task", "between tasks ms/task"]
+    header = ["recognizer", "W", *STAGES, "Σ recognizer", "in-task overhead ms/task", "between tasks ms"]
+    header.append("idle at start + end ms")
     text += _table(header, stage_rows)
     for name, caption in (("stages", "where the time goes"), ("timeline", "one job, one lane per worker process")):
         if name in plots:
@@ -425,8 +429,10 @@ def _speed_notes(row: dict[str, Any]) -> list[str]:
     if e.get("in_task_overhead_ms") is not None:
         notes.append(
             f"Its recognition stage took {st['recognition']:.2f} s, {excess:.2f} s over the ideal: {e['tasks']} "
-            f"tasks × ({e['in_task_overhead_ms']:.1f} ms inside each task outside the recognizer + "
-            f"{e['between_tasks_ms']:.1f} ms idle between tasks), and per-tile recognizer time "
+            f"tasks × {e['in_task_overhead_ms']:.1f} ms inside each task outside the recognizer, "
+            f"{_f(e.get('between_tasks_ms'), 1)} ms idle between two tasks of a process, "
+            f"{_f(e.get('idle_start_ms'), 0)} ms idle before the processes' first tasks and "
+            f"{_f(e.get('idle_end_ms'), 0)} ms after their last (all processes), and per-tile recognizer time "
             f"×{_f(e.get('recognizer_inflation'))} the 1-thread in-process one."
         )
     if e.get("ceiling_recognition_s"):
