@@ -114,3 +114,14 @@ def test_the_hardware_ceiling_reports_a_process_that_failed(tmp_path):
 
     out = run_together({"image": str(tmp_path / "missing.png"), "recognizer": "aruco", "options": {}}, 2, timeout=120)
     assert "missing.png" in out["error"] and "timed_out" not in out
+
+
+def test_idle_time_is_split_into_before_between_and_after_each_process_tasks():
+    from bench.analysis import idle_time
+
+    spans = [("p1", 0.0, 1.0), ("p2", 2.1, 2.6), ("p1", 1.5, 3.0), ("p2", 0.2, 2.0)]  # in no particular order
+    idle = idle_time(spans)
+    # p1 starts first and ends last; p2 starts 0.2 late, waits 0.1 between its tasks and ends 0.4 early
+    assert idle["tile_processes"] == 2
+    assert math.isclose(idle["idle_lead"], 0.2) and math.isclose(idle["idle_tail"], 0.4)
+    assert math.isclose(idle["idle_between"], 0.5 + 0.1)
