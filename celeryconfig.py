@@ -10,6 +10,19 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _number(name: str, default: float, minimum: float, kind: type = int) -> float:
+    """The setting as a number of at least `minimum`, or the worker (and any app loading this) stops saying why."""
+    raw = _env(name, str(default)).strip()
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what} of at least {minimum}, got {raw!r}")
+    return value
+
+
 def _flag(name: str, default: str) -> bool:
     return _env(name, default).strip().lower() not in ("false", "0", "no", "off")
 
@@ -37,14 +50,14 @@ task_routes = {
 # A task is acknowledged after it ran, and handed back if its worker dies, so no tile is lost to a crash.
 task_acks_late = True
 task_reject_on_worker_lost = True
-worker_prefetch_multiplier = int(_env("TILEREC_PREFETCH_MULTIPLIER", "1"))
-visibility_timeout = int(_env("TILEREC_VISIBILITY_TIMEOUT", "3600"))
+worker_prefetch_multiplier = _number("TILEREC_PREFETCH_MULTIPLIER", 1, 0)  # 0: no limit (Celery)
+visibility_timeout = _number("TILEREC_VISIBILITY_TIMEOUT", 3600, 1)
 broker_transport_options = {"visibility_timeout": visibility_timeout}
 result_backend_transport_options = {"visibility_timeout": visibility_timeout}
 broker_connection_retry_on_startup = True
 
 # Results: kept a day; extended so Flower and other apps see task names and arguments.
-result_expires = int(_env("TILEREC_RESULT_EXPIRES", str(24 * 3600)))
+result_expires = _number("TILEREC_RESULT_EXPIRES", 24 * 3600, 0)
 result_extended = True
 task_track_started = True
 
@@ -56,26 +69,26 @@ task_send_sent_event = True
 
 # tilerec's own settings (not Celery's): where tiles are stored and for how long, and what input is accepted.
 tilerec_store_url = _env("TILEREC_STORE_URL", result_backend)
-tilerec_tile_ttl = int(_env("TILEREC_TILE_TTL", "3600"))
-tilerec_max_pixels = int(_env("TILEREC_MAX_PIXELS", str(40_000 * 40_000)))
+tilerec_tile_ttl = _number("TILEREC_TILE_TTL", 3600, 1)
+tilerec_max_pixels = _number("TILEREC_MAX_PIXELS", 40_000 * 40_000, 1)
 tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
 # Tile tasks read their own windows of a tiled TIFF straight from the file (no pixels through Redis); set "false"
 # when the workers taking the tiles queue do not see the allowed roots at the same paths as the tiling worker.
 tilerec_shared_storage = _flag("TILEREC_SHARED_STORAGE", "true")
 # A result whose JSON is larger than this (bytes) is stored under tilerec:result:<job id> in the tile store, and the
 # result backend gets a summary with `result_ref` (tasks.client.Job.get fetches it). -1: never; 0: always.
-tilerec_result_inline_max_bytes = int(_env("TILEREC_RESULT_INLINE_MAX_BYTES", str(4 * 2**20)))
+tilerec_result_inline_max_bytes = _number("TILEREC_RESULT_INLINE_MAX_BYTES", 4 * 2**20, -1)
 # files a job may name as recognizer parameters (models, label lists): only under these folders (os.pathsep list)
 tilerec_model_roots = os.pathsep.join(
     root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root
 )
 # batch_size "auto": about this much recognizer work per tile task (ms), and at least this many tasks per job; "auto":
 # 4 per live tile worker process (tasks/registry.py), 16 while none is registered
-tilerec_task_target_ms = float(_env("TILEREC_TASK_TARGET_MS", "400"))
+tilerec_task_target_ms = _number("TILEREC_TASK_TARGET_MS", 400, 1, float)
 _min_tasks = _env("TILEREC_MIN_TASKS", "auto").strip().lower()
 if _min_tasks != "auto" and not (_min_tasks.isdigit() and int(_min_tasks) >= 1):
     raise ValueError(f"TILEREC_MIN_TASKS must be 'auto' or a whole number of at least 1, got {_min_tasks!r}")
 tilerec_min_tasks = None if _min_tasks == "auto" else int(_min_tasks)
-tilerec_threads_per_process = int(_env("TILEREC_THREADS_PER_PROCESS", "0"))  # 0: cores / worker processes
+tilerec_threads_per_process = _number("TILEREC_THREADS_PER_PROCESS", 0, 0)  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
 tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")

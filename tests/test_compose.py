@@ -253,8 +253,8 @@ def test_the_build_context_holds_the_package_and_no_secrets():
 
 def test_every_setting_can_come_from_the_environment_and_nothing_else_is_set(monkeypatch):
     config_source = (ROOT / "celeryconfig.py").read_text()
-    read_by_config = set(re.findall(r'_(?:env|flag)\(\s*"(TILEREC_\w+)"', config_source))
-    assert {"TILEREC_BROKER_URL", "TILEREC_TILES_QUEUE", "TILEREC_TASK_EVENTS"} <= read_by_config  # _env and _flag
+    read_by_config = set(re.findall(r'_(?:env|flag|number)\(\s*"(TILEREC_\w+)"', config_source))
+    assert {"TILEREC_BROKER_URL", "TILEREC_TASK_EVENTS", "TILEREC_TILE_TTL"} <= read_by_config  # _env, _flag, _number
     sources = [ROOT / "celeryconfig.py", *(ROOT / "pipeline").rglob("*.py"), *(ROOT / "tasks").rglob("*.py")]
     read_by_code = {name for path in sources for name in re.findall(r'"(TILEREC_\w+)"', path.read_text())}
     services = compose()["services"]
