@@ -152,7 +152,9 @@ def _start_job(
         height, width = source.height, source.width
         check_size(height, width, parsed, app.conf.tilerec_max_pixels)
         measured = store.get_tile_cost(client, parsed.recognizer, parsed.params)
-        planned = plan(height, width, parsed, measured, app.conf.tilerec_task_target_ms, _min_tasks(client))
+        processes = registry.live_processes(client, app.conf.tiles_queue)
+        target_ms = app.conf.tilerec_task_target_ms
+        planned = plan(height, width, parsed, measured, target_ms, _min_tasks(processes), taper=processes != 1)
         spans = [(batch[0].index, batch[-1].index + 1) for batch in planned]
         windows = [window for batch in planned for window in batch]
         grey = file is None and get_spec(parsed.recognizer).grey  # stored tiles are compact()ed
@@ -185,11 +187,10 @@ def _start_job(
     return job, spans, None
 
 
-def _min_tasks(client: redis.Redis) -> int:
+def _min_tasks(processes: int) -> int:
     """TILEREC_MIN_TASKS, or by default enough tasks for the tile worker processes alive now."""
     if app.conf.tilerec_min_tasks is not None:
         return app.conf.tilerec_min_tasks
-    processes = registry.live_processes(client, app.conf.tiles_queue)
     return TASKS_PER_PROCESS * processes if processes else MIN_TASKS_UNKNOWN
 
 

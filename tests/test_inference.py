@@ -74,6 +74,9 @@ def test_auto_batches_follow_the_measured_tile_cost():
     cheap = plan(8000, 8000, options)
     assert max(len(batch) for batch in cheap) == 16
     assert all(len(batch) == 1 for batch in plan(8000, 8000, options, tile_cost_ms=50.0, min_tasks=256))
+    # one worker process: nothing to balance, so no halving tail, 256 / 8 = 32 tasks of 8 tiles
+    alone = plan(8000, 8000, options, tile_cost_ms=50.0, taper=False)
+    assert [len(batch) for batch in alone] == [8] * 32
 
 
 def test_measured_tile_cost_is_scaled_to_a_640_tile():

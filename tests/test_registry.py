@@ -71,6 +71,33 @@ def test_live_tile_processes_set_how_many_tasks_a_job_gets(tmp_path):
             jobs.stop()
 
 
+def test_a_single_live_process_gets_no_tapered_tail(tmp_path):
+    """One worker process takes every task in turn: the halving tail that lets several finish together would only
+    add tasks. 2000² at 640/0.2 is 4 x 4 tiles; a task target far above the whole job leaves the 4-tasks-per-process
+    floor to decide: 4 tasks of 4 tiles (tapered, it would be 1, 4, 4, 4, 2, 1)."""
+    path = IMAGES_ROOT / "registry-single.png"
+    scene = code_scene(2000, 2000, kinds=("aruco",), seed=12)
+    cv2.imwrite(str(path), scene.image)
+    with RedisServer() as server:
+        env = {
+            "TILEREC_RESULT_BACKEND": server.url,
+            "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT),
+            "TILEREC_TASK_TARGET_MS": "1000000",
+        }
+        worker = Worker(server.url, 1, env=env, log_file=str(tmp_path / "worker.log"))
+        worker.start()
+        try:
+            assert registry.live_processes(server.client(), TILES_QUEUE) == 1
+            caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
+            caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+            result = caller.send_task("tilerec.recognize", args=[str(path), "aruco"], queue="tilerec").get(timeout=120)
+            caller.close()
+            assert (result["tiling"]["tiles"], result["tiling"]["tasks"]) == (16, TASKS_PER_PROCESS)
+            assert_each_code_once(result["detections"], scene.truths)
+        finally:
+            worker.stop()
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
 def test_a_bad_min_tasks_setting_stops_the_worker_with_the_reason(value):
     env = {**os.environ, "TILEREC_MIN_TASKS": value}
