@@ -196,8 +196,9 @@ def run_together(spec: dict[str, Any], workers: int, timeout: float) -> dict[str
         for proc in procs:
             proc.kill()
             proc.join()
-    if any("error" in part for part in parts):
-        return {"error": next(part["error"] for part in parts if "error" in part)}
+    errors = sorted((part["error"] for part in parts if "error" in part), key=lambda e: e.startswith("BrokenBarrier"))
+    if errors:  # the cause first, not the others' broken barrier
+        return {"error": errors[0]}
     return {
         "recognize_s": max(p["end"] for p in parts) - min(p["start"] for p in parts),
         "share_s": [p["end"] - p["start"] for p in parts],
