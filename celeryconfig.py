@@ -3,6 +3,7 @@
 A calling app needs only the broker, the result backend and the JSON serializer; see the README's task contract.
 """
 
+import math
 import os
 
 
@@ -17,7 +18,7 @@ def _number(name: str, default: float, minimum: float, kind: type = int) -> floa
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or value < minimum:
+    if value is None or not math.isfinite(value) or value < minimum:
         what = "a whole number" if kind is int else "a number"
         raise ValueError(f"{name} must be {what} of at least {minimum}, got {raw!r}")
     return value

@@ -23,6 +23,7 @@ def _load(env: dict[str, str], code: str = "import celeryconfig") -> subprocess.
         ("TILEREC_PREFETCH_MULTIPLIER", "-1", "a whole number of at least 0"),
         ("TILEREC_RESULT_INLINE_MAX_BYTES", "-2", "a whole number of at least -1"),
         ("TILEREC_TASK_TARGET_MS", "fast", "a number of at least 1"),
+        ("TILEREC_TASK_TARGET_MS", "inf", "a number of at least 1"),
     ],
 )
 def test_a_bad_number_stops_the_loading_with_the_setting_and_what_it_accepts(name, value, accepts):
