@@ -140,17 +140,14 @@ def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any) -> None:
 
         keep_freed_buffers()
         _set_threads(1)
-        from pipeline.images import decode
-        from pipeline.inference import blank, recognize_tile, windows_of
+        from pipeline.inference import recognize_window, windows_of
         from pipeline.options import parse_options
-        from pipeline.sources import ArraySource, open_source
+        from pipeline.sources import open_source
 
         recognizer, options = spec["recognizer"], spec.get("options", {})
-        path = Path(spec["image"])
-        source = open_source(path) if path.suffix in (".tif", ".tiff") else ArraySource(decode(path.read_bytes()))
+        source = open_source(Path(spec["image"]))  # a TIFF read window by window, anything else decoded whole
         parsed = parse_options(recognizer, options)
-        width, height = source.width, source.height
-        windows = windows_of(height, width, parsed)
+        windows = windows_of(source.height, source.width, parsed)
         _warm_up(recognizer, options)
         start.wait()
         started, cpu0, tiles = time.time(), time.process_time(), 0
@@ -160,9 +157,7 @@ def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any) -> None:
                 next_tile.value += 1
             if index >= len(windows):
                 break
-            tile = source.read(windows[index])  # then what recognize_source does per tile
-            if not blank(tile, parsed):
-                recognize_tile(tile, windows[index], parsed, width, height)
+            recognize_window(source, windows[index], parsed)
             tiles += 1
         out.put({"start": started, "end": time.time(), "cpu_s": time.process_time() - cpu0, "tiles": tiles})
     except Exception as error:  # reported as data, like run_in_subprocess

@@ -111,6 +111,14 @@ def recognize_image(image: np.ndarray, recognizer: str = "faces", **options: obj
     return recognize_source(ArraySource(normalize(np.asarray(image))), recognizer, **options)
 
 
+def recognize_window(source: Source, window: Window, options: JobOptions) -> Detections | None:
+    """One window of the source read and recognized, detections in image coordinates; None: blank, skipped."""
+    tile = source.read(window)
+    if blank(tile, options):
+        return None
+    return recognize_tile(tile, window, options, source.width, source.height)
+
+
 def recognize_source(source: Source, recognizer: str = "faces", **options: object) -> Recognition:
     """`recognize_image` for any source (a TIFF read window by window, say): same tiles, skips and merge as a job.
 
@@ -124,11 +132,11 @@ def recognize_source(source: Source, recognizer: str = "faces", **options: objec
     windows = windows_of(height, width, parsed)
     per_tile, skipped = [], 0
     for window in windows:
-        tile = source.read(window)
-        if blank(tile, parsed):
+        found = recognize_window(source, window, parsed)
+        if found is None:
             skipped += 1
             continue
-        per_tile.append(recognize_tile(tile, window, parsed, width, height))
+        per_tile.append(found)
     recognized = time.perf_counter()
     merged = merge_tiles(per_tile, parsed)
     finished = time.perf_counter()
