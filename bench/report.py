@@ -156,8 +156,11 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
                 _f(e[k]) for k in ("speedup_vs_single", "speedup_vs_default", "efficiency", "recognition_efficiency")
             ]
             rows.append([*base, f"tilerec W={w} ({e['tasks']} tasks)", _f(e["wall_s"]), *ratios, serial])
-            per_task = [_f(e.get(k), 1) for k in ("in_task_overhead_ms", "between_tasks_ms")]
-            per_task.append(f"{_f(e.get('idle_start_ms'), 0)} + {_f(e.get('idle_end_ms'), 0)}")
+            per_task = [
+                _f(e.get("in_task_overhead_ms"), 1),
+                _f(e.get("between_tasks_ms"), 1),
+                f"{_f(e.get('idle_start_ms'), 0)} + {_f(e.get('idle_end_ms'), 0)}",
+            ]
             stages = [_f(1000 * (e["stages"].get(s) or 0), 0) for s in STAGES]
             label = f"{row['recognizer']} ({row.get('input', 'PNG')})"
             stage_rows.append([label, w, *stages, _f(1000 * (e["recognize_sum_s"] or 0), 0), *per_task])
@@ -195,8 +198,8 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
         "processes' idle time before their first tile task (the tiling task's process publishes the chord "
         "meanwhile) and after their last (the others still run theirs).\n\n"
     )
-    header = ["recognizer", "W", *STAGES, "Σ recognizer", "in-task overhead ms/task", "between tasks ms"]
-    header.append("idle at start + end ms")
+    per_task_columns = ["in-task overhead ms/task", "between tasks ms", "idle at start + end ms"]
+    header = ["recognizer", "W", *STAGES, "Σ recognizer", *per_task_columns]
     text += _table(header, stage_rows)
     for name, caption in (("stages", "where the time goes"), ("timeline", "one job, one lane per worker process")):
         if name in plots:
