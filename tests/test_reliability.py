@@ -18,6 +18,7 @@ from celery.exceptions import TimeoutError
 from kombu import Connection, Exchange, Producer
 
 from pipeline.scenes import qr_code, qr_scene
+from pipeline.tiling import grid
 from tasks import recognize
 from tasks.client import submit
 from tasks.local import RedisServer, Worker
@@ -38,7 +39,7 @@ def wait_for(predicate, timeout: float = 30, step: float = 0.02) -> None:
 
 @pytest.fixture(scope="module")
 def big_scene():
-    """Big enough that a job runs for a while on two processes: 35 tiles of QR recognition."""
+    """Big enough that a job runs for a while on two processes: 48 tiles of QR recognition."""
     scene = qr_scene(4000, 3000, count=16, seam_share=0.5, seed=21)
     path = IMAGES_ROOT / "big-qr.png"
     cv2.imwrite(str(path), scene.image)
@@ -95,7 +96,28 @@ def test_cancel_stops_the_job_and_cleans_the_store(worker, redis_server, big_sce
         job.get(timeout=TIMEOUT)
     assert type(raised.value).__name__ == "JobCancelled"
     done = int(str(raised.value).split("(")[1].split(" of ")[0])
-    assert done < 35, "cancelled tiles must not be recognized"
+    assert done < len(grid(3000, 4000)), "cancelled tiles must not be recognized"
+    assert tilerec_keys(redis_server) == []
+
+
+def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_server, big_scene):
+    """Both tile tasks have started (each counted its delivery) when the job is cancelled: they look again between
+    tiles (every CANCEL_CHECK_S), so most of the job's tiles are never recognized."""
+    from tasks.store import job_key
+
+    _, path = big_scene
+    tiles = len(grid(3000, 4000))
+    job = submit(path, "tests.faulty:Slow", batch_size=tiles // 2)  # 2 tasks, over a second of sleep each
+    attempts = job_key(job.id, "attempts")
+    client = redis_server.client()
+    wait_for(lambda: sum(field != b"task:tiling" for field in client.hkeys(attempts)) == 2)
+    job.cancel()
+    with pytest.raises(Exception) as raised:
+        job.get(timeout=TIMEOUT)
+    assert type(raised.value).__name__ == "JobCancelled"
+    done, total = (int(n) for n in str(raised.value).split("(")[1].split(" tiles")[0].split(" of "))
+    assert total == tiles
+    assert done <= tiles // 2, f"{done} of {tiles} tiles recognized after the cancel: running batches went on"
     assert tilerec_keys(redis_server) == []
 
 
