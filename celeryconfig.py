@@ -83,13 +83,24 @@ tilerec_result_inline_max_bytes = _number("TILEREC_RESULT_INLINE_MAX_BYTES", 4 *
 tilerec_model_roots = os.pathsep.join(
     root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root
 )
-# batch_size "auto": about this much recognizer work per tile task (ms), and at least this many tasks per job; "auto":
-# 4 per live tile worker process (tasks/registry.py), 16 while none is registered
-tilerec_task_target_ms = _number("TILEREC_TASK_TARGET_MS", 400, 1, float)
-_min_tasks = _env("TILEREC_MIN_TASKS", "auto").strip().lower()
-if _min_tasks != "auto" and not (_min_tasks.isdigit() and int(_min_tasks) >= 1):
-    raise ValueError(f"TILEREC_MIN_TASKS must be 'auto' or a whole number of at least 1, got {_min_tasks!r}")
-tilerec_min_tasks = None if _min_tasks == "auto" else int(_min_tasks)
+
+
+def _auto_or_count(name: str) -> int | None:
+    """An environment variable that is "auto" (None) or a whole number of at least 1."""
+    value = _env(name, "auto").strip().lower()
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise ValueError(f"{name} must be 'auto' or a whole number of at least 1, got {value!r}")
+    return None if value == "auto" else int(value)
+
+
+# batch_size "auto": about this much recognizer work per batch of tiles (ms), and at least this many batches per job;
+# "auto": 4 per live tile worker process (tasks/registry.py), 16 while none is registered
+tilerec_batch_target_ms = _number("TILEREC_BATCH_TARGET_MS", 400, 1, float)
+tilerec_min_batches = _auto_or_count("TILEREC_MIN_BATCHES")
+# tile tasks per job, each taking batches until none is left; "auto": one per live tile worker process
+tilerec_tile_tasks = _auto_or_count("TILEREC_TILE_TASKS")
+# a tile task that ran this long (s) hands the batches left to a new task: bounds what a crash makes it redo
+tilerec_task_handover_s = _number("TILEREC_TASK_HANDOVER_S", 60, 0.1, float)
 tilerec_threads_per_process = _number("TILEREC_THREADS_PER_PROCESS", 0, 0)  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
 tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")

@@ -127,6 +127,7 @@ def speed(runs: list[dict[str, Any]], workers: list[int]) -> list[dict[str, Any]
             serial = _median([s["queue_in"] + s["read_decode"] + s["store"] + s["dispatch"] for s in staged])
             entry = {
                 "wall_s": wall,
+                "batches": _batches(dist[0]),
                 "tasks": dist[0]["tasks"],
                 "speedup_vs_single": _ratio(t_single, wall),
                 "speedup_vs_default": _ratio(t_default, wall),
@@ -154,8 +155,9 @@ def speed(runs: list[dict[str, Any]], workers: list[int]) -> list[dict[str, Any]
             tasks = dist[0]["tasks"]
             busy = _median([s["tile_task_busy"] for s in staged])
             if busy is not None and entry["recognize_sum_s"] is not None and rec_wall:
-                # inside a task but outside the recognizer (tile GET, store round trips, result + chord counting)
-                entry["in_task_overhead_ms"] = 1000 * (busy - entry["recognize_sum_s"]) / tasks
+                # inside tile tasks but outside the recognizer, per batch: its claim, progress report and tile GETs,
+                # and a share of its task's own (delivery count, result and chord counting)
+                entry["in_task_overhead_ms"] = 1000 * (busy - entry["recognize_sum_s"]) / entry["batches"]
                 # between two tasks of one process (ack, next message), read off each process's own timeline
                 gaps = _median([s.get("idle_between") for s in staged])
                 processes = _median([s.get("tile_processes") for s in staged]) or w
@@ -177,8 +179,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _batches(run: dict[str, Any]) -> int:
+    """A run's batches (results from before tile tasks took batches by claim had one batch per task)."""
+    return run.get("batches", run["tasks"])
+
+
 def batch_curve(runs: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Efficiency and per-tile overhead against tiles per task, from the batch phase plus the speed baselines."""
+    """Efficiency and per-tile overhead against tiles per batch, from the batch phase plus the speed baselines."""
     baselines = {row["recognizer"]: row for row in speed_rows if row.get("input", "PNG") == "PNG"}
     rows = []
     for run in runs:
@@ -194,7 +201,8 @@ def batch_curve(runs: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) ->
                 "recognizer": run["recognizer"],
                 "workers": w,
                 "batch_size": run["batch_size"],
-                "tiles_per_task": tiles / run["tasks"],
+                "tiles_per_batch": tiles / _batches(run),
+                "batches": _batches(run),
                 "tasks": run["tasks"],
                 "wall_s": run["wall_s"],
                 "efficiency": _ratio(base["inproc_single_s"], run["wall_s"] * w),
@@ -204,7 +212,7 @@ def batch_curve(runs: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) ->
                 else None,
             }
         )
-    return sorted(rows, key=lambda r: (r["recognizer"], r["workers"], r["tiles_per_task"]))
+    return sorted(rows, key=lambda r: (r["recognizer"], r["workers"], r["tiles_per_batch"]))
 
 
 def what_if(runs: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -228,6 +236,7 @@ def what_if(runs: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) -> lis
                     "whatif": name,
                     "workers": w,
                     "tiles": dist[0]["tiles"],
+                    "batches": _batches(dist[0]),
                     "tasks": dist[0]["tasks"],
                     "wall_s": wall,
                     "vs_today": _ratio(wall, today),

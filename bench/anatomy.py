@@ -110,6 +110,7 @@ def dissect(
         "recognizer": recognizer,
         "workers": workers,
         "tiles": result["tiling"]["tiles"],
+        "batches": result["tiling"]["batches"],
         "tasks": result["tiling"]["tasks"],
         "detections": len(result["detections"]),
         "messages": {

@@ -174,6 +174,7 @@ def run_size(
         "wall_s": round(wall, 2),
         "s_per_megapixel": round(wall / (size * size / 1e6), 4),
         "tiles": result["tiling"]["tiles"],
+        "batches": result["tiling"]["batches"],
         "tasks": result["tiling"]["tasks"],
         "timings": result["timings"],
         "check": check(result["detections"], codes),

@@ -139,13 +139,15 @@ def timeline(runs: list[dict[str, Any]], folder: Path) -> Path | None:
     ax.axvline(run["wall_s"], color="black", linewidth=0.8)
     ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
     ax.set_xlabel("seconds since submit (red: tiling task, green: tile tasks, blue: merge; line: result at client)")
-    ax.set_title(f"{run['recognizer']} on {run['scene']}, W={run['workers']}, {run['tasks']} tasks", fontsize=9)
+    batches = run.get("batches", run["tasks"])
+    title = f"{run['recognizer']} on {run['scene']}, W={run['workers']}, {batches} batches, {run['tasks']} tasks"
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, folder / "timeline.png")
 
 
 def batch(summary: dict[str, Any], folder: Path) -> Path | None:
-    """Efficiency (end to end and recognition stage) and overhead per tile against tiles per task."""
+    """Efficiency (end to end and recognition stage) and overhead per tile against tiles per batch."""
     rows = summary["batch"]
     if not rows:
         return None
@@ -156,7 +158,7 @@ def batch(summary: dict[str, Any], folder: Path) -> Path | None:
             mine = [r for r in rows if r["recognizer"] == recognizer and r["workers"] == w]
             fixed = [r for r in mine if r["batch_size"] != "auto"]
             auto = [r for r in mine if r["batch_size"] == "auto"]
-            xs = [r["tiles_per_task"] for r in fixed]
+            xs = [r["tiles_per_batch"] for r in fixed]
             if w > 1:
                 line = left.plot(
                     xs, [r["efficiency"] for r in fixed], marker="o", label=f"{recognizer} W={w} end to end"
@@ -164,17 +166,17 @@ def batch(summary: dict[str, Any], folder: Path) -> Path | None:
                 left.plot(xs, [r["recognition_efficiency"] for r in fixed], marker="x", linestyle="--",
                           color=line[0].get_color(), label=f"{recognizer} W={w} recognition")  # fmt: skip
                 for r in auto:
-                    left.plot(r["tiles_per_task"], r["efficiency"], marker="*", markersize=12, linestyle="none",
+                    left.plot(r["tiles_per_batch"], r["efficiency"], marker="*", markersize=12, linestyle="none",
                               color=line[0].get_color(), label=f"{recognizer} W={w} auto")  # fmt: skip
             else:
                 line = right.plot(xs, [r["overhead_ms_per_tile"] for r in fixed], marker="o", label=f"{recognizer} W=1")
                 for r in auto:
-                    right.plot(r["tiles_per_task"], r["overhead_ms_per_tile"], marker="*", markersize=12,
+                    right.plot(r["tiles_per_batch"], r["overhead_ms_per_tile"], marker="*", markersize=12,
                                linestyle="none", color=line[0].get_color(), label=f"{recognizer} W=1 auto")  # fmt: skip
     left.axhline(0.9, color="grey", linewidth=0.6, linestyle=":")
-    left.set(xscale="log", xlabel="tiles per task", ylabel="parallel efficiency (vs 1-thread in-process)")
+    left.set(xscale="log", xlabel="tiles per batch", ylabel="parallel efficiency (vs 1-thread in-process)")
     right.axhline(2.0, color="grey", linewidth=0.6, linestyle=":")
-    right.set(xscale="log", xlabel="tiles per task", ylabel="ms per tile over in-process (W=1)")
+    right.set(xscale="log", xlabel="tiles per batch", ylabel="ms per tile over in-process (W=1)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

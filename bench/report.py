@@ -155,7 +155,7 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
             ratios = [
                 _f(e[k]) for k in ("speedup_vs_single", "speedup_vs_default", "efficiency", "recognition_efficiency")
             ]
-            rows.append([*base, f"tilerec W={w} ({e['tasks']} tasks)", _f(e["wall_s"]), *ratios, serial])
+            rows.append([*base, f"tilerec W={w} ({e['batches']} batches)", _f(e["wall_s"]), *ratios, serial])
             per_task = [
                 _f(e.get("in_task_overhead_ms"), 1),
                 _f(e.get("between_tasks_ms"), 1),
@@ -192,13 +192,14 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
     text += "\n### Stages of a tilerec job (ms, medians)\n\n"
     text += ", ".join(f"**{s}**: {STAGE_NOTES[s]}" for s in STAGES) + ". They add up to the wall time.\n\n"
     text += (
-        "Σ recognizer: the recognizer's own time summed over tiles. Per task: in-task overhead = task runtime minus "
-        "its recognizer time (tile GET, store round trips, result and chord bookkeeping); between tasks = idle time "
-        "of a worker process between two of its tasks (ack, fetching the next message). Idle at start + end: all "
+        "Σ recognizer: the recognizer's own time summed over tiles. In-task overhead per batch = the tile tasks' "
+        "runtime minus their recognizer time, over the batches they took (a claim, a progress report, tile GETs, "
+        "and each task's own bookkeeping: delivery count, result, chord counting); between tasks = idle time of a "
+        "worker process between two of its tile tasks (ack, fetching the next message). Idle at start + end: all "
         "processes' idle time before their first tile task (the tiling task's process publishes the chord "
         "meanwhile) and after their last (the others still run theirs).\n\n"
     )
-    per_task_columns = ["in-task overhead ms/task", "between tasks ms", "idle at start + end ms"]
+    per_task_columns = ["in-task overhead ms/batch", "between tasks ms", "idle at start + end ms"]
     header = ["recognizer", "W", *STAGES, "Σ recognizer", *per_task_columns]
     text += _table(header, stage_rows)
     for name, caption in (("stages", "where the time goes"), ("timeline", "one job, one lane per worker process")):
@@ -213,8 +214,8 @@ def batch_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
             r["recognizer"],
             r["workers"],
             str(r["batch_size"]),
-            _f(r["tiles_per_task"], 1),
-            r["tasks"],
+            _f(r["tiles_per_batch"], 1),
+            r["batches"],
             _f(r["wall_s"]),
             _f(r["efficiency"]),
             _f(r["recognition_efficiency"]),
@@ -224,7 +225,7 @@ def batch_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
     ]
     if not rows:
         return ""
-    text = "## Tiles per task\n\n"
+    text = "## Tiles per batch\n\n"
     text += (
         "The `batch_size` option on the speed scene. Efficiency as above; overhead per tile = (tilerec at W − "
         "in-process default threads) / tiles, meaningful at W = 1.\n\n"
@@ -234,8 +235,8 @@ def batch_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
             "recognizer",
             "W",
             "batch_size",
-            "tiles/task",
-            "tasks",
+            "tiles/batch",
+            "batches",
             "wall s",
             "efficiency",
             "recognition efficiency",
@@ -244,7 +245,7 @@ def batch_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
         rows,
     )
     if "batch" in plots:
-        text += f"\n![efficiency against tiles per task]({plots['batch']})\n"
+        text += f"\n![efficiency against tiles per batch]({plots['batch']})\n"
     return text
 
 
@@ -308,7 +309,7 @@ def whatif_section(summary: dict[str, Any]) -> str:
     rows = []
     for r in summary.get("whatif", []):
         st = r["stages"]
-        rows.append([r["recognizer"], r["whatif"], f"{r['workers']} ({r['tasks']} tasks)", _f(r["wall_s"]),
+        rows.append([r["recognizer"], r["whatif"], f"{r['workers']} ({r['batches']} batches)", _f(r["wall_s"]),
                      _f(r["vs_today"]), _f(r["speedup_vs_single"]), _f(1000 * (st.get("read_decode") or 0), 0),
                      _f(1000 * (r["publish_s"] or 0), 0), _f(1000 * (st.get("recognition") or 0), 0)])  # fmt: skip
     if not rows:
@@ -426,13 +427,14 @@ def _speed_notes(row: dict[str, Any]) -> list[str]:
     ]
     if e.get("publish_s") and e["publish_s"] > st["dispatch"] + 0.05:
         notes.append(
-            f"Publishing the {e['tasks']} tile messages took {e['publish_s']:.2f} s in all, most of it while other "
+            f"Publishing the {e['tasks']} tile tasks took {e['publish_s']:.2f} s in all, most of it while other "
             f"processes had started on the tiles, but the process that publishes recognizes nothing meanwhile."
         )
     if e.get("in_task_overhead_ms") is not None:
         notes.append(
-            f"Its recognition stage took {st['recognition']:.2f} s, {excess:.2f} s over the ideal: {e['tasks']} "
-            f"tasks × {e['in_task_overhead_ms']:.1f} ms inside each task outside the recognizer, "
+            f"Its recognition stage took {st['recognition']:.2f} s, {excess:.2f} s over the ideal: "
+            f"{e['batches']} batches × {e['in_task_overhead_ms']:.1f} ms inside the tile tasks "
+            f"outside the recognizer, "
             f"{_f(e.get('between_tasks_ms'), 1)} ms idle between two tasks of a process, "
             f"{_f(e.get('idle_start_ms'), 0)} ms idle before the processes' first tasks and "
             f"{_f(e.get('idle_end_ms'), 0)} ms after their last (all processes), and per-tile recognizer time "
@@ -459,9 +461,10 @@ def findings(results: dict[str, Any], summary: dict[str, Any]) -> str:
                      and a["batch_size"] == "auto"), None)  # fmt: skip
         if auto:
             notes.append(
-                f"**Tiles per task** ({recognizer}, W={r['workers']}): the best efficiency, {_f(r['efficiency'])}, "
-                f"came at batch_size {r['batch_size']} ({r['tasks']} tasks); `auto` chose "
-                f"{_f(auto['tiles_per_task'], 1)} tiles per task ({auto['tasks']} tasks) for {_f(auto['efficiency'])}."
+                f"**Tiles per batch** ({recognizer}, W={r['workers']}): the best efficiency, {_f(r['efficiency'])}, "
+                f"came at batch_size {r['batch_size']} ({r['batches']} batches); `auto` chose "
+                f"{_f(auto['tiles_per_batch'], 1)} tiles per batch ({auto['batches']} batches) for "
+                f"{_f(auto['efficiency'])}."
             )
     storage = results.get("storage")
     if storage:

@@ -338,6 +338,7 @@ class Runner:
         record.update(
             timings=result["timings"],
             tiles=result["tiling"]["tiles"],
+            batches=result["tiling"]["batches"],
             tasks=result["tiling"]["tasks"],
             failed_tiles=len(result["failed_tiles"]),
             stages=stages(job),
@@ -444,7 +445,7 @@ def accuracy_and_speed(runner: Runner, scenes: list[SceneFile]) -> None:
 
 
 def batch_curve(runner: Runner, scenes: list[SceneFile]) -> None:
-    """Tiles per task against efficiency: each batch size at every W, on the speed-size scene."""
+    """Tiles per batch against efficiency: each batch size at every W, on the speed-size scene."""
     bench, profile = runner.bench, runner.bench.profile
     for recognizer in [r for r in profile.batch_recognizers if r in bench.recognizers]:
         scene = next((s for s in scenes if s.size == profile.speed_size and recognizer in s.recognizers), None)

@@ -52,13 +52,13 @@ def plan(
     width: int,
     options: JobOptions,
     tile_cost_ms: float | None = None,
-    target_task_ms: float = 400.0,
-    min_tasks: int = 16,
+    target_batch_ms: float = 400.0,
+    min_batches: int = 16,
     taper: bool = True,
 ) -> list[list[Window]]:
-    """The tile grid cut into task batches: `batch_size` tiles each, or (auto) about `target_task_ms` of work per
-    task and at least `min_tasks` tasks, with a tapered tail so the workers finish together (`taper=False`: one
-    worker process, nothing to balance, and the tail's tasks would only add their overhead).
+    """The tile grid cut into batches: `batch_size` tiles each, or (auto) about `target_batch_ms` of work per batch
+    and at least `min_batches` batches, with a tapered tail so the workers finish together (`taper=False`: one
+    worker process, nothing to balance, and the tail's batches would only add their overhead).
 
     `tile_cost_ms` is what a 640x640 tile costs, measured on earlier jobs; by default the recognizer's estimate."""
     windows = windows_of(height, width, options)
@@ -66,7 +66,7 @@ def plan(
         return batches(windows, options.batch_size)
     per_640 = get_spec(options.recognizer).cost_ms if tile_cost_ms is None else tile_cost_ms
     cost = per_640 * windows[0].width * windows[0].height / (640 * 640)
-    size = auto_batch_size(len(windows), cost, target_task_ms, min_tasks)
+    size = auto_batch_size(len(windows), cost, target_batch_ms, min_batches)
     return tapered_batches(windows, size) if taper else batches(windows, size)
 
 

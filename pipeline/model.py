@@ -193,7 +193,8 @@ class Recognition:
     tile: int = 640
     overlap: float = 0.2
     tiles: int = 1
-    tasks: int = 1
+    batches: int = 1  # the tiles cut into this many batches
+    tasks: int = 1  # the tasks (worker processes) that took the batches; 1 in one process
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     level: int = 0  # pyramid level read; width, height and boxes are in its pixels
@@ -209,7 +210,8 @@ class Recognition:
             image.update(level=self.level, downsample=round(self.downsample, 6))
         if self.roi is not None:
             image["roi"] = list(self.roi)
-        tiling: dict[str, Any] = {"tile": self.tile, "overlap": self.overlap, "tiles": self.tiles, "tasks": self.tasks}
+        tiling: dict[str, Any] = {"tile": self.tile, "overlap": self.overlap, "tiles": self.tiles}
+        tiling.update(batches=self.batches, tasks=self.tasks)
         if self.skipped is not None:
             tiling["skipped"] = self.skipped
         return {
@@ -236,6 +238,7 @@ class Recognition:
             tile=data["tiling"]["tile"],
             overlap=data["tiling"]["overlap"],
             tiles=data["tiling"]["tiles"],
+            batches=data["tiling"].get("batches", data["tiling"]["tasks"]),
             tasks=data["tiling"]["tasks"],
             failed_tiles=data.get("failed_tiles", []),
             timings=data.get("timings", {}),

@@ -69,12 +69,11 @@ def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list
     return windows
 
 
-def auto_batch_size(tiles: int, tile_cost_ms: float, target_task_ms: float = 400.0, min_tasks: int = 16) -> int:
-    """Tiles per task: enough that a task's work dwarfs its overhead (about 8 ms per tile task measured by
-    `python -m bench`: messaging, result storage, events, the tile GET), yet at least `min_tasks` tasks (where there
-    are that many tiles) so every worker gets a share."""
-    by_cost = max(1, math.ceil(target_task_ms / max(tile_cost_ms, 1e-3)))
-    by_spread = max(1, math.ceil(tiles / min_tasks))
+def auto_batch_size(tiles: int, tile_cost_ms: float, target_batch_ms: float = 400.0, min_batches: int = 16) -> int:
+    """Tiles per batch: enough that a batch's work dwarfs its overhead (a claim and a progress report, 1-3 ms with
+    busy cores), yet at least `min_batches` batches (where there are that many tiles) so every worker gets a share."""
+    by_cost = max(1, math.ceil(target_batch_ms / max(tile_cost_ms, 1e-3)))
+    by_spread = max(1, math.ceil(tiles / min_batches))
     return min(by_cost, by_spread)
 
 
@@ -85,9 +84,9 @@ def batches(windows: list[Window], size: int) -> list[list[Window]]:
 def tapered_sizes(total: int, size: int) -> list[int]:
     """Batch sizes summing to `total`: `size` each, except a tail of halving batches (…, size/4, size/2… 2, 1).
 
-    Workers take tasks in order, so the last ones decide when a job ends; small last tasks let every worker finish
-    at about the same time (guided self-scheduling) for a few more tasks: about log2(size). A first batch smaller
-    than `size` takes the remainder."""
+    Workers take batches in order, so the last ones decide when a job ends; small last batches let every worker
+    finish at about the same time (guided self-scheduling) for a few more batches: about log2(size). A first batch
+    smaller than `size` takes the remainder."""
     tail, part, left = [], 1, total
     while part < size and left > 0:
         tail.append(min(part, left))

@@ -1,10 +1,15 @@
 """tilerec's Celery app and its three tasks. Thin: they move references and results and call `pipeline`.
 
-tilerec.recognize(image, recognizer, **options)  plans the tiles, stores them (unless the workers read a shared
-                                                 TIFF themselves) and the job's description, then becomes
-                                                 chord(tiles, merge); a job of one batch is recognized right there
-tilerec.recognize_tiles(job_id, first, stop)     recognizes tiles [first, stop): stored ones, or windows of the file
+tilerec.recognize(image, recognizer, **options)  plans the tiles and their batches, stores the tiles (unless the
+                                                 workers read a shared TIFF themselves) and the job's description,
+                                                 then becomes chord(tile tasks, merge); a job of one batch is
+                                                 recognized right there
+tilerec.recognize_tiles(job_id, runner)          takes the job's batches one by one until none is left and
+                                                 recognizes their tiles: stored ones, or windows of the file
 tilerec.merge(results, job_id)                   merges the tile records into the job's Recognition
+
+A job has as many tile tasks as there are live tile worker processes, not one per batch: a task costs 8-12 ms of
+Celery and Redis and leaves its process idle 3-6 ms before the next (measured at W=2), a claim one round trip.
 """
 
 from __future__ import annotations
@@ -48,10 +53,10 @@ MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many tim
 # how often a running batch looks for a cancellation: each look is a round trip, 0.6 ms when the cores are busy
 # (measured at W=2); every 50 ms that was 4.5 looks and 2.6 ms per task of 300 ms
 CANCEL_CHECK_S = 0.25
-# auto batches: at least this many tile tasks per live tile worker process. Fewer tasks cost less overhead; more
-# balance better. Side by side on 2 processes (8000² aruco): 4 per process 5 % faster than 8, 2 no faster than 4.
-TASKS_PER_PROCESS = 4
-MIN_TASKS_UNKNOWN = 16  # while no tile worker is registered (they may be starting)
+# auto batches: at least this many per live tile worker process, so the processes finish together
+BATCHES_PER_PROCESS = 4
+# while no tile worker is registered (they may be starting): this many batches, a tile task each
+UNKNOWN_CLUSTER_BATCHES = 16
 
 
 class TileFailure(RuntimeError):
@@ -125,21 +130,21 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
     client = _tile_store()
     job_id = self.request.id
     try:
-        job, spans, records = _start_job(client, job_id, image, recognizer, options)
+        job, records = _start_job(client, job_id, image, recognizer, options)
         if records is not None:  # one batch: recognized right here, a chord would only add its round trips
             return _conclude(client, job, records)
     except BaseException:
         store.delete_job(client, job_id)  # a job refused or failed while tiling leaves nothing behind
         raise
-    header = [recognize_tiles.s(job_id, first, stop) for first, stop in spans]
+    header = [recognize_tiles.s(job_id, runner) for runner in range(job["tasks"])]
     return self.replace(chord(header, merge.s(job_id)))
 
 
 def _start_job(
     client: redis.Redis, job_id: str, image: Any, recognizer: Any, options: dict[str, Any]
-) -> tuple[dict[str, Any], list[tuple[int, int]], list[dict[str, Any]] | None]:
-    """Check, load, decode and plan the job. Returns its description, its task batches as [first, stop) ranges of
-    tile indexes, and, for a job of one batch, the tile records (recognized here); otherwise None, and the tiles
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """Check, load, decode and plan the job. Returns its description (with its batches as [first, stop) ranges of
+    tile indexes) and, for a job of one batch, the tile records (recognized here); otherwise None, and the tiles
     (unless the workers read a shared file) and the description are in the store for the tile tasks."""
     started = time.time()
     deliveries, cancelled = store.count_delivery(client, job_id, "tiling", app.conf.tilerec_tile_ttl)
@@ -155,9 +160,8 @@ def _start_job(
         check_size(height, width, parsed, app.conf.tilerec_max_pixels)
         measured = store.get_tile_cost(client, parsed.recognizer, parsed.params)
         processes = registry.live_processes(client, app.conf.tiles_queue)
-        target_ms = app.conf.tilerec_task_target_ms
-        planned = plan(height, width, parsed, measured, target_ms, _min_tasks(processes), taper=processes != 1)
-        spans = [(batch[0].index, batch[-1].index + 1) for batch in planned]
+        target_ms = app.conf.tilerec_batch_target_ms
+        planned = plan(height, width, parsed, measured, target_ms, _min_batches(processes), taper=processes != 1)
         windows = [window for batch in planned for window in batch]
         grey = file is None and get_spec(parsed.recognizer).grey  # stored tiles are compact()ed
         job = {
@@ -171,13 +175,14 @@ def _start_job(
             "file": file.to_json() if file is not None else None,
             "options": parsed.to_json(),
             "tiles": len(windows),
-            "tasks": len(planned),
+            "batches": [(batch[0].index, batch[-1].index + 1) for batch in planned],
+            "tasks": 1 if len(planned) == 1 else min(len(planned), _tile_tasks(processes)),
             "timings": {"started": started, "load_s": loaded - started, "decode_s": decoded - loaded},
         }
         if len(planned) == 1:
             records = _recognize_batch(client, job, parsed, windows, source.read, deliveries, cancelled=False)
             job["timings"]["store_s"] = 0.0
-            return job, spans, records
+            return job, records
         if file is None:  # no shared file: the tiles travel through the store, read (or cut) one by one
             store.put_tiles(client, job_id, windows, lambda w: _storable(source.read(w), parsed), _ttl())
     finally:
@@ -186,14 +191,22 @@ def _start_job(
         raise JobCancelled(f"job {job_id} was cancelled")
     job["timings"]["store_s"] = time.time() - decoded
     store.put_job(client, job_id, job, _ttl())
-    return job, spans, None
+    return job, None
 
 
-def _min_tasks(processes: int) -> int:
-    """TILEREC_MIN_TASKS, or by default enough tasks for the tile worker processes alive now."""
-    if app.conf.tilerec_min_tasks is not None:
-        return app.conf.tilerec_min_tasks
-    return TASKS_PER_PROCESS * processes if processes else MIN_TASKS_UNKNOWN
+def _min_batches(processes: int) -> int:
+    """TILEREC_MIN_BATCHES, or by default enough batches for the tile worker processes alive now to share."""
+    if app.conf.tilerec_min_batches is not None:
+        return app.conf.tilerec_min_batches
+    return BATCHES_PER_PROCESS * processes if processes else UNKNOWN_CLUSTER_BATCHES
+
+
+def _tile_tasks(processes: int) -> int:
+    """TILEREC_TILE_TASKS, or by default one per tile worker process alive now: a process that starts later takes
+    part in the next job (unless the setting asks for more tasks, which wait for it)."""
+    if app.conf.tilerec_tile_tasks is not None:
+        return app.conf.tilerec_tile_tasks
+    return processes or UNKNOWN_CLUSTER_BATCHES
 
 
 def _ttl() -> int:
@@ -314,21 +327,56 @@ def _recognize_batch(
     # process died after storing it but before the chord counted it: the job would then wait forever (seen in tests).
     ignore_result=True,
 )
-def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> list[dict[str, Any]]:
-    """Tiles [first, stop) of the job: one record per tile (see _recognize_batch).
+def recognize_tiles(self: Any, job_id: str, runner: int) -> list[dict[str, Any]]:
+    """Takes the job's batches one by one until none is left, and returns one record per tile of them (see
+    _recognize_batch); `runner` numbers the job's tile tasks, for people reading a monitor.
+
+    Back after its process died (or after a retry), it first redoes the batches it took before: their records died
+    with it. It hands the batches left to a new task it adds to the job's chord, and returns, once its node is
+    stopping (warm shutdown: the node left the registry), or after TILEREC_TASK_HANDOVER_S: a crash then redoes at
+    most that much work, and no task comes near the broker's visibility timeout.
 
     A tile's own failure is reported, not raised: a failed chord part would cancel the merge, which must run
     to clean up and to say which region failed. Store outages are raised and retried with backoff.
     """
+    began = time.monotonic()
     client = _tile_store()
     view = _jobs.get(client, job_id)
-    deliveries, cancelled = store.count_delivery(client, job_id, self.request.id, _ttl())
+    task_id, spans = self.request.id, view.job["batches"]
+    deliveries, cancelled = store.count_delivery(client, job_id, task_id, _ttl())
     read = partial(_tile_pixels, client, view)
-    records = _recognize_batch(client, view.job, view.options, view.windows[first:stop], read, deliveries, cancelled)
-    _report_progress(self, client, view.job, stop - first)
+    records: list[dict[str, Any]] = []
+    tiles_done = 0
+    if deliveries > 1:
+        for batch in store.claimed_by(client, job_id, task_id):
+            first, stop = spans[batch]
+            windows = view.windows[first:stop]
+            records += _recognize_batch(client, view.job, view.options, windows, read, deliveries, cancelled)
+            tiles_done += stop - first
+    node_key, watch_node = registry.registry_key(app.conf.tiles_queue), None
+    while True:
+        claim = store.claim_batch(
+            client, job_id, task_id, len(spans), tiles_done, _ttl(), node_key, self.request.hostname, bool(watch_node)
+        )
+        watch_node = claim.node_live if watch_node is None else watch_node  # a node registered when it began
+        _report_progress(self, view.job, claim.done, tiles_done)
+        if claim.batch is None:  # none left, the job was cancelled, or the node is stopping
+            if claim.node_left:
+                self.add_to_chord(recognize_tiles.s(job_id, runner))
+            break
+        first, stop = spans[claim.batch]
+        records += _recognize_batch(client, view.job, view.options, view.windows[first:stop], read, 1, False)
+        tiles_done = stop - first
+        if time.monotonic() - began > _handover_s():
+            self.add_to_chord(recognize_tiles.s(job_id, runner))
+            break
     if deliveries > 1:
         _outwait_dead_chord_claim(self)
     return records
+
+
+def _handover_s() -> float:
+    return min(app.conf.tilerec_task_handover_s, app.conf.visibility_timeout / 2)
 
 
 CHORD_CLAIM_WAIT_S = 120.0  # Celery 5.7's claim on a chord's callback lasts 6 s, 21 s once its publishing started
@@ -352,13 +400,13 @@ def _outwait_dead_chord_claim(task: Any) -> None:
 PROGRESS_STEPS = 50  # a job reports its progress at most this many times (plus once when done)
 
 
-def _report_progress(task: Any, client: redis.Redis, job: dict[str, Any], tiles: int) -> None:
-    """Count the tiles done and, when the job crossed another 1/PROGRESS_STEPS of its tiles, tell the world: an event
-    for Flower (it sees states only from events), and the job's own state PROGRESS in the result backend, so any app
-    can follow the job from its AsyncResult. Throttled: each costs a round trip, and a job may have 10k tasks."""
+def _report_progress(task: Any, job: dict[str, Any], done: int, tiles: int) -> None:
+    """When the job's count of tiles done (`done`, `tiles` of them just now) crossed another 1/PROGRESS_STEPS of its
+    tiles, tell the world: an event for Flower (it sees states only from events), and the job's own state PROGRESS in
+    the result backend, so any app can follow the job from its AsyncResult. Throttled: each costs a round trip."""
     total = job["tiles"]
-    done = min(store.add_progress(client, job["id"], tiles, _ttl()), total)
-    if done * PROGRESS_STEPS // total == (done - tiles) * PROGRESS_STEPS // total and done < total:
+    done = min(done, total)
+    if not tiles or (done * PROGRESS_STEPS // total == (done - tiles) * PROGRESS_STEPS // total and done < total):
         return
     progress = {"done": done, "total": total}
     task.send_event("task-progress", job=job["id"], **progress)
@@ -423,6 +471,7 @@ def _recognition(client: redis.Redis, job: dict[str, Any], records: list[dict[st
         tile=options.tile,
         overlap=options.overlap,
         tiles=job["tiles"],
+        batches=len(job["batches"]),
         tasks=job["tasks"],
         failed_tiles=[{"tile": f["tile"], "window": f["window"], "error": f["error"]} for f in failed]
         + [{"tile": index, "window": None, "error": "no result"} for index in missing],

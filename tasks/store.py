@@ -6,6 +6,8 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:total      number of tiles
     tilerec:job:J:done       tiles recognized so far (progress)
     tilerec:job:J:attempts   hash: deliveries per tile task and crashes per tile (crash-loop guard)
+    tilerec:job:J:claimed    batches claimed so far (tile tasks take the job's batches one by one)
+    tilerec:job:J:claims     hash: batch -> the tile task that claimed it (redone if that task's process dies)
     tilerec:job:J:cancelled  present once the job is cancelled
 Inputs stored by clients: tilerec:input:<uuid> (expire after their TTL).
 Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>, ms per 640x640 tile (expire after a week unused).
@@ -20,7 +22,7 @@ import json
 import uuid
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import redis
@@ -103,15 +105,6 @@ def get_total(client: redis.Redis, job_id: str) -> int | None:
     return None if value is None else int(value)
 
 
-def add_progress(client: redis.Redis, job_id: str, tiles: int, ttl: int) -> int:
-    """Count `tiles` more tiles done; returns the job's count so far (a redelivered tile may count twice)."""
-    with client.pipeline(transaction=False) as pipe:
-        pipe.incrby(job_key(job_id, "done"), tiles)
-        pipe.expire(job_key(job_id, "done"), ttl)
-        done, _ = pipe.execute()
-    return int(done)
-
-
 def get_progress(client: redis.Redis, job_id: str) -> int:
     return int(client.get(job_key(job_id, "done")) or 0)
 
@@ -136,6 +129,60 @@ def clear_tile_attempts(client: redis.Redis, job_id: str, index: int) -> None:
     client.hdel(job_key(job_id, "attempts"), f"tile:{index}")
 
 
+_CLAIM = """
+local done = redis.call('INCRBY', KEYS[3], ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+local node_live = redis.call('HEXISTS', KEYS[5], ARGV[5])
+if ARGV[6] == '1' and node_live == 0 then
+    return {-2, done, node_live}
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+    return {-1, done, node_live}
+end
+local batch = redis.call('INCR', KEYS[1]) - 1
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if batch >= tonumber(ARGV[2]) then
+    return {-1, done, node_live}
+end
+redis.call('HSET', KEYS[2], batch, ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {batch, done, node_live}
+"""
+
+
+class Claim(NamedTuple):
+    batch: int | None  # None: no batch was taken (none left, the job was cancelled, or the node left)
+    done: int  # the job's tiles done so far (a redone tile counts twice)
+    node_live: bool  # the node is in the registry
+    node_left: bool  # no batch was taken because the node left the registry (it is stopping)
+
+
+def claim_batch(
+    client: redis.Redis,
+    job_id: str,
+    task_id: str,
+    batches: int,
+    tiles_done: int,
+    ttl: int,
+    registry: str,
+    node: str,
+    unless_node_left: bool,
+) -> Claim:
+    """Count `tiles_done` more tiles done, and take the job's next batch for `task_id`, in one round trip; with
+    `unless_node_left`, not once `node` has left the hash `registry` (tasks/registry.py): it is stopping."""
+    keys = [job_key(job_id, part) for part in ("claimed", "claims", "done", "cancelled")] + [registry]
+    batch, done, node_live = client.eval(
+        _CLAIM, len(keys), *keys, task_id, batches, tiles_done, ttl, node, int(unless_node_left)
+    )
+    return Claim(None if batch < 0 else int(batch), int(done), bool(node_live), batch == -2)
+
+
+def claimed_by(client: redis.Redis, job_id: str, task_id: str) -> list[int]:
+    """The batches `task_id` claimed in its earlier deliveries (their records died with its process)."""
+    claims = client.hgetall(job_key(job_id, "claims"))
+    return sorted(int(batch) for batch, owner in claims.items() if owner.decode() == task_id)
+
+
 def cancel(client: redis.Redis, job_id: str, ttl: int) -> None:
     client.set(job_key(job_id, "cancelled"), 1, ex=ttl)
 
@@ -150,7 +197,9 @@ def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> No
         keys = list(client.scan_iter(job_key(job_id, "*"), count=1000))
     else:
         keys = [tile_key(job_id, index) for index in range(tiles)]
-        keys += [job_key(job_id, part) for part in ("job", "total", "done", "attempts", "cancelled")]
+        keys += [
+            job_key(job_id, part) for part in ("job", "total", "done", "attempts", "cancelled", "claimed", "claims")
+        ]
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
 

@@ -9,7 +9,7 @@ import pytest
 from pipeline import recognize_image
 from pipeline.scenes import qr_code, qr_scene
 from pipeline.tiling import grid, tapered_sizes
-from tasks import TASKS_PER_PROCESS, recognize, registry, store
+from tasks import BATCHES_PER_PROCESS, recognize, registry, store
 from tasks.client import put_image, submit
 from tests.conftest import tilerec_keys
 from tests.scenes import assert_each_code_once
@@ -49,7 +49,8 @@ def test_distributed_finds_every_code_once_and_equals_in_process(worker, redis_s
 def test_batches_of_tiles_give_the_same_result(worker, redis_server, scene, scene_path, batch_size):
     tiles = len(grid(2000, 3000, 640, 0.2))
     result = recognize.delay(scene_path, "qrcode", batch_size=batch_size).get(timeout=TIMEOUT)
-    assert result["tiling"]["tasks"] == math.ceil(tiles / batch_size)
+    assert result["tiling"]["batches"] == math.ceil(tiles / batch_size)
+    assert result["tiling"]["tasks"] == min(result["tiling"]["batches"], worker.concurrency)
     assert_each_code_once(result["detections"], scene.truths)
     in_process = recognize_image(cv2.imread(scene_path), "qrcode")
     assert result["detections"] == in_process.to_json()["detections"]
@@ -78,7 +79,7 @@ def test_a_one_batch_job_is_recognized_in_its_tiling_task(worker, redis_server, 
     outcome = recognize.delay(str(path), "qrcode")
     result = outcome.get(timeout=TIMEOUT)
     assert outcome.name == "tilerec.recognize", "no chord: the tiling task itself stored the result"
-    assert result["tiling"]["tiles"] == result["tiling"]["tasks"] == 1
+    assert result["tiling"]["tiles"] == result["tiling"]["batches"] == result["tiling"]["tasks"] == 1
     assert tilerec_keys(redis_server) == []
     [found] = result["detections"]
     assert found["text"] == "one tile"
@@ -137,15 +138,15 @@ def test_auto_batches_are_sized_from_what_earlier_tiles_cost(worker, redis_serve
     store.record_tile_cost(client, "aruco", params, 1e6)  # as if a tile took 1000 s: one tile per task
     tiles = len(grid(2000, 3000))
     first = recognize.delay(scene_path, "aruco").get(timeout=TIMEOUT)
-    assert first["tiling"]["tasks"] == tiles
+    assert first["tiling"]["batches"] == tiles
     # that job measured the real cost (a few ms a tile) and halved the gap to it
     learned = store.get_tile_cost(client, "aruco", params)
     assert 1e6 / 2 < learned < 1e6 / 2 + 1000
     client.delete(*client.scan_iter("tilerec:cost:aruco:*"))
     store.record_tile_cost(client, "aruco", params, 0.001)  # now nearly free: the floor of tasks decides,
-    assert registry.live_processes(client, "tilerec.tiles") == worker.concurrency  # TASKS_PER_PROCESS each
+    assert registry.live_processes(client, "tilerec.tiles") == worker.concurrency  # BATCHES_PER_PROCESS each
     cheap = recognize.delay(scene_path, "aruco").get(timeout=TIMEOUT)
-    assert cheap["tiling"]["tasks"] == len(
-        tapered_sizes(tiles, math.ceil(tiles / (TASKS_PER_PROCESS * worker.concurrency)))
+    assert cheap["tiling"]["batches"] == len(
+        tapered_sizes(tiles, math.ceil(tiles / (BATCHES_PER_PROCESS * worker.concurrency)))
     )
     assert cheap["detections"] == first["detections"]

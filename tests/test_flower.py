@@ -136,23 +136,25 @@ def test_flower_shows_every_tilerec_task_with_small_readable_arguments(flower, j
             assert len(shown) < 2048, "arguments and results are shown small: references and windows, no pixels"
             assert not PIXELS.search(shown), shown
 
-    # tile tasks: the job's id and their range of tile indexes, readable; together exactly the job's grid
+    # tile tasks: one per worker process, each with the job's id and its number, readable
     tiles = [task for task in ours.values() if task["name"] == "tilerec.recognize_tiles"]
     windows_expected = grid(1280, 1920, 640, 0.2)
-    assert len(tiles) == result["tiling"]["tasks"] == math.ceil(len(windows_expected) / 3)
-    indexes = []
+    batches = math.ceil(len(windows_expected) / 3)
+    assert result["tiling"]["batches"] == batches
+    assert len(tiles) == result["tiling"]["tasks"] == min(batches, worker.concurrency)
+    runners = []
     for task in tiles:
         assert (task["parent_id"], task["worker"]) == (job_id, worker.hostname)
-        job, first, stop = ast.literal_eval(task["args"])
-        assert job == job_id and 0 < stop - first <= 3
-        indexes += range(first, stop)
-    assert sorted(indexes) == [window.index for window in windows_expected]
+        job, runner = ast.literal_eval(task["args"])
+        assert job == job_id
+        runners.append(runner)
+    assert sorted(runners) == list(range(len(tiles)))
 
     # the job's own row: the merge that took over its id, with the result's summary first
     merged = ours[job_id]
     assert (merged["name"], merged["state"]) == ("tilerec.merge", "SUCCESS")
     assert merged["result"].startswith("{'schema': 'tilerec/recognition@1', 'image': {'width': 1920, 'height': 1280")
-    assert f"'tiles': {len(windows_expected)}, 'tasks': {len(tiles)}" in merged["result"]
+    assert f"'tiles': {len(windows_expected)}, 'batches': {batches}, 'tasks': {len(tiles)}" in merged["result"]
 
     # a refused job keeps its tilerec.recognize row: its arguments exactly as sent, and the error
     refused = ours[jobs["refused"]]
@@ -170,9 +172,10 @@ def test_flower_sees_sent_events_progress_events_and_the_worker(flower, jobs, wo
         assert flower.metric("flower_events_total", task=name, type="task-started", worker=worker.hostname)
     progress = flower.metric("flower_events_total", task="tilerec.recognize_tiles", type="task-progress",
                              worker=worker.hostname)  # fmt: skip
-    # a task reports when the job crosses another 1/PROGRESS_STEPS of its tiles: with fewer tiles, every task does
+    # progress is reported when the job crosses another 1/PROGRESS_STEPS of its tiles: with fewer tiles, after every
+    # batch
     assert jobs["result"]["tiling"]["tiles"] <= PROGRESS_STEPS
-    assert progress == jobs["result"]["tiling"]["tasks"]
+    assert progress == jobs["result"]["tiling"]["batches"]
 
     seen: dict[str, Any] = {}
 

@@ -73,7 +73,7 @@ def test_auto_batches_follow_the_measured_tile_cost():
     assert max(len(batch) for batch in costly) == 8 and len(costly[-1]) == 1
     cheap = plan(8000, 8000, options)
     assert max(len(batch) for batch in cheap) == 16
-    assert all(len(batch) == 1 for batch in plan(8000, 8000, options, tile_cost_ms=50.0, min_tasks=256))
+    assert all(len(batch) == 1 for batch in plan(8000, 8000, options, tile_cost_ms=50.0, min_batches=256))
     # one worker process: nothing to balance, so no halving tail, 256 / 8 = 32 tasks of 8 tiles
     alone = plan(8000, 8000, options, tile_cost_ms=50.0, taper=False)
     assert [len(batch) for batch in alone] == [8] * 32

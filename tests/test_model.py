@@ -62,13 +62,20 @@ def test_columns_must_agree_in_length():
 
 def test_recognition_json_has_the_documented_schema_and_round_trips():
     r = Recognition(
-        width=4000, height=3000, detections=sample(), recognizer="qrcode", source="/data/a.png", tiles=30, tasks=8
+        width=4000,
+        height=3000,
+        detections=sample(),
+        recognizer="qrcode",
+        source="/data/a.png",
+        tiles=30,
+        batches=8,
+        tasks=2,
     )
     data = json.loads(json.dumps(r.to_json()))
     assert data["schema"] == SCHEMA == "tilerec/recognition@1"
     assert set(data) == {"schema", "image", "recognizer", "tiling", "detections", "failed_tiles", "timings"}
     assert data["image"] == {"width": 4000, "height": 3000, "source": "/data/a.png"}
-    assert data["tiling"] == {"tile": 640, "overlap": 0.2, "tiles": 30, "tasks": 8}
+    assert data["tiling"] == {"tile": 640, "overlap": 0.2, "tiles": 30, "batches": 8, "tasks": 2}
     back = Recognition.from_json(data)
     assert back.detections.to_records() == r.detections.to_records()
     with pytest.raises(ValueError, match="schema"):

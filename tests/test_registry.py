@@ -1,6 +1,6 @@
 """The tile worker registry, for real: worker nodes register their processes in Redis while they consume the tiles
-queue, and a job's automatic batches give every live process its share. A Redis and workers of their own, so no
-other test's workers are counted."""
+queue, and a job gets a tile task per live process and enough automatic batches for each to take its share. A Redis
+and workers of their own, so no other test's workers are counted."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import cv2
 import pytest
 from celery import Celery
 
-from celeryconfig import tilerec_task_target_ms
+from celeryconfig import tilerec_batch_target_ms
 from pipeline.inference import plan
 from pipeline.options import parse_options
 from pipeline.scenes import code_scene
-from tasks import MIN_TASKS_UNKNOWN, TASKS_PER_PROCESS, registry
+from tasks import BATCHES_PER_PROCESS, UNKNOWN_CLUSTER_BATCHES, registry
 from tasks.local import RedisServer, Worker
 from tests.conftest import IMAGES_ROOT
 from tests.scenes import assert_each_code_once
@@ -26,13 +26,14 @@ TILES_QUEUE = "tilerec.tiles"
 TILE_PROCESSES = 3
 
 
-def test_live_tile_processes_set_how_many_tasks_a_job_gets(tmp_path):
+def test_live_tile_processes_set_how_many_tasks_and_batches_a_job_gets(tmp_path):
     scene = code_scene(4000, 4000, kinds=("aruco",), seed=11)
     path = IMAGES_ROOT / "registry-scene.png"
     cv2.imwrite(str(path), scene.image)
     options = parse_options("aruco", {})
-    expected_tasks = len(plan(4000, 4000, options, None, tilerec_task_target_ms, TASKS_PER_PROCESS * TILE_PROCESSES))
-    assert expected_tasks != len(plan(4000, 4000, options, None, tilerec_task_target_ms, MIN_TASKS_UNKNOWN)), (
+    target = tilerec_batch_target_ms
+    expected_batches = len(plan(4000, 4000, options, None, target, BATCHES_PER_PROCESS * TILE_PROCESSES))
+    assert expected_batches != len(plan(4000, 4000, options, None, target, UNKNOWN_CLUSTER_BATCHES)), (
         "the scene tells apart"
     )
 
@@ -53,7 +54,7 @@ def test_live_tile_processes_set_how_many_tasks_a_job_gets(tmp_path):
             caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
             result = caller.send_task("tilerec.recognize", args=[str(path), "aruco"], queue="tilerec").get(timeout=120)
             caller.close()
-            assert result["tiling"]["tasks"] == expected_tasks
+            assert (result["tiling"]["batches"], result["tiling"]["tasks"]) == (expected_batches, TILE_PROCESSES)
             assert_each_code_once(result["detections"], scene.truths)
 
             # a node that died without unregistering lapses
@@ -72,9 +73,10 @@ def test_live_tile_processes_set_how_many_tasks_a_job_gets(tmp_path):
 
 
 def test_a_single_live_process_gets_no_tapered_tail(tmp_path):
-    """One worker process takes every task in turn: the halving tail that lets several finish together would only
-    add tasks. 2000² at 640/0.2 is 4 x 4 tiles; a task target far above the whole job leaves the 4-tasks-per-process
-    floor to decide: 4 tasks of 4 tiles (tapered, it would be 1, 4, 4, 4, 2, 1)."""
+    """One worker process takes every batch in turn: the halving tail that lets several finish together would only
+    add batches. 2000² at 640/0.2 is 4 x 4 tiles; a batch target far above the whole job leaves the
+    4-batches-per-process floor to decide: 4 batches of 4 tiles (tapered, it would be 1, 4, 4, 4, 2, 1), in one
+    tile task."""
     path = IMAGES_ROOT / "registry-single.png"
     scene = code_scene(2000, 2000, kinds=("aruco",), seed=12)
     cv2.imwrite(str(path), scene.image)
@@ -82,7 +84,7 @@ def test_a_single_live_process_gets_no_tapered_tail(tmp_path):
         env = {
             "TILEREC_RESULT_BACKEND": server.url,
             "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT),
-            "TILEREC_TASK_TARGET_MS": "1000000",
+            "TILEREC_BATCH_TARGET_MS": "1000000",
         }
         worker = Worker(server.url, 1, env=env, log_file=str(tmp_path / "worker.log"))
         worker.start()
@@ -92,23 +94,29 @@ def test_a_single_live_process_gets_no_tapered_tail(tmp_path):
             caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
             result = caller.send_task("tilerec.recognize", args=[str(path), "aruco"], queue="tilerec").get(timeout=120)
             caller.close()
-            assert (result["tiling"]["tiles"], result["tiling"]["tasks"]) == (16, TASKS_PER_PROCESS)
+            tiling = result["tiling"]
+            assert (tiling["tiles"], tiling["batches"], tiling["tasks"]) == (16, BATCHES_PER_PROCESS, 1)
             assert_each_code_once(result["detections"], scene.truths)
         finally:
             worker.stop()
 
 
+COUNTS = (("TILEREC_MIN_BATCHES", "tilerec_min_batches"), ("TILEREC_TILE_TASKS", "tilerec_tile_tasks"))
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
-def test_a_bad_min_tasks_setting_stops_the_worker_with_the_reason(value):
-    env = {**os.environ, "TILEREC_MIN_TASKS": value}
+@pytest.mark.parametrize(("name", "setting"), COUNTS)
+def test_a_bad_count_setting_stops_the_worker_with_the_reason(name, setting, value):
+    env = {**os.environ, name: value}
     loaded = subprocess.run([sys.executable, "-c", "import celeryconfig"], env=env, capture_output=True, text=True)
     assert loaded.returncode != 0
-    assert f"TILEREC_MIN_TASKS must be 'auto' or a whole number of at least 1, got '{value}'" in loaded.stderr
+    assert f"{name} must be 'auto' or a whole number of at least 1, got '{value}'" in loaded.stderr
 
 
-def test_min_tasks_is_auto_by_default_or_the_number_given():
-    code = "import celeryconfig; print(celeryconfig.tilerec_min_tasks)"
+@pytest.mark.parametrize(("name", "setting"), COUNTS)
+def test_count_settings_are_auto_by_default_or_the_number_given(name, setting):
+    code = f"import celeryconfig; print(celeryconfig.{setting})"
     for value, parsed in (("", "None"), ("auto", "None"), (" AUTO ", "None"), ("5", "5")):
-        env = {**os.environ, "TILEREC_MIN_TASKS": value}
+        env = {**os.environ, name: value}
         shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout
         assert shown == parsed + "\n", value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -294,31 +295,74 @@ def test_a_password_protected_redis_works_and_the_password_never_shows(tmp_path)
     assert secret not in json.dumps(outcome)
 
 
+JOB_SCRIPT = """
+import json, sys
+from tasks import app, recognize
+url, path, recognizer, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+app.conf.update(broker_url=url, result_backend=url, tilerec_store_url=url)
+print(json.dumps(recognize.delay(path, recognizer, **options).get(timeout=120)))
+"""
+
+
+def job_client(url: str, path: str, recognizer: str, **options: object) -> subprocess.Popen:
+    """A client process submitting one job to the cluster at `url`; its last output line is the result."""
+    command = [sys.executable, "-c", JOB_SCRIPT, url, path, recognizer, json.dumps(options)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+
+def slow_workers_env(server: RedisServer, **settings: str) -> dict[str, str]:
+    return {
+        "TILEREC_RESULT_BACKEND": server.url,
+        "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT),
+        "TILEREC_PLUGIN_MODULES": "tests.faulty",
+        **settings,
+    }
+
+
+RECOGNIZE_TILES_RAN = re.compile(r"Task tilerec\.recognize_tiles\[[^]]+\] succeeded in ([0-9.]+)s")
+
+
 def test_a_node_stopped_with_sigterm_hands_its_work_back(tmp_path, big_scene):
+    """Warm shutdown mid-job: the node's tile task finishes its batch and hands the batches left to a new task for
+    the other node, instead of keeping the node up until the job is done."""
     scene, path = big_scene
     with RedisServer() as server:
-        env = {"TILEREC_RESULT_BACKEND": server.url, "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT)}
+        env = slow_workers_env(server)
         first = Worker(server.url, 1, env=env, log_file=str(tmp_path / "first.log")).start()
         second = Worker(server.url, 1, env=env, log_file=str(tmp_path / "second.log")).start()
         try:
-            script = tmp_path / "job.py"
-            script.write_text(
-                "import json, sys\nfrom tasks import app, recognize\n"
-                "url = sys.argv[1]\napp.conf.update(broker_url=url, result_backend=url, tilerec_store_url=url)\n"
-                f"result = recognize.delay({path!r}, 'qrcode', batch_size=1).get(timeout=120)\n"
-                "print(json.dumps(result['detections']))\n"
-            )
-            client = subprocess.Popen([sys.executable, str(script), server.url], stdout=subprocess.PIPE, text=True)
+            client = job_client(server.url, path, "tests.faulty:Slow", batch_size=1)
             progress = server.client()
             wait_for(lambda: any(int(progress.get(k) or 0) >= 3 for k in progress.scan_iter("tilerec:job:*:done")))
-            first.process.send_signal(signal.SIGTERM)  # warm shutdown of a whole node mid-job
+            first.process.send_signal(signal.SIGTERM)
             assert first.process.wait(60) == 0
             output, _ = client.communicate(timeout=120)
-            assert_each_code_once(json.loads(output), scene.truths)
+            assert_each_code_once(json.loads(output.splitlines()[-1])["detections"], scene.truths)
             assert list(progress.scan_iter("tilerec:job:*")) == []
+            # the stopped node's tile task ended soon after the signal, the other node's with the job
+            ran = [float(seconds) for seconds in RECOGNIZE_TILES_RAN.findall(Path(first.log_file).read_text())]
+            ran_on = [float(seconds) for seconds in RECOGNIZE_TILES_RAN.findall(Path(second.log_file).read_text())]
+            assert len(ran) == 1 and ran[0] < max(ran_on) / 2, (ran, ran_on)
         finally:
             first.stop()
             second.stop()
+
+
+def test_a_long_tile_task_hands_its_job_over_to_a_new_one(tmp_path, big_scene):
+    """TILEREC_TASK_HANDOVER_S bounds how long a tile task runs (what a crash would redo): past it, the task adds a
+    successor to the job's chord, which takes the batches left. The job comes out whole, each tile once."""
+    scene, path = big_scene
+    log = tmp_path / "worker.log"
+    with RedisServer() as server:
+        with Worker(server.url, 2, env=slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.3"), log_file=str(log)):
+            output, _ = job_client(server.url, path, "tests.faulty:Slow", batch_size=2).communicate(timeout=120)
+        assert list(server.client().scan_iter("tilerec:job:*")) == []
+    result = json.loads(output.splitlines()[-1])
+    assert_each_code_once(result["detections"], scene.truths)
+    assert (result["failed_tiles"], result["tiling"]["tasks"]) == ([], 2)
+    # 48 tiles at 0.05 s on 2 processes, handing over every 0.3 s: about 8 tile tasks ran, not 2
+    ran = log.read_text().count("Task tilerec.recognize_tiles[") // 2  # received and succeeded, each
+    assert ran >= 6, ran
 
 
 LOAD_CLIENT = """

@@ -22,8 +22,9 @@ def _load(env: dict[str, str], code: str = "import celeryconfig") -> subprocess.
         ("TILEREC_MAX_PIXELS", "1.5e9", "a whole number of at least 1"),
         ("TILEREC_PREFETCH_MULTIPLIER", "-1", "a whole number of at least 0"),
         ("TILEREC_RESULT_INLINE_MAX_BYTES", "-2", "a whole number of at least -1"),
-        ("TILEREC_TASK_TARGET_MS", "fast", "a number of at least 1"),
-        ("TILEREC_TASK_TARGET_MS", "inf", "a number of at least 1"),
+        ("TILEREC_BATCH_TARGET_MS", "fast", "a number of at least 1"),
+        ("TILEREC_BATCH_TARGET_MS", "inf", "a number of at least 1"),
+        ("TILEREC_TASK_HANDOVER_S", "0", "a number of at least 0.1"),
     ],
 )
 def test_a_bad_number_stops_the_loading_with_the_setting_and_what_it_accepts(name, value, accepts):
@@ -34,7 +35,7 @@ def test_a_bad_number_stops_the_loading_with_the_setting_and_what_it_accepts(nam
 
 def test_numbers_come_from_the_environment_or_their_defaults():
     shown = _load(
-        {"TILEREC_TILE_TTL": " 120 ", "TILEREC_TASK_TARGET_MS": "250.5", "TILEREC_PREFETCH_MULTIPLIER": ""},
-        "import celeryconfig as c; print(c.tilerec_tile_ttl, c.tilerec_task_target_ms, c.worker_prefetch_multiplier)",
+        {"TILEREC_TILE_TTL": " 120 ", "TILEREC_BATCH_TARGET_MS": "250.5", "TILEREC_PREFETCH_MULTIPLIER": ""},
+        "import celeryconfig as c; print(c.tilerec_tile_ttl, c.tilerec_batch_target_ms, c.worker_prefetch_multiplier)",
     )
     assert shown.stdout == "120 250.5 1\n", shown.stderr
