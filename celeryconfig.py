@@ -99,8 +99,9 @@ tilerec_batch_target_ms = _number("TILEREC_BATCH_TARGET_MS", 400, 1, float)
 tilerec_min_batches = _auto_or_count("TILEREC_MIN_BATCHES")
 # tile tasks per job, each taking batches until none is left; "auto": one per live tile worker process
 tilerec_tile_tasks = _auto_or_count("TILEREC_TILE_TASKS")
-# a tile task that ran this long (s) hands the batches left to a new task: bounds what a crash makes it redo
-tilerec_task_handover_s = _number("TILEREC_TASK_HANDOVER_S", 60, 0.1, float)
+# a tile task that ran this long (s) hands the batches left to a new task at the back of the queue: bounds what a
+# crash makes it redo, and how long other jobs' tasks wait behind a big job (about 15 ms per handover)
+tilerec_task_handover_s = _number("TILEREC_TASK_HANDOVER_S", 10, 0.1, float)
 tilerec_threads_per_process = _number("TILEREC_THREADS_PER_PROCESS", 0, 0)  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
 tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")

@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from celery import Celery
 from celery.exceptions import TimeoutError
 from kombu import Connection, Exchange, Producer
 
@@ -363,6 +364,34 @@ def test_a_long_tile_task_hands_its_job_over_to_a_new_one(tmp_path, big_scene):
     # 48 tiles at 0.05 s on 2 processes, handing over every 0.3 s: about 8 tile tasks ran, not 2
     ran = log.read_text().count("Task tilerec.recognize_tiles[") // 2  # received and succeeded, each
     assert ran >= 6, ran
+
+
+def test_a_small_job_does_not_wait_for_a_big_one_to_finish(tmp_path, big_scene):
+    """One worker process, busy with a big job: its tile task hands over every TILEREC_TASK_HANDOVER_S (0.3 s) to a
+    successor at the back of the queue, so a one-tile job submitted meanwhile is done within about that, not after
+    the big job's remaining 2 s and more (48 tiles of 0.05 s)."""
+    _, path = big_scene
+    small = small_qr_image("small-behind-big.png", "small job")
+    with RedisServer() as server:
+        env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.3")
+        caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
+        caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+        try:
+            with Worker(server.url, 1, env=env, log_file=str(tmp_path / "worker.log")):
+                big = caller.send_task(
+                    "tilerec.recognize", args=[path, "tests.faulty:Slow"], kwargs={"batch_size": 1}, queue="tilerec"
+                )
+                progress = server.client()
+                wait_for(lambda: any(int(progress.get(k) or 0) >= 2 for k in progress.scan_iter("tilerec:job:*:done")))
+                submitted = time.monotonic()
+                result = caller.send_task("tilerec.recognize", args=[small, "qrcode"], queue="tilerec").get(timeout=60)
+                waited = time.monotonic() - submitted
+                assert not big.ready()
+                assert big.get(timeout=120)["failed_tiles"] == []
+        finally:
+            caller.close()
+    assert [d["text"] for d in result["detections"]] == ["small job"]
+    assert waited < 1.5, f"the small job took {waited:.2f} s: it waited for the big one"
 
 
 LOAD_CLIENT = """
