@@ -67,7 +67,7 @@ def test_memory_messages_latency_and_storage_are_measured(smoke):
 def test_the_report_has_every_section_and_its_plots(smoke):
     results, out = smoke
     text = (out / "report.md").read_text()
-    for heading in ("## Targets", "## Accuracy", "## Speed", "## Tiles per task", "## Memory and broker messages",
+    for heading in ("## Targets", "## Accuracy", "## Speed", "## Tiles per batch", "## Memory and broker messages",
                     "## Latency of a one-tile image", "## Tile storage", "## Where the time goes"):  # fmt: skip
         assert heading in text
     assert "## Errors" not in text
