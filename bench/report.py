@@ -494,9 +494,9 @@ def findings(results: dict[str, Any], summary: dict[str, Any]) -> str:
     messages = [a["messages"]["recognize_tiles"]["max_bytes"] for a in summary["memory"]["rows"]]
     if messages:
         notes.append(
-            f"**Messages**: a tile task's message is at most {max(messages):,} B: the job id, its range of tile "
-            "indexes and the chord's merge callback (which carries the job id too); the job's description is in the "
-            "tile store, read once per job by each worker process."
+            f"**Messages**: a tile task's message is at most {max(messages):,} B: the job id, the task's number and "
+            "the chord's merge callback (which carries the job id too); the job's description, with its batches, is "
+            "in the tile store, read once per job by each worker process."
         )
     if summary["errors"]:
         notes.append(f"**{len(summary['errors'])} run(s) failed**; see the Errors section.")

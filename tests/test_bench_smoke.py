@@ -55,8 +55,8 @@ def test_speed_stages_add_up_to_the_wall_time(smoke):
 def test_memory_messages_latency_and_storage_are_measured(smoke):
     results, _ = smoke
     [anatomy] = results["anatomy"]
-    assert anatomy["keys_left"] == 0 and anatomy["tiles"] == anatomy["messages"]["recognize_tiles"]["count"]
-    assert 0 < anatomy["messages"]["recognize_tiles"]["max_bytes"] <= 2048  # ids and indexes, the job is in the store
+    assert anatomy["keys_left"] == 0 and anatomy["tasks"] == anatomy["messages"]["recognize_tiles"]["count"]
+    assert 0 < anatomy["messages"]["recognize_tiles"]["max_bytes"] <= 2048  # ids and numbers, the job is in the store
     assert all(10 < mb < 5000 for mb in anatomy["memory_mb"]["tile_processes"])
     latency = results["summary"]["latency"]
     assert latency["reps"] == 2 and latency["overhead_ms"] > 0

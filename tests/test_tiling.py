@@ -73,7 +73,7 @@ def test_batches_keep_order_and_cover_every_window():
 
 
 def test_auto_batch_size_groups_cheap_tiles_but_keeps_workers_busy():
-    assert auto_batch_size(tiles=10000, tile_cost_ms=1.5) == 267  # ceil(400 ms / 1.5 ms) tiles per task
+    assert auto_batch_size(tiles=10000, tile_cost_ms=1.5) == 267  # ceil(400 ms / 1.5 ms) tiles per batch
     assert auto_batch_size(tiles=400, tile_cost_ms=60) == 7  # ceil(400 / 60): even costly tiles share a task
     assert auto_batch_size(tiles=400, tile_cost_ms=500) == 1  # a tile that outweighs the overhead goes alone
     assert auto_batch_size(tiles=32, tile_cost_ms=1.5) == 2  # still 16 tasks to spread

@@ -245,7 +245,7 @@ def build_parser() -> Parser:
         "--match-threshold", type=float, metavar="T", help="overlap that makes two boxes one (default 0.5)"
     )
     run.add_argument(
-        "--batch-size", type=positive_int, metavar="N", help="tiles per task (default: from the recognizer's cost)"
+        "--batch-size", type=positive_int, metavar="N", help="tiles per batch (default: from the recognizer's cost)"
     )
     run.add_argument(
         "--on-tile-error",
