@@ -362,17 +362,26 @@ def recognize_tiles(self: Any, job_id: str, runner: int) -> list[dict[str, Any]]
         _report_progress(self, view.job, claim.done, tiles_done)
         if claim.batch is None:  # none left, the job was cancelled, or the node is stopping
             if claim.node_left:
-                self.add_to_chord(recognize_tiles.s(job_id, runner))
+                _hand_over(self, client, view.job, runner)
             break
         first, stop = spans[claim.batch]
         records += _recognize_batch(client, view.job, view.options, view.windows[first:stop], read, 1, False)
         tiles_done = stop - first
         if time.monotonic() - began > _handover_s():
-            self.add_to_chord(recognize_tiles.s(job_id, runner))
+            _hand_over(self, client, view.job, runner)
             break
     if deliveries > 1:
         _outwait_dead_chord_claim(self)
     return records
+
+
+def _hand_over(task: Any, client: redis.Redis, job: dict[str, Any], runner: int) -> None:
+    """Add a successor to the job's chord for the batches left, and one more task for each tile worker process that
+    joined the cluster since the job began (while it has batches left for them)."""
+    processes = registry.live_processes(client, app.conf.tiles_queue)
+    joined = store.grow_tasks(client, job["id"], job["tasks"], processes, len(job["batches"]), _ttl())
+    for number in (runner, *joined):
+        task.add_to_chord(recognize_tiles.s(job["id"], number))
 
 
 def _handover_s() -> float:
@@ -472,7 +481,7 @@ def _recognition(client: redis.Redis, job: dict[str, Any], records: list[dict[st
         overlap=options.overlap,
         tiles=job["tiles"],
         batches=len(job["batches"]),
-        tasks=job["tasks"],
+        tasks=store.job_tasks(client, job["id"], job["tasks"]),
         failed_tiles=[{"tile": f["tile"], "window": f["window"], "error": f["error"]} for f in failed]
         + [{"tile": index, "window": None, "error": "no result"} for index in missing],
         timings=timings,

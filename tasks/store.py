@@ -8,6 +8,7 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:attempts   hash: deliveries per tile task and crashes per tile (crash-loop guard)
     tilerec:job:J:claimed    batches claimed so far (tile tasks take the job's batches one by one)
     tilerec:job:J:claims     hash: batch -> the tile task that claimed it (redone if that task's process dies)
+    tilerec:job:J:tasks      tile tasks the job has grown to, once it grew (processes joined the cluster mid-job)
     tilerec:job:J:cancelled  present once the job is cancelled
 Inputs stored by clients: tilerec:input:<uuid> (expire after their TTL).
 Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>, ms per 640x640 tile (expire after a week unused).
@@ -177,6 +178,32 @@ def claim_batch(
     return Claim(None if batch < 0 else int(batch), int(done), bool(node_live), batch == -2)
 
 
+_GROW = """
+local tasks = tonumber(redis.call('GET', KEYS[1]) or ARGV[1])
+local left = tonumber(ARGV[3]) - tonumber(redis.call('GET', KEYS[2]) or 0)
+local extra = math.min(tonumber(ARGV[2]) - tasks, left)
+if extra <= 0 then
+    return {0, tasks}
+end
+redis.call('SET', KEYS[1], tasks + extra, 'EX', ARGV[4])
+return {extra, tasks}
+"""
+
+
+def grow_tasks(client: redis.Redis, job_id: str, tasks: int, processes: int, batches: int, ttl: int) -> range:
+    """The numbers of the tile tasks to add so the job has one per live process (`processes`), but no more than it
+    has batches left; `tasks` is what it started with. Atomic: tasks handing over at once add each process once."""
+    keys = [job_key(job_id, "tasks"), job_key(job_id, "claimed")]
+    extra, before = client.eval(_GROW, len(keys), *keys, tasks, processes, batches, ttl)
+    return range(int(before), int(before) + int(extra))
+
+
+def job_tasks(client: redis.Redis, job_id: str, tasks: int) -> int:
+    """The tile tasks the job grew to, or `tasks` (what it started with) when it did not grow."""
+    value = client.get(job_key(job_id, "tasks"))
+    return tasks if value is None else int(value)
+
+
 def claimed_by(client: redis.Redis, job_id: str, task_id: str) -> list[int]:
     """The batches `task_id` claimed in its earlier deliveries (their records died with its process)."""
     claims = client.hgetall(job_key(job_id, "claims"))
@@ -191,15 +218,16 @@ def is_cancelled(client: redis.Redis, job_id: str) -> bool:
     return bool(client.exists(job_key(job_id, "cancelled")))
 
 
+JOB_PARTS = ("job", "total", "done", "attempts", "cancelled", "claimed", "claims", "tasks")  # and its tiles
+
+
 def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> None:
     """Everything the job put in Redis. `tiles` spares a scan when the count is known."""
     if tiles is None:
         keys = list(client.scan_iter(job_key(job_id, "*"), count=1000))
     else:
         keys = [tile_key(job_id, index) for index in range(tiles)]
-        keys += [
-            job_key(job_id, part) for part in ("job", "total", "done", "attempts", "cancelled", "claimed", "claims")
-        ]
+        keys += [job_key(job_id, part) for part in JOB_PARTS]
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
 

@@ -43,10 +43,13 @@ class CrashesOnMarker:
 
 
 class Slow:
-    """QR codes, SLOW_TILE_S late on every tile: batches that run long enough to be cancelled midway"""
+    """QR codes, `seconds` late on every tile: jobs that run long enough to be cancelled or joined midway"""
+
+    def __init__(self, seconds: float = SLOW_TILE_S) -> None:
+        self.seconds = seconds
 
     def __call__(self, tile: np.ndarray) -> Detections:
-        time.sleep(SLOW_TILE_S)
+        time.sleep(self.seconds)
         return get_recognizer("qrcode")(tile)
 
 

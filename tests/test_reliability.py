@@ -19,6 +19,7 @@ from celery import Celery
 from celery.exceptions import TimeoutError
 from kombu import Connection, Exchange, Producer
 
+from bench.cluster import parse_log
 from pipeline.scenes import qr_code, qr_scene
 from pipeline.tiling import grid
 from tasks import recognize
@@ -364,6 +365,41 @@ def test_a_long_tile_task_hands_its_job_over_to_a_new_one(tmp_path, big_scene):
     # 48 tiles at 0.05 s on 2 processes, handing over every 0.3 s: about 8 tile tasks ran, not 2
     ran = log.read_text().count("Task tilerec.recognize_tiles[") // 2  # received and succeeded, each
     assert ran >= 6, ran
+
+
+def test_a_worker_that_joins_mid_job_takes_part_from_the_next_handover(tmp_path, big_scene):
+    """The job starts with the one live process's tile task. A second node joins; at the next handover (every
+    0.3 s here) the job grows a tile task for it, and both recognize the rest at once."""
+    scene, path = big_scene
+    with RedisServer() as server:
+        env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.3")
+        first = Worker(server.url, 1, env=env, log_file=str(tmp_path / "first.log")).start()
+        second = Worker(server.url, 1, env=env, log_file=str(tmp_path / "second.log"))
+        try:
+            # 48 tiles of 0.15 s: over 7 s on one process, time enough for a worker to start
+            client = job_client(server.url, path, "tests.faulty:Slow", batch_size=1, seconds=0.15)
+            progress = server.client()
+            wait_for(lambda: any(int(progress.get(k) or 0) >= 2 for k in progress.scan_iter("tilerec:job:*:done")))
+            second.start()
+            output, _ = client.communicate(timeout=120)
+        finally:
+            first.stop()
+            second.stop()
+    result = json.loads(output.splitlines()[-1])
+    assert_each_code_once(result["detections"], scene.truths)
+    assert result["failed_tiles"] == []
+    assert result["tiling"]["tasks"] == 2, "the job did not grow a tile task for the node that joined"
+    # both nodes recognized at once, not in turn (a successor alone may land on either node): a node's own tile
+    # tasks never overlap, so the overlaps of theirs with the other's add up to the time both were at work
+    on_first, on_second = tile_task_spans(first.log_file), tile_task_spans(second.log_file)
+    together = sum(max(0.0, min(a[1], b[1]) - max(a[0], b[0])) for a in on_first for b in on_second)
+    assert together > 1.0, f"the two nodes recognized at once for {together:.2f} s only"
+
+
+def tile_task_spans(log_file: str) -> list[tuple[float, float]]:
+    """(start, end) of every tile task a worker's log says succeeded."""
+    spans = parse_log(Path(log_file).read_text())
+    return [(span.start, span.end) for span in spans if span.task == "tilerec.recognize_tiles" and span.start]
 
 
 def test_a_small_job_does_not_wait_for_a_big_one_to_finish(tmp_path, big_scene):
