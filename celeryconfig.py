@@ -100,7 +100,7 @@ tilerec_min_batches = _auto_or_count("TILEREC_MIN_BATCHES")
 # tile tasks per job, each taking batches until none is left; "auto": one per live tile worker process
 tilerec_tile_tasks = _auto_or_count("TILEREC_TILE_TASKS")
 # a tile task that ran this long (s) hands the batches left to a new task at the back of the queue: bounds what a
-# crash makes it redo, and how long other jobs' tasks wait behind a big job (about 15 ms per handover)
+# crash makes it redo, and how long other jobs' tasks wait behind a big job (each costs a task: 8-12 ms at W=2)
 tilerec_task_handover_s = _number("TILEREC_TASK_HANDOVER_S", 10, 0.1, float)
 tilerec_threads_per_process = _number("TILEREC_THREADS_PER_PROCESS", 0, 0)  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
