@@ -23,6 +23,7 @@ import redis
 
 from pipeline.recognizers import available
 from pipeline.scenes import Scene, Truth, qr_scene
+from pipeline.tiling import grid
 from tasks.cli.clusters import worker_command
 from tasks.cli.errors import CliError
 from tasks.cli.inputs import output_path, parse_param, parse_size
@@ -138,6 +139,10 @@ def test_several_images_run_as_concurrent_jobs_and_print_a_summary(tmp_path: Pat
     assert (tmp_path / "first-annotated.png").exists() and (tmp_path / "second-annotated.png").exists()
     summary = completed.stderr  # not a terminal: plain lines, no progress bars or colour codes
     assert f"{first}: {len(scene.truths)} detections (qrcode {len(scene.truths)})" in summary
+    tiles = len(grid(*scene.image.shape[:2]))
+    tiling = results[0]["tiling"]
+    assert tiling["tiles"] == tiles and 1 <= tiling["tasks"] <= tiling["batches"] <= tiles
+    assert f"{tiles} tiles in {tiling['batches']} batches, {tiling['tasks']} tasks" in summary
     assert f"{second}: {len(other.truths)} detections (qrcode {len(other.truths)})" in summary
     assert "\x1b[" not in summary
 

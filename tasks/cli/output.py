@@ -33,13 +33,14 @@ def summary_row(outcome: Outcome) -> dict[str, str]:
     row = outcome.result
     cells = {"image": outcome.target.given, "wall s": f"{outcome.seconds:.1f}"}
     if row is None:
-        return {**cells, "detections": "failed", "per label": "", "tiles": "", "tasks": ""}
+        return {**cells, "detections": "failed", "per label": "", "tiles": "", "batches": "", "tasks": ""}
     failed = len(row.get("failed_tiles") or [])
     return {
         **cells,
         "detections": str(len(row["detections"])),
         "per label": label_counts(row),
         "tiles": f"{row['tiling']['tiles']}" + (f" ({failed} failed)" if failed else ""),
+        "batches": str(row["tiling"].get("batches", row["tiling"]["tasks"])),
         "tasks": str(row["tiling"]["tasks"]),
     }
 
@@ -49,7 +50,7 @@ def summarize(outcomes: Sequence[Outcome], console: Console) -> None:
     rows = [summary_row(outcome) for outcome in outcomes]
     if console.is_terminal:
         table = Table(title="tilerec", title_justify="left")
-        columns = ("image", "detections", "per label", "tiles", "tasks", "wall s")
+        columns = ("image", "detections", "per label", "tiles", "batches", "tasks", "wall s")
         for column in columns:
             table.add_column(column, justify="left" if column in ("image", "per label") else "right")
         for row in rows:
@@ -63,7 +64,7 @@ def summarize(outcomes: Sequence[Outcome], console: Console) -> None:
         say(
             console,
             f"{row['image']}: {row['detections']} detections ({row['per label']}), "
-            f"{row['tiles']} tiles, {row['tasks']} tasks, {row['wall s']} s",
+            f"{row['tiles']} tiles in {row['batches']} batches, {row['tasks']} tasks, {row['wall s']} s",
         )
 
 
