@@ -97,7 +97,7 @@ def _auto_or_count(name: str) -> int | None:
 # "auto": 4 per live tile worker process (tasks/registry.py), 16 while none is registered
 tilerec_batch_target_ms = _number("TILEREC_BATCH_TARGET_MS", 400, 1, float)
 tilerec_min_batches = _auto_or_count("TILEREC_MIN_BATCHES")
-# tile tasks per job, each taking batches until none is left; "auto": one per live tile worker process
+# tile tasks a job starts with, each taking batches until none is left; "auto": one per live tile worker process
 tilerec_tile_tasks = _auto_or_count("TILEREC_TILE_TASKS")
 # a tile task that ran this long (s) hands the batches left to a new task at the back of the queue: bounds what a
 # crash makes it redo, and how long other jobs' tasks wait behind a big job (each costs a task: 8-12 ms at W=2)

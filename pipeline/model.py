@@ -210,8 +210,13 @@ class Recognition:
             image.update(level=self.level, downsample=round(self.downsample, 6))
         if self.roi is not None:
             image["roi"] = list(self.roi)
-        tiling: dict[str, Any] = {"tile": self.tile, "overlap": self.overlap, "tiles": self.tiles}
-        tiling.update(batches=self.batches, tasks=self.tasks)
+        tiling: dict[str, Any] = {
+            "tile": self.tile,
+            "overlap": self.overlap,
+            "tiles": self.tiles,
+            "batches": self.batches,
+            "tasks": self.tasks,
+        }
         if self.skipped is not None:
             tiling["skipped"] = self.skipped
         return {

@@ -176,7 +176,7 @@ def _start_job(
             "options": parsed.to_json(),
             "tiles": len(windows),
             "batches": [(batch[0].index, batch[-1].index + 1) for batch in planned],
-            "tasks": 1 if len(planned) == 1 else min(len(planned), _tile_tasks(processes)),
+            "tasks": min(len(planned), _tile_tasks(processes)),
             "timings": {"started": started, "load_s": loaded - started, "decode_s": decoded - loaded},
         }
         if len(planned) == 1:
@@ -202,8 +202,8 @@ def _min_batches(processes: int) -> int:
 
 
 def _tile_tasks(processes: int) -> int:
-    """TILEREC_TILE_TASKS, or by default one per tile worker process alive now: a process that starts later takes
-    part in the next job (unless the setting asks for more tasks, which wait for it)."""
+    """TILEREC_TILE_TASKS, or by default one per tile worker process alive now (a process that starts later gets a
+    task of its own at the job's next handover, see _hand_over)."""
     if app.conf.tilerec_tile_tasks is not None:
         return app.conf.tilerec_tile_tasks
     return processes or UNKNOWN_CLUSTER_BATCHES
