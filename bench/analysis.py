@@ -127,7 +127,7 @@ def speed(runs: list[dict[str, Any]], workers: list[int]) -> list[dict[str, Any]
             serial = _median([s["queue_in"] + s["read_decode"] + s["store"] + s["dispatch"] for s in staged])
             entry = {
                 "wall_s": wall,
-                "batches": _batches(dist[0]),
+                "batches": batches_of(dist[0]),
                 "tasks": dist[0]["tasks"],
                 "speedup_vs_single": _ratio(t_single, wall),
                 "speedup_vs_default": _ratio(t_default, wall),
@@ -179,7 +179,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _batches(run: dict[str, Any]) -> int:
+def batches_of(run: dict[str, Any]) -> int:
     """A run's batches (results from before tile tasks took batches by claim had one batch per task)."""
     return run.get("batches", run["tasks"])
 
@@ -201,8 +201,8 @@ def batch_curve(runs: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) ->
                 "recognizer": run["recognizer"],
                 "workers": w,
                 "batch_size": run["batch_size"],
-                "tiles_per_batch": tiles / _batches(run),
-                "batches": _batches(run),
+                "tiles_per_batch": tiles / batches_of(run),
+                "batches": batches_of(run),
                 "tasks": run["tasks"],
                 "wall_s": run["wall_s"],
                 "efficiency": _ratio(base["inproc_single_s"], run["wall_s"] * w),
@@ -236,7 +236,7 @@ def what_if(runs: list[dict[str, Any]], speed_rows: list[dict[str, Any]]) -> lis
                     "whatif": name,
                     "workers": w,
                     "tiles": dist[0]["tiles"],
-                    "batches": _batches(dist[0]),
+                    "batches": batches_of(dist[0]),
                     "tasks": dist[0]["tasks"],
                     "wall_s": wall,
                     "vs_today": _ratio(wall, today),

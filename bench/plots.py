@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.analysis import batches_of
+
 STAGE_COLOURS = {
     "queue_in": "#bbbbbb",
     "read_decode": "#d62728",
@@ -139,8 +141,9 @@ def timeline(runs: list[dict[str, Any]], folder: Path) -> Path | None:
     ax.axvline(run["wall_s"], color="black", linewidth=0.8)
     ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
     ax.set_xlabel("seconds since submit (red: tiling task, green: tile tasks, blue: merge; line: result at client)")
-    batches = run.get("batches", run["tasks"])
-    title = f"{run['recognizer']} on {run['scene']}, W={run['workers']}, {batches} batches, {run['tasks']} tasks"
+    title = (
+        f"{run['recognizer']} on {run['scene']}, W={run['workers']}, {batches_of(run)} batches, {run['tasks']} tasks"
+    )
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, folder / "timeline.png")
