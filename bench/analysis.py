@@ -143,6 +143,7 @@ def speed(runs: list[dict[str, Any]], workers: list[int]) -> list[dict[str, Any]
                 "serial_share": _ratio(serial, wall),
                 "stages": {name: _median([s[name] for s in staged]) for name in STAGES} if staged else {},
                 "publish_s": _median([s["publish_total"] for s in staged]),
+                "overlapped_decode_s": _median([s.get("overlapped_decode", 0.0) for s in staged]),
                 "overhead_ms_per_tile": _ratio((wall - t_default) * 1000, dist[0]["tiles"]) if t_default else None,
             }
             entry["slower_than_inproc"] = _ratio(wall, min(t for t in (t_default, t_single) if t))

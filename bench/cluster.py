@@ -237,7 +237,10 @@ def stages(run: JobRun) -> dict[str, float] | None:
         "merge": job_end - merge_start,
         "deliver": run.done - job_end,
     }
-    parts["publish_total"] = max(0.0, tiling_end - stored)  # the whole publishing, overlapped or not
+    # a streamed PNG is decoded by the tiling task after it published the chord, while the tile tasks recognize
+    streamed = timings.get("streamed_decode_s", 0.0) + timings.get("streamed_store_s", 0.0)
+    parts["overlapped_decode"] = streamed
+    parts["publish_total"] = max(0.0, tiling_end - stored - streamed)  # the whole publishing, overlapped or not
     parts["tile_task_busy"] = sum((s.end or 0) - (s.start or 0) for s in tiles)
     parts["recognize_sum"] = timings["recognize_s"]
     parts.update(idle_time([(s.process, s.start or first_start, s.end or last_end) for s in tiles]))
@@ -261,6 +264,7 @@ def _inline_stages(run: JobRun, tiling: TaskSpan) -> dict[str, float]:
         "merge": timings["merge_s"],
         "deliver": run.done - job_end,
         "publish_total": 0.0,
+        "overlapped_decode": 0.0,
         "tile_task_busy": 0.0,
         "recognize_sum": timings["recognize_s"],
         "idle_lead": 0.0,

@@ -425,6 +425,12 @@ def _speed_notes(row: dict[str, Any]) -> list[str]:
         f"{st['store']:.2f}, publishing {st['dispatch']:.2f}); with it, even a perfect recognition stage "
         f"({recognize:.2f} s / {w}) caps the speedup over one thread at **{_f(ceiling)}**."
     ]
+    if e.get("overlapped_decode_s"):
+        notes.append(
+            f"Decoding the PNG and storing its tiles ({e['overlapped_decode_s']:.2f} s) overlapped the recognition "
+            "stage: the tiling task decodes band by band after publishing the chord, and the tile tasks recognize "
+            "each batch as soon as its tiles are stored, so the recognition stage here includes that serial work."
+        )
     if e.get("publish_s") and e["publish_s"] > st["dispatch"] + 0.05:
         notes.append(
             f"Publishing the {e['tasks']} tile tasks took {e['publish_s']:.2f} s in all, most of it while other "

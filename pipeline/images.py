@@ -102,8 +102,9 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _check_complete(data: bytes) -> None:
-    """OpenCV decodes a truncated PNG or JPEG into a half-grey picture without complaint; refuse it instead."""
+def check_complete(data: bytes) -> None:
+    """OpenCV decodes a truncated PNG or JPEG into a half-grey picture without complaint; refuse it instead.
+    `data`: the file, or its first and last 32 bytes joined."""
     if data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" not in data[-32:]:
         raise ImageError("the PNG file is truncated (no IEND chunk at its end)")
     if data.startswith(b"\xff\xd8") and b"\xff\xd9" not in data[-16:]:
@@ -155,7 +156,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     size = header_size(data)
     if size is not None:
         check_pixels(*size, max_pixels)
-        _check_complete(data)
+        check_complete(data)
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageError(f"the data is not an image OpenCV can decode ({len(data)} bytes starting {data[:8]!r})")

@@ -24,8 +24,9 @@ from typing import Any, NamedTuple
 
 import redis
 from celery import Celery, chord, signals
+from celery.exceptions import Ignore
 
-from pipeline import images, sources
+from pipeline import images, sources, streaming
 from pipeline.inference import (
     blank,
     check_size,
@@ -53,6 +54,7 @@ MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many tim
 # how often a running batch looks for a cancellation: each look is a round trip, 0.6 ms when the cores are busy
 # (measured at W=2); every 50 ms that was 4.5 looks and 2.6 ms per task of 300 ms
 CANCEL_CHECK_S = 0.25
+READY_WAIT_S = 1.0  # a tile task waiting for a streamed PNG's tiles looks again after this long, woken or not
 # auto batches: at least this many per live tile worker process, so the processes finish together
 BATCHES_PER_PROCESS = 4
 # while no tile worker is registered (they may be starting): this many batches, a tile task each
@@ -129,57 +131,95 @@ def _open(image: Any, options: JobOptions) -> tuple[Source, FileRef | None, floa
 def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) -> Any:
     client = _tile_store()
     job_id = self.request.id
+    deliveries, cancelled = store.count_delivery(client, job_id, "tiling", _ttl())
+    if deliveries > 1 and store.find_job(client, job_id, "stream"):
+        # back after its process died while decoding a streamed PNG: the chord runs already, and waits for the rest
+        _decode_streamed(client, job_id, deliveries)
+        raise Ignore("the job's chord was published by an earlier delivery; its merge gives the job's result")
     try:
-        job, records = _start_job(client, job_id, image, recognizer, options)
+        job, records = _start_job(client, job_id, image, recognizer, options, deliveries, cancelled)
         if records is not None:  # one batch: recognized right here, a chord would only add its round trips
             return _conclude(client, job, records)
     except BaseException:
         store.delete_job(client, job_id)  # a job refused or failed while tiling leaves nothing behind
         raise
     header = [recognize_tiles.s(job_id, runner) for runner in range(job["tasks"])]
-    return self.replace(chord(header, merge.s(job_id)))
+    try:
+        return self.replace(chord(header, merge.s(job_id)))
+    except Ignore:  # the chord is published: its tile tasks recognize each batch as soon as its tiles are stored
+        if job.get("stream"):
+            _decode_streamed(client, job_id, deliveries)
+        raise
+
+
+def _decode_streamed(client: redis.Redis, job_id: str, deliveries: int) -> None:
+    """Decode a streamed job's PNG band by band, store each tile as soon as its rows are decoded, and mark each batch
+    ready once its tiles are stored: the decoding is serial work, which at 8000² can outlast a cheap recognizer's
+    whole job, and this way the tile tasks recognize while the rest decodes.
+
+    A failure is recorded for the merge, which fails the job with it (see _recognition), not raised: the tile tasks
+    must stop waiting, and the merge must still run to clean up."""
+    view = _jobs.get(client, job_id)
+    job = view.job
+    try:
+        if deliveries > MAX_ATTEMPTS:
+            raise images.ImageError(
+                f"gave up on {job['source']!r}: the worker process died all {MAX_ATTEMPTS} times it decoded it"
+            )
+        data = _read_input(job["source"])
+        layout = streaming.streamable_png(data[: streaming.HEAD_BYTES])
+        if layout is None or (layout.width, layout.height) != (job["width"], job["height"]):
+            raise images.ImageError(f"{job['source']!r} changed while the job was being planned; submit it again")
+        bands = streaming.decode_png_bands(data, layout)
+        tiles = ((w, _storable(tile, view.options)) for w, tile in streaming.tiles_from_bands(bands, view.windows))
+        store.stream_tiles(client, job_id, tiles, [stop for _, stop in job["batches"]], job["tasks"], _ttl())
+    except Exception as error:
+        reason = str(error) if isinstance(error, images.ImageError) else f"{type(error).__name__}: {error}"
+        store.fail_stream(client, job_id, reason, job["tasks"], _ttl())
 
 
 def _start_job(
-    client: redis.Redis, job_id: str, image: Any, recognizer: Any, options: dict[str, Any]
+    client: redis.Redis,
+    job_id: str,
+    image: Any,
+    recognizer: Any,
+    options: dict[str, Any],
+    deliveries: int,
+    cancelled: bool,
 ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """Check, load, decode and plan the job. Returns its description (with its batches as [first, stop) ranges of
-    tile indexes) and, for a job of one batch, the tile records (recognized here); otherwise None, and the tiles
-    (unless the workers read a shared file) and the description are in the store for the tile tasks."""
+    tile indexes) and, for a job of one batch, the tile records (recognized here); otherwise None, and the
+    description and the tiles are in the store for the tile tasks; except tiles the workers read from a shared
+    file, and those of a streamed PNG (`stream`), which _decode_streamed stores once the chord is published."""
     started = time.time()
-    deliveries, cancelled = store.count_delivery(client, job_id, "tiling", app.conf.tilerec_tile_ttl)
     if cancelled:
         raise JobCancelled(f"job {job_id} was cancelled")
     if deliveries > MAX_ATTEMPTS:
         raise images.ImageError(f"gave up on {image!r}: the worker process died all {MAX_ATTEMPTS} times it read it")
     parsed = parse_options(recognizer, options)
+    layout = _stream_layout(image, parsed)
+    if layout is not None:
+        job, windows = _describe(client, job_id, image, parsed, layout.height, layout.width)
+        if len(job["batches"]) > 1:
+            grey = get_spec(parsed.recognizer).grey
+            job.update(channels=1 if grey else layout.channels, level=0, downsample=1.0, file=None, stream=True)
+            job["timings"] = {"started": started, "load_s": time.time() - started, "decode_s": 0.0, "store_s": 0.0}
+            store.start_stream(client, job_id, job["tiles"], _ttl())
+            store.put_job(client, job_id, job, _ttl())
+            return job, None
     source, file, loaded = _open(image, parsed)
     try:
         decoded = time.time()
-        height, width = source.height, source.width
-        check_size(height, width, parsed, app.conf.tilerec_max_pixels)
-        measured = store.get_tile_cost(client, parsed.recognizer, parsed.params)
-        processes = registry.live_processes(client, app.conf.tiles_queue)
-        target_ms = app.conf.tilerec_batch_target_ms
-        planned = plan(height, width, parsed, measured, target_ms, _min_batches(processes), taper=processes != 1)
-        windows = [window for batch in planned for window in batch]
+        job, windows = _describe(client, job_id, image, parsed, source.height, source.width)
         grey = file is None and get_spec(parsed.recognizer).grey  # stored tiles are compact()ed
-        job = {
-            "id": job_id,
-            "source": image,
-            "width": width,
-            "height": height,
-            "channels": 1 if grey else source.channels,
-            "level": source.level,
-            "downsample": source.downsample,
-            "file": file.to_json() if file is not None else None,
-            "options": parsed.to_json(),
-            "tiles": len(windows),
-            "batches": [(batch[0].index, batch[-1].index + 1) for batch in planned],
-            "tasks": min(len(planned), _tile_tasks(processes)),
-            "timings": {"started": started, "load_s": loaded - started, "decode_s": decoded - loaded},
-        }
-        if len(planned) == 1:
+        job.update(
+            channels=1 if grey else source.channels,
+            level=source.level,
+            downsample=source.downsample,
+            file=file.to_json() if file is not None else None,
+            timings={"started": started, "load_s": loaded - started, "decode_s": decoded - loaded},
+        )
+        if len(job["batches"]) == 1:
             records = _recognize_batch(client, job, parsed, windows, source.read, deliveries, cancelled=False)
             job["timings"]["store_s"] = 0.0
             return job, records
@@ -192,6 +232,59 @@ def _start_job(
     job["timings"]["store_s"] = time.time() - decoded
     store.put_job(client, job_id, job, _ttl())
     return job, None
+
+
+def _describe(
+    client: redis.Redis, job_id: str, image: str, options: JobOptions, height: int, width: int
+) -> tuple[dict[str, Any], list[Window]]:
+    """The job's description as far as the image's size decides it (its tiles, batches and tile tasks), and its
+    tiles. The batches are sized for the tile worker processes alive now (the registry)."""
+    check_size(height, width, options, app.conf.tilerec_max_pixels)
+    measured = store.get_tile_cost(client, options.recognizer, options.params)
+    processes = registry.live_processes(client, app.conf.tiles_queue)
+    target_ms = app.conf.tilerec_batch_target_ms
+    planned = plan(height, width, options, measured, target_ms, _min_batches(processes), taper=processes != 1)
+    windows = [window for batch in planned for window in batch]
+    job = {
+        "id": job_id,
+        "source": image,
+        "width": width,
+        "height": height,
+        "options": options.to_json(),
+        "tiles": len(windows),
+        "batches": [(batch[0].index, batch[-1].index + 1) for batch in planned],
+        "tasks": min(len(planned), _tile_tasks(processes)),
+    }
+    return job, windows
+
+
+TAIL_BYTES = 32  # where a PNG's IEND chunk must be (images.check_complete)
+
+
+def _stream_layout(image: Any, options: JobOptions) -> streaming.PngLayout | None:
+    """The layout of a PNG that _decode_streamed can decode band by band while tile tasks recognize the tiles ready
+    so far, read from its header (and its end, to refuse a truncated file now); None: decode it whole here."""
+    if not isinstance(image, str) or not image or options.level != 0 or "://" in image:
+        return None
+    if image.startswith(store.REF_SCHEME):
+        head, tail = store.get_ends(_tile_store(), image, streaming.HEAD_BYTES, TAIL_BYTES)
+    else:
+        real = images.confine(image, _roots())
+        with images.file_errors(image), open(real, "rb") as handle:
+            head = handle.read(streaming.HEAD_BYTES)
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - TAIL_BYTES))
+            tail = handle.read()
+    layout = streaming.streamable_png(head)
+    if layout is not None:
+        images.check_pixels(layout.width, layout.height, app.conf.tilerec_max_pixels)
+        images.check_complete(head[: len(streaming.PNG_SIGNATURE)] + tail)
+    return layout
+
+
+def _read_input(image: str) -> bytes:
+    if image.startswith(store.REF_SCHEME):
+        return store.get_bytes(_tile_store(), image)
+    return images.read_file(image, _roots())
 
 
 def _min_batches(processes: int) -> int:
@@ -360,13 +453,17 @@ def recognize_tiles(self: Any, job_id: str, runner: int) -> list[dict[str, Any]]
         )
         watch_node = claim.node_live if watch_node is None else watch_node  # a node registered when it began
         _report_progress(self, view.job, claim.done, tiles_done)
-        if claim.batch is None:  # none left, the job was cancelled, or the node is stopping
+        tiles_done = 0
+        if claim.waiting:  # the next batch's rows are still being decoded (_decode_streamed)
+            store.wait_ready(client, job_id, READY_WAIT_S)
+        elif claim.batch is None:  # none left, the job was cancelled or failed, or the node is stopping
             if claim.node_left:
                 _hand_over(self, client, view.job, runner)
             break
-        first, stop = spans[claim.batch]
-        records += _recognize_batch(client, view.job, view.options, view.windows[first:stop], read, 1, False)
-        tiles_done = stop - first
+        else:
+            first, stop = spans[claim.batch]
+            records += _recognize_batch(client, view.job, view.options, view.windows[first:stop], read, 1, False)
+            tiles_done = stop - first
         if time.monotonic() - began > _handover_s():
             _hand_over(self, client, view.job, runner)
             break
@@ -451,6 +548,9 @@ def _recognition(client: redis.Redis, job: dict[str, Any], records: list[dict[st
     if cancelled:
         done = len(by_tile) - len(failed)
         raise JobCancelled(f"job {job['id']} was cancelled ({done} of {job['tiles']} tiles had been recognized)")
+    decoding = store.stream_failure(client, job["id"]) if job.get("stream") else None
+    if decoding is not None:
+        raise images.ImageError(decoding)
     options = JobOptions.from_json(job["options"])
     missing = sorted(set(range(job["tiles"])) - set(by_tile))
     if (failed or missing) and options.on_tile_error == "fail":
@@ -465,6 +565,9 @@ def _recognition(client: redis.Redis, job: dict[str, Any], records: list[dict[st
     finished = time.time()
     timings = dict(job["timings"])
     started = timings.pop("started")
+    if job.get("stream"):  # decoded and stored by the tiling task while the tile tasks recognized
+        streamed = store.stream_timings(client, job["id"])
+        timings.update(streamed_decode_s=streamed.get("decode_s", 0.0), streamed_store_s=streamed.get("store_s", 0.0))
     timings.update(
         recognize_s=sum(record.get("seconds", 0.0) for record in by_tile.values()),
         merge_s=finished - began,

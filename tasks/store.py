@@ -10,6 +10,10 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:claims     hash: batch -> the tile task that claimed it (redone if that task's process dies)
     tilerec:job:J:tasks      tile tasks the job has grown to, once it grew (processes joined the cluster mid-job)
     tilerec:job:J:cancelled  present once the job is cancelled
+    tilerec:job:J:ready      batches whose tiles are all stored, while a tile task decodes the image (absent: all)
+    tilerec:job:J:wake       list tile tasks waiting for a batch block on; pushed to when more batches are ready
+    tilerec:job:J:failed     why decoding the image failed (the job fails with this)
+    tilerec:job:J:stream     hash: the decoding tile task's timings
 Inputs stored by clients: tilerec:input:<uuid> (expire after their TTL).
 Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>, ms per 640x640 tile (expire after a week unused).
 Results too large for the result backend: tilerec:result:<job id>, the result's JSON text (expires with the result).
@@ -20,8 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any, NamedTuple
 
@@ -101,6 +106,12 @@ def get_job(client: redis.Redis, job_id: str) -> dict[str, Any]:
     return json.loads(data)
 
 
+def find_job(client: redis.Redis, job_id: str, flag: str) -> bool:
+    """The job's description is stored, with `flag` set in it."""
+    data = client.get(job_key(job_id, "job"))
+    return data is not None and bool(json.loads(data).get(flag))
+
+
 def get_total(client: redis.Redis, job_id: str) -> int | None:
     value = client.get(job_key(job_id, "total"))
     return None if value is None else int(value)
@@ -137,8 +148,12 @@ local node_live = redis.call('HEXISTS', KEYS[5], ARGV[5])
 if ARGV[6] == '1' and node_live == 0 then
     return {-2, done, node_live}
 end
-if redis.call('EXISTS', KEYS[4]) == 1 then
+if redis.call('EXISTS', KEYS[4]) == 1 or redis.call('EXISTS', KEYS[7]) == 1 then
     return {-1, done, node_live}
+end
+local ready = tonumber(redis.call('GET', KEYS[6]) or ARGV[2])
+if ready < tonumber(ARGV[2]) and tonumber(redis.call('GET', KEYS[1]) or 0) >= ready then
+    return {-3, done, node_live}
 end
 local batch = redis.call('INCR', KEYS[1]) - 1
 redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -152,10 +167,11 @@ return {batch, done, node_live}
 
 
 class Claim(NamedTuple):
-    batch: int | None  # None: no batch was taken (none left, the job was cancelled, or the node left)
+    batch: int | None  # None: no batch was taken (none left or ready, the job was cancelled or failed, the node left)
     done: int  # the job's tiles done so far (a redone tile counts twice)
     node_live: bool  # the node is in the registry
     node_left: bool  # no batch was taken because the node left the registry (it is stopping)
+    waiting: bool  # no batch was taken because the next one's tiles are still being decoded (see wait_ready)
 
 
 def claim_batch(
@@ -172,10 +188,104 @@ def claim_batch(
     """Count `tiles_done` more tiles done, and take the job's next batch for `task_id`, in one round trip; with
     `unless_node_left`, not once `node` has left the hash `registry` (tasks/registry.py): it is stopping."""
     keys = [job_key(job_id, part) for part in ("claimed", "claims", "done", "cancelled")] + [registry]
+    keys += [job_key(job_id, "ready"), job_key(job_id, "failed")]
     batch, done, node_live = client.eval(
         _CLAIM, len(keys), *keys, task_id, batches, tiles_done, ttl, node, int(unless_node_left)
     )
-    return Claim(None if batch < 0 else int(batch), int(done), bool(node_live), batch == -2)
+    return Claim(None if batch < 0 else int(batch), int(done), bool(node_live), batch == -2, batch == -3)
+
+
+def start_stream(client: redis.Redis, job_id: str, tiles: int, ttl: int) -> None:
+    """The job's tiles will be stored as a tile task decodes its image: until then, no batch is ready."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(job_key(job_id, "total"), tiles, ex=ttl)
+        pipe.set(job_key(job_id, "ready"), 0, ex=ttl)
+        pipe.execute()
+
+
+def batches_ready(client: redis.Redis, job_id: str, batches: int) -> int:
+    value = client.get(job_key(job_id, "ready"))
+    return batches if value is None else int(value)
+
+
+def _wake(pipe: Any, job_id: str, waiters: int, ttl: int) -> None:
+    key = job_key(job_id, "wake")
+    pipe.delete(key)
+    pipe.rpush(key, *range(waiters))
+    pipe.expire(key, ttl)
+
+
+def stream_tiles(
+    client: redis.Redis,
+    job_id: str,
+    tiles: Iterator[tuple[Window, np.ndarray | None]],
+    batch_stops: list[int],
+    waiters: int,
+    ttl: int,
+    flush_every: int = 32,
+) -> bool:
+    """Store tiles as the decoding yields them (as put_tiles does); after each batch's last tile, count the batches
+    ready and wake up to `waiters` tile tasks waiting for one. Before the last batch is ready, record the time spent
+    decoding and storing (the job's `stream` hash), so the merge finds it.
+
+    Stops once the job is cancelled or over (its description is gone: the merge ran), deleting what it stored, and
+    returns False."""
+    began, storing = time.perf_counter(), 0.0
+    stops = {stop: number + 1 for number, stop in enumerate(batch_stops)}
+    already = int(client.get(job_key(job_id, "ready")) or 0)  # by an earlier delivery, whose process died
+    with client.pipeline(transaction=False) as pipe:
+        for count, (window, tile) in enumerate(tiles, start=1):
+            tile_began = time.perf_counter()
+            pixels = b"" if tile is None else np.ascontiguousarray(tile).tobytes()
+            pipe.set(tile_key(job_id, window.index), pixels, ex=ttl)
+            ready = stops.get(window.index + 1)
+            if ready is not None and ready > already:
+                if ready == len(batch_stops):
+                    now = time.perf_counter()
+                    timings = {"decode_s": now - began - storing, "store_s": storing + now - tile_began}
+                    pipe.hset(job_key(job_id, "stream"), mapping=timings)
+                    pipe.expire(job_key(job_id, "stream"), ttl)
+                pipe.set(job_key(job_id, "ready"), ready, ex=ttl)
+                _wake(pipe, job_id, waiters, ttl)
+            if (ready is not None and ready > already) or count % flush_every == 0:
+                pipe.exists(job_key(job_id, "cancelled"))
+                pipe.exists(job_key(job_id, "job"))
+                *_, cancelled, described = pipe.execute()
+                if cancelled or not described:
+                    _forget_tiles(client, job_id, window.index + 1)
+                    return False
+            storing += time.perf_counter() - tile_began
+        pipe.execute()
+    return True
+
+
+def _forget_tiles(client: redis.Redis, job_id: str, stored: int) -> None:
+    """What stream_tiles wrote of a job that was cancelled or ended meanwhile (its merge may have cleaned up before)."""
+    keys = [tile_key(job_id, index) for index in range(stored)] + [job_key(job_id, p) for p in ("ready", "wake")]
+    for start in range(0, len(keys), 1000):
+        client.unlink(*keys[start : start + 1000])
+
+
+def wait_ready(client: redis.Redis, job_id: str, seconds: float) -> None:
+    """Wait until more batches are ready (or the decoding failed), or `seconds` passed."""
+    client.blpop([job_key(job_id, "wake")], timeout=seconds)
+
+
+def fail_stream(client: redis.Redis, job_id: str, error: str, waiters: int, ttl: int) -> None:
+    """Decoding the image failed: no more batches will be ready, and the job fails with `error`."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(job_key(job_id, "failed"), error, ex=ttl)
+        _wake(pipe, job_id, waiters, ttl)
+        pipe.execute()
+
+
+def stream_failure(client: redis.Redis, job_id: str) -> str | None:
+    error = client.get(job_key(job_id, "failed"))
+    return None if error is None else error.decode()
+
+
+def stream_timings(client: redis.Redis, job_id: str) -> dict[str, float]:
+    return {key.decode(): float(value) for key, value in client.hgetall(job_key(job_id, "stream")).items()}
 
 
 _GROW = """
@@ -218,7 +328,10 @@ def is_cancelled(client: redis.Redis, job_id: str) -> bool:
     return bool(client.exists(job_key(job_id, "cancelled")))
 
 
-JOB_PARTS = ("job", "total", "done", "attempts", "cancelled", "claimed", "claims", "tasks")  # and its tiles
+JOB_PARTS = (  # and its tiles
+    *("job", "total", "done", "attempts", "cancelled", "claimed", "claims", "tasks"),
+    *("ready", "wake", "failed", "stream"),
+)
 
 
 def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> None:
@@ -262,14 +375,31 @@ def put_bytes(client: redis.Redis, data: bytes, ttl: int) -> str:
     return REF_SCHEME + key
 
 
-def get_bytes(client: redis.Redis, ref: str) -> bytes:
+def _input_key(ref: str) -> str:
     key = ref[len(REF_SCHEME) :]
     if not key.startswith(f"{PREFIX}:input:"):
         raise ImageError(f"{ref!r} is not a tilerec input reference (expected {REF_SCHEME}{PREFIX}:input:…)")
-    data = client.get(key)
+    return key
+
+
+def get_bytes(client: redis.Redis, ref: str) -> bytes:
+    data = client.get(_input_key(ref))
     if data is None:
         raise ImageError(f"no image is stored under {ref!r} (it expired or was never stored)")
     return data
+
+
+def get_ends(client: redis.Redis, ref: str, head: int, tail: int) -> tuple[bytes, bytes]:
+    """The first `head` and the last `tail` bytes of stored input (to read its header without the whole)."""
+    key = _input_key(ref)
+    with client.pipeline(transaction=False) as pipe:
+        pipe.exists(key)
+        pipe.getrange(key, 0, head - 1)
+        pipe.getrange(key, -tail, -1)
+        exists, first, last = pipe.execute()
+    if not exists:
+        raise ImageError(f"no image is stored under {ref!r} (it expired or was never stored)")
+    return first, last
 
 
 def delete_ref(client: redis.Redis, ref: str) -> None:

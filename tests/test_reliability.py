@@ -335,7 +335,8 @@ def test_a_node_stopped_with_sigterm_hands_its_work_back(tmp_path, big_scene):
         try:
             client = job_client(server.url, path, "tests.faulty:Slow", batch_size=1)
             progress = server.client()
-            wait_for(lambda: any(int(progress.get(k) or 0) >= 3 for k in progress.scan_iter("tilerec:job:*:done")))
+            # both nodes run a tile task (the first one may have decoded the PNG before): two tasks have claims
+            wait_for(lambda: any(len(set(progress.hvals(k))) == 2 for k in progress.scan_iter("tilerec:job:*:claims")))
             first.process.send_signal(signal.SIGTERM)
             assert first.process.wait(60) == 0
             output, _ = client.communicate(timeout=120)
@@ -528,3 +529,76 @@ def test_a_job_cannot_make_a_worker_open_files_outside_the_model_folders(worker,
     assert type(raised.value).__name__ == "RecognizerError"
     assert "parameter 'model' names '/etc/hostname', outside the model folders" in str(raised.value)
     assert tilerec_keys(redis_server) == []
+
+
+def idat_damaged_at(data: bytes, share: float) -> bytes:
+    """`data` with one byte of its pixel data flipped `share` of the way through: the header, the size and the
+    IEND chunk all look right, so only decoding can find it (the chunk's CRC no longer matches)."""
+    start = data.index(b"IDAT") + 4
+    end = data.rindex(b"IEND") - 12
+    spot = start + int((end - start) * share)
+    return data[:spot] + bytes([data[spot] ^ 0xFF]) + data[spot + 1 :]
+
+
+def test_a_png_is_recognized_while_its_rows_are_still_decoding(worker, redis_server, big_scene):
+    """The tiling task decodes a PNG band by band after publishing the chord: tile tasks recognize the batches whose
+    tiles are stored while later rows are still decoding (the serial part of the job overlaps the parallel one)."""
+    scene, path = big_scene
+    job = submit(Path(path).read_bytes(), "qrcode", batch_size=1)  # through a redis: reference, like a client
+    client = redis_server.client()
+    ready, done = (f"tilerec:job:{job.id}:{part}" for part in ("ready", "done"))
+    batches = len(grid(3000, 4000))  # one tile each
+    overlapped = []
+    while not job.result.ready():
+        now_ready, now_done = client.mget(ready, done)
+        if now_ready is not None and int(now_done or 0) > 0 and int(now_ready) < batches:
+            overlapped.append((now_done, now_ready))
+        time.sleep(0.002)
+    result = job.get(timeout=TIMEOUT)
+    assert_each_code_once(result["detections"], scene.truths)
+    assert result["timings"]["streamed_decode_s"] > 0 and result["timings"]["decode_s"] == 0
+    assert overlapped, "no tile was recognized before the last batch's tiles were stored"
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_png_damaged_mid_stream_fails_the_job_clearly_and_leaves_nothing(worker, redis_server, big_scene):
+    _, path = big_scene
+    damaged = IMAGES_ROOT / "damaged-mid-stream.png"
+    damaged.write_bytes(idat_damaged_at(Path(path).read_bytes(), 0.7))
+    with pytest.raises(Exception) as raised:
+        recognize.delay(str(damaged), "qrcode", batch_size=2).get(timeout=TIMEOUT)
+    assert type(raised.value).__name__ == "ImageError"
+    assert "a chunk of its pixel data fails its checksum" in str(raised.value)
+    assert tilerec_keys(redis_server) == []
+    again = recognize.delay(path, "qrcode", batch_size=2).get(timeout=TIMEOUT)  # the worker is still up
+    assert len(again["detections"]) == 16
+
+
+def test_a_tiling_process_killed_while_decoding_resumes_without_a_second_chord(tmp_path, big_scene):
+    """One worker process, killed while its tiling task decodes a PNG after publishing the chord: the redelivered
+    tiling task finishes the decoding instead of planning the job again, and the job's one merge gives the result."""
+    scene, path = big_scene
+    with RedisServer() as server:
+        env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.5")
+        caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
+        caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+        try:
+            with Worker(server.url, 1, env=env, log_file=str(tmp_path / "worker.log")) as running:
+                job = caller.send_task(
+                    "tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec"
+                )
+                store = server.client()
+                ready = f"tilerec:job:{job.id}:ready"
+                wait_for(lambda: int(store.get(ready) or 0) >= 3, step=0.002)
+                os.kill(running.child_pids()[0], signal.SIGKILL)
+                result = job.get(timeout=TIMEOUT)
+                time.sleep(1.0)  # time for a second chord, had one been published, to show in the log and the store
+        finally:
+            caller.close()
+        leftovers = sorted(server.client().scan_iter("tilerec:job:*"))
+    log = (tmp_path / "worker.log").read_text()
+    assert_each_code_once(result["detections"], scene.truths)
+    assert result["tiling"]["tiles"] == len(grid(3000, 4000)) and result["failed_tiles"] == []
+    assert len(re.findall(r"Task tilerec\.recognize\[[^]]+\] received", log)) == 2  # killed, then delivered again
+    assert len(re.findall(r"Task tilerec\.merge\[[^]]+\] received", log)) == 1
+    assert leftovers == []

@@ -1,0 +1,190 @@
+"""Decoding a PNG band of rows by band, so tiles can be cut, stored and recognized while the rest still decodes.
+
+A PNG's pixels are one zlib stream of filtered rows, so its decoding is serial: at 8000² it takes longer than a
+cheap recognizer's whole job on two cores. Read band by band, the first tiles are ready after a fraction of it.
+
+Each band is inflated here (zlib) and handed to OpenCV as a small PNG of its own, stored uncompressed, so OpenCV
+undoes the row filters and converts the pixels exactly as it does for the whole file. A filter may refer to the
+row above, so each band's PNG starts with the previous band's last row, raw and unfiltered; that row is rebuilt
+from OpenCV's output, which is why only layouts whose conversion can be undone are streamed (8- or 16-bit grey,
+RGB and RGBA, not interlaced, no transparency chunk). Everything else goes through `images.decode`, whole.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from pipeline.images import ImageError, normalize
+from pipeline.tiling import Window
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HEAD_BYTES = 64 * 1024  # enough for a PNG's header chunks up to its first IDAT, barring huge text chunks
+BAND_ROWS = 256
+_CHANNELS = {0: 1, 2: 3, 6: 4}  # colour types streamed: grey, RGB, RGBA
+# ancillary chunks OpenCV would act on: tRNS adds an alpha channel, eXIf may turn the image
+_REFUSED = {b"tRNS", b"eXIf"}
+_INFLATE_STEP = 1 << 20  # compressed bytes inflated per call
+
+
+@dataclass(frozen=True)
+class PngLayout:
+    width: int
+    height: int
+    depth: int
+    colour_type: int
+
+    @property
+    def channels(self) -> int:
+        """Channels once decoded and normalized (images.normalize): 1 for grey, 3 for colour."""
+        return 1 if self.colour_type == 0 else 3
+
+    @property
+    def row_bytes(self) -> int:
+        """A filtered row: its filter byte, then its samples."""
+        return 1 + self.width * _CHANNELS[self.colour_type] * self.depth // 8
+
+
+def streamable_png(head: bytes) -> PngLayout | None:
+    """The layout of a PNG whose first bytes are `head`, if it can be decoded band by band; None otherwise."""
+    if not head.startswith(PNG_SIGNATURE):
+        return None
+    layout = None
+    for kind, body in _chunks(head):
+        if kind == b"IHDR" and len(body) == 13:
+            width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            if depth not in (8, 16) or colour_type not in _CHANNELS or interlace:
+                return None
+            layout = PngLayout(width, height, depth, colour_type)
+        elif kind == b"IDAT":
+            return layout
+        elif kind in _REFUSED or layout is None:
+            return None
+    return None  # no pixel data within the head
+
+
+def _chunks(data: bytes | memoryview) -> Iterator[tuple[bytes, memoryview]]:
+    """(type, body) of each whole chunk in `data`, from just after the signature; stops at IEND or at the end."""
+    view = memoryview(data)
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(view):
+        length, kind = struct.unpack(">I4s", view[position : position + 8])
+        end = position + 8 + length
+        if end + 4 > len(view):
+            return
+        yield kind, view[position + 8 : end]
+        if kind == b"IEND":
+            return
+        position = end + 4
+
+
+def _idat_bodies(data: bytes) -> Iterator[memoryview]:
+    """The compressed pixel data in pieces of at most _INFLATE_STEP bytes, each chunk checked against its CRC as
+    OpenCV would."""
+    view = memoryview(data)
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(view):
+        length, kind = struct.unpack(">I4s", view[position : position + 8])
+        end = position + 8 + length
+        if end + 4 > len(view):
+            raise ImageError("the PNG file ends inside a chunk: it is truncated or damaged")
+        if kind == b"IDAT":
+            body = view[position + 8 : end]
+            (crc,) = struct.unpack(">I", view[end : end + 4])
+            if zlib.crc32(body, zlib.crc32(kind)) != crc:
+                raise ImageError("the PNG is damaged: a chunk of its pixel data fails its checksum (CRC)")
+            for start in range(0, len(body), _INFLATE_STEP):
+                yield body[start : start + _INFLATE_STEP]
+        elif kind == b"IEND":
+            return
+        position = end + 4
+
+
+def _chunk(kind: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
+    crc = zlib.crc32(kind)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [struct.pack(">I", sum(len(part) for part in parts)) + kind, *parts, struct.pack(">I", crc)]
+
+
+def _stored_zlib(raw: bytes) -> list[bytes | memoryview]:
+    """`raw` as a zlib stream of stored (uncompressed) blocks: OpenCV inflates it at the cost of a copy."""
+    view, out = memoryview(raw), [b"\x78\x01"]
+    for start in range(0, max(len(raw), 1), 0xFFFF):
+        block = view[start : start + 0xFFFF]
+        final = start + 0xFFFF >= len(raw)
+        out += [struct.pack("<BHH", final, len(block), 0xFFFF ^ len(block)), block]
+    out.append(struct.pack(">I", zlib.adler32(raw)))
+    return out
+
+
+def _band_png(layout: PngLayout, rows: int, raw: bytes) -> bytes:
+    header = struct.pack(">IIBBBBB", layout.width, rows, layout.depth, layout.colour_type, 0, 0, 0)
+    parts = [PNG_SIGNATURE, *_chunk(b"IHDR", header), *_chunk(b"IDAT", *_stored_zlib(raw)), *_chunk(b"IEND")]
+    return b"".join(parts)
+
+
+def _raw_row(decoded: np.ndarray, layout: PngLayout) -> bytes:
+    """A row as the PNG holds it before filtering, rebuilt from OpenCV's output (BGR order, native byte order)."""
+    if layout.colour_type == 2:
+        decoded = decoded[:, ::-1]
+    elif layout.colour_type == 6:
+        decoded = decoded[:, [2, 1, 0, 3]]
+    return decoded.astype(">u2" if layout.depth == 16 else np.uint8).tobytes()
+
+
+def decode_png_bands(data: bytes, layout: PngLayout, rows: int = BAND_ROWS) -> Iterator[np.ndarray]:
+    """The image's rows, top to bottom, `rows` at a time (the last band may be shorter), normalized as
+    `images.decode` normalizes the whole image: their concatenation equals `images.decode(data)`."""
+    inflater = zlib.decompressobj()
+    compressed = _idat_bodies(data)
+    pending: bytes | memoryview = b""
+    carry = b""  # the previous band's last row, unfiltered: filter type 0, then its samples
+    top = 0
+    while top < layout.height:
+        count = min(rows, layout.height - top)
+        wanted, pieces, have = count * layout.row_bytes, [carry], 0
+        while have < wanted:
+            if not pending:
+                pending = next(compressed, b"")
+                if not pending:
+                    raise ImageError(f"the PNG's pixel data ends at row {top + have // layout.row_bytes}: damaged")
+            try:
+                piece = inflater.decompress(pending, wanted - have)
+            except zlib.error as error:
+                raise ImageError(f"the PNG's pixel data is damaged near row {top}: {error}") from None
+            pending = inflater.unconsumed_tail
+            pieces.append(piece)
+            have += len(piece)
+        band_rows = count + (1 if carry else 0)
+        decoded = cv2.imdecode(np.frombuffer(_band_png(layout, band_rows, b"".join(pieces)), np.uint8), -1)
+        if decoded is None or decoded.shape[0] != band_rows:
+            raise ImageError(f"the PNG's rows {top} to {top + count} cannot be decoded: the file is damaged")
+        if carry:
+            decoded = decoded[1:]
+        carry = b"\x00" + _raw_row(decoded[-1], layout)
+        yield normalize(decoded)
+        top += count
+
+
+def tiles_from_bands(bands: Iterator[np.ndarray], windows: list[Window]) -> Iterator[tuple[Window, np.ndarray]]:
+    """Each window's pixels as soon as the bands have reached its bottom row, holding only the rows still needed.
+
+    `windows` must be in row order, as `tiling.grid` makes them: each one's top and bottom at or below the one
+    before's."""
+    held: np.ndarray | None = None  # rows [first, first + len(held)) of the image
+    first = 0
+    for position, window in enumerate(windows):
+        while held is None or first + len(held) < window.y2:
+            band = next(bands, None)
+            if band is None:
+                raise ImageError(f"the image ends above row {window.y2}, the bottom of tile {window.index}")
+            held = band if held is None else np.concatenate([held, band])
+        yield window, held[window.y - first : window.y2 - first, window.x : window.x2]
+        if position + 1 < len(windows) and windows[position + 1].y > first:
+            held, first = held[windows[position + 1].y - first :], windows[position + 1].y
