@@ -3,7 +3,8 @@
 tilerec.recognize(image, recognizer, **options)  plans the tiles and their batches, stores the tiles (unless the
                                                  workers read a shared TIFF themselves) and the job's description,
                                                  then becomes chord(tile tasks, merge); a job of one batch is
-                                                 recognized right there
+                                                 recognized right there; a PNG is decoded and stored band by band
+                                                 once the chord is published
 tilerec.recognize_tiles(job_id, runner)          takes the job's batches one by one until none is left and
                                                  recognizes their tiles: stored ones, or windows of the file
 tilerec.merge(results, job_id)                   merges the tile records into the job's Recognition
@@ -197,9 +198,11 @@ def _start_job(
     if deliveries > MAX_ATTEMPTS:
         raise images.ImageError(f"gave up on {image!r}: the worker process died all {MAX_ATTEMPTS} times it read it")
     parsed = parse_options(recognizer, options)
-    layout = _stream_layout(image, parsed)
+    processes = registry.live_processes(client, app.conf.tiles_queue)
+    # one tile worker process would only recognize after the decoding, which costs more band by band
+    layout = _stream_layout(image, parsed) if processes != 1 else None
     if layout is not None:
-        job, windows = _describe(client, job_id, image, parsed, layout.height, layout.width)
+        job, windows = _describe(client, job_id, image, parsed, layout.height, layout.width, processes)
         if len(job["batches"]) > 1:
             grey = get_spec(parsed.recognizer).grey
             job.update(channels=1 if grey else layout.channels, level=0, downsample=1.0, file=None, stream=True)
@@ -210,7 +213,7 @@ def _start_job(
     source, file, loaded = _open(image, parsed)
     try:
         decoded = time.time()
-        job, windows = _describe(client, job_id, image, parsed, source.height, source.width)
+        job, windows = _describe(client, job_id, image, parsed, source.height, source.width, processes)
         grey = file is None and get_spec(parsed.recognizer).grey  # stored tiles are compact()ed
         job.update(
             channels=1 if grey else source.channels,
@@ -235,13 +238,12 @@ def _start_job(
 
 
 def _describe(
-    client: redis.Redis, job_id: str, image: str, options: JobOptions, height: int, width: int
+    client: redis.Redis, job_id: str, image: str, options: JobOptions, height: int, width: int, processes: int
 ) -> tuple[dict[str, Any], list[Window]]:
     """The job's description as far as the image's size decides it (its tiles, batches and tile tasks), and its
-    tiles. The batches are sized for the tile worker processes alive now (the registry)."""
+    tiles. The batches are sized for the tile worker `processes` alive now (the registry; 0: none registered)."""
     check_size(height, width, options, app.conf.tilerec_max_pixels)
     measured = store.get_tile_cost(client, options.recognizer, options.params)
-    processes = registry.live_processes(client, app.conf.tiles_queue)
     target_ms = app.conf.tilerec_batch_target_ms
     planned = plan(height, width, options, measured, target_ms, _min_batches(processes), taper=processes != 1)
     windows = [window for batch in planned for window in batch]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -424,11 +426,14 @@ def test_a_small_job_does_not_wait_for_a_big_one_to_finish(tmp_path, big_scene):
                 result = caller.send_task("tilerec.recognize", args=[small, "qrcode"], queue="tilerec").get(timeout=60)
                 waited = time.monotonic() - submitted
                 assert not big.ready()
-                assert big.get(timeout=120)["failed_tiles"] == []
+                finished = big.get(timeout=120)
         finally:
             caller.close()
     assert [d["text"] for d in result["detections"]] == ["small job"]
     assert waited < 1.5, f"the small job took {waited:.2f} s: it waited for the big one"
+    assert finished["failed_tiles"] == []
+    # one tile worker process: it could only recognize after the decoding, so the PNG was decoded whole (cheaper)
+    assert "streamed_decode_s" not in finished["timings"]
 
 
 LOAD_CLIENT = """
@@ -574,31 +579,60 @@ def test_a_png_damaged_mid_stream_fails_the_job_clearly_and_leaves_nothing(worke
     assert len(again["detections"]) == 16
 
 
-def test_a_tiling_process_killed_while_decoding_resumes_without_a_second_chord(tmp_path, big_scene):
-    """One worker process, killed while its tiling task decodes a PNG after publishing the chord: the redelivered
-    tiling task finishes the decoding instead of planning the job again, and the job's one merge gives the result."""
-    scene, path = big_scene
+@contextlib.contextmanager
+def tiling_and_tile_nodes(tmp_path: Path) -> Iterator[tuple[RedisServer, Celery, Worker]]:
+    """A tiling node of one process (the jobs queue only) beside a tile node of two: the tiling process can be
+    killed while it decodes a streamed PNG, and the tile processes are two, so the PNG is streamed."""
     with RedisServer() as server:
         env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.5")
         caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
         caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+        tiling = Worker(server.url, 1, queues=["tilerec"], env=env, log_file=str(tmp_path / "tiling.log"))
+        tiles = Worker(server.url, 2, queues=["tilerec.tiles"], env=env, log_file=str(tmp_path / "tiles.log"))
         try:
-            with Worker(server.url, 1, env=env, log_file=str(tmp_path / "worker.log")) as running:
-                job = caller.send_task(
-                    "tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec"
-                )
-                store = server.client()
-                ready = f"tilerec:job:{job.id}:ready"
-                wait_for(lambda: int(store.get(ready) or 0) >= 3, step=0.002)
-                os.kill(running.child_pids()[0], signal.SIGKILL)
-                result = job.get(timeout=TIMEOUT)
-                time.sleep(1.0)  # time for a second chord, had one been published, to show in the log and the store
+            with tiles, tiling:
+                yield server, caller, tiling
         finally:
             caller.close()
-        leftovers = sorted(server.client().scan_iter("tilerec:job:*"))
-    log = (tmp_path / "worker.log").read_text()
+
+
+def test_a_tiling_process_killed_while_decoding_resumes_without_a_second_chord(tmp_path, big_scene):
+    """The tiling process, killed while it decodes a PNG after publishing the chord: the redelivered tiling task
+    finishes the decoding instead of planning the job again, and the job's one merge gives the result."""
+    scene, path = big_scene
+    with tiling_and_tile_nodes(tmp_path) as (server, caller, tiling):
+        job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
+        store = server.client()
+        wait_for(lambda: int(store.get(f"tilerec:job:{job.id}:ready") or 0) >= 3, step=0.002)
+        os.kill(tiling.child_pids()[0], signal.SIGKILL)
+        result = job.get(timeout=TIMEOUT)
+        time.sleep(1.0)  # time for a second chord, had one been published, to show in the log and the store
+        leftovers = sorted(store.scan_iter("tilerec:job:*"))
+    log = (tmp_path / "tiling.log").read_text()
     assert_each_code_once(result["detections"], scene.truths)
     assert result["tiling"]["tiles"] == len(grid(3000, 4000)) and result["failed_tiles"] == []
     assert len(re.findall(r"Task tilerec\.recognize\[[^]]+\] received", log)) == 2  # killed, then delivered again
     assert len(re.findall(r"Task tilerec\.merge\[[^]]+\] received", log)) == 1
+    assert leftovers == []
+
+
+def test_a_png_that_kills_its_tiling_process_every_time_fails_after_three_tries(tmp_path, big_scene):
+    """The crash-loop guard of a streamed decoding: killed while decoding on three deliveries, the job fails with
+    an ImageError saying so, instead of coming back forever."""
+    _, path = big_scene
+    with tiling_and_tile_nodes(tmp_path) as (server, caller, tiling):
+        job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
+        store = server.client()
+        ready = f"tilerec:job:{job.id}:ready"
+        reached = 2
+        for _ in range(3):  # each delivery decodes further than the one before, then dies
+            wait_for(lambda done=reached: int(store.get(ready) or 0) > done, step=0.002)
+            reached, victim = int(store.get(ready)), tiling.child_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda gone=victim: tiling.child_pids() not in ([], [gone]))  # the pool's new child
+        with pytest.raises(Exception) as raised:
+            job.get(timeout=TIMEOUT)
+        leftovers = sorted(store.scan_iter("tilerec:job:*"))
+    assert type(raised.value).__name__ == "ImageError"
+    assert "the worker process died all 3 times it decoded it" in str(raised.value)
     assert leftovers == []
