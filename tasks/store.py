@@ -10,10 +10,10 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:claims     hash: batch -> the tile task that claimed it (redone if that task's process dies)
     tilerec:job:J:tasks      tile tasks the job has grown to, once it grew (processes joined the cluster mid-job)
     tilerec:job:J:cancelled  present once the job is cancelled
-    tilerec:job:J:ready      batches whose tiles are all stored, while a tile task decodes the image (absent: all)
+    tilerec:job:J:ready      batches whose tiles are all stored, while the tiling task decodes a PNG (absent: all)
     tilerec:job:J:wake       list tile tasks waiting for a batch block on; pushed to when more batches are ready
-    tilerec:job:J:failed     why decoding the image failed (the job fails with this)
-    tilerec:job:J:stream     hash: the decoding tile task's timings
+    tilerec:job:J:failed     why decoding the PNG failed (the job fails with this)
+    tilerec:job:J:stream     hash: the time the tiling task spent decoding the PNG and storing its tiles
 Inputs stored by clients: tilerec:input:<uuid> (expire after their TTL).
 Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>, ms per 640x640 tile (expire after a week unused).
 Results too large for the result backend: tilerec:result:<job id>, the result's JSON text (expires with the result).
@@ -196,16 +196,11 @@ def claim_batch(
 
 
 def start_stream(client: redis.Redis, job_id: str, tiles: int, ttl: int) -> None:
-    """The job's tiles will be stored as a tile task decodes its image: until then, no batch is ready."""
+    """The job's tiles will be stored as the tiling task decodes its PNG: until then, no batch is ready."""
     with client.pipeline(transaction=False) as pipe:
         pipe.set(job_key(job_id, "total"), tiles, ex=ttl)
         pipe.set(job_key(job_id, "ready"), 0, ex=ttl)
         pipe.execute()
-
-
-def batches_ready(client: redis.Redis, job_id: str, batches: int) -> int:
-    value = client.get(job_key(job_id, "ready"))
-    return batches if value is None else int(value)
 
 
 def _wake(pipe: Any, job_id: str, waiters: int, ttl: int) -> None:
