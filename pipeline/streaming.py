@@ -1,13 +1,13 @@
-"""Decoding a PNG band of rows by band, so tiles can be cut, stored and recognized while the rest still decodes.
+"""Decoding a PNG band by band (runs of rows), so tiles can be cut, stored and recognized while the rest decodes.
 
 A PNG's pixels are one zlib stream of filtered rows, so its decoding is serial: at 8000² it takes longer than a
 cheap recognizer's whole job on two cores. Read band by band, the first tiles are ready after a fraction of it.
 
-Each band is inflated here (zlib) and handed to OpenCV as a small PNG of its own, stored uncompressed, so OpenCV
+Each band is inflated here (zlib-ng) and handed to OpenCV as a small PNG of its own, stored uncompressed, so OpenCV
 undoes the row filters and converts the pixels exactly as it does for the whole file. A filter may refer to the
 row above, so each band's PNG starts with the previous band's last row, raw and unfiltered; that row is rebuilt
 from OpenCV's output, which is why only layouts whose conversion can be undone are streamed (8- or 16-bit grey,
-RGB and RGBA, not interlaced, no transparency chunk). Everything else goes through `images.decode`, whole.
+RGB and RGBA, not interlaced, no tRNS or eXIf chunk). Everything else goes through `images.decode`, whole.
 """
 
 from __future__ import annotations
