@@ -624,12 +624,15 @@ def test_a_png_that_kills_its_tiling_process_every_time_fails_after_three_tries(
         job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
         store = server.client()
         ready = f"tilerec:job:{job.id}:ready"
-        reached = 2
+        reached, killed = 2, set()
         for _ in range(3):  # each delivery decodes further than the one before, then dies
             wait_for(lambda done=reached: int(store.get(ready) or 0) > done, step=0.002)
-            reached, victim = int(store.get(ready)), tiling.child_pids()[0]
+            # the pool's current child (a killed one may still be listed until it is reaped)
+            (victim,) = (pid for pid in tiling.child_pids() if pid not in killed)
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda gone=victim: tiling.child_pids() not in ([], [gone]))  # the pool's new child
+            killed.add(victim)
+            wait_for(lambda: any(pid not in killed for pid in tiling.child_pids()))
+            reached = int(store.get(ready))  # read once the decoder is dead: the next one must pass it, so it runs
         with pytest.raises(Exception) as raised:
             job.get(timeout=TIMEOUT)
         leftovers = sorted(store.scan_iter("tilerec:job:*"))
