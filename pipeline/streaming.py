@@ -55,7 +55,7 @@ def streamable_png(head: bytes) -> PngLayout | None:
     if not head.startswith(PNG_SIGNATURE):
         return None
     layout = None
-    for kind, body in _chunks(head):
+    for kind, body, _ in _chunks(head):
         if kind == b"IHDR" and len(body) == 13:
             width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", body)
             if depth not in (8, 16) or colour_type not in _CHANNELS or interlace:
@@ -68,16 +68,19 @@ def streamable_png(head: bytes) -> PngLayout | None:
     return None  # no pixel data within the head
 
 
-def _chunks(data: bytes | memoryview) -> Iterator[tuple[bytes, memoryview]]:
-    """(type, body) of each whole chunk in `data`, from just after the signature; stops at IEND or at the end."""
+def _chunks(data: bytes | memoryview, whole: bool = False) -> Iterator[tuple[bytes, memoryview, memoryview]]:
+    """(type, body, stored CRC) of each chunk in `data`, from just after the signature, until IEND. A chunk cut off
+    by the end of `data` ends the walk, or, with `whole` (`data` is the whole file), is an ImageError."""
     view = memoryview(data)
     position = len(PNG_SIGNATURE)
     while position + 8 <= len(view):
         length, kind = struct.unpack(">I4s", view[position : position + 8])
         end = position + 8 + length
         if end + 4 > len(view):
+            if whole:
+                raise ImageError("the PNG file ends inside a chunk: it is truncated or damaged")
             return
-        yield kind, view[position + 8 : end]
+        yield kind, view[position + 8 : end], view[end : end + 4]
         if kind == b"IEND":
             return
         position = end + 4
@@ -86,23 +89,13 @@ def _chunks(data: bytes | memoryview) -> Iterator[tuple[bytes, memoryview]]:
 def _idat_bodies(data: bytes) -> Iterator[memoryview]:
     """The compressed pixel data in pieces of at most _INFLATE_STEP bytes, each chunk checked against its CRC as
     OpenCV would."""
-    view = memoryview(data)
-    position = len(PNG_SIGNATURE)
-    while position + 8 <= len(view):
-        length, kind = struct.unpack(">I4s", view[position : position + 8])
-        end = position + 8 + length
-        if end + 4 > len(view):
-            raise ImageError("the PNG file ends inside a chunk: it is truncated or damaged")
-        if kind == b"IDAT":
-            body = view[position + 8 : end]
-            (crc,) = struct.unpack(">I", view[end : end + 4])
-            if zlib.crc32(body, zlib.crc32(kind)) != crc:
-                raise ImageError("the PNG is damaged: a chunk of its pixel data fails its checksum (CRC)")
-            for start in range(0, len(body), _INFLATE_STEP):
-                yield body[start : start + _INFLATE_STEP]
-        elif kind == b"IEND":
-            return
-        position = end + 4
+    for kind, body, stored_crc in _chunks(data, whole=True):
+        if kind != b"IDAT":
+            continue
+        if zlib.crc32(body, zlib.crc32(kind)) != struct.unpack(">I", stored_crc)[0]:
+            raise ImageError("the PNG is damaged: a chunk of its pixel data fails its checksum (CRC)")
+        for start in range(0, len(body), _INFLATE_STEP):
+            yield body[start : start + _INFLATE_STEP]
 
 
 def _chunk(kind: bytes, *parts: bytes | memoryview) -> list[bytes | memoryview]:
