@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from tasks.local import RedisServer, Worker
 
@@ -55,3 +56,10 @@ def images_root() -> Path:
 
 def tilerec_keys(server: RedisServer) -> list[bytes]:
     return sorted(server.client().scan_iter("tilerec:job:*"))
+
+
+def caller_app(url: str) -> Celery:
+    """Another program's Celery app on `url`, calling tilerec's tasks by name as any app may (JSON only)."""
+    caller = Celery("caller", broker=url, backend=url, set_as_current=False)
+    caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+    return caller

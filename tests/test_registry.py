@@ -11,7 +11,6 @@ import time
 
 import cv2
 import pytest
-from celery import Celery
 
 from celeryconfig import tilerec_batch_target_ms
 from pipeline.inference import plan
@@ -19,7 +18,7 @@ from pipeline.options import parse_options
 from pipeline.scenes import code_scene
 from tasks import BATCHES_PER_PROCESS, UNKNOWN_CLUSTER_BATCHES, registry
 from tasks.local import RedisServer, Worker
-from tests.conftest import IMAGES_ROOT
+from tests.conftest import IMAGES_ROOT, caller_app
 from tests.scenes import assert_each_code_once
 
 TILES_QUEUE = "tilerec.tiles"
@@ -50,8 +49,7 @@ def test_live_tile_processes_set_how_many_tasks_and_batches_a_job_gets(tmp_path)
             # the jobs-only node is not counted: it never takes a tile task
             assert registry.live_processes(client, TILES_QUEUE) == TILE_PROCESSES
 
-            caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
-            caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+            caller = caller_app(server.url)
             result = caller.send_task("tilerec.recognize", args=[str(path), "aruco"], queue="tilerec").get(timeout=120)
             caller.close()
             assert (result["tiling"]["batches"], result["tiling"]["tasks"]) == (expected_batches, TILE_PROCESSES)
@@ -90,8 +88,7 @@ def test_a_single_live_process_gets_no_tapered_tail(tmp_path):
         worker.start()
         try:
             assert registry.live_processes(server.client(), TILES_QUEUE) == 1
-            caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
-            caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+            caller = caller_app(server.url)
             result = caller.send_task("tilerec.recognize", args=[str(path), "aruco"], queue="tilerec").get(timeout=120)
             caller.close()
             tiling = result["tiling"]

@@ -28,7 +28,7 @@ from pipeline.tiling import grid
 from tasks import recognize
 from tasks.client import submit
 from tasks.local import RedisServer, Worker
-from tests.conftest import IMAGES_ROOT, tilerec_keys
+from tests.conftest import IMAGES_ROOT, caller_app, tilerec_keys
 from tests.scenes import assert_each_code_once
 
 TIMEOUT = 120
@@ -424,8 +424,7 @@ def test_a_small_job_does_not_wait_for_a_big_one_to_finish(tmp_path, big_scene):
     small = small_qr_image("small-behind-big.png", "small job")
     with RedisServer() as server:
         env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.3")
-        caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
-        caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+        caller = caller_app(server.url)
         try:
             with Worker(server.url, 1, env=env, log_file=str(tmp_path / "worker.log")):
                 big = caller.send_task(
@@ -596,8 +595,7 @@ def tiling_and_tile_nodes(tmp_path: Path) -> Iterator[tuple[RedisServer, Celery,
     killed while it decodes a streamed PNG, and the tile processes are two, so the PNG is streamed."""
     with RedisServer() as server:
         env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.5")
-        caller = Celery("caller", broker=server.url, backend=server.url, set_as_current=False)
-        caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
+        caller = caller_app(server.url)
         tiling = Worker(server.url, 1, queues=["tilerec"], env=env, log_file=str(tmp_path / "tiling.log"))
         tiles = Worker(server.url, 2, queues=["tilerec.tiles"], env=env, log_file=str(tmp_path / "tiles.log"))
         try:
