@@ -41,7 +41,7 @@ from pipeline.inference import (
 from pipeline.memory import keep_freed_buffers
 from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, parse_options
-from pipeline.recognizers import get_spec, limit_threads, restrict_file_params
+from pipeline.recognizers import get_spec, limit_threads, restrict_file_params, thread_budget
 from pipeline.sources import FileRef, Source
 from pipeline.tiling import Window
 from tasks import registry, store
@@ -111,8 +111,8 @@ def _open(image: Any, options: JobOptions) -> tuple[Source, FileRef | None, floa
         raise images.ImageError(f"image must be a file path or a redis: reference (a string), got {image!r}")
     max_pixels = app.conf.tilerec_max_pixels
     if image.startswith(store.REF_SCHEME):
-        data = store.get_bytes(_tile_store(), image)
-        return sources.open_source(data, options.level, max_pixels, options.roi), None, time.time()
+        data, loaded = store.get_bytes(_tile_store(), image), time.time()
+        return sources.open_source(data, options.level, max_pixels, options.roi, thread_budget()), None, loaded
     if "://" in image:
         raise images.ImageError(
             f"{image!r}: images are not fetched from URLs (workers would fetch for anyone who can publish); "
@@ -120,8 +120,8 @@ def _open(image: Any, options: JobOptions) -> tuple[Source, FileRef | None, floa
         )
     real = images.confine(image, _roots())
     if not sources.is_tiff_file(real):
-        data = images.read_file(image, _roots())
-        return sources.open_source(data, options.level, max_pixels, options.roi), None, time.time()
+        data, loaded = images.read_file(image, _roots()), time.time()
+        return sources.open_source(data, options.level, max_pixels, options.roi, thread_budget()), None, loaded
     loaded = time.time()
     source = sources.open_source(real, options.level, max_pixels, options.roi)
     shared = source.windowed and app.conf.tilerec_shared_storage
@@ -171,7 +171,7 @@ def _decode_streamed(client: redis.Redis, job_id: str, deliveries: int) -> None:
         layout = streaming.streamable_png(data[: streaming.HEAD_BYTES])
         if layout is None or (layout.width, layout.height) != (job["width"], job["height"]):
             raise images.ImageError(f"{job['source']!r} changed while the job was being planned; submit it again")
-        bands = streaming.decode_png_bands(data, layout)
+        bands = streaming.decode_png_bands(data, layout, threads=thread_budget())
         tiles = ((w, _storable(tile, view.options)) for w, tile in streaming.tiles_from_bands(bands, view.windows))
         store.stream_tiles(client, job_id, tiles, [stop for _, stop in job["batches"]], job["tasks"], _ttl())
     except Exception as error:

@@ -589,6 +589,30 @@ def test_a_png_damaged_mid_stream_fails_the_job_clearly_and_leaves_nothing(worke
     assert len(again["detections"]) == 16
 
 
+def test_a_one_process_worker_with_two_threads_decodes_a_png_whole_on_both(tmp_path, big_scene):
+    """One tile process could only recognize after the decoding, so the PNG is decoded whole; with a thread budget
+    of two it is inflated and unfiltered on two threads (pipeline.streaming), whose checks name the damage."""
+    scene, path = big_scene
+    damaged = IMAGES_ROOT / "damaged-decoded-whole.png"
+    damaged.write_bytes(idat_damaged_at(Path(path).read_bytes(), 0.7))
+    with RedisServer() as server:
+        caller = caller_app(server.url)
+        env = slow_workers_env(server, TILEREC_THREADS_PER_PROCESS="2")
+        try:
+            with Worker(server.url, 1, env=env, log_file=str(tmp_path / "worker.log")):
+                result = caller.send_task("tilerec.recognize", args=[path, "qrcode"], queue="tilerec").get(TIMEOUT)
+                with pytest.raises(Exception) as raised:
+                    caller.send_task("tilerec.recognize", args=[str(damaged), "qrcode"], queue="tilerec").get(TIMEOUT)
+                leftovers = sorted(server.client().scan_iter("tilerec:job:*"))
+        finally:
+            caller.close()
+    assert_each_code_once(result["detections"], scene.truths)
+    assert result["timings"]["decode_s"] > 0 and "streamed_decode_s" not in result["timings"]
+    assert type(raised.value).__name__ == "ImageError"
+    assert "a chunk of its pixel data fails its checksum" in str(raised.value)  # OpenCV's whole decode cannot say
+    assert leftovers == []
+
+
 @contextlib.contextmanager
 def tiling_and_tile_nodes(tmp_path: Path) -> Iterator[tuple[RedisServer, Celery, Worker]]:
     """A tiling node of one process (the jobs queue only) beside a tile node of two: the tiling process can be

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 
 import cv2
@@ -12,7 +13,8 @@ import pytest
 from pipeline.images import ImageError, decode
 from pipeline.inference import windows_of
 from pipeline.options import parse_options
-from pipeline.streaming import HEAD_BYTES, decode_png_bands, streamable_png, tiles_from_bands
+from pipeline.sources import open_source
+from pipeline.streaming import HEAD_BYTES, _one_ahead, decode_png, decode_png_bands, streamable_png, tiles_from_bands
 from pipeline.tiling import grid
 
 
@@ -63,20 +65,57 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("rows", [1, 7, 64, 1000])
-def test_bands_join_into_the_whole_decode(name, rows):
+def test_bands_join_into_the_whole_decode(name, rows, threads):
     channels, dtype = LAYOUTS[name]
     image = picture(203, 157, channels, dtype)
     data = png(image)
     layout = streamable_png(data[:HEAD_BYTES])
     assert layout is not None and (layout.width, layout.height) == (157, 203)
-    bands = list(decode_png_bands(data, layout, rows))
+    bands = list(decode_png_bands(data, layout, rows, threads))
     assert [len(band) for band in bands[:-1]] == [rows] * (len(bands) - 1)
     joined = np.concatenate(bands)
     np.testing.assert_array_equal(joined, decode(data))
     if dtype == np.uint8 and channels in (1, 3):  # lossless: the very pixels written
         np.testing.assert_array_equal(joined, image)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_whole_png_decoded_band_by_band_equals_opencvs_decode(name, threads):
+    channels, dtype = LAYOUTS[name]
+    data = png(picture(600, 130, channels, dtype))  # more than two bands of BAND_ROWS
+    whole = decode_png(data, streamable_png(data), threads)
+    np.testing.assert_array_equal(whole, decode(data))
+    np.testing.assert_array_equal(open_source(data, threads=threads).pixels, decode(data))
+
+
+def test_the_next_band_is_inflated_in_a_helper_thread_while_this_one_is_used():
+    made, asked = [], threading.Event()
+
+    def bands():
+        for top in range(3):
+            made.append((top, threading.current_thread().name))
+            if top == 1:
+                asked.set()
+            yield top, 1, [b""]
+
+    ahead = _one_ahead(bands())
+    assert next(ahead)[0] == 0
+    assert asked.wait(5), "band 1 was not inflated while band 0 was in use"
+    assert [top for top, _ in made] == [0, 1]
+    assert all(name.startswith("tilerec-inflate") for _, name in made)
+    assert [top for top, _, _ in ahead] == [1, 2]
+
+
+def test_a_decoding_stopped_early_leaves_no_helper_thread():
+    data = png(picture(600, 130, 3))
+    bands = decode_png_bands(data, streamable_png(data), 64, threads=2)
+    next(bands)
+    bands.close()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("tilerec-inflate")] == []
 
 
 def filtered_rows(raw: np.ndarray, bpp: int) -> bytes:
@@ -161,6 +200,7 @@ def damaged(kind: str) -> bytes:
     return assemble([parts[0], (b"IDAT", pixels[: len(pixels) // 2]), (b"IEND", b"")])  # rows missing
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
@@ -170,10 +210,18 @@ def damaged(kind: str) -> bytes:
         ("short", "pixel data ends at row"),
     ],
 )
-def test_damaged_pixel_data_is_a_clear_image_error(kind, message):
+def test_damaged_pixel_data_is_a_clear_image_error(kind, message, threads):
     data = damaged(kind)
     with pytest.raises(ImageError, match=message):
-        list(decode_png_bands(data, streamable_png(data), 64))
+        list(decode_png_bands(data, streamable_png(data), 64, threads))
+
+
+def test_a_png_decoded_on_two_threads_is_size_checked_and_truncation_checked_first():
+    data = png(picture(300, 200, 3))
+    with pytest.raises(ImageError, match="60,000 pixels"):
+        open_source(data, max_pixels=200 * 300 - 1, threads=2)
+    with pytest.raises(ImageError, match="truncated \\(no IEND chunk"):
+        open_source(data[:-40], threads=2)
 
 
 def test_tiles_come_as_soon_as_their_rows_are_decoded():
