@@ -199,8 +199,9 @@ def _start_job(
         raise images.ImageError(f"gave up on {image!r}: the worker process died all {MAX_ATTEMPTS} times it read it")
     parsed = parse_options(recognizer, options)
     processes = registry.live_processes(client, app.conf.tiles_queue)
-    # one tile worker process would only recognize after the decoding, which costs more band by band
-    layout = _stream_layout(image, parsed) if processes != 1 else None
+    # streamed, the PNG's tiles are recognized while it decodes: that needs a tile process other than this one
+    others = processes - (1 if _worker is None or registry.consumes(_worker, app.conf.tiles_queue) else 0)
+    layout = _stream_layout(image, parsed) if others > 0 else None
     if layout is not None:
         job, windows = _describe(client, job_id, image, parsed, layout.height, layout.width, processes)
         if len(job["batches"]) > 1:

@@ -99,12 +99,17 @@ class TileProcessRegistry(bootsteps.StartStopStep):
     def refresh(self, worker: Any) -> None:
         queue = worker.app.conf.tiles_queue
         try:
-            if queue in _consumed_queues(worker):
+            if consumes(worker, queue):
                 register(_client(worker), queue, worker.hostname, worker.pool.num_processes, LAPSE_S)
             else:  # e.g. the queue was cancelled with `celery control cancel_consumer`
                 unregister(_client(worker), queue, worker.hostname)
         except redis.RedisError as error:  # the node lapses meanwhile: jobs size their tasks for the others
             log.warning("could not register %s in the tile worker registry: %s", worker.hostname, error)
+
+
+def consumes(worker: Any, queue: str) -> bool:
+    """Whether `worker`'s node takes tasks from `queue` (in a pool process: as it did when the process started)."""
+    return queue in _consumed_queues(worker)
 
 
 def _consumed_queues(worker: Any) -> set[str]:

@@ -614,19 +614,34 @@ def test_a_one_process_worker_with_two_threads_decodes_a_png_whole_on_both(tmp_p
 
 
 @contextlib.contextmanager
-def tiling_and_tile_nodes(tmp_path: Path) -> Iterator[tuple[RedisServer, Celery, Worker]]:
-    """A tiling node of one process (the jobs queue only) beside a tile node of two: the tiling process can be
-    killed while it decodes a streamed PNG, and the tile processes are two, so the PNG is streamed."""
+def tiling_and_tile_nodes(tmp_path: Path, tile_processes: int = 2) -> Iterator[tuple[RedisServer, Celery, Worker]]:
+    """A tiling node of one process (the jobs queue only) beside a tile node: the tiling process can be killed
+    while it decodes a streamed PNG, and a PNG is streamed, since the tile processes are not the tiling one."""
     with RedisServer() as server:
         env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.5")
         caller = caller_app(server.url)
         tiling = Worker(server.url, 1, queues=["tilerec"], env=env, log_file=str(tmp_path / "tiling.log"))
-        tiles = Worker(server.url, 2, queues=["tilerec.tiles"], env=env, log_file=str(tmp_path / "tiles.log"))
+        tiles = Worker(
+            server.url, tile_processes, queues=["tilerec.tiles"], env=env, log_file=str(tmp_path / "tiles.log")
+        )
         try:
             with tiles, tiling:
                 yield server, caller, tiling
         finally:
             caller.close()
+
+
+def test_a_png_is_streamed_to_the_one_tile_process_of_another_node(tmp_path, big_scene):
+    """One tile process, but not the tiling task's own: it recognizes while the tiling process decodes, so the PNG
+    is streamed (with the tile process on the tiling node, it would be decoded whole)."""
+    scene, path = big_scene
+    with tiling_and_tile_nodes(tmp_path, tile_processes=1) as (server, caller, _):
+        job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
+        result = job.get(timeout=TIMEOUT)
+        leftovers = sorted(server.client().scan_iter("tilerec:job:*"))
+    assert_each_code_once(result["detections"], scene.truths)
+    assert result["timings"]["streamed_decode_s"] > 0 and result["timings"]["decode_s"] == 0
+    assert leftovers == []
 
 
 def test_a_tiling_process_killed_while_decoding_resumes_without_a_second_chord(tmp_path, big_scene):
