@@ -111,21 +111,21 @@ def _open(image: Any, options: JobOptions) -> tuple[Source, FileRef | None, floa
         raise images.ImageError(f"image must be a file path or a redis: reference (a string), got {image!r}")
     max_pixels = app.conf.tilerec_max_pixels
     if image.startswith(store.REF_SCHEME):
-        data, loaded = store.get_bytes(_tile_store(), image), time.time()
-        return sources.open_source(data, options.level, max_pixels, options.roi, thread_budget()), None, loaded
-    if "://" in image:
+        data = store.get_bytes(_tile_store(), image)
+    elif "://" in image:
         raise images.ImageError(
             f"{image!r}: images are not fetched from URLs (workers would fetch for anyone who can publish); "
             "store the bytes with tasks.client.put_image and pass its redis: reference"
         )
-    real = images.confine(image, _roots())
-    if not sources.is_tiff_file(real):
-        data, loaded = images.read_file(image, _roots()), time.time()
-        return sources.open_source(data, options.level, max_pixels, options.roi, thread_budget()), None, loaded
+    elif sources.is_tiff_file(real := images.confine(image, _roots())):
+        loaded = time.time()
+        source = sources.open_source(real, options.level, max_pixels, options.roi)
+        shared = source.windowed and app.conf.tilerec_shared_storage
+        return source, FileRef.of(real, options.level) if shared else None, loaded
+    else:
+        data = images.read_file(image, _roots())
     loaded = time.time()
-    source = sources.open_source(real, options.level, max_pixels, options.roi)
-    shared = source.windowed and app.conf.tilerec_shared_storage
-    return source, FileRef.of(real, options.level) if shared else None, loaded
+    return sources.open_source(data, options.level, max_pixels, options.roi, thread_budget()), None, loaded
 
 
 @app.task(name="tilerec.recognize", bind=True)
