@@ -4,7 +4,7 @@ so the two give identical detections."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -15,7 +15,7 @@ from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.recognizers import get_recognizer, get_spec
 from pipeline.sources import ArraySource, Source, check_region, is_blank
-from pipeline.tiling import Window, auto_batch_size, batches, grid, tapered_batches
+from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
 
 
 def crop(image: np.ndarray, window: Window) -> np.ndarray:
@@ -55,10 +55,13 @@ def plan(
     target_batch_ms: float = 400.0,
     min_batches: int = 16,
     taper: bool = True,
+    row_by_row: bool = False,
 ) -> list[list[Window]]:
     """The tile grid cut into batches: `batch_size` tiles each, or (auto) about `target_batch_ms` of work per batch
     and at least `min_batches` batches, with a tapered tail so the workers finish together (`taper=False`: one
-    worker process, nothing to balance, and the tail's batches would only add their overhead).
+    worker process, nothing to balance, and the tail's batches would only add their overhead). With `row_by_row`,
+    for an image whose tiles become ready row by row as it decodes, auto batches never span two rows of tiles
+    (`tiling.row_batches`).
 
     `tile_cost_ms` is what a 640x640 tile costs, measured on earlier jobs; by default the recognizer's estimate."""
     windows = windows_of(height, width, options)
@@ -67,6 +70,8 @@ def plan(
     per_640 = get_spec(options.recognizer).cost_ms if tile_cost_ms is None else tile_cost_ms
     cost = per_640 * windows[0].width * windows[0].height / (640 * 640)
     size = auto_batch_size(len(windows), cost, target_batch_ms, min_batches)
+    if row_by_row:
+        return row_batches(windows, size, taper)
     return tapered_batches(windows, size) if taper else batches(windows, size)
 
 
@@ -90,6 +95,14 @@ def compact(tile: np.ndarray, options: JobOptions) -> np.ndarray:
     if tile.ndim == 3 and get_spec(options.recognizer).grey:
         return cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY)
     return tile
+
+
+def compact_bands(bands: Iterator[np.ndarray], options: JobOptions) -> Iterator[np.ndarray]:
+    """Rows of an image in the channels its tiles are stored in (`compact`), each pixel converted once instead of
+    once per tile overlapping it; left as they are when `skip_blank` must first judge each tile in colour."""
+    if options.skip_blank is not None:
+        return bands
+    return (compact(band, options) for band in bands)
 
 
 def recognize_tile(tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -105,3 +106,15 @@ def tapered_batches(windows: list[Window], size: int) -> list[list[Window]]:
         cut.append(windows[start : start + length])
         start += length
     return cut
+
+
+def row_batches(windows: list[Window], size: int, taper: bool = True) -> list[list[Window]]:
+    """`windows` (in grid order) cut into batches of at most `size` that never span two rows of tiles; the last row
+    tapered as `tapered_batches` (with `taper`).
+
+    For an image decoded while its tiles are recognized (a streamed PNG): a row's tiles are ready together, once
+    the decoding reaches the row's bottom, and a batch is ready with its last tile; a batch reaching into the next
+    row would keep its task waiting for that row while the tiles it already has could be recognized."""
+    rows = [list(row) for _, row in itertools.groupby(windows, key=lambda window: window.y)]
+    cut = [batch for row in rows[:-1] for batch in batches(row, size)]
+    return cut + (tapered_batches(rows[-1], size) if taper else batches(rows[-1], size))

@@ -32,6 +32,7 @@ from pipeline.inference import (
     blank,
     check_size,
     compact,
+    compact_bands,
     measured_tile_cost,
     merge_tiles,
     plan,
@@ -171,7 +172,7 @@ def _decode_streamed(client: redis.Redis, job_id: str, deliveries: int) -> None:
         layout = streaming.streamable_png(data[: streaming.HEAD_BYTES])
         if layout is None or (layout.width, layout.height) != (job["width"], job["height"]):
             raise images.ImageError(f"{job['source']!r} changed while the job was being planned; submit it again")
-        bands = streaming.decode_png_bands(data, layout, threads=thread_budget())
+        bands = compact_bands(streaming.decode_png_bands(data, layout, threads=thread_budget()), view.options)
         tiles = ((w, _storable(tile, view.options)) for w, tile in streaming.tiles_from_bands(bands, view.windows))
         store.stream_tiles(client, job_id, tiles, [stop for _, stop in job["batches"]], job["tasks"], _ttl())
     except Exception as error:
@@ -203,7 +204,7 @@ def _start_job(
     others = processes - (1 if _worker is None or registry.consumes(_worker, app.conf.tiles_queue) else 0)
     layout = _stream_layout(image, parsed) if others > 0 else None
     if layout is not None:
-        job, windows = _describe(client, job_id, image, parsed, layout.height, layout.width, processes)
+        job, windows = _describe(client, job_id, image, parsed, layout.height, layout.width, processes, True)
         if len(job["batches"]) > 1:
             grey = get_spec(parsed.recognizer).grey
             job.update(channels=1 if grey else layout.channels, level=0, downsample=1.0, file=None, stream=True)
@@ -239,14 +240,22 @@ def _start_job(
 
 
 def _describe(
-    client: redis.Redis, job_id: str, image: str, options: JobOptions, height: int, width: int, processes: int
+    client: redis.Redis,
+    job_id: str,
+    image: str,
+    options: JobOptions,
+    height: int,
+    width: int,
+    processes: int,
+    streamed: bool = False,
 ) -> tuple[dict[str, Any], list[Window]]:
     """The job's description as far as the image's size decides it (its tiles, batches and tile tasks), and its
-    tiles. The batches are sized for the tile worker `processes` alive now (the registry; 0: none registered)."""
+    tiles. The batches are sized for the tile worker `processes` alive now (the registry; 0: none registered), and
+    for a `streamed` PNG cut row by row of tiles, as the decoding makes them ready."""
     check_size(height, width, options, app.conf.tilerec_max_pixels)
     measured = store.get_tile_cost(client, options.recognizer, options.params)
     target_ms = app.conf.tilerec_batch_target_ms
-    planned = plan(height, width, options, measured, target_ms, _min_batches(processes), taper=processes != 1)
+    planned = plan(height, width, options, measured, target_ms, _min_batches(processes), processes != 1, streamed)
     windows = [window for batch in planned for window in batch]
     job = {
         "id": job_id,

@@ -26,13 +26,14 @@ TILE_PROCESSES = 3
 
 
 def test_live_tile_processes_set_how_many_tasks_and_batches_a_job_gets(tmp_path):
-    scene = code_scene(4000, 4000, kinds=("aruco",), seed=11)
+    scene = code_scene(8000, 2000, kinds=("aruco",), seed=11)  # 4 rows of 16 tiles
     path = IMAGES_ROOT / "registry-scene.png"
     cv2.imwrite(str(path), scene.image)
     options = parse_options("aruco", {})
     target = tilerec_batch_target_ms
-    expected_batches = len(plan(4000, 4000, options, None, target, BATCHES_PER_PROCESS * TILE_PROCESSES))
-    assert expected_batches != len(plan(4000, 4000, options, None, target, UNKNOWN_CLUSTER_BATCHES)), (
+    # a PNG, and a tile process other than the tiling one: streamed, so cut row by row of tiles
+    expected_batches = len(plan(2000, 8000, options, None, target, BATCHES_PER_PROCESS * TILE_PROCESSES, True, True))
+    assert expected_batches != len(plan(2000, 8000, options, None, target, UNKNOWN_CLUSTER_BATCHES, True, True)), (
         "the scene tells apart"
     )
 

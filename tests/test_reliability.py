@@ -576,6 +576,26 @@ def test_a_png_is_recognized_while_its_rows_are_still_decoding(worker, redis_ser
     assert tilerec_keys(redis_server) == []
 
 
+def test_a_streamed_png_is_cut_into_batches_within_rows_of_tiles(worker, redis_server, big_scene):
+    """A streamed PNG's tiles are ready row by row (once the decoding reaches a row's bottom): an auto batch that
+    reached into the next row would keep its task waiting while it had tiles to recognize."""
+    scene, path = big_scene
+    job = recognize.delay(path, "qrcode")
+    client, described = redis_server.client(), None
+    while described is None and not job.ready():
+        described = client.get(f"tilerec:job:{job.id}:job")
+        time.sleep(0.002)
+    result = job.get(timeout=TIMEOUT)
+    assert_each_code_once(result["detections"], scene.truths)
+    assert result["timings"]["streamed_decode_s"] > 0
+    assert described is not None, "the job's description was never seen"
+    row_of = {window.index: window.y for window in grid(3000, 4000)}  # 6 rows of 8 tiles
+    spans = json.loads(described)["batches"]
+    assert [first for first, _ in spans] == [0] + [stop for _, stop in spans[:-1]] and spans[-1][1] == 48
+    assert all(row_of[first] == row_of[stop - 1] for first, stop in spans), spans
+    assert tilerec_keys(redis_server) == []
+
+
 def test_a_png_damaged_mid_stream_fails_the_job_clearly_and_leaves_nothing(worker, redis_server, big_scene):
     _, path = big_scene
     damaged = IMAGES_ROOT / "damaged-mid-stream.png"

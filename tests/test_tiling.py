@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.tiling import Window, auto_batch_size, batches, grid, tapered_batches, tapered_sizes
+from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches, tapered_sizes
 
 
 def covered(windows: list[Window], height: int, width: int) -> np.ndarray:
@@ -98,3 +98,29 @@ def test_tapered_batches_keep_order():
     planned = tapered_batches(windows, 8)
     assert [w for batch in planned for w in batch] == windows
     assert [len(batch) for batch in planned] == tapered_sizes(len(windows), 8)
+
+
+def test_row_batches_never_span_two_rows_of_tiles():
+    windows = grid(1500, 2500, 640, 0.2)  # rows of tiles at y 0, 512, 860; 5 tiles a row
+    assert [w.y for w in windows] == [0] * 5 + [512] * 5 + [860] * 5
+    planned = row_batches(windows, 3)
+    # each row cut into 3 + 2, the last one tapered (2, 2, 1: it ends in a single tile)
+    assert [[w.index for w in batch] for batch in planned] == [
+        [0, 1, 2],
+        [3, 4],
+        [5, 6, 7],
+        [8, 9],
+        [10, 11],
+        [12, 13],
+        [14],
+    ]
+    # a row fits in a batch of 8; the last row is tapered as tapered_sizes(5, 8) == [2, 2, 1]
+    assert [[w.index for w in batch] for batch in row_batches(windows, 8)] == [
+        [0, 1, 2, 3, 4],
+        [5, 6, 7, 8, 9],
+        [10, 11],
+        [12, 13],
+        [14],
+    ]
+    assert [len(batch) for batch in row_batches(windows, 8, taper=False)] == [5, 5, 5]
+    assert row_batches(grid(300, 400, 640, 0.2), 4) == [grid(300, 400, 640, 0.2)]  # one tile
