@@ -255,7 +255,9 @@ def _describe(
     check_size(height, width, options, app.conf.tilerec_max_pixels)
     measured = store.get_tile_cost(client, options.recognizer, options.params)
     target_ms = app.conf.tilerec_batch_target_ms
-    planned = plan(height, width, options, measured, target_ms, _min_batches(processes), processes != 1, streamed)
+    planned = plan(
+        height, width, options, measured, target_ms, _min_batches(processes), taper=processes != 1, row_by_row=streamed
+    )
     windows = [window for batch in planned for window in batch]
     job = {
         "id": job_id,
