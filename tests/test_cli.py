@@ -26,7 +26,7 @@ from pipeline.scenes import Scene, Truth, qr_scene
 from pipeline.tiling import grid
 from tasks.cli.clusters import worker_command
 from tasks.cli.errors import CliError
-from tasks.cli.inputs import output_path, parse_param, parse_size
+from tasks.cli.inputs import check_image, output_path, parse_param, parse_size
 from tasks.local import RedisServer, Worker, free_port
 
 CLI = [sys.executable, "-m", "tasks.cli"]
@@ -385,6 +385,24 @@ def test_bad_arguments_fail_fast_with_one_line(arguments: list[str], expected: s
     assert completed.returncode == 2
     assert expected in completed.stderr.strip()
     assert len(completed.stderr.strip().splitlines()) == 1 and "Traceback" not in completed.stderr
+
+
+def test_checking_an_image_reads_its_header_not_the_whole_file(tmp_path: Path) -> None:
+    """The workers read a gigapixel image window by window: the command line must not load it whole to check it."""
+    header = cv2.imencode(".png", np.zeros((300, 200), np.uint8))[1].tobytes()[:33]  # signature and IHDR: 200x300
+    big = tmp_path / "big.png"
+    with open(big, "wb") as sparse:
+        sparse.write(header)
+        sparse.truncate(2 << 30)  # 2 GiB, all but the header a hole: nothing on disk
+    code = (
+        "import resource, sys; from tasks.cli.inputs import check_image; check_image(sys.argv[1], 10**5); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    checked = subprocess.run([sys.executable, "-c", code, str(big)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert int(checked.stdout) < 500 * 1024, "peak RSS (KiB): the file was read whole"
+    with pytest.raises(CliError, match=r"200x300 = 60,000 pixels, above the limit of 50,000"):
+        check_image(str(big), 50_000)
 
 
 def test_unreachable_broker_fails_within_seconds(scene_png: Path) -> None:

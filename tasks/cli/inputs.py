@@ -75,12 +75,16 @@ class Target:
     path: Path
 
 
+HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's header is read by the workers
+
+
 def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Target:
-    """Fail early, in this process, for a missing, unreadable or non-image file, rather than as a job error later."""
+    """Fail early, in this process, for a missing, unreadable or non-image file, rather than as a job error later.
+    Reads the file's head only (but a JPEG): a gigapixel TIFF is read window by window by the workers, never whole."""
     path = Path(given).expanduser()
     try:
         real = path.resolve(strict=True)
-        data = real.read_bytes()
+        data = _head(real)
     except FileNotFoundError:
         raise CliError(f"cannot read image {given!r}: no such file") from None
     except IsADirectoryError:
@@ -96,6 +100,14 @@ def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Targ
     except images.ImageError as error:
         raise CliError(f"cannot use image {given!r}: {error}") from None
     return Target(given, real)
+
+
+def _head(real: Path) -> bytes:
+    """What the checks need of the file: its first HEAD_BYTES, or the whole of a JPEG (its frame header, which
+    gives its size, comes after its metadata, of any length)."""
+    with open(real, "rb") as handle:
+        head = handle.read(HEAD_BYTES)
+        return head + handle.read() if head.startswith(b"\xff\xd8") else head
 
 
 def output_path(template: str, target: Target, index: int, count: int) -> Path:
