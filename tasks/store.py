@@ -256,7 +256,9 @@ def stream_tiles(
 
 def _forget_tiles(client: redis.Redis, job_id: str, stored: int) -> None:
     """What stream_tiles wrote of a job that was cancelled or ended meanwhile (its merge may have cleaned up before)."""
-    keys = [tile_key(job_id, index) for index in range(stored)] + [job_key(job_id, p) for p in ("ready", "wake")]
+    keys = [tile_key(job_id, index) for index in range(stored)] + [
+        job_key(job_id, p) for p in ("ready", "wake", "stream")
+    ]
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
 

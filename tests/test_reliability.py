@@ -43,6 +43,15 @@ def wait_for(predicate, timeout: float = 30, step: float = 0.02) -> None:
     raise AssertionError("condition not reached in time")
 
 
+def assert_keys_go(redis_server, timeout: float = 10) -> None:
+    """No job key is left once a cancelled streamed job's tiling task has seen the cancel. The merge reports the
+    cancel first: the tiling task, still decoding, may store one more tile before it looks (once per batch) and
+    then deletes what it stored."""
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: tilerec_keys(redis_server) == [], timeout)
+    assert tilerec_keys(redis_server) == []
+
+
 @pytest.fixture(scope="module")
 def big_scene():
     """Big enough that a job runs for a while on two processes: 48 tiles of QR recognition."""
@@ -103,7 +112,7 @@ def test_cancel_stops_the_job_and_cleans_the_store(worker, redis_server, big_sce
     assert type(raised.value).__name__ == "JobCancelled"
     done = int(str(raised.value).split("(")[1].split(" of ")[0])
     assert done < len(grid(3000, 4000)), "cancelled tiles must not be recognized"
-    assert tilerec_keys(redis_server) == []
+    assert_keys_go(redis_server)
 
 
 def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_server, big_scene):
@@ -124,7 +133,7 @@ def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_serv
     done, total = (int(n) for n in str(raised.value).split("(")[1].split(" tiles")[0].split(" of "))
     assert total == tiles
     assert done <= tiles // 2, f"{done} of {tiles} tiles recognized after the cancel: running batches went on"
-    assert tilerec_keys(redis_server) == []
+    assert_keys_go(redis_server)
 
 
 def test_a_job_cancelled_before_it_starts_never_tiles(worker, redis_server, big_scene, app):
@@ -593,6 +602,26 @@ def test_a_streamed_png_is_cut_into_batches_within_rows_of_tiles(worker, redis_s
     spans = json.loads(described)["batches"]
     assert [first for first, _ in spans] == [0] + [stop for _, stop in spans[:-1]] and spans[-1][1] == 48
     assert all(row_of[first] == row_of[stop - 1] for first, stop in spans), spans
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_stream_that_outlives_its_merge_deletes_all_it_wrote(redis_server):
+    """A cancelled job's merge can run while its tiling task still stores tiles: whatever the tiling task writes
+    after that (tiles, the ready count, the wake list, the last batch's decoding times) it deletes."""
+    from tasks import store
+
+    client, job_id = redis_server.client(), "outlived-by-its-stream"
+    windows = grid(1300, 1300)  # 3 rows of 3 tiles, a batch each
+    store.start_stream(client, job_id, len(windows), 60)
+    store.put_job(client, job_id, {"id": job_id}, 60)
+
+    def decoded():
+        for window in windows:
+            if window.index == len(windows) - 1:
+                store.delete_job(client, job_id, len(windows))  # the merge ran (the job was cancelled)
+            yield window, np.full((window.height, window.width), 7, np.uint8)
+
+    assert store.stream_tiles(client, job_id, decoded(), [3, 6, 9], waiters=2, ttl=60) is False
     assert tilerec_keys(redis_server) == []
 
 
