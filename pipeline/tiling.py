@@ -116,5 +116,7 @@ def row_batches(windows: list[Window], size: int, taper: bool = True) -> list[li
     the decoding reaches the row's bottom, and a batch is ready with its last tile; a batch reaching into the next
     row would keep its task waiting for that row while the tiles it already has could be recognized."""
     rows = [list(row) for _, row in itertools.groupby(windows, key=lambda window: window.y)]
+    if not rows:
+        return []
     cut = [batch for row in rows[:-1] for batch in batches(row, size)]
     return cut + (tapered_batches(rows[-1], size) if taper else batches(rows[-1], size))

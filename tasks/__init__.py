@@ -204,7 +204,7 @@ def _start_job(
     others = processes - (1 if _worker is None or registry.consumes(_worker, app.conf.tiles_queue) else 0)
     layout = _stream_layout(image, parsed) if others > 0 else None
     if layout is not None:
-        job, windows = _describe(client, job_id, image, parsed, layout.height, layout.width, processes, True)
+        job, windows = _describe(client, job_id, image, parsed, layout.height, layout.width, processes, streamed=True)
         if len(job["batches"]) > 1:
             grey = get_spec(parsed.recognizer).grey
             job.update(channels=1 if grey else layout.channels, level=0, downsample=1.0, file=None, stream=True)

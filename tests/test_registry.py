@@ -32,8 +32,10 @@ def test_live_tile_processes_set_how_many_tasks_and_batches_a_job_gets(tmp_path)
     options = parse_options("aruco", {})
     target = tilerec_batch_target_ms
     # a PNG, and a tile process other than the tiling one: streamed, so cut row by row of tiles
-    expected_batches = len(plan(2000, 8000, options, None, target, BATCHES_PER_PROCESS * TILE_PROCESSES, True, True))
-    assert expected_batches != len(plan(2000, 8000, options, None, target, UNKNOWN_CLUSTER_BATCHES, True, True)), (
+    expected_batches = len(
+        plan(2000, 8000, options, None, target, BATCHES_PER_PROCESS * TILE_PROCESSES, row_by_row=True)
+    )
+    assert expected_batches != len(plan(2000, 8000, options, None, target, UNKNOWN_CLUSTER_BATCHES, row_by_row=True)), (
         "the scene tells apart"
     )
 

@@ -124,3 +124,4 @@ def test_row_batches_never_span_two_rows_of_tiles():
     ]
     assert [len(batch) for batch in row_batches(windows, 8, taper=False)] == [5, 5, 5]
     assert row_batches(grid(300, 400, 640, 0.2), 4) == [grid(300, 400, 640, 0.2)]  # one tile
+    assert row_batches([], 4) == []

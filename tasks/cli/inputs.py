@@ -80,7 +80,7 @@ HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's 
 
 def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Target:
     """Fail early, in this process, for a missing, unreadable or non-image file, rather than as a job error later.
-    Reads the file's head only (but a JPEG): a gigapixel TIFF is read window by window by the workers, never whole."""
+    Reads only the file's head (a JPEG whole): the workers read a gigapixel TIFF window by window, never whole."""
     path = Path(given).expanduser()
     try:
         real = path.resolve(strict=True)
