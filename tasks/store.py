@@ -259,13 +259,12 @@ def stream_tiles(
     return True
 
 
+STREAM_PARTS = ("ready", "wake", "stream")  # what stream_tiles writes besides the tiles
+
+
 def _forget_tiles(client: redis.Redis, job_id: str, stored: int) -> None:
     """What stream_tiles wrote of a job that was cancelled or ended meanwhile (its merge may have cleaned up before)."""
-    keys = [tile_key(job_id, index) for index in range(stored)] + [
-        job_key(job_id, p) for p in ("ready", "wake", "stream")
-    ]
-    for start in range(0, len(keys), 1000):
-        client.unlink(*keys[start : start + 1000])
+    _unlink(client, _keys_of(job_id, stored, STREAM_PARTS))
 
 
 def wait_ready(client: redis.Redis, job_id: str, seconds: float) -> None:
@@ -332,17 +331,26 @@ def is_cancelled(client: redis.Redis, job_id: str) -> bool:
 
 JOB_PARTS = (  # and its tiles
     *("job", "total", "done", "attempts", "cancelled", "claimed", "claims", "tasks"),
-    *("ready", "wake", "failed", "stream"),
+    *STREAM_PARTS,
+    "failed",
 )
 
 
 def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> None:
     """Everything the job put in Redis. `tiles` spares a scan when the count is known."""
     if tiles is None:
-        keys = list(client.scan_iter(job_key(job_id, "*"), count=1000))
+        _unlink(client, list(client.scan_iter(job_key(job_id, "*"), count=1000)))
     else:
-        keys = [tile_key(job_id, index) for index in range(tiles)]
-        keys += [job_key(job_id, part) for part in JOB_PARTS]
+        _unlink(client, _keys_of(job_id, tiles, JOB_PARTS))
+
+
+def _keys_of(job_id: str, tiles: int, parts: tuple[str, ...]) -> list[str]:
+    """The keys of the job's first `tiles` tiles and of its `parts`."""
+    return [tile_key(job_id, index) for index in range(tiles)] + [job_key(job_id, part) for part in parts]
+
+
+def _unlink(client: redis.Redis, keys: list[Any]) -> None:
+    """Delete `keys` without blocking Redis on their values (UNLINK), at most 1000 keys a command."""
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
 
