@@ -200,21 +200,33 @@ def decode_png(data: bytes, layout: PngLayout, threads: int = 1) -> np.ndarray:
 
 
 def tiles_from_bands(bands: Iterator[np.ndarray], windows: list[Window]) -> Iterator[tuple[Window, np.ndarray]]:
-    """Each window's pixels as soon as the bands have reached its bottom row, holding only the rows still needed.
+    """Each window's pixels, contiguous (as the tile store sends them), as soon as the bands have reached its bottom
+    row, holding only the bands still needed. Each tile is copied straight from the bands it spans: joining the
+    bands first would copy every row once more.
 
     `windows` must be in row order, as `tiling.grid` makes them: each one's top and bottom at or below the one
     before's."""
-    held: np.ndarray | None = None  # rows [first, first + len(held)) of the image
-    first = 0
+    held: list[tuple[int, np.ndarray]] = []  # (first row, band), top to bottom, contiguous rows
+    reached = 0
     for position, window in enumerate(windows):
-        parts, reached = ([] if held is None else [held]), first + (0 if held is None else len(held))
         while reached < window.y2:
             band = next(bands, None)
             if band is None:
                 raise ImageError(f"the image ends above row {window.y2}, the bottom of tile {window.index}")
-            parts.append(band)
+            held.append((reached, band))
             reached += len(band)
-        held = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one copy per row of tiles, not per band
-        yield window, held[window.y - first : window.y2 - first, window.x : window.x2]
-        if position + 1 < len(windows) and windows[position + 1].y > first:
-            held, first = held[windows[position + 1].y - first :], windows[position + 1].y
+        yield window, _cut(held, window)
+        if position + 1 < len(windows):
+            following = windows[position + 1].y
+            held = [(top, band) for top, band in held if top + len(band) > following]
+
+
+def _cut(held: list[tuple[int, np.ndarray]], window: Window) -> np.ndarray:
+    """The window's pixels from the bands that hold its rows, in one copy."""
+    first = held[0][1]
+    tile = np.empty((window.y2 - window.y, window.x2 - window.x, *first.shape[2:]), first.dtype)
+    for top, band in held:
+        y, y2 = max(window.y, top), min(window.y2, top + len(band))
+        if y < y2:
+            tile[y - window.y : y2 - window.y] = band[y - top : y2 - top, window.x : window.x2]
+    return tile
