@@ -54,14 +54,22 @@ def _starts(size: int, tile: int, step: int) -> list[int]:
 def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list[Window]:
     """Windows covering an image of height x width, row by row.
 
-    step = tile - round(tile * overlap). The last row and column are full-size windows pushed flush against
-    the bottom and right edges, so no window is padded or a sliver; a side shorter than a tile is one window
-    of that side's length.
+    As SAHI's `get_slice_bboxes`: step = tile - int(tile * overlap). The last row and column are full-size
+    windows pushed flush against the bottom and right edges, so no window is padded or a sliver; a side shorter
+    than a tile is one window of that side's length.
+
+    Args:
+        height, width: the image's size in pixels.
+        tile: the side of a window in pixels.
+        overlap: the share of a window its neighbour overlaps, in [0, 1).
+
+    Returns:
+        The windows, row by row, each with its index in that order.
     """
     tile, overlap = validate_tiling(tile, overlap)
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    step = max(1, tile - round(tile * overlap))
+    step = max(1, tile - int(tile * overlap))
     tile_h, tile_w = min(tile, height), min(tile, width)
     windows = []
     for y in _starts(height, tile, step):

@@ -13,7 +13,7 @@ def covered(windows: list[Window], height: int, width: int) -> np.ndarray:
     return counts
 
 
-def test_step_is_tile_minus_rounded_overlap_and_last_tile_is_flush():
+def test_step_is_tile_minus_the_overlap_and_last_tile_is_flush():
     windows = grid(1000, 2000, tile=640, overlap=0.2)  # step 640 - 128 = 512
     xs = sorted({w.x for w in windows})
     ys = sorted({w.y for w in windows})
@@ -21,6 +21,43 @@ def test_step_is_tile_minus_rounded_overlap_and_last_tile_is_flush():
     assert ys == [0, 360]  # 360 = 1000 - 640
     assert all(w.width == 640 and w.height == 640 for w in windows)
     assert [w.index for w in windows] == list(range(len(windows)))
+
+
+def sahi_slice_bboxes(height: int, width: int, size: int, overlap: float) -> list[list[int]]:
+    """SAHI's own loop (sahi/slicing.py, get_slice_bboxes, square slices), the reference for `grid`."""
+    slice_bboxes = []
+    y_max = y_min = 0
+    y_overlap = int(overlap * size)
+    x_overlap = int(overlap * size)
+    while y_max < height:
+        x_min = x_max = 0
+        y_max = y_min + size
+        while x_max < width:
+            x_max = x_min + size
+            if y_max > height or x_max > width:
+                xmax = min(width, x_max)
+                ymax = min(height, y_max)
+                xmin = max(0, xmax - size)
+                ymin = max(0, ymax - size)
+                slice_bboxes.append([xmin, ymin, xmax, ymax])
+            else:
+                slice_bboxes.append([x_min, y_min, x_max, y_max])
+            x_min = x_max - x_overlap
+        y_min = y_max - y_overlap
+    return slice_bboxes
+
+
+def test_windows_are_sahis_slices():
+    rng = np.random.default_rng(11)
+    for _ in range(3000):
+        height, width = (int(v) for v in rng.integers(1, 3000, 2))
+        tile = int(rng.integers(64, 1024))
+        overlap = round(float(rng.uniform(0, 0.9)), int(rng.integers(1, 4)))
+        expected = sahi_slice_bboxes(height, width, tile, overlap)
+        found = [[w.x, w.y, w.x2, w.y2] for w in grid(height, width, tile, overlap)]
+        assert found == expected, (height, width, tile, overlap)
+    # where rounding and truncating differ: 100 * 0.29 is 28.999…, a step of 72 as in SAHI (round() gave 71)
+    assert sorted({w.x for w in grid(100, 300, 100, 0.29)}) == [0, 72, 144, 200]
 
 
 def test_every_pixel_is_covered_and_nothing_leaves_the_image():
