@@ -28,8 +28,15 @@ def _flag(name: str, default: str) -> bool:
     return _env(name, default).strip().lower() not in ("false", "0", "no", "off")
 
 
+def _chord_safe(url: str) -> str:
+    """A Redis or Sentinel backend URL as tasks.chords' backend: Celery's own, with two crash windows of a chord
+    closed. Its keys and values are Celery's, so any app reads the results with a plain redis:// backend."""
+    kind = {"redis": "RedisBackend", "rediss": "RedisBackend", "sentinel": "SentinelBackend"}.get(url.split(":", 1)[0])
+    return f"tasks.chords:{kind}+{url}" if kind else url
+
+
 broker_url = _env("TILEREC_BROKER_URL", "redis://localhost:6379/0")
-result_backend = _env("TILEREC_RESULT_BACKEND", broker_url)
+result_backend = _chord_safe(_env("TILEREC_RESULT_BACKEND", broker_url))
 
 # JSON only: a pickle message from anyone who can reach the broker is refused, never executed.
 task_serializer = "json"
@@ -37,14 +44,21 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-# Queues: tiling and merging on one, tile recognition on the other, so recognition can have its own workers.
+# Queues: tiling and merging on one, tile recognition on the other, so recognition can have its own workers. The
+# jobs queue's workers also take jobs sent to Celery's default queue, where another app's plain send_task puts them.
 jobs_queue = _env("TILEREC_JOBS_QUEUE", "tilerec")
 tiles_queue = _env("TILEREC_TILES_QUEUE", "tilerec.tiles")
+default_queue = _env("TILEREC_DEFAULT_QUEUE", "celery")  # "": take jobs only from the jobs queue
 task_default_queue = jobs_queue
-task_queues = {jobs_queue: {}, tiles_queue: {}}
+task_queues = {
+    queue: {"exchange": queue, "routing_key": queue} for queue in (jobs_queue, tiles_queue, default_queue) if queue
+}
+# Priorities: 0 is taken first. A merge (it ends a job) is 0, a job's n-th batch 1 + log2(n + 1) (at most 9,
+# tasks.jobs.batch_priority), a new job 4: a small job's batches overtake a big job's later ones, and running jobs
+# finish before many new ones start. The Redis transport keeps a list per queue and level.
 task_routes = {
-    "tilerec.recognize": {"queue": jobs_queue},
-    "tilerec.merge": {"queue": jobs_queue},
+    "tilerec.recognize": {"queue": jobs_queue, "priority": 4},
+    "tilerec.merge": {"queue": jobs_queue, "priority": 0},
     "tilerec.recognize_tiles": {"queue": tiles_queue},
 }
 
@@ -53,7 +67,7 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = _number("TILEREC_PREFETCH_MULTIPLIER", 1, 0)  # 0: no limit (Celery)
 visibility_timeout = _number("TILEREC_VISIBILITY_TIMEOUT", 3600, 1)
-broker_transport_options = {"visibility_timeout": visibility_timeout}
+broker_transport_options = {"visibility_timeout": visibility_timeout, "priority_steps": list(range(10))}
 result_backend_transport_options = {"visibility_timeout": visibility_timeout}
 broker_connection_retry_on_startup = True
 
@@ -63,13 +77,13 @@ result_extended = True
 task_track_started = True
 
 # Task events: off until a monitor asks for them (Celery's default). Flower does, every 5 s (its --enable_events,
-# on by default), and so does `celery -A tasks control enable_events`. When nobody watches they cost 3 % of a job
-# (measured side by side: 8000² aruco at W=2). task-sent events are the publisher's, and always sent.
+# on by default), and so does `celery -A tasks control enable_events`. task-sent events are the publisher's, and
+# always sent; a job's progress events too (see docs/monitoring.md).
 worker_send_task_events = _flag("TILEREC_TASK_EVENTS", "false")
 task_send_sent_event = True
 
-# tilerec's own settings (not Celery's): where tiles are stored and for how long, and what input is accepted.
-tilerec_store_url = _env("TILEREC_STORE_URL", result_backend)
+# tilerec's own settings (not Celery's), read once per process into tasks.celery.Settings.
+tilerec_store_url = _env("TILEREC_STORE_URL", _env("TILEREC_RESULT_BACKEND", broker_url))
 tilerec_tile_ttl = _number("TILEREC_TILE_TTL", 3600, 1)
 tilerec_max_pixels = _number("TILEREC_MAX_PIXELS", 40_000 * 40_000, 1)
 tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
@@ -83,25 +97,9 @@ tilerec_result_inline_max_bytes = _number("TILEREC_RESULT_INLINE_MAX_BYTES", 4 *
 tilerec_model_roots = os.pathsep.join(
     root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root
 )
-
-
-def _auto_or_count(name: str) -> int | None:
-    """An environment variable that is "auto" (None) or a whole number of at least 1."""
-    value = _env(name, "auto").strip().lower()
-    if value != "auto" and not (value.isdigit() and int(value) >= 1):
-        raise ValueError(f"{name} must be 'auto' or a whole number of at least 1, got {value!r}")
-    return None if value == "auto" else int(value)
-
-
-# batch_size "auto": about this much recognizer work per batch of tiles (ms), and at least this many batches per job;
-# "auto": 4 per live tile worker process (tasks/registry.py), 16 while none is registered
+# batch_size "auto": about this much recognizer work per batch of tiles (ms), and at least this many batches per job
 tilerec_batch_target_ms = _number("TILEREC_BATCH_TARGET_MS", 400, 1, float)
-tilerec_min_batches = _auto_or_count("TILEREC_MIN_BATCHES")
-# tile tasks a job starts with, each taking batches until none is left; "auto": one per live tile worker process
-tilerec_tile_tasks = _auto_or_count("TILEREC_TILE_TASKS")
-# a tile task that ran this long (s) hands the batches left to a new task at the back of the queue: bounds what a
-# crash makes it redo, and how long other jobs' tasks wait behind a big job (each costs a task: 8-12 ms at W=2)
-tilerec_task_handover_s = _number("TILEREC_TASK_HANDOVER_S", 10, 0.1, float)
+tilerec_min_batches = _number("TILEREC_MIN_BATCHES", 16, 1)
 tilerec_threads_per_process = _number("TILEREC_THREADS_PER_PROCESS", 0, 0)  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
 tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")

@@ -35,8 +35,19 @@ def _wait_for(predicate: Any, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
 
 
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport: a queue's priority level n > 0 is the list "<queue><sep><n>"
+
+
+def _lists(queue: str) -> list[str]:
+    return [queue] + [f"{queue}{PRIORITY_SEP}{level}" for level in range(1, 10)]
+
+
 def _messages(client: redis.Redis, queue: str) -> list[bytes]:
-    return list(client.lrange(queue, 0, -1))
+    return [message for name in _lists(queue) for message in client.lrange(name, 0, -1)]
+
+
+def _length(client: redis.Redis, queue: str) -> int:
+    return sum(client.llen(name) for name in _lists(queue))
 
 
 def _describe(raw: bytes) -> dict[str, Any]:
@@ -91,12 +102,16 @@ def dissect(
             pending = app.send_task("tilerec.recognize", args=[str(image), recognizer], kwargs=options)
             recognize_msgs = _messages(client, JOBS_QUEUE)
             with Worker(server.url, 1, queues=[JOBS_QUEUE], env=worker_env, log_file=log) as jobs:
-                _wait_for(lambda: client.llen(TILES_QUEUE) > 0 and client.llen(JOBS_QUEUE) == 0, timeout, "tiling")
+                _wait_for(
+                    lambda: _length(client, TILES_QUEUE) > 0 and _length(client, JOBS_QUEUE) == 0, timeout, "tiling"
+                )
                 _wait_for(lambda: _settled(client, TILES_QUEUE), timeout, "the tile messages to settle")
                 tile_msgs = _messages(client, TILES_QUEUE)
                 tiling_memory = _hwm(jobs)
             with Worker(server.url, workers, queues=[TILES_QUEUE], env=worker_env, log_file=log) as tiles:
-                _wait_for(lambda: client.llen(TILES_QUEUE) == 0 and client.llen(JOBS_QUEUE) > 0, timeout, "the tiles")
+                _wait_for(
+                    lambda: _length(client, TILES_QUEUE) == 0 and _length(client, JOBS_QUEUE) > 0, timeout, "the tiles"
+                )
                 merge_msgs = _messages(client, JOBS_QUEUE)
                 tile_memory = _hwm(tiles)
                 store_peak = int(client.info("memory")["used_memory_peak"])
@@ -133,6 +148,6 @@ def dissect(
 
 def _settled(client: redis.Redis, queue: str, quiet_s: float = 0.3) -> bool:
     """The list stopped growing (the chord publishes its header messages one by one)."""
-    before = client.llen(queue)
+    before = _length(client, queue)
     time.sleep(quiet_s)
-    return client.llen(queue) == before
+    return _length(client, queue) == before

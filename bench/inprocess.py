@@ -157,7 +157,7 @@ def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any) -> None:
                 next_tile.value += 1
             if index >= len(windows):
                 break
-            recognize_window(source, windows[index], parsed)
+            recognize_window(source.read, windows[index], parsed, source.width, source.height)
             tiles += 1
         out.put({"start": started, "end": time.time(), "cpu_s": time.process_time() - cpu0, "tiles": tiles})
     except Exception as error:  # reported as data, like run_in_subprocess

@@ -218,11 +218,12 @@ def store_and_cleanup(client: redis.Redis, image: np.ndarray, tile: int, overlap
 
     windows = grid(image.shape[0], image.shape[1], tile, overlap)
     began = time.perf_counter()
-    stored = store.put_tiles(client, "bench-store", windows, lambda window: crop(image, window), 600)
+    store.put_tiles(client, "bench-store", ((window, crop(image, window)) for window in windows), 600)
     put_s = time.perf_counter() - began
+    stored = sum(window.width * window.height for window in windows) * (1 if image.ndim == 2 else image.shape[2])
     window = windows[len(windows) // 2]
     channels = 1 if image.ndim == 2 else image.shape[2]
-    get_ms = _median_ms(lambda: store.get_tile(client, "bench-store", window, channels), 20)
+    get_ms = _median_ms(lambda: store.get_tiles(client, "bench-store", [window], channels), 20)
     began = time.perf_counter()
     store.delete_job(client, "bench-store", len(windows))
     delete_s = time.perf_counter() - began

@@ -4,7 +4,9 @@ so the two give identical detections."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,6 +18,37 @@ from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.recognizers import get_recognizer, get_spec
 from pipeline.sources import ArraySource, Source, check_region, is_blank
 from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
+
+
+class TileFailure(RuntimeError):
+    """One or more tiles of a job could not be recognized."""
+
+
+@dataclass(frozen=True)
+class TileOutcome:
+    """What became of one tile: its detections in image coordinates, a skip (blank: neither detections nor an
+    error), or the error that stopped it; `seconds` from reading it to its placed detections."""
+
+    index: int
+    detections: Detections | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The record a tile task stores for the merge: exact columns, compact JSON."""
+        record: dict[str, Any] = {"tile": self.index, "seconds": self.seconds}
+        if self.error is not None:
+            record["error"] = self.error
+        elif self.detections is None:
+            record["skipped"] = True
+        else:
+            record.update(self.detections.to_columns())
+        return record
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> TileOutcome:
+        detections = Detections.from_columns(record) if "xyxy" in record else None
+        return cls(int(record["tile"]), detections, record.get("error"), float(record.get("seconds", 0.0)))
 
 
 def crop(image: np.ndarray, window: Window) -> np.ndarray:
@@ -114,9 +147,122 @@ def recognize_tile(tile: np.ndarray, window: Window, options: JobOptions, width:
     return place(found, window, width, height)
 
 
-def merge_tiles(per_tile: Iterable[Detections], options: JobOptions) -> Detections:
-    """Merge per-tile detections given in tile order (the order decides ties, so keep it for identical results)."""
-    return merge_detections(Detections.concat(per_tile), options.merge, options.match_metric, options.match_threshold)
+def recognize_window(
+    read: Callable[[Window], np.ndarray | None],
+    window: Window,
+    options: JobOptions,
+    width: int,
+    height: int,
+    reraise: tuple[type[BaseException], ...] = (),
+    judge_blank: bool = True,
+) -> TileOutcome:
+    """One window read and recognized, in one process or in a tile task alike.
+
+    Args:
+        read: gives the window's pixels (None: known blank, skipped).
+        window: the tile, in image coordinates.
+        options: the job's options.
+        width, height: the image's size, to clamp boxes and mark seam cuts.
+        reraise: errors that are not the tile's own (a store outage, say) and must reach the caller.
+        judge_blank: look for a blank tile (`skip_blank`); False where `read` judged it already.
+
+    Returns:
+        The tile's outcome: its detections, a skip (blank under `skip_blank`), or the error that stopped it.
+    """
+    began = time.perf_counter()
+    try:
+        tile = read(window)
+        if tile is None or (judge_blank and blank(tile, options)):
+            return TileOutcome(window.index, seconds=time.perf_counter() - began)
+        found = recognize_tile(tile, window, options, width, height)
+    except reraise:
+        raise
+    except Exception as error:  # the tile's own failure: reported per tile, the other tiles still count
+        return TileOutcome(window.index, error=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - began)
+    return TileOutcome(window.index, found, seconds=time.perf_counter() - began)
+
+
+def assemble(
+    outcomes: Iterable[TileOutcome],
+    windows: Sequence[Window],
+    options: JobOptions,
+    width: int,
+    height: int,
+    started: float,
+    *,
+    source: str | None = None,
+    level: int = 0,
+    downsample: float = 1.0,
+    batches: int = 1,
+    timings: Mapping[str, float] | None = None,
+) -> Recognition:
+    """A job's Recognition from its tiles' outcomes: the one assembly, in one process and in the merge task.
+
+    Args:
+        outcomes: one or more per tile, in any order; the first of a tile counts (a redone tile counts once).
+        windows: the job's tile grid (`windows_of`), to name failed and missing tiles.
+        options: the job's options (merge method, on_tile_error, ...).
+        width, height: the image's size (at the level read).
+        started: when the job started (`time.time()`), for `total_s`.
+        source, level, downsample: what was read, as the result reports it.
+        batches: how many batches (tile tasks) the tiles were cut into.
+        timings: stage times measured before the tiles were recognized (load, decode, store).
+
+    Returns:
+        The merged Recognition.
+
+    Raises:
+        TileFailure: a tile failed or has no outcome and `on_tile_error` is "fail".
+    """
+    began = time.time()
+    by_tile: dict[int, TileOutcome] = {}
+    for outcome in outcomes:
+        by_tile.setdefault(outcome.index, outcome)
+    failed = [by_tile[index] for index in sorted(by_tile) if by_tile[index].error is not None]
+    missing = [window for window in windows if window.index not in by_tile]
+    if (failed or missing) and options.on_tile_error == "fail":
+        described = "; ".join(f"tile {f.index} at {_xywh(windows[f.index])}: {f.error}" for f in failed[:5])
+        if missing:
+            described += f"{'; ' if described else ''}no result for tiles {[w.index for w in missing[:10]]}"
+        raise TileFailure(f"{len(failed) + len(missing)} of {len(windows)} tiles failed: {described}")
+    merged = merge_detections(
+        Detections.concat(o.detections for _, o in sorted(by_tile.items()) if o.detections is not None),
+        options.merge,
+        options.match_metric,
+        options.match_threshold,
+    )
+    finished = time.time()
+    return Recognition(
+        width=width,
+        height=height,
+        detections=merged,
+        recognizer=options.recognizer,
+        params=options.params,
+        source=source,
+        tile=options.tile,
+        overlap=options.overlap,
+        tiles=len(windows),
+        batches=batches,
+        tasks=batches,
+        failed_tiles=[{"tile": f.index, "window": _xywh(windows[f.index]), "error": f.error} for f in failed]
+        + [{"tile": w.index, "window": _xywh(w), "error": "no result"} for w in missing],
+        timings={
+            **(timings or {}),
+            "recognize_s": sum(outcome.seconds for outcome in by_tile.values()),
+            "merge_s": finished - began,
+            "total_s": finished - started,
+        },
+        level=level,
+        downsample=downsample,
+        roi=options.roi,
+        skipped=sum(o.detections is None and o.error is None for o in by_tile.values())
+        if options.skip_blank is not None
+        else None,
+    )
+
+
+def _xywh(window: Window) -> list[int]:
+    return [window.x, window.y, window.width, window.height]
 
 
 def recognize_image(image: np.ndarray, recognizer: str = "faces", **options: object) -> Recognition:
@@ -124,48 +270,16 @@ def recognize_image(image: np.ndarray, recognizer: str = "faces", **options: obj
     return recognize_source(ArraySource(normalize(np.asarray(image))), recognizer, **options)
 
 
-def recognize_window(source: Source, window: Window, options: JobOptions) -> Detections | None:
-    """One window of the source read and recognized, detections in image coordinates; None: blank, skipped."""
-    tile = source.read(window)
-    if blank(tile, options):
-        return None
-    return recognize_tile(tile, window, options, source.width, source.height)
-
-
 def recognize_source(source: Source, recognizer: str = "faces", **options: object) -> Recognition:
     """`recognize_image` for any source (a TIFF read window by window, say): same tiles, skips and merge as a job.
 
     The source must be opened at the level the options name (`sources.open_source(path, level)`).
     """
-    started = time.perf_counter()
+    started = time.time()
     parsed = parse_options(recognizer, options)
     if parsed.level != source.level:
         raise OptionsError(f"the source is open at level {source.level}, the options ask for level {parsed.level}")
     width, height = source.width, source.height
     windows = windows_of(height, width, parsed)
-    per_tile, skipped = [], 0
-    for window in windows:
-        found = recognize_window(source, window, parsed)
-        if found is None:
-            skipped += 1
-            continue
-        per_tile.append(found)
-    recognized = time.perf_counter()
-    merged = merge_tiles(per_tile, parsed)
-    finished = time.perf_counter()
-    return Recognition(
-        width=width,
-        height=height,
-        detections=merged,
-        recognizer=parsed.recognizer,
-        params=parsed.params,
-        tile=parsed.tile,
-        overlap=parsed.overlap,
-        tiles=len(windows),
-        tasks=1,
-        timings={"recognize_s": recognized - started, "merge_s": finished - recognized, "total_s": finished - started},
-        level=parsed.level,
-        downsample=source.downsample,
-        roi=parsed.roi,
-        skipped=skipped if parsed.skip_blank is not None else None,
-    )
+    outcomes = [recognize_window(source.read, window, parsed, width, height) for window in windows]
+    return assemble(outcomes, windows, parsed, width, height, started, level=parsed.level, downsample=source.downsample)

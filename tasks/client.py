@@ -10,7 +10,9 @@ import numpy as np
 from celery.result import AsyncResult
 
 from pipeline.images import encode_array
-from tasks import app, recognize, store
+from tasks import store
+from tasks.celery import settings, store_client
+from tasks.jobs import recognize
 
 
 def put_image(image: bytes | np.ndarray, ttl: int | None = None) -> str:
@@ -19,7 +21,7 @@ def put_image(image: bytes | np.ndarray, ttl: int | None = None) -> str:
     The reference lives for `ttl` seconds (default: the tile TTL) and can be used by several jobs.
     """
     data = encode_array(image) if isinstance(image, np.ndarray) else bytes(image)
-    return store.put_bytes(store.connect(app.conf.tilerec_store_url), data, ttl or app.conf.tilerec_tile_ttl)
+    return store.put_bytes(store_client(), data, ttl or settings().tile_ttl)
 
 
 @dataclass
@@ -42,9 +44,8 @@ class Job:
             self._total = int(self.result.info["tiling"]["tiles"])
             self._done = self._total
             return self._done, self._total
-        client = store.connect(app.conf.tilerec_store_url)
-        self._total = store.get_total(client, self.id) or self._total
-        done = store.get_progress(client, self.id)
+        done, total = store.progress(store_client(), self.id)
+        self._total = total or self._total
         self._done = max(self._done, min(done, self._total) if self._total else done)
         return self._done, self._total
 
@@ -62,16 +63,16 @@ def fetch_result(result: dict[str, Any]) -> dict[str, Any]:
     reference = result.get("result_ref") if isinstance(result, dict) else None
     if reference is None:
         return result
-    return json.loads(store.get_result(store.connect(app.conf.tilerec_store_url), reference))
+    return json.loads(store.get_result(store_client(), reference))
 
 
 def cancel(job_id: str) -> None:
-    """Stop a job: a tiling task not yet started refuses to start, tile tasks skip every tile they have not
+    """Stop a job: a tiling task not yet started refuses to start, batch tasks skip every tile they have not
     begun, and the merge removes the job's keys and fails the job with JobCancelled.
 
     A flag in the store rather than `revoke`: after `replace`, the merge task carries the job's id, so revoking
     the id would also revoke the merge that cleans up, and revoked ids live only in the workers' memory."""
-    store.cancel(store.connect(app.conf.tilerec_store_url), job_id, app.conf.tilerec_tile_ttl)
+    store.cancel(store_client(), job_id, settings().tile_ttl)
 
 
 def submit(image: str | bytes | np.ndarray, recognizer: str = "faces", **options: Any) -> Job:

@@ -140,6 +140,7 @@ class Worker:
         name: str | None = None,
         log_file: str | None = None,
         cwd: str | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.broker_url = broker_url
         self.concurrency = concurrency
@@ -148,10 +149,11 @@ class Worker:
         self.env = {**os.environ, "TILEREC_BROKER_URL": broker_url, **(env or {})}
         self.log_file = log_file
         self.cwd = cwd  # `python -m celery` puts it first on sys.path (a celeryconfig of its own, say)
+        self.python = python  # another installation's, to run its code (bench.versus)
         self.process: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> Worker:
-        command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork",
+        command = [self.python, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork",
                    "--concurrency", str(self.concurrency), "--hostname", self.hostname, "--loglevel", "INFO",
                    "--without-gossip", "--without-mingle"]  # fmt: skip
         if self.queues:
@@ -210,12 +212,14 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         log_file: str | None = None,
         cwd: str | None = None,
+        python: str = sys.executable,
     ) -> None:
         self.redis = RedisServer()
         self.workers = workers or os.cpu_count() or 1
         self.env = env or {}
         self.log_file = log_file
         self.cwd = cwd
+        self.python = python
         self.worker: Worker | None = None
 
     @property
@@ -226,7 +230,9 @@ class LocalCluster:
         try:
             self.redis.start()
             # assigned before it starts, so an interrupt or timeout while waiting for it still stops it
-            self.worker = Worker(self.url, self.workers, env=self.env, log_file=self.log_file, cwd=self.cwd)
+            self.worker = Worker(
+                self.url, self.workers, env=self.env, log_file=self.log_file, cwd=self.cwd, python=self.python
+            )
             self.worker.start()
         except BaseException:
             self.stop()

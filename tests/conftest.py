@@ -27,12 +27,11 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def app(redis_server: RedisServer):
     """tilerec's Celery app, pointed at the test Redis (broker, result backend and tile store)."""
-    from tasks import app as celery_app
+    from tasks.celery import app as celery_app
+    from tasks.celery import configure
 
     url = redis_server.url
-    celery_app.conf.update(
-        broker_url=url, result_backend=url, tilerec_store_url=url, tilerec_allowed_roots=str(IMAGES_ROOT)
-    )
+    configure(broker_url=url, result_backend=url, tilerec_store_url=url, tilerec_allowed_roots=str(IMAGES_ROOT))
     return celery_app
 
 

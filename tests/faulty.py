@@ -10,13 +10,14 @@ import signal
 import time
 
 import numpy as np
-from celery import signals
+from celery import current_app, signals
 
 from pipeline.model import Detections
 from pipeline.recognizers import get_recognizer
 
 MARKER_BGR = (0, 0, 255)
-DIE_PUBLISHING_THE_MERGE = "die-publishing-the-merge"  # a flag file in the worker's allowed root
+DIE_PUBLISHING_THE_MERGE = "die-publishing-the-merge"  # flag files in the worker's allowed root
+DIE_COUNTING_A_CHORD_PART = "die-counting-a-chord-part"
 SLOW_TILE_S = 0.05
 
 
@@ -58,16 +59,40 @@ class DiesPublishingTheMerge:
     publish a merge kills itself: after Celery claimed the chord's callback, before the merge is in the broker"""
 
     def __init__(self) -> None:
-        signals.before_task_publish.connect(_die_once, sender="tilerec.merge", dispatch_uid=DIE_PUBLISHING_THE_MERGE)
+        signals.before_task_publish.connect(
+            _die_publishing, sender="tilerec.merge", dispatch_uid=DIE_PUBLISHING_THE_MERGE
+        )
 
     def __call__(self, tile: np.ndarray) -> Detections:
         return get_recognizer("qrcode")(tile)
 
 
-def _die_once(**_: object) -> None:
+def _die_publishing(**_: object) -> None:
+    _die_once(DIE_PUBLISHING_THE_MERGE)
+
+
+class DiesCountingItsChordPart:
+    """QR codes; once the flag file DIE_COUNTING_A_CHORD_PART is in the allowed root, the first worker process to
+    count a batch for its chord kills itself just before (Celery would have stored the batch's SUCCESS by then)"""
+
+    def __init__(self) -> None:
+        backend = current_app.backend
+        counted = backend.on_chord_part_return
+
+        def dying(*args: object, **kwargs: object) -> None:
+            _die_once(DIE_COUNTING_A_CHORD_PART)
+            counted(*args, **kwargs)
+
+        backend.on_chord_part_return = dying
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        return get_recognizer("qrcode")(tile)
+
+
+def _die_once(flag: str) -> None:
     for root in os.environ.get("TILEREC_ALLOWED_ROOTS", "").split(os.pathsep):
         try:
-            os.remove(os.path.join(root, DIE_PUBLISHING_THE_MERGE))  # succeeds for one process only
+            os.remove(os.path.join(root, flag))  # succeeds for one process only
         except OSError:
             continue
         os.kill(os.getpid(), signal.SIGKILL)

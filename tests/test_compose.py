@@ -186,13 +186,13 @@ def test_redis_workers_and_flower_as_a_deployment_needs_them():
 def test_the_worker_command_is_one_tilerec_and_celery_accept():
     worker = compose()["services"]["worker"]
     params = tilerec_worker(worker["command"]).params
-    assert params["queues"] == ["tilerec", "tilerec.tiles"]
+    assert params["queues"] == ["tilerec", "tilerec.tiles", "celery"]
     assert params["concurrency"] == "auto" or params["concurrency"] >= 1  # tilerec worker resolves auto itself
     assert params["hostname"] == f"worker@{socket.gethostname()}"
 
     renamed = {**SECRETS, "TILEREC_JOBS_QUEUE": "acme.jobs", "TILEREC_TILES_QUEUE": "acme.gpu"}
     worker = compose(renamed)["services"]["worker"]
-    assert tilerec_worker(worker["command"]).params["queues"] == ["acme.jobs", "acme.gpu"]
+    assert tilerec_worker(worker["command"]).params["queues"] == ["acme.jobs", "acme.gpu", "celery"]
     assert worker["environment"]["TILEREC_TILES_QUEUE"] == "acme.gpu"
     recognition_only = compose({**renamed, "WORKER_QUEUES": "acme.gpu", "WORKER_CONCURRENCY": "1"})
     params = tilerec_worker(recognition_only["services"]["worker"]["command"]).params
@@ -264,7 +264,7 @@ def test_every_setting_can_come_from_the_environment_and_nothing_else_is_set(mon
         assert set_here <= read_by_code, f"{name} sets variables no code reads: {set_here - read_by_code}"
     assert read_by_config <= set(services["worker"]["environment"]), "each celeryconfig setting reachable from .env"
     flower_options = {v for v in services["flower"]["environment"] if v.startswith("FLOWER_")}
-    assert flower_options == {"FLOWER_BASIC_AUTH", "FLOWER_READ_ONLY"}
+    assert flower_options == {"FLOWER_BASIC_AUTH", "FLOWER_READ_ONLY", "FLOWER_TASKS_COLUMNS"}
 
     for variable in [v for v in os.environ if v.startswith("TILEREC_")]:
         monkeypatch.delenv(variable)
@@ -273,10 +273,11 @@ def test_every_setting_can_come_from_the_environment_and_nothing_else_is_set(mon
         monkeypatch.setenv(variable, value)
     settings = runpy.run_path(str(ROOT / "celeryconfig.py"))
     url = f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
-    assert settings["broker_url"] == settings["result_backend"] == settings["tilerec_store_url"] == url
+    assert settings["broker_url"] == settings["tilerec_store_url"] == url
+    assert settings["result_backend"] == f"tasks.chords:RedisBackend+{url}"  # Celery's, with chords made crash-safe
     assert settings["tilerec_allowed_roots"] == "/data"
     assert settings["task_routes"]["tilerec.recognize_tiles"] == {"queue": "tilerec.tiles"}
-    assert settings["task_routes"]["tilerec.merge"] == {"queue": "tilerec"}
+    assert settings["task_routes"]["tilerec.merge"] == {"queue": "tilerec", "priority": 0}
     for name in ("tilerec_tile_ttl", "tilerec_max_pixels", "result_expires", "visibility_timeout"):
         assert settings[name] == defaults[name], f"an empty {name} means celeryconfig's default"
 
@@ -309,6 +310,7 @@ def test_the_flower_command_and_options_are_ones_flower_accepts(flower_options, 
     apply_env_options()
     assert flower_options.basic_auth == [SECRETS["FLOWER_BASIC_AUTH"]]
     assert flower_options.read_only is True
+    assert flower_options.tasks_columns.split(",")[3:6] == ["args", "kwargs", "result"]  # a job's progress shows
     assert flower_options.address == "0.0.0.0"
     assert [f":{flower_options.port}" in port for port in flower["ports"]] == [True]
     assert f"127.0.0.1:{flower_options.port}/healthcheck" in " ".join(flower["healthcheck"]["test"])

@@ -9,7 +9,8 @@ import pytest
 from pipeline import recognize_image
 from pipeline.scenes import qr_code, qr_scene
 from pipeline.tiling import grid, tapered_sizes
-from tasks import BATCHES_PER_PROCESS, recognize, registry, store
+from tasks import recognize, store
+from tasks.celery import settings
 from tasks.client import put_image, submit
 from tests.conftest import tilerec_keys
 from tests.scenes import assert_each_code_once
@@ -50,7 +51,7 @@ def test_batches_of_tiles_give_the_same_result(worker, redis_server, scene, scen
     tiles = len(grid(2000, 3000, 640, 0.2))
     result = recognize.delay(scene_path, "qrcode", batch_size=batch_size).get(timeout=TIMEOUT)
     assert result["tiling"]["batches"] == math.ceil(tiles / batch_size)
-    assert result["tiling"]["tasks"] == min(result["tiling"]["batches"], worker.concurrency)
+    assert result["tiling"]["tasks"] == result["tiling"]["batches"], "one task per batch"
     assert_each_code_once(result["detections"], scene.truths)
     in_process = recognize_image(cv2.imread(scene_path), "qrcode")
     assert result["detections"] == in_process.to_json()["detections"]
@@ -143,10 +144,7 @@ def test_auto_batches_are_sized_from_what_earlier_tiles_cost(worker, redis_serve
     learned = store.get_tile_cost(client, "aruco", params)
     assert 1e6 / 2 < learned < 1e6 / 2 + 1000
     client.delete(*client.scan_iter("tilerec:cost:aruco:*"))
-    store.record_tile_cost(client, "aruco", params, 0.001)  # now nearly free: the floor of tasks decides,
-    assert registry.live_processes(client, "tilerec.tiles") == worker.concurrency  # BATCHES_PER_PROCESS each
+    store.record_tile_cost(client, "aruco", params, 0.001)  # now nearly free: the floor of batches decides
     cheap = recognize.delay(scene_path, "aruco").get(timeout=TIMEOUT)
-    assert cheap["tiling"]["batches"] == len(
-        tapered_sizes(tiles, math.ceil(tiles / (BATCHES_PER_PROCESS * worker.concurrency)))
-    )
+    assert cheap["tiling"]["batches"] == len(tapered_sizes(tiles, math.ceil(tiles / settings().min_batches)))
     assert cheap["detections"] == first["detections"]

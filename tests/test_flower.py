@@ -1,8 +1,9 @@
 """Flower, for real: a `celery flower` process with basic auth on the test Redis, watching the session's worker.
 
 What it shows comes from events alone: the client's task-sent, the worker's task-received/started/succeeded and the
-tile tasks' task-progress. tilerec.recognize replaces itself with chord(tiles, merge), and the merge inherits the job's
-task id, so Flower's row for the job id ends as tilerec.merge; a tilerec.recognize that fails keeps its own row.
+batch tasks' task-progress on the job's row. tilerec.recognize replaces itself with chord(batches, merge), and the
+merge inherits the job's task id and arguments, so Flower's row for the job reads as the job from submit to result
+(its name ends as tilerec.merge); a tilerec.recognize that fails keeps its own row.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import pytest
 
 from pipeline.scenes import qr_scene
 from pipeline.tiling import grid
-from tasks import PROGRESS_STEPS, recognize
+from tasks import recognize
+from tasks.jobs import PROGRESS_STEPS
 from tasks.local import _die_with_parent, _stop, _wait, free_port
 from tests.conftest import IMAGES_ROOT
 from tests.scenes import assert_each_code_once
@@ -121,7 +123,7 @@ def jobs(flower, worker):
         tasks.clear()
         tasks.update(flower.json("/api/tasks"))
         rows = [t for t in tasks.values() if t["root_id"] == job.id and t["state"] == "SUCCESS"]
-        return len(rows) == result["tiling"]["tasks"] + 1 and tasks.get(refused.id, {}).get("state") == "FAILURE"
+        return len(rows) == result["tiling"]["batches"] + 1 and tasks.get(refused.id, {}).get("state") == "FAILURE"
 
     _wait(seen, 15, "flower to see the tasks' last events")
     return {"path": str(path), "job": job.id, "result": result, "refused": refused.id, "tasks": tasks}
@@ -136,25 +138,32 @@ def test_flower_shows_every_tilerec_task_with_small_readable_arguments(flower, j
             assert len(shown) < 2048, "arguments and results are shown small: references and windows, no pixels"
             assert not PIXELS.search(shown), shown
 
-    # tile tasks: one per worker process, each with the job's id and its number, readable
+    # batch tasks: one per batch, each with the job's id and its tile range, and a summary as its result
     tiles = [task for task in ours.values() if task["name"] == "tilerec.recognize_tiles"]
     windows_expected = grid(1280, 1920, 640, 0.2)
     batches = math.ceil(len(windows_expected) / 3)
-    assert result["tiling"]["batches"] == batches
-    assert len(tiles) == result["tiling"]["tasks"] == min(batches, worker.concurrency)
-    runners = []
+    assert len(tiles) == result["tiling"]["batches"] == batches
+    ranges = []
     for task in tiles:
-        assert (task["parent_id"], task["worker"]) == (job_id, worker.hostname)
-        job, runner = ast.literal_eval(task["args"])
+        assert (task["parent_id"], task["root_id"], task["worker"]) == (job_id, job_id, worker.hostname)
+        job, first, stop = ast.literal_eval(task["args"])
         assert job == job_id
-        runners.append(runner)
-    assert sorted(runners) == list(range(len(tiles)))
+        ranges.append((first, stop))
+        summary = ast.literal_eval(task["result"])
+        assert len(task["result"]) < 300
+        assert summary["tiles"] == stop - first and summary["failed"] == summary["skipped"] == 0
+        assert summary["seconds"] > 0
+    assert sorted(ranges) == [(n, min(n + 3, len(windows_expected))) for n in range(0, len(windows_expected), 3)]
+    codes_seen = sum(ast.literal_eval(task["result"])["detections"] for task in tiles)
+    assert codes_seen >= len(result["detections"]), "codes across seams are seen by two tiles, and merged"
 
-    # the job's own row: the merge that took over its id, with the result's summary first
+    # the job's own row: the merge that took over its id, with the job's own arguments and the result's summary
     merged = ours[job_id]
     assert (merged["name"], merged["state"]) == ("tilerec.merge", "SUCCESS")
+    assert list(ast.literal_eval(merged["args"])) == [jobs["path"], "qrcode"]
+    assert ast.literal_eval(merged["kwargs"]) == {"batch_size": 3}
     assert merged["result"].startswith("{'schema': 'tilerec/recognition@1', 'image': {'width': 1920, 'height': 1280")
-    assert f"'tiles': {len(windows_expected)}, 'batches': {batches}, 'tasks': {len(tiles)}" in merged["result"]
+    assert f"'tiles': {len(windows_expected)}, 'batches': {batches}" in merged["result"]
 
     # a refused job keeps its tilerec.recognize row: its arguments exactly as sent, and the error
     refused = ours[jobs["refused"]]
@@ -170,10 +179,10 @@ def test_flower_sees_sent_events_progress_events_and_the_worker(flower, jobs, wo
     assert flower.metric("flower_events_total", task="tilerec.recognize", type="task-sent", worker=client) == 2.0
     for name in NAMES:
         assert flower.metric("flower_events_total", task=name, type="task-started", worker=worker.hostname)
-    progress = flower.metric("flower_events_total", task="tilerec.recognize_tiles", type="task-progress",
+    # progress goes to the job's own row, named tilerec.recognize until the merge takes it over; it is reported
+    # when the job crosses another 1/PROGRESS_STEPS of its tiles: with fewer tiles, after every batch
+    progress = flower.metric("flower_events_total", task="tilerec.recognize", type="task-progress",
                              worker=worker.hostname)  # fmt: skip
-    # progress is reported when the job crosses another 1/PROGRESS_STEPS of its tiles: with fewer tiles, after every
-    # batch
     assert jobs["result"]["tiling"]["tiles"] <= PROGRESS_STEPS
     assert progress == jobs["result"]["tiling"]["batches"]
 
@@ -184,8 +193,38 @@ def test_flower_sees_sent_events_progress_events_and_the_worker(flower, jobs, wo
         return seen.get("stats", {}).get("total", {}).get("tilerec.recognize", 0) >= 2
 
     _wait(inspected, 20, "the worker's stats in flower")
-    assert {queue["name"] for queue in seen["active_queues"]} == {"tilerec", "tilerec.tiles"}
+    assert {queue["name"] for queue in seen["active_queues"]} == {"tilerec", "tilerec.tiles", "celery"}
     assert set(NAMES) <= set(seen["registered"])
+
+
+def test_flower_shows_a_running_jobs_progress_and_arguments_on_its_row(flower, worker):
+    """While the batches run, the job's row keeps the job's arguments and shows tiles done of total as its result
+    (custom event fields are shown nowhere else in Flower); at the end it holds the job's result."""
+    scene = qr_scene(3200, 1920, count=4, seed=9)
+    path = IMAGES_ROOT / "flower-slow.png"
+    cv2.imwrite(str(path), scene.image)
+    total = len(grid(1920, 3200, 640, 0.2))
+    job = recognize.delay(str(path), "tests.faulty:Slow", batch_size=2, seconds=0.2)
+    shown: list[tuple[str, str, str]] = []
+
+    def running() -> bool:
+        status, body = flower.get(f"/api/task/info/{job.id}")
+        if status == 200:
+            row = json.loads(body)
+            shown.append((row["state"], row["args"], row["result"] or ""))
+        return bool(shown) and shown[-1][0] == "PROGRESS" and shown[-1][2].endswith(f"/{total} tiles")
+
+    _wait(running, 60, "flower to show the job's progress")
+    _, args, progress = shown[-1]
+    assert list(ast.literal_eval(args)) == [str(path), "tests.faulty:Slow"]
+    done = int(progress.split("/")[0])
+    assert 0 < done < total
+    result = job.get(timeout=TIMEOUT)
+    assert_each_code_once(result["detections"], scene.truths)
+    _wait(lambda: flower.json(f"/api/task/info/{job.id}")["state"] == "SUCCESS", 15, "flower to see the job end")
+    row = flower.json(f"/api/task/info/{job.id}")
+    assert ast.literal_eval(row["kwargs"]) == {"batch_size": 2, "seconds": 0.2}
+    assert row["result"].startswith("{'schema': 'tilerec/recognition@1'")
 
 
 def test_flower_wants_credentials(flower, jobs):

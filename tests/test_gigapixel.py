@@ -213,11 +213,13 @@ def test_a_large_result_is_handed_back_by_reference(app, other_node, redis_serve
     assert fetch_result(whole) is whole  # a whole result passes through
 
 
-def test_the_merge_keeps_a_summary_of_its_arguments_not_every_detection(worker, tiled):
-    outcome = recognize.delay(tiled, "qrcode")
-    outcome.get(timeout=TIMEOUT)
-    summary, job_id = outcome.args
-    assert summary == f"<{len(grid(2000, 3000))} tile records>" and job_id == outcome.id
+def test_the_merge_carries_the_jobs_own_arguments_not_its_tile_records(worker, tiled):
+    """The merge reads the records from the store (claim check): its message, and its entry in the result backend,
+    hold the job's own image and options, whatever the job's size."""
+    outcome = recognize.delay(tiled, "qrcode", tile=512, min_score=0.1)
+    result = outcome.get(timeout=TIMEOUT)
+    assert result["tiling"]["batches"] > 1 and outcome.name == "tilerec.merge"
+    assert (list(outcome.args), outcome.kwargs) == ([tiled, "qrcode"], {"tile": 512, "min_score": 0.1})
 
 
 def inside(box, roi) -> bool:

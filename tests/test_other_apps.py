@@ -165,6 +165,18 @@ def test_another_celery_app_sends_by_name_and_chains_its_own_task(worker, other_
     assert report["linked"] == expected
 
 
+def test_a_plain_send_task_with_celerys_default_routing_is_taken_too(worker, redis_server, scene, scene_path):
+    """An app that routes nothing sends to Celery's default queue, `celery`: tilerec's workers take jobs from it."""
+    plain = Celery("plain", broker=redis_server.url, backend=redis_server.url, set_as_current=False)
+    try:
+        outcome = plain.send_task("tilerec.recognize", args=[scene_path, "qrcode"])
+        assert outcome.backend.get_task_meta(outcome.id)["status"] in ("PENDING", "STARTED", "PROGRESS", "SUCCESS")
+        result = outcome.get(timeout=TIMEOUT)
+    finally:
+        plain.close()
+    assert_each_code_once(result["detections"], scene.truths)
+
+
 def _metas(client) -> list[dict]:
     return [json.loads(client.get(key)) for key in client.scan_iter("celery-task-meta-*")]
 
@@ -194,16 +206,17 @@ def test_tiling_and_merging_on_one_queue_recognition_on_another(tmp_path, scene,
             tiles.stop()
         assert_each_code_once(result["detections"], scene.truths)
         metas = {meta["task_id"]: meta for meta in _metas(server.client())}
-    assert result["tiling"]["batches"] == math.ceil(len(grid(1280, 1920, 640, 0.2)) / 4)
-    tile_tasks = 1  # one per process of the tile workers
-    assert result["tiling"]["tasks"] == tile_tasks
+    batches = math.ceil(len(grid(1280, 1920, 640, 0.2)) / 4)
+    assert result["tiling"]["batches"] == batches
     # tilerec.recognize replaces itself with the chord, whose merge inherits the job's id and so its result entry;
-    # tile tasks store no result of their own (the chord carries their records), so that is the only entry
+    # each batch task has its own, on the tiles worker
     merged = metas.pop(job.id)
     assert (merged["name"], merged["worker"], merged["queue"]) == ("tilerec.merge", jobs.hostname, "acme.jobs")
-    assert metas == {}
+    assert [(m["name"], m["worker"], m["queue"], m["args"][0]) for m in metas.values()] == [
+        ("tilerec.recognize_tiles", tiles.hostname, "acme.gpu", job.id)
+    ] * batches
     jobs_log, tiles_log = logs["jobs"].read_text(), logs["tiles"].read_text()
     assert f"Task tilerec.recognize[{job.id}] received" in jobs_log
     assert jobs_log.count("Task tilerec.recognize_tiles[") == 0
-    assert tiles_log.count("Task tilerec.recognize_tiles[") >= 2 * tile_tasks  # received and succeeded
+    assert tiles_log.count("Task tilerec.recognize_tiles[") == 2 * batches  # received and succeeded
     assert "Task tilerec.recognize[" not in tiles_log and "Task tilerec.merge[" not in tiles_log

@@ -78,25 +78,32 @@ def test_a_killed_worker_process_loses_nothing_and_reports_nothing_twice(worker,
     assert tilerec_keys(redis_server) == []
 
 
-def test_a_process_killed_publishing_the_merge_does_not_strand_the_job(worker, redis_server, big_scene):
-    """The narrowest crash window of a chord: the last tile task's process claimed the chord's callback and died
-    before publishing it. Its batch comes back, and that redelivery must publish the merge once the dead claim
-    lapses (Celery 5.7 keeps it up to about 21 s), or the job would wait forever."""
-    from tests.faulty import DIE_PUBLISHING_THE_MERGE
+@pytest.mark.parametrize(
+    ("recognizer", "flag"),
+    [("DiesCountingItsChordPart", "DIE_COUNTING_A_CHORD_PART"), ("DiesPublishingTheMerge", "DIE_PUBLISHING_THE_MERGE")],
+)
+def test_a_process_killed_in_a_chords_last_steps_does_not_strand_the_job(
+    worker, redis_server, big_scene, recognizer, flag
+):
+    """The narrowest crash windows of a chord (tasks/chords.py): a batch task's process killed as it counts its
+    part for the chord (Celery has stored its SUCCESS then), or the last part's process killed after claiming the
+    chord's callback and before publishing it. The batch comes back and must count once, and publish the merge
+    once the dead claim lapses; either way with stock Celery the job would wait forever."""
+    import tests.faulty
 
     scene, path = big_scene
-    flag = IMAGES_ROOT / DIE_PUBLISHING_THE_MERGE
-    flag.touch()
+    flag_file = IMAGES_ROOT / getattr(tests.faulty, flag)
+    flag_file.touch()
     try:
-        job = submit(path, "tests.faulty:DiesPublishingTheMerge", batch_size=4)
+        job = submit(path, f"tests.faulty:{recognizer}", batch_size=4)
         try:
             result = job.get(timeout=TIMEOUT)
         except TimeoutError:
             log = Path(worker.log_file).read_text(errors="replace")[-4000:]
-            pytest.fail(f"job {job.id} never merged after its merge's publisher died; worker log tail:\n{log}")
-        assert not flag.exists(), "no process died publishing the merge: the test did not test anything"
+            pytest.fail(f"job {job.id} never merged after a process died in its chord; worker log tail:\n{log}")
+        assert not flag_file.exists(), "no process died: the test did not test anything"
     finally:
-        flag.unlink(missing_ok=True)
+        flag_file.unlink(missing_ok=True)
     assert_each_code_once(result["detections"], scene.truths)
     assert result["failed_tiles"] == []
     assert tilerec_keys(redis_server) == []
@@ -115,17 +122,23 @@ def test_cancel_stops_the_job_and_cleans_the_store(worker, redis_server, big_sce
     assert_keys_go(redis_server)
 
 
-def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_server, big_scene):
-    """Both tile tasks have started (each counted its delivery) when the job is cancelled: they look again between
-    tiles (every CANCEL_CHECK_S), so most of the job's tiles are never recognized."""
-    from tasks.store import job_key
+def running_batches(app, job_id: str) -> int:
+    """The job's batch tasks running now, as the workers say (celery inspect active)."""
+    active = app.control.inspect(timeout=1.0, limit=1).active() or {}  # the one worker answers for both
+    return sum(
+        task["name"] == "tilerec.recognize_tiles" and task["args"][0] == job_id
+        for tasks in active.values()
+        for task in tasks
+    )
 
+
+def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_server, big_scene, app):
+    """Both batch tasks are running when the job is cancelled: they look again between tiles (every
+    CANCEL_CHECK_S), so most of the job's tiles are never recognized."""
     _, path = big_scene
     tiles = len(grid(3000, 4000))
     job = submit(path, "tests.faulty:Slow", batch_size=tiles // 2)  # 2 tasks, over a second of sleep each
-    attempts = job_key(job.id, "attempts")
-    client = redis_server.client()
-    wait_for(lambda: sum(field != b"task:tiling" for field in client.hkeys(attempts)) == 2)
+    wait_for(lambda: running_batches(app, job.id) == 2, step=0.1)
     job.cancel()
     with pytest.raises(Exception) as raised:
         job.get(timeout=TIMEOUT)
@@ -346,9 +359,14 @@ def tile_tasks_ended(log_file: str) -> list[float]:
     ]
 
 
-def test_a_node_stopped_with_sigterm_hands_its_work_back(tmp_path, big_scene):
-    """Warm shutdown mid-job: the node's tile task finishes its batch and hands the batches left to a new task for
-    the other node, instead of keeping the node up until the job is done."""
+def records_of(server: RedisServer) -> int:
+    """Tiles recognized so far by the one job on `server`."""
+    return max((server.client().hlen(key) for key in server.client().scan_iter("tilerec:job:*:records")), default=0)
+
+
+def test_a_node_stopped_with_sigterm_finishes_its_batch_and_leaves_the_rest(tmp_path, big_scene):
+    """Warm shutdown mid-job: the node finishes the batch it runs and stops; the other node takes the batches left,
+    so the stopped node is gone long before the job is done."""
     scene, path = big_scene
     with RedisServer() as server:
         env = slow_workers_env(server)
@@ -356,53 +374,31 @@ def test_a_node_stopped_with_sigterm_hands_its_work_back(tmp_path, big_scene):
         second = Worker(server.url, 1, env=env, log_file=str(tmp_path / "second.log")).start()
         try:
             client = job_client(server.url, path, "tests.faulty:Slow", batch_size=1)
-            progress = server.client()
-            # both nodes run a tile task (the first one may have decoded the PNG before): two tasks have claims
-            wait_for(lambda: any(len(set(progress.hvals(k))) == 2 for k in progress.scan_iter("tilerec:job:*:claims")))
+            wait_for(lambda: tile_tasks_ended(first.log_file) and tile_tasks_ended(second.log_file))
             first.process.send_signal(signal.SIGTERM)
             assert first.process.wait(60) == 0
             output, _ = client.communicate(timeout=120)
             assert_each_code_once(json.loads(output.splitlines()[-1])["detections"], scene.truths)
-            assert list(progress.scan_iter("tilerec:job:*")) == []
-            # the stopped node's one tile task handed over while the job had much work left (about 2 s of its 2.4 s
-            # when the signal came); had it claimed batches until none was left, it would have ended with the job
-            ended = tile_tasks_ended(first.log_file)
-            assert len(ended) == 1 and max(tile_tasks_ended(second.log_file)) - ended[0] > 0.5
+            assert list(server.client().scan_iter("tilerec:job:*")) == []
+            # 48 tiles of 0.05 s: the stopped node ended about 1 s before the job, the other node went on alone
+            assert max(tile_tasks_ended(second.log_file)) - max(tile_tasks_ended(first.log_file)) > 0.5
         finally:
             first.stop()
             second.stop()
 
 
-def test_a_long_tile_task_hands_its_job_over_to_a_new_one(tmp_path, big_scene):
-    """TILEREC_TASK_HANDOVER_S bounds how long a tile task runs (what a crash would redo): past it, the task adds a
-    successor to the job's chord, which takes the batches left. The job comes out whole, each tile once."""
-    scene, path = big_scene
-    log = tmp_path / "worker.log"
-    with RedisServer() as server:
-        with Worker(server.url, 2, env=slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.3"), log_file=str(log)):
-            output, _ = job_client(server.url, path, "tests.faulty:Slow", batch_size=2).communicate(timeout=120)
-        assert list(server.client().scan_iter("tilerec:job:*")) == []
-    result = json.loads(output.splitlines()[-1])
-    assert_each_code_once(result["detections"], scene.truths)
-    assert (result["failed_tiles"], result["tiling"]["tasks"]) == ([], 2)
-    # 48 tiles at 0.05 s on 2 processes, handing over every 0.3 s: about 8 tile tasks ran, not 2
-    ran = log.read_text().count("Task tilerec.recognize_tiles[") // 2  # received and succeeded, each
-    assert ran >= 6, ran
-
-
-def test_a_worker_that_joins_mid_job_takes_part_from_the_next_handover(tmp_path, big_scene):
-    """The job starts with the one live process's tile task. A second node joins; at the next handover (every
-    0.3 s here) the job grows a tile task for it, and both recognize the rest at once."""
+def test_a_worker_that_joins_mid_job_takes_the_next_batches(tmp_path, big_scene):
+    """The job starts on the one live process. A second node joins and takes the next queued batches: both
+    recognize the rest at once."""
     scene, path = big_scene
     with RedisServer() as server:
-        env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.3")
+        env = slow_workers_env(server)
         first = Worker(server.url, 1, env=env, log_file=str(tmp_path / "first.log")).start()
         second = Worker(server.url, 1, env=env, log_file=str(tmp_path / "second.log"))
         try:
             # 48 tiles of 0.15 s: over 7 s on one process, time enough for a worker to start
             client = job_client(server.url, path, "tests.faulty:Slow", batch_size=1, seconds=0.15)
-            progress = server.client()
-            wait_for(lambda: any(int(progress.get(k) or 0) >= 2 for k in progress.scan_iter("tilerec:job:*:done")))
+            wait_for(lambda: records_of(server) >= 2)
             second.start()
             output, _ = client.communicate(timeout=120)
         finally:
@@ -411,9 +407,8 @@ def test_a_worker_that_joins_mid_job_takes_part_from_the_next_handover(tmp_path,
     result = json.loads(output.splitlines()[-1])
     assert_each_code_once(result["detections"], scene.truths)
     assert result["failed_tiles"] == []
-    assert result["tiling"]["tasks"] == 2, "the job did not grow a tile task for the node that joined"
-    # both nodes recognized at once, not in turn (a successor alone may land on either node): a node's own tile
-    # tasks never overlap, so the overlaps of theirs with the other's add up to the time both were at work
+    # both nodes recognized at once, not in turn: a node's own batch tasks never overlap, so the overlaps of
+    # theirs with the other's add up to the time both were at work
     on_first, on_second = tile_task_spans(first.log_file), tile_task_spans(second.log_file)
     together = sum(max(0.0, min(a[1], b[1]) - max(a[0], b[0])) for a in on_first for b in on_second)
     assert together > 1.0, f"the two nodes recognized at once for {together:.2f} s only"
@@ -425,33 +420,36 @@ def tile_task_spans(log_file: str) -> list[tuple[float, float]]:
     return [(span.start, span.end) for span in spans if span.task == "tilerec.recognize_tiles" and span.start]
 
 
-def test_a_small_job_does_not_wait_for_a_big_one_to_finish(tmp_path, big_scene):
-    """One worker process, busy with a big job: its tile task hands over every TILEREC_TASK_HANDOVER_S (0.3 s) to a
-    successor at the back of the queue, so a one-tile job submitted meanwhile is done within about that, not after
-    the big job's remaining 2 s and more (48 tiles of 0.05 s)."""
+@pytest.mark.parametrize("small_batches", [1, 3])
+def test_a_small_job_does_not_wait_for_a_big_one_to_finish(tmp_path, big_scene, small_batches):
+    """One worker process, busy with a big job of 48 batches: a small job submitted meanwhile is done long before
+    the big job's remaining 2 s and more (48 tiles of 0.05 s). A job of one batch is recognized in its tiling task,
+    which is taken before the big job's later batches; a small job's batches overtake them (celeryconfig's
+    priorities)."""
     _, path = big_scene
-    small = small_qr_image("small-behind-big.png", "small job")
+    small = small_qr_image("small-behind-big.png", "small job")  # 2 rows of 3 tiles
     with RedisServer() as server:
-        env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.3")
         caller = caller_app(server.url)
         try:
-            with Worker(server.url, 1, env=env, log_file=str(tmp_path / "worker.log")):
+            with Worker(server.url, 1, env=slow_workers_env(server), log_file=str(tmp_path / "worker.log")):
                 big = caller.send_task(
                     "tilerec.recognize", args=[path, "tests.faulty:Slow"], kwargs={"batch_size": 1}, queue="tilerec"
                 )
-                progress = server.client()
-                wait_for(lambda: any(int(progress.get(k) or 0) >= 2 for k in progress.scan_iter("tilerec:job:*:done")))
+                wait_for(lambda: records_of(server) >= 2)
                 submitted = time.monotonic()
-                result = caller.send_task("tilerec.recognize", args=[small, "qrcode"], queue="tilerec").get(timeout=60)
+                options = {"batch_size": len(grid(900, 1200)) // small_batches}
+                result = caller.send_task("tilerec.recognize", args=[small, "qrcode"], kwargs=options, queue="tilerec")
+                result = result.get(timeout=60)
                 waited = time.monotonic() - submitted
                 assert not big.ready()
                 finished = big.get(timeout=120)
         finally:
             caller.close()
     assert [d["text"] for d in result["detections"]] == ["small job"]
+    assert result["tiling"]["batches"] == small_batches
     assert waited < 1.5, f"the small job took {waited:.2f} s: it waited for the big one"
     assert finished["failed_tiles"] == []
-    # one tile worker process: it could only recognize after the decoding, so the PNG was decoded whole (cheaper)
+    # one worker process: it could only recognize after the decoding, so the PNG was decoded whole (cheaper)
     assert "streamed_decode_s" not in finished["timings"]
 
 
@@ -570,12 +568,13 @@ def test_a_png_is_recognized_while_its_rows_are_still_decoding(worker, redis_ser
     scene, path = big_scene
     job = submit(Path(path).read_bytes(), "qrcode", batch_size=1)  # through a redis: reference, like a client
     client = redis_server.client()
-    ready, done = (f"tilerec:job:{job.id}:{part}" for part in ("ready", "done"))
-    batches = len(grid(3000, 4000))  # one tile each
+    ready, records = (f"tilerec:job:{job.id}:{part}" for part in ("ready", "records"))
+    tiles = len(grid(3000, 4000))
     overlapped = []
     while not job.result.ready():
-        now_ready, now_done = client.mget(ready, done)
-        if now_ready is not None and int(now_done or 0) > 0 and int(now_ready) < batches:
+        with client.pipeline(transaction=False) as pipe:
+            now_ready, now_done = pipe.get(ready).hlen(records).execute()
+        if now_ready is not None and now_done > 0 and int(now_ready) < tiles:
             overlapped.append((now_done, now_ready))
         time.sleep(0.002)
     result = job.get(timeout=TIMEOUT)
@@ -590,30 +589,36 @@ def test_a_streamed_png_is_cut_into_batches_within_rows_of_tiles(worker, redis_s
     reached into the next row would keep its task waiting while it had tiles to recognize."""
     scene, path = big_scene
     job = recognize.delay(path, "qrcode")
-    client, described = redis_server.client(), None
-    while described is None and not job.ready():
-        described = client.get(f"tilerec:job:{job.id}:job")
-        time.sleep(0.002)
     result = job.get(timeout=TIMEOUT)
     assert_each_code_once(result["detections"], scene.truths)
     assert result["timings"]["streamed_decode_s"] > 0
-    assert described is not None, "the job's description was never seen"
     row_of = {window.index: window.y for window in grid(3000, 4000)}  # 6 rows of 8 tiles
-    spans = json.loads(described)["batches"]
+    spans = batch_ranges(redis_server, job.id)
+    assert len(spans) == result["tiling"]["batches"] > 6
     assert [first for first, _ in spans] == [0] + [stop for _, stop in spans[:-1]] and spans[-1][1] == 48
     assert all(row_of[first] == row_of[stop - 1] for first, stop in spans), spans
     assert tilerec_keys(redis_server) == []
 
 
+def batch_ranges(server: RedisServer, job_id: str) -> list[tuple[int, int]]:
+    """The tile ranges of the job's batch tasks, from their results (result_extended keeps each task's args)."""
+    client = server.client()
+    metas = [json.loads(client.get(key)) for key in client.scan_iter("celery-task-meta-*")]
+    return sorted(
+        (meta["args"][1], meta["args"][2])
+        for meta in metas
+        if meta.get("name") == "tilerec.recognize_tiles" and meta["args"][0] == job_id
+    )
+
+
 def test_a_stream_that_outlives_its_merge_deletes_all_it_wrote(redis_server):
     """A cancelled job's merge can run while its tiling task still stores tiles: whatever the tiling task writes
-    after that (tiles, the ready count, the wake list, the last batch's decoding times) it deletes."""
+    after that (tiles, the ready count, the decoding times) it deletes."""
     from tasks import store
 
     client, job_id = redis_server.client(), "outlived-by-its-stream"
-    windows = grid(1300, 1300)  # 3 rows of 3 tiles, a batch each
-    store.start_stream(client, job_id, len(windows), 60)
-    store.put_job(client, job_id, {"id": job_id}, 60)
+    windows = grid(1300, 1300)  # 3 rows of 3 tiles
+    store.put_job(client, job_id, "{}", len(windows), 60, streamed=True)
 
     def decoded():
         for window in windows:
@@ -621,7 +626,7 @@ def test_a_stream_that_outlives_its_merge_deletes_all_it_wrote(redis_server):
                 store.delete_job(client, job_id, len(windows))  # the merge ran (the job was cancelled)
             yield window, np.full((window.height, window.width), 7, np.uint8)
 
-    assert store.stream_tiles(client, job_id, decoded(), [3, 6, 9], waiters=2, ttl=60) is False
+    assert store.put_tiles(client, job_id, decoded(), ttl=60, rows={3, 6, 9}) is False
     assert tilerec_keys(redis_server) == []
 
 
@@ -667,7 +672,7 @@ def tiling_and_tile_nodes(tmp_path: Path, tile_processes: int = 2) -> Iterator[t
     """A tiling node of one process (the jobs queue only) beside a tile node: the tiling process can be killed
     while it decodes a streamed PNG, and a PNG is streamed, since the tile processes are not the tiling one."""
     with RedisServer() as server:
-        env = slow_workers_env(server, TILEREC_TASK_HANDOVER_S="0.5")
+        env = slow_workers_env(server)
         caller = caller_app(server.url)
         tiling = Worker(server.url, 1, queues=["tilerec"], env=env, log_file=str(tmp_path / "tiling.log"))
         tiles = Worker(

@@ -75,9 +75,9 @@ def ping(url: str, what: str, timeout: float = PING_TIMEOUT_S) -> None:
 
 def configure_app(broker: str, backend: str, store_url: str) -> None:
     """Point this process's Celery app (which reads celeryconfig lazily) at the cluster before anything is sent."""
-    from tasks import app
+    from tasks.celery import configure
 
-    app.conf.update(
+    configure(
         broker_url=broker,
         result_backend=backend,
         tilerec_store_url=store_url,

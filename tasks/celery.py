@@ -1,0 +1,107 @@
+"""tilerec's Celery app, configured from celeryconfig; its own settings, read once per process; its worker processes'
+set-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from pipeline import images
+from pipeline.memory import keep_freed_buffers
+from pipeline.recognizers import limit_threads, restrict_file_params
+from tasks import store
+
+app = Celery("tilerec")
+app.config_from_object("celeryconfig")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """celeryconfig's tilerec_* settings, typed (their meanings are documented there and in docs/configuration.md)."""
+
+    store_url: str
+    tile_ttl: int
+    max_pixels: int
+    allowed_roots: tuple[Path, ...]
+    model_roots: tuple[Path, ...]
+    shared_storage: bool
+    result_inline_max_bytes: int
+    result_expires: int
+    batch_target_ms: float
+    min_batches: int
+    threads_per_process: int
+    keep_freed_buffers: bool
+
+    @classmethod
+    def of(cls, conf: Any) -> Settings:
+        return cls(
+            store_url=conf.tilerec_store_url,
+            tile_ttl=int(conf.tilerec_tile_ttl),
+            max_pixels=int(conf.tilerec_max_pixels),
+            allowed_roots=tuple(images.allowed_roots_from_env(conf.tilerec_allowed_roots)),
+            model_roots=tuple(images.allowed_roots_from_env(conf.tilerec_model_roots)),
+            shared_storage=bool(conf.tilerec_shared_storage),
+            result_inline_max_bytes=int(conf.tilerec_result_inline_max_bytes),
+            result_expires=int(conf.result_expires or 0),
+            batch_target_ms=float(conf.tilerec_batch_target_ms),
+            min_batches=int(conf.tilerec_min_batches),
+            threads_per_process=int(conf.tilerec_threads_per_process),
+            keep_freed_buffers=bool(conf.tilerec_keep_freed_buffers),
+        )
+
+
+_settings: Settings | None = None
+
+
+def settings() -> Settings:
+    """This process's settings, read from the app's configuration on first use."""
+    global _settings
+    if _settings is None:
+        _settings = Settings.of(app.conf)
+    return _settings
+
+
+def configure(**changes: Any) -> None:
+    """Change this process's configuration (Celery's settings and tilerec_* ones): a CLI pointing at its cluster, a
+    test at its Redis. The one way to do so once anything was read."""
+    global _settings
+    app.conf.update(**changes)
+    _settings = None
+
+
+def store_client() -> redis.Redis:
+    return store.connect(settings().store_url)
+
+
+_worker: Any = None
+
+
+@signals.worker_init.connect
+def _remember_worker(sender: Any = None, **_: Any) -> None:
+    global _worker
+    _worker = sender
+
+
+def pool_size() -> int:
+    """The worker processes of this node (1 outside a worker)."""
+    return int(getattr(_worker, "concurrency", None) or 1)
+
+
+def others_recognize() -> bool:
+    """Other processes than this one recognize tiles: this node has more, or takes no tiles itself (`-Q`)."""
+    return pool_size() > 1 or (_worker is not None and app.conf.tiles_queue not in app.amqp.queues.consume_from)
+
+
+@signals.worker_process_init.connect
+def _set_up_process(**_: Any) -> None:
+    """processes × threads = cores (OpenCV would give every worker process all the cores); files named in messages
+    confined to the model folders; freed tile buffers kept (pipeline/memory.py)."""
+    limit_threads(settings().threads_per_process or max(1, (os.cpu_count() or 1) // pool_size()))
+    restrict_file_params(settings().model_roots)
+    if settings().keep_freed_buffers:
+        keep_freed_buffers()

@@ -1,0 +1,416 @@
+"""A job's three kinds of task, plain Celery tasks on Celery's own canvas:
+
+tilerec.recognize(image, recognizer, **options)   resolves the image, plans the tiles and their batches, stores the
+                                                  tiles (unless the workers read a shared TIFF themselves) and the
+                                                  job's description, then becomes chord(batch tasks, merge); a job
+                                                  of one batch is recognized right there
+tilerec.recognize_tiles(job_id, first, stop)      recognizes tiles [first, stop) and stores their records
+tilerec.merge(image, recognizer, **options)       runs under the job's id with the job's own arguments (what a
+                                                  monitor shows), and merges the records into the Recognition
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property, partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from celery import chord, group
+from celery.exceptions import Ignore
+
+from pipeline import images, sources, streaming
+from pipeline.inference import (
+    TileOutcome,
+    assemble,
+    blank,
+    compact,
+    compact_bands,
+    measured_tile_cost,
+    plan,
+    recognize_window,
+    windows_of,
+)
+from pipeline.options import JobOptions, parse_options
+from pipeline.recognizers import get_spec, thread_budget
+from pipeline.sources import FileRef
+from pipeline.tiling import Window
+from tasks import store
+from tasks.celery import app, others_recognize, settings, store_client
+
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many times fails instead of coming back
+CANCEL_CHECK_S = 0.25  # a running batch looks for a cancel this often (a round trip each)
+STREAM_POLL_S = 0.02  # a batch waiting for a streamed PNG's rows looks this often
+STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when no row came for this long
+PROGRESS_STEPS = 50  # a job reports its progress at most this many times
+_DIED = f"the worker process died all {MAX_ATTEMPTS}"
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled before it finished."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as its tiling task planned it: what its batch tasks and merge read from the store."""
+
+    id: str
+    image: str  # as the caller gave it
+    width: int
+    height: int
+    options: JobOptions
+    batches: int
+    channels: int  # of the tiles in the store (1: grey, for grey-only recognizers)
+    started: float  # time.time() when the tiling task began
+    timings: dict[str, float] = field(default_factory=dict)  # the tiling task's load, decode and store
+    level: int = 0
+    downsample: float = 1.0
+    file: FileRef | None = None  # batch tasks read their own windows of this shared file; None: from the store
+    streamed: bool = False  # a PNG the tiling task decodes band by band once the chord is published
+
+    @cached_property
+    def windows(self) -> list[Window]:
+        return windows_of(self.height, self.width, self.options)
+
+    @property
+    def tiles(self) -> int:
+        return len(self.windows)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        data = json.loads(text)
+        file = data.pop("file")
+        options = JobOptions.from_json(data.pop("options"))
+        return cls(**data, options=options, file=FileRef.from_json(file) if file else None)
+
+
+def batch_priority(number: int) -> int:
+    """A job's n-th batch goes at level 1 + log2(n + 1), at most 9 (0 is taken first)."""
+    return min(9, 1 + number.bit_length())
+
+
+@app.task(name="tilerec.recognize", bind=True)
+def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) -> Any:
+    client, job_id, started = store_client(), self.request.id, time.time()
+    redelivered = bool(self.request.delivery_info.get("redelivered"))
+    attempts = 1 + (store.count_attempt(client, job_id, "tiling", settings().tile_ttl) if redelivered else 0)
+    with contextlib.suppress(LookupError):
+        if redelivered and (earlier := Job.from_json(store.get_job(client, job_id))).streamed:
+            _decode_streamed(client, earlier, attempts)  # its process died decoding: the chord runs already
+            raise Ignore("the job's chord was published by an earlier delivery; its merge gives the job's result")
+    try:
+        if attempts > MAX_ATTEMPTS:
+            raise images.ImageError(f"gave up on {image!r}: {_DIED} times it read it")
+        if store.is_cancelled(client, job_id):
+            raise JobCancelled(f"job {job_id} was cancelled")
+        target = _resolve(image)
+        job, spans, outcomes = _start(client, job_id, image, target, parse_options(recognizer, options), started,
+                                      redelivered)  # fmt: skip
+        if outcomes is not None:  # one batch: recognized right here, a chord would only add its round trips
+            return _finish(client, job, outcomes)
+    except BaseException:
+        store.delete_job(client, job_id)  # a job refused or failed while tiling leaves nothing behind
+        raise
+    header = group(
+        recognize_tiles.si(job_id, first, stop).set(priority=batch_priority(number))
+        for number, (first, stop) in enumerate(spans)
+    )
+    try:
+        return self.replace(chord(header, merge.si(image, recognizer, **options)))
+    except Ignore:  # the chord is published: its batch tasks recognize each row of a streamed PNG once stored
+        if job.streamed:
+            _decode_streamed(client, job, attempts, target)
+        raise
+
+
+def _start(
+    client: redis.Redis,
+    job_id: str,
+    image: str,
+    target: Path | bytes,
+    options: JobOptions,
+    started: float,
+    redelivered: bool,
+) -> tuple[Job, list[tuple[int, int]], list[TileOutcome] | None]:
+    """Plan the job of `image` (resolved to `target`) and store it: its description, and its tiles unless the
+    batch tasks read a shared file or the PNG is streamed once the chord is published. Returns the job, its batches
+    as [first, stop) tile ranges and, for a job of one batch, its tiles' outcomes (recognized here)."""
+    channels = 1 if get_spec(options.recognizer).grey else 3
+    layout = _streamable(target, options)
+    if layout is not None:
+        spans = _spans(client, options, layout.height, layout.width, row_by_row=True)
+        if len(spans) > 1:
+            timings = {"load_s": time.time() - started, "decode_s": 0.0, "store_s": 0.0}
+            job = Job(job_id, image, layout.width, layout.height, options, len(spans),
+                      min(channels, layout.channels), started, timings, streamed=True)  # fmt: skip
+            store.put_job(client, job_id, job.to_json(), job.tiles, settings().tile_ttl, streamed=True)
+            return job, spans, None
+    loaded = time.time()
+    source = sources.open_source(target, options.level, settings().max_pixels, options.roi, thread_budget())
+    with contextlib.closing(source):
+        decoded = time.time()
+        spans = _spans(client, options, source.height, source.width)
+        shared = source.windowed and settings().shared_storage and isinstance(target, Path)
+        job = Job(job_id, image, source.width, source.height, options, len(spans),
+                  min(channels, source.channels), started, {"load_s": loaded - started, "decode_s": decoded - loaded},
+                  source.level, source.downsample, FileRef.of(target, options.level) if shared else None)  # fmt: skip
+        if len(spans) == 1:
+            return job, spans, _recognize(client, job, job.windows, source.read, redelivered)
+        if job.file is None:
+            tiles = ((window, _storable(source.read(window), options)) for window in job.windows)
+            store.put_tiles(client, job_id, tiles, settings().tile_ttl)
+    if store.is_cancelled(client, job_id):
+        raise JobCancelled(f"job {job_id} was cancelled")
+    job = replace(job, timings={**job.timings, "store_s": time.time() - decoded})
+    store.put_job(client, job_id, job.to_json(), job.tiles, settings().tile_ttl)
+    return job, spans, None
+
+
+def _resolve(image: Any) -> Path | bytes:
+    """What the message names, checked once: a path confined to the allowed roots, or bytes from the store."""
+    if not isinstance(image, str) or not image:
+        raise images.ImageError(f"image must be a file path or a redis: reference (a string), got {image!r}")
+    if image.startswith(store.REF_SCHEME):
+        return store.get_bytes(store_client(), image)
+    if "://" in image:
+        raise images.ImageError(
+            f"{image!r}: images are not fetched from URLs (workers would fetch for anyone who can publish); "
+            "store the bytes with tasks.client.put_image and pass its redis: reference"
+        )
+    return images.confine(image, settings().allowed_roots)
+
+
+def _streamable(target: Path | bytes, options: JobOptions) -> streaming.PngLayout | None:
+    """The layout of a PNG to decode band by band while other processes recognize its first rows; None: decode it
+    whole (any other image; or a node of one process that takes tiles too: it could only recognize afterwards)."""
+    if options.level != 0 or not others_recognize():
+        return None
+    if isinstance(target, bytes):
+        head, tail = target[: streaming.HEAD_BYTES], target[-32:]
+    else:
+        with images.file_errors(str(target)), open(target, "rb") as handle:
+            head = handle.read(streaming.HEAD_BYTES)
+            handle.seek(max(0, handle.seek(0, 2) - 32))
+            tail = handle.read()
+    layout = streaming.streamable_png(head)
+    if layout is not None:
+        images.check_pixels(layout.width, layout.height, settings().max_pixels)
+        images.check_complete(head[: len(streaming.PNG_SIGNATURE)] + tail)
+    return layout
+
+
+def _spans(
+    client: redis.Redis, options: JobOptions, height: int, width: int, row_by_row: bool = False
+) -> list[tuple[int, int]]:
+    """The job's batches as [first, stop) tile ranges, sized from what tiles cost this recognizer in earlier jobs."""
+    measured = store.get_tile_cost(client, options.recognizer, options.params)
+    planned = plan(height, width, options, measured, settings().batch_target_ms, settings().min_batches,
+                   row_by_row=row_by_row)  # fmt: skip
+    return [(batch[0].index, batch[-1].index + 1) for batch in planned]
+
+
+def _storable(tile: np.ndarray, options: JobOptions) -> np.ndarray | None:
+    """What the store keeps of a tile: None for a blank one (skip_blank), else the channels the recognizer reads."""
+    return None if blank(tile, options) else compact(tile, options)
+
+
+def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path | bytes | None = None) -> None:
+    """Decode the job's PNG (`target`, or resolved again) band by band and store each row of tiles as soon as it is
+    decoded; a failure is stored for the waiting batch tasks and the merge (which fails the job with it)."""
+    try:
+        if attempts > MAX_ATTEMPTS:
+            raise images.ImageError(f"gave up on {job.image!r}: {_DIED} times it decoded it")
+        target = _resolve(job.image) if target is None else target
+        data = target if isinstance(target, bytes) else target.read_bytes()
+        layout = streaming.streamable_png(data[: streaming.HEAD_BYTES])
+        if layout is None or (layout.width, layout.height) != (job.width, job.height):
+            raise images.ImageError(f"{job.image!r} changed while the job was being planned; submit it again")
+        bands = compact_bands(streaming.decode_png_bands(data, layout, threads=thread_budget()), job.options)
+        tiles = ((w, _storable(tile, job.options)) for w, tile in streaming.tiles_from_bands(bands, job.windows))
+        rows = {w.index + 1 for w, after in itertools.pairwise([*job.windows, None]) if after is None or after.y != w.y}
+        store.put_tiles(client, job.id, tiles, settings().tile_ttl, rows)
+    except Exception as error:
+        reason = str(error) if isinstance(error, images.ImageError) else f"{type(error).__name__}: {error}"
+        client.set(store.job_key(job.id, "failed"), reason, ex=settings().tile_ttl)
+
+
+class _Jobs(OrderedDict):
+    """Job descriptions this worker process has read: a job's batches land on the same processes again and again,
+    and a description never changes once stored."""
+
+    def get_job(self, client: redis.Redis, job_id: str) -> Job:
+        if job_id not in self:
+            self[job_id] = Job.from_json(store.get_job(client, job_id))
+            while len(self) > 16:
+                self.popitem(last=False)
+        return self[job_id]
+
+
+_jobs = _Jobs()
+_open_files = sources.SourceCache()  # per worker process: batch tasks of a job share one open TIFF
+
+
+@app.task(
+    name="tilerec.recognize_tiles", bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5,
+    track_started=False,
+)  # fmt: skip
+def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> dict[str, Any]:
+    """Recognize the job's tiles [first, stop) and store their records; returns a summary for monitors.
+
+    A tile's own failure is recorded, not raised (the merge still runs, to clean up and say which region failed);
+    store outages are raised and retried with backoff; a redelivered batch counts its tiles' crashes."""
+    client = store_client()
+    job = _jobs.get_job(client, job_id)
+    if job.streamed:
+        _wait_for_rows(self, client, job, stop)
+    windows = job.windows[first:stop]
+    read = _StoredTiles(client, job, windows) if job.file is None else partial(_read_shared, job.file)
+    outcomes = _recognize(client, job, windows, read, bool(self.request.delivery_info.get("redelivered")))
+    records = {o.index: json.dumps(o.to_json()) for o in outcomes}
+    done = store.put_records(client, job_id, records, settings().tile_ttl) if records else None
+    if done is not None:
+        _report_progress(self, job, done, len(records))
+    return {
+        "tiles": stop - first,
+        "skipped": sum(o.detections is None and o.error is None for o in outcomes),
+        "failed": sum(o.error is not None for o in outcomes),
+        "detections": sum(len(o.detections) for o in outcomes if o.detections is not None),
+        "seconds": round(sum(o.seconds for o in outcomes), 3),
+    }
+
+
+def _read_shared(file: FileRef, window: Window) -> np.ndarray:
+    """A window of the shared file, opened once per process (its path confined then, as for the tiling task)."""
+    return _open_files.get(file, check=lambda path: images.confine(path, settings().allowed_roots)).read(window)
+
+
+class _StoredTiles:
+    """A batch's tiles from the store, fetched a few at a time in the order they are recognized."""
+
+    def __init__(self, client: redis.Redis, job: Job, windows: list[Window]) -> None:
+        self.client, self.job, self.windows = client, job, windows
+        self.fetched: dict[int, np.ndarray | None] = {}
+
+    def __call__(self, window: Window) -> np.ndarray | None:
+        if window.index not in self.fetched:
+            start = self.windows.index(window)
+            chunk = self.windows[start : start + store.READ_EVERY]
+            tiles = store.get_tiles(self.client, self.job.id, chunk, self.job.channels)
+            self.fetched = {w.index: tile for w, tile in zip(chunk, tiles, strict=True)}
+        return self.fetched.pop(window.index)
+
+
+def _wait_for_rows(task: Any, client: redis.Redis, job: Job, stop: int) -> None:
+    """Wait until a streamed PNG's tiles up to `stop` are stored, its decoding failed, or the job was cancelled.
+    A decoding that stalls (its process may have died, and its redelivery needs a process) gets this one back."""
+    seen, since = -1, time.monotonic()
+    while True:
+        ready, failed, cancelled = store.stream_state(client, job.id)
+        if ready is None or ready >= stop or failed or cancelled:
+            return
+        if ready > seen:
+            seen, since = ready, time.monotonic()
+        elif time.monotonic() - since > STREAM_STALL_S:
+            raise task.retry(countdown=1, max_retries=10**6)
+        time.sleep(STREAM_POLL_S)
+
+
+def _recognize(
+    client: redis.Redis, job: Job, windows: list[Window], read: Callable[[Window], Any], careful: bool
+) -> list[TileOutcome]:
+    """The windows' outcomes, in order, until the job is cancelled (looked at every CANCEL_CHECK_S).
+
+    `careful`: the batch's process died before, so each tile's attempts are counted and a tile that kills its
+    process every time ends as a failed tile instead of an endless redelivery (the first delivery is not counted,
+    hence MAX_ATTEMPTS - 1)."""
+    outcomes: list[TileOutcome] = []
+    cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
+    judge_blank = not isinstance(read, _StoredTiles)  # stored tiles were judged when stored (blank: None)
+    for window in windows:
+        if time.monotonic() - checked > CANCEL_CHECK_S:
+            cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
+        if cancelled:
+            break
+        name = f"tile:{window.index}"
+        if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
+            outcomes.append(TileOutcome(window.index, error=f"gave up: {_DIED} times it ran this tile"))
+            continue
+        outcomes.append(
+            recognize_window(read, window, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
+        )
+        if careful:
+            store.clear_attempts(client, job.id, name)
+    return outcomes
+
+
+def _report_progress(task: Any, job: Job, done: int, tiles: int) -> None:
+    """When the job passed another 1/PROGRESS_STEPS of its tiles: an event on the job's own row for monitors
+    (Flower shows its `result`), and the job's state PROGRESS in the result backend for any app's AsyncResult."""
+    if done * PROGRESS_STEPS // job.tiles == (done - tiles) * PROGRESS_STEPS // job.tiles and done < job.tiles:
+        return
+    done = min(done, job.tiles)
+    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
+        dispatcher.send("task-progress", uuid=job.id, done=done, total=job.tiles, result=f"{done}/{job.tiles} tiles")
+    task.backend.store_result(job.id, {"done": done, "total": job.tiles}, "PROGRESS")
+
+
+@app.task(name="tilerec.merge", bind=True)
+def merge(self: Any, image: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
+    """The job's tile records, read from the store, merged into its Recognition. It runs under the job's id (the
+    chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor."""
+    client = store_client()
+    job = Job.from_json(store.get_job(client, self.request.id))
+    return _finish(client, job, [TileOutcome.from_json(record) for record in store.get_records(client, job.id)])
+
+
+def _finish(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> dict[str, Any]:
+    """The job's result from its tiles' outcomes; its keys go last, whatever the outcome."""
+    try:
+        timings = dict(job.timings)
+        if store.is_cancelled(client, job.id):
+            done = sum(outcome.error is None for outcome in outcomes)
+            raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.tiles} tiles had been recognized)")
+        if job.streamed:
+            _, failed, _ = store.stream_state(client, job.id)
+            if failed is not None:
+                raise images.ImageError(failed)
+            spent = client.hgetall(store.job_key(job.id, "stream"))
+            timings.update({f"streamed_{k.decode()}": float(v) for k, v in spent.items()})
+        recognition = assemble(outcomes, job.windows, job.options, job.width, job.height, job.started,
+                               source=job.image, level=job.level, downsample=job.downsample, batches=job.batches,
+                               timings=timings)  # fmt: skip
+        cost = measured_tile_cost([o.seconds for o in outcomes if o.detections is not None], job.height, job.width,
+                                  job.options)  # fmt: skip
+        if cost is not None:
+            store.record_tile_cost(client, job.options.recognizer, job.options.params, cost)
+        return _deliver(client, job.id, recognition.to_json())
+    finally:
+        store.delete_job(client, job.id, job.tiles)
+
+
+def _deliver(client: redis.Redis, job_id: str, document: dict[str, Any]) -> dict[str, Any]:
+    """The result as is, or, when its JSON is larger than TILEREC_RESULT_INLINE_MAX_BYTES, a summary whose
+    `result_ref` names the key holding the whole document (every status check reads the backend's value whole)."""
+    limit = settings().result_inline_max_bytes
+    text = json.dumps(document) if limit >= 0 else ""
+    if limit < 0 or len(text) <= limit:
+        return document
+    summary = {key: value for key, value in document.items() if key != "detections"}
+    summary.update(
+        result_ref=store.put_result(client, job_id, text, settings().result_expires),
+        result_bytes=len(text),
+        detections_count=len(document["detections"]),
+    )
+    return summary
