@@ -97,9 +97,20 @@ tilerec_result_inline_max_bytes = _number("TILEREC_RESULT_INLINE_MAX_BYTES", 4 *
 tilerec_model_roots = os.pathsep.join(
     root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root
 )
+
+
+def _auto_or_count(name: str) -> int | None:
+    """An environment variable that is "auto" (None) or a whole number of at least 1."""
+    value = _env(name, "auto").strip().lower()
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise ValueError(f"{name} must be 'auto' or a whole number of at least 1, got {value!r}")
+    return None if value == "auto" else int(value)
+
+
 # batch_size "auto": about this much recognizer work per batch of tiles (ms), and at least this many batches per job
+# ("auto": 4 per process of the node that tiles the job)
 tilerec_batch_target_ms = _number("TILEREC_BATCH_TARGET_MS", 400, 1, float)
-tilerec_min_batches = _number("TILEREC_MIN_BATCHES", 16, 1)
+tilerec_min_batches = _auto_or_count("TILEREC_MIN_BATCHES")
 tilerec_threads_per_process = _number("TILEREC_THREADS_PER_PROCESS", 0, 0)  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
 tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")

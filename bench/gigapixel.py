@@ -43,19 +43,21 @@ class Code:
     box: tuple[int, int, int, int]  # the code itself, image pixels
 
 
-def place_codes(size: int, seed: int = 0, tile: int = 640, overlap: float = 0.2) -> list[Code]:
-    """One code per cell; every third one straddles a tilerec seam (and is still whole in the next tile)."""
+def place_codes(size: int, seed: int = 0, tile: int = 640, overlap: float = 0.2, per_cell: int = 1) -> list[Code]:
+    """One code per cell (or `per_cell`², each in a cell of its own share of the side); every third one straddles a
+    tilerec seam (and is still whole in the next tile)."""
     rng = np.random.default_rng(seed)
     starts = sorted({w.x for w in grid(size, size, tile, overlap)})
     codes = []
-    for cy in range(0, size - CELL + 1, CELL):
-        for cx in range(0, size - CELL + 1, CELL):
+    cell = CELL // per_cell
+    for cy in range(0, size - cell + 1, cell):
+        for cx in range(0, size - cell + 1, cell):
             text = f"gp-{len(codes):05d}"
-            picture, (bx, by, bw, bh) = qr_code(text, int(rng.integers(3, 5)))
+            picture, (bx, by, bw, bh) = qr_code(text, int(rng.integers(3, 5)) if per_cell == 1 else 3)
             side = picture.shape[0]
-            x, y = cx + int(rng.integers(20, CELL - side - 20)), cy + int(rng.integers(20, CELL - side - 20))
+            x, y = cx + int(rng.integers(20, cell - side - 20)), cy + int(rng.integers(20, cell - side - 20))
             if len(codes) % 3 == 0:  # across the seam nearest to x: the code starts before the next tile's start
-                seams = [s + tile for s in starts if cx + 20 < s + tile - bw // 2 < cx + CELL - side - 20]
+                seams = [s + tile for s in starts if cx + 20 < s + tile - bw // 2 < cx + cell - side - 20]
                 if seams:
                     x = seams[0] - bw // 2 - bx
             codes.append(Code(text, x, y, picture, (x + bx, y + by, bw, bh)))
@@ -91,8 +93,8 @@ def tiles(size: int, codes: list[Code], background: np.ndarray) -> Iterator[np.n
             yield np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def write_scene(path: Path, size: int, compression: str, seed: int = 0) -> list[Code]:
-    codes = place_codes(size, seed)
+def write_scene(path: Path, size: int, compression: str, seed: int = 0, per_cell: int = 1) -> list[Code]:
+    codes = place_codes(size, seed, per_cell=per_cell)
     tifffile.imwrite(
         path,
         tiles(size, codes, texture(seed + 1)),
@@ -182,6 +184,22 @@ def run_size(
     }
 
 
+def messages(size: int, per_cell: int, folder: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Every broker message of one job on a dense scene, read off the Redis lists between its stages
+    (bench.anatomy), with its tiles and detections: no message may grow with the job."""
+    from bench.anatomy import dissect
+
+    path = folder / f"dense-{size}.tif"
+    codes = write_scene(path, size, "none", per_cell=per_cell)
+    env = {"TILEREC_ALLOWED_ROOTS": str(folder)}
+    row = dissect(path, "qrcode", options, 2, env, folder, 3600)
+    path.unlink()
+    largest = {kind: summary["max_bytes"] for kind, summary in row["messages"].items()}
+    return {"size": size, "codes": len(codes), "tiles": row["tiles"], "batches": row["batches"],
+            "detections": row["detections"], "messages": row["messages"], "largest_message_bytes": largest,
+            "keys_left": row["keys_left"]}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="4000,8000,12000,16000,20000")
@@ -189,7 +207,16 @@ def main() -> None:
     parser.add_argument("--shared", default="true", choices=["true", "false"])
     parser.add_argument("--options", type=json.loads, default={}, help='job options as JSON: {"batch_size": 8}')
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON lines here too")
+    parser.add_argument(
+        "--messages", type=int, metavar="N", default=0, help="instead: the broker messages of one job per size, N²"
+        " codes per 1000² cell"
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.messages:
+        with tempfile.TemporaryDirectory(prefix="tilerec-messages-") as folder:
+            for size in (int(s) for s in args.sizes.split(",")):
+                print(json.dumps(messages(size, args.messages, Path(folder), args.options)), flush=True)
+        return
     os.environ.setdefault("TILEREC_ALLOWED_ROOTS", "")
     from tasks import app
     from tasks.local import RedisServer

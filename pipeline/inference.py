@@ -11,7 +11,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.images import normalize
+from pipeline import streaming
+from pipeline.images import ImageError, normalize
 from pipeline.merge import merge_detections, place
 from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, OptionsError, parse_options
@@ -128,6 +129,26 @@ def compact(tile: np.ndarray, options: JobOptions) -> np.ndarray:
     if tile.ndim == 3 and get_spec(options.recognizer).grey:
         return cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY)
     return tile
+
+
+def storable(tile: np.ndarray, options: JobOptions) -> np.ndarray | None:
+    """What a tile store keeps of a tile: None for a blank one (skip_blank), else the channels the recognizer reads."""
+    return None if blank(tile, options) else compact(tile, options)
+
+
+def streamed_tiles(
+    data: bytes, windows: list[Window], options: JobOptions, threads: int = 1
+) -> Iterator[tuple[Window, np.ndarray | None]]:
+    """The `windows` of a PNG (`data`) as its bands are decoded (`streaming`), each `storable`, in grid order.
+
+    Raises:
+        ImageError: the PNG cannot be decoded band by band, or is not the size the windows were cut for.
+    """
+    layout = streaming.streamable_png(data[: streaming.HEAD_BYTES])
+    if layout is None or windows[-1].x2 > layout.width or windows[-1].y2 > layout.height:
+        raise ImageError("the image changed while its job was being planned; submit it again")
+    bands = compact_bands(streaming.decode_png_bands(data, layout, threads=threads), options)
+    return ((window, storable(tile, options)) for window, tile in streaming.tiles_from_bands(bands, windows))
 
 
 def compact_bands(bands: Iterator[np.ndarray], options: JobOptions) -> Iterator[np.ndarray]:

@@ -389,6 +389,23 @@ def open_source(
     return ArraySource(pixels)
 
 
+def streamable_png(target: Path | bytes, max_pixels: int) -> streaming.PngLayout | None:
+    """The layout of a PNG (a file or its bytes) that `streaming` can decode band by band, read from its head, with
+    its size checked against `max_pixels` and its end for truncation, as a whole decode would; None otherwise."""
+    if isinstance(target, bytes):
+        head, tail = target[: streaming.HEAD_BYTES], target[-32:]
+    else:
+        with file_errors(str(target)), open(target, "rb") as handle:
+            head = handle.read(streaming.HEAD_BYTES)
+            handle.seek(max(0, handle.seek(0, 2) - 32))
+            tail = handle.read()
+    layout = streaming.streamable_png(head)
+    if layout is not None:
+        check_pixels(layout.width, layout.height, max_pixels)
+        check_complete(head[: len(streaming.PNG_SIGNATURE)] + tail)
+    return layout
+
+
 def check_region(width: int, height: int, max_pixels: int, verb: str = "read") -> None:
     """Refuse a job that would read (or decode) more than `max_pixels` pixels, before any pixel is read."""
     if width <= 0 or height <= 0:

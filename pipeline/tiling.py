@@ -116,6 +116,11 @@ def tapered_batches(windows: list[Window], size: int) -> list[list[Window]]:
     return cut
 
 
+def row_ends(windows: list[Window]) -> set[int]:
+    """The counts of `windows` (in grid order) at which a row of tiles ends."""
+    return {w.index + 1 for w, after in itertools.pairwise([*windows, None]) if after is None or after.y != w.y}
+
+
 def row_batches(windows: list[Window], size: int, taper: bool = True) -> list[list[Window]]:
     """`windows` (in grid order) cut into batches of at most `size` that never span two rows of tiles; the last row
     tapered as `tapered_batches` (with `taper`).

@@ -33,7 +33,7 @@ class Settings:
     result_inline_max_bytes: int
     result_expires: int
     batch_target_ms: float
-    min_batches: int
+    min_batches: int | None  # None: auto
     threads_per_process: int
     keep_freed_buffers: bool
 
@@ -49,7 +49,7 @@ class Settings:
             result_inline_max_bytes=int(conf.tilerec_result_inline_max_bytes),
             result_expires=int(conf.result_expires or 0),
             batch_target_ms=float(conf.tilerec_batch_target_ms),
-            min_batches=int(conf.tilerec_min_batches),
+            min_batches=conf.tilerec_min_batches,
             threads_per_process=int(conf.tilerec_threads_per_process),
             keep_freed_buffers=bool(conf.tilerec_keep_freed_buffers),
         )
@@ -99,8 +99,11 @@ def others_recognize() -> bool:
 
 @signals.worker_process_init.connect
 def _set_up_process(**_: Any) -> None:
-    """processes × threads = cores (OpenCV would give every worker process all the cores); files named in messages
-    confined to the model folders; freed tile buffers kept (pipeline/memory.py)."""
+    """No task-sent events; processes × threads = cores (OpenCV would give every worker process all the cores);
+    files named in messages confined to the model folders; freed tile buffers kept (pipeline/memory.py)."""
+    # a worker's own messages (batches, merges, retries) are received at once: their task-sent events, 1 ms a
+    # message, would tell a monitor nothing (a client's jobs still send theirs)
+    app.conf.task_send_sent_event = False
     limit_threads(settings().threads_per_process or max(1, (os.cpu_count() or 1) // pool_size()))
     restrict_file_params(settings().model_roots)
     if settings().keep_freed_buffers:

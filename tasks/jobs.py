@@ -12,13 +12,11 @@ tilerec.merge(image, recognizer, **options)       runs under the job's id with t
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from functools import cached_property, partial
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +25,23 @@ import redis
 from celery import chord, group
 from celery.exceptions import Ignore
 
-from pipeline import images, sources, streaming
+from pipeline import images, sources
 from pipeline.inference import (
     TileOutcome,
     assemble,
-    blank,
-    compact,
-    compact_bands,
     measured_tile_cost,
     plan,
     recognize_window,
+    storable,
+    streamed_tiles,
     windows_of,
 )
 from pipeline.options import JobOptions, parse_options
 from pipeline.recognizers import get_spec, thread_budget
 from pipeline.sources import FileRef
-from pipeline.tiling import Window
+from pipeline.tiling import Window, row_ends
 from tasks import store
-from tasks.celery import app, others_recognize, settings, store_client
+from tasks.celery import app, others_recognize, pool_size, settings, store_client
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many times fails instead of coming back
@@ -52,6 +49,10 @@ CANCEL_CHECK_S = 0.25  # a running batch looks for a cancel this often (a round 
 STREAM_POLL_S = 0.02  # a batch waiting for a streamed PNG's rows looks this often
 STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when no row came for this long
 PROGRESS_STEPS = 50  # a job reports its progress at most this many times
+PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each report: an event and a result write)
+# auto batches: at least this many per process of the tiling node (its size is known there, the cluster's is not;
+# each batch costs a task, 8-12 ms of Celery and Redis at W=2, see docs/performance.md)
+BATCHES_PER_PROCESS = 4
 _DIED = f"the worker process died all {MAX_ATTEMPTS}"
 
 
@@ -148,7 +149,9 @@ def _start(
     batch tasks read a shared file or the PNG is streamed once the chord is published. Returns the job, its batches
     as [first, stop) tile ranges and, for a job of one batch, its tiles' outcomes (recognized here)."""
     channels = 1 if get_spec(options.recognizer).grey else 3
-    layout = _streamable(target, options)
+    # a PNG decoded band by band while other processes recognize its first rows (a node of one process that
+    # takes tiles too could only recognize afterwards: it decodes the PNG whole)
+    layout = sources.streamable_png(target, settings().max_pixels) if others_recognize() and not options.level else None
     if layout is not None:
         spans = _spans(client, options, layout.height, layout.width, row_by_row=True)
         if len(spans) > 1:
@@ -169,7 +172,7 @@ def _start(
         if len(spans) == 1:
             return job, spans, _recognize(client, job, job.windows, source.read, redelivered)
         if job.file is None:
-            tiles = ((window, _storable(source.read(window), options)) for window in job.windows)
+            tiles = ((window, storable(source.read(window), options)) for window in job.windows)
             store.put_tiles(client, job_id, tiles, settings().tile_ttl)
     if store.is_cancelled(client, job_id):
         raise JobCancelled(f"job {job_id} was cancelled")
@@ -192,38 +195,15 @@ def _resolve(image: Any) -> Path | bytes:
     return images.confine(image, settings().allowed_roots)
 
 
-def _streamable(target: Path | bytes, options: JobOptions) -> streaming.PngLayout | None:
-    """The layout of a PNG to decode band by band while other processes recognize its first rows; None: decode it
-    whole (any other image; or a node of one process that takes tiles too: it could only recognize afterwards)."""
-    if options.level != 0 or not others_recognize():
-        return None
-    if isinstance(target, bytes):
-        head, tail = target[: streaming.HEAD_BYTES], target[-32:]
-    else:
-        with images.file_errors(str(target)), open(target, "rb") as handle:
-            head = handle.read(streaming.HEAD_BYTES)
-            handle.seek(max(0, handle.seek(0, 2) - 32))
-            tail = handle.read()
-    layout = streaming.streamable_png(head)
-    if layout is not None:
-        images.check_pixels(layout.width, layout.height, settings().max_pixels)
-        images.check_complete(head[: len(streaming.PNG_SIGNATURE)] + tail)
-    return layout
-
-
 def _spans(
     client: redis.Redis, options: JobOptions, height: int, width: int, row_by_row: bool = False
 ) -> list[tuple[int, int]]:
     """The job's batches as [first, stop) tile ranges, sized from what tiles cost this recognizer in earlier jobs."""
     measured = store.get_tile_cost(client, options.recognizer, options.params)
-    planned = plan(height, width, options, measured, settings().batch_target_ms, settings().min_batches,
+    least = settings().min_batches or BATCHES_PER_PROCESS * pool_size()
+    planned = plan(height, width, options, measured, settings().batch_target_ms, least,
                    row_by_row=row_by_row)  # fmt: skip
     return [(batch[0].index, batch[-1].index + 1) for batch in planned]
-
-
-def _storable(tile: np.ndarray, options: JobOptions) -> np.ndarray | None:
-    """What the store keeps of a tile: None for a blank one (skip_blank), else the channels the recognizer reads."""
-    return None if blank(tile, options) else compact(tile, options)
 
 
 def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path | bytes | None = None) -> None:
@@ -234,31 +214,20 @@ def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path 
             raise images.ImageError(f"gave up on {job.image!r}: {_DIED} times it decoded it")
         target = _resolve(job.image) if target is None else target
         data = target if isinstance(target, bytes) else target.read_bytes()
-        layout = streaming.streamable_png(data[: streaming.HEAD_BYTES])
-        if layout is None or (layout.width, layout.height) != (job.width, job.height):
-            raise images.ImageError(f"{job.image!r} changed while the job was being planned; submit it again")
-        bands = compact_bands(streaming.decode_png_bands(data, layout, threads=thread_budget()), job.options)
-        tiles = ((w, _storable(tile, job.options)) for w, tile in streaming.tiles_from_bands(bands, job.windows))
-        rows = {w.index + 1 for w, after in itertools.pairwise([*job.windows, None]) if after is None or after.y != w.y}
-        store.put_tiles(client, job.id, tiles, settings().tile_ttl, rows)
+        tiles = streamed_tiles(data, job.windows, job.options, thread_budget())
+        store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
     except Exception as error:
         reason = str(error) if isinstance(error, images.ImageError) else f"{type(error).__name__}: {error}"
         client.set(store.job_key(job.id, "failed"), reason, ex=settings().tile_ttl)
 
 
-class _Jobs(OrderedDict):
-    """Job descriptions this worker process has read: a job's batches land on the same processes again and again,
-    and a description never changes once stored."""
-
-    def get_job(self, client: redis.Redis, job_id: str) -> Job:
-        if job_id not in self:
-            self[job_id] = Job.from_json(store.get_job(client, job_id))
-            while len(self) > 16:
-                self.popitem(last=False)
-        return self[job_id]
+@lru_cache(maxsize=16)
+def _described(job_id: str) -> Job:
+    """A job's description, read once per process: its batches land on the same processes again and again, and a
+    description never changes once stored."""
+    return Job.from_json(store.get_job(store_client(), job_id))
 
 
-_jobs = _Jobs()
 _open_files = sources.SourceCache()  # per worker process: batch tasks of a job share one open TIFF
 
 
@@ -272,7 +241,7 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
     A tile's own failure is recorded, not raised (the merge still runs, to clean up and say which region failed);
     store outages are raised and retried with backoff; a redelivered batch counts its tiles' crashes."""
     client = store_client()
-    job = _jobs.get_job(client, job_id)
+    job = _described(job_id)
     if job.streamed:
         _wait_for_rows(self, client, job, stop)
     windows = job.windows[first:stop]
@@ -355,12 +324,19 @@ def _recognize(
     return outcomes
 
 
+_last_report = ("", 0.0)  # this process's last progress report: (job id, time.monotonic())
+
+
 def _report_progress(task: Any, job: Job, done: int, tiles: int) -> None:
-    """When the job passed another 1/PROGRESS_STEPS of its tiles: an event on the job's own row for monitors
-    (Flower shows its `result`), and the job's state PROGRESS in the result backend for any app's AsyncResult."""
-    if done * PROGRESS_STEPS // job.tiles == (done - tiles) * PROGRESS_STEPS // job.tiles and done < job.tiles:
+    """When the job passed another 1/PROGRESS_STEPS of its tiles, and this process reported none for it in the
+    last PROGRESS_EVERY_S (or the job's tiles are all done): an event on the job's own row for monitors (Flower
+    shows its `result`), and the job's state PROGRESS in the result backend for any app's AsyncResult."""
+    global _last_report
+    crossed = done * PROGRESS_STEPS // job.tiles != (done - tiles) * PROGRESS_STEPS // job.tiles
+    recent = _last_report[0] == job.id and time.monotonic() - _last_report[1] < PROGRESS_EVERY_S
+    if done < job.tiles and (not crossed or recent):
         return
-    done = min(done, job.tiles)
+    _last_report, done = (job.id, time.monotonic()), min(done, job.tiles)
     with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
         dispatcher.send("task-progress", uuid=job.id, done=done, total=job.tiles, result=f"{done}/{job.tiles} tiles")
     task.backend.store_result(job.id, {"done": done, "total": job.tiles}, "PROGRESS")

@@ -245,10 +245,8 @@ def _input_key(ref: str) -> str:
     return key
 
 
-def get_bytes(client: redis.Redis, ref: str, head: int | None = None) -> bytes:
-    """Stored input, or its first `head` bytes (to read its header without the whole)."""
-    key = _input_key(ref)
-    data = client.get(key) if head is None else client.getrange(key, 0, head - 1) or None
+def get_bytes(client: redis.Redis, ref: str) -> bytes:
+    data = client.get(_input_key(ref))
     if data is None:
         raise ImageError(f"no image is stored under {ref!r} (it expired or was never stored)")
     return data

@@ -10,8 +10,8 @@ from pipeline import recognize_image
 from pipeline.scenes import qr_code, qr_scene
 from pipeline.tiling import grid, tapered_sizes
 from tasks import recognize, store
-from tasks.celery import settings
 from tasks.client import put_image, submit
+from tasks.jobs import BATCHES_PER_PROCESS
 from tests.conftest import tilerec_keys
 from tests.scenes import assert_each_code_once
 
@@ -146,5 +146,6 @@ def test_auto_batches_are_sized_from_what_earlier_tiles_cost(worker, redis_serve
     client.delete(*client.scan_iter("tilerec:cost:aruco:*"))
     store.record_tile_cost(client, "aruco", params, 0.001)  # now nearly free: the floor of batches decides
     cheap = recognize.delay(scene_path, "aruco").get(timeout=TIMEOUT)
-    assert cheap["tiling"]["batches"] == len(tapered_sizes(tiles, math.ceil(tiles / settings().min_batches)))
+    least = BATCHES_PER_PROCESS * worker.concurrency  # auto: 4 per process of the tiling node
+    assert cheap["tiling"]["batches"] == len(tapered_sizes(tiles, math.ceil(tiles / least)))
     assert cheap["detections"] == first["detections"]

@@ -24,8 +24,8 @@ def _load(env: dict[str, str], code: str = "import celeryconfig") -> subprocess.
         ("TILEREC_RESULT_INLINE_MAX_BYTES", "-2", "a whole number of at least -1"),
         ("TILEREC_BATCH_TARGET_MS", "fast", "a number of at least 1"),
         ("TILEREC_BATCH_TARGET_MS", "inf", "a number of at least 1"),
-        ("TILEREC_MIN_BATCHES", "0", "a whole number of at least 1"),
-        ("TILEREC_MIN_BATCHES", "many", "a whole number of at least 1"),
+        ("TILEREC_MIN_BATCHES", "0", "'auto' or a whole number of at least 1"),
+        ("TILEREC_MIN_BATCHES", "many", "'auto' or a whole number of at least 1"),
     ],
 )
 def test_a_bad_number_stops_the_loading_with_the_setting_and_what_it_accepts(name, value, accepts):
@@ -40,4 +40,6 @@ def test_numbers_come_from_the_environment_or_their_defaults():
         "import celeryconfig as c; print(c.tilerec_tile_ttl, c.tilerec_batch_target_ms, c.worker_prefetch_multiplier,"
         " c.tilerec_min_batches)",
     )
-    assert shown.stdout == "120 250.5 1 16\n", shown.stderr
+    assert shown.stdout == "120 250.5 1 None\n", shown.stderr
+    given = _load({"TILEREC_MIN_BATCHES": " 12 "}, "import celeryconfig as c; print(c.tilerec_min_batches)")
+    assert given.stdout == "12\n"
