@@ -1,6 +1,6 @@
 """Every Celery setting of tilerec, in one place; each can be overridden from the environment.
 
-A calling app needs only the broker, the result backend and the JSON serializer; see the README's task contract.
+A calling app needs only the broker, the result backend and the JSON serializer: docs/tasks.md.
 """
 
 import math

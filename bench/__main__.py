@@ -2,7 +2,7 @@
 
 Examples:
     python -m bench --quick                      # a couple of minutes, small scenes
-    python -m bench --full                       # the README's figures: 1000² … 16000², about 15 minutes
+    python -m bench --full                       # docs/performance.md's figures: 1000² … 16000², about 15 minutes
     python -m bench --full --speed-size 4000 --reps 3 --recognizers qrcode,objects
 """
 

@@ -156,8 +156,8 @@ def speed(runs: list[dict[str, Any]], workers: list[int]) -> list[dict[str, Any]
             tasks = dist[0]["tasks"]
             busy = _median([s["tile_task_busy"] for s in staged])
             if busy is not None and entry["recognize_sum_s"] is not None and rec_wall:
-                # inside tile tasks but outside the recognizer, per batch: its claim, progress report and tile GETs,
-                # and a share of its task's own (delivery count, result and chord counting)
+                # inside tile tasks but outside the recognizer, per batch: cancel check, records, progress, tile
+                # GETs, and the task's own (result and chord counting)
                 entry["in_task_overhead_ms"] = 1000 * (busy - entry["recognize_sum_s"]) / entry["batches"]
                 # between two tasks of one process (ack, next message), read off each process's own timeline
                 gaps = _median([s.get("idle_between") for s in staged])
@@ -181,7 +181,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def batches_of(run: dict[str, Any]) -> int:
-    """A run's batches (results from before tile tasks took batches by claim had one batch per task)."""
+    """A run's batches (results without the count had one batch per task)."""
     return run.get("batches", run["tasks"])
 
 

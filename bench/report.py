@@ -193,11 +193,11 @@ def speed_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
     text += ", ".join(f"**{s}**: {STAGE_NOTES[s]}" for s in STAGES) + ". They add up to the wall time.\n\n"
     text += (
         "Σ recognizer: the recognizer's own time summed over tiles. In-task overhead per batch = the tile tasks' "
-        "runtime minus their recognizer time, over the batches they took (a claim, a progress report, tile GETs, "
-        "and each task's own bookkeeping: delivery count, result, chord counting); between tasks = idle time of a "
-        "worker process between two of its tile tasks (ack, fetching the next message). Idle at start + end: all "
-        "processes' idle time before their first tile task (the tiling task's process publishes the chord "
-        "meanwhile) and after their last (the others still run theirs).\n\n"
+        "runtime minus their recognizer time, over their batches (the cancel check, the records, "
+        "a progress report, tile GETs, and each task's own bookkeeping: its result, chord counting); between "
+        "tasks = idle time of a worker process between two of its tile tasks (ack, fetching the next message). "
+        "Idle at start + end: all processes' idle time before their first tile task (the tiling task's process "
+        "publishes the chord meanwhile) and after their last (the others still run theirs).\n\n"
     )
     per_task_columns = ["in-task overhead ms/batch", "between tasks ms", "idle at start + end ms"]
     header = ["recognizer", "W", *STAGES, "Σ recognizer", *per_task_columns]
@@ -500,9 +500,9 @@ def findings(results: dict[str, Any], summary: dict[str, Any]) -> str:
     messages = [a["messages"]["recognize_tiles"]["max_bytes"] for a in summary["memory"]["rows"]]
     if messages:
         notes.append(
-            f"**Messages**: a tile task's message is at most {max(messages):,} B: the job id, the task's number and "
-            "the chord's merge callback (which carries the job id too); the job's description, with its batches, is "
-            "in the tile store, read once per job by each worker process."
+            f"**Messages**: a batch task's message is at most {max(messages):,} B: the job id, its tile range and "
+            "the chord's merge callback (the caller's arguments); the job's description is in the tile store, read "
+            "once per job by each worker process, and the tile records go back through the store."
         )
     if summary["errors"]:
         notes.append(f"**{len(summary['errors'])} run(s) failed**; see the Errors section.")

@@ -1,9 +1,8 @@
 """Keep freed tile buffers in the process's heap instead of giving them back to the kernel after every tile.
 
-glibc maps large buffers (a tile and its intermediates are 0.4–1.2 MB) with mmap and unmaps them when freed. It
-raises that threshold as it sees such frees, yet in a Celery worker process it did not: a tile worker took 27–44
-thousand page faults per 8000² aruco job (each a fresh zeroed page) against 2 thousand in one process. Fixed
-thresholds end that: 6 faults per job, and jobs 3–5 % faster (measured side by side, W=2).
+glibc maps large buffers (a tile and its intermediates) with mmap and unmaps them when freed; it should raise that
+threshold as it sees such frees, yet in a Celery worker process it did not, so every tile faulted in fresh zeroed
+pages. Fixed thresholds end that (figures: docs/performance.md).
 """
 
 from __future__ import annotations

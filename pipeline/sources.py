@@ -440,10 +440,8 @@ def is_blank(tile: np.ndarray, threshold: float) -> bool:
     """No content: averaged over 4x4 pixel blocks, no channel varies by more than `threshold` grey levels.
 
     The averaging flattens sensor noise and compression artefacts, while an object keeps its contrast, however
-    small it is in the tile. Measured on 640² tiles (range of the block means, grey levels): flat background with
-    noise of sigma 1, 3 and 5: 3, 6 and 11 (JPEG q80: 2, 5, 11); a 10-level illumination gradient: 9; a 10 px dot
-    of contrast 40: 42; a QR code of 1 px modules: 145. The standard deviation cannot tell these apart (noise of
-    sigma 5: 5.0; a 40 px dot of contrast 95: 5.6), hence the range. Default threshold (skip_blank=true): 16.
+    small it is in the tile; the range tells them apart where the standard deviation cannot (figures:
+    docs/performance.md). Default threshold (skip_blank=true): 16.
     """
     block = 4 if min(tile.shape[:2]) >= 8 else 1
     means = cv2.resize(tile, (tile.shape[1] // block, tile.shape[0] // block), interpolation=cv2.INTER_AREA)

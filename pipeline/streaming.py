@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from zlib_ng import zlib_ng as zlib  # zlib's API; inflates 1.3x as fast, checksums 3x (measured here)
+from zlib_ng import zlib_ng as zlib  # zlib's API, with a faster inflate and checksums (docs/performance.md)
 
 from pipeline.images import ImageError, normalize
 from pipeline.tiling import Window
@@ -171,8 +171,8 @@ def decode_png_bands(data: bytes, layout: PngLayout, rows: int = BAND_ROWS, thre
     """The image's rows, top to bottom, `rows` at a time (the last band may be shorter), normalized as
     `images.decode` normalizes the whole image: their concatenation equals `images.decode(data)`.
 
-    With `threads` ≥ 2 the next band is inflated in a helper thread while OpenCV unfilters this one: the decoding
-    takes about 0.6 of its one-thread time (8000² PNG, measured here), for one more busy core."""
+    With `threads` ≥ 2 the next band is inflated in a helper thread while OpenCV unfilters this one: a shorter
+    decoding for one more busy core."""
     raw_bands = _inflated_bands(data, layout, rows)
     carry = b""  # the previous band's last row, unfiltered: filter type 0, then its samples
     for top, count, pieces in _one_ahead(raw_bands) if threads > 1 else raw_bands:

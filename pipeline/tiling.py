@@ -79,8 +79,8 @@ def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list
 
 
 def auto_batch_size(tiles: int, tile_cost_ms: float, target_batch_ms: float = 400.0, min_batches: int = 16) -> int:
-    """Tiles per batch: enough that a batch's work dwarfs its overhead (a claim and a progress report, 1-3 ms with
-    busy cores), yet at least `min_batches` batches (where there are that many tiles) so every worker gets a share."""
+    """Tiles per batch: enough that a batch's work (`target_batch_ms`) dwarfs a task's own cost, yet at least
+    `min_batches` batches (where there are that many tiles) so every worker gets a share."""
     by_cost = max(1, math.ceil(target_batch_ms / max(tile_cost_ms, 1e-3)))
     by_spread = max(1, math.ceil(tiles / min_batches))
     return min(by_cost, by_spread)

@@ -101,8 +101,8 @@ def others_recognize() -> bool:
 def _set_up_process(**_: Any) -> None:
     """No task-sent events; processes × threads = cores (OpenCV would give every worker process all the cores);
     files named in messages confined to the model folders; freed tile buffers kept (pipeline/memory.py)."""
-    # a worker's own messages (batches, merges, retries) are received at once: their task-sent events, 1 ms a
-    # message, would tell a monitor nothing (a client's jobs still send theirs)
+    # a worker's own messages (batches, merges, retries) are received at once: their task-sent events would cost
+    # a publish each and tell a monitor little (a client's jobs still send theirs)
     app.conf.task_send_sent_event = False
     limit_threads(settings().threads_per_process or max(1, (os.cpu_count() or 1) // pool_size()))
     restrict_file_params(settings().model_roots)

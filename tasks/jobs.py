@@ -51,7 +51,7 @@ STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when no 
 PROGRESS_STEPS = 50  # a job reports its progress at most this many times
 PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each report: an event and a result write)
 # auto batches: at least this many per process of the tiling node (its size is known there, the cluster's is not;
-# each batch costs a task, 8-12 ms of Celery and Redis at W=2, see docs/performance.md)
+# each batch costs a task of Celery and Redis round trips, docs/performance.md)
 BATCHES_PER_PROCESS = 4
 _DIED = f"the worker process died all {MAX_ATTEMPTS}"
 

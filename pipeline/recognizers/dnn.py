@@ -139,9 +139,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 class OnnxObjects:
     """COCO-style objects from an ONNX detector, run with ONNX Runtime.
 
-    Why ORT and not cv2.dnn: measured on this project's 2-core machine, FastestDet's network (352×352) takes 9.8 ms
-    per run in ORT against 36.8 ms in cv2.dnn on one thread (6.1 against 26.8 ms on two), and ORT reads the class
-    names that Ultralytics exports store in the model's metadata. OpenCV still does the resizing and NMS.
+    ORT and not cv2.dnn: several times faster on CPU (docs/performance.md), and it reads the class names that
+    Ultralytics exports store in the model's metadata. OpenCV still does the resizing and NMS.
     Each layout has its own pre-processing and decoder; boxes then go through per-class NMS, as upstream.
     """
 
@@ -242,7 +241,7 @@ register(
         YuNetFaces,
         {"model": "", "score_threshold": 0.7, "nms_threshold": 0.3, "top_k": 5000},
         f"faces with 5 landmarks, YuNet CNN (model: {YUNET_FILE})",
-        cost_ms=47,  # measured: 640x640 tile, one thread (YuNet net + OpenCV's post-processing)
+        cost_ms=47,  # a 640x640 tile on one thread (YuNet net + OpenCV's post-processing)
         file_params=("model",),
     )
 )
@@ -260,7 +259,7 @@ register(
             "classes": "",
         },
         f"objects (80 COCO classes), ONNX Runtime: FastestDet, YOLOv5 or YOLOv8/11 exports (model: {OBJECTS_FILE})",
-        cost_ms=14,  # measured with FastestDet: 640x640 tile, one thread (a YOLO model costs several times more)
+        cost_ms=14,  # a 640x640 tile on one thread with FastestDet (a YOLO model costs several times more)
         file_params=("model", "names"),
     )
 )
