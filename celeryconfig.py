@@ -66,10 +66,36 @@ task_routes = {
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = _number("TILEREC_PREFETCH_MULTIPLIER", 1, 0)  # 0: no limit (Celery)
-visibility_timeout = _number("TILEREC_VISIBILITY_TIMEOUT", 3600, 1)
-broker_transport_options = {"visibility_timeout": visibility_timeout, "priority_steps": list(range(10))}
-result_backend_transport_options = {"visibility_timeout": visibility_timeout}
+# A task a node took and did not acknowledge comes back to the queue once its lease is this old: live nodes renew
+# theirs (tasks/leases.py), so this bounds how long a dead or frozen node's work waits; every node looks every 2 s.
+visibility_timeout = _number("TILEREC_VISIBILITY_TIMEOUT", 15, 3)
+# Redis Sentinel: broker, backend and store URLs of the form sentinel://host:26379;sentinel://host2:26379/0 find the
+# master of this name (a password for the sentinels themselves, if they have one: TILEREC_SENTINEL_PASSWORD).
+sentinel_master = _env("TILEREC_SENTINEL_MASTER", "mymaster")
+sentinel_kwargs = (
+    {"password": os.environ["TILEREC_SENTINEL_PASSWORD"]} if os.environ.get("TILEREC_SENTINEL_PASSWORD") else {}
+)
+broker_transport_options = {
+    "visibility_timeout": visibility_timeout,
+    "unacked_restore_interval": 2,
+    "unacked_restore_throttle": 1,
+    "priority_steps": list(range(10)),
+    "master_name": sentinel_master,
+    "sentinel_kwargs": sentinel_kwargs,
+}
+result_backend_transport_options = {"master_name": sentinel_master, "sentinel_kwargs": sentinel_kwargs}
 broker_connection_retry_on_startup = True
+
+# Redis restarted or failed over: a worker reconnects, its results and chord counts are retried until Redis is
+# back (about 30 s in all), and so are its messages (the client's too).
+result_backend_always_retry = True
+result_backend_max_retries = 20
+result_backend_base_sleep_between_retries_ms = 100
+result_backend_max_sleep_between_retries_ms = 2000
+# Publishing is retried for about 12 s (15 tries, a connection timeout of 2 s each): Celery holds a chord's callback
+# claimed for as long as that could take, so a dead publisher's claim lapses after about 50 s.
+task_publish_retry_policy = {"max_retries": 15, "interval_start": 0, "interval_step": 0.2, "interval_max": 1}
+broker_connection_timeout = 2
 
 # Results: kept a day; extended so Flower and other apps see task names and arguments.
 result_expires = _number("TILEREC_RESULT_EXPIRES", 24 * 3600, 0)

@@ -199,8 +199,14 @@ def recognize_window(
     except reraise:
         raise
     except Exception as error:  # the tile's own failure: reported per tile, the other tiles still count
-        return TileOutcome(window.index, error=f"{type(error).__name__}: {error}", seconds=time.perf_counter() - began)
+        return TileOutcome(window.index, error=describe(error), seconds=time.perf_counter() - began)
     return TileOutcome(window.index, found, seconds=time.perf_counter() - began)
+
+
+def describe(error: BaseException) -> str:
+    """An exception as a tile's error: its type and message (MemoryError's is usually empty)."""
+    detail = str(error) or ("the recognizer ran out of memory on this tile" if isinstance(error, MemoryError) else "")
+    return f"{type(error).__name__}: {detail}".rstrip(": ")
 
 
 def assemble(

@@ -15,9 +15,11 @@ from pipeline import images
 from pipeline.memory import keep_freed_buffers
 from pipeline.recognizers import limit_threads, restrict_file_params
 from tasks import store
+from tasks.leases import Leases
 
 app = Celery("tilerec")
 app.config_from_object("celeryconfig")
+app.steps["consumer"].add(Leases)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ def configure(**changes: Any) -> None:
 
 
 def store_client() -> redis.Redis:
-    return store.connect(settings().store_url)
+    conf = app.conf
+    return store.connect(settings().store_url, conf.sentinel_master, conf.sentinel_kwargs.get("password"))
 
 
 _worker: Any = None

@@ -1,4 +1,4 @@
-"""Celery's Redis result backends with two crash windows of a chord closed (celery/celery#4207 tracks chords whose
+"""Celery's Redis result backends with three fault windows of a chord closed (celery/celery#4207 tracks chords whose
 callback is never called). Used by tilerec's workers; results and keys stay Celery's own.
 
 1. Celery stores a header task's SUCCESS, then counts it for its chord. A process killed in between has its task
@@ -9,8 +9,11 @@ callback is never called). Used by tilerec's workers; results and keys stay Cele
    between, its task comes back and is counted again, but the claim is still held, so it does not publish, and no
    other part ever comes. Here a redelivered part waits for such a claim to be released or to lapse and then counts
    once more, which claims and publishes the callback.
+3. Celery counts a part with one Lua call, not retried: a Redis restart at that moment failed the chord. Here it is
+   retried with backoff, like the worker's other Redis writes (Celery counts a part once however often it runs).
 
-tests/test_reliability.py kills a process in each window; both tests fail without this module.
+tests/test_reliability.py kills a process in each of the first two windows (both tests fail without this module)
+and restarts Redis under running jobs.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
 from celery import states
 from celery.backends import redis as celery_redis
 from celery.backends.base import _is_request_ignore_result
 
-CLAIM_WAIT_S = 60.0  # longer than Celery's claim can be held: 2 × the join timeout, then the publish retries
+CLAIM_WAIT_S = 120.0  # at most: a claim lasts 2 × the join timeout, then the time its publish retries may take
+RETRIES = 20  # about 30 s of backoff, as the worker's other Redis writes
 
 
 class _ChordSafe:
@@ -37,15 +42,30 @@ class _ChordSafe:
             self.store_result(task_id, result, state, request=request)
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
-        super().on_chord_part_return(request, state, result, **kwargs)  # type: ignore[misc]
-        if not request.group or not (request.delivery_info or {}).get("redelivered"):
+        retried = self._count(request, state, result, **kwargs)
+        if not request.group or not (retried or (request.delivery_info or {}).get("redelivered")):
             return
         claim = self.get_key_for_group(request.group, ".c")  # type: ignore[attr-defined]
-        deadline = time.monotonic() + CLAIM_WAIT_S
+        lapses = max(0, self.client.pttl(claim)) / 1000 + 1  # type: ignore[attr-defined]
+        deadline = time.monotonic() + min(lapses, CLAIM_WAIT_S)
         while (held := self.client.get(claim)) not in (None, b"done") and time.monotonic() < deadline:  # type: ignore[attr-defined]
             time.sleep(0.2)
         if held is None:  # lapsed (or never taken: the chord is not complete, and counting again changes nothing)
-            super().on_chord_part_return(request, state, result, **kwargs)  # type: ignore[misc]
+            self._count(request, state, result, **kwargs)
+
+    def _count(self, request: Any, state: str, result: Any, **kwargs: Any) -> bool:
+        """Celery's count of the part, retried while Redis is unreachable (restarting, loading, failing over): it
+        counts a part once, however often it runs. Returns whether it had to retry (a claim it took in an attempt
+        whose reply was lost is then held by nobody)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                super().on_chord_part_return(request, state, result, **kwargs)  # type: ignore[misc]
+                return attempt > 0
+            except (redis.ConnectionError, redis.TimeoutError):
+                if attempt == RETRIES:
+                    raise
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+        return False
 
 
 class RedisBackend(_ChordSafe, celery_redis.RedisBackend):

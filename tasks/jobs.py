@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import redis
-from celery import chord, group
+from celery import chord, group, signals
 from celery.exceptions import Ignore
 
 from pipeline import images, sources
@@ -54,6 +56,7 @@ PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each rep
 # each batch costs a task of Celery and Redis round trips, docs/performance.md)
 BATCHES_PER_PROCESS = 4
 _DIED = f"the worker process died all {MAX_ATTEMPTS}"
+log = logging.getLogger(__name__)
 
 
 class JobCancelled(RuntimeError):
@@ -316,12 +319,26 @@ def _recognize(
         if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
             outcomes.append(TileOutcome(window.index, error=f"gave up: {_DIED} times it ran this tile"))
             continue
-        outcomes.append(
-            recognize_window(read, window, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
-        )
+        outcome = recognize_window(read, window, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
+        outcomes.append(outcome)
+        if outcome.error is not None and outcome.error.startswith("MemoryError"):
+            global _unsound  # its heap may be left half-allocated, or under a limit: the process is replaced
+            _unsound = True
         if careful:
             store.clear_attempts(client, job.id, name)
     return outcomes
+
+
+_unsound = False  # a tile ran this process out of memory
+
+
+@signals.task_postrun.connect
+def _replace_if_unsound(**_: Any) -> None:
+    """After the task that ran out of memory stored its result (Celery then acknowledges it, seeing the SUCCESS):
+    end this process, and the pool starts a fresh one."""
+    if _unsound:
+        log.warning("worker process %d ran out of memory on a tile; replacing it", os.getpid())
+        os._exit(70)
 
 
 _last_report = ("", 0.0)  # this process's last progress report: (job id, time.monotonic())

@@ -76,11 +76,20 @@ def _stop(process: subprocess.Popen, timeout: float) -> None:
 
 
 class RedisServer:
-    """A throw-away redis-server: loopback only, a free port, no persistence."""
+    """A throw-away redis-server: loopback only, a free port; no persistence unless `appendonly` (then its data
+    survives `stop(keep=True)` and `start()` on the same port); `options` are more redis-server arguments."""
 
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        appendonly: bool = False,
+        options: list[str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.password = password
+        self.appendonly = appendonly
+        self.options = options or []
         self.process: subprocess.Popen | None = None
         self.workdir = tempfile.mkdtemp(prefix="tilerec-redis-")
 
@@ -95,7 +104,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         os.makedirs(self.workdir, exist_ok=True)  # a stopped server can be started again on the same port
         command = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--dir", self.workdir, "--loglevel", "warning"]  # fmt: skip
+                   "--appendonly", "yes" if self.appendonly else "no", "--dir", self.workdir,
+                   "--loglevel", "warning", *self.options]  # fmt: skip
         if self.password:
             command += ["--requirepass", self.password]
         self.process = subprocess.Popen(
@@ -109,17 +119,19 @@ class RedisServer:
         def answers() -> bool:
             try:
                 return bool(self.client().ping())
-            except redis.RedisError:
+            except redis.RedisError:  # refused, or still loading its data (BusyLoadingError)
                 return False
 
         _wait(answers, 10, f"redis-server on port {self.port}", self.process)
         return self
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
+        """Stop the server (SIGTERM: it writes its append-only file first); `keep` its data for a restart."""
         if self.process is not None:
             _stop(self.process, 5)
             self.process = None
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
         return self.start()
@@ -173,8 +185,9 @@ class Worker:
         return self
 
     def wait_ready(self, timeout: float = 60) -> None:
-        probe = Celery("tilerec-probe", broker=self.broker_url, set_as_current=False)
-        probe.conf.update(accept_content=["json"], broker_connection_retry_on_startup=False)
+        probe = Celery("tilerec-probe", set_as_current=False)
+        probe.config_from_object("celeryconfig")  # its transport options too (a Sentinel broker's master name)
+        probe.conf.update(broker_url=self.broker_url, broker_connection_retry_on_startup=False)
 
         def replies() -> bool:
             return bool(probe.control.ping([self.hostname], timeout=0.5))

@@ -25,9 +25,13 @@ import uuid
 from collections.abc import Collection, Iterable
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from pipeline.images import ImageError
 from pipeline.tiling import Window
@@ -40,9 +44,26 @@ READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
 
 @lru_cache(maxsize=4)
-def connect(url: str) -> redis.Redis:
-    """One client (and connection pool) per URL per process."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+def connect(url: str, master: str = "mymaster", sentinel_password: str | None = None) -> redis.Redis:
+    """One client (and connection pool) per URL per process. Commands are retried with backoff for about 30 s on
+    connection errors (Redis restarting, loading its data, failing over), so a restart is a pause, not a failure.
+
+    A `sentinel://host:26379;sentinel://host2:26379/db` URL asks those sentinels for the master named `master`
+    (and follows it when they fail over); a password in the first URL is the master's."""
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), 20)
+    options = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30, "retry": retry,
+               "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}  # fmt: skip
+    if not url.startswith("sentinel://"):
+        return redis.Redis.from_url(url, **options)
+    hosts = [urlsplit(part) for part in url.split(";")]
+    sentinels = Sentinel(
+        [(host.hostname, host.port or 26379) for host in hosts],
+        sentinel_kwargs={"password": sentinel_password} if sentinel_password else {},
+        socket_connect_timeout=5,
+    )
+    first = hosts[0]
+    db = int(first.path.strip("/") or 0)
+    return sentinels.master_for(master, db=db, password=first.password, username=first.username or None, **options)
 
 
 def job_key(job_id: str, part: str) -> str:

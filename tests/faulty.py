@@ -43,6 +43,32 @@ class CrashesOnMarker:
         return get_recognizer("qrcode")(tile)
 
 
+class ExhaustsMemoryOnMarker:
+    """QR codes; on tiles with the red marker, runs out of memory for real: caps its process's address space just
+    above what it uses (RLIMIT_AS), then asks for a gigabyte"""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        if has_marker(tile):
+            import resource
+
+            with open("/proc/self/status") as status:
+                used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+            resource.setrlimit(resource.RLIMIT_AS, (used + 64 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            np.ones(2**30, dtype=np.uint8)
+        return get_recognizer("qrcode")(tile)
+
+
+class KilledOnMarker:
+    """QR codes; on tiles with the red marker, allocates 256 MB and is killed, as the kernel's OOM killer would"""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        if has_marker(tile):
+            hog = np.ones(256 * 2**20, dtype=np.uint8)
+            os.kill(os.getpid(), signal.SIGKILL)
+            del hog
+        return get_recognizer("qrcode")(tile)
+
+
 class Slow:
     """QR codes, `seconds` late on every tile: jobs that run long enough to be cancelled or joined midway"""
 

@@ -66,8 +66,11 @@ def ping(url: str, what: str, timeout: float = PING_TIMEOUT_S) -> None:
         finally:
             client.close()
         return
-    try:
-        with Connection(url, connect_timeout=timeout) as connection:
+    from tasks.celery import app
+
+    try:  # sentinel:// among others: the broker's own transport options name the master
+        options = app.conf.broker_transport_options
+        with Connection(url, connect_timeout=timeout, transport_options=options) as connection:
             connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
     except Exception as error:  # kombu raises transport-specific errors
         raise CliError(f"cannot reach the {what} at {sanitize(url)}: {error}", EXIT_UNREACHABLE) from None

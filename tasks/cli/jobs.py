@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -23,10 +24,11 @@ from rich.table import Column
 from rich.text import Text
 
 from tasks.cli.clusters import Cluster, Settings, ignoring_interrupts, open_cluster
-from tasks.cli.errors import EXIT_TIMEOUT, CliError
+from tasks.cli.errors import EXIT_TIMEOUT, EXIT_UNREACHABLE, CliError
 from tasks.cli.inputs import Target
 
 POLL_S = 0.15  # between progress polls: live enough for a bar, a few Redis GETs per job per poll
+OUTAGE_S = 60.0  # a Redis unreachable this long is gone, not restarting
 
 
 @dataclass
@@ -123,11 +125,15 @@ def job_error(result: Any) -> str:
 def poll(index: int, run: Running, tracker: Tracker) -> None:
     """One look at a job: finished (result or error), or how many tiles are done."""
     result = run.job.result
+    seconds = time.monotonic() - run.started
     if not result.ready():
         done, total = run.job.progress()
         tracker.update(index, done, total)
+        if run.job.lost():
+            lost = "JobLost: its state vanished from Redis (a failover or restart lost it); submit it again"
+            run.outcome = Outcome(run.target, error=lost, seconds=seconds)
+            tracker.finish(index, None, ok=False)
         return
-    seconds = time.monotonic() - run.started
     if result.successful():
         from tasks.client import fetch_result
 
@@ -145,10 +151,17 @@ def poll(index: int, run: Running, tracker: Tracker) -> None:
 def wait_all(runs: Sequence[Running], tracker: Tracker, cluster: Cluster, timeout: float | None) -> None:
     """Poll every job until all are done; sleeps between polls, so waiting costs no CPU."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    unreachable_since: float | None = None
     while True:
-        for index, run in enumerate(runs):
-            if run.outcome is None:
-                poll(index, run, tracker)
+        try:
+            for index, run in enumerate(runs):
+                if run.outcome is None:
+                    poll(index, run, tracker)
+            unreachable_since = None
+        except (redis.ConnectionError, redis.TimeoutError) as error:  # Redis restarting or failing over: a pause
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > OUTAGE_S:
+                raise CliError(f"lost the cluster's Redis for over {OUTAGE_S:g} s: {error}", EXIT_UNREACHABLE) from None
         pending = sum(run.outcome is None for run in runs)
         if not pending:
             return
@@ -174,6 +187,7 @@ def execute(
 ) -> list[Outcome]:
     """Run one job per image, all at once, on the chosen cluster; returns an outcome per image, in order."""
     from tasks import store
+    from tasks.celery import store_client
     from tasks.client import Job, submit
 
     live = console.is_terminal and not settings.quiet
@@ -196,5 +210,5 @@ def execute(
                     cancel(runs)
                 for ref in uploads:
                     with contextlib.suppress(Exception):
-                        store.delete_ref(store.connect(cluster.store_url), ref)
+                        store.delete_ref(store_client(), ref)
     return [run.outcome for run in runs if run.outcome is not None]
