@@ -16,7 +16,7 @@ from pipeline.images import ImageError, normalize
 from pipeline.merge import merge_detections, place
 from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, OptionsError, parse_options
-from pipeline.recognizers import get_recognizer, get_spec
+from pipeline.recognizers import Recognizer, get_recognizer, spec_of
 from pipeline.sources import ArraySource, Source, check_region, is_blank
 from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
 
@@ -101,7 +101,7 @@ def plan(
     windows = windows_of(height, width, options)
     if options.batch_size is not None:
         return batches(windows, options.batch_size)
-    per_640 = get_spec(options.recognizer).cost_ms if tile_cost_ms is None else tile_cost_ms
+    per_640 = spec_of(options.recognizer).cost_ms if tile_cost_ms is None else tile_cost_ms
     cost = per_640 * windows[0].width * windows[0].height / (640 * 640)
     size = auto_batch_size(len(windows), cost, target_batch_ms, min_batches)
     if row_by_row:
@@ -126,7 +126,7 @@ def blank(tile: np.ndarray, options: JobOptions) -> bool:
 def compact(tile: np.ndarray, options: JobOptions) -> np.ndarray:
     """The tile in the channels its recognizer reads: grey for a grey-only one. Tiles are stored this way (a third
     of the bytes), and in-process runs convert the same way, so both feed the recognizer identical pixels."""
-    if tile.ndim == 3 and get_spec(options.recognizer).grey:
+    if tile.ndim == 3 and spec_of(options.recognizer).grey:
         return cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY)
     return tile
 
@@ -160,9 +160,17 @@ def compact_bands(bands: Iterator[np.ndarray], options: JobOptions) -> Iterator[
 
 
 def recognize_tile(tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:
-    """One tile's detections, filtered by score and placed in image coordinates."""
+    """One tile's detections, checked, filtered by score and placed in image coordinates.
+
+    Raises:
+        ShapeError: the recognizer returned a malformed shape (NaN, an invalid polygon, a mask outside the tile),
+            named by column and detection; TypeError: it returned something other than `Detections`.
+    """
     recognizer = get_recognizer(options.recognizer, options.params)
     found = recognizer(compact(tile, options))
+    if not isinstance(found, Detections):
+        raise TypeError(f"the recognizer returned {type(found).__name__}, not pipeline.model.Detections")
+    found.check(tile.shape[1], tile.shape[0])
     if options.min_score > 0 and len(found):
         found = found[np.flatnonzero(found.scores >= options.min_score)]
     return place(found, window, width, height)
@@ -263,7 +271,7 @@ def assemble(
         width=width,
         height=height,
         detections=merged,
-        recognizer=options.recognizer,
+        recognizer=spec_of(options.recognizer).name,
         params=options.params,
         source=source,
         tile=options.tile,
@@ -292,12 +300,18 @@ def _xywh(window: Window) -> list[int]:
     return [window.x, window.y, window.width, window.height]
 
 
-def recognize_image(image: np.ndarray, recognizer: str = "faces", **options: object) -> Recognition:
-    """Sliced recognition of a whole image in this process (what SAHI does), with tilerec's tiling and merge."""
+def recognize_image(image: np.ndarray, recognizer: str | Recognizer = "faces", **options: object) -> Recognition:
+    """Sliced recognition of a whole image in this process (what SAHI does), with tilerec's tiling and merge.
+
+    Args:
+        image: the pixels (grey, BGR or BGRA, 8 or 16 bit).
+        recognizer: a recognizer's name (its parameters among `options`), or any callable `tile -> Detections`.
+        options: job options (tile, overlap, merge, …) and the named recognizer's parameters.
+    """
     return recognize_source(ArraySource(normalize(np.asarray(image))), recognizer, **options)
 
 
-def recognize_source(source: Source, recognizer: str = "faces", **options: object) -> Recognition:
+def recognize_source(source: Source, recognizer: str | Recognizer = "faces", **options: object) -> Recognition:
     """`recognize_image` for any source (a TIFF read window by window, say): same tiles, skips and merge as a job.
 
     The source must be opened at the level the options name (`sources.open_source(path, level)`).

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import shapely
 
-SCHEMA = "tilerec/recognition@1"
+from pipeline.shapes import ShapeError, as_mask, check_mask, obb_corners, rings_of
+
+SCHEMA = "tilerec/recognition@2"
+READABLE = ("tilerec/recognition@1", SCHEMA)  # @1 results have no optional columns
 
 
 def _object_array(values: Iterable[Any], length: int) -> np.ndarray:
@@ -24,12 +28,18 @@ def _object_array(values: Iterable[Any], length: int) -> np.ndarray:
 class Detections:
     """Columnar detections (like supervision's `Detections`), so merging is vectorised.
 
-    xyxy: (N, 4) float box corners; scores: (N,); labels: (N,) str; texts: decoded payload or None;
-    points: (K, 2) landmark or corner arrays or None; cut: the box touches an inner tile border, so a
-    neighbouring tile may have seen the object whole.
+    Always: xyxy (N, 4) float box corners; scores (N,); labels (N,) str; texts, a decoded payload or None; points,
+    (P, 2) landmark or corner arrays or None; cut, the box touches an inner tile border, so a neighbouring tile may
+    have seen the object whole.
+    Optional columns (None where a detection has none): masks, shapely (Multi)Polygons, holes allowed
+    (`pipeline.shapes`); obb (N, 5) oriented boxes (cx, cy, w, h, degrees clockwise), NaN rows where absent;
+    keypoints, (K, 3) arrays of x, y, score or visibility, all with the same K, named by `keypoint_names`;
+    class_id (N,) int, -1 where absent; data, any further per-detection columns by name (JSON values), kept through
+    every stage.
     """
 
-    __slots__ = ("cut", "labels", "points", "scores", "texts", "xyxy")
+    __slots__ = ("class_id", "cut", "data", "keypoint_names", "keypoints", "labels", "masks", "obb", "points",
+                 "scores", "texts", "xyxy")  # fmt: skip
 
     def __init__(
         self,
@@ -39,6 +49,13 @@ class Detections:
         texts: Sequence[str | None] | None = None,
         points: Sequence[np.ndarray | None] | None = None,
         cut: np.ndarray | None = None,
+        *,
+        masks: Sequence[Any] | None = None,
+        obb: np.ndarray | Sequence[Sequence[float] | None] | None = None,
+        keypoints: Sequence[np.ndarray | None] | None = None,
+        keypoint_names: Sequence[str] = (),
+        class_id: Sequence[int] | np.ndarray | None = None,
+        data: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
         n = len(scores)
         self.xyxy = np.asarray(xyxy, dtype=np.float64).reshape(n, 4)
@@ -52,6 +69,28 @@ class Detections:
             n,
         )
         self.cut = np.zeros(n, dtype=bool) if cut is None else np.asarray(cut, dtype=bool).reshape(n)
+        self.masks = _object_array((as_mask(m) for m in masks) if masks is not None else [None] * n, n)
+        self.obb = _obb_column(obb, n)
+        self.keypoint_names = tuple(str(name) for name in keypoint_names)
+        self.keypoints = _keypoint_column(keypoints, n, self.keypoint_names)
+        self.class_id = np.full(n, -1, dtype=np.int64) if class_id is None else _class_ids(class_id, n)
+        self.data = {str(key): _object_array(values, n) for key, values in (data or {}).items()}
+
+    def _with(self, index: Any = None, **columns: Any) -> Detections:
+        """These detections, rows picked by `index` (all if None) and columns replaced by `columns`."""
+        pick = slice(None) if index is None else index
+        current = {
+            "xyxy": self.xyxy, "scores": self.scores, "labels": self.labels, "texts": self.texts,
+            "points": self.points, "cut": self.cut, "masks": self.masks, "obb": self.obb,
+            "keypoints": self.keypoints, "class_id": self.class_id,
+        }  # fmt: skip
+        values = {name: columns.get(name, column)[pick] for name, column in current.items()}
+        data = {key: column[pick] for key, column in columns.get("data", self.data).items()}
+        return Detections(
+            values.pop("xyxy"), values.pop("scores"), values.pop("labels"), values.pop("texts"),
+            list(values.pop("points")), values.pop("cut"), masks=list(values.pop("masks")),
+            keypoints=list(values.pop("keypoints")), data=data, keypoint_names=self.keypoint_names, **values,
+        )  # fmt: skip
 
     @classmethod
     def empty(cls) -> Detections:
@@ -65,66 +104,124 @@ class Detections:
         labels: Sequence[str] | str,
         texts: Sequence[str | None] | None = None,
         points: Sequence[np.ndarray | None] | None = None,
+        **columns: Any,
     ) -> Detections:
+        """From COCO-order boxes [x, y, w, h]; `columns` are the optional ones (masks, obb, keypoints, …)."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         xyxy = boxes.copy()
         xyxy[:, 2:] += xyxy[:, :2]
         if isinstance(labels, str):
             labels = [labels] * len(boxes)
-        return cls(xyxy, scores, labels, texts, points)
+        return cls(xyxy, scores, labels, texts, points, **columns)
 
     @classmethod
     def concat(cls, parts: Iterable[Detections]) -> Detections:
+        """One Detections of several; a data column some parts lack is None in their rows."""
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls.empty()
+        names = sorted({name for part in parts for name in part.data})
+        names_of_keypoints = {part.keypoint_names for part in parts if part.keypoint_names}
+        if len(names_of_keypoints) > 1:
+            raise ShapeError(f"keypoints: parts name their keypoints differently: {sorted(names_of_keypoints)}")
+        joined = np.concatenate
         return cls(
-            np.concatenate([p.xyxy for p in parts]),
-            np.concatenate([p.scores for p in parts]),
-            np.concatenate([p.labels for p in parts]),
-            np.concatenate([p.texts for p in parts]),
-            list(np.concatenate([p.points for p in parts])),
-            np.concatenate([p.cut for p in parts]),
+            joined([p.xyxy for p in parts]),
+            joined([p.scores for p in parts]),
+            joined([p.labels for p in parts]),
+            joined([p.texts for p in parts]),
+            list(joined([p.points for p in parts])),
+            joined([p.cut for p in parts]),
+            masks=list(joined([p.masks for p in parts])),
+            obb=joined([p.obb for p in parts]),
+            keypoints=list(joined([p.keypoints for p in parts])),
+            keypoint_names=next(iter(names_of_keypoints), ()),
+            class_id=joined([p.class_id for p in parts]),
+            data={name: joined([p.data.get(name, np.full(len(p), None)) for p in parts]) for name in names},
         )
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def __getitem__(self, index: np.ndarray | slice | list[int]) -> Detections:
-        return Detections(
-            self.xyxy[index],
-            self.scores[index],
-            self.labels[index],
-            self.texts[index],
-            list(self.points[index]),
-            self.cut[index],
-        )
+        return self._with(index)
+
+    def has(self, column: str) -> bool:
+        """Whether any detection has a value in an optional column (masks, obb, keypoints, class_id)."""
+        if column == "obb":
+            return bool(self.with_obb().any())
+        if column == "class_id":
+            return bool((self.class_id >= 0).any())
+        return any(value is not None for value in getattr(self, column))
+
+    def with_obb(self) -> np.ndarray:
+        """(N,) bool: the detections that have an oriented box (an all-NaN row is none)."""
+        return ~np.isnan(self.obb).all(axis=1)
 
     def shifted(self, dx: float, dy: float) -> Detections:
         """The same detections moved by (dx, dy): tile coordinates to image coordinates."""
         offset = np.array([dx, dy], dtype=np.float64)
-        return Detections(
-            self.xyxy + np.tile(offset, 2),
-            self.scores,
-            self.labels,
-            self.texts,
-            [None if p is None else p + offset for p in self.points],
-            self.cut,
+        obb = self.obb.copy()
+        obb[:, :2] += offset
+        masks = self.masks
+        if self.has("masks"):
+            masks = _object_array(
+                (None if m is None else shapely.transform(m, lambda xy: xy + offset) for m in self.masks), len(self)
+            )
+        keypoints = [None if k is None else k + np.array([dx, dy, 0.0]) for k in self.keypoints]
+        return self._with(
+            xyxy=self.xyxy + np.tile(offset, 2),
+            points=_object_array((None if p is None else p + offset for p in self.points), len(self)),
+            masks=masks,
+            obb=obb,
+            keypoints=_object_array(keypoints, len(self)),
         )
 
     def clipped(self, width: int, height: int) -> Detections:
-        """Boxes and points clamped to the image; boxes left with no area are dropped."""
+        """Boxes, points, keypoints and masks clamped to the image; boxes left with no area are dropped."""
         xyxy = self.xyxy.copy()
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(0, width)
         xyxy[:, 1::2] = xyxy[:, 1::2].clip(0, height)
-        points = [None if p is None else p.clip([0, 0], [width, height]) for p in self.points]
-        kept = Detections(xyxy, self.scores, self.labels, self.texts, points, self.cut)
+        points = _object_array((None if p is None else p.clip([0, 0], [width, height]) for p in self.points), len(self))
+        keypoints = _object_array(
+            (None if k is None else k.clip([0, 0, -np.inf], [width, height, np.inf]) for k in self.keypoints), len(self)
+        )
+        masks = self.masks
+        if self.has("masks"):
+            masks = _object_array(
+                (m if m is None or _inside(m, width, height) else _clip(m, width, height) for m in self.masks),
+                len(self),
+            )
+        kept = self._with(xyxy=xyxy, points=points, keypoints=keypoints, masks=masks)
         area_ok = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         return kept if area_ok.all() else kept[np.flatnonzero(area_ok)]
 
-    def to_columns(self) -> dict[str, list[Any]]:
-        """Exact, compact JSON form for passing detections between stages (tile task to merge)."""
-        return {
+    def check(self, width: float, height: float) -> None:
+        """Raise ShapeError naming the column, the detection and the fault, where a recognizer's output for a
+        `width`×`height` tile is not well formed (NaN, an invalid polygon, a mask outside the tile)."""
+        if not len(self):
+            return
+        for name in ("xyxy", "scores"):
+            bad = np.flatnonzero(~np.isfinite(getattr(self, name)).reshape(len(self), -1).all(axis=1))
+            if len(bad):
+                raise ShapeError(f"{name}: detection {bad[0]} has a value that is not a finite number")
+        present = self.with_obb()
+        bad = np.flatnonzero(present & (~np.isfinite(self.obb).all(axis=1) | (self.obb[:, 2:4] <= 0).any(axis=1)))
+        if len(bad):
+            row = self.obb[bad[0]].tolist()
+            raise ShapeError(f"obb: detection {bad[0]} is {row}: not finite, or not of positive size")
+        for i, keypoints in enumerate(self.keypoints):
+            if keypoints is not None and not np.isfinite(keypoints).all():
+                raise ShapeError(f"keypoints: detection {i} has a value that is not a finite number")
+        for i, mask in enumerate(self.masks):
+            fault = None if mask is None else check_mask(mask, width, height)
+            if fault is not None:
+                raise ShapeError(f"masks: detection {i} is {fault}")
+
+    def to_columns(self) -> dict[str, Any]:
+        """Exact, compact JSON form for passing detections between stages (tile task to merge); optional columns
+        only when some detection has them."""
+        columns: dict[str, Any] = {
             "xyxy": self.xyxy.tolist(),
             "scores": self.scores.tolist(),
             "labels": list(self.labels),
@@ -132,9 +229,23 @@ class Detections:
             "points": [None if p is None else p.tolist() for p in self.points],
             "cut": self.cut.tolist(),
         }
+        if self.has("masks"):
+            columns["masks"] = [None if m is None else rings_of(m) for m in self.masks]
+        if self.has("obb"):
+            columns["obb"] = [
+                row.tolist() if present else None for row, present in zip(self.obb, self.with_obb(), strict=True)
+            ]
+        if self.has("keypoints"):
+            columns["keypoints"] = [None if k is None else k.tolist() for k in self.keypoints]
+            columns["keypoint_names"] = list(self.keypoint_names)
+        if self.has("class_id"):
+            columns["class_id"] = self.class_id.tolist()
+        if self.data:
+            columns["data"] = {key: list(values) for key, values in self.data.items()}
+        return columns
 
     @classmethod
-    def from_columns(cls, columns: dict[str, list[Any]]) -> Detections:
+    def from_columns(cls, columns: Mapping[str, Any]) -> Detections:
         return cls(
             np.asarray(columns["xyxy"], dtype=np.float64).reshape(-1, 4),
             columns["scores"],
@@ -142,10 +253,22 @@ class Detections:
             columns["texts"],
             columns["points"],
             np.asarray(columns["cut"], dtype=bool),
+            masks=columns.get("masks"),
+            obb=columns.get("obb"),
+            keypoints=columns.get("keypoints"),
+            keypoint_names=columns.get("keypoint_names", ()),
+            class_id=columns.get("class_id"),
+            data=columns.get("data"),
         )
 
     def to_records(self, ndigits: int = 2) -> list[dict[str, Any]]:
-        """JSON-ready records in COCO box order [x, y, w, h], for people and other programs."""
+        """JSON-ready records in COCO box order [x, y, w, h], for people and other programs; each optional field
+        only where the detection has it."""
+
+        def rounded(values: np.ndarray) -> list[Any]:
+            return np.round(values, ndigits).tolist()
+
+        corners, with_obb = obb_corners(self.obb), self.with_obb()
         records = []
         for i in range(len(self)):
             x1, y1, x2, y2 = self.xyxy[i]
@@ -154,30 +277,123 @@ class Detections:
                 "score": round(float(self.scores[i]), 4),
                 "box": [round(float(v), ndigits) for v in (x1, y1, x2 - x1, y2 - y1)],
             }
+            if self.class_id[i] >= 0:
+                record["class_id"] = int(self.class_id[i])
             if self.texts[i] is not None:
                 record["text"] = self.texts[i]
             if self.points[i] is not None:
-                record["points"] = [[round(float(a), ndigits), round(float(b), ndigits)] for a, b in self.points[i]]
+                record["points"] = rounded(self.points[i])
+            if with_obb[i]:
+                cx, cy, w, h, angle = self.obb[i]
+                record["obb"] = {
+                    "center": rounded(np.array([cx, cy])),
+                    "size": rounded(np.array([w, h])),
+                    "angle": round(float(angle), 3),
+                    "corners": rounded(corners[i]),
+                }
+            if self.masks[i] is not None:
+                record["mask"] = rings_of(self.masks[i], ndigits)
+            if self.keypoints[i] is not None:
+                record["keypoints"] = [[round(float(x), ndigits), round(float(y), ndigits), round(float(s), 4)]
+                                       for x, y, s in self.keypoints[i]]  # fmt: skip
             if self.cut[i]:
                 record["cut"] = True
+            values = {key: column[i] for key, column in self.data.items() if column[i] is not None}
+            if values:
+                record["data"] = values
             records.append(record)
         return records
 
     @classmethod
-    def from_records(cls, records: Sequence[dict[str, Any]]) -> Detections:
-        boxes = [r["box"] for r in records]
-        detections = cls.from_xywh(
-            boxes,
+    def from_records(cls, records: Sequence[Mapping[str, Any]], keypoint_names: Sequence[str] = ()) -> Detections:
+        """Detections from `to_records`' form (schema @1 records too: they have no optional columns)."""
+        keys = sorted({key for r in records for key in r.get("data", {})})
+
+        def obb(record: Mapping[str, Any]) -> list[float] | None:
+            box = record.get("obb")
+            return None if box is None else [*box["center"], *box["size"], box["angle"]]
+
+        return cls.from_xywh(
+            [r["box"] for r in records],
             [r["score"] for r in records],
             [r["label"] for r in records],
             [r.get("text") for r in records],
             [r.get("points") for r in records],
+            cut=np.array([bool(r.get("cut", False)) for r in records], dtype=bool),
+            masks=[r.get("mask") for r in records],
+            obb=[obb(r) for r in records],
+            keypoints=[r.get("keypoints") for r in records],
+            keypoint_names=keypoint_names,
+            class_id=[r.get("class_id", -1) for r in records],
+            data={key: [r.get("data", {}).get(key) for r in records] for key in keys},
         )
-        detections.cut = np.array([bool(r.get("cut", False)) for r in records], dtype=bool)
-        return detections
 
     def __repr__(self) -> str:
         return f"Detections(n={len(self)}, labels={sorted(set(self.labels))})"
+
+
+def _obb_column(obb: Any, n: int) -> np.ndarray:
+    """(n, 5) oriented boxes, NaN rows for None entries."""
+    if obb is None:
+        return np.full((n, 5), np.nan)
+    if isinstance(obb, np.ndarray) and obb.dtype != object:
+        return np.asarray(obb, dtype=np.float64).reshape(n, 5)
+    rows = list(obb)
+    if len(rows) != n:
+        raise ValueError(f"all detection columns must have the same length ({len(rows)} != {n})")
+    column = np.full((n, 5), np.nan)
+    for i, row in enumerate(rows):
+        if row is not None:
+            values = np.asarray(row, dtype=np.float64).reshape(-1)
+            if values.shape != (5,):
+                raise ShapeError(f"obb: detection {i} has {values.size} values, not 5 (cx, cy, w, h, angle)")
+            column[i] = values
+    return column
+
+
+def _keypoint_column(keypoints: Any, n: int, names: Sequence[str]) -> np.ndarray:
+    """(K, 3) arrays (a K×2 input gets score 1), all of one K, which `names` gives if it is not empty."""
+    if keypoints is None:
+        return np.full(n, None, dtype=object)
+    column = _object_array(keypoints, n)
+    count = len(names) or None
+    for i, value in enumerate(column):
+        if value is None:
+            continue
+        array = np.asarray(value, dtype=np.float64)
+        if array.ndim != 2 or array.shape[1] not in (2, 3):
+            raise ShapeError(f"keypoints: detection {i} has shape {array.shape}, not K x 3 (x, y, score)")
+        if array.shape[1] == 2:
+            array = np.hstack([array, np.ones((len(array), 1))])
+        count = count or len(array)
+        if len(array) != count:
+            raise ShapeError(f"keypoints: detection {i} has {len(array)} keypoints, not {count}"
+                             + (f" ({', '.join(names)})" if names else ""))  # fmt: skip
+        column[i] = array
+    return column
+
+
+def _class_ids(values: Any, n: int) -> np.ndarray:
+    array = np.asarray(values)
+    if not np.issubdtype(array.dtype, np.integer) and array.size:
+        floats = array.astype(np.float64)
+        if not np.isfinite(floats).all() or (floats != np.round(floats)).any():
+            raise ShapeError(f"class_id: values must be whole numbers, got {array.tolist()[:5]}")
+    return array.astype(np.int64).reshape(n)
+
+
+def _inside(mask: Any, width: float, height: float) -> bool:
+    x1, y1, x2, y2 = mask.bounds
+    return x1 >= 0 and y1 >= 0 and x2 <= width and y2 <= height
+
+
+def _clip(mask: Any, width: float, height: float) -> Any:
+    """A mask cut to the image; None if nothing is left."""
+    clipped = shapely.clip_by_rect(mask, 0, 0, width, height)
+    polygons = [g for g in getattr(clipped, "geoms", [clipped]) if g.geom_type == "Polygon" and not g.is_empty]
+    if not polygons:
+        return None
+    return polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(polygons)
 
 
 @dataclass
@@ -204,7 +420,8 @@ class Recognition:
 
     def to_json(self) -> dict[str, Any]:
         """The result document; `image.level`/`image.downsample` (level > 0), `image.roi` (a roi was given) and
-        `tiling.skipped` (skip_blank was on) appear only when they apply."""
+        `tiling.skipped` (skip_blank was on) and `keypoint_names` (detections have keypoints) appear only when they
+        apply."""
         image: dict[str, Any] = {"width": self.width, "height": self.height, "source": self.source}
         if self.level:
             image.update(level=self.level, downsample=round(self.downsample, 6))
@@ -219,7 +436,7 @@ class Recognition:
         }
         if self.skipped is not None:
             tiling["skipped"] = self.skipped
-        return {
+        document = {
             "schema": SCHEMA,
             "image": image,
             "recognizer": {"name": self.recognizer, "params": self.params},
@@ -228,16 +445,20 @@ class Recognition:
             "failed_tiles": self.failed_tiles,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
+        if self.detections.keypoint_names:
+            document["keypoint_names"] = list(self.detections.keypoint_names)
+        return document
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Recognition:
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"not a {SCHEMA} result: schema is {data.get('schema')!r}")
+        """A result document of schema @2, or of @1 (which has no optional columns)."""
+        if data.get("schema") not in READABLE:
+            raise ValueError(f"not a {' or '.join(READABLE)} result: schema is {data.get('schema')!r}")
         return cls(
             width=data["image"]["width"],
             height=data["image"]["height"],
             source=data["image"].get("source"),
-            detections=Detections.from_records(data["detections"]),
+            detections=Detections.from_records(data["detections"], data.get("keypoint_names", ())),
             recognizer=data["recognizer"]["name"],
             params=data["recognizer"]["params"],
             tile=data["tiling"]["tile"],

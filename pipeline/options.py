@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.merge import MATCH_METRICS, MERGE_METHODS
-from pipeline.recognizers import get_spec, resolve_params
+from pipeline.recognizers import Recognizer, resolve_params, spec_of
 from pipeline.sources import BLANK_RANGE
 from pipeline.tiling import validate_tiling
 
@@ -33,7 +33,7 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class JobOptions:
-    recognizer: str = "faces"
+    recognizer: str | Recognizer = "faces"  # a callable only in process
     params: dict[str, Any] = field(default_factory=dict)
     tile: int = 640
     overlap: float = 0.2
@@ -99,7 +99,7 @@ def _skip_blank(value: Any) -> float | None:
 def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None = None) -> JobOptions:
     """JobOptions from a caller's keyword options: job options by name, everything else a recognizer parameter."""
     options = dict(options or {})
-    get_spec(recognizer)
+    spec_of(recognizer)
     params = options.pop("params", None) or {}
     if not isinstance(params, Mapping):
         raise OptionsError(f"params must be a mapping of recognizer parameters, got {params!r}")

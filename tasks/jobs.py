@@ -39,7 +39,7 @@ from pipeline.inference import (
     windows_of,
 )
 from pipeline.options import JobOptions, parse_options
-from pipeline.recognizers import get_spec, thread_budget
+from pipeline.recognizers import spec_of, thread_budget
 from pipeline.sources import FileRef
 from pipeline.tiling import Window, row_ends
 from tasks import store
@@ -151,7 +151,7 @@ def _start(
     """Plan the job of `image` (resolved to `target`) and store it: its description, and its tiles unless the
     batch tasks read a shared file or the PNG is streamed once the chord is published. Returns the job, its batches
     as [first, stop) tile ranges and, for a job of one batch, its tiles' outcomes (recognized here)."""
-    channels = 1 if get_spec(options.recognizer).grey else 3
+    channels = 1 if spec_of(options.recognizer).grey else 3
     # a PNG decoded band by band while other processes recognize its first rows (a node of one process that
     # takes tiles too could only recognize afterwards: it decodes the PNG whole)
     layout = sources.streamable_png(target, settings().max_pixels) if others_recognize() and not options.level else None

@@ -98,7 +98,7 @@ def test_run_embedded_end_to_end(tmp_path: Path, scene: Scene, scene_png: Path) 
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout == "" and completed.stderr == ""  # --quiet: nothing on either stream
     result = json.loads(out_json.read_text())
-    assert result["schema"] == "tilerec/recognition@1"
+    assert result["schema"] == "tilerec/recognition@2"
     assert (result["image"]["width"], result["image"]["height"]) == (1800, 1400)
     assert result["image"]["source"] == str(scene_png.resolve())
     assert_matches_truth(result["detections"], scene.truths)

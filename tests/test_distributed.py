@@ -36,7 +36,7 @@ def test_distributed_finds_every_code_once_and_equals_in_process(worker, redis_s
     outcome = recognize.delay(scene_path, "qrcode", tile=640, overlap=0.2)
     result = outcome.get(timeout=TIMEOUT)
     assert outcome.name == "tilerec.merge", "the tiling task became chord(tiles, merge)"
-    assert result["schema"] == "tilerec/recognition@1"
+    assert result["schema"] == "tilerec/recognition@2"
     assert result["image"] == {"width": 3000, "height": 2000, "source": scene_path}
     assert result["tiling"]["tiles"] == len(grid(2000, 3000, 640, 0.2))
     assert_each_code_once(result["detections"], scene.truths)

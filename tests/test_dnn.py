@@ -10,13 +10,14 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+import shapely
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline import recognize_image, recognizers
 from pipeline.model import Detections
 from pipeline.photo_scenes import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
 from pipeline.recognizers import RecognizerError, get_recognizer, limit_threads, thread_budget
-from pipeline.recognizers.dnn import OBJECTS_FILE, YUNET_FILE, model_file
+from pipeline.recognizers.dnn import COCO_KEYPOINTS, OBJECTS_FILE, YUNET_FILE, YUNET_KEYPOINTS, model_file
 from pipeline.scenes import Scene, Truth, iou_xywh
 from pipeline.tiling import Window, grid
 from tasks import recognize
@@ -97,11 +98,15 @@ def test_faces_dnn_finds_the_astronaut_face_and_its_landmarks(yunet, astronaut):
     assert face["label"] == "face" and face["score"] > 0.9
     assert max(abs(a - b) for a, b in zip(face["box"], ASTRONAUT_FACE, strict=True)) <= 2
     x, y, w, h = face["box"]
-    assert len(face["points"]) == 5 and all(x <= px <= x + w and y <= py <= y + h for px, py in face["points"])
-    (right_eye, left_eye), mouth = face["points"][:2], face["points"][3:]
-    assert right_eye[0] < left_eye[0] and max(right_eye[1], left_eye[1]) < min(m[1] for m in mouth)
+    assert "points" not in face and len(face["keypoints"]) == 5
+    assert all(x <= px <= x + w and y <= py <= y + h and score == face["score"] for px, py, score in face["keypoints"])
+    # the subject's right eye and mouth corner, on the picture's left (YuNet's order: YUNET_KEYPOINTS)
+    right_eye, left_eye, nose, right_mouth, left_mouth = face["keypoints"]
+    assert right_eye[0] < nose[0] < left_eye[0] and right_mouth[0] < left_mouth[0]
+    assert max(right_eye[1], left_eye[1]) < nose[1] < min(right_mouth[1], left_mouth[1])
     grey = cv2.cvtColor(astronaut, cv2.COLOR_BGR2GRAY)
-    assert len(get_recognizer("faces-dnn", {"model": yunet})(grey)) == 1
+    found = get_recognizer("faces-dnn", {"model": yunet})(grey)
+    assert len(found) == 1 and found.keypoint_names == YUNET_KEYPOINTS
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +128,8 @@ def test_faces_dnn_through_a_worker(worker, yunet, face_scene, images_root):
     result = recognize.delay(str(path), "faces-dnn", model=yunet).get(timeout=TIMEOUT)
     assert result["failed_tiles"] == [] and result["tiling"]["tiles"] == len(grid(3000, 4000))
     assert_each_once(Detections.from_records(result["detections"]), face_scene.truths, min_iou=0.75)
-    assert all(len(d["points"]) == 5 for d in result["detections"])
+    assert all(len(d["keypoints"]) == 5 for d in result["detections"])
+    assert result["keypoint_names"] == list(YUNET_KEYPOINTS)
 
 
 # --- objects (FastestDet through ONNX Runtime) ---------------------------------------------------------------------
@@ -225,19 +231,31 @@ def tile_box(cx: float, cy: float, w: float, h: float) -> list[float]:
     return [(cx - w / 2) / 0.5, (cy - h / 2 - 40) / 0.5, w / 0.5, h / 0.5]
 
 
-def constant_model(path: Path, output: np.ndarray, input_shape: list, names: list[str] | None = None) -> str:
-    """An ONNX model that ignores its image and always outputs `output`: the decoder's input, known exactly."""
-    node = helper.make_node("Constant", [], ["output0"], value=numpy_helper.from_array(output.astype(np.float32)))
+def constant_model(
+    path: Path,
+    outputs: np.ndarray | list[np.ndarray],
+    input_shape: list,
+    names: list[str] | None = None,
+    **metadata: str,
+) -> str:
+    """An ONNX model that ignores its image and always outputs `outputs` (output0, output1, ...): the decoder's
+    input, known exactly; `names` and `metadata` (task, kpt_shape, ...) as Ultralytics writes them."""
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    nodes = [
+        helper.make_node("Constant", [], [f"output{i}"], value=numpy_helper.from_array(output.astype(np.float32)))
+        for i, output in enumerate(outputs)
+    ]
     graph = helper.make_graph(
-        [node],
+        nodes,
         "constant",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, input_shape)],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, list(output.shape))],
+        [helper.make_tensor_value_info(f"output{i}", TensorProto.FLOAT, list(o.shape)) for i, o in enumerate(outputs)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9  # readable by older ONNX Runtime releases too
-    if names:
-        helper.set_model_props(model, {"names": repr(dict(enumerate(names)))})  # as Ultralytics writes it
+    properties = {"names": repr(dict(enumerate(names)))} if names else {}  # as Ultralytics writes it
+    if properties or metadata:
+        helper.set_model_props(model, {**properties, **metadata})
     onnx.save(model, str(path))
     return str(path)
 
@@ -249,7 +267,11 @@ def test_yolov8_output_is_decoded_to_known_boxes(tmp_path):
     detector = get_recognizer("objects", {"model": model, "input_size": 320, "score_threshold": 0.25})
     assert detector.layout == "yolov8"
     records = detector(TILE).to_records()
-    assert [(r["label"], r["score"]) for r in records] == [("dog", 0.95), ("cat", 0.9), ("kite", 0.85)]
+    assert [(r["label"], r["score"], r["class_id"]) for r in records] == [
+        ("dog", 0.95, 1),
+        ("cat", 0.9, 0),
+        ("kite", 0.85, 2),
+    ]
     for record, (box, _, _) in zip(records, [ROWS[0], ROWS[3], ROWS[2]], strict=True):
         assert record["box"] == pytest.approx(tile_box(*box), abs=0.01)
 
@@ -266,3 +288,164 @@ def test_yolov5_output_is_decoded_with_objectness(tmp_path):
     assert records[0]["box"] == pytest.approx(tile_box(*ROWS[0][0]), abs=0.01)
     with pytest.raises(RecognizerError, match=r"output shape \(1, 4, 8\) does not fit layout 'yolov8' with 3"):
         get_recognizer("objects", {"model": model, "names": str(names), "layout": "yolov8"})
+
+
+# --- YOLOv8/11 segment, obb and pose heads, decoded from constant models ------------------------------------------
+
+# an 800x600 tile letterboxed into a 640x640 input: scale min(640/800, 640/600) = 0.8, so 640x480 of picture,
+# centred: (640 - 480) // 2 = 80 px of padding above, none at the left
+BIG_TILE = np.zeros((600, 800, 3), dtype=np.uint8)
+SCALE, LEFT, TOP = 0.8, 0, 80
+
+
+def in_tile(x: float, y: float) -> tuple[float, float]:
+    """An input pixel position in the tile, undoing the letterbox above."""
+    return (x - LEFT) / SCALE, (y - TOP) / SCALE
+
+
+def tile_polygon(geometry: shapely.Geometry) -> shapely.Geometry:
+    """An input-pixel shape in tile pixels."""
+    return shapely.transform(geometry, lambda xy: (xy - [LEFT, TOP]) / SCALE)
+
+
+def columns(*rows: list[float]) -> np.ndarray:
+    """Candidate rows as a YOLOv8/11 output: 1 x channels x candidates."""
+    return np.array(rows, dtype=np.float32).T[None]
+
+
+def test_yolov8_seg_masks_are_prototype_masks_cut_to_the_box_in_tile_coordinates(tmp_path):
+    # prototypes at a quarter of the input (160x160); a prototype pixel (i, j) covers input pixels 4j..4j+4
+    centres = (np.arange(160) + 0.5) * 4
+    x, y = np.meshgrid(centres, centres)
+    protos = np.zeros((1, 32, 160, 160), dtype=np.float32)
+    distance = np.hypot(x - 320, y - 300)
+    protos[0, 0] = np.where((distance >= 40) & (distance <= 100), 8, -8)  # a disc of radius 100 with a hole of 40
+    protos[0, 1] = np.where((x > 400) & (x < 480) & (y > 160) & (y < 240), 8, -8)  # the square [400, 480)x[160, 240)
+    disc, square = np.eye(32)[0], np.eye(32)[1]
+    output = columns(
+        [290, 300, 220, 200, 0, 0, 0.9, *disc],  # a kite, its box x 180..400, y 200..400 cutting the disc's right
+        [291, 301, 220, 200, 0, 0, 0.8, *square],  # the same kite, weaker: NMS drops it
+        [440, 200, 120, 120, 0.85, 0, 0, *square],  # a cat, its box around the square
+        [100, 500, 50, 50, 0.1, 0, 0, *disc],  # below the score threshold
+    )
+    model = constant_model(tmp_path / "seg.onnx", [output, protos], [1, 3, 640, 640], NAMES)
+    detector = get_recognizer("objects", {"model": model, "score_threshold": 0.25})
+    assert detector.layout == "yolov8-seg", "two outputs, 4+C+32 channels and 32 prototypes"
+    found = detector(BIG_TILE)
+    assert [(r["label"], r["class_id"]) for r in found.to_records()] == [("kite", 2), ("cat", 0)]
+    ring = (
+        shapely.Point(320, 300).buffer(100, quad_segs=64).difference(shapely.Point(320, 300).buffer(40, quad_segs=64))
+    )
+    expected_ring = tile_polygon(ring.intersection(shapely.box(180, 200, 400, 400)))
+    mask = found.masks[0]
+    assert mask.geom_type == "Polygon" and len(mask.interiors) == 1, "one piece with its hole"
+    assert mask.intersection(expected_ring).area / mask.union(expected_ring).area >= 0.9
+    assert mask.bounds[2] == pytest.approx(in_tile(400, 0)[0], abs=1), "cut at the box's right edge"
+    expected_square = tile_polygon(shapely.box(400, 160, 480, 240))
+    assert found.masks[1].intersection(expected_square).area / found.masks[1].union(expected_square).area >= 0.9
+    assert found.masks[1].bounds == pytest.approx(expected_square.bounds, abs=1)
+    found.check(800, 600)
+
+
+def test_a_mask_never_reaches_into_the_letterbox_padding(tmp_path):
+    protos = np.full((1, 32, 160, 160), 8, dtype=np.float32)  # everything is object
+    output = columns([320, 70, 100, 100, 0.9, 0, 0, *np.eye(32)[0]])  # its box reaches 30 px into the top padding
+    model = constant_model(tmp_path / "seg.onnx", [output, protos], [1, 3, 640, 640], NAMES, task="segment")
+    [mask] = get_recognizer("objects", {"model": model, "score_threshold": 0.25})(BIG_TILE).masks
+    assert mask.bounds == pytest.approx((*in_tile(270, TOP), *in_tile(370, 120)), abs=1)
+
+
+def obb_corners_by_hand(cx: float, cy: float, w: float, h: float, degrees: float) -> np.ndarray:
+    """The 4 corners of a box of width w along (cos, sin) of the angle, height h across it, in input pixels."""
+    along = np.array([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))])
+    across = np.array([-along[1], along[0]])
+    return np.array(
+        [[cx, cy] + a * w / 2 * along + b * h / 2 * across for a, b in [(-1, -1), (1, -1), (1, 1), (-1, 1)]]
+    )
+
+
+def assert_same_corners(found: list[list[float]], expected: np.ndarray) -> None:
+    """The same 4 points within 1 px, in any order."""
+    for corner in expected:
+        assert min(np.hypot(*(np.array(f) - corner)) for f in found) <= 1, (found, expected)
+
+
+def test_yolov8_obb_boxes_are_turned_boxes_in_tile_coordinates(tmp_path):
+    output = columns(
+        [320, 300, 200, 80, 0, 0.9, 0, np.pi / 6],  # a dog turned 30° clockwise
+        [322, 301, 200, 80, 0, 0.8, 0, np.radians(32)],  # the same dog, weaker: rotated NMS drops it
+        [320, 300, 60, 160, 0, 0, 0.85, 2 * np.pi / 3],  # a kite on it, 120°: the same as 160x60 at 30°
+        [480, 450, 50, 50, 0.1, 0, 0, 0],  # below the score threshold
+    )
+    model = constant_model(tmp_path / "obb.onnx", output, [1, 3, 640, 640], NAMES)
+    detector = get_recognizer("objects", {"model": model, "score_threshold": 0.25})
+    assert detector.layout == "yolov8-obb", "4+C+1 channels, the angle last"
+    records = detector(BIG_TILE).to_records()
+    assert [(r["label"], r["class_id"]) for r in records] == [("dog", 1), ("kite", 2)]
+    centre = in_tile(320, 300)
+    for record, (w, h) in zip(records, [(200, 80), (160, 60)], strict=True):
+        corners = np.array([in_tile(*corner) for corner in obb_corners_by_hand(320, 300, w, h, 30)])
+        assert_same_corners(record["obb"]["corners"], corners)
+        assert record["obb"]["center"] == pytest.approx(centre, abs=0.01)
+        assert record["obb"]["size"] == pytest.approx([w / SCALE, h / SCALE], abs=0.01)
+        assert record["obb"]["angle"] == pytest.approx(30, abs=0.01)
+        x1, y1 = corners.min(axis=0)
+        x2, y2 = corners.max(axis=0)
+        assert record["box"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=1), "the corners' upright hull"
+
+
+def person_keypoints(k: int) -> tuple[float, float, float]:
+    """Keypoint k of the test person in input pixels, with its visibility."""
+    return 260 + 5 * k, 200 + 12 * k, 0.5 + k / 40
+
+
+def test_yolov8_pose_keypoints_come_in_tile_coordinates_with_coco_names(tmp_path):
+    keypoints = [value for k in range(17) for value in person_keypoints(k)]
+    output = columns(
+        [300, 320, 120, 300, 0.9, *keypoints],
+        [302, 321, 120, 300, 0.7, *keypoints],  # the same person, weaker: NMS drops it
+        [500, 320, 100, 300, 0.2, *keypoints],  # below the score threshold
+    )
+    # no metadata but the class names: one class and 51 more channels make COCO's 17 keypoints
+    model = constant_model(tmp_path / "pose.onnx", output, [1, 3, 640, 640], ["person"])
+    detector = get_recognizer("objects", {"model": model, "score_threshold": 0.25})
+    assert detector.layout == "yolov8-pose"
+    found = detector(BIG_TILE)
+    assert found.keypoint_names == COCO_KEYPOINTS and COCO_KEYPOINTS[:3] == ("nose", "left_eye", "right_eye")
+    [record] = found.to_records()
+    assert record["label"] == "person" and record["class_id"] == 0
+    assert record["box"] == pytest.approx([*in_tile(240, 170), 120 / SCALE, 300 / SCALE], abs=0.01)
+    for k, (x, y, visibility) in enumerate(record["keypoints"]):
+        kx, ky, kv = person_keypoints(k)
+        assert np.hypot(x - in_tile(kx, ky)[0], y - in_tile(kx, ky)[1]) <= 1
+        assert visibility == pytest.approx(kv, abs=1e-4), "visibility as exported"
+
+
+def test_pose_keypoints_follow_the_kpt_shape_and_kpt_names_metadata(tmp_path):
+    def decoded(name: str, values: int, **metadata: str) -> Detections:
+        keypoints = [v for k in range(4) for v in person_keypoints(k)[:values]]
+        output = columns([300, 320, 120, 300, 0, 0.9, 0, *keypoints])
+        model = constant_model(tmp_path / name, output, [1, 3, 640, 640], NAMES, task="pose", **metadata)
+        return get_recognizer("objects", {"model": model, "score_threshold": 0.25})(BIG_TILE)
+
+    plain = decoded("plain.onnx", 3, kpt_shape="[4, 3]")
+    assert plain.keypoint_names == ("kp0", "kp1", "kp2", "kp3") and len(plain.keypoints[0]) == 4
+    assert decoded("named.onnx", 3, kpt_names=repr({0: list("abcd")})).keypoint_names == tuple("abcd")
+    [without_visibility] = decoded("xy.onnx", 2, kpt_shape="[4, 2]").keypoints  # x, y only, as tiger-pose
+    expected = [[*in_tile(*person_keypoints(k)[:2]), 1.0] for k in range(4)]
+    assert np.allclose(without_visibility, expected, atol=0.01), "visibility 1 where the model gives none"
+
+
+def test_the_task_metadata_picks_the_head_and_a_shape_that_fits_none_is_named(tmp_path):
+    output = columns([320, 300, 200, 80, 0, 0.9, 0, 0.5])  # 8 channels: an obb head with 3 classes
+    model = constant_model(tmp_path / "obb.onnx", output, [1, 3, 640, 640], NAMES, task="obb")
+    assert get_recognizer("objects", {"model": model}).layout == "yolov8-obb"
+    mislabelled = constant_model(tmp_path / "seg.onnx", output, [1, 3, 640, 640], NAMES, task="segment")
+    picked = r"layout 'yolov8-seg' \(from the model's 'task' metadata 'segment'\) with 3 classes"
+    with pytest.raises(RecognizerError, match=r"output shape \(1, 8, 1\) does not fit " + picked):
+        get_recognizer("objects", {"model": mislabelled})
+    odd = constant_model(
+        tmp_path / "odd.onnx", columns([320, 300, 200, 80, 0, 0.9, 0, 1, 2, 3, 4, 5]), [1, 3, 64, 64], NAMES
+    )
+    with pytest.raises(RecognizerError, match=r"output shape \(1, 12, 1\) does not fit layout 'auto' with 3 classes"):
+        get_recognizer("objects", {"model": odd})

@@ -162,7 +162,7 @@ def test_flower_shows_every_tilerec_task_with_small_readable_arguments(flower, j
     assert (merged["name"], merged["state"]) == ("tilerec.merge", "SUCCESS")
     assert list(ast.literal_eval(merged["args"])) == [jobs["path"], "qrcode"]
     assert ast.literal_eval(merged["kwargs"]) == {"batch_size": 3}
-    assert merged["result"].startswith("{'schema': 'tilerec/recognition@1', 'image': {'width': 1920, 'height': 1280")
+    assert merged["result"].startswith("{'schema': 'tilerec/recognition@2', 'image': {'width': 1920, 'height': 1280")
     assert f"'tiles': {len(windows_expected)}, 'batches': {batches}" in merged["result"]
 
     # a refused job keeps its tilerec.recognize row: its arguments exactly as sent, and the error
@@ -225,7 +225,7 @@ def test_flower_shows_a_running_jobs_progress_and_arguments_on_its_row(flower, w
     _wait(lambda: flower.json(f"/api/task/info/{job.id}")["state"] == "SUCCESS", 15, "flower to see the job end")
     row = flower.json(f"/api/task/info/{job.id}")
     assert ast.literal_eval(row["kwargs"]) == {"batch_size": 2, "seconds": 0.2}
-    assert row["result"].startswith("{'schema': 'tilerec/recognition@1'")
+    assert row["result"].startswith("{'schema': 'tilerec/recognition@2'")
 
 
 def test_flower_wants_credentials(flower, jobs):

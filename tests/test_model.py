@@ -72,7 +72,7 @@ def test_recognition_json_has_the_documented_schema_and_round_trips():
         tasks=2,
     )
     data = json.loads(json.dumps(r.to_json()))
-    assert data["schema"] == SCHEMA == "tilerec/recognition@1"
+    assert data["schema"] == SCHEMA == "tilerec/recognition@2"
     assert set(data) == {"schema", "image", "recognizer", "tiling", "detections", "failed_tiles", "timings"}
     assert data["image"] == {"width": 4000, "height": 3000, "source": "/data/a.png"}
     assert data["tiling"] == {"tile": 640, "overlap": 0.2, "tiles": 30, "batches": 8, "tasks": 2}

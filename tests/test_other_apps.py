@@ -151,14 +151,14 @@ def test_another_celery_app_sends_by_name_and_chains_its_own_task(worker, other_
     report = json.loads(done.stdout)
     assert report["imported"] == [], "the other app's client must not import tilerec's modules"
     plain = report["plain"]
-    assert plain["schema"] == "tilerec/recognition@1"
+    assert plain["schema"] == "tilerec/recognition@2"
     assert plain["image"] == {"width": 1920, "height": 1280, "source": scene_path}
     assert plain["tiling"]["tiles"] == len(grid(1280, 1920, 640, 0.2))
     assert_each_code_once(plain["detections"], scene.truths)
     expected = {
         "count": len(scene.truths),
         "texts": sorted(truth.text for truth in scene.truths),
-        "schema": "tilerec/recognition@1",
+        "schema": "tilerec/recognition@2",
         "imported": [],  # the other app's worker did not import tilerec either
     }
     assert report["chained"] == expected

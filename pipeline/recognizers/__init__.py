@@ -20,7 +20,8 @@ from pipeline.model import Detections
 
 
 class Recognizer(Protocol):
-    """Takes one tile (8-bit grey or BGR array) and returns detections in that tile's coordinates."""
+    """Takes one tile (8-bit grey or BGR array) and returns detections in that tile's coordinates (any column of
+    `Detections`: boxes, masks, oriented boxes, keypoints, class ids, data)."""
 
     def __call__(self, tile: np.ndarray) -> Detections: ...
 
@@ -75,6 +76,15 @@ def get_spec(name: object) -> RecognizerSpec:
     return _REGISTRY[name]
 
 
+def spec_of(recognizer: str | Recognizer) -> RecognizerSpec:
+    """The spec of a recognizer name; a callable given in process (supervision's callback style) gets a spec of its
+    own: its name, colour tiles, the default cost. Callables cannot travel in a Celery message, names can."""
+    if isinstance(recognizer, str) or not callable(recognizer):
+        return get_spec(recognizer)
+    name = getattr(recognizer, "__name__", None) or type(recognizer).__name__
+    return RecognizerSpec(name, lambda: recognizer)
+
+
 def _coerce(recognizer: str, name: str, value: Any, default: Any) -> Any:
     """A parameter value checked against the type of its default (JSON turns tuples into lists)."""
     if default is None or value is None:
@@ -95,10 +105,18 @@ def _coerce(recognizer: str, name: str, value: Any, default: Any) -> Any:
     )
 
 
-def resolve_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The recognizer's full parameter set: its defaults overridden by `params`, each checked."""
-    spec = get_spec(name)
+def resolve_params(name: str | Recognizer, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The recognizer's full parameter set: its defaults overridden by `params`, each checked (a callable takes
+    none: bind them with functools.partial)."""
+    spec = spec_of(name)
     params = dict(params or {})
+    if not isinstance(name, str):
+        if params:
+            raise RecognizerError(
+                f"recognizer {spec.name!r} is a callable: it takes no parameters ({', '.join(sorted(params))}); "
+                "bind them with functools.partial"
+            )
+        return {}
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         known = ", ".join(sorted(spec.params)) or "none"
@@ -159,9 +177,11 @@ def _build(name: str, frozen: tuple[tuple[str, Any], ...]) -> Recognizer:
     return get_spec(name).factory(**dict(frozen))
 
 
-def get_recognizer(name: str, params: Mapping[str, Any] | None = None) -> Recognizer:
-    """The recognizer built once per process for this name and parameter set."""
+def get_recognizer(name: str | Recognizer, params: Mapping[str, Any] | None = None) -> Recognizer:
+    """The recognizer built once per process for this name and parameter set; a callable is its own recognizer."""
     resolved = resolve_params(name, params)
+    if not isinstance(name, str):
+        return name
     return _build(name, tuple(sorted(resolved.items())))
 
 

@@ -1,4 +1,5 @@
-"""Neural detectors: faces with landmarks (OpenCV's YuNet) and COCO objects from an ONNX file (ONNX Runtime).
+"""Neural detectors: faces with landmarks (OpenCV's YuNet) and objects from an ONNX file (ONNX Runtime): boxes, and
+for YOLOv8/11 exports of the other heads also instance masks, oriented boxes or keypoints.
 
 Model files are not part of tilerec (where to get them: ../shared/models/PROVENANCE.md). Each recognizer takes
 its file from its `model` parameter, else from its own env var, else from the folder in TILEREC_MODEL_DIR.
@@ -9,22 +10,36 @@ TILEREC_MODEL_ROOTS (see `restrict_file_params`), so a message cannot make a wor
 from __future__ import annotations
 
 import ast
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
+import shapely
+from shapely.geometry.base import BaseGeometry
 
 from pipeline.model import Detections
 from pipeline.recognizers import RecognizerError, RecognizerSpec, register, thread_budget
+from pipeline.shapes import obb_corners, polygons_from_bitmap
 
 MODEL_DIR_ENV = "TILEREC_MODEL_DIR"
 YUNET_FILE = "face_detection_yunet_2023mar.onnx"
 OBJECTS_FILE = "FastestDet.onnx"
 NAMES_FILE = "coco.names"
-LAYOUTS = ("auto", "fastestdet", "yolov5", "yolov8")
+LAYOUTS = ("auto", "fastestdet", "yolov5", "yolov8", "yolov8-seg", "yolov8-obb", "yolov8-pose")
+# the layout of each `task` that Ultralytics writes into an export's metadata
+TASK_LAYOUTS = {"detect": "yolov8", "segment": "yolov8-seg", "obb": "yolov8-obb", "pose": "yolov8-pose"}
+MASK_COEFFICIENTS = 32  # prototype masks of Ultralytics' segment heads
+COCO_KEYPOINTS = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
+)  # fmt: skip
+# the subject's right and left, in the order of FaceDetectorYN's output columns 4-13
+YUNET_KEYPOINTS = ("right_eye", "left_eye", "nose_tip", "right_mouth_corner", "left_mouth_corner")
 
 
 def model_file(recognizer: str, param: str, value: str, env: str, filename: str) -> Path:
@@ -60,7 +75,8 @@ def _bgr(tile: np.ndarray) -> np.ndarray:
 
 
 class YuNetFaces:
-    """Faces with five landmarks (eyes, nose tip, mouth corners) as `points`.
+    """Faces with five landmarks as `keypoints` (eyes, nose tip, mouth corners; `YUNET_KEYPOINTS`), each scored
+    with its face's score, since YuNet gives no score per landmark.
 
     One detector per process; `setInputSize` per tile only resizes the network's input, which is cheap.
     """
@@ -78,7 +94,12 @@ class YuNetFaces:
         _, faces = self.detector.detect(_bgr(tile))
         if faces is None:
             return Detections.empty()
-        return Detections.from_xywh(faces[:, :4], faces[:, 14], "face", points=list(faces[:, 4:14].reshape(-1, 5, 2)))
+        landmarks = faces[:, 4:14].reshape(-1, 5, 2)
+        scores = np.broadcast_to(faces[:, 14, None, None], (len(faces), 5, 1))
+        keypoints = list(np.concatenate([landmarks, scores], axis=2))
+        return Detections.from_xywh(
+            faces[:, :4], faces[:, 14], "face", keypoints=keypoints, keypoint_names=YUNET_KEYPOINTS
+        )
 
 
 def _session(path: Path) -> Any:
@@ -95,17 +116,23 @@ def _session(path: Path) -> Any:
         raise _unloadable("objects", "model", path, error) from None
 
 
-def _read_names(model: Path, names: str, metadata: dict[str, str]) -> list[str]:
+def _metadata_literal(model: Path, metadata: Mapping[str, str], key: str) -> Any:
+    """A Python literal that Ultralytics wrote into the model's metadata as `str(value)`, or None if `key` is absent;
+    literal_eval runs no code."""
+    if key not in metadata:
+        return None
+    try:
+        return ast.literal_eval(metadata[key])
+    except (ValueError, TypeError, SyntaxError):
+        raise RecognizerError(f"recognizer 'objects': model {model} has unreadable {key!r} metadata") from None
+
+
+def _read_names(model: Path, names: str, metadata: Mapping[str, str]) -> list[str]:
     """Class names: the `names` file, else the model's `names` metadata (as Ultralytics exports), else coco.names
     beside the model."""
-    if not names and "names" in metadata:
-        try:  # a dict literal {0: 'person', ...}; literal_eval runs no code
-            parsed = ast.literal_eval(metadata["names"])
-            return (
-                [str(parsed[key]) for key in sorted(parsed)] if isinstance(parsed, dict) else [str(n) for n in parsed]
-            )
-        except (ValueError, TypeError, SyntaxError):
-            raise RecognizerError(f"recognizer 'objects': model {model} has unreadable 'names' metadata") from None
+    parsed = None if names else _metadata_literal(model, metadata, "names")  # a dict literal {0: 'person', ...}
+    if parsed is not None:
+        return [str(parsed[key]) for key in sorted(parsed)] if isinstance(parsed, dict) else [str(n) for n in parsed]
     path = Path(names).expanduser() if names else model.with_name(NAMES_FILE)
     if not path.is_file():
         raise RecognizerError(
@@ -115,19 +142,72 @@ def _read_names(model: Path, names: str, metadata: dict[str, str]) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def _layout(layout: str, shape: Sequence[int], classes: int) -> str:
-    """The output layout: FastestDet's 1×(5+C)×H×W grid, YOLOv5's 1×N×(5+C) rows, YOLOv8/11's 1×(4+C)×N columns."""
+def _keypoint_name_list(model: Path, metadata: Mapping[str, str]) -> list[str] | None:
+    """The first class's keypoint names from newer Ultralytics exports' `kpt_names` ({0: ['nose', ...], ...}): a
+    result has one naming for all its detections."""
+    parsed = _metadata_literal(model, metadata, "kpt_names")
+    lists = list(parsed.values()) if isinstance(parsed, dict) else parsed
+    if not lists:
+        return None
+    names = lists if isinstance(lists[0], str) else lists[0]  # one list for all classes, or one per class
+    return [str(name) for name in names]
+
+
+def _keypoint_shape(model: Path, metadata: Mapping[str, str], classes: int) -> tuple[int, int] | None:
+    """(K, values per keypoint) of a pose head: `kpt_shape` metadata ([17, 3]: x, y, visibility; [K, 2]: x, y),
+    else K of `kpt_names` with visibility, else COCO's 17 for a one-class (person) model; None when nothing tells."""
+    shape = _metadata_literal(model, metadata, "kpt_shape")
+    if shape is not None:
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and shape[1] in (2, 3) and _count(shape[0])):
+            raise RecognizerError(f"recognizer 'objects': model {model} has 'kpt_shape' {shape!r}, not [K, 2 or 3]")
+        return int(shape[0]), int(shape[1])
+    names = _keypoint_name_list(model, metadata)
+    if names:
+        return len(names), 3
+    return (len(COCO_KEYPOINTS), 3) if classes == 1 else None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and value > 0
+
+
+def _keypoint_names(model: Path, metadata: Mapping[str, str], count: int) -> tuple[str, ...]:
+    """The model's own keypoint names if it has `count` of them, else COCO's for 17, else kp0, kp1, …"""
+    names = _keypoint_name_list(model, metadata)
+    if names and len(names) == count:
+        return tuple(names)
+    return COCO_KEYPOINTS if count == len(COCO_KEYPOINTS) else tuple(f"kp{i}" for i in range(count))
+
+
+def _layout(
+    layout: str, shapes: Sequence[Sequence[int]], classes: int, keypoints: tuple[int, int] | None, task: str
+) -> str:
+    """The output layout: FastestDet's 1×(5+C)×H×W grid, YOLOv5's 1×N×(5+C) rows, YOLOv8/11's 1×(4+C+E)×N columns
+    with E head columns: none (detect), 32 mask coefficients beside 1×32×mh×mw prototypes (segment), an angle (obb),
+    K keypoints (pose). `auto` takes the layout of the Ultralytics `task` metadata, else the first that fits, in
+    this order: the heads that only a few columns tell apart come after the plain layouts."""
+    first = tuple(shapes[0])
+    columns = first[1] - 4 - classes if len(first) == 3 else None  # YOLOv8/11's columns after box and classes
+    protos = tuple(shapes[1]) if len(shapes) == 2 else ()
     fits = {
-        "fastestdet": len(shape) == 4 and shape[1] == 5 + classes,
-        "yolov8": len(shape) == 3 and shape[1] == 4 + classes,
-        "yolov5": len(shape) == 3 and shape[2] == 5 + classes,
+        "fastestdet": len(first) == 4 and first[1] == 5 + classes,
+        "yolov8": columns == 0,
+        "yolov5": len(first) == 3 and first[2] == 5 + classes,
+        "yolov8-seg": columns == MASK_COEFFICIENTS and len(protos) == 4 and protos[1] == MASK_COEFFICIENTS,
+        "yolov8-obb": columns == 1,
+        "yolov8-pose": keypoints is not None and columns == keypoints[0] * keypoints[1],
     }
-    if layout == "auto":
+    origin = ""
+    if layout == "auto" and task in TASK_LAYOUTS:
+        layout, origin = TASK_LAYOUTS[task], f" (from the model's 'task' metadata {task!r})"
+    elif layout == "auto":
         layout = next((name for name, fit in fits.items() if fit), "auto")
     if not fits.get(layout):
+        described = ", ".join(str(tuple(shape)) for shape in shapes)
         raise RecognizerError(
-            f"recognizer 'objects': output shape {tuple(shape)} does not fit layout {layout!r} with {classes} "
-            f"classes (parameter 'layout': one of {', '.join(LAYOUTS)}; parameter 'names': the class names)"
+            f"recognizer 'objects': output shape{'s' if len(shapes) > 1 else ''} {described} does not fit layout "
+            f"{layout!r}{origin} with {classes} classes (parameter 'layout': one of {', '.join(LAYOUTS)}; "
+            "parameter 'names': the class names)"
         )
     return layout
 
@@ -136,8 +216,56 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+class Letterbox(NamedTuple):
+    """Where a letterboxed tile lies in the network's input: scaled by `scale`, its top-left corner at (left, top),
+    `width`×`height` input pixels."""
+
+    scale: float
+    left: int
+    top: int
+    width: int
+    height: int
+
+    def to_tile(self, xy: np.ndarray) -> np.ndarray:
+        """Input-pixel coordinates (x, y in the last axis) in tile pixels."""
+        return (xy - np.array([self.left, self.top])) / self.scale
+
+    def boxes_to_tile(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) boxes x, y, w, h from input pixels to tile pixels."""
+        return np.concatenate([self.to_tile(boxes[:, :2]), boxes[:, 2:] / self.scale], axis=1)
+
+
+def _corner_form(centred: np.ndarray) -> np.ndarray:
+    """Boxes cx, cy, w, h as x, y, w, h, the form OpenCV's NMS and `Detections.from_xywh` take."""
+    cx, cy, w, h = centred.T
+    return np.stack([cx - w / 2, cy - h / 2, w, h], axis=1)
+
+
+def _upsampling(start: int, stop: int, source: int, target: int) -> np.ndarray:
+    """Weights of bilinear upsampling from `source` to `target` pixels (PyTorch's align_corners=False, which
+    Ultralytics uses), one row per output pixel start..stop-1: so only a box's crop of a mask is ever computed."""
+    position = ((np.arange(start, stop) + 0.5) * source / target - 0.5).clip(0, source - 1)
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, source - 1)
+    weights = np.zeros((stop - start, source))
+    rows = np.arange(stop - start)
+    weights[rows, below] = 1 - (position - below)
+    weights[rows, above] += position - below  # the same pixel at the edge: its weight stays 1
+    return weights
+
+
+def _obb_degrees(centred: np.ndarray, radians: np.ndarray) -> np.ndarray:
+    """(N, 5) oriented boxes in degrees, as Ultralytics' `regularize_rboxes` gives them: the angle brought into
+    [0°, 90°), width and height swapped where that takes a quarter turn off, so that one box has one form."""
+    obb = np.column_stack([centred, np.degrees(radians % (np.pi / 2))])
+    swap = radians % np.pi >= np.pi / 2
+    obb[swap, 2], obb[swap, 3] = centred[swap, 3], centred[swap, 2]
+    return obb
+
+
 class OnnxObjects:
-    """COCO-style objects from an ONNX detector, run with ONNX Runtime.
+    """Objects from an ONNX detector, run with ONNX Runtime: FastestDet, YOLOv5, and YOLOv8/11 exports of each head
+    (detect; segment: `masks`; obb: `obb`; pose: `keypoints`); every detection has its `class_id`.
 
     ORT and not cv2.dnn: several times faster on CPU (docs/performance.md), and it reads the class names that
     Ultralytics exports store in the model's metadata. OpenCV still does the resizing and NMS.
@@ -162,12 +290,18 @@ class OnnxObjects:
         dims = self.input.shape[2:]
         # a dynamic input (a name, not a number) takes `input_size`, or 640 as Ultralytics exports do
         self.size = tuple(d if isinstance(d, int) else input_size or 640 for d in dims)[::-1]  # (width, height)
-        self.names = _read_names(path, names, self.session.get_modelmeta().custom_metadata_map)
-        try:  # one blank run: the output's shape picks the layout, and a model that cannot run fails here, named
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.names = _read_names(path, names, metadata)
+        try:  # one blank run: the outputs' shapes pick the layout, and a model that cannot run fails here, named
             probe = self.session.run(None, {self.input.name: np.zeros((1, 3, *self.size[::-1]), np.float32)})
         except Exception as error:
             raise _unloadable("objects", "model", path, error) from None
-        self.layout = _layout(layout, probe[0].shape, len(self.names))
+        self.keypoint_shape = _keypoint_shape(path, metadata, len(self.names))
+        shapes = [output.shape for output in probe]
+        self.layout = _layout(layout, shapes, len(self.names), self.keypoint_shape, metadata.get("task", ""))
+        self.keypoint_names = (
+            _keypoint_names(path, metadata, self.keypoint_shape[0]) if self.layout == "yolov8-pose" else ()
+        )
         wanted = [name.strip() for name in classes.split(",") if name.strip()]
         unknown = sorted(set(wanted) - set(self.names))
         if unknown:
@@ -183,25 +317,77 @@ class OnnxObjects:
         classes = grid[5:].reshape(len(self.names), -1)
         ids = classes.argmax(axis=0)
         scores = grid[0].reshape(-1).clip(0, 1) ** 0.6 * classes.max(axis=0).clip(0, 1) ** 0.4
-        cells = np.flatnonzero(scores >= self.score_threshold)
+        cells = np.flatnonzero((scores >= self.score_threshold) & self.keep[ids])
         row, col = np.divmod(cells, cols)
         terms = grid[1:5].reshape(4, -1)[:, cells]
         cx, cy = (col + np.tanh(terms[0])) / cols, (row + np.tanh(terms[1])) / rows
         w, h = _sigmoid(terms[2]), _sigmoid(terms[3])
-        return np.stack([cx - w / 2, cy - h / 2, w, h], axis=1), scores[cells], ids[cells]
+        boxes = np.stack([cx - w / 2, cy - h / 2, w, h], axis=1).astype(np.float64)
+        return boxes, scores[cells].astype(np.float64), ids[cells]
 
-    def _yolo(self, output: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows of cx, cy, w, h (input pixels), [obj,] class scores; YOLOv8 has no obj and stores columns."""
-        rows = output[0].T if self.layout == "yolov8" else output[0]
-        classes = rows[:, -len(self.names) :]
+    def _yolo(self, output: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of cx, cy, w, h (input pixels), [obj,] class scores, then the head's own columns, which come back
+        as they are; YOLOv8/11 has no obj and stores columns."""
+        rows = output[0] if self.layout == "yolov5" else output[0].T
+        first = 5 if self.layout == "yolov5" else 4
+        classes = rows[:, first : first + len(self.names)]
         ids, scores = classes.argmax(axis=1), classes.max(axis=1)
         if self.layout == "yolov5":
             scores = scores * rows[:, 4]
-        keep = np.flatnonzero(scores >= self.score_threshold)
-        cx, cy, w, h = rows[keep, :4].T
-        return np.stack([cx - w / 2, cy - h / 2, w, h], axis=1), scores[keep], ids[keep]
+        keep = np.flatnonzero((scores >= self.score_threshold) & self.keep[ids])
+        head = rows[keep, first + len(self.names) :].astype(np.float64)
+        return rows[keep, :4].astype(np.float64), scores[keep].astype(np.float64), ids[keep], head
 
-    def _letterbox(self, tile: np.ndarray) -> tuple[np.ndarray, float, tuple[int, int]]:
+    def _nms(self, boxes: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Indices of the boxes (x, y, w, h) that per-class NMS keeps, best first."""
+        kept = cv2.dnn.NMSBoxesBatched(boxes, scores, ids, self.score_threshold, self.nms_threshold)
+        return np.asarray(kept, dtype=np.int64).reshape(-1)
+
+    def _rotated_nms(self, obb: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Indices of the oriented boxes that rotated NMS keeps within each class, best first (OpenCV has no batched
+        rotated NMS)."""
+        kept = []
+        for class_id in np.unique(ids):
+            members = np.flatnonzero(ids == class_id)
+            rects = [((cx, cy), (w, h), angle) for cx, cy, w, h, angle in obb[members].tolist()]
+            picked = cv2.dnn.NMSBoxesRotated(rects, scores[members].tolist(), self.score_threshold, self.nms_threshold)
+            kept.extend(members[np.asarray(picked, dtype=np.int64).reshape(-1)])
+        kept = np.array(kept, dtype=np.int64)
+        return kept[np.argsort(-scores[kept], kind="stable")]
+
+    def _mask(
+        self, coefficients: np.ndarray, protos: np.ndarray, box: np.ndarray, letterbox: Letterbox
+    ) -> BaseGeometry | None:
+        """An instance mask as Ultralytics' `process_mask_upsample` makes it (sigmoid of the coefficients times the
+        prototypes, upsampled bilinearly to the input size, cut to the box, over 0.5), computed on the box's input
+        pixels only, then outlined and moved to tile coordinates; None if no pixel is set."""
+        channels, mask_height, mask_width = protos.shape
+        low = _sigmoid(coefficients @ protos.reshape(channels, -1)).reshape(mask_height, mask_width)
+        x, y, w, h = box
+        # crop_mask keeps pixel columns c with x1 <= c < x2; the letterbox's padding is no part of the tile
+        left, right = max(math.ceil(x), letterbox.left), min(math.ceil(x + w), letterbox.left + letterbox.width)
+        top, bottom = max(math.ceil(y), letterbox.top), min(math.ceil(y + h), letterbox.top + letterbox.height)
+        if right <= left or bottom <= top:
+            return None
+        rows = _upsampling(top, bottom, mask_height, self.size[1])
+        cols = _upsampling(left, right, mask_width, self.size[0])
+        outline = polygons_from_bitmap(rows @ low @ cols.T > 0.5, (left, top))
+        return None if outline is None else shapely.transform(outline, letterbox.to_tile)
+
+    def _oriented(
+        self, centred: np.ndarray, scores: np.ndarray, ids: np.ndarray, radians: np.ndarray, letterbox: Letterbox
+    ) -> Detections:
+        """YOLOv8/11-obb: the box columns are the turned box's centre and size, the angle (radians) follows the class
+        scores; the detection's box is the axis-aligned hull of its corners."""
+        in_tile = np.column_stack([letterbox.to_tile(centred[:, :2]), centred[:, 2:] / letterbox.scale])
+        obb = _obb_degrees(in_tile, radians)
+        kept = self._rotated_nms(obb, scores, ids)
+        corners = obb_corners(obb[kept])
+        xyxy = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+        labels = [self.names[i] for i in ids[kept]]
+        return Detections(xyxy, scores[kept], labels, obb=obb[kept], class_id=ids[kept])
+
+    def _letterbox(self, tile: np.ndarray) -> tuple[np.ndarray, Letterbox]:
         """The tile scaled to fit the input, aspect kept, centred on grey 114 (Ultralytics' pre-processing)."""
         height, width = tile.shape[:2]
         scale = min(self.size[0] / width, self.size[1] / height)
@@ -209,30 +395,41 @@ class OnnxObjects:
         left, top = (self.size[0] - scaled.shape[1]) // 2, (self.size[1] - scaled.shape[0]) // 2
         right, bottom = self.size[0] - scaled.shape[1] - left, self.size[1] - scaled.shape[0] - top
         padded = cv2.copyMakeBorder(scaled, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
-        return padded, scale, (left, top)
+        return padded, Letterbox(scale, left, top, scaled.shape[1], scaled.shape[0])
 
-    def _run(self, picture: np.ndarray, rgb: bool) -> np.ndarray:
+    def _run(self, picture: np.ndarray, rgb: bool) -> list[np.ndarray]:
         blob = cv2.dnn.blobFromImage(picture, 1 / 255, swapRB=rgb)  # HWC uint8 to 1xCxHxW float in [0, 1]
-        return self.session.run(None, {self.input.name: blob})[0]
+        return self.session.run(None, {self.input.name: blob})
 
     def __call__(self, tile: np.ndarray) -> Detections:
         tile = _bgr(tile)
         if self.layout == "fastestdet":
             boxes, scores, ids = self._fastestdet(
-                self._run(cv2.resize(tile, self.size, interpolation=cv2.INTER_AREA), False)
+                self._run(cv2.resize(tile, self.size, interpolation=cv2.INTER_AREA), False)[0]
             )
             boxes = boxes * np.tile(tile.shape[1::-1], 2)
-        else:
-            picture, scale, offset = self._letterbox(tile)
-            boxes, scores, ids = self._yolo(self._run(picture, True))
-            boxes = (boxes - np.array([*offset, 0, 0])) / scale
-        wanted = np.flatnonzero(self.keep[ids])
-        if not len(wanted):
-            return Detections.empty()
-        boxes, scores, ids = boxes[wanted].astype(np.float64), scores[wanted].astype(np.float64), ids[wanted]
-        kept = np.asarray(cv2.dnn.NMSBoxesBatched(boxes, scores, ids, self.score_threshold, self.nms_threshold))
-        kept = kept.reshape(-1)
-        return Detections.from_xywh(boxes[kept], scores[kept], [self.names[i] for i in ids[kept]])
+            kept = self._nms(boxes, scores, ids)
+            return Detections.from_xywh(
+                boxes[kept], scores[kept], [self.names[i] for i in ids[kept]], class_id=ids[kept]
+            )
+        picture, letterbox = self._letterbox(tile)
+        outputs = self._run(picture, True)
+        centred, scores, ids, head = self._yolo(outputs[0])
+        if self.layout == "yolov8-obb":
+            return self._oriented(centred, scores, ids, head[:, 0], letterbox)
+        input_boxes = _corner_form(centred)
+        boxes = letterbox.boxes_to_tile(input_boxes)
+        kept = self._nms(boxes, scores, ids)
+        columns: dict[str, Any] = {}
+        if self.layout == "yolov8-seg":
+            protos = outputs[1][0]
+            columns["masks"] = [self._mask(head[i], protos, input_boxes[i], letterbox) for i in kept]
+        elif self.layout == "yolov8-pose":
+            keypoints = head[kept].reshape(len(kept), *self.keypoint_shape)
+            keypoints[..., :2] = letterbox.to_tile(keypoints[..., :2])  # the third column, visibility, stays
+            columns.update(keypoints=list(keypoints), keypoint_names=self.keypoint_names)
+        labels = [self.names[i] for i in ids[kept]]
+        return Detections.from_xywh(boxes[kept], scores[kept], labels, class_id=ids[kept], **columns)
 
 
 register(
@@ -258,7 +455,8 @@ register(
             "nms_threshold": 0.45,
             "classes": "",
         },
-        f"objects (80 COCO classes), ONNX Runtime: FastestDet, YOLOv5 or YOLOv8/11 exports (model: {OBJECTS_FILE})",
+        f"objects (80 COCO classes), ONNX Runtime: FastestDet, YOLOv5, YOLOv8/11 exports of detect, segment, obb or "
+        f"pose (model: {OBJECTS_FILE})",
         cost_ms=14,  # a 640x640 tile on one thread with FastestDet (a YOLO model costs several times more)
         file_params=("model", "names"),
     )

@@ -7,6 +7,7 @@ import numpy as np
 
 from pipeline.model import Detections
 from pipeline.recognizers import RecognizerError, RecognizerSpec, register
+from pipeline.shapes import obb_from_points
 
 
 def _grey(tile: np.ndarray) -> np.ndarray:
@@ -23,9 +24,11 @@ def _squash(margin: np.ndarray) -> np.ndarray:
 
 
 def _from_quads(quads: np.ndarray, texts: list[str], label: str) -> Detections:
+    """Codes found as quads: their corners as `points`, their turn as `obb`, and the box around them."""
     quads = np.asarray(quads, dtype=np.float64).reshape(-1, 4, 2)
     xyxy = np.hstack([quads.min(axis=1), quads.max(axis=1)])
-    return Detections(xyxy, np.ones(len(quads)), [label] * len(quads), texts, list(quads))
+    obb = [obb_from_points(quad) for quad in quads]
+    return Detections(xyxy, np.ones(len(quads)), [label] * len(quads), texts, list(quads), obb=obb)
 
 
 class HaarFaces:
@@ -123,7 +126,9 @@ register(
     )
 )
 register(
-    RecognizerSpec("qrcode", QRCodes, {}, "QR codes, detected and decoded (payload in text)", cost_ms=40, grey=True)
+    RecognizerSpec(
+        "qrcode", QRCodes, {}, "QR codes, detected and decoded (payload in text, turn in obb)", cost_ms=40, grey=True
+    )
 )
 register(
     RecognizerSpec("barcode", Barcodes, {}, "1-D barcodes EAN/UPC, decoded (payload in text)", cost_ms=3, grey=True)
@@ -133,7 +138,7 @@ register(
         "aruco",
         ArucoMarkers,
         {"dictionary": "DICT_4X4_50"},
-        "ArUco markers (id in text, corners in points)",
+        "ArUco markers (id in text, corners in points, turn in obb)",
         cost_ms=1.5,
         grey=True,
     )

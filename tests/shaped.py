@@ -1,0 +1,53 @@
+"""Recognizers that return shapes, loaded by workers as `tests.shaped:…` (TILEREC_PLUGIN_MODULES).
+
+`Segmenter` outlines every dark connected region of a tile exactly (pixel edges, holes included), as a perfect
+instance-segmentation model would; `Malformed` returns one kind of broken shape, to test how tiles fail.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipeline.model import Detections
+from pipeline.shapes import polygons_from_bitmap
+
+DARK = 128  # shapes are drawn dark on a light background
+
+
+class Segmenter:
+    """One detection per dark region: its exact polygon as the mask, its pixel count in `data["pixels"]`."""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        grey = tile if tile.ndim == 2 else cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats((grey < DARK).astype(np.uint8), connectivity=8)
+        boxes, masks, pixels = [], [], []
+        for region in range(1, count):
+            x, y, w, h, area = (int(v) for v in stats[region])
+            crop = labels[y : y + h, x : x + w] == region
+            boxes.append([x, y, w, h])
+            masks.append(polygons_from_bitmap(crop, (x, y)))
+            pixels.append(area)
+        return Detections.from_xywh(
+            boxes, [1.0] * len(boxes), "blob", masks=masks, class_id=[7] * len(boxes), data={"pixels": pixels}
+        )
+
+
+FAULTS = {
+    "bowtie": {"masks": [[[[10, 10], [60, 60], [60, 10], [10, 60]]]]},  # self-intersecting
+    "nan": {"obb": [[float("nan"), 20, 10, 10, 0]]},
+    "outside": {"masks": [[[[10, 10], [5000, 10], [5000, 60], [10, 60]]]]},
+}
+
+
+class Malformed:
+    """On tiles with a dark region, one detection with the broken shape named by `fault`; else nothing."""
+
+    def __init__(self, fault: str = "bowtie") -> None:
+        self.fault = fault
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        grey = tile if tile.ndim == 2 else cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY)
+        if not (grey < DARK).any():
+            return Detections.empty()
+        return Detections.from_xywh([[10, 10, 50, 50]], [0.9], "blob", **FAULTS[self.fault])
