@@ -3,14 +3,23 @@
 Two shapes: `coco_results` is COCO's detection *results* format (a list of image_id, category_id, bbox, score);
 `coco_document` wraps the same records as a dataset-style document with its `images` and `categories` lists, which
 is what most tools want when no ground-truth file exists. Boxes are [x, y, width, height] in pixels, like tilerec's.
+
+Where a detection has them, its record also carries `segmentation` (COCO polygons, or compressed RLE for a mask
+with holes, which polygons cannot express), `keypoints` with `num_keypoints` and `keypoint_scores`, and the
+non-COCO fields `obb`, `class_id` and `data`; a box-only detection's record is just the four fields above.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pipeline.model import Recognition
+import numpy as np
+from shapely.geometry.base import BaseGeometry
+
+from pipeline.model import Detections, Recognition
+from pipeline.shapes import COCO_KEYPOINTS, COCO_SKELETON, encode_rle, rasterize
 
 SUPERCATEGORY = "tilerec"
 
@@ -20,10 +29,118 @@ def category_ids(labels: Iterable[str]) -> dict[str, int]:
     return {label: number for number, label in enumerate(sorted(set(labels)), start=1)}
 
 
-def categories(ids: Mapping[str, int]) -> list[dict[str, Any]]:
-    """COCO's category list for a label-to-id mapping, by id."""
-    ordered = sorted(ids.items(), key=lambda item: item[1])
-    return [{"id": number, "name": label, "supercategory": SUPERCATEGORY} for label, number in ordered]
+def skeleton(names: Sequence[str]) -> list[list[int]]:
+    """COCO's `skeleton` for keypoints of these names: the person skeleton when they are COCO's 17, else none.
+
+    Args:
+        names: the keypoint names, in order.
+
+    Returns:
+        1-based index pairs of the keypoints to join, as COCO writes them; [] when no skeleton is known.
+    """
+    return [list(pair) for pair in COCO_SKELETON] if tuple(names) == COCO_KEYPOINTS else []
+
+
+def categories(
+    ids: Mapping[str, int], keypoint_names: Mapping[str, Sequence[str]] | None = None
+) -> list[dict[str, Any]]:
+    """COCO's category list for a label-to-id mapping, by id.
+
+    Args:
+        ids: label to category id.
+        keypoint_names: label to the names of its keypoints, for the labels whose detections have keypoints; those
+            categories get COCO's `keypoints` and `skeleton` fields.
+
+    Returns:
+        One dict per category: id, name, supercategory (and keypoints, skeleton).
+    """
+    keypoint_names = keypoint_names or {}
+    listed = []
+    for label, number in sorted(ids.items(), key=lambda item: item[1]):
+        category: dict[str, Any] = {"id": number, "name": label, "supercategory": SUPERCATEGORY}
+        if label in keypoint_names:
+            category.update(keypoints=list(keypoint_names[label]), skeleton=skeleton(keypoint_names[label]))
+        listed.append(category)
+    return listed
+
+
+def mask_crop(mask: BaseGeometry, width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixels of a `width`×`height` image that a mask's bounds cover, as the crop x, y, w, h: at least one
+    pixel, so a mask with nothing inside the image still has a (then empty) crop.
+
+    Args:
+        mask: a shapely (Multi)Polygon in image coordinates.
+        width, height: the image's size.
+
+    Returns:
+        (x, y, w, h) of the crop, inside the image.
+    """
+    x1, y1, x2, y2 = mask.bounds
+    left = int(np.clip(math.floor(x1), 0, width - 1))
+    top = int(np.clip(math.floor(y1), 0, height - 1))
+    right = int(np.clip(math.ceil(x2), left + 1, width))
+    bottom = int(np.clip(math.ceil(y2), top + 1, height))
+    return left, top, right - left, bottom - top
+
+
+def segmentation(mask: BaseGeometry, width: int, height: int, ndigits: int = 2) -> list[list[float]] | dict[str, Any]:
+    """COCO's `segmentation` of a mask in a `width`×`height` image.
+
+    Args:
+        mask: a shapely (Multi)Polygon in image coordinates.
+        width, height: the image's size (an RLE covers the whole image).
+        ndigits: decimals kept in polygon coordinates.
+
+    Returns:
+        Polygons, one flat [x1, y1, x2, y2, ...] per part, when no part has a hole; else compressed RLE
+        {"size": [height, width], "counts": str}: COCO fills every polygon, so holes need RLE. The RLE is encoded
+        from the mask's bounding-box crop, never a full-image bitmap.
+    """
+    parts = getattr(mask, "geoms", [mask])
+    if not any(len(part.interiors) for part in parts):
+        return [np.round(np.asarray(part.exterior.coords)[:-1], ndigits).reshape(-1).tolist() for part in parts]
+    x, y, w, h = mask_crop(mask, width, height)
+    return encode_rle(rasterize(mask, x, y, w, h), x, y, height, width)
+
+
+def coco_keypoints(keypoints: np.ndarray, ndigits: int = 2) -> dict[str, Any]:
+    """COCO's keypoint fields of one detection's (K, 3) keypoints (x, y, score).
+
+    Args:
+        keypoints: (K, 3) rows of x, y and score (or visibility).
+        ndigits: decimals kept in coordinates.
+
+    Returns:
+        `keypoints`, flat [x, y, v, ...] with COCO's visibility v = 2 (labelled and visible) where the score is
+        above 0, else 0 (not labelled; the coordinates are kept as found); `num_keypoints`, the count of v = 2;
+        `keypoint_scores`, the scores themselves, which COCO's v cannot hold.
+    """
+    visible = keypoints[:, 2] > 0
+    flat = [value for (x, y, _), seen in zip(keypoints, visible, strict=True)
+            for value in (round(float(x), ndigits), round(float(y), ndigits), 2 if seen else 0)]  # fmt: skip
+    return {
+        "keypoints": flat,
+        "num_keypoints": int(visible.sum()),
+        "keypoint_scores": np.round(keypoints[:, 2], 4).tolist(),
+    }
+
+
+def _extras(detections: Detections, i: int, width: int, height: int, ndigits: int) -> dict[str, Any]:
+    """Detection i's optional fields for its COCO record: only those it has."""
+    extra: dict[str, Any] = {}
+    if detections.masks[i] is not None:
+        extra["segmentation"] = segmentation(detections.masks[i], width, height, ndigits)
+    if detections.keypoints[i] is not None:
+        extra.update(coco_keypoints(detections.keypoints[i], ndigits))
+    if not np.isnan(detections.obb[i, 0]):
+        *center_size, angle = detections.obb[i]
+        extra["obb"] = [*np.round(center_size, ndigits).tolist(), round(float(angle), 3)]
+    if detections.class_id[i] >= 0:
+        extra["class_id"] = int(detections.class_id[i])
+    values = {key: column[i] for key, column in detections.data.items() if column[i] is not None}
+    if values:
+        extra["data"] = values
+    return extra
 
 
 def _labels(recognitions: Iterable[Recognition]) -> list[str]:
@@ -33,7 +150,8 @@ def _labels(recognitions: Iterable[Recognition]) -> list[str]:
 def coco_results(
     recognition: Recognition, image_id: int, ids: Mapping[str, int], ndigits: int = 2
 ) -> list[dict[str, Any]]:
-    """One image's detections in COCO's results format. A label missing from `ids` is an error, not a silent drop."""
+    """One image's detections in COCO's results format (with `segmentation`, `keypoints` and tilerec's extra fields
+    where a detection has them). A label missing from `ids` is an error, not a silent drop."""
     detections = recognition.detections
     records = []
     for i in range(len(detections)):
@@ -47,9 +165,29 @@ def coco_results(
                 "category_id": ids[label],
                 "bbox": [round(x1, ndigits), round(y1, ndigits), round(x2 - x1, ndigits), round(y2 - y1, ndigits)],
                 "score": round(float(detections.scores[i]), 4),
+                **_extras(detections, i, recognition.width, recognition.height, ndigits),
             }
         )
     return records
+
+
+def keypoint_names_by_label(recognitions: Iterable[Recognition]) -> dict[str, tuple[str, ...]]:
+    """The keypoint names of each label whose detections have keypoints (named by index, "0", "1", …, when the
+    recognizer gave no names).
+
+    Raises:
+        ValueError: a label's keypoints are named differently in two recognitions.
+    """
+    names: dict[str, tuple[str, ...]] = {}
+    for recognition in recognitions:
+        detections = recognition.detections
+        for label, keypoints in zip(detections.labels, detections.keypoints, strict=True):
+            if keypoints is None:
+                continue
+            found = detections.keypoint_names or tuple(str(k) for k in range(len(keypoints)))
+            if names.setdefault(str(label), found) != found:
+                raise ValueError(f"label {label!r} has keypoints named {names[str(label)]} and {found}")
+    return names
 
 
 def coco_document(
@@ -60,7 +198,9 @@ def coco_document(
     """A COCO document for several images: `images`, `categories` and `annotations` (each with its `score`).
 
     Image ids are 1, 2, … in the order given. `labels` fixes the category list (and so its ids) across runs;
-    without it the categories are the labels found. Decoded payloads go in each annotation's `text`.
+    without it the categories are the labels found. Decoded payloads go in each annotation's `text`. An
+    annotation's `area` is its mask's area when it has a mask, else its box's; categories whose detections have
+    keypoints list their names and skeleton.
     """
     if file_names is not None and len(file_names) != len(recognitions):
         raise ValueError(f"{len(file_names)} file names for {len(recognitions)} recognitions")
@@ -69,16 +209,15 @@ def coco_document(
     for image_id, recognition in enumerate(recognitions, start=1):
         name = file_names[image_id - 1] if file_names is not None else recognition.source
         images.append({"id": image_id, "file_name": name, "width": recognition.width, "height": recognition.height})
-        texts = recognition.detections.texts
+        texts, masks = recognition.detections.texts, recognition.detections.masks
         for k, record in enumerate(coco_results(recognition, image_id, ids)):
             width, height = record["bbox"][2:]
+            area = width * height if masks[k] is None else float(masks[k].area)
             extra = {"text": texts[k]} if texts[k] is not None else {}
-            annotations.append(
-                {"id": len(annotations) + 1, **record, "area": round(width * height, 2), "iscrowd": 0, **extra}
-            )
+            annotations.append({"id": len(annotations) + 1, **record, "area": round(area, 2), "iscrowd": 0, **extra})
     return {
         "info": {"description": "tilerec detection results"},
         "images": images,
-        "categories": categories(ids),
+        "categories": categories(ids, keypoint_names_by_label(recognitions)),
         "annotations": annotations,
     }

@@ -16,7 +16,7 @@ from pipeline.images import ImageError, normalize
 from pipeline.merge import merge_detections, place
 from pipeline.model import Detections, Recognition
 from pipeline.options import JobOptions, OptionsError, parse_options
-from pipeline.recognizers import Recognizer, get_recognizer, spec_of
+from pipeline.recognizers import Recognizer, get_recognizer, recognize_many, spec_of, tiles_per_pass
 from pipeline.sources import ArraySource, Source, check_region, is_blank
 from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
 
@@ -97,13 +97,17 @@ def plan(
     for an image whose tiles become ready row by row as it decodes, auto batches never span two rows of tiles
     (`tiling.row_batches`).
 
-    `tile_cost_ms` is what a 640x640 tile costs, measured on earlier jobs; by default the recognizer's estimate."""
+    `tile_cost_ms` is what a 640x640 tile costs, measured on earlier jobs; by default the recognizer's estimate.
+    A recognizer's `batch` parameter (tiles per forward pass) rounds auto batches up to whole passes."""
     windows = windows_of(height, width, options)
     if options.batch_size is not None:
         return batches(windows, options.batch_size)
     per_640 = spec_of(options.recognizer).cost_ms if tile_cost_ms is None else tile_cost_ms
     cost = per_640 * windows[0].width * windows[0].height / (640 * 640)
     size = auto_batch_size(len(windows), cost, target_batch_ms, min_batches)
+    per_pass = options.params.get("batch", 1)  # a recognizer's `batch` parameter: tiles per forward pass
+    if isinstance(per_pass, int) and per_pass > 1:  # whole passes per task, the last one of the image aside
+        size = -(-size // per_pass) * per_pass
     if row_by_row:
         return row_batches(windows, size, taper)
     return tapered_batches(windows, size) if taper else batches(windows, size)
@@ -159,21 +163,117 @@ def compact_bands(bands: Iterator[np.ndarray], options: JobOptions) -> Iterator[
     return (compact(band, options) for band in bands)
 
 
-def recognize_tile(tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:
-    """One tile's detections, checked, filtered by score and placed in image coordinates.
+def _placed(found: Any, tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:
+    """A tile's detections checked, filtered by score and placed in image coordinates.
 
     Raises:
         ShapeError: the recognizer returned a malformed shape (NaN, an invalid polygon, a mask outside the tile),
             named by column and detection; TypeError: it returned something other than `Detections`.
     """
-    recognizer = get_recognizer(options.recognizer, options.params)
-    found = recognizer(compact(tile, options))
     if not isinstance(found, Detections):
         raise TypeError(f"the recognizer returned {type(found).__name__}, not pipeline.model.Detections")
     found.check(tile.shape[1], tile.shape[0])
     if options.min_score > 0 and len(found):
         found = found[np.flatnonzero(found.scores >= options.min_score)]
     return place(found, window, width, height)
+
+
+def recognize_windows(
+    read: Callable[[Window], np.ndarray | None],
+    windows: Sequence[Window],
+    options: JobOptions,
+    width: int,
+    height: int,
+    reraise: tuple[type[BaseException], ...] = (),
+    judge_blank: bool = True,
+) -> list[TileOutcome]:
+    """Windows read and recognized, in one process or in a tile task alike; a recognizer that batches gets up to
+    `max_batch` tiles per forward pass.
+
+    Args:
+        read: gives a window's pixels (None: known blank, skipped).
+        windows: the tiles, in image coordinates.
+        options: the job's options.
+        width, height: the image's size, to clamp boxes and mark seam cuts.
+        reraise: errors that are not the tiles' own (a store outage, say) and must reach the caller.
+        judge_blank: look for blank tiles (`skip_blank`); False where `read` judged them already.
+
+    Returns:
+        Each window's outcome, in order: its detections, a skip (blank under `skip_blank`), or the error that
+        stopped it. A pass that fails is run again tile by tile, so an error belongs to the tile that caused it.
+    """
+    try:
+        recognizer = get_recognizer(options.recognizer, options.params)
+    except reraise:
+        raise
+    except Exception as error:  # built on the first tile of a process: a model that cannot load fails its tiles
+        return [TileOutcome(window.index, error=describe(error)) for window in windows]
+    per_pass = tiles_per_pass(recognizer)
+    outcomes: dict[int, TileOutcome] = {}
+    pending: list[tuple[Window, np.ndarray, float]] = []  # read, waiting for a full pass: window, tile, seconds
+    for window in windows:
+        began = time.perf_counter()
+        try:
+            tile = read(window)
+        except reraise:
+            raise
+        except Exception as error:  # the tile's own failure: reported per tile, the other tiles still count
+            outcomes[window.index] = TileOutcome(window.index, error=describe(error), seconds=_since(began))
+            continue
+        if tile is None or (judge_blank and blank(tile, options)):
+            outcomes[window.index] = TileOutcome(window.index, seconds=_since(began))
+            continue
+        pending.append((window, tile, _since(began)))
+        if len(pending) == per_pass:
+            outcomes.update(_recognize_pass(recognizer, pending, options, width, height, reraise))
+            pending = []
+    if pending:
+        outcomes.update(_recognize_pass(recognizer, pending, options, width, height, reraise))
+    return [outcomes[window.index] for window in windows]
+
+
+def tiles_per_forward_pass(options: JobOptions) -> int:
+    """The job's recognizer's `max_batch`; 1 where it cannot be built (its tiles then fail with the reason)."""
+    try:
+        return tiles_per_pass(get_recognizer(options.recognizer, options.params))
+    except Exception:
+        return 1
+
+
+def _recognize_pass(
+    recognizer: Recognizer,
+    pending: list[tuple[Window, np.ndarray, float]],
+    options: JobOptions,
+    width: int,
+    height: int,
+    reraise: tuple[type[BaseException], ...],
+) -> dict[int, TileOutcome]:
+    """One forward pass over read tiles; each tile's seconds are its read plus its share of the pass."""
+    began = time.perf_counter()
+    try:
+        found = recognize_many(recognizer, [compact(tile, options) for _, tile, _ in pending])
+    except reraise:
+        raise
+    except Exception as error:
+        if len(pending) > 1:  # whose tile was it? each alone says
+            return {k: v for one in pending for k, v in _recognize_pass(recognizer, [one], options, width, height,
+                                                                         reraise).items()}  # fmt: skip
+        window, _, read_s = pending[0]
+        return {window.index: TileOutcome(window.index, error=describe(error), seconds=read_s + _since(began))}
+    share = _since(began) / len(pending)
+    outcomes = {}
+    for (window, tile, read_s), detections in zip(pending, found, strict=True):
+        try:
+            placed = _placed(detections, tile, window, options, width, height)
+        except Exception as error:
+            outcomes[window.index] = TileOutcome(window.index, error=describe(error), seconds=read_s + share)
+        else:
+            outcomes[window.index] = TileOutcome(window.index, placed, seconds=read_s + share)
+    return outcomes
+
+
+def _since(began: float) -> float:
+    return time.perf_counter() - began
 
 
 def recognize_window(
@@ -185,30 +285,8 @@ def recognize_window(
     reraise: tuple[type[BaseException], ...] = (),
     judge_blank: bool = True,
 ) -> TileOutcome:
-    """One window read and recognized, in one process or in a tile task alike.
-
-    Args:
-        read: gives the window's pixels (None: known blank, skipped).
-        window: the tile, in image coordinates.
-        options: the job's options.
-        width, height: the image's size, to clamp boxes and mark seam cuts.
-        reraise: errors that are not the tile's own (a store outage, say) and must reach the caller.
-        judge_blank: look for a blank tile (`skip_blank`); False where `read` judged it already.
-
-    Returns:
-        The tile's outcome: its detections, a skip (blank under `skip_blank`), or the error that stopped it.
-    """
-    began = time.perf_counter()
-    try:
-        tile = read(window)
-        if tile is None or (judge_blank and blank(tile, options)):
-            return TileOutcome(window.index, seconds=time.perf_counter() - began)
-        found = recognize_tile(tile, window, options, width, height)
-    except reraise:
-        raise
-    except Exception as error:  # the tile's own failure: reported per tile, the other tiles still count
-        return TileOutcome(window.index, error=describe(error), seconds=time.perf_counter() - began)
-    return TileOutcome(window.index, found, seconds=time.perf_counter() - began)
+    """One window's outcome (`recognize_windows` of one window)."""
+    return recognize_windows(read, [window], options, width, height, reraise, judge_blank)[0]
 
 
 def describe(error: BaseException) -> str:
@@ -322,5 +400,5 @@ def recognize_source(source: Source, recognizer: str | Recognizer = "faces", **o
         raise OptionsError(f"the source is open at level {source.level}, the options ask for level {parsed.level}")
     width, height = source.width, source.height
     windows = windows_of(height, width, parsed)
-    outcomes = [recognize_window(source.read, window, parsed, width, height) for window in windows]
+    outcomes = recognize_windows(source.read, windows, parsed, width, height)
     return assemble(outcomes, windows, parsed, width, height, started, level=parsed.level, downsample=source.downsample)

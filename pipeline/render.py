@@ -1,6 +1,7 @@
-"""Drawing detections on an image with OpenCV: box, label, score and decoded text, so a person can check a result.
+"""Drawing detections on an image with OpenCV: box (or rotated box), translucent mask, keypoints and skeleton,
+label, score and decoded text, so a person can check a result.
 
-Pure functions on arrays: the input is never modified, and pixels away from the drawn boxes and captions stay
+Pure functions on arrays: the input is never modified, and pixels away from the drawn shapes and captions stay
 exactly as they were (the tests and `tilerec run --annotate` rely on that).
 """
 
@@ -12,11 +13,16 @@ import zlib
 
 import cv2
 import numpy as np
+from shapely.geometry.base import BaseGeometry
 
+from pipeline.export import mask_crop, skeleton
 from pipeline.model import Detections
+from pipeline.shapes import obb_corners, rasterize
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 MAX_TEXT = 32  # characters of decoded text shown in a caption; long payloads would hide the picture
+MASK_ALPHA = 0.35  # the mask's colour over the picture: enough to see the object's extent, not hide it
+SUBPIXEL = 4  # OpenCV's `shift`: outlines drawn at 1/16 pixel, so a polygon is not rounded to whole pixels
 
 
 def label_color(label: str) -> tuple[int, int, int]:
@@ -62,6 +68,47 @@ def _box_corners(xyxy: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
     return (left, top), (max(left, math.ceil(x2) - 1), max(top, math.ceil(y2) - 1))
 
 
+def _fill_mask(canvas: np.ndarray, mask: BaseGeometry, color: tuple[int, int, int], alpha: float = MASK_ALPHA) -> None:
+    """Blend `color` into the pixels whose centres lie inside `mask`, in place; only the mask's bounding-box crop is
+    rasterized, never a full-image layer, so a gigapixel picture costs no more than the object."""
+    height, width = canvas.shape[:2]
+    x, y, w, h = mask_crop(mask, width, height)
+    inside = rasterize(mask, x, y, w, h).astype(bool)
+    crop = canvas[y : y + h, x : x + w]
+    crop[inside] = np.round(crop[inside] * (1 - alpha) + np.asarray(color) * alpha).astype(np.uint8)
+
+
+def _mask_outlines(mask: BaseGeometry) -> list[np.ndarray]:
+    """The mask's rings (outlines and holes) as OpenCV fixed-point polylines: OpenCV's point (x, y) is the centre of
+    pixel (x, y), which in mask coordinates (pixel (x, y) is the square [x, x+1] × [y, y+1]) is (x + 0.5, y + 0.5)."""
+    rings = [ring for part in getattr(mask, "geoms", [mask]) for ring in (part.exterior, *part.interiors)]
+    scale = 2**SUBPIXEL
+    return [np.round((np.asarray(ring.coords) - 0.5) * scale).astype(np.int32).reshape(-1, 1, 2) for ring in rings]
+
+
+def _obb_outline(obb: np.ndarray) -> np.ndarray:
+    """Pixel corners of an oriented box (cx, cy, w, h, angle), drawn through the centres of its border pixels, as
+    `_box_corners` does for an axis-aligned box: the box half a pixel smaller on each side, moved to pixel centres."""
+    cx, cy, w, h, angle = (float(v) for v in obb)
+    inner = np.array([cx - 0.5, cy - 0.5, max(w - 1, 0.0), max(h - 1, 0.0), angle])
+    return np.round(obb_corners(inner)[0]).astype(np.int32).reshape(-1, 1, 2)
+
+
+def _draw_keypoints(
+    canvas: np.ndarray, keypoints: np.ndarray, pairs: list[list[int]], color: tuple[int, int, int], thickness: int
+) -> None:
+    """Keypoints whose score is above 0 as dots on the pixels holding them, and the skeleton's lines between such
+    pairs (`pairs`: COCO's 1-based index pairs), in place."""
+    seen = keypoints[:, 2] > 0
+    pixels = np.floor(keypoints[:, :2]).astype(np.int32)
+    for first, second in pairs:
+        if seen[first - 1] and seen[second - 1]:
+            start, end = pixels[first - 1], pixels[second - 1]
+            cv2.line(canvas, (int(start[0]), int(start[1])), (int(end[0]), int(end[1])), color, thickness, cv2.LINE_AA)
+    for x, y in pixels[seen]:
+        cv2.circle(canvas, (int(x), int(y)), thickness + 1, color, cv2.FILLED, cv2.LINE_AA)
+
+
 def _draw_caption(
     canvas: np.ndarray, words: str, corner: tuple[int, int], color: tuple[int, int, int], scale: float, weight: int
 ) -> None:
@@ -82,20 +129,34 @@ def draw_detections(
     font_scale: float | None = None,
     captions: bool = True,
 ) -> np.ndarray:
-    """A BGR copy of `image` with every detection's box (and points, if any) and a caption drawn on it."""
+    """A BGR copy of `image` with every detection drawn on it: its mask filled translucent and outlined, its rotated
+    box (when it has one) or else its box, its points, its keypoints and skeleton (COCO's person skeleton for COCO's
+    17 keypoints, else dots only), and a caption."""
     canvas = to_bgr(image)
     height, width = canvas.shape[:2]
     thickness = thickness or default_thickness(height, width)
+    thin = max(1, thickness // 2)
     scale = font_scale or max(0.4, 0.4 * thickness)
     weight = max(1, round(scale * 1.5))
-    for i in range(len(detections)):
-        color = label_color(str(detections.labels[i]))
+    colors = [label_color(str(label)) for label in detections.labels]
+    # every mask before any box or caption: a later detection's fill would otherwise tint an earlier caption
+    for mask, color in zip(detections.masks, colors, strict=True):
+        if mask is not None:
+            _fill_mask(canvas, mask, color)
+            cv2.polylines(canvas, _mask_outlines(mask), True, color, thin, cv2.LINE_AA, SUBPIXEL)
+    pairs = skeleton(detections.keypoint_names)
+    for i, color in enumerate(colors):
         top_left, bottom_right = _box_corners(detections.xyxy[i])
-        cv2.rectangle(canvas, top_left, bottom_right, color, thickness)
+        if np.isnan(detections.obb[i, 0]):
+            cv2.rectangle(canvas, top_left, bottom_right, color, thickness)
+        else:
+            cv2.polylines(canvas, [_obb_outline(detections.obb[i])], True, color, thickness)
         points = detections.points[i]
         if points is not None and len(points) >= 3:
             polygon = np.round(points).astype(np.int32).reshape(-1, 1, 2)
-            cv2.polylines(canvas, [polygon], True, color, max(1, thickness // 2), cv2.LINE_AA)
+            cv2.polylines(canvas, [polygon], True, color, thin, cv2.LINE_AA)
+        if detections.keypoints[i] is not None:
+            _draw_keypoints(canvas, detections.keypoints[i], pairs, color, thin)
         if captions:
             words = caption(str(detections.labels[i]), float(detections.scores[i]), detections.texts[i])
             _draw_caption(canvas, words, top_left, color, scale, weight)

@@ -18,6 +18,17 @@ from shapely.geometry.base import BaseGeometry
 
 Ring = list[list[float]]
 
+COCO_KEYPOINTS = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
+)  # fmt: skip
+# COCO's person skeleton (person_keypoints_*.json), 1-based indices into COCO_KEYPOINTS as COCO writes them
+COCO_SKELETON = (
+    (16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8), (7, 9), (8, 10), (9, 11),
+    (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7),
+)  # fmt: skip
+
 
 class ShapeError(ValueError):
     """A recognizer returned a shape that is not one: names the column, the detection and the fault."""
@@ -132,11 +143,11 @@ def encode_rle(bitmap: np.ndarray, x: int, y: int, height: int, width: int) -> d
     h, w = crop.shape
     flat = np.zeros((w, height), dtype=bool)  # the crop's columns, each as tall as the image
     flat[:, y : y + h] = crop.T
-    changes = np.flatnonzero(np.diff(flat.reshape(-1).astype(np.int8), prepend=0, append=0))
-    runs = np.diff(np.concatenate(([0], changes)))  # alternating off/on runs from the first of the crop's columns
+    changes = np.flatnonzero(np.diff(flat.reshape(-1).astype(np.int8), prepend=0))
+    # alternating off/on runs over the crop's columns, off first; the end closes the last run, whatever its value
+    runs = np.diff(np.concatenate(([0], changes, [flat.size])))
     runs[0] += x * height  # the columns before the crop are all off
-    total = height * width
-    tail = total - (x + w) * height  # the columns after it
+    tail = (width - x - w) * height  # the columns after it
     counts = runs.tolist()
     if len(counts) % 2 == 0:  # ends with an on run: add the off run that follows
         counts.append(tail)

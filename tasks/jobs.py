@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, lru_cache, partial
 from pathlib import Path
@@ -33,9 +34,10 @@ from pipeline.inference import (
     assemble,
     measured_tile_cost,
     plan,
-    recognize_window,
+    recognize_windows,
     storable,
     streamed_tiles,
+    tiles_per_forward_pass,
     windows_of,
 )
 from pipeline.options import JobOptions, parse_options
@@ -249,7 +251,11 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
         _wait_for_rows(self, client, job, stop)
     windows = job.windows[first:stop]
     read = _StoredTiles(client, job, windows) if job.file is None else partial(_read_shared, job.file)
-    outcomes = _recognize(client, job, windows, read, bool(self.request.delivery_info.get("redelivered")))
+    try:
+        outcomes = _recognize(client, job, windows, read, bool(self.request.delivery_info.get("redelivered")))
+    finally:
+        if isinstance(read, _StoredTiles):
+            read.close()
     records = {o.index: json.dumps(o.to_json()) for o in outcomes}
     done = store.put_records(client, job_id, records, settings().tile_ttl) if records else None
     if done is not None:
@@ -269,19 +275,33 @@ def _read_shared(file: FileRef, window: Window) -> np.ndarray:
 
 
 class _StoredTiles:
-    """A batch's tiles from the store, fetched a few at a time in the order they are recognized."""
+    """A batch's tiles from the store, READ_EVERY a round trip in the order they are recognized; the next group is
+    fetched by a helper thread while this one is recognized, so the recognizer seldom waits on Redis."""
 
     def __init__(self, client: redis.Redis, job: Job, windows: list[Window]) -> None:
         self.client, self.job, self.windows = client, job, windows
         self.fetched: dict[int, np.ndarray | None] = {}
+        self.helper = ThreadPoolExecutor(1, thread_name_prefix="tilerec-prefetch")
+        self.next: tuple[int, Future] | None = None  # (start, its fetch)
+
+    def _fetch(self, start: int) -> dict[int, np.ndarray | None]:
+        chunk = self.windows[start : start + store.READ_EVERY]
+        tiles = store.get_tiles(self.client, self.job.id, chunk, self.job.channels)
+        return {w.index: tile for w, tile in zip(chunk, tiles, strict=True)}
 
     def __call__(self, window: Window) -> np.ndarray | None:
         if window.index not in self.fetched:
             start = self.windows.index(window)
-            chunk = self.windows[start : start + store.READ_EVERY]
-            tiles = store.get_tiles(self.client, self.job.id, chunk, self.job.channels)
-            self.fetched = {w.index: tile for w, tile in zip(chunk, tiles, strict=True)}
+            ahead = self.next
+            self.fetched = ahead[1].result() if ahead is not None and ahead[0] == start else self._fetch(start)
+            following = start + store.READ_EVERY
+            self.next = (
+                (following, self.helper.submit(self._fetch, following)) if following < len(self.windows) else None
+            )
         return self.fetched.pop(window.index)
+
+    def close(self) -> None:
+        self.helper.shutdown(wait=True, cancel_futures=True)
 
 
 def _wait_for_rows(task: Any, client: redis.Redis, job: Job, stop: int) -> None:
@@ -310,18 +330,21 @@ def _recognize(
     outcomes: list[TileOutcome] = []
     cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
     judge_blank = not isinstance(read, _StoredTiles)  # stored tiles were judged when stored (blank: None)
-    for window in windows:
+    # tiles go to the recognizer a forward pass at a time, or one at a time where a crash must name its tile
+    per_pass = 1 if careful else tiles_per_forward_pass(job.options)
+    for start in range(0, len(windows), per_pass):
         if time.monotonic() - checked > CANCEL_CHECK_S:
             cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
         if cancelled:
             break
-        name = f"tile:{window.index}"
+        group = windows[start : start + per_pass]
+        name = f"tile:{group[0].index}"
         if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
-            outcomes.append(TileOutcome(window.index, error=f"gave up: {_DIED} times it ran this tile"))
+            outcomes.append(TileOutcome(group[0].index, error=f"gave up: {_DIED} times it ran this tile"))
             continue
-        outcome = recognize_window(read, window, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
-        outcomes.append(outcome)
-        if outcome.error is not None and outcome.error.startswith("MemoryError"):
+        found = recognize_windows(read, group, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
+        outcomes.extend(found)
+        if any(o.error is not None and o.error.startswith("MemoryError") for o in found):
             global _unsound  # its heap may be left half-allocated, or under a limit: the process is replaced
             _unsound = True
         if careful:

@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import shapely
 
-from pipeline.export import categories, category_ids, coco_document, coco_results
+from pipeline.export import COCO_KEYPOINTS, categories, category_ids, coco_document, coco_results
 from pipeline.model import Detections, Recognition
-from pipeline.render import caption, draw_detections, label_color, to_bgr
+from pipeline.render import MASK_ALPHA, caption, draw_detections, label_color, to_bgr
+from pipeline.shapes import obb_corners
 
 
 def grey(height: int = 200, width: int = 300, value: int = 128) -> np.ndarray:
@@ -66,6 +68,65 @@ def test_points_are_drawn_as_a_polygon() -> None:
     detections = Detections(np.array([[30, 20, 80, 70]]), [1.0], ["aruco"], ["7"], [quad])
     drawn = draw_detections(grey(100, 100), detections, thickness=2, captions=False)
     assert (drawn[25, 60] != 128).any()  # on the edge from (40, 20) to (80, 30), inside the box
+
+
+def test_masks_are_tinted_translucent_and_holes_and_far_pixels_stay() -> None:
+    holed = shapely.Polygon([(20, 20), (80, 20), (80, 70), (20, 70)], [[(40, 35), (60, 35), (60, 55), (40, 55)]])
+    detections = Detections(np.array([[20, 20, 80, 70]]), [0.9], ["cell"], masks=[holed])
+    drawn = draw_detections(grey(100, 120), detections, thickness=1, captions=False)
+    color = np.array(label_color("cell"))
+    tinted = drawn[28, 30].astype(int)  # inside the mask, away from its outline and box
+    assert (tinted == np.round(128 * (1 - MASK_ALPHA) + color * MASK_ALPHA)).all()
+    assert (np.abs(tinted - color) <= np.abs(128 - color)).all() and (tinted != 128).any()
+    assert (drawn[45, 50] == 128).all()  # in the hole
+    assert (drawn[90:, :] == 128).all() and (drawn[:, 90:] == 128).all()  # away from the shape
+    assert (drawn[20, 50] == color).all()  # the box is still drawn
+
+
+def test_rotated_boxes_are_drawn_instead_of_the_axis_aligned_box() -> None:
+    obb = np.array([60.0, 50.0, 60.0, 24.0, 30.0])
+    corners = obb_corners(obb)[0]
+    xyxy = np.array([[*corners.min(axis=0), *corners.max(axis=0)]])
+    detections = Detections(xyxy, [0.9], ["plate"], obb=[obb])
+    drawn = draw_detections(grey(100, 120), detections, thickness=1, captions=False)
+    color = np.array(label_color("plate"))
+    for x, y in np.floor(corners).astype(int):  # each corner's pixel or a neighbour is on the rotated outline
+        assert (drawn[y - 1 : y + 2, x - 1 : x + 2] == color).all(axis=2).any(), (x, y)
+    left, top = np.floor(xyxy[0, :2]).astype(int)
+    assert (drawn[top, left] == 128).all()  # the axis-aligned box's corner is not drawn
+    assert (drawn[50, 60] == 128).all()  # the centre: an outline, not a fill
+    level = Detections(np.array([[100, 80, 150, 120]]), [0.9], ["qrcode"], obb=[[125, 100, 50, 40, 0]])
+    as_box = draw_detections(grey(), one_box(100, 80, 50, 40), thickness=1, captions=False)
+    assert (draw_detections(grey(), level, thickness=1, captions=False) == as_box).all()  # unrotated: same pixels
+
+
+def person(keypoints: np.ndarray, names: tuple[str, ...]) -> Detections:
+    return Detections(np.array([[5, 5, 100, 165]]), [0.9], ["person"], keypoints=[keypoints], keypoint_names=names)
+
+
+PERSON = np.array(
+    [[50, 20], [54, 16], [46, 16], [58, 18], [42, 18], [65, 40], [35, 40], [72, 60], [28, 60], [75, 80], [25, 80],
+     [60, 90], [40, 90], [62, 120], [38, 120], [63, 150], [37, 150]],
+    dtype=float,
+)  # fmt: skip
+
+
+def test_keypoints_are_dots_joined_by_the_coco_skeleton() -> None:
+    keypoints = np.column_stack([PERSON, np.ones(17)])
+    keypoints[10, 2] = 0.0  # the right wrist is not seen
+    drawn = draw_detections(grey(180, 120), person(keypoints, COCO_KEYPOINTS), thickness=2, captions=False)
+    for k, (x, y) in enumerate(PERSON.astype(int)):
+        assert (drawn[y, x] != 128).any() == (k != 10), COCO_KEYPOINTS[k]
+    assert (drawn[40, 50] != 128).any()  # on the line between the shoulders
+    assert (drawn[70, 26] == 128).all()  # no line to the unseen wrist
+    assert (drawn[50:, :3] == 128).all() and (drawn[170:] == 128).all()  # away from the person and its box
+
+
+def test_keypoints_without_a_known_skeleton_are_dots_only() -> None:
+    keypoints = np.array([[20.0, 50.0, 0.8], [80.0, 50.0, 0.6]])
+    drawn = draw_detections(grey(100, 120), person(keypoints, ("head", "tail")), thickness=2, captions=False)
+    assert (drawn[50, 20] != 128).any() and (drawn[50, 80] != 128).any()
+    assert (drawn[50, 50] == 128).all()  # nothing between them
 
 
 def test_caption_text_is_ascii_and_shortened() -> None:

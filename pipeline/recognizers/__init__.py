@@ -21,7 +21,11 @@ from pipeline.model import Detections
 
 class Recognizer(Protocol):
     """Takes one tile (8-bit grey or BGR array) and returns detections in that tile's coordinates (any column of
-    `Detections`: boxes, masks, oriented boxes, keypoints, class ids, data)."""
+    `Detections`: boxes, masks, oriented boxes, keypoints, class ids, data).
+
+    A recognizer that runs several tiles in one forward pass also has `max_batch` (tiles per pass) and
+    `recognize_batch(tiles) -> list[Detections]`, equal to calling it on each tile (`recognize_many` uses them).
+    """
 
     def __call__(self, tile: np.ndarray) -> Detections: ...
 
@@ -124,6 +128,20 @@ def resolve_params(name: str | Recognizer, params: Mapping[str, Any] | None = No
     resolved = {key: _coerce(name, key, params.get(key, default), default) for key, default in spec.params.items()}
     _check_files(name, spec, resolved)
     return resolved
+
+
+def tiles_per_pass(recognizer: Recognizer) -> int:
+    """How many tiles the recognizer takes in one forward pass (`max_batch`; 1 for the one-tile protocol)."""
+    return max(1, int(getattr(recognizer, "max_batch", 1) or 1))
+
+
+def recognize_many(recognizer: Recognizer, tiles: Sequence[np.ndarray]) -> list[Detections]:
+    """Each tile's detections: one `recognize_batch` call for a batching recognizer, else one call per tile."""
+    batch = getattr(recognizer, "recognize_batch", None)
+    found = list(batch(list(tiles))) if batch is not None and len(tiles) > 1 else [recognizer(t) for t in tiles]
+    if len(found) != len(tiles):
+        raise TypeError(f"the recognizer's recognize_batch returned {len(found)} results for {len(tiles)} tiles")
+    return found
 
 
 _thread_budget = 0

@@ -92,9 +92,9 @@ def write_json(destination: str, data: Any) -> None:
 
 
 def write_annotated(target: Target, result: dict[str, Any], path: Path) -> None:
-    """The merged detections drawn on the original image."""
+    """The merged detections drawn on the original image (keypoints named, so COCO's skeleton is drawn)."""
     pixels = images.decode(target.path.read_bytes())
-    canvas = draw_detections(pixels, Detections.from_records(result["detections"]))
+    canvas = draw_detections(pixels, Detections.from_records(result["detections"], result.get("keypoint_names", ())))
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), canvas):
         raise CliError(f"cannot write the annotated image {str(path)!r}", EXIT_FAILED)
