@@ -140,3 +140,9 @@ tilerec_min_batches = _auto_or_count("TILEREC_MIN_BATCHES")
 tilerec_threads_per_process = _number("TILEREC_THREADS_PER_PROCESS", 0, 0)  # 0: cores / worker processes
 # worker processes keep freed tile buffers in their heap (glibc mallopt; see pipeline/memory.py): fewer page faults
 tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")
+# ONNX Runtime execution providers of the `objects` sessions, most preferred first (comma list, e.g.
+# CUDAExecutionProvider,CPUExecutionProvider; CUDA needs onnxruntime-gpu, the `gpu` extra), and the device number
+# the GPU ones use. One this onnxruntime lacks is left out with a warning, or with strict the recognizer refuses.
+tilerec_onnx_providers = _env("TILEREC_ONNX_PROVIDERS", "CPUExecutionProvider")
+tilerec_device = _number("TILEREC_DEVICE", 0, 0)
+tilerec_onnx_providers_strict = _flag("TILEREC_ONNX_PROVIDERS_STRICT", "false")

@@ -10,10 +10,12 @@ from typing import Any
 
 import redis
 from celery import Celery, signals
+from celery.worker.control import inspect_command
 
 from pipeline import images
 from pipeline.memory import keep_freed_buffers
 from pipeline.recognizers import limit_threads, restrict_file_params
+from pipeline.recognizers.dnn import configure_execution, current_execution
 from tasks import store
 from tasks.leases import Leases
 
@@ -38,6 +40,9 @@ class Settings:
     min_batches: int | None  # None: auto
     threads_per_process: int
     keep_freed_buffers: bool
+    onnx_providers: tuple[str, ...]
+    device: int
+    onnx_providers_strict: bool
 
     @classmethod
     def of(cls, conf: Any) -> Settings:
@@ -54,6 +59,9 @@ class Settings:
             min_batches=conf.tilerec_min_batches,
             threads_per_process=int(conf.tilerec_threads_per_process),
             keep_freed_buffers=bool(conf.tilerec_keep_freed_buffers),
+            onnx_providers=tuple(name.strip() for name in conf.tilerec_onnx_providers.split(",") if name.strip()),
+            device=int(conf.tilerec_device),
+            onnx_providers_strict=bool(conf.tilerec_onnx_providers_strict),
         )
 
 
@@ -111,3 +119,18 @@ def _set_up_process(**_: Any) -> None:
     restrict_file_params(settings().model_roots)
     if settings().keep_freed_buffers:
         keep_freed_buffers()
+
+
+@signals.celeryd_after_setup.connect
+def _set_up_execution(**_: Any) -> None:
+    """ONNX Runtime's providers settled in the worker's main process, after its logging is set up and before its
+    pool forks: a provider this node lacks is warned about once in its log, not once per process, and every process
+    inherits the result (no session is built here, so no GPU context crosses the fork)."""
+    configure_execution(settings().onnx_providers, settings().device, settings().onnx_providers_strict)
+
+
+@inspect_command()
+def tilerec_execution(state: Any, **_: Any) -> dict[str, Any]:
+    """Where this node's ONNX Runtime sessions run: the providers its onnxruntime has, the configured ones, those
+    used; `tilerec recognizers --json` asks every worker (`app.control.broadcast("tilerec_execution", reply=True)`)."""
+    return current_execution().to_json()

@@ -58,9 +58,7 @@ def test_a_worker_runs_tiles_a_forward_pass_at_a_time(worker, images_root, redis
     image = dotted()
     path = images_root / "dotted.png"
     cv2.imwrite(str(path), image)
-    result = recognize.delay(str(path), "tests.shaped:BatchedSegmenter", max_batch=3, batch_size=7).get(
-        timeout=TIMEOUT
-    )
+    result = recognize.delay(str(path), "tests.shaped:BatchedSegmenter", max_batch=3, batch_size=7).get(timeout=TIMEOUT)
     sizes = {d["data"].get("pass_size", 1) for d in result["detections"]}  # a pass of one is a plain call
     assert sizes <= {1, 2, 3} and 3 in sizes  # batches of 7 tiles: passes of 3, 3 and 1
     expected = comparable(recognize_image(image, Segmenter()))

@@ -150,7 +150,7 @@ def test_the_compose_file_refuses_to_run_without_its_secrets(secret):
 
 def test_redis_workers_and_flower_as_a_deployment_needs_them():
     services = compose()["services"]
-    assert set(services) == {"redis", "worker", "flower"}
+    assert set(services) == {"redis", "worker", "flower", "gpu-worker"}
     for name, service in services.items():
         assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
         assert service["restart"] == "unless-stopped", name

@@ -13,6 +13,7 @@ import pytest
 import shapely
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.batching import detector_model, tiles
 from pipeline import recognize_image, recognizers
 from pipeline.model import Detections
 from pipeline.photo_scenes import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
@@ -449,3 +450,125 @@ def test_the_task_metadata_picks_the_head_and_a_shape_that_fits_none_is_named(tm
     )
     with pytest.raises(RecognizerError, match=r"output shape \(1, 12, 1\) does not fit layout 'auto' with 3 classes"):
         get_recognizer("objects", {"model": odd})
+
+
+# --- forward passes of several tiles, on models with a batch axis of their own -----------------------------------
+
+# full tiles and the edge tiles of a grid (narrower, shorter, tiny), one of them grey
+PASS_TILES = [
+    *tiles(3, 640, 640, seed=1),
+    *tiles(1, 200, 640, seed=2),
+    *tiles(1, 640, 97, seed=3),
+    *tiles(1, 53, 31, seed=4),
+    cv2.cvtColor(tiles(1, 480, 333, seed=5)[0], cv2.COLOR_BGR2GRAY),
+    *tiles(2, 640, 640, seed=6),
+]  # 9 tiles: passes of 4, 4 and 1
+
+
+def forward_passes(detector: object, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The tiles of each `session.run` the detector makes from now on (the input's batch axis)."""
+    passes: list[int] = []
+    run = detector.session.run
+
+    def counted(names: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        passes.append(len(next(iter(feeds.values()))))
+        return run(names, feeds)
+
+    monkeypatch.setattr(detector.session, "run", counted)
+    return passes
+
+
+def assert_same_detections(found: list[Detections], expected: list[Detections]) -> None:
+    """Tile by tile: the same labels and class ids in the same order, boxes within 1e-4 px, the same scores."""
+    assert len(found) == len(expected)
+    for one, other in zip(found, expected, strict=True):
+        assert list(one.labels) == list(other.labels)
+        assert np.array_equal(one.class_id, other.class_id)
+        np.testing.assert_allclose(one.xyxy, other.xyxy, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(one.scores, other.scores, rtol=0, atol=1e-6)
+        for mask, same in zip(one.masks, other.masks, strict=True):
+            assert (mask is None) == (same is None)
+            assert mask is None or mask.symmetric_difference(same).area <= 1e-6 * max(mask.area, 1)
+
+
+@pytest.mark.parametrize(("head", "threshold"), [("yolov8", 0.5), ("yolov8-seg", 0.5), ("fastestdet", 0.4)])
+def test_a_dynamic_batch_axis_runs_batch_tiles_a_pass_with_the_detections_of_one_at_a_time(
+    head, threshold, tmp_path, monkeypatch
+):
+    model = detector_model(tmp_path / f"{head}.onnx", head=head)
+    detector = get_recognizer("objects", {"model": model, "score_threshold": threshold, "batch": 4})
+    assert (detector.layout, detector.max_batch) == (head, 4)
+    passes = forward_passes(detector, monkeypatch)
+    alone = [detector(tile) for tile in PASS_TILES]
+    assert passes == [1] * len(PASS_TILES), "a tile on its own is a pass of one"
+    assert sum(map(len, alone)) >= 20 and len({len(found) for found in alone}) > 2, "detections follow the tiles"
+    passes.clear()
+    assert_same_detections(detector.recognize_batch(PASS_TILES), alone)
+    assert passes == [4, 4, 1], "one session run a pass"
+    if head == "yolov8-seg":
+        assert sum(mask is not None for found in alone for mask in found.masks) >= 20, "masks compared too"
+
+    one_at_a_time = get_recognizer("objects", {"model": model, "score_threshold": threshold, "batch": 1})
+    assert one_at_a_time.max_batch == 1
+    passes = forward_passes(one_at_a_time, monkeypatch)
+    assert_same_detections(one_at_a_time.recognize_batch(PASS_TILES), alone)
+    assert passes == [1] * len(PASS_TILES)
+
+
+def test_the_pipeline_gives_the_same_detections_in_passes_of_eight_as_one_at_a_time(tmp_path, monkeypatch):
+    model = detector_model(tmp_path / "v8.onnx")
+    image = tiles(1, 1900, 1300, seed=7)[0]
+    assert len(grid(1300, 1900)) == 12, "4 x 3 tiles (sizes that differ within a pass: the test above)"
+    passes = forward_passes(
+        get_recognizer("objects", {"model": model, "score_threshold": 0.5, "batch": 8}), monkeypatch
+    )
+    batched = recognize_image(image, "objects", model=model, score_threshold=0.5, batch=8).detections
+    assert passes == [8, 4], "passes of 8"
+    alone = recognize_image(image, "objects", model=model, score_threshold=0.5, batch=1).detections
+    assert len(batched) >= 20
+    assert_same_detections([batched], [alone])
+
+
+def test_a_fixed_batch_axis_sets_the_tiles_a_pass_and_a_short_pass_is_padded(tmp_path, monkeypatch):
+    dynamic = get_recognizer("objects", {"model": detector_model(tmp_path / "any.onnx"), "score_threshold": 0.5})
+    batching = get_recognizer(
+        "objects", {"model": detector_model(tmp_path / "any.onnx"), "score_threshold": 0.5, "batch": 8}
+    )
+    fixed = get_recognizer(
+        "objects", {"model": detector_model(tmp_path / "four.onnx", batch=4), "score_threshold": 0.5, "batch": 2}
+    )
+    assert (dynamic.max_batch, batching.max_batch, fixed.max_batch) == (1, 8, 4), "default 1; asked 8; the model's 4"
+    passes = forward_passes(fixed, monkeypatch)
+    found = fixed.recognize_batch(PASS_TILES[:6])
+    assert passes == [4, 4], "6 tiles: a full pass, then 2 tiles and 2 blank ones"
+    assert_same_detections(found, [dynamic(tile) for tile in PASS_TILES[:6]])
+    assert_same_detections([fixed(PASS_TILES[6])], [dynamic(PASS_TILES[6])])
+    assert passes[-1] == 4
+
+
+def test_models_that_cannot_run_two_tiles_at_once_run_one(fastestdet, tmp_path, monkeypatch, caplog):
+    shared = get_recognizer("objects", {"model": fastestdet})
+    assert shared.max_batch == 1, "FastestDet's input is 1x3x352x352, its graph hard-codes the 1"
+    passes = forward_passes(shared, monkeypatch)
+    assert_same_detections(shared.recognize_batch(PASS_TILES[:3]), [shared(tile) for tile in PASS_TILES[:3]])
+    assert passes == [1] * 6
+
+    declared = onnx.load(detector_model(tmp_path / "declared.onnx"))
+    [rows] = [tensor for tensor in declared.graph.initializer if tensor.name == "rows"]
+    rows.CopyFrom(numpy_helper.from_array(np.array([1, 7, -1], np.int64), "rows"))  # a Reshape to batch 1
+    onnx.save(declared, str(tmp_path / "declared.onnx"))
+    with caplog.at_level("WARNING", logger="pipeline.recognizers.dnn"):
+        reshaped = get_recognizer(
+            "objects", {"model": str(tmp_path / "declared.onnx"), "score_threshold": 0.5, "batch": 8}
+        )
+    assert reshaped.max_batch == 1 and len(reshaped(PASS_TILES[0])) > 0
+    assert [r.getMessage() for r in caplog.records] == [
+        f"model {tmp_path / 'declared.onnx'} declares a dynamic batch axis but cannot run 2 tiles in one pass: "
+        "one at a time"
+    ]
+
+    rows = np.array([[*box, *classes] for box, _, classes in ROWS])
+    constant = constant_model(tmp_path / "v8.onnx", rows.T[None], ["batch", 3, "height", "width"], NAMES)
+    assert get_recognizer("objects", {"model": constant, "input_size": 320}).max_batch == 1, "outputs ignore it"
+    with pytest.raises(RecognizerError, match="parameter 'batch' must be at least 1, got 0"):
+        get_recognizer("objects", {"model": constant, "batch": 0})

@@ -5,14 +5,17 @@ Model files are not part of tilerec (where to get them: ../shared/models/PROVENA
 its file from its `model` parameter, else from its own env var, else from the folder in TILEREC_MODEL_DIR.
 A `model` (or `names`) sent in a job is a path the worker opens: on workers it must lie under TILEREC_MODEL_DIR or
 TILEREC_MODEL_ROOTS (see `restrict_file_params`), so a message cannot make a worker parse arbitrary files.
+ONNX Runtime sessions run on the execution providers of `configure_execution` (workers: TILEREC_ONNX_PROVIDERS).
 """
 
 from __future__ import annotations
 
 import ast
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +26,9 @@ from shapely.geometry.base import BaseGeometry
 
 from pipeline.model import Detections
 from pipeline.recognizers import RecognizerError, RecognizerSpec, register, thread_budget
-from pipeline.shapes import obb_corners, polygons_from_bitmap
+from pipeline.shapes import COCO_KEYPOINTS, obb_corners, polygons_from_bitmap
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR_ENV = "TILEREC_MODEL_DIR"
 YUNET_FILE = "face_detection_yunet_2023mar.onnx"
@@ -33,11 +38,6 @@ LAYOUTS = ("auto", "fastestdet", "yolov5", "yolov8", "yolov8-seg", "yolov8-obb",
 # the layout of each `task` that Ultralytics writes into an export's metadata
 TASK_LAYOUTS = {"detect": "yolov8", "segment": "yolov8-seg", "obb": "yolov8-obb", "pose": "yolov8-pose"}
 MASK_COEFFICIENTS = 32  # prototype masks of Ultralytics' segment heads
-COCO_KEYPOINTS = (
-    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
-    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
-    "right_ankle",
-)  # fmt: skip
 # the subject's right and left, in the order of FaceDetectorYN's output columns 4-13
 YUNET_KEYPOINTS = ("right_eye", "left_eye", "nose_tip", "right_mouth_corner", "left_mouth_corner")
 
@@ -102,18 +102,114 @@ class YuNetFaces:
         )
 
 
-def _session(path: Path) -> Any:
-    """An ONNX Runtime session on this process's thread budget (0 before `limit_threads`: ORT picks)."""
+CPU_PROVIDER = "CPUExecutionProvider"
+# the providers that pick their device with a `device_id` option; the others (the CPU's among them) have none
+DEVICE_ID_PROVIDERS = frozenset({
+    "CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider", "MIGraphXExecutionProvider",
+    "DmlExecutionProvider", "CANNExecutionProvider",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where this process's ONNX Runtime sessions run: the providers asked for (most preferred first), the device of
+    those that take one, whether a missing provider refuses (`strict`) or falls back, and the providers this
+    onnxruntime build has; sessions are given `used`."""
+
+    requested: tuple[str, ...] = (CPU_PROVIDER,)
+    device: int = 0
+    strict: bool = False
+    available: tuple[str, ...] = (CPU_PROVIDER,)  # every build has the CPU's: no need to import onnxruntime to know
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The requested providers this build lacks (the CPU wheel has no CUDA; a misspelt name is lacking too)."""
+        return tuple(name for name in self.requested if name not in self.available)
+
+    @property
+    def used(self) -> tuple[str, ...]:
+        """The requested providers this build has, else the CPU's (ORT runs what a provider cannot on the CPU)."""
+        return tuple(name for name in self.requested if name in self.available) or (CPU_PROVIDER,)
+
+    def providers(self) -> list[str | tuple[str, dict[str, int]]]:
+        """`used` as InferenceSession takes it, the device given to the providers that choose one."""
+        return [(name, {"device_id": self.device}) if name in DEVICE_ID_PROVIDERS else name for name in self.used]
+
+    def to_json(self) -> dict[str, Any]:
+        """What `tilerec recognizers --json` shows of a process (or a worker node)."""
+        return {
+            "available": list(self.available),
+            "configured": list(self.requested),
+            "used": list(self.used),
+            "device": self.device,
+            "strict": self.strict,
+        }
+
+
+_execution = Execution()
+_told: set[tuple[tuple[str, ...], str]] = set()  # the fallbacks this process has warned about
+
+
+def plan_execution(providers: Sequence[str], device: int = 0, strict: bool = False) -> Execution:
+    """Where sessions would run with these providers (none: the CPU's) on this onnxruntime, changing nothing: what
+    `configure_execution` sets, and what `tilerec recognizers --json` reports."""
     import onnxruntime  # here, not at module level: 0.2 s that clients and the CLI never need
 
+    names = tuple(name.strip() for name in providers if name.strip()) or (CPU_PROVIDER,)
+    return Execution(names, int(device), bool(strict), tuple(onnxruntime.get_available_providers()))
+
+
+def configure_execution(providers: Sequence[str], device: int = 0, strict: bool = False) -> Execution:
+    """Run this process's ONNX Runtime sessions on these providers from now on; sessions read it when they are
+    built, so call it before the first recognizer. Workers call it once from their settings, before their pool
+    starts: every process inherits it, and a fallback is told once per node. A requested provider this build lacks
+    is left out with one warning naming it and what runs instead; with `strict`, building a recognizer refuses."""
+    global _execution
+    _execution = plan_execution(providers, device, strict)
+    if _execution.missing and not strict:
+        _fall_back(_execution, _execution.missing, "not in this onnxruntime build", _execution.used)
+    return _execution
+
+
+def current_execution() -> Execution:
+    """This process's providers (the CPU's until `configure_execution`)."""
+    return _execution
+
+
+def _fall_back(execution: Execution, names: tuple[str, ...], why: str, instead: Sequence[str]) -> None:
+    """Warn once per process that sessions run without these providers, and on what instead; refuse if strict."""
+    available = ", ".join(execution.available)
+    message = f"ONNX Runtime execution provider(s) {', '.join(names)} {why} (available: {available})"
+    if execution.strict:
+        raise RecognizerError(
+            f"recognizer 'objects': {message}, and strict providers (TILEREC_ONNX_PROVIDERS_STRICT) do not fall back"
+        )
+    if (names, why) not in _told:
+        _told.add((names, why))
+        log.warning("%s: sessions use %s instead", message, ", ".join(instead))
+
+
+def _session(path: Path) -> Any:
+    """An ONNX Runtime session on this process's providers (`configure_execution`) and thread budget (0 before
+    `limit_threads`: ORT picks); a provider it could not have is told once, or refused."""
+    import onnxruntime
+
+    execution = _execution
+    if execution.missing:  # told when configured; strict refuses here, so each tile fails with the reason
+        _fall_back(execution, execution.missing, "not in this onnxruntime build", execution.used)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = thread_budget()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=execution.providers())
     except Exception as error:  # ORT's own exception types (InvalidProtobuf, Fail, ...)
         raise _unloadable("objects", "model", path, error) from None
+    started = session.get_providers()
+    dropped = tuple(name for name in execution.used if name not in started)
+    if dropped:  # a build may have a provider this machine cannot start (no CUDA libraries, no GPU): ORT leaves it out
+        _fall_back(execution, dropped, "could not start", started)
+    return session
 
 
 def _metadata_literal(model: Path, metadata: Mapping[str, str], key: str) -> Any:
@@ -270,6 +366,10 @@ class OnnxObjects:
     ORT and not cv2.dnn: several times faster on CPU (docs/performance.md), and it reads the class names that
     Ultralytics exports store in the model's metadata. OpenCV still does the resizing and NMS.
     Each layout has its own pre-processing and decoder; boxes then go through per-class NMS, as upstream.
+
+    Tiles run `max_batch` to a forward pass (`recognize_batch`; one tile is a pass of one): `batch` for a model with
+    a dynamic batch axis, the model's own batch for a fixed one (a short last pass padded), 1 where the model
+    cannot run two tiles at once.
     """
 
     def __init__(
@@ -281,9 +381,12 @@ class OnnxObjects:
         score_threshold: float,
         nms_threshold: float,
         classes: str,
+        batch: int,
     ) -> None:
         if layout not in LAYOUTS:
             raise RecognizerError(f"recognizer 'objects': parameter 'layout' must be one of {LAYOUTS}, got {layout!r}")
+        if batch < 1:
+            raise RecognizerError(f"recognizer 'objects': parameter 'batch' must be at least 1, got {batch}")
         path = model_file("objects", "model", model, "TILEREC_OBJECTS_MODEL", OBJECTS_FILE)
         self.session = _session(path)
         self.input = self.session.get_inputs()[0]
@@ -292,8 +395,10 @@ class OnnxObjects:
         self.size = tuple(d if isinstance(d, int) else input_size or 640 for d in dims)[::-1]  # (width, height)
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.names = _read_names(path, names, metadata)
+        # a fixed batch axis (a number) takes exactly that many tiles a pass; a dynamic one (a name) any number
+        self.fixed_batch = self.input.shape[0] if isinstance(self.input.shape[0], int) else None
         try:  # one blank run: the outputs' shapes pick the layout, and a model that cannot run fails here, named
-            probe = self.session.run(None, {self.input.name: np.zeros((1, 3, *self.size[::-1]), np.float32)})
+            probe = self.session.run(None, {self.input.name: self._blank(self.fixed_batch or 1)})
         except Exception as error:
             raise _unloadable("objects", "model", path, error) from None
         self.keypoint_shape = _keypoint_shape(path, metadata, len(self.names))
@@ -308,6 +413,26 @@ class OnnxObjects:
             raise RecognizerError(f"recognizer 'objects': parameter 'classes' names unknown class(es) {unknown}")
         self.keep = np.array([not wanted or name in wanted for name in self.names])
         self.score_threshold, self.nms_threshold = score_threshold, nms_threshold
+        self.max_batch = self.fixed_batch or self._dynamic_batch(path, batch)
+
+    def _blank(self, tiles: int) -> np.ndarray:
+        return np.zeros((tiles, 3, *self.size[::-1]), np.float32)
+
+    def _dynamic_batch(self, path: Path, batch: int) -> int:
+        """`batch` if the model runs a blank pass of 2 tiles into outputs of 2, else 1 with a warning: a batch axis
+        declared dynamic can still be fixed inside the graph (a Reshape to batch 1), or ignored by the outputs."""
+        if batch == 1:
+            return 1
+        try:
+            follows = all(len(output) == 2 for output in self.session.run(None, {self.input.name: self._blank(2)}))
+        except Exception:  # ORT's own exception types: the graph's shapes do not fit a batch of 2
+            follows = False
+        if not follows:
+            log.warning(
+                "model %s declares a dynamic batch axis but cannot run 2 tiles in one pass: one at a time", path
+            )
+            return 1
+        return batch
 
     def _fastestdet(self, output: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per grid cell: score = obj^0.6 · max(cls)^0.4, centre = (cell + tanh(offset)) / grid, size = sigmoid(term),
@@ -397,23 +522,51 @@ class OnnxObjects:
         padded = cv2.copyMakeBorder(scaled, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
         return padded, Letterbox(scale, left, top, scaled.shape[1], scaled.shape[0])
 
-    def _run(self, picture: np.ndarray, rgb: bool) -> list[np.ndarray]:
-        blob = cv2.dnn.blobFromImage(picture, 1 / 255, swapRB=rgb)  # HWC uint8 to 1xCxHxW float in [0, 1]
+    def _prepare(self, tile: np.ndarray) -> tuple[np.ndarray, Letterbox | None]:
+        """The tile at the input size: stretched for FastestDet (its boxes are relative to the tile, so no geometry
+        to undo), letterboxed for the YOLO layouts."""
+        if self.layout == "fastestdet":
+            return cv2.resize(tile, self.size, interpolation=cv2.INTER_AREA), None
+        return self._letterbox(tile)
+
+    def _forward(self, pictures: list[np.ndarray]) -> list[np.ndarray]:
+        """One session run over the pictures stacked as B×3×H×W floats in [0, 1] (RGB but for FastestDet, which takes
+        OpenCV's BGR); a fixed batch axis gets a short pass padded with blank tiles.
+
+        Channel by channel into one buffer, not cv2.dnn.blobFromImages: the same values, and blobFromImages slows
+        down with the batch (0.5 ms a 352×352 tile alone, 3 ms a tile in a batch of 32; this: 0.5 and 0.7 ms)."""
+        blob = np.zeros((max(len(pictures), self.fixed_batch or 0), 3, *self.size[::-1]), np.float32)
+        order = (0, 1, 2) if self.layout == "fastestdet" else (2, 1, 0)
+        for k, picture in enumerate(pictures):
+            for channel, source in enumerate(order):
+                np.multiply(picture[..., source], np.float32(1 / 255), out=blob[k, channel], casting="unsafe")
         return self.session.run(None, {self.input.name: blob})
 
+    def recognize_batch(self, tiles: Sequence[np.ndarray]) -> list[Detections]:
+        """Each tile's detections, `max_batch` tiles a forward pass; the same as the tiles one at a time, since each
+        is brought to the input size on its own and its slice of the outputs decoded alone."""
+        found: list[Detections] = []
+        for start in range(0, len(tiles), self.max_batch):
+            chunk = [_bgr(tile) for tile in tiles[start : start + self.max_batch]]
+            prepared = [self._prepare(tile) for tile in chunk]
+            outputs = self._forward([picture for picture, _ in prepared])
+            for k, (tile, (_, letterbox)) in enumerate(zip(chunk, prepared, strict=True)):
+                found.append(self._decode([output[k : k + 1] for output in outputs], tile.shape[1::-1], letterbox))
+        return found
+
     def __call__(self, tile: np.ndarray) -> Detections:
-        tile = _bgr(tile)
-        if self.layout == "fastestdet":
-            boxes, scores, ids = self._fastestdet(
-                self._run(cv2.resize(tile, self.size, interpolation=cv2.INTER_AREA), False)[0]
-            )
-            boxes = boxes * np.tile(tile.shape[1::-1], 2)
+        return self.recognize_batch([tile])[0]
+
+    def _decode(self, outputs: list[np.ndarray], tile_size: tuple[int, int], letterbox: Letterbox | None) -> Detections:
+        """One tile's detections from its outputs (batch axis of 1), in the coordinates of a tile of `tile_size`
+        (width, height)."""
+        if letterbox is None:  # FastestDet: boxes relative to the stretched tile
+            boxes, scores, ids = self._fastestdet(outputs[0])
+            boxes = boxes * np.tile(tile_size, 2)
             kept = self._nms(boxes, scores, ids)
             return Detections.from_xywh(
                 boxes[kept], scores[kept], [self.names[i] for i in ids[kept]], class_id=ids[kept]
             )
-        picture, letterbox = self._letterbox(tile)
-        outputs = self._run(picture, True)
         centred, scores, ids, head = self._yolo(outputs[0])
         if self.layout == "yolov8-obb":
             return self._oriented(centred, scores, ids, head[:, 0], letterbox)
@@ -454,6 +607,9 @@ register(
             "score_threshold": 0.65,  # FastestDet upstream's; YOLO exports are usually run at 0.25
             "nms_threshold": 0.45,
             "classes": "",
+            # tiles a forward pass where the model's batch axis is dynamic: 1 by default, since on CPUs batches are
+            # no faster (docs/performance.md); a GPU job sends 8-32
+            "batch": 1,
         },
         f"objects (80 COCO classes), ONNX Runtime: FastestDet, YOLOv5, YOLOv8/11 exports of detect, segment, obb or "
         f"pose (model: {OBJECTS_FILE})",

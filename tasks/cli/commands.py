@@ -39,8 +39,9 @@ from pipeline.merge import MATCH_METRICS, MERGE_METHODS
 from pipeline.model import Detections
 from pipeline.options import ON_TILE_ERROR
 from pipeline.recognizers import available
+from pipeline.recognizers.dnn import OnnxObjects, plan_execution
 from pipeline.scenes import qr_scene, score
-from tasks.cli.clusters import Settings, exec_worker, remote_cluster
+from tasks.cli.clusters import Settings, exec_worker, ping, remote_cluster
 from tasks.cli.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -109,6 +110,22 @@ def param_text(key: str, value: Any) -> str:
     return f"{key}={value if plain else json.dumps(value, default=str)}"
 
 
+def executions() -> dict[str, Any]:
+    """Where ONNX Runtime sessions run: here, as a worker started on this machine would run them (its settings,
+    this onnxruntime), and with a broker (TILEREC_BROKER_URL) on each worker that answers within a second."""
+    from tasks.celery import app, settings
+
+    configured = settings()
+    here = plan_execution(configured.onnx_providers, configured.device, configured.onnx_providers_strict)
+    listing: dict[str, Any] = {"local": here.to_json()}
+    broker = os.environ.get("TILEREC_BROKER_URL")
+    if broker:
+        ping(broker, "broker")  # unreachable: fails within seconds, as `run` does
+        replies = app.control.broadcast("tilerec_execution", reply=True, timeout=1.0)
+        listing["workers"] = {host: reply for answer in replies for host, reply in answer.items()}
+    return listing
+
+
 def cmd_recognizers(args: argparse.Namespace) -> int:
     specs = available()
     if args.json:
@@ -116,6 +133,11 @@ def cmd_recognizers(args: argparse.Namespace) -> int:
             {"name": s.name, "description": s.description, "params": dict(s.params), "cost_ms": s.cost_ms}
             for s in specs
         ]
+        on_onnx_runtime = [entry for entry, spec in zip(listed, specs, strict=True) if spec.factory is OnnxObjects]
+        if on_onnx_runtime:
+            found = executions()
+            for entry in on_onnx_runtime:
+                entry["execution"] = found
         print(json.dumps(listed, indent=2, default=str))
         return EXIT_OK
     console = Console()
