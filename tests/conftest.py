@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import pytest
 from celery import Celery
 
@@ -45,6 +46,17 @@ def worker(app, redis_server: RedisServer, tmp_path_factory) -> Iterator[Worker]
     }
     with Worker(redis_server.url, concurrency=2, env=env, log_file=str(log)) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def big_scene():
+    """Big enough that a job runs for a while on two processes: 48 tiles of QR recognition, with its truth."""
+    from pipeline.scenes import qr_scene
+
+    scene = qr_scene(4000, 3000, count=16, seam_share=0.5, seed=21)
+    path = IMAGES_ROOT / "big-qr.png"
+    cv2.imwrite(str(path), scene.image)
+    return scene, str(path)
 
 
 @pytest.fixture

@@ -16,10 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import pytest
 
-from pipeline.scenes import qr_scene
 from pipeline.tiling import grid
 from tasks.local import RedisServer, Worker, _stop, free_port
 from tests.conftest import IMAGES_ROOT
@@ -30,14 +28,6 @@ from tests.test_reliability import marked_scene, wait_for
 TIMEOUT = 180
 TILES = len(grid(3000, 4000))  # 48, a batch each here
 SLOW_S = 0.2  # per tile: 48 tiles are 4.8 s of work on 2 processes, 9.6 s on one
-
-
-@pytest.fixture(scope="module")
-def scene():
-    scene = qr_scene(4000, 3000, count=16, seam_share=0.5, seed=21)
-    path = IMAGES_ROOT / "faults-qr.png"
-    cv2.imwrite(str(path), scene.image)
-    return scene, str(path)
 
 
 def env_for(url: str, **settings: str) -> dict[str, str]:
@@ -115,13 +105,13 @@ def two_nodes(tmp_path) -> Iterator[tuple[RedisServer, Worker, Worker]]:
 
 
 @pytest.mark.parametrize("fault", ["killed", "frozen"])
-def test_a_lost_node_s_work_comes_back_within_seconds(two_nodes, scene, fault):
+def test_a_lost_node_s_work_comes_back_within_seconds(two_nodes, big_scene, fault):
     """A whole node SIGKILLed (main process and pool), or frozen with SIGSTOP as a network partition looks: the
     batches it held come back once their leases lapse (TILEREC_VISIBILITY_TIMEOUT, 15 s) and the other node
     finishes the job, each tile once. A frozen node resumed later does no harm: its late batch finds the job over
     and writes nothing."""
     server, lost, _ = two_nodes
-    truth, path = scene
+    truth, path = big_scene
     client = Client(server.url, path, "tests.faulty:Slow", batch_size=1, seconds=SLOW_S)
     in_progress(server.client(), client.id)
     left = TILES - done_tiles(server.client(), client.id)
@@ -144,10 +134,10 @@ def test_a_lost_node_s_work_comes_back_within_seconds(two_nodes, scene, fault):
 
 
 @pytest.mark.parametrize("down_s", [1.0, 5.0])
-def test_a_broker_restart_loses_no_job(tmp_path, scene, down_s):
+def test_a_broker_restart_loses_no_job(tmp_path, big_scene, down_s):
     """redis-server (append-only file on) stopped and started again while one job runs and others wait: every job
     completes correctly; tilerec's Job.get() and Celery's own AsyncResult.get() ride through it."""
-    truth, path = scene
+    truth, path = big_scene
     server = RedisServer(appendonly=True, options=["--appendfsync", "always"]).start()
     worker = Worker(server.url, 2, env=env_for(server.url), log_file=str(tmp_path / "worker.log")).start()
     try:
@@ -171,8 +161,8 @@ def test_a_broker_restart_loses_no_job(tmp_path, scene, down_s):
         server.stop()
 
 
-def test_tilerec_run_rides_through_a_broker_restart(tmp_path, scene):
-    truth, path = scene
+def test_tilerec_run_rides_through_a_broker_restart(tmp_path, big_scene):
+    truth, path = big_scene
     server = RedisServer(appendonly=True, options=["--appendfsync", "always"]).start()
     worker = Worker(server.url, 2, env=env_for(server.url), log_file=str(tmp_path / "worker.log")).start()
     try:
@@ -193,11 +183,11 @@ def test_tilerec_run_rides_through_a_broker_restart(tmp_path, scene):
         server.stop()
 
 
-def test_a_sentinel_failover_mid_job_ends_the_job(tmp_path, scene):
+def test_a_sentinel_failover_mid_job_ends_the_job(tmp_path, big_scene):
     """Redis with Sentinel: the master killed mid-job. The sentinels promote the replica and the workers, the
     store and the client follow them; the job completes (or, had the failover lost the job's latest writes, fails
     with an error saying so), and never hangs."""
-    truth, path = scene
+    truth, path = big_scene
     with SentinelGroup() as group:
         env = env_for(group.url)
         worker = Worker(group.url, 2, env=env, log_file=str(tmp_path / "worker.log")).start()
@@ -217,10 +207,10 @@ def test_a_sentinel_failover_mid_job_ends_the_job(tmp_path, scene):
         assert_each_code_once(outcome["result"]["detections"], truth.truths)
 
 
-def test_a_whole_cluster_restarted_finishes_its_jobs(tmp_path, scene):
+def test_a_whole_cluster_restarted_finishes_its_jobs(tmp_path, big_scene):
     """Every node stopped with SIGTERM (warm shutdown: running batches finish, the rest go back to the queue),
     then started again: the running and the queued job complete."""
-    truth, path = scene
+    truth, path = big_scene
     with RedisServer() as server:
         env = env_for(server.url)
         nodes = [Worker(server.url, 1, env=env, log_file=str(tmp_path / f"node{n}.log")) for n in range(2)]
@@ -268,12 +258,12 @@ def test_running_out_of_memory_fails_the_tile_and_the_job_still_merges(worker, r
     assert Path(worker.log_file).exists() and worker.process.poll() is None
 
 
-def test_sentinel_urls_work_for_workers_the_cli_and_flower(tmp_path, scene):
+def test_sentinel_urls_work_for_workers_the_cli_and_flower(tmp_path, big_scene):
     """The broker, backend and store given as sentinels: a worker takes jobs, `tilerec run --broker` submits and
     waits, and Flower sees the worker and the job."""
     from tests.test_flower import PASSWORD, USER, Flower
 
-    truth, path = scene
+    truth, path = big_scene
     with SentinelGroup() as group:
         env = env_for(group.url)
         worker = Worker(group.url, 1, env=env, name="sentinel-node", log_file=str(tmp_path / "worker.log")).start()

@@ -52,15 +52,6 @@ def assert_keys_go(redis_server, timeout: float = 10) -> None:
     assert tilerec_keys(redis_server) == []
 
 
-@pytest.fixture(scope="module")
-def big_scene():
-    """Big enough that a job runs for a while on two processes: 48 tiles of QR recognition."""
-    scene = qr_scene(4000, 3000, count=16, seam_share=0.5, seed=21)
-    path = IMAGES_ROOT / "big-qr.png"
-    cv2.imwrite(str(path), scene.image)
-    return scene, str(path)
-
-
 def test_a_killed_worker_process_loses_nothing_and_reports_nothing_twice(worker, redis_server, big_scene):
     scene, path = big_scene
     job = submit(path, "qrcode", batch_size=2)
