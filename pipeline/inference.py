@@ -338,6 +338,7 @@ def assemble(
         if missing:
             described += f"{'; ' if described else ''}no result for tiles {[w.index for w in missing[:10]]}"
         raise TileFailure(f"{len(failed) + len(missing)} of {len(windows)} tiles failed: {described}")
+    skipped = [index for index, o in sorted(by_tile.items()) if o.detections is None and o.error is None]
     merged = merge_detections(
         Detections.concat(o.detections for _, o in sorted(by_tile.items()) if o.detections is not None),
         options.merge,
@@ -368,9 +369,8 @@ def assemble(
         level=level,
         downsample=downsample,
         roi=options.roi,
-        skipped=sum(o.detections is None and o.error is None for o in by_tile.values())
-        if options.skip_blank is not None
-        else None,
+        skipped=len(skipped) if options.skip_blank is not None else None,
+        skipped_tiles=[_xywh(windows[index]) for index in skipped],
     )
 
 

@@ -417,11 +417,12 @@ class Recognition:
     downsample: float = 1.0  # level 0's width / this level's width: boxes times this are level-0 pixels
     roi: list[int] | None = None  # [x, y, w, h] the job was restricted to; None: the whole image
     skipped: int | None = None  # tiles skipped as blank; None: skip_blank was off
+    skipped_tiles: list[list[int]] = field(default_factory=list)  # their windows [x, y, w, h], for a viewer
 
     def to_json(self) -> dict[str, Any]:
-        """The result document; `image.level`/`image.downsample` (level > 0), `image.roi` (a roi was given) and
-        `tiling.skipped` (skip_blank was on) and `keypoint_names` (detections have keypoints) appear only when they
-        apply."""
+        """The result document; `image.level`/`image.downsample` (level > 0), `image.roi` (a roi was given),
+        `tiling.skipped` and `tiling.skipped_tiles` (skip_blank was on) and `keypoint_names` (detections have
+        keypoints) appear only when they apply."""
         image: dict[str, Any] = {"width": self.width, "height": self.height, "source": self.source}
         if self.level:
             image.update(level=self.level, downsample=round(self.downsample, 6))
@@ -435,7 +436,7 @@ class Recognition:
             "tasks": self.tasks,
         }
         if self.skipped is not None:
-            tiling["skipped"] = self.skipped
+            tiling.update(skipped=self.skipped, skipped_tiles=self.skipped_tiles)
         document = {
             "schema": SCHEMA,
             "image": image,
@@ -472,4 +473,5 @@ class Recognition:
             downsample=data["image"].get("downsample", 1.0),
             roi=data["image"].get("roi"),
             skipped=data["tiling"].get("skipped"),
+            skipped_tiles=data["tiling"].get("skipped_tiles", []),
         )

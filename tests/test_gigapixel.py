@@ -335,12 +335,13 @@ def sparse():
 def test_skip_blank_skips_empty_tiles_and_finds_the_same_objects(worker, redis_server, sparse):
     path, image, truths = sparse
     windows = grid(2600, 3400)
-    blank_tiles = sum(is_blank(image[w.y : w.y2, w.x : w.x2], 16) for w in windows)
+    blank = [[w.x, w.y, w.width, w.height] for w in windows if is_blank(image[w.y : w.y2, w.x : w.x2], 16)]
+    blank_tiles = len(blank)
     assert 0 < blank_tiles < len(windows) - 3
     plain = recognize.delay(path, "qrcode").get(timeout=TIMEOUT)
     assert "skipped" not in plain["tiling"]
     skipping = recognize.delay(path, "qrcode", skip_blank=True).get(timeout=TIMEOUT)
-    assert skipping["tiling"]["skipped"] == blank_tiles
+    assert skipping["tiling"]["skipped"] == blank_tiles and skipping["tiling"]["skipped_tiles"] == blank
     assert skipping["detections"] == plain["detections"] and texts(plain) == sorted(truths)
     through_store = recognize.delay(put_image(Path(path).read_bytes()), "qrcode", skip_blank=True).get(timeout=TIMEOUT)
     assert through_store["tiling"]["skipped"] == blank_tiles

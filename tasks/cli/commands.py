@@ -3,6 +3,7 @@
   tilerec run IMAGE [IMAGE ...] --recognizer NAME [options]   recognize images as concurrent jobs
   tilerec recognizers [--json]                                 the recognizers, their parameters and defaults
   tilerec demo [--size WxH] [--out DIR]                        a synthetic scene with known QR codes, end to end
+  tilerec view RESULT.json [--image PATH] [--export DIR]       the detections over the image, in a deep-zoom viewer
   tilerec worker [CELERY WORKER OPTIONS]                       exec `celery -A tasks worker` with those options
 
 Where jobs run: with --broker URL (or TILEREC_BROKER_URL) jobs go to that cluster and image bytes are uploaded to
@@ -56,6 +57,7 @@ from tasks.cli.errors import (
 from tasks.cli.inputs import annotate_paths, check_image, job_options, parse_size, positive_float, positive_int
 from tasks.cli.jobs import execute
 from tasks.cli.output import report_failures, summarize, write_annotated, write_json, write_outputs
+from tasks.cli.view import Viewed, add_view_parser, open_pyramid, view
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--format coco needs --json OUT (or --json - for stdout)")
     from tasks import app
 
+    if args.view and len(args.images) != 1:
+        raise CliError("--view shows one image; run the images, then `tilerec view` each result")
     targets = [check_image(given, app.conf.tilerec_max_pixels) for given in args.images]
     annotated = annotate_paths(args.annotate, targets)
     settings = settings_from(args, console)
@@ -86,7 +90,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     write_outputs(outcomes, args.json, args.format, annotated)
     if not args.quiet:
         summarize(outcomes, console)
-    return report_failures(outcomes)
+    code = report_failures(outcomes)
+    if args.view and outcomes[0].result is not None:
+        viewed = Viewed(outcomes[0].result, open_pyramid(targets[0].path, outcomes[0].result), targets[0].path)
+        return max(code, view(viewed, "127.0.0.1", 0, True, console))
+    return code
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -293,6 +301,7 @@ def build_parser() -> Parser:
         action="store_true",
         help="with --broker: send file paths (workers see the same files) instead of uploading bytes",
     )
+    run.add_argument("--view", action="store_true", help="open the result in the deep-zoom viewer when the job ends")
     add_cluster_flags(run)
     run.set_defaults(handler=cmd_run)
 
@@ -322,6 +331,8 @@ def build_parser() -> Parser:
     cancelling.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     cancelling.add_argument("--broker", metavar="URL", help="the cluster's broker (default: TILEREC_BROKER_URL)")
     cancelling.set_defaults(handler=cmd_cancel)
+
+    add_view_parser(commands)
 
     commands.add_parser(
         "worker",
