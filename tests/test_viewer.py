@@ -425,3 +425,44 @@ def test_the_exported_site_works_from_a_plain_web_server(browser, viewed, tmp_pa
         assert severe(browser) == [] and browser.execute_script("return tilerec.errors") == []
     finally:
         _stop(server, 10)
+
+
+def test_run_view_serves_the_job_result_when_it_ends(tmp_path: Path) -> None:
+    scene = qr_scene(1400, 900, count=3, seed=4)
+    image = IMAGES_ROOT / "run-view.png"
+    cv2.imwrite(str(image), scene.image)
+    command = [sys.executable, "-m", "tasks.cli", "run", str(image), "-r", "qrcode", "--workers", "1", "--view",
+               "--json", str(tmp_path / "r.json"), "-q"]  # fmt: skip
+    env = {**os.environ, "BROWSER": "true"}  # webbrowser runs `true`: no browser opens
+    env.pop("TILEREC_BROKER_URL", None)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("tilerec view: http://127.0.0.1:"), (line, process.stderr.read())
+        status, body, _ = get(line.split()[2] + "result.json")
+        served = json.loads(body)
+        assert status == 200 and served == json.loads((tmp_path / "r.json").read_text())
+        assert sorted(d["text"] for d in served["detections"]) == sorted(t.text for t in scene.truths)
+    finally:
+        _stop(process, 10)
+
+
+def test_a_result_stored_by_reference_is_fetched_from_redis(tmp_path: Path, redis_server, capsys) -> None:
+    from tasks import store
+
+    image = tmp_path / "small.png"
+    cv2.imwrite(str(image), quadrants(1000, 600))
+    boxes = [{"label": "qrcode", "score": 1.0, "box": [10, 20, 30, 40], "text": "stored"}]
+    document = json.dumps(result_for(image, 1000, 600, boxes))
+    reference = store.put_result(redis_server.client(), "viewer-ref", document, 60)
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"schema": "tilerec/recognition@2", "result_ref": reference, "detections_count": 1}))
+    for given in (reference, str(summary)):
+        site = tmp_path / f"site-{len(given)}"
+        assert (
+            main(["view", given, "--broker", redis_server.url, "--allow", str(tmp_path), "--export", str(site), "-q"])
+            == 0
+        )
+        assert json.loads((site / "result.json").read_text())["detections"] == boxes
+    assert main(["view", "redis:tilerec:result:nope", "--broker", redis_server.url, "--no-browser"]) == 2
+    assert "no result is stored under" in capsys.readouterr().err

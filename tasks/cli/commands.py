@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         summarize(outcomes, console)
     code = report_failures(outcomes)
     if args.view and outcomes[0].result is not None:
-        viewed = Viewed(outcomes[0].result, open_pyramid(targets[0].path, outcomes[0].result), targets[0].path)
+        viewed = Viewed(outcomes[0].result, open_pyramid(targets[0].path, outcomes[0].result))
         return max(code, view(viewed, "127.0.0.1", 0, True, console))
     return code
 

@@ -46,7 +46,6 @@ class Viewed:
 
     document: dict[str, Any]
     pyramid: Pyramid
-    image: Path
 
     def result_json(self) -> bytes:
         return json.dumps(self.document, separators=(",", ":")).encode()
@@ -138,6 +137,7 @@ def open_pyramid(path: Path, document: dict[str, Any]) -> Pyramid:
 
 class _Handler(BaseHTTPRequestHandler):
     server: ViewerServer
+    protocol_version = "HTTP/1.1"  # keep-alive: a browser fetches dozens of tiles per view over a few connections
 
     def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
@@ -251,7 +251,7 @@ def cmd_view(args: Any) -> int:
     document = load_result(args.result, args.broker)
     path = image_path(document, args.image, args.result, allowed_folders(args.result, args.allow))
     began = time.perf_counter()
-    viewed = Viewed(document, open_pyramid(path, document), path)
+    viewed = Viewed(document, open_pyramid(path, document))
     if args.export is not None:
         count = export(viewed, Path(args.export), console, args.quiet)
         viewed.pyramid.close()

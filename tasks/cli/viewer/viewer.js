@@ -33,6 +33,23 @@
   }
 
   async function start() {
+    // the image first: its tiles load while the result is fetched and parsed
+    const viewer = OpenSeadragon({
+      // the 2-D canvas drawer: WebGL falls back to a slow software renderer where there is no GPU (seen: 8 s to
+      // draw the first view in headless Chromium, against 1 s)
+      id: "osd", drawer: "canvas", prefixUrl: "openseadragon/images/", tileSources: "image.dzi",
+      // no navigator: with this drawer, 6.1.1's draws stray full-resolution tiles over its thumbnail (seen here)
+      showNavigator: false,
+      // a view's tiles asked for together, not one per frame (OpenSeadragon's default): the server cuts each in ms
+      maxTilesPerFrame: 16,
+      maxZoomPixelRatio: 8, visibilityRatio: 0.5, animationTime: 0.5,
+      gestureSettingsMouse: { clickToZoom: false },
+    });
+    const canvas = document.createElement("canvas");
+    canvas.className = "tilerec-overlay";
+    viewer.canvas.appendChild(canvas);
+    viewer.addHandler("open-failed", (event) => api.errors.push(`image.dzi: ${event.message}`));
+
     const response = await fetch("result.json");
     if (!response.ok) throw new Error(`result.json: HTTP ${response.status}`);
     const doc = await response.json();
@@ -50,14 +67,6 @@
       `${width}×${height} px · ${doc.recognizer.name} · ${detections.length} detections · ` +
       `${doc.tiling.tiles} tiles (${failed.length} failed, ${skipped.length} skipped)`;
 
-    const viewer = OpenSeadragon({
-      id: "osd", drawer: "canvas", prefixUrl: "openseadragon/images/", tileSources: "image.dzi", showNavigator: true,
-      navigatorPosition: "BOTTOM_LEFT", maxZoomPixelRatio: 8, visibilityRatio: 0.5, animationTime: 0.5,
-      gestureSettingsMouse: { clickToZoom: false },
-    });
-    const canvas = document.createElement("canvas");
-    canvas.className = "tilerec-overlay";
-    viewer.canvas.appendChild(canvas);
 
     function mapping() {
       // image pixels -> viewer element pixels: an offset and one scale (the viewer does not rotate)
@@ -91,12 +100,17 @@
       }
     }
 
-    function draw() {
+    let drawnAt = "";
+    function draw(force = true) {
       const m = mapping();
       if (!m) return;
       const ratio = window.devicePixelRatio || 1;
       const W = viewer.container.clientWidth;
       const H = viewer.container.clientHeight;
+      // OpenSeadragon updates every frame while tiles arrive; the overlays change only when the view does
+      const at = `${m.ox} ${m.oy} ${m.s} ${W} ${H}`;
+      if (!force && at === drawnAt) return;
+      drawnAt = at;
       if (canvas.width !== Math.round(W * ratio) || canvas.height !== Math.round(H * ratio)) {
         canvas.width = Math.round(W * ratio);
         canvas.height = Math.round(H * ratio);
@@ -136,13 +150,19 @@
           }
         }
       }
-      for (const [d, colour] of [[state.hovered, "#ffffff"], [state.selected, "#00e5ff"]]) {
+      // the hovered one outlined in black under its own colour, the selected one (from the list) in cyan
+      for (const [d, colour] of [[state.hovered, null], [state.selected, "#00e5ff"]]) {
         if (!d) continue;
         ctx.beginPath();
         trace(ctx, d, m);
-        ctx.lineWidth = 4;
-        ctx.strokeStyle = colour;
+        ctx.lineWidth = 5;
+        ctx.strokeStyle = colour || "#000000";
         ctx.stroke();
+        if (!colour) {
+          ctx.lineWidth = 2;
+          ctx.strokeStyle = colours.get(d.label);
+          ctx.stroke();
+        }
       }
       api.drawn = drawn;
     }
@@ -253,17 +273,19 @@
       },
     });
 
-    viewer.addHandler("update-viewport", draw);
-    viewer.addHandler("resize", draw);
-    viewer.addHandler("open", () => {
+    viewer.addHandler("update-viewport", () => draw(false));
+    viewer.addHandler("resize", () => draw(false));
+    const opened = () => {
       refresh();
       api.ready = true;
-    });
-    viewer.addHandler("open-failed", (event) => api.errors.push(`image.dzi: ${event.message}`));
+    };
+    if (viewer.world.getItemCount() > 0) opened();
+    else viewer.addHandler("open", opened);
     Object.assign(api, {
       viewer,
       total: detections.length,
       shown: () => shown.length,
+      redraw: draw,
       fullyLoaded: () => !!viewer.world.getItemAt(0) && viewer.world.getItemAt(0).getFullyLoaded(),
       toElement: (x, y) => {
         const m = mapping();
