@@ -466,3 +466,41 @@ def test_a_result_stored_by_reference_is_fetched_from_redis(tmp_path: Path, redi
         assert json.loads((site / "result.json").read_text())["detections"] == boxes
     assert main(["view", "redis:tilerec:result:nope", "--broker", redis_server.url, "--no-browser"]) == 2
     assert "no result is stored under" in capsys.readouterr().err
+
+
+def test_the_page_draws_masks_with_holes_rotated_boxes_and_keypoints(browser, tmp_path: Path) -> None:
+    image = tmp_path / "grey.png"
+    cv2.imwrite(str(image), np.full((800, 1000, 3), 128, np.uint8))
+    angle = np.radians(30)
+    u, v = np.array([np.cos(angle), np.sin(angle)]) * 75, np.array([-np.sin(angle), np.cos(angle)]) * 40
+    corners = [(np.array([750, 250]) + a * u + b * v).tolist() for a, b in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
+    outer, hole = [[200, 200], [500, 200], [500, 500], [200, 500]], [[300, 300], [400, 300], [400, 400], [300, 400]]
+    detections = [  # labels sort blob, marker, person: the palette's first three colours
+        {"label": "blob", "score": 0.9, "box": [200, 200, 300, 300], "mask": [[outer, hole]]},
+        {"label": "marker", "score": 0.8, "box": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+         "obb": {"center": [750, 250], "size": [150, 80], "angle": 30, "corners": corners}},
+        {"label": "person", "score": 0.7, "box": [650, 550, 200, 200],
+         "keypoints": [[700, 600, 0.9], [800, 600, 0.9], [750, 700, 0.9]]},
+    ]  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(result_for(image, 1000, 800, detections)))
+    with serving(tmp_path / "r.json") as (url, _):
+        open_page(browser, url)
+        assert browser.execute_script("return tilerec.drawn") == 3 and severe(browser) == []
+        pixels = screenshot(browser)
+
+        def at(x: float, y: float) -> np.ndarray:
+            ex, ey = browser.execute_script("return tilerec.toElement(arguments[0], arguments[1])", x, y)
+            return pixels[round(ey), round(ex)].astype(int)
+
+        tinted = 0.75 * 128 + 0.25 * np.array([75, 25, 230])  # #e6194b at alpha 0x40 over grey 128 (BGR)
+        assert np.abs(at(250, 250) - tinted).max() <= 12  # inside the mask
+        assert np.abs(at(350, 350) - 128).max() <= 6  # its hole is left clear
+        assert np.abs(at(600, 600) - 128).max() <= 6  # and so is everything else
+        edge = (np.array(corners[0]) + np.array(corners[1])) / 2  # the rotated box's edge, in green #3cb44b
+        assert near(pixels, *browser.execute_script("return tilerec.toElement(arguments[0], arguments[1])", *edge),
+                    (75, 180, 60), radius=2)  # fmt: skip
+        assert not near(pixels, *browser.execute_script("return tilerec.toElement(arguments[0], arguments[1])",
+                                                        min(xs) + 3, min(ys) + 3), (75, 180, 60), radius=2)  # fmt: skip
+        for x, y, _ in detections[2]["keypoints"]:  # dots in yellow #ffe119
+            assert np.abs(at(x, y) - (25, 225, 255)).max() <= 40, (x, y)
