@@ -504,3 +504,25 @@ def test_the_page_draws_masks_with_holes_rotated_boxes_and_keypoints(browser, tm
                                                         min(xs) + 3, min(ys) + 3), (75, 180, 60), radius=2)  # fmt: skip
         for x, y, _ in detections[2]["keypoints"]:  # dots in yellow #ffe119
             assert np.abs(at(x, y) - (25, 225, 255)).max() <= 40, (x, y)
+
+
+def test_a_result_of_a_pyramid_level_is_shown_on_that_level(tmp_path: Path, capsys) -> None:
+    image = quadrants(2400, 1600)
+    path = tmp_path / "levels.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image[:, :, ::-1], photometric="rgb", tile=(256, 256), subifds=2)
+        for factor in (2, 4):
+            small = cv2.resize(image, (2400 // factor, 1600 // factor), interpolation=cv2.INTER_AREA)
+            tif.write(small[:, :, ::-1], photometric="rgb", tile=(256, 256), subfiletype=1)
+    document = result_for(path, 1200, 800)
+    document["image"].update(level=1, downsample=2.0)
+    (tmp_path / "r.json").write_text(json.dumps(document))
+    assert main(["view", str(tmp_path / "r.json"), "--export", str(tmp_path / "site"), "-q"]) == 0
+    assert '<Size Width="1200" Height="800"/>' in (tmp_path / "site" / "image.dzi").read_text()
+    tile = cv2.imread(str(tmp_path / "site" / "image_files" / "11" / "2_1.jpeg")).astype(int)  # level 1 from (507, 253)
+    assert np.abs(tile[100, 50] - (255, 255, 255)).max() <= 8  # the white square: (1114, 706) at level 0
+    assert np.abs(tile[100, 100] - (255, 0, 0)).max() <= 8  # the blue half: (1214, 706), where level 0 is red
+    document["image"].pop("level")
+    (tmp_path / "r.json").write_text(json.dumps(document))
+    assert main(["view", str(tmp_path / "r.json"), "--no-browser"]) == 2
+    assert "is 2400x1600 but the result is of a 1200x800 image" in capsys.readouterr().err
