@@ -35,6 +35,7 @@ class Settings:
     shared_path: bool = False
     timeout: float | None = None
     quiet: bool = False
+    in_flight: int | None = None  # jobs submitted at a time (None: a few per worker process)
 
 
 @dataclass
