@@ -124,7 +124,7 @@ def write_scene_set(
     """Write `count` small scenes with known codes (pipeline.scenes.code_scene) as PNGs and their COCO truth.
 
     Args:
-        folder: where the images (`scene-00000.png`, …) and `truth.json` go; made if missing.
+        folder: where `truth.json` goes, the images in its `images/` folder (`scene-00000.png`, …); made if missing.
         count: how many images.
         width, height: each image's size.
         kinds: the code kinds (qrcode, aruco, barcode), taken in turn within an image.
@@ -132,14 +132,14 @@ def write_scene_set(
         seed: image i is drawn with seed `seed + i`, so a set is reproducible.
 
     Returns:
-        The path of `truth.json`, whose file names are relative to `folder`.
+        The path of `truth.json`, whose file names (`images/scene-00000.png`, …) are relative to `folder`.
     """
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
     scenes, names = [], []
     for index in range(count):
         scene = code_scene(width, height, kinds=kinds, count=per_image, seed=seed + index)
-        name = f"scene-{index:05d}.png"
+        name = f"images/scene-{index:05d}.png"
         if not cv2.imwrite(str(out / name), scene.image):
             raise OSError(f"OpenCV could not write {out / name}")
         scenes.append(scene)
