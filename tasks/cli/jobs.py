@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
-from tasks.cli.clusters import Settings, ignoring_interrupts, open_cluster
+from tasks.cli.clusters import Cluster, Settings, ignoring_interrupts, open_cluster
 from tasks.cli.errors import EXIT_TIMEOUT, CliError
 from tasks.cli.inputs import Target
 
@@ -183,6 +183,18 @@ def outcome_of(done: Any) -> Outcome:
     return Outcome(target, result=recognition, seconds=done.seconds, job_id=done.job_id)
 
 
+def in_flight(settings: Settings, cluster: Cluster, images: int, many: bool) -> int | None:
+    """Jobs at a time: --max-in-flight; else every named image at once, as ever; for many images, a few per
+    process of the private cluster, or None to let submit_many ask a shared cluster's workers."""
+    from tasks.client import IN_FLIGHT_PER_PROCESS
+
+    if settings.in_flight:
+        return settings.in_flight
+    if not many:
+        return images
+    return IN_FLIGHT_PER_PROCESS * cluster.processes if cluster.processes else None
+
+
 def execute(
     targets: Sequence[Target],
     recognizer: str,
@@ -219,9 +231,8 @@ def execute(
                     EXIT_TIMEOUT,
                 )
 
-        jobs = submit_many(
-            targets, recognizer, max_in_flight=settings.in_flight, upload=cluster.upload, on_poll=on_poll, **options
-        )
+        limit = in_flight(settings, cluster, len(targets), overview is not None)
+        jobs = submit_many(targets, recognizer, max_in_flight=limit, upload=cluster.upload, on_poll=on_poll, **options)
         with display:
             try:
                 for done in jobs:
