@@ -111,6 +111,19 @@ def test_evaluation_equals_faster_coco_eval_and_scores_perfect_and_shifted_predi
         assert metrics.per_class["aruco"].ap50 == pytest.approx(expected_ap50)
 
 
+def test_plots_are_a_precision_recall_curve_per_class(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from pipeline.evaluate import plot_curves
+
+    truth_path = write_scene_set(tmp_path, 2, WIDTH, HEIGHT, ("aruco", "qrcode"), per_image=2, seed=3)
+    truth = load_truth(truth_path)
+    metrics = evaluate(truth, Detections(truth_results(truth.document)))
+    assert metrics.curves["aruco"] == [1.0] * 101  # a perfect predictor: precision 1 at every recall
+    written = plot_curves(metrics, tmp_path / "curves")
+    assert sorted(path.name for path in written) == ["pr-aruco.png", "pr-qrcode.png"]
+    assert all(cv2.imread(str(path)).shape[0] > 200 for path in written)
+
+
 def test_results_are_matched_to_the_truth_by_category_name_and_file_name(tmp_path: Path) -> None:
     truth_path = write_scene_set(tmp_path, 2, WIDTH, HEIGHT, ("aruco", "qrcode"), per_image=2, seed=7)
     truth = load_truth(truth_path)
