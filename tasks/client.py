@@ -202,13 +202,15 @@ def _finish(run: InFlight) -> Completed | None:
     forgotten by the backend and its upload deleted, so a long run leaves nothing behind."""
     result: dict[str, Any] | None = None
     error: BaseException | None = None
-    if run.job.result.ready():
-        try:
-            result = fetch_result(run.job.result.get(timeout=10))
-        except TRANSIENT:
-            raise
-        except Exception as failure:  # the job's own error, re-raised by Celery
-            error = failure
+    state = run.job.result
+    if state.ready():  # its outcome read from the backend's key: `get` would subscribe to the job's channel
+        if state.successful():
+            result = fetch_result(state.result)
+        else:
+            failure = state.result
+            error = (
+                failure if isinstance(failure, BaseException) else RuntimeError(f"job ended {state.state}: {failure}")
+            )
     else:
         run.job.progress()
         if not run.job.lost():

@@ -111,6 +111,35 @@ def test_evaluation_equals_faster_coco_eval_and_scores_perfect_and_shifted_predi
         assert metrics.per_class["aruco"].ap50 == pytest.approx(expected_ap50)
 
 
+def test_masks_are_scored_when_results_and_truth_have_them(tmp_path: Path) -> None:
+    import shapely
+
+    truth_path = write_scene_set(tmp_path, 2, WIDTH, HEIGHT, ("aruco",), per_image=2, seed=11)
+    document = json.loads(truth_path.read_text())
+    for annotation in document["annotations"]:  # a marker's mask is its square: a polygon of its box's corners
+        x, y, w, h = annotation["bbox"]
+        annotation["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    truth_path.write_text(json.dumps(document))
+    truth = load_truth(truth_path)
+    lines = []
+    for image in truth.images:
+        boxes = [a["bbox"] for a in document["annotations"] if a["image_id"] == image.id]
+        # the left 57.5 % of each marker, whole pixels: mask IoU about 0.575, between COCO's thresholds 0.55 and 0.6
+        parts = [shapely.box(x, y, x + round(w * 0.575), y + h) for x, y, w, h in boxes]
+        found = Found.from_xywh(boxes, [0.9, 0.8], "aruco", masks=parts)
+        result = Recognition(WIDTH, HEIGHT, found, "aruco").to_json()
+        lines.append(json.dumps({"image": image.file_name, "image_id": image.id, "ok": True, "result": result}))
+    (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = tmp_path / "metrics.json"
+    completed = tilerec("evaluate", str(tmp_path / "results.jsonl"), "--truth", str(truth_path), "--json", str(metrics))
+    assert completed.returncode == 0, completed.stderr
+    run = json.loads(metrics.read_text())["runs"][0]
+    assert run["bbox"]["stats"]["AP"] == pytest.approx(1.0)  # the boxes are the truth's
+    segm = run["segm"]["stats"]
+    assert segm["AP50"] == pytest.approx(1.0) and segm["AP75"] == pytest.approx(0.0)
+    assert segm["AP"] == pytest.approx(0.2)  # matched at 2 of COCO's 10 IoU thresholds, 0.5 and 0.55
+
+
 def test_plots_are_a_precision_recall_curve_per_class(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from pipeline.evaluate import plot_curves

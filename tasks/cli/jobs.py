@@ -51,7 +51,7 @@ class Tracker:
 
     Counts never go back: a job's counters are deleted by its merge a moment before its result is stored."""
 
-    def __init__(self, console: Console, names: Sequence[str], live: bool) -> None:
+    def __init__(self, console: Console, targets: Sequence[Target], live: bool) -> None:
         fixed = Column(no_wrap=True)
         self.progress = (
             Progress(
@@ -68,9 +68,10 @@ class Tracker:
             if live
             else None
         )
-        self.names = [short(name) for name in names]
+        self.index = {id(target): number for number, target in enumerate(targets)}
+        self.names = [short(target.given) for target in targets]
         self.ids = [self.progress.add_task(name, total=None) for name in self.names] if self.progress else []
-        self.done = [0] * len(names)
+        self.done = [0] * len(targets)
 
     def __enter__(self) -> Tracker:
         if self.progress:
@@ -81,12 +82,17 @@ class Tracker:
         if self.progress:
             self.progress.stop()
 
-    def update(self, index: int, done: int, total: int | None) -> None:
-        self.done[index] = max(self.done[index], done)
-        if self.progress:
-            self.progress.update(self.ids[index], completed=self.done[index], total=total)
+    def poll(self, running: Sequence[Any]) -> None:
+        """Each job in flight (tasks.client.InFlight) at the tiles it has done."""
+        for run in running:
+            index = self.index[id(run.image)]
+            done, total = run.job.seen
+            self.done[index] = max(self.done[index], done)
+            if self.progress:
+                self.progress.update(self.ids[index], completed=self.done[index], total=total)
 
-    def finish(self, index: int, tiles: int | None, ok: bool) -> None:
+    def finish(self, target: Target, tiles: int | None, ok: bool) -> None:
+        index = self.index[id(target)]
         if self.progress:
             mark = "[green]✓[/]" if ok else "[red]✗[/]"
             done = {"completed": tiles, "total": tiles} if tiles else {}
@@ -215,14 +221,10 @@ def execute(
     outcomes: list[Outcome] = []
     began = time.monotonic()
     with open_cluster(targets, settings, console) as cluster:
-        display: Tracker | Overview = overview or Tracker(console, [target.given for target in targets], live)
+        display = overview or Tracker(console, targets, live)
 
         def on_poll(running: Sequence[Any]) -> None:
-            if isinstance(display, Overview):
-                display.poll(running)
-            else:
-                for run in running:
-                    display.update(order[id(run.image)], *run.job.seen)
+            display.poll(running)
             cluster.check()
             if settings.timeout is not None and time.monotonic() - began > settings.timeout:
                 pending = len(targets) - len(outcomes)
@@ -238,10 +240,7 @@ def execute(
                 for done in jobs:
                     outcome = outcome_of(done)
                     tiles = outcome.result["tiling"]["tiles"] if outcome.result else None
-                    if isinstance(display, Overview):
-                        display.finish(outcome.target, tiles, outcome.error is None)
-                    else:
-                        display.finish(order[id(outcome.target)], tiles, outcome.error is None)
+                    display.finish(outcome.target, tiles, outcome.error is None)
                     if sink is not None:
                         sink(outcome)
                     outcomes.append(outcome)

@@ -249,6 +249,10 @@ def run_many(
             for outcome in inputs.rejected:
                 overview.finish(outcome.target, None, ok=False)
             outcomes = execute(todo, args.recognizer, options, settings, console, sink=sink, overview=overview)
+    except KeyboardInterrupt:
+        if results and not settings.quiet:
+            say(console, f"tilerec: stopped; {results.path} has every finished image: add --resume to run the rest")
+        raise
     finally:
         if results:
             results.close()
