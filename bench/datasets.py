@@ -39,19 +39,21 @@ def loop_seconds(paths: Sequence[Path], recognizer: str) -> float:
     return time.perf_counter() - began
 
 
-def cluster_seconds(folder: Path, recognizer: str, workers: int) -> tuple[float, int]:
+def cluster_seconds(folder: Path, recognizer: str, workers: int, spread: bool) -> tuple[float, int]:
     """`timed_cluster` in a process of its own: Celery's client keeps its first broker's connections for good."""
     command = [sys.executable, "-m", "bench.datasets", "--one-cluster", str(workers), "--recognizer", recognizer]
-    done = subprocess.run([*command, "--folder", str(folder)], capture_output=True, text=True, check=False)
+    command += ["--folder", str(folder)] + (["--spread"] if spread else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the W={workers} cluster run failed: {done.stderr.strip()[-2000:]}")
     seconds, failed = json.loads(done.stdout.strip().splitlines()[-1])
     return float(seconds), int(failed)
 
 
-def timed_cluster(paths: Sequence[Path], recognizer: str, workers: int) -> tuple[float, int]:
+def timed_cluster(paths: Sequence[Path], recognizer: str, workers: int, spread: bool) -> tuple[float, int]:
     """Wall time of the images as jobs on a fresh local cluster of `workers` processes (started before the clock),
-    and how many failed."""
+    and how many failed. Each job in as few batches as their cost allows (`min_batches=1`, what `tilerec run DIR`
+    sends), or with `spread` its tiles split over the processes as for one big image (TILEREC_MIN_BATCHES)."""
     from tasks.celery import configure
     from tasks.client import IN_FLIGHT_PER_PROCESS, submit_many
     from tasks.local import LocalCluster
@@ -64,7 +66,9 @@ def timed_cluster(paths: Sequence[Path], recognizer: str, workers: int) -> tuple
         configure(broker_url=cluster.url, result_backend=cluster.url, tilerec_store_url=cluster.url)
         list(submit_many(paths[:workers], recognizer, max_in_flight=workers))  # warm: each process loads its recognizer
         began = time.perf_counter()
-        done = list(submit_many(map(str, paths), recognizer, max_in_flight=IN_FLIGHT_PER_PROCESS * workers))
+        options = {} if spread else {"min_batches": 1}
+        limit = IN_FLIGHT_PER_PROCESS * workers
+        done = list(submit_many(map(str, paths), recognizer, max_in_flight=limit, **options))
         return time.perf_counter() - began, sum(not completed.ok for completed in done)
 
 
@@ -75,8 +79,10 @@ def throughput(folder: Path, images: int, size: tuple[int, int], workers: Sequen
     loop = loop_seconds(paths, recognizer)
     rows = [{"mode": "loop of recognize_image, 1 process", "workers": 1, "seconds": loop, "failed": 0}]
     for count in workers:
-        seconds, failed = cluster_seconds(folder / "images", recognizer, count)
-        rows.append({"mode": f"tilerec cluster, W={count}", "workers": count, "seconds": seconds, "failed": failed})
+        for spread in (False, True):
+            seconds, failed = cluster_seconds(folder / "images", recognizer, count, spread)
+            mode = f"tilerec cluster, W={count}" + (", tiles spread over processes" if spread else "")
+            rows.append({"mode": mode, "workers": count, "seconds": seconds, "failed": failed})
     for row in rows:
         row["images_per_s"] = images / row["seconds"]
         row["vs_loop"] = loop / row["seconds"]
@@ -146,10 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out/datasets"), help="results.json and report.md")
     parser.add_argument("--one-cluster", type=int, help=argparse.SUPPRESS)  # cluster_seconds' own process
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--spread", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one_cluster:
         paths = sorted(args.folder.glob("*.png"))
-        print(json.dumps(timed_cluster(paths, args.recognizer, args.one_cluster)))
+        print(json.dumps(timed_cluster(paths, args.recognizer, args.one_cluster, args.spread)))
         return 0
     workers = [int(count) for count in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="tilerec-bench-datasets-") as scratch:

@@ -205,7 +205,7 @@ def _spans(
 ) -> list[tuple[int, int]]:
     """The job's batches as [first, stop) tile ranges, sized from what tiles cost this recognizer in earlier jobs."""
     measured = store.get_tile_cost(client, options.recognizer, options.params)
-    least = settings().min_batches or BATCHES_PER_PROCESS * pool_size()
+    least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()
     planned = plan(height, width, options, measured, settings().batch_target_ms, least,
                    row_by_row=row_by_row)  # fmt: skip
     return [(batch[0].index, batch[-1].index + 1) for batch in planned]

@@ -225,6 +225,8 @@ def run_many(
     """`tilerec run` over many images; the exit code says whether any failed (1) or all went through (0)."""
     if args.resume and not args.out:
         raise CliError("--resume needs --out DIR, the folder of the run to continue")
+    if "batch_size" not in options:  # the images in flight keep every process busy: no need to split a job
+        options = {**options, "min_batches": 1}
     inputs = gather(args, max_pixels)
     out = Path(args.out) if args.out else None
     results = ResultsFile(out, args.resume) if out else None
