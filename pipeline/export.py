@@ -194,20 +194,25 @@ def coco_document(
     recognitions: Sequence[Recognition],
     file_names: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
+    image_ids: Sequence[int] | None = None,
+    ids: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """A COCO document for several images: `images`, `categories` and `annotations` (each with its `score`).
 
-    Image ids are 1, 2, … in the order given. `labels` fixes the category list (and so its ids) across runs;
-    without it the categories are the labels found. Decoded payloads go in each annotation's `text`. An
-    annotation's `area` is its mask's area when it has a mask, else its box's; categories whose detections have
-    keypoints list their names and skeleton.
+    Image ids are `image_ids` (a dataset's), else 1, 2, … in the order given. `ids` (a dataset's category ids by
+    name) or else `labels` fixes the category list (and so its ids) across runs; without either the categories
+    are the labels found. Decoded payloads go in each annotation's `text`. An annotation's `area` is its mask's
+    area when it has a mask, else its box's; categories whose detections have keypoints list their names and
+    skeleton.
     """
-    if file_names is not None and len(file_names) != len(recognitions):
-        raise ValueError(f"{len(file_names)} file names for {len(recognitions)} recognitions")
-    ids = category_ids(labels if labels is not None else _labels(recognitions))
+    for given, what in ((file_names, "file names"), (image_ids, "image ids")):
+        if given is not None and len(given) != len(recognitions):
+            raise ValueError(f"{len(given)} {what} for {len(recognitions)} recognitions")
+    ids = dict(ids) if ids is not None else category_ids(labels if labels is not None else _labels(recognitions))
+    numbers = image_ids if image_ids is not None else range(1, len(recognitions) + 1)
     images, annotations = [], []
-    for image_id, recognition in enumerate(recognitions, start=1):
-        name = file_names[image_id - 1] if file_names is not None else recognition.source
+    for index, (image_id, recognition) in enumerate(zip(numbers, recognitions, strict=True)):
+        name = file_names[index] if file_names is not None else recognition.source
         images.append({"id": image_id, "file_name": name, "width": recognition.width, "height": recognition.height})
         texts, masks = recognition.detections.texts, recognition.detections.masks
         for k, record in enumerate(coco_results(recognition, image_id, ids)):

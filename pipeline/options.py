@@ -19,6 +19,7 @@ JOB_OPTIONS = (
     "match_metric",
     "match_threshold",
     "batch_size",
+    "min_batches",
     "on_tile_error",
     "level",
     "roi",
@@ -42,6 +43,7 @@ class JobOptions:
     match_metric: str = "ios"
     match_threshold: float = 0.5
     batch_size: int | None = None  # None: chosen from the recognizer's cost
+    min_batches: int | None = None  # auto batch_size: at least this many batches; None: the workers' setting
     on_tile_error: str = "fail"  # "partial": return the other tiles' result and list the failed ones
     level: int = 0  # pyramid level of a TIFF (0: full resolution)
     roi: list[int] | None = None  # [x, y, width, height] in the level's pixels; None: the whole image
@@ -132,6 +134,7 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         match_metric=metric,
         match_threshold=_ratio("match_threshold", options.get("match_threshold", 0.5)),
         batch_size=batch_size,
+        min_batches=None if options.get("min_batches") is None else _whole("min_batches", options["min_batches"], 1),
         on_tile_error=on_tile_error,
         level=_whole("level", options.get("level", 0), 0),
         roi=_roi(options.get("roi")),

@@ -1,10 +1,15 @@
-"""Submitting jobs from Python: store bytes or arrays in Redis, submit, follow progress, get the result."""
+"""Submitting jobs from Python: store bytes or arrays in Redis, submit, follow progress, get the result; and many
+images at a time with a bounded number of jobs in flight (`submit_many`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +24,9 @@ from tasks.jobs import recognize
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)  # a Redis restarting, loading its data or failing over
 LOST_AFTER_S = 10.0  # a planned job whose keys are gone this long, with no result, is lost
+IN_FLIGHT_PER_PROCESS = 3  # jobs per worker process: one running, the next ones queued so no process waits
+IN_FLIGHT_FALLBACK = 8  # when no worker answers the stats request (one starting, or a busy cluster)
+OUTAGE_S = 60.0  # a Redis unreachable this long is gone, not restarting
 
 
 class JobLost(RuntimeError):
@@ -62,6 +70,11 @@ class Job:
             self._gone_since = None
         self._total = total or self._total
         self._done = max(self._done, min(done, self._total) if self._total else done)
+        return self._done, self._total
+
+    @property
+    def seen(self) -> tuple[int, int | None]:
+        """The progress `progress()` last read, without asking Redis again."""
         return self._done, self._total
 
     def lost(self) -> bool:
@@ -122,3 +135,165 @@ def submit(image: str | bytes | np.ndarray, recognizer: str = "faces", **options
     """Submit `tilerec.recognize`. A path (or `redis:` reference) is sent as is; bytes and arrays are stored first."""
     reference = image if isinstance(image, str) else put_image(image)
     return Job(recognize.delay(reference, recognizer, **options))
+
+
+Image = str | os.PathLike | bytes | np.ndarray
+_END = object()  # the end of `images` (None could be an item)
+
+
+@dataclass(frozen=True)
+class Completed:
+    """One image's finished job, as `submit_many` yields it.
+
+    Attributes:
+        image: the image as it was given (path, bytes or array).
+        job_id: the job's id (what `cancel` and `tilerec cancel` take).
+        result: the result document, or None when the job failed.
+        error: the job's error (ImageError, TileFailure, JobLost, …), or None when it succeeded.
+        seconds: wall time from submission to completion.
+    """
+
+    image: Any
+    job_id: str
+    result: dict[str, Any] | None
+    error: BaseException | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class InFlight:
+    """A job `submit_many` has submitted and not yet yielded: its image, Job, upload reference and start time."""
+
+    image: Any
+    job: Job
+    upload: str | None
+    started: float = field(default_factory=time.monotonic)
+
+
+def default_in_flight(timeout: float = 1.0) -> int:
+    """IN_FLIGHT_PER_PROCESS jobs per worker process, the processes counted from the workers' stats (asked once,
+    answered within `timeout` s); IN_FLIGHT_FALLBACK when no worker answers."""
+    from tasks.celery import app
+
+    with contextlib.suppress(Exception):  # an unreachable broker is reported by the submission itself
+        stats = app.control.inspect(timeout=timeout).stats() or {}
+        processes = sum(int(info.get("pool", {}).get("max-concurrency", 1)) for info in stats.values())
+        if processes:
+            return IN_FLIGHT_PER_PROCESS * processes
+    return IN_FLIGHT_FALLBACK
+
+
+def _start(image: Image, recognizer: str, upload: bool, options: dict[str, Any]) -> InFlight:
+    """Submit one image: a path as is (or its bytes, stored first, when `upload`), bytes and arrays stored first;
+    the stored reference is kept so it can be deleted when the job ends."""
+    if isinstance(image, (bytes, np.ndarray)) or upload:
+        data = Path(image).read_bytes() if isinstance(image, (str, os.PathLike)) else image
+        reference = put_image(data)
+        return InFlight(image, submit(reference, recognizer, **options), reference)
+    return InFlight(image, submit(os.fspath(image), recognizer, **options), None)
+
+
+def _finish(run: InFlight) -> Completed | None:
+    """The job's outcome when it has one (a result, its error, or JobLost), else None; a finished job's result is
+    forgotten by the backend and its upload deleted, so a long run leaves nothing behind."""
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    state = run.job.result
+    if state.ready():  # its outcome read from the backend's key: `get` would subscribe to the job's channel
+        if state.successful():
+            result = fetch_result(state.result)
+        else:
+            failure = state.result
+            error = (
+                failure if isinstance(failure, BaseException) else RuntimeError(f"job ended {state.state}: {failure}")
+            )
+    else:
+        run.job.progress()
+        if not run.job.lost():
+            return None
+        error = JobLost(f"job {run.job.id} lost its state in Redis before it finished; submit it again")
+    with contextlib.suppress(Exception):
+        run.job.result.forget()
+    _delete_upload(run)
+    return Completed(run.image, run.job.id, result, error, time.monotonic() - run.started)
+
+
+def _delete_upload(run: InFlight) -> None:
+    if run.upload is not None:
+        with contextlib.suppress(Exception):
+            store.delete_ref(store_client(), run.upload)
+
+
+def submit_many(
+    images: Iterable[Image],
+    recognizer: str = "faces",
+    *,
+    max_in_flight: int | None = None,
+    upload: bool = False,
+    interval: float = 0.1,
+    on_poll: Callable[[Sequence[InFlight]], None] | None = None,
+    **options: Any,
+) -> Iterator[Completed]:
+    """Recognize many images with at most `max_in_flight` jobs submitted at a time; yields a `Completed` per
+    image as each job finishes (in completion order), a failed job included with its error.
+
+    Args:
+        images: paths (sent as is: the workers read them), encoded bytes or arrays (stored in Redis first); read
+            lazily, so a generator over a folder of 100,000 files is fine.
+        recognizer: the recognizer's name.
+        max_in_flight: jobs submitted and not yet finished at any time (default: `default_in_flight()`, a few per
+            worker process).
+        upload: store each path's bytes in Redis instead of sending the path, for workers that do not see this
+            machine's files; the stored bytes are deleted when the job ends.
+        interval: seconds between looks at the jobs in flight.
+        on_poll: called with the jobs in flight after each look (progress display, health checks); what it
+            raises ends the run like an interrupt.
+        options: job options (tile, overlap, …, params) for every image.
+
+    Yields:
+        Completed: the image, the job id, and the result document or the error.
+
+    Closing the generator (`close()`, leaving a `for` loop early, Ctrl-C, or an error in `on_poll`) cancels the
+    jobs in flight (`cancel`) and deletes their uploads; images not yet submitted never are.
+    """
+    limit = max_in_flight if max_in_flight is not None else default_in_flight()
+    if limit < 1:
+        raise ValueError(f"max_in_flight must be at least 1, got {limit}")
+    pending = iter(images)
+    running: list[InFlight] = []
+    exhausted = False
+    unreachable_since: float | None = None
+    try:
+        while True:
+            while not exhausted and len(running) < limit:
+                image = next(pending, _END)
+                if image is _END:
+                    exhausted = True
+                else:
+                    running.append(_start(image, recognizer, upload, options))
+            if not running:
+                return
+            try:
+                finished = [(run, done) for run in running if (done := _finish(run)) is not None]
+                unreachable_since = None
+            except TRANSIENT:  # a Redis restarting or failing over is a pause, up to OUTAGE_S
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > OUTAGE_S:
+                    raise
+                finished = []
+            running = [run for run in running if all(run is not ended for ended, _ in finished)]
+            for _, done in finished:
+                yield done
+            if on_poll is not None:
+                on_poll(running)
+            if not finished:
+                time.sleep(interval)
+    finally:
+        for run in running:
+            with contextlib.suppress(Exception):
+                run.job.cancel()
+            _delete_upload(run)

@@ -35,6 +35,7 @@ class Settings:
     shared_path: bool = False
     timeout: float | None = None
     quiet: bool = False
+    in_flight: int | None = None  # jobs submitted at a time (None: a few per worker process)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Cluster:
     upload: bool
     remote: bool
     check: Callable[[], None] = lambda: None
+    processes: int | None = None  # worker processes, when known without asking (the private cluster's)
 
 
 def sanitize(url: str) -> str:
@@ -150,7 +152,7 @@ def local_cluster(targets: Sequence[Target], settings: Settings, console: Consol
                 code = process.returncode if process else "?"
                 raise CliError(f"the local worker stopped unexpectedly (exit code {code}); its log: {log}", EXIT_FAILED)
 
-        yield Cluster(cluster.url, upload=False, remote=False, check=check)
+        yield Cluster(cluster.url, upload=False, remote=False, check=check, processes=cluster.workers)
     except CliError as error:
         keep_log = keep_log or error.code == EXIT_UNREACHABLE
         raise

@@ -1,6 +1,8 @@
 """`tilerec`, the command line: recognize objects in large images on a Celery cluster, or on a private one.
 
   tilerec run IMAGE [IMAGE ...] --recognizer NAME [options]   recognize images as concurrent jobs
+  tilerec run DIR/ | 'GLOB' | --list F | --coco-images D.json --out OUT [--resume]   many images, resumable
+  tilerec evaluate RESULTS --truth DATASET.json [--json OUT]   COCO metrics of a run against ground truth
   tilerec recognizers [--json]                                 the recognizers, their parameters and defaults
   tilerec demo [--size WxH] [--out DIR]                        a synthetic scene with known QR codes, end to end
   tilerec view RESULT.json [--image PATH] [--export DIR]       the detections over the image, in a deep-zoom viewer
@@ -54,8 +56,10 @@ from tasks.cli.errors import (
     print_error,
     say,
 )
+from tasks.cli.evaluate import add_evaluate
 from tasks.cli.inputs import annotate_paths, check_image, job_options, parse_size, positive_float, positive_int
 from tasks.cli.jobs import execute
+from tasks.cli.many import is_many, run_many
 from tasks.cli.output import report_failures, summarize, write_annotated, write_json, write_outputs
 from tasks.cli.view import Viewed, add_view_parser, open_pyramid, view
 
@@ -71,7 +75,8 @@ def settings_from(args: argparse.Namespace, console: Console) -> Settings:
     broker = args.broker or os.environ.get("TILEREC_BROKER_URL") or None
     if broker and args.workers and not args.quiet:
         say(console, "tilerec: warning: --workers is for the local cluster; ignored with a broker")
-    return Settings(broker, args.workers, getattr(args, "shared_path", False), args.timeout, args.quiet)
+    in_flight = getattr(args, "max_in_flight", None)
+    return Settings(broker, args.workers, getattr(args, "shared_path", False), args.timeout, args.quiet, in_flight)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -81,8 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--format coco needs --json OUT (or --json - for stdout)")
     from tasks import app
 
-    if args.view and len(args.images) != 1:
+    if not (args.images or args.list or args.coco_images):
+        raise CliError("run needs images: files, a folder, a glob pattern, --list FILE or --coco-images DATASET.json")
+    if args.view and (len(args.images) != 1 or is_many(args)):
         raise CliError("--view shows one image; run the images, then `tilerec view` each result")
+    if is_many(args):
+        return run_many(args, options, settings_from(args, console), console, app.conf.tilerec_max_pixels)
     targets = [check_image(given, app.conf.tilerec_max_pixels) for given in args.images]
     annotated = annotate_paths(args.annotate, targets)
     settings = settings_from(args, console)
@@ -243,6 +252,24 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_many_flags(parser: argparse.ArgumentParser) -> None:
+    """`run` over many images (docs/datasets.md)."""
+    parser.add_argument("--list", metavar="FILE", help="image paths, one a line (relative to FILE's folder)")
+    parser.add_argument(
+        "--coco-images", metavar="DATASET.json", help="the images of a COCO dataset (its ids go in the COCO output)"
+    )
+    parser.add_argument(
+        "--images-root", metavar="DIR", help="the folder --coco-images file names are in (default: the JSON's)"
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="write DIR/results.jsonl (a line per image, as each ends) and DIR/coco.json"
+    )
+    parser.add_argument("--resume", action="store_true", help="with --out: skip images that already have a result")
+    parser.add_argument(
+        "--max-in-flight", type=positive_int, metavar="N", help="jobs submitted at a time (default: 3 a worker process)"
+    )
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="tilerec",
@@ -257,7 +284,13 @@ def build_parser() -> Parser:
         help="recognize objects in images",
         description="Recognize objects in one or more images, as concurrent jobs.",
     )
-    run.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF, … or .npy)")
+    run.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="image files (PNG, JPEG, TIFF, … or .npy), folders (their files) or quoted glob patterns ('**' recurses)",
+    )
+    add_many_flags(run)
     run.add_argument("--recognizer", "-r", required=True, metavar="NAME", help="see `tilerec recognizers`")
     run.add_argument(
         "--param",
@@ -323,6 +356,8 @@ def build_parser() -> Parser:
     demo.add_argument("--seed", type=int, default=0, help="scene random seed (default 0)")
     add_cluster_flags(demo)
     demo.set_defaults(handler=cmd_demo)
+
+    add_evaluate(commands)
 
     cancelling = commands.add_parser(
         "cancel",

@@ -74,6 +74,9 @@ class Target:
     given: str
     path: Path
 
+    def __fspath__(self) -> str:  # what tasks.client.submit_many sends the workers, or reads to upload
+        return str(self.path)
+
 
 HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's header is read by the workers
 

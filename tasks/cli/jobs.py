@@ -1,14 +1,13 @@
-"""Jobs in flight: submitted together, polled with a progress bar per job, cancelled if the run is interrupted."""
+"""Jobs in flight (tasks.client.submit_many): a progress bar per job, or one overall bar for many images, and the
+jobs in flight cancelled if the run is interrupted."""
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import redis
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -24,11 +23,8 @@ from rich.table import Column
 from rich.text import Text
 
 from tasks.cli.clusters import Cluster, Settings, ignoring_interrupts, open_cluster
-from tasks.cli.errors import EXIT_TIMEOUT, EXIT_UNREACHABLE, CliError
+from tasks.cli.errors import EXIT_TIMEOUT, CliError
 from tasks.cli.inputs import Target
-
-POLL_S = 0.15  # between progress polls: live enough for a bar, a few Redis GETs per job per poll
-OUTAGE_S = 60.0  # a Redis unreachable this long is gone, not restarting
 
 
 @dataclass
@@ -39,14 +35,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: str | None = None
     seconds: float = 0.0
-
-
-@dataclass
-class Running:
-    target: Target
-    job: Any  # tasks.client.Job
-    started: float = field(default_factory=time.monotonic)
-    outcome: Outcome | None = None
+    job_id: str | None = None
 
 
 class RateColumn(ProgressColumn):
@@ -62,7 +51,7 @@ class Tracker:
 
     Counts never go back: a job's counters are deleted by its merge a moment before its result is stored."""
 
-    def __init__(self, console: Console, names: Sequence[str], live: bool) -> None:
+    def __init__(self, console: Console, targets: Sequence[Target], live: bool) -> None:
         fixed = Column(no_wrap=True)
         self.progress = (
             Progress(
@@ -79,9 +68,10 @@ class Tracker:
             if live
             else None
         )
-        self.names = [escape(name if len(name) <= 30 else "…" + name[-29:]) for name in names]  # keep the file name
+        self.index = {id(target): number for number, target in enumerate(targets)}
+        self.names = [short(target.given) for target in targets]
         self.ids = [self.progress.add_task(name, total=None) for name in self.names] if self.progress else []
-        self.done = [0] * len(names)
+        self.done = [0] * len(targets)
 
     def __enter__(self) -> Tracker:
         if self.progress:
@@ -92,12 +82,17 @@ class Tracker:
         if self.progress:
             self.progress.stop()
 
-    def update(self, index: int, done: int, total: int | None) -> None:
-        self.done[index] = max(self.done[index], done)
-        if self.progress:
-            self.progress.update(self.ids[index], completed=self.done[index], total=total)
+    def poll(self, running: Sequence[Any]) -> None:
+        """Each job in flight (tasks.client.InFlight) at the tiles it has done."""
+        for run in running:
+            index = self.index[id(run.image)]
+            done, total = run.job.seen
+            self.done[index] = max(self.done[index], done)
+            if self.progress:
+                self.progress.update(self.ids[index], completed=self.done[index], total=total)
 
-    def finish(self, index: int, tiles: int | None, ok: bool) -> None:
+    def finish(self, target: Target, tiles: int | None, ok: bool) -> None:
+        index = self.index[id(target)]
         if self.progress:
             mark = "[green]✓[/]" if ok else "[red]✗[/]"
             done = {"completed": tiles, "total": tiles} if tiles else {}
@@ -105,110 +100,151 @@ class Tracker:
             self.progress.stop_task(self.ids[index])
 
 
-def reference(target: Target, cluster: Cluster) -> str:
-    """What the job is sent: the file's bytes in the cluster's Redis (its workers may not see our disk) or the path."""
-    if not cluster.upload:
-        return str(target.path)
-    from tasks.client import put_image
+class Overview:
+    """For many images: one overall bar (images done of all, tiles/s, ETA, failures so far) and a line per job in
+    flight, removed when it ends; nothing at all off a terminal or with --quiet."""
 
-    return put_image(target.path.read_bytes())
-
-
-def job_error(result: Any) -> str:
-    """The worker's exception as `Type: message`, one line."""
-    error = result.result
-    if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
-    return f"job ended in state {result.state}: {error}"
-
-
-def poll(index: int, run: Running, tracker: Tracker) -> None:
-    """One look at a job: finished (result or error), or how many tiles are done."""
-    result = run.job.result
-    seconds = time.monotonic() - run.started
-    if not result.ready():
-        done, total = run.job.progress()
-        tracker.update(index, done, total)
-        if run.job.lost():
-            lost = "JobLost: its state vanished from Redis (a failover or restart lost it); submit it again"
-            run.outcome = Outcome(run.target, error=lost, seconds=seconds)
-            tracker.finish(index, None, ok=False)
-        return
-    if result.successful():
-        from tasks.client import fetch_result
-
-        recognition = dict(fetch_result(result.result))
-        recognition["image"] = {**recognition["image"], "source": str(run.target.path)}
-        run.outcome = Outcome(run.target, result=recognition, seconds=seconds)
-        tracker.finish(index, recognition["tiling"]["tiles"], ok=True)
-    else:
-        run.outcome = Outcome(run.target, error=job_error(result), seconds=seconds)
-        tracker.finish(index, None, ok=False)
-    with contextlib.suppress(Exception):
-        result.forget()
-
-
-def wait_all(runs: Sequence[Running], tracker: Tracker, cluster: Cluster, timeout: float | None) -> None:
-    """Poll every job until all are done; sleeps between polls, so waiting costs no CPU."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    unreachable_since: float | None = None
-    while True:
-        try:
-            for index, run in enumerate(runs):
-                if run.outcome is None:
-                    poll(index, run, tracker)
-            unreachable_since = None
-        except (redis.ConnectionError, redis.TimeoutError) as error:  # Redis restarting or failing over: a pause
-            unreachable_since = unreachable_since or time.monotonic()
-            if time.monotonic() - unreachable_since > OUTAGE_S:
-                raise CliError(f"lost the cluster's Redis for over {OUTAGE_S:g} s: {error}", EXIT_UNREACHABLE) from None
-        pending = sum(run.outcome is None for run in runs)
-        if not pending:
-            return
-        cluster.check()
-        if deadline is not None and time.monotonic() > deadline:
-            raise CliError(
-                f"timed out after {timeout:g} s with {pending} of {len(runs)} job(s) unfinished", EXIT_TIMEOUT
+    def __init__(self, console: Console, total: int, skipped: int, live: bool) -> None:
+        fixed = Column(no_wrap=True)
+        self.progress = (
+            Progress(
+                TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                BarColumn(bar_width=20),
+                MofNCompleteColumn(table_column=fixed),
+                TextColumn("{task.fields[unit]}", table_column=fixed),
+                TextColumn("{task.fields[rate]}", table_column=fixed),
+                TextColumn("{task.fields[failed]}", style="red", table_column=fixed),
+                TimeRemainingColumn(table_column=fixed),
+                console=console,
+                expand=True,
             )
-        time.sleep(POLL_S)
+            if live
+            else None
+        )
+        self.started = time.monotonic()
+        self.tiles = 0  # of finished jobs
+        self.failed = 0
+        self.overall = (
+            self.progress.add_task("images", total=total, completed=skipped, unit="images", rate="", failed="")
+            if self.progress
+            else None
+        )
+        self.lines: dict[int, Any] = {}  # id(target) to its job's task
+
+    def __enter__(self) -> Overview:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def poll(self, running: Sequence[Any]) -> None:
+        """Show the jobs in flight (tasks.client.InFlight) with the tiles each has done."""
+        if not self.progress:
+            return
+        tiles = self.tiles
+        for run in running:
+            done, total = run.job.seen
+            tiles += done
+            line = self.lines.get(id(run.image))
+            if line is None:
+                line = self.lines[id(run.image)] = self.progress.add_task(
+                    "  " + short(run.image.given), total=total, unit="tiles", rate="", failed=""
+                )
+            self.progress.update(line, completed=done, total=total)
+        rate = tiles / max(time.monotonic() - self.started, 1e-6)
+        self.progress.update(self.overall, rate=f"{rate:.1f} tiles/s")
+
+    def finish(self, target: Target, tiles: int | None, ok: bool) -> None:
+        self.tiles += tiles or 0
+        self.failed += not ok
+        if not self.progress:
+            return
+        line = self.lines.pop(id(target), None)
+        if line is not None:
+            self.progress.remove_task(line)
+        failed = f"{self.failed} failed" if self.failed else ""
+        self.progress.update(self.overall, advance=1, failed=failed)
 
 
-def cancel(runs: Sequence[Running]) -> None:
-    """On a shared cluster, cancel unfinished jobs (tasks.client.cancel): their tile tasks skip the tiles left and
-    their merge deletes their keys, so an interrupted run leaves neither work nor data behind."""
-    for run in runs:
-        if run.outcome is None:
-            with contextlib.suppress(Exception):
-                run.job.cancel()
+def short(name: str) -> str:
+    """A name for a progress line: its end, which holds the file name."""
+    return escape(name if len(name) <= 30 else "…" + name[-29:])
+
+
+def job_error(error: BaseException) -> str:
+    """The worker's exception as `Type: message`, one line."""
+    return f"{type(error).__name__}: {error}"
+
+
+def outcome_of(done: Any) -> Outcome:
+    """A finished job (tasks.client.Completed) as the run's Outcome; the result names the file as given."""
+    target: Target = done.image
+    if done.error is not None:
+        return Outcome(target, error=job_error(done.error), seconds=done.seconds, job_id=done.job_id)
+    recognition = dict(done.result)
+    recognition["image"] = {**recognition["image"], "source": str(target.path)}
+    return Outcome(target, result=recognition, seconds=done.seconds, job_id=done.job_id)
+
+
+def in_flight(settings: Settings, cluster: Cluster, images: int, many: bool) -> int | None:
+    """Jobs at a time: --max-in-flight; else every named image at once, as ever; for many images, a few per
+    process of the private cluster, or None to let submit_many ask a shared cluster's workers."""
+    from tasks.client import IN_FLIGHT_PER_PROCESS
+
+    if settings.in_flight:
+        return settings.in_flight
+    if not many:
+        return images
+    return IN_FLIGHT_PER_PROCESS * cluster.processes if cluster.processes else None
 
 
 def execute(
-    targets: Sequence[Target], recognizer: str, options: dict[str, Any], settings: Settings, console: Console
+    targets: Sequence[Target],
+    recognizer: str,
+    options: dict[str, Any],
+    settings: Settings,
+    console: Console,
+    sink: Callable[[Outcome], None] | None = None,
+    overview: Overview | None = None,
 ) -> list[Outcome]:
-    """Run one job per image, all at once, on the chosen cluster; returns an outcome per image, in order."""
-    from tasks import store
-    from tasks.celery import store_client
-    from tasks.client import Job, submit
+    """Run one job per image on the chosen cluster, at most `settings.in_flight` at a time (tasks.client.
+    submit_many); returns an outcome per image, in the order given. `sink` gets each outcome as its job ends;
+    `overview` replaces the bar per job (for many images). An interrupt, a timeout or a dead local worker cancels
+    the jobs in flight, so the run leaves neither work nor data behind."""
+    from tasks.client import submit_many
 
     live = console.is_terminal and not settings.quiet
+    order = {id(target): index for index, target in enumerate(targets)}
+    outcomes: list[Outcome] = []
+    began = time.monotonic()
     with open_cluster(targets, settings, console) as cluster:
-        runs: list[Running] = []
-        uploads: list[str] = []
-        finished = False
-        try:
-            for target in targets:
-                ref = reference(target, cluster)
-                uploads += [ref] if cluster.upload else []
-                job: Job = submit(ref, recognizer, **options)
-                runs.append(Running(target, job))
-            with Tracker(console, [target.given for target in targets], live) as tracker:
-                wait_all(runs, tracker, cluster, settings.timeout)
-            finished = True
-        finally:
-            with ignoring_interrupts():
-                if cluster.remote and not finished:
-                    cancel(runs)
-                for ref in uploads:
-                    with contextlib.suppress(Exception):
-                        store.delete_ref(store_client(), ref)
-    return [run.outcome for run in runs if run.outcome is not None]
+        display = overview or Tracker(console, targets, live)
+
+        def on_poll(running: Sequence[Any]) -> None:
+            display.poll(running)
+            cluster.check()
+            if settings.timeout is not None and time.monotonic() - began > settings.timeout:
+                pending = len(targets) - len(outcomes)
+                raise CliError(
+                    f"timed out after {settings.timeout:g} s with {pending} of {len(targets)} job(s) unfinished",
+                    EXIT_TIMEOUT,
+                )
+
+        limit = in_flight(settings, cluster, len(targets), overview is not None)
+        jobs = submit_many(targets, recognizer, max_in_flight=limit, upload=cluster.upload, on_poll=on_poll, **options)
+        with display:
+            try:
+                for done in jobs:
+                    outcome = outcome_of(done)
+                    tiles = outcome.result["tiling"]["tiles"] if outcome.result else None
+                    display.finish(outcome.target, tiles, outcome.error is None)
+                    if sink is not None:
+                        sink(outcome)
+                    outcomes.append(outcome)
+            finally:
+                with ignoring_interrupts():  # cancelling the jobs in flight must finish
+                    jobs.close()
+    return sorted(outcomes, key=lambda outcome: order[id(outcome.target)])
