@@ -13,6 +13,7 @@ import cv2
 
 from pipeline import images
 from pipeline.options import JOB_OPTIONS, parse_options
+from pipeline.slides import slide_vendor
 from tasks.cli.errors import CliError
 
 
@@ -49,6 +50,18 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
     return value
+
+
+def number_list(kind: type) -> Any:
+    """An argparse type: comma-separated numbers of `kind` ("3,2,1")."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+
+    return parse
 
 
 def job_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +108,7 @@ def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Targ
         size = images.header_size(data)
         if size is not None:
             images.check_pixels(*size, max_pixels)
-        elif not data.startswith(images.NPY_MAGIC) and not cv2.haveImageReader(str(real)):
+        elif not data.startswith(images.NPY_MAGIC) and not cv2.haveImageReader(str(real)) and not slide_vendor(real):
             raise images.ImageError("it is not an image format OpenCV can read")
     except images.ImageError as error:
         raise CliError(f"cannot use image {given!r}: {error}") from None
