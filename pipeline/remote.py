@@ -68,7 +68,11 @@ def filesystem(url: str) -> tuple[Any, str]:
     except ImportError:
         raise ImageError(f"{url!r}: reading URLs needs fsspec (pip install 'tilerec[remote]')") from None
     protocol = url.split("://", 1)[0]
-    options = {BLOCK_OPTION[protocol]: BLOCK_BYTES} if protocol in BLOCK_OPTION else {}
+    # no listings cache: a worker lives long, and must see objects added or replaced since it last looked
+    options = {
+        "use_listings_cache": False,
+        **({BLOCK_OPTION[protocol]: BLOCK_BYTES} if protocol in BLOCK_OPTION else {}),
+    }
     try:
         return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as error:
@@ -83,7 +87,9 @@ def remote_errors(url: str) -> Iterator[None]:
     except ImageError:
         raise
     except FileNotFoundError as error:
-        raise ImageError(f"{url!r} does not exist ({_reason(error, 'no such bucket or key')})") from None
+        reason = _reason(error)
+        shown = "no such object" if not reason or reason in url else reason  # s3fs gives just the path for a key
+        raise ImageError(f"{url!r} does not exist ({shown})") from None
     except PermissionError as error:
         raise ImageError(f"{url!r} cannot be read: access denied, check the credentials ({_reason(error)})") from None
     except Exception as error:
