@@ -2,7 +2,7 @@
 
 A `GeoSource` reads only the blocks a window touches (its overviews are pyramid levels), picks bands of a
 multispectral raster (`bands=[3, 2, 1]`: red, green, blue), scales 16-bit (or any numeric) bands to 8 bits over a
-range the user can set (`scale=[low, high]`), and returns None for a window that is all nodata, which the tiles
+range the user can set (`stretch=[low, high]`), and returns None for a window that is all nodata, which the tiles
 then skip like blank ones. Its `spatial` carries the raster's CRS and level-0 geotransform, which the result records
 and `export.geojson_document` uses to put detections on the map. rasterio is the optional `geo` extra.
 """
@@ -62,7 +62,7 @@ def to_8bit(pixels: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray
             return pixels
         if pixels.dtype == np.uint16:
             return (pixels >> 8).astype(np.uint8)
-        raise ImageError(f"{pixels.dtype} bands need scale=[low, high] to be shown as 8-bit")
+        raise ImageError(f"{pixels.dtype} bands need stretch=[low, high] to be shown as 8-bit")
     low, high = scale
     scaled = (pixels.astype(np.float32) - low) * (255.0 / (high - low))
     return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
@@ -121,7 +121,7 @@ class GeoSource:
                     f"{name} has {self.levels} pyramid level(s) (0 to {self.levels - 1}); level {level} asked"
                 )
             if scale is None and not dtypes <= {"uint8", "uint16"}:
-                raise ImageError(f"{name} has {'/'.join(sorted(dtypes))} bands: give scale=[low, high] to show them")
+                raise ImageError(f"{name} has {'/'.join(sorted(dtypes))} bands: give stretch=[low, high] to show them")
             extra = {"overview_level": level - 1} if level else {}
             self.dataset = rasterio.open(target, opener=opener, **extra)
         except RasterioError as error:

@@ -25,7 +25,7 @@ JOB_OPTIONS = (
     "skip_blank",
     "reader",
     "bands",
-    "scale",
+    "stretch",
     "mpp",
 )
 ON_TILE_ERROR = ("fail", "partial")
@@ -53,7 +53,7 @@ class JobOptions:
     skip_blank: float | None = None  # a tile whose 4x4 block means vary by <= this many grey levels is skipped
     reader: str = "auto"  # how the image is opened (READERS)
     bands: list[int] | None = None  # geo: 1-based bands read as grey (1) or red, green, blue (3); None: the first
-    scale: list[float] | None = None  # geo: [low, high] of the bands shown as 0..255; None: 16-bit keeps its high byte
+    stretch: list[float] | None = None  # geo: [low, high] of band values shown as 0..255; None: 16-bit's high byte
     mpp: float | None = None  # slide: the level whose microns per pixel are nearest this (instead of `level`)
 
     def to_json(self) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def _bands(value: Any) -> list[int] | None:
     return [_whole("each band", band, 1) for band in value]
 
 
-def _scale(value: Any) -> list[float] | None:
+def _stretch(value: Any) -> list[float] | None:
     numbers = isinstance(value, list | tuple) and all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in value
     )
@@ -181,6 +181,6 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         skip_blank=_skip_blank(options.get("skip_blank")),
         reader=reader,
         bands=_bands(options.get("bands")),
-        scale=_scale(options.get("scale")),
+        stretch=_stretch(options.get("stretch")),
         mpp=_mpp(options.get("mpp"), options.get("level")),
     )

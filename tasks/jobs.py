@@ -204,7 +204,7 @@ def _start(
 def read_spec(options: JobOptions) -> ReadSpec:
     """How the job's image is opened, from its options."""
     return ReadSpec(options.reader, tuple(options.bands) if options.bands else None,
-                    tuple(options.scale) if options.scale else None, options.mpp)  # type: ignore[arg-type]  # fmt: skip
+                    tuple(options.stretch) if options.stretch else None, options.mpp)  # type: ignore[arg-type]  # fmt: skip
 
 
 def _resolve(image: Any) -> Path | bytes | remote.RemoteObject:

@@ -87,13 +87,13 @@ def test_scaling_to_8_bits():
     values = np.array([[[0, 1000, 2000, 4000, 65535]]], dtype=np.uint16)
     assert to_8bit(values, (0.0, 4000.0)).tolist() == [[[0, 64, 128, 255, 255]]]
     assert to_8bit(values, None).tolist() == [[[0, 3, 7, 15, 255]]]  # the high byte, as for any 16-bit image
-    with pytest.raises(ImageError, match="need scale"):
+    with pytest.raises(ImageError, match="need stretch"):
         to_8bit(values.astype(np.float32), None)
 
 
 def test_band_options_are_checked():
-    assert parse_options("qrcode", {"bands": [3, 2, 1], "scale": [0, 4000]}).scale == [0.0, 4000.0]
-    for bad in ({"bands": [1, 2]}, {"bands": [0]}, {"scale": [5, 5]}, {"scale": "auto"}, {"reader": "gdal"}):
+    assert parse_options("qrcode", {"bands": [3, 2, 1], "stretch": [0, 4000]}).stretch == [0.0, 4000.0]
+    for bad in ({"bands": [1, 2]}, {"bands": [0]}, {"stretch": [5, 5]}, {"stretch": "auto"}, {"reader": "gdal"}):
         with pytest.raises(OptionsError):
             parse_options("qrcode", bad)
 
@@ -192,7 +192,7 @@ def test_multispectral_bands_are_picked_and_scaled(worker, scene):
     source.close()
     unscaled = open_source(path, spec=ReadSpec(bands=(3, 2, 1))).read(window)
     assert (unscaled[:, :, 2] == reflectance["red"][200:500, 300:700] >> 8).all()  # the high byte, as for any 16-bit
-    result = recognize.delay(str(path), "qrcode", bands=[3, 2, 1], scale=[0, 4000]).get(timeout=TIMEOUT)
+    result = recognize.delay(str(path), "qrcode", bands=[3, 2, 1], stretch=[0, 4000]).get(timeout=TIMEOUT)
     assert_each_code_once(result["detections"], scene.truths)
 
 

@@ -252,7 +252,7 @@ def add_spatial_flags(parser: argparse.ArgumentParser) -> None:
         "--bands", type=number_list(int), metavar="B[,G,R]", help="GeoTIFF bands as grey or red,green,blue, e.g. 3,2,1"
     )
     parser.add_argument(
-        "--scale", type=number_list(float), metavar="LOW,HIGH", help="band values shown as 0..255 (16-bit imagery)"
+        "--stretch", type=number_list(float), metavar="LOW,HIGH", help="band values shown as 0..255 (16-bit imagery)"
     )
     parser.add_argument("--mpp", type=positive_float, metavar="UM", help="slides: the level nearest UM microns/pixel")
 
