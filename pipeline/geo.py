@@ -111,19 +111,27 @@ class GeoSource:
 
         self.name, self.level, self.scale, self._keep = name, level, scale, keep
         try:
-            with rasterio.open(target, opener=opener) as full:
+            full = rasterio.open(target, opener=opener)
+            try:
                 self.bands = check_bands(tuple(bands or default_bands(full.count)), full.count, name)
                 self.levels = 1 + len(full.overviews(1))
                 self.spatial = spatial_of(full)
                 full_width, dtypes = full.width, {full.dtypes[b - 1] for b in self.bands}
-            if not 0 <= level < self.levels:
-                raise ImageError(
-                    f"{name} has {self.levels} pyramid level(s) (0 to {self.levels - 1}); level {level} asked"
-                )
-            if scale is None and not dtypes <= {"uint8", "uint16"}:
-                raise ImageError(f"{name} has {'/'.join(sorted(dtypes))} bands: give stretch=[low, high] to show them")
-            extra = {"overview_level": level - 1} if level else {}
-            self.dataset = rasterio.open(target, opener=opener, **extra)
+                if not 0 <= level < self.levels:
+                    raise ImageError(f"{name} has {self.levels} pyramid level(s) (0 to {self.levels - 1}); "
+                                     f"level {level} asked")  # fmt: skip
+                if scale is None and not dtypes <= {"uint8", "uint16"}:
+                    raise ImageError(
+                        f"{name} has {'/'.join(sorted(dtypes))} bands: give stretch=[low, high] to show them"
+                    )
+            except BaseException:
+                full.close()
+                raise
+            if level:  # an overview opens as a dataset of its own
+                full.close()
+                self.dataset = rasterio.open(target, opener=opener, overview_level=level - 1)
+            else:
+                self.dataset = full
         except RasterioError as error:
             raise ImageError(f"{name} cannot be read as a raster: {error}") from None
         self.width, self.height = self.dataset.width, self.dataset.height

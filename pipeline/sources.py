@@ -340,7 +340,11 @@ class TiffSource:
 
 def _open_tiff(target: str | Path | bytes | Any, name: str, level: int, size: int | None = None) -> TiffSource:
     """A TiffSource of a path, bytes, or an open file object of `size` bytes (an object in storage)."""
-    tiff = _tiff_file(target, name)
+    return _tiff_source(_tiff_file(target, name), target, name, level, size)
+
+
+def _tiff_source(tiff: Any, target: Any, name: str, level: int, size: int | None = None) -> TiffSource:
+    """A TiffSource of an open TiffFile (closed if it cannot be one)."""
     try:
         if not tiff.series:
             raise ImageError(f"{name} is not a readable TIFF: no image found (its header is damaged)")
@@ -467,8 +471,7 @@ def open_windowed(target: Path | bytes | RemoteObject, level: int, spec: ReadSpe
     georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
     reader = choose_reader(spec, georeferenced, vendor)
     if reader == "tiff":
-        tiff.close()
-        return _open_tiff(target, name, level)
+        return _tiff_source(tiff, target, name, level)
     try:
         check_extent(tiff, len(target) if isinstance(target, bytes) else _size(target), name)
     finally:
@@ -495,14 +498,19 @@ def _open_remote(target: RemoteObject, name: str, level: int, spec: ReadSpec) ->
         if not is_tiff(head):
             raise ImageError(f"{name} is not a TIFF: only TIFFs and GeoTIFFs are read from object storage")
         tiff = _tiff_file(handle, name)
-        check_extent(tiff, target.size, name)
-        georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
-        if choose_reader(spec, georeferenced, None) == "tiff":
+        try:
+            check_extent(tiff, target.size, name)
+            georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
+        except BaseException:
             tiff.close()
-            return _open_tiff(remote.open_file(target.url), name, level, target.size)
+            raise
+        if choose_reader(spec, georeferenced, None) == "tiff":
+            return _tiff_source(tiff, handle, name, level, target.size)  # the source reads through the handle
         tiff.close()
-    finally:
+    except BaseException:
         handle.close()
+        raise
+    handle.close()
     fs, path = remote.filesystem(target.url)
     return GeoSource(path, name, level, spec.bands, spec.scale, opener=fs)
 

@@ -18,7 +18,7 @@ from rasterio.warp import transform as warp_points
 from pipeline import ImageError, OptionsError
 from pipeline.export import geojson_document
 from pipeline.geo import check_bands, default_bands, to_8bit
-from pipeline.model import Recognition, Spatial, map_points
+from pipeline.model import Detections, Recognition, Spatial, map_points
 from pipeline.options import parse_options
 from pipeline.scenes import Truth, qr_code, qr_scene
 from pipeline.sources import ReadSpec, choose_reader, open_source
@@ -228,3 +228,30 @@ def test_spatial_round_trips_through_the_result():
     spatial = Spatial(crs="WKT", epsg=32633, transform=(0.5, 0, 1, 0, -0.5, 2), georeferenced=True)
     assert Spatial.from_json(spatial.to_json()) == spatial
     assert Spatial.from_json({"width": 1}) is None
+
+
+def test_geojson_outlines_masks_with_holes_and_rotated_boxes():
+    from shapely.geometry import Polygon
+
+    ring = Polygon([(10, 10), (30, 10), (30, 30), (10, 30)], [[(15, 15), (15, 25), (25, 25), (25, 15)]])
+    detections = Detections(
+        np.array([[10, 10, 30, 30], [100, 100, 140, 120]]), np.array([0.9, 0.8]), ["field", "car"],
+        masks=[ring, None], obb=[None, [120, 110, 40, 20, 90]], data={"crop": ["wheat", None]},
+    )  # fmt: skip
+    spatial = Spatial(crs=CRS, epsg=32633, transform=(PIXEL_M, 0, ORIGIN[0], 0, -PIXEL_M, ORIGIN[1]))
+    recognition = Recognition(width=200, height=200, detections=detections, recognizer="x", spatial=spatial)
+    field, car = geojson_document([recognition])["features"]
+    exterior, hole = field["geometry"]["coordinates"]
+    assert field["geometry"]["type"] == "Polygon" and len(exterior) == len(hole) == 5  # closed rings
+    assert exterior[0] == exterior[-1] and bounds({"coordinates": [hole]}) == (
+        ORIGIN[0] + 7.5, ORIGIN[1] - 12.5, ORIGIN[0] + 12.5, ORIGIN[1] - 7.5)  # fmt: skip
+
+    def signed_area(points):
+        x, y = np.array(points).T
+        return float(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y))
+
+    assert signed_area(exterior) > 0 > signed_area(hole)  # RFC 7946: exterior counter-clockwise, holes clockwise
+    assert field["properties"]["label"] == "field" and field["properties"]["data"] == {"crop": "wheat"}
+    assert "mask" not in field["properties"]
+    # a 40 x 20 box turned 90°: 20 wide and 40 high around (120, 110), on the map
+    assert bounds(car["geometry"]) == (ORIGIN[0] + 55, ORIGIN[1] - 65, ORIGIN[0] + 65, ORIGIN[1] - 45)
