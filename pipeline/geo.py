@@ -9,6 +9,7 @@ and `export.geojson_document` uses to put detections on the map. rasterio is the
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,11 @@ from pipeline.model import Spatial
 from pipeline.tiling import Window
 
 GEO_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory
+# GDAL's block cache is 5 % of the machine's memory per process by default: a tile process reading a large COG grew
+# to 1 GB (bench.remote); 64 MB is what a TiffSource keeps. Set before GDAL first reads, unless the user set it.
+os.environ.setdefault("GDAL_CACHEMAX", "64")
+# no listing of the image's folder (or bucket) for sidecar files on each open: a COG carries its overviews
+os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
 
 
 def is_georeferenced(tags: Any) -> bool:
