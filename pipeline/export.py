@@ -333,7 +333,9 @@ def geojson_document(
     names = list(images) if images is not None and len(recognitions) > 1 else [None] * len(recognitions)
     features = [f for r, name in zip(recognitions, names, strict=True) for f in geojson_features(r, name, to_wgs84)]
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
-    codes = {r.spatial.epsg if r.spatial is not None else None for r in recognitions}
+    codes = {
+        r.spatial.epsg if r.spatial is not None and r.spatial.transform is not None else None for r in recognitions
+    }
     if not to_wgs84 and len(codes) == 1 and (code := codes.pop()) is not None:
         collection["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{code}"}}
     return collection

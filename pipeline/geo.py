@@ -80,18 +80,14 @@ def as_bgr(bands: np.ndarray) -> np.ndarray:
 
 
 def spatial_of(dataset: Any) -> Spatial:
-    """The CRS (WKT, EPSG code where one matches) and affine geotransform of a rasterio dataset at level 0; a raster
-    with neither is recorded as not georeferenced (its results stay in pixels)."""
+    """The CRS (WKT, EPSG code where one matches) and affine geotransform of a rasterio dataset at level 0. A raster
+    without a geotransform is recorded as not georeferenced, its CRS kept if it names one: its results stay in
+    pixels."""
     crs, transform = dataset.crs, dataset.transform
-    placed = crs is not None or not transform.is_identity
-    if not placed:
-        return Spatial(georeferenced=False)
-    return Spatial(
-        crs=crs.to_wkt() if crs is not None else None,
-        epsg=crs.to_epsg() if crs is not None else None,
-        transform=tuple(float(v) for v in tuple(transform)[:6]),
-        georeferenced=True,
-    )
+    wkt, epsg = (crs.to_wkt(), crs.to_epsg()) if crs is not None else (None, None)
+    if transform.is_identity:
+        return Spatial(crs=wkt, epsg=epsg, georeferenced=False)
+    return Spatial(crs=wkt, epsg=epsg, transform=tuple(float(v) for v in tuple(transform)[:6]), georeferenced=True)
 
 
 class GeoSource:

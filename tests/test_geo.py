@@ -5,6 +5,7 @@ the test wrote."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -255,3 +256,19 @@ def test_geojson_outlines_masks_with_holes_and_rotated_boxes():
     assert "mask" not in field["properties"]
     # a 40 x 20 box turned 90°: 20 wide and 40 high around (120, 110), on the map
     assert bounds(car["geometry"]) == (ORIGIN[0] + 55, ORIGIN[1] - 65, ORIGIN[0] + 65, ORIGIN[1] - 45)
+
+
+def test_the_cli_writes_geojson_in_the_rasters_crs_or_wgs84(worker, redis_server, scene, cog, tmp_path):
+    from tests.test_cli import tilerec
+
+    for extra, name in (([], "utm.geojson"), (["--wgs84"], "wgs84.geojson")):
+        out = tmp_path / name
+        completed = tilerec("run", cog, "-r", "qrcode", "--broker", redis_server.url, "--shared-path", "--quiet",
+                            "--format", "geojson", "--json", str(out), *extra)  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        collection = json.loads(out.read_text())
+        assert collection["type"] == "FeatureCollection" and len(collection["features"]) == len(scene.truths)
+        first = bounds(collection["features"][0]["geometry"])
+        assert (500_000 < first[0] < 502_000) if not extra else (14.9 < first[0] < 15.1)
+    refused = tilerec("run", cog, "-r", "qrcode", "--wgs84", "--json", str(tmp_path / "x.json"))
+    assert refused.returncode == 2 and "--wgs84 is for --format geojson" in refused.stderr
