@@ -6,7 +6,9 @@ one clear line, the worker still up and nothing left in Redis."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 from collections.abc import Iterator
 
 import cv2
@@ -188,3 +190,20 @@ def test_bad_credentials_fail_with_one_clear_line(app, redis_server, s3, tmp_pat
         assert "s3://scans/scene-cog.tif" in message and "access denied, check the credentials" in message
         assert running.process.poll() is None
     assert tilerec_keys(redis_server) == []
+
+
+def test_the_cli_recognizes_an_object_on_a_private_cluster(s3, scene_cog, tmp_path):
+    from tests.test_cli import CLI, cli_env
+
+    scene, _ = scene_cog
+    out = tmp_path / "found.geojson"
+    env = {**cli_env(), "TILEREC_ALLOWED_URLS": "s3://scans", **s3.env()}
+    command = [*CLI, "run", "s3://scans/scene-cog.tif", "-r", "qrcode", "--workers", "2", "--quiet",
+               "--format", "geojson", "--json", str(out)]  # fmt: skip
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert completed.returncode == 0, completed.stderr
+    features = json.loads(out.read_text())["features"]
+    assert sorted(f["properties"]["text"] for f in features) == sorted(t.text for t in scene.truths)
+    refused = subprocess.run([*command[:-4], "--annotate", str(tmp_path / "a.png")], env=env, capture_output=True,
+                             text=True, timeout=TIMEOUT)  # fmt: skip
+    assert refused.returncode == 2 and "--annotate draws on local images only" in refused.stderr

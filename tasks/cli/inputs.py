@@ -11,7 +11,7 @@ from typing import Any
 
 import cv2
 
-from pipeline import images
+from pipeline import images, remote
 from pipeline.options import JOB_OPTIONS, parse_options
 from pipeline.slides import slide_vendor
 from tasks.cli.errors import CliError
@@ -82,10 +82,11 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Target:
-    """One input image: the name the user gave (for messages and outputs) and its real absolute path."""
+    """One input image: the name the user gave (for messages and outputs) and its real absolute path (None: a URL,
+    which the workers check against their TILEREC_ALLOWED_URLS and read themselves)."""
 
     given: str
-    path: Path
+    path: Path | None
 
 
 HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's header is read by the workers
@@ -94,6 +95,8 @@ HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's 
 def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Target:
     """Fail early, in this process, for a missing, unreadable or non-image file, rather than as a job error later.
     Reads only the file's head (a JPEG whole): the workers read a gigapixel TIFF window by window, never whole."""
+    if remote.is_url(given):
+        return Target(given, None)
     path = Path(given).expanduser()
     try:
         real = path.resolve(strict=True)
@@ -141,6 +144,8 @@ def annotate_paths(template: str | None, targets: Sequence[Target]) -> list[Path
     """Checked before any work: a format OpenCV can write, and one distinct file per image."""
     if template is None:
         return []
+    if urls := [target.given for target in targets if target.path is None]:
+        raise CliError(f"--annotate draws on local images only; {urls[0]!r} is a URL")
     paths = [output_path(template, target, i, len(targets)) for i, target in enumerate(targets)]
     if len(set(paths)) != len(paths):
         raise CliError(f"--annotate {template!r} gives two images the same file; put {{index}} in it")

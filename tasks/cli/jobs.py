@@ -106,7 +106,10 @@ class Tracker:
 
 
 def reference(target: Target, cluster: Cluster) -> str:
-    """What the job is sent: the file's bytes in the cluster's Redis (its workers may not see our disk) or the path."""
+    """What the job is sent: the file's bytes in the cluster's Redis (its workers may not see our disk), the path, or
+    a URL as given."""
+    if target.path is None:
+        return target.given
     if not cluster.upload:
         return str(target.path)
     from tasks.client import put_image
@@ -138,7 +141,8 @@ def poll(index: int, run: Running, tracker: Tracker) -> None:
         from tasks.client import fetch_result
 
         recognition = dict(fetch_result(result.result))
-        recognition["image"] = {**recognition["image"], "source": str(run.target.path)}
+        source = run.target.given if run.target.path is None else str(run.target.path)
+        recognition["image"] = {**recognition["image"], "source": source}
         run.outcome = Outcome(run.target, result=recognition, seconds=seconds)
         tracker.finish(index, recognition["tiling"]["tiles"], ok=True)
     else:
