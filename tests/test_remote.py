@@ -134,7 +134,8 @@ def test_windows_are_read_with_range_requests(s3, fetched, key):
         if expected is not None:
             np.testing.assert_array_equal(pixels, expected[y : y + 512, x : x + 512])
     source.close()
-    assert size > 16_000_000 and 0 < sum(fetched) < size / 8, (sum(fetched), size)
+    # the windows touch 4 + 9 of the 256² TIFF tiles (64 KiB each, fetched in 256 KiB blocks), and the header
+    assert size > 16_000_000 and 0 < sum(fetched) < size / 5, (sum(fetched), size)
 
 
 def test_a_replaced_object_is_noticed(s3):
