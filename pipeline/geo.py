@@ -26,6 +26,13 @@ os.environ.setdefault("GDAL_CACHEMAX", "64")
 os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
 
 
+def available() -> bool:
+    """rasterio (the `geo` extra) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("rasterio") is not None
+
+
 def is_georeferenced(tags: Any) -> bool:
     """A TIFF page's tags (tifffile's `page.tags`) place it on the map: it carries any GeoTIFF tag."""
     return any(code in tags for code in GEO_TAGS)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from pipeline import remote, streaming
+from pipeline import geo, remote, streaming
 from pipeline.geo import GeoSource, is_georeferenced
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, check_complete, check_pixels, decode, file_errors, normalize
 from pipeline.model import Spatial
@@ -388,14 +388,16 @@ class ReadSpec:
     mpp: float | None = None
 
 
-def choose_reader(spec: ReadSpec, georeferenced: bool, vendor: str | None) -> str:
-    """The reader for an image: the one asked for, else geo for a georeferenced TIFF or one read by bands, slide
-    for a slide format other than a generic TIFF (tifffile reads those) or a level asked by mpp, else tiff.
+def choose_reader(spec: ReadSpec, georeferenced: bool, vendor: str | None, geo_installed: bool = True) -> str:
+    """The reader for an image: the one asked for, else geo for a georeferenced TIFF (where rasterio is installed:
+    without it, a GeoTIFF is read in pixels as before) or one read by bands, slide for a slide format other than a
+    generic TIFF (tifffile reads those) or a level asked by mpp, else tiff.
 
     Args:
         spec: what the job asks.
         georeferenced: the TIFF carries GeoTIFF tags.
         vendor: the slide format OpenSlide sees in the file, if any.
+        geo_installed: rasterio can be imported.
 
     Returns:
         "tiff", "geo" or "slide".
@@ -404,7 +406,7 @@ def choose_reader(spec: ReadSpec, georeferenced: bool, vendor: str | None) -> st
         return spec.reader
     if spec.mpp is not None:
         return "slide"
-    if georeferenced or spec.bands is not None or spec.scale is not None:
+    if (georeferenced and geo_installed) or spec.bands is not None or spec.scale is not None:
         return "geo"
     return "slide" if vendor not in (None, "generic-tiff") else "tiff"
 
@@ -469,9 +471,12 @@ def open_windowed(target: Path | bytes | RemoteObject, level: int, spec: ReadSpe
         return None
     tiff = _tiff_file(target, name)
     georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
-    reader = choose_reader(spec, georeferenced, vendor)
+    reader = choose_reader(spec, georeferenced, vendor, geo.available())
     if reader == "tiff":
         return _tiff_source(tiff, target, name, level)
+    if reader == "geo" and not geo.available():
+        tiff.close()
+        raise ImageError(f"{name}: reading bands of a GeoTIFF needs rasterio (pip install 'tilerec[geo]')")
     try:
         check_extent(tiff, len(target) if isinstance(target, bytes) else _size(target), name)
     finally:
@@ -504,13 +509,15 @@ def _open_remote(target: RemoteObject, name: str, level: int, spec: ReadSpec) ->
         except BaseException:
             tiff.close()
             raise
-        if choose_reader(spec, georeferenced, None) == "tiff":
+        if choose_reader(spec, georeferenced, None, geo.available()) == "tiff":
             return _tiff_source(tiff, handle, name, level, target.size)  # the source reads through the handle
         tiff.close()
     except BaseException:
         handle.close()
         raise
     handle.close()
+    if not geo.available():
+        raise ImageError(f"{name}: reading bands of a GeoTIFF needs rasterio (pip install 'tilerec[geo]')")
     fs, path = remote.filesystem(target.url)
     return GeoSource(path, name, level, spec.bands, spec.scale, opener=fs)
 

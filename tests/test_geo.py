@@ -105,6 +105,7 @@ def test_the_reader_is_chosen_by_content_or_asked():
     assert choose_reader(ReadSpec(), georeferenced=False, vendor="aperio") == "slide"
     assert choose_reader(ReadSpec(bands=(3, 2, 1)), georeferenced=False, vendor=None) == "geo"
     assert choose_reader(ReadSpec(reader="tiff"), georeferenced=True, vendor=None) == "tiff"
+    assert choose_reader(ReadSpec(), georeferenced=True, vendor=None, geo_installed=False) == "tiff"  # as before
 
 
 def test_map_points_apply_the_affine_at_level_zero():
