@@ -113,6 +113,9 @@ tilerec_store_url = _env("TILEREC_STORE_URL", _env("TILEREC_RESULT_BACKEND", bro
 tilerec_tile_ttl = _number("TILEREC_TILE_TTL", 3600, 1)
 tilerec_max_pixels = _number("TILEREC_MAX_PIXELS", 40_000 * 40_000, 1)
 tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
+# Images may be URLs (s3://bucket/key, gs://, az://, https://) only under these prefixes (comma or space separated,
+# e.g. "s3://scans s3://tiles/public/"); empty: no URL is read. Credentials: the environment or fsspec's config.
+tilerec_allowed_urls = _env("TILEREC_ALLOWED_URLS", "")
 # Tile tasks read their own windows of a tiled TIFF straight from the file (no pixels through Redis); set "false"
 # when the workers taking the tiles queue do not see the allowed roots at the same paths as the tiling worker.
 tilerec_shared_storage = _flag("TILEREC_SHARED_STORAGE", "true")

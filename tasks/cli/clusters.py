@@ -138,7 +138,7 @@ def local_cluster(targets: Sequence[Target], settings: Settings, console: Consol
     handle, name = tempfile.mkstemp(prefix="tilerec-worker-", suffix=".log")
     os.close(handle)
     log = Path(name)
-    roots = os.pathsep.join(sorted({str(target.path.parent) for target in targets}))
+    roots = os.pathsep.join(sorted({str(target.path.parent) for target in targets if target.path is not None}))
     cluster = LocalCluster(workers=settings.workers, log_file=str(log), env={"TILEREC_ALLOWED_ROOTS": roots})
     keep_log = False
     try:

@@ -40,7 +40,7 @@ from rich.table import Table
 
 from pipeline.merge import MATCH_METRICS, MERGE_METHODS
 from pipeline.model import Detections
-from pipeline.options import ON_TILE_ERROR
+from pipeline.options import ON_TILE_ERROR, READERS, parse_options
 from pipeline.recognizers import available
 from pipeline.recognizers.dnn import OnnxObjects, plan_execution
 from pipeline.scenes import qr_scene, score
@@ -57,7 +57,15 @@ from tasks.cli.errors import (
     say,
 )
 from tasks.cli.evaluate import add_evaluate
-from tasks.cli.inputs import annotate_paths, check_image, job_options, parse_size, positive_float, positive_int
+from tasks.cli.inputs import (
+    annotate_paths,
+    check_image,
+    job_options,
+    number_list,
+    parse_size,
+    positive_float,
+    positive_int,
+)
 from tasks.cli.jobs import execute
 from tasks.cli.many import is_many, run_many
 from tasks.cli.output import report_failures, summarize, write_annotated, write_json, write_outputs
@@ -82,26 +90,31 @@ def settings_from(args: argparse.Namespace, console: Console) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     options = job_options(args)
-    if args.format == "coco" and args.json is None:
-        raise CliError("--format coco needs --json OUT (or --json - for stdout)")
+    if args.format in ("coco", "geojson") and args.json is None:
+        raise CliError(f"--format {args.format} needs --json OUT (or --json - for stdout)")
+    if args.wgs84 and args.format != "geojson":
+        raise CliError("--wgs84 is for --format geojson")
     from tasks import app
 
     if not (args.images or args.list or args.coco_images):
         raise CliError("run needs images: files, a folder, a glob pattern, --list FILE or --coco-images DATASET.json")
     if args.view and (len(args.images) != 1 or is_many(args)):
         raise CliError("--view shows one image; run the images, then `tilerec view` each result")
+    if args.view and "://" in args.images[0]:
+        raise CliError("--view shows local images; `tilerec view` the result with --image PATH of a local copy")
     if is_many(args):
         return run_many(args, options, settings_from(args, console), console, app.conf.tilerec_max_pixels)
     targets = [check_image(given, app.conf.tilerec_max_pixels) for given in args.images]
     annotated = annotate_paths(args.annotate, targets)
     settings = settings_from(args, console)
     outcomes = execute(targets, args.recognizer, options, settings, console)
-    write_outputs(outcomes, args.json, args.format, annotated)
+    write_outputs(outcomes, args.json, args.format, annotated, args.wgs84)
     if not args.quiet:
         summarize(outcomes, console)
     code = report_failures(outcomes)
     if args.view and outcomes[0].result is not None:
-        viewed = Viewed(outcomes[0].result, open_pyramid(targets[0].path, outcomes[0].result))
+        spec = parse_options(args.recognizer, options).read_spec()
+        viewed = Viewed(outcomes[0].result, open_pyramid(targets[0].path, outcomes[0].result, spec))
         return max(code, view(viewed, "127.0.0.1", 0, True, console))
     return code
 
@@ -270,6 +283,18 @@ def add_many_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_spatial_flags(parser: argparse.ArgumentParser) -> None:
+    """GeoTIFF and slide options (docs/geospatial.md)."""
+    parser.add_argument("--reader", choices=READERS, help="how images are opened (default auto: by their content)")
+    parser.add_argument(
+        "--bands", type=number_list(int), metavar="B[,G,R]", help="GeoTIFF bands as grey or red,green,blue, e.g. 3,2,1"
+    )
+    parser.add_argument(
+        "--stretch", type=number_list(float), metavar="LOW,HIGH", help="band values shown as 0..255 (16-bit imagery)"
+    )
+    parser.add_argument("--mpp", type=positive_float, metavar="UM", help="slides: the level nearest UM microns/pixel")
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="tilerec",
@@ -315,15 +340,18 @@ def build_parser() -> Parser:
         choices=ON_TILE_ERROR,
         help="fail the job when a tile fails (default), or return the rest and list the failed tiles",
     )
+    add_spatial_flags(run)
     run.add_argument(
         "--json", metavar="OUT", help="write the result as JSON to OUT (- for stdout); several images give a list"
     )
     run.add_argument(
         "--format",
-        choices=("json", "coco"),
+        choices=("json", "coco", "geojson"),
         default="json",
-        help="--json output: tilerec's schema or one COCO document for all images",
+        help="--json output: tilerec's schema, one COCO document for all images, or a GeoJSON FeatureCollection "
+        "of polygons in the raster's CRS",
     )
+    run.add_argument("--wgs84", action="store_true", help="--format geojson: reproject to EPSG:4326 (lon/lat)")
     run.add_argument(
         "--annotate",
         metavar="OUT.png",

@@ -11,8 +11,9 @@ from typing import Any
 
 import cv2
 
-from pipeline import images
+from pipeline import images, remote
 from pipeline.options import JOB_OPTIONS, parse_options
+from pipeline.slides import slide_vendor
 from tasks.cli.errors import CliError
 
 
@@ -51,6 +52,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def number_list(kind: type) -> Any:
+    """An argparse type: comma-separated numbers of `kind` ("3,2,1")."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+
+    return parse
+
+
 def job_options(args: argparse.Namespace) -> dict[str, Any]:
     """The job's keyword options from the flags the user set (unset flags keep the pipeline's defaults), checked
     here with the workers' own parser so a bad option fails before any cluster starts."""
@@ -69,13 +82,14 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Target:
-    """One input image: the name the user gave (for messages and outputs) and its real absolute path."""
+    """One input image: the name the user gave (for messages and outputs) and its real absolute path (None: a URL,
+    which the workers check against their TILEREC_ALLOWED_URLS and read themselves)."""
 
     given: str
-    path: Path
+    path: Path | None
 
     def __fspath__(self) -> str:  # what tasks.client.submit_many sends the workers, or reads to upload
-        return str(self.path)
+        return self.given if self.path is None else str(self.path)
 
 
 HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's header is read by the workers
@@ -84,6 +98,8 @@ HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's 
 def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Target:
     """Fail early, in this process, for a missing, unreadable or non-image file, rather than as a job error later.
     Reads only the file's head (a JPEG whole): the workers read a gigapixel TIFF window by window, never whole."""
+    if remote.is_url(given):
+        return Target(given, None)
     path = Path(given).expanduser()
     try:
         real = path.resolve(strict=True)
@@ -98,7 +114,7 @@ def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Targ
         size = images.header_size(data)
         if size is not None:
             images.check_pixels(*size, max_pixels)
-        elif not data.startswith(images.NPY_MAGIC) and not cv2.haveImageReader(str(real)):
+        elif not data.startswith(images.NPY_MAGIC) and not cv2.haveImageReader(str(real)) and not slide_vendor(real):
             raise images.ImageError("it is not an image format OpenCV can read")
     except images.ImageError as error:
         raise CliError(f"cannot use image {given!r}: {error}") from None
@@ -131,6 +147,8 @@ def annotate_paths(template: str | None, targets: Sequence[Target]) -> list[Path
     """Checked before any work: a format OpenCV can write, and one distinct file per image."""
     if template is None:
         return []
+    if urls := [target.given for target in targets if target.path is None]:
+        raise CliError(f"--annotate draws on local images only; {urls[0]!r} is a URL")
     paths = [output_path(template, target, i, len(targets)) for i, target in enumerate(targets)]
     if len(set(paths)) != len(paths):
         raise CliError(f"--annotate {template!r} gives two images the same file; put {{index}} in it")

@@ -3,6 +3,7 @@ jobs in flight cancelled if the run is interrupted."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -185,7 +186,7 @@ def outcome_of(done: Any) -> Outcome:
     if done.error is not None:
         return Outcome(target, error=job_error(done.error), seconds=done.seconds, job_id=done.job_id)
     recognition = dict(done.result)
-    recognition["image"] = {**recognition["image"], "source": str(target.path)}
+    recognition["image"] = {**recognition["image"], "source": os.fspath(target)}
     return Outcome(target, result=recognition, seconds=done.seconds, job_id=done.job_id)
 
 

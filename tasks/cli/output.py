@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import images
-from pipeline.export import coco_document
+from pipeline.export import coco_document, geojson_document
 from pipeline.model import Detections, Recognition
 from pipeline.render import draw_detections
 from tasks.cli.errors import EXIT_FAILED, EXIT_OK, CliError, print_error, say
@@ -68,11 +68,18 @@ def summarize(outcomes: Sequence[Outcome], console: Console) -> None:
         )
 
 
-def document(outcomes: Sequence[Outcome], fmt: str) -> Any:
-    """The --json output: one recognition (or a list, for several images), or one COCO document for them all."""
+def document(outcomes: Sequence[Outcome], fmt: str, wgs84: bool = False) -> Any:
+    """The --json output: one recognition (or a list, for several images), or one COCO document or GeoJSON
+    FeatureCollection for them all."""
     done = [outcome for outcome in outcomes if outcome.result is not None]
     if fmt == "coco":
         return coco_document([Recognition.from_json(o.result) for o in done], [o.target.given for o in done])
+    if fmt == "geojson":
+        recognitions = [Recognition.from_json(o.result) for o in done]
+        try:
+            return geojson_document(recognitions, [o.target.given for o in done], wgs84)
+        except ValueError as error:
+            raise CliError(f"cannot write GeoJSON: {error}", EXIT_FAILED) from None
     results = [outcome.result for outcome in done]
     return results[0] if len(outcomes) == 1 else results
 
@@ -100,9 +107,11 @@ def write_annotated(target: Target, result: dict[str, Any], path: Path) -> None:
         raise CliError(f"cannot write the annotated image {str(path)!r}", EXIT_FAILED)
 
 
-def write_outputs(outcomes: Sequence[Outcome], json_to: str | None, fmt: str, annotated: Sequence[Path]) -> None:
+def write_outputs(
+    outcomes: Sequence[Outcome], json_to: str | None, fmt: str, annotated: Sequence[Path], wgs84: bool = False
+) -> None:
     if json_to is not None and any(outcome.result is not None for outcome in outcomes):
-        write_json(json_to, document(outcomes, fmt))
+        write_json(json_to, document(outcomes, fmt, wgs84))
     for outcome, path in zip(outcomes, annotated, strict=False):
         if outcome.result is not None:
             write_annotated(outcome.target, outcome.result, path)

@@ -27,8 +27,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import images, sources
 from pipeline.model import Recognition
+from pipeline.options import READERS
 from pipeline.pyramid import Pyramid
 from tasks.cli.errors import EXIT_OK, EXIT_UNREACHABLE, CliError, say
+from tasks.cli.inputs import number_list
 
 PAGE = Path(__file__).with_name("viewer")  # index.html, viewer.js, viewer.css, the vendored OpenSeadragon
 TILE_PATH = re.compile(r"/image_files/(\d{1,2})/(\d{1,6})_(\d{1,6})\.jpeg")
@@ -112,15 +114,15 @@ def image_path(document: dict[str, Any], given: str | None, result: str, roots: 
         raise CliError(f"{error}; give --image PATH or --allow DIR") from None
 
 
-def open_pyramid(path: Path, document: dict[str, Any]) -> Pyramid:
-    """The image at the level the result was computed at, with the coarser levels of a pyramidal TIFF; its size
-    must be the result's."""
+def open_pyramid(path: Path, document: dict[str, Any], spec: sources.ReadSpec) -> Pyramid:
+    """The image at the level the result was computed at, with the coarser levels of a pyramidal TIFF, a COG's
+    overviews or a slide's levels, read as `spec` says (the job's bands and stretch); its size must be the result's."""
     level = int(document["image"].get("level", 0))
     try:
-        first = sources.open_source(path, level=level)
+        first = sources.open_source(path, level=level, spec=spec)
         pyramid_levels = [first]
         if first.windowed:
-            pyramid_levels += [sources.open_source(path, level=n) for n in range(level + 1, first.levels)]
+            pyramid_levels += [sources.open_source(path, level=n, spec=spec) for n in range(level + 1, first.levels)]
     except images.ImageError as error:
         raise CliError(f"cannot show {str(path)!r}: {error}") from None
     width, height = document["image"]["width"], document["image"]["height"]
@@ -251,7 +253,9 @@ def cmd_view(args: Any) -> int:
     document = load_result(args.result, args.broker)
     path = image_path(document, args.image, args.result, allowed_folders(args.result, args.allow))
     began = time.perf_counter()
-    viewed = Viewed(document, open_pyramid(path, document))
+    spec = sources.ReadSpec(args.reader, tuple(args.bands) if args.bands else None,
+                            tuple(args.stretch) if args.stretch else None)  # fmt: skip
+    viewed = Viewed(document, open_pyramid(path, document, spec))
     if args.export is not None:
         count = export(viewed, Path(args.export), console, args.quiet)
         viewed.pyramid.close()
@@ -275,6 +279,13 @@ def add_view_parser(commands: Any) -> None:
     view_parser.add_argument("--image", metavar="PATH", help="the image (default: the file the result names)")
     view_parser.add_argument(
         "--allow", action="append", metavar="DIR", help="a folder the result's image may be in (repeatable)"
+    )
+    view_parser.add_argument("--reader", choices=READERS, default="auto", help="as the job's --reader (default auto)")
+    view_parser.add_argument(
+        "--bands", type=number_list(int), metavar="B[,G,R]", help="GeoTIFF bands shown, as the job's --bands"
+    )
+    view_parser.add_argument(
+        "--stretch", type=number_list(float), metavar="LOW,HIGH", help="band values shown as 0..255, as the job's"
     )
     view_parser.add_argument("--export", metavar="DIR", help="write a static site (page, result, tiles) instead")
     view_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
