@@ -38,9 +38,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline import remote
 from pipeline.merge import MATCH_METRICS, MERGE_METHODS
 from pipeline.model import Detections
-from pipeline.options import ON_TILE_ERROR, READERS, parse_options
+from pipeline.options import ON_TILE_ERROR, parse_options
 from pipeline.recognizers import available
 from pipeline.recognizers.dnn import OnnxObjects, plan_execution
 from pipeline.scenes import qr_scene, score
@@ -58,10 +59,10 @@ from tasks.cli.errors import (
 )
 from tasks.cli.evaluate import add_evaluate
 from tasks.cli.inputs import (
+    add_read_flags,
     annotate_paths,
     check_image,
     job_options,
-    number_list,
     parse_size,
     positive_float,
     positive_int,
@@ -100,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("run needs images: files, a folder, a glob pattern, --list FILE or --coco-images DATASET.json")
     if args.view and (len(args.images) != 1 or is_many(args)):
         raise CliError("--view shows one image; run the images, then `tilerec view` each result")
-    if args.view and "://" in args.images[0]:
+    if args.view and remote.is_url(args.images[0]):
         raise CliError("--view shows local images; `tilerec view` the result with --image PATH of a local copy")
     if is_many(args):
         return run_many(args, options, settings_from(args, console), console, app.conf.tilerec_max_pixels)
@@ -285,13 +286,7 @@ def add_many_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_spatial_flags(parser: argparse.ArgumentParser) -> None:
     """GeoTIFF and slide options (docs/geospatial.md)."""
-    parser.add_argument("--reader", choices=READERS, help="how images are opened (default auto: by their content)")
-    parser.add_argument(
-        "--bands", type=number_list(int), metavar="B[,G,R]", help="GeoTIFF bands as grey or red,green,blue, e.g. 3,2,1"
-    )
-    parser.add_argument(
-        "--stretch", type=number_list(float), metavar="LOW,HIGH", help="band values shown as 0..255 (16-bit imagery)"
-    )
+    add_read_flags(parser)
     parser.add_argument("--mpp", type=positive_float, metavar="UM", help="slides: the level nearest UM microns/pixel")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 
 from pipeline import images, remote
-from pipeline.options import JOB_OPTIONS, parse_options
+from pipeline.options import JOB_OPTIONS, READERS, parse_options
 from pipeline.slides import slide_vendor
 from tasks.cli.errors import CliError
 
@@ -62,6 +62,17 @@ def number_list(kind: type) -> Any:
             raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
 
     return parse
+
+
+def add_read_flags(parser: argparse.ArgumentParser) -> None:
+    """How an image is opened (docs/geospatial.md): `run`'s, and `view`'s to show the image as the job read it."""
+    parser.add_argument("--reader", choices=READERS, help="how images are opened (default auto: by their content)")
+    parser.add_argument(
+        "--bands", type=number_list(int), metavar="B[,G,R]", help="GeoTIFF bands as grey or red,green,blue, e.g. 3,2,1"
+    )
+    parser.add_argument(
+        "--stretch", type=number_list(float), metavar="LOW,HIGH", help="band values shown as 0..255 (16-bit imagery)"
+    )
 
 
 def job_options(args: argparse.Namespace) -> dict[str, Any]:

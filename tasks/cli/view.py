@@ -27,10 +27,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import images, sources
 from pipeline.model import Recognition
-from pipeline.options import READERS
 from pipeline.pyramid import Pyramid
 from tasks.cli.errors import EXIT_OK, EXIT_UNREACHABLE, CliError, say
-from tasks.cli.inputs import number_list
+from tasks.cli.inputs import add_read_flags
+from tasks.store import REF_SCHEME
 
 PAGE = Path(__file__).with_name("viewer")  # index.html, viewer.js, viewer.css, the vendored OpenSeadragon
 TILE_PATH = re.compile(r"/image_files/(\d{1,2})/(\d{1,6})_(\d{1,6})\.jpeg")
@@ -56,7 +56,7 @@ class Viewed:
 def load_result(given: str, store_url: str | None) -> dict[str, Any]:
     """The whole result document: from a file (the output of `tilerec run --json`, or a summary whose `result_ref`
     names the document in Redis), or from a `redis:tilerec:result:<job id>` reference itself."""
-    if given.startswith("redis:"):
+    if given.startswith(REF_SCHEME):
         return _stored_result(given, store_url)
     try:
         document = json.loads(Path(given).expanduser().read_text())
@@ -78,17 +78,19 @@ def load_result(given: str, store_url: str | None) -> dict[str, Any]:
 
 
 def _stored_result(reference: str, store_url: str | None) -> dict[str, Any]:
-    from tasks import store
-    from tasks.celery import app
+    """The document a `result_ref` names, fetched as a calling app fetches it (`tasks.client.fetch_result`), from
+    `store_url` if given, else the configured tile store."""
+    from tasks.celery import configure, settings
+    from tasks.client import fetch_result
 
-    url = store_url or app.conf.tilerec_store_url
+    if store_url:
+        configure(tilerec_store_url=store_url)
     try:
-        client = store.connect(url, app.conf.sentinel_master, app.conf.sentinel_kwargs.get("password"))
-        return json.loads(store.get_result(client, reference))
+        return fetch_result({"result_ref": reference})
     except (ValueError, LookupError) as error:
         raise CliError(str(error)) from None
     except OSError as error:  # redis.ConnectionError is an OSError too
-        raise CliError(f"cannot fetch {reference!r} from {url}: {error}", EXIT_UNREACHABLE) from None
+        raise CliError(f"cannot fetch {reference!r} from {settings().store_url}: {error}", EXIT_UNREACHABLE) from None
 
 
 def image_path(document: dict[str, Any], given: str | None, result: str, roots: Sequence[Path]) -> Path:
@@ -100,10 +102,10 @@ def image_path(document: dict[str, Any], given: str | None, result: str, roots: 
             raise CliError(f"--image {given!r}: no such file")
         return path.resolve()
     source = document["image"].get("source")
-    if not source or source.startswith("redis:"):
+    if not source or source.startswith(REF_SCHEME):
         raise CliError(f"{result!r} does not name its image file (it was sent as bytes); give --image PATH")
     candidates = [Path(source).expanduser()]
-    if not candidates[0].is_absolute() and not result.startswith("redis:"):
+    if not candidates[0].is_absolute() and not result.startswith(REF_SCHEME):
         candidates.append(Path(result).expanduser().parent / source)
     found = next((path for path in candidates if path.is_file()), None)
     if found is None:
@@ -243,7 +245,7 @@ def view(viewed: Viewed, host: str, port: int, browser: bool, console: Console) 
 def allowed_folders(result: str, allow: Sequence[str] | None) -> list[Path]:
     """Where a result's image may be: the current folder, the result's, TILEREC_ALLOWED_ROOTS and --allow."""
     folders = [Path.cwd(), *images.allowed_roots_from_env(), *(Path(a).expanduser().resolve() for a in allow or ())]
-    if not result.startswith("redis:"):
+    if not result.startswith(REF_SCHEME):
         folders.append(Path(result).expanduser().resolve().parent)
     return folders
 
@@ -253,7 +255,7 @@ def cmd_view(args: Any) -> int:
     document = load_result(args.result, args.broker)
     path = image_path(document, args.image, args.result, allowed_folders(args.result, args.allow))
     began = time.perf_counter()
-    spec = sources.ReadSpec(args.reader, tuple(args.bands) if args.bands else None,
+    spec = sources.ReadSpec(args.reader or "auto", tuple(args.bands) if args.bands else None,
                             tuple(args.stretch) if args.stretch else None)  # fmt: skip
     viewed = Viewed(document, open_pyramid(path, document, spec))
     if args.export is not None:
@@ -280,13 +282,7 @@ def add_view_parser(commands: Any) -> None:
     view_parser.add_argument(
         "--allow", action="append", metavar="DIR", help="a folder the result's image may be in (repeatable)"
     )
-    view_parser.add_argument("--reader", choices=READERS, default="auto", help="as the job's --reader (default auto)")
-    view_parser.add_argument(
-        "--bands", type=number_list(int), metavar="B[,G,R]", help="GeoTIFF bands shown, as the job's --bands"
-    )
-    view_parser.add_argument(
-        "--stretch", type=number_list(float), metavar="LOW,HIGH", help="band values shown as 0..255, as the job's"
-    )
+    add_read_flags(view_parser)  # as the job's, to show the image as it read it
     view_parser.add_argument("--export", metavar="DIR", help="write a static site (page, result, tiles) instead")
     view_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     view_parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
