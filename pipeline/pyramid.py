@@ -153,15 +153,18 @@ class Pyramid:
 
         return locked
 
+    def _too_fine(self, level: _Level) -> bool:
+        """Over MAX_READ_FACTOR tiles wide: the tiles coarser than it would read too many of its pixels."""
+        return max(level.width, level.height) > MAX_READ_FACTOR * self.grid.tile_size
+
     def needs_overviews(self) -> bool:
-        """The coarsest source is over MAX_READ_FACTOR tiles wide: the top of the pyramid needs overviews."""
-        coarsest = self._levels[-1]
-        return max(coarsest.width, coarsest.height) > MAX_READ_FACTOR * self.grid.tile_size
+        """The coarsest source is too fine for the top of the pyramid."""
+        return self._too_fine(self._levels[-1])
 
     def _make_overviews(self) -> None:
         try:
             level = self._levels[-1]
-            while max(level.width, level.height) > MAX_READ_FACTOR * self.grid.tile_size:
+            while self._too_fine(level):
                 pixels = overview(level.read, level.width, level.height, OVERVIEW_FACTOR)
                 source = ArraySource(pixels)
                 level = _Level(level.downsample * OVERVIEW_FACTOR, source.width, source.height, source.read)

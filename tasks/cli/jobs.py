@@ -47,7 +47,22 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:.1f} tiles/s" if speed else "– tiles/s", style="progress.data.speed", no_wrap=True)
 
 
-class Tracker:
+class _Bars:
+    """A display of rich progress bars (None off a terminal), drawn while the run is in its `with` block."""
+
+    progress: Progress | None
+
+    def __enter__(self) -> _Bars:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+class Tracker(_Bars):
     """One progress bar per job on a terminal; nothing at all otherwise, so scripts and --quiet stay clean.
 
     Counts never go back: a job's counters are deleted by its merge a moment before its result is stored."""
@@ -74,15 +89,6 @@ class Tracker:
         self.ids = [self.progress.add_task(name, total=None) for name in self.names] if self.progress else []
         self.done = [0] * len(targets)
 
-    def __enter__(self) -> Tracker:
-        if self.progress:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self.progress:
-            self.progress.stop()
-
     def poll(self, running: Sequence[Any]) -> None:
         """Each job in flight (tasks.client.InFlight) at the tiles it has done."""
         for run in running:
@@ -101,7 +107,7 @@ class Tracker:
             self.progress.stop_task(self.ids[index])
 
 
-class Overview:
+class Overview(_Bars):
     """For many images: one overall bar (images done of all, tiles/s, ETA, failures so far) and a line per job in
     flight, removed when it ends; nothing at all off a terminal or with --quiet."""
 
@@ -131,15 +137,6 @@ class Overview:
             else None
         )
         self.lines: dict[int, Any] = {}  # id(target) to its job's task
-
-    def __enter__(self) -> Overview:
-        if self.progress:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self.progress:
-            self.progress.stop()
 
     def poll(self, running: Sequence[Any]) -> None:
         """Show the jobs in flight (tasks.client.InFlight) with the tiles each has done."""
