@@ -389,7 +389,10 @@ def finish_stage(
     result = stage.finish(recognition.detections, records, {name: resources[name] for name in stage.resources})
     if not isinstance(result, StageResult) or not isinstance(result.detections, Detections):
         raise StageError(f"the second stage {stage.name!r}: finish must return a StageResult of Detections")
-    json.dumps(result.output, allow_nan=False)  # raises where the stage's output is not JSON
+    try:
+        json.dumps(result.output, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise StageError(f"the second stage {stage.name!r}: its output is not JSON: {error}") from None
     finished = time.time()
     summary = StageSummary(stage.name, crops=len(plan.crops), batches=batches, over_limit=plan.over_limit,
                            failed_crops=failed, output=result.output)  # fmt: skip

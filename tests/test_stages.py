@@ -34,7 +34,7 @@ from pipeline.stages import (
 from pipeline.tiling import Window, grid
 from tasks.client import submit
 from tests.conftest import IMAGES_ROOT, tilerec_keys
-from tests.staged import RED, blob_scene, digest
+from tests.staged import GREEN, RED, blob_scene, digest
 from tests.test_reliability import wait_for
 
 TIMEOUT = 120
@@ -348,6 +348,23 @@ def test_a_second_finish_of_an_ended_job_leaves_its_result_alone(worker, redis_s
     wait_for(lambda: f"Task tilerec.finish[{job.id}] ignored" in Path(worker.log_file).read_text())
     assert again.state == "SUCCESS" and job.get(timeout=5) == result
     assert_crops_exact(result, image)
+
+
+def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths(worker, redis_server):
+    rects = RECTS[:3]
+    scene = blob_scene(1600, 1200, rects, seed=14)
+    scene.image[920, 1250] = GREEN  # inside the third rectangle: only its crop has it
+    path = IMAGES_ROOT / "staged-green.png"
+    cv2.imwrite(str(path), scene.image)
+    result = submit(str(path), STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT)
+    failed = result["second_stage"]["failed_crops"]
+    assert [(f["box"], f["error"]) for f in failed] == [
+        ([1200, 900, 200, 100], "gave up: the worker process died all 3 times it ran this crop")
+    ]
+    good = expected(scene.image, rects)
+    assert {rect: measured(result)[rect] for rect in rects[:2]} == {rect: good[rect] for rect in rects[:2]}
+    wait_for(lambda: len(worker.child_pids()) == 2)
+    assert tilerec_keys(redis_server) == []
 
 
 def held(flag: Path) -> list[int]:
