@@ -16,6 +16,7 @@ import pytest
 import tifffile
 
 import pipeline
+from pipeline import recognizers
 from pipeline.model import Detections, Recognition
 from pipeline.options import OptionsError, parse_options
 from pipeline.recognizers import RecognizerSpec, register
@@ -48,6 +49,12 @@ RECTS = [(100, 100, 50, 40), (500, 300, 900, 300), (1200, 900, 200, 100), (1560,
 @pytest.fixture(autouse=True)
 def staged_allowed(monkeypatch):
     monkeypatch.setenv("TILEREC_PLUGIN_MODULES", "tests.faulty,tests.shaped,tests.staged")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the registry for this test, so recognizers it registers do not stay registered."""
+    monkeypatch.setattr(recognizers, "_REGISTRY", dict(recognizers._REGISTRY))
 
 
 def expected(image: np.ndarray, rects=RECTS, pad: int = PAD) -> dict[tuple, dict]:
@@ -217,7 +224,7 @@ def test_a_grey_image_gives_grey_crops():
     assert_crops_exact(pipeline.recognize_image(grey, STAGED).to_json(), grey)
 
 
-def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so():
+def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so(registry):
     class Counted(SecondStage):
         resources = ("gallery",)
 
@@ -237,7 +244,8 @@ def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so():
         pipeline.recognize_image(scene.image, "test-gallery")
 
 
-def staged_segmenter():
+def staged_segmenter(**_: object):
+    """The first stage of the recognizers registered here (their parameters are their second stage's)."""
     from tests.shaped import Segmenter
 
     return Segmenter()
@@ -430,3 +438,16 @@ def test_blank_tiles_are_skipped_alike_and_crops_reaching_into_them_stay_exact(w
     assert remote["detections"] == local["detections"]
     assert measured(remote) == expected(image, rects, pad=300)
     assert tilerec_keys(redis_server) == []
+
+
+def test_a_stage_factory_may_decline_its_parameters(registry):
+    class Widths(SecondStage):
+        def recognize(self, crops):
+            return [{"w": crop.pixels.shape[1]} for crop in crops]
+
+    register(RecognizerSpec("test-declines", staged_segmenter, {"measure": False},
+                            second_stage=lambda params: Widths() if params["measure"] else None))  # fmt: skip
+    scene = blob_scene(640, 480, [(10, 10, 30, 20)], seed=15)
+    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-declines").to_json()
+    widths = pipeline.recognize_image(scene.image, "test-declines", measure=True).to_json()
+    assert widths["detections"][0]["data"]["w"] == 30 and widths["second_stage"]["crops"] == 1
