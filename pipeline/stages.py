@@ -160,20 +160,20 @@ class CropOutcome:
 
 
 def stage_of(options: JobOptions) -> SecondStage | None:
-    """The job's second stage, built once per process for its recognizer and parameters; None when it has none,
-    the job turned it off (`second_stage=False`), or its factory declined these parameters (returned None)."""
+    """The job's second stage, built once per process for its recognizer and parameters; None when it has none
+    or the job turned it off (`second_stage=False`)."""
     if not options.second_stage or not isinstance(options.recognizer, str):
         return None
     return _build(options.recognizer, json.dumps(options.params, sort_keys=True))
 
 
 @lru_cache(maxsize=16)
-def _build(name: str, params: str) -> SecondStage | None:
+def _build(name: str, params: str) -> SecondStage:
     factory = spec_of(name).second_stage
     if factory is None:
         raise StageError(f"recognizer {name!r} has no second stage")
     stage = factory(json.loads(params))
-    if stage is not None and not isinstance(stage, SecondStage):
+    if not isinstance(stage, SecondStage):
         raise StageError(f"recognizer {name!r}: its second_stage factory returned {type(stage).__name__}, "
                          "not a pipeline.stages.SecondStage")  # fmt: skip
     return stage

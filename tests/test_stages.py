@@ -251,6 +251,22 @@ def staged_segmenter(**_: object):
     return Segmenter()
 
 
+def test_a_stage_can_be_on_by_default_only_where_the_job_s_parameters_ask_for_it(registry):
+    class Widths(SecondStage):
+        def recognize(self, crops):
+            return [{"w": crop.pixels.shape[1]} for crop in crops]
+
+    register(RecognizerSpec("test-asks", staged_segmenter, {"measure": False}, second_stage=lambda params: Widths(),
+                            stage_by_default=lambda params: params["measure"]))  # fmt: skip
+    scene = blob_scene(640, 480, [(10, 10, 30, 20)], seed=15)
+    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-asks").to_json()
+    assert parse_options("test-asks", {"measure": True}).second_stage is True
+    widths = pipeline.recognize_image(scene.image, "test-asks", measure=True).to_json()
+    assert widths["detections"][0]["data"]["w"] == 30 and widths["second_stage"]["crops"] == 1
+    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-asks", measure=True,
+                                                          second_stage=False).to_json()  # fmt: skip
+
+
 # -- on workers
 
 
@@ -438,16 +454,3 @@ def test_blank_tiles_are_skipped_alike_and_crops_reaching_into_them_stay_exact(w
     assert remote["detections"] == local["detections"]
     assert measured(remote) == expected(image, rects, pad=300)
     assert tilerec_keys(redis_server) == []
-
-
-def test_a_stage_factory_may_decline_its_parameters(registry):
-    class Widths(SecondStage):
-        def recognize(self, crops):
-            return [{"w": crop.pixels.shape[1]} for crop in crops]
-
-    register(RecognizerSpec("test-declines", staged_segmenter, {"measure": False},
-                            second_stage=lambda params: Widths() if params["measure"] else None))  # fmt: skip
-    scene = blob_scene(640, 480, [(10, 10, 30, 20)], seed=15)
-    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-declines").to_json()
-    widths = pipeline.recognize_image(scene.image, "test-declines", measure=True).to_json()
-    assert widths["detections"][0]["data"]["w"] == 30 and widths["second_stage"]["crops"] == 1
