@@ -309,9 +309,14 @@ class Messages:
         self.thread.join(10)
 
 
-def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_result(worker, redis_server):
+@pytest.mark.parametrize("given", ["png", "array"])
+def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_result(worker, redis_server, given):
+    """A PNG is decoded band by band while its first tiles are recognized (the worker has two processes); an array
+    is stored whole first: either way the crops are assembled from the stored tiles."""
     image, path = scene_file("staged-store.png", seed=5)
-    distributed = submit(path, STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT)
+    distributed = submit(path if given == "png" else image, STAGED, batch_size=2, crop_batch_size=1).get(
+        timeout=TIMEOUT
+    )
     assert_crops_exact(distributed, image)
     local = pipeline.recognize_image(image, STAGED).to_json()
     assert distributed["detections"] == local["detections"]
