@@ -181,11 +181,13 @@ def _build(name: str, params: str) -> SecondStage:
 
 def shape_bounds(detections: Detections, row: int) -> np.ndarray:
     """[x1, y1, x2, y2] around a detection's box, oriented box and mask, in its coordinates."""
-    x1, y1, x2, y2 = detections.xyxy[row]
-    if detections.with_obb()[row]:
-        corners = obb_corners(detections.obb[row])[0]
-        x1, y1 = min(x1, corners[:, 0].min()), min(y1, corners[:, 1].min())
-        x2, y2 = max(x2, corners[:, 0].max()), max(y2, corners[:, 1].max())
+    x1, y1, x2, y2 = detections.xyxy[row].tolist()
+    cx, cy, w, h, angle = detections.obb[row].tolist()
+    if not math.isnan(cx):  # the oriented box's upright bounds: half extents of the turned sides (per row, in
+        # plain floats: a merge plans thousands of crops)
+        cos, sin = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
+        half_x, half_y = (w * cos + h * sin) / 2, (w * sin + h * cos) / 2
+        x1, y1, x2, y2 = min(x1, cx - half_x), min(y1, cy - half_y), max(x2, cx + half_x), max(y2, cy + half_y)
     mask = detections.masks[row]
     if mask is not None:
         mx1, my1, mx2, my2 = mask.bounds

@@ -20,6 +20,7 @@ from pipeline import recognizers
 from pipeline.model import Detections, Recognition
 from pipeline.options import OptionsError, parse_options
 from pipeline.recognizers import RecognizerSpec, register
+from pipeline.shapes import obb_corners
 from pipeline.stages import (
     CropPlan,
     SecondStage,
@@ -31,6 +32,7 @@ from pipeline.stages import (
     quad_of,
     read_crops,
     rectify,
+    shape_bounds,
 )
 from pipeline.tiling import Window, grid
 from tasks.client import submit
@@ -95,6 +97,17 @@ def test_a_crop_window_is_the_shape_with_its_margin_in_whole_pixels_clipped_to_t
     )
     assert crop_window(np.array([90, 90, 130, 120]), Window(0, 50, 50, 60, 60)) == Window(0, 90, 90, 20, 20)
     assert crop_window(np.array([200, 200, 230, 230]), Window(0, 0, 0, 100, 100)) is None
+
+
+def test_shape_bounds_hold_the_box_the_oriented_box_s_corners_and_the_mask():
+    detections = Detections.from_xywh(
+        [[100, 100, 10, 10], [0, 0, 5, 5], [50, 50, 4, 4]], [1.0] * 3, "x",
+        obb=[[105, 105, 40, 10, 30], None, None], masks=[None, None, [[[[40, 60], [70, 60], [70, 90]]]]],
+    )  # fmt: skip
+    corners = obb_corners(detections.obb[:1])[0]
+    assert np.allclose(shape_bounds(detections, 0), [*corners.min(axis=0), *corners.max(axis=0)])
+    assert shape_bounds(detections, 1).tolist() == [0, 0, 5, 5]
+    assert shape_bounds(detections, 2).tolist() == [40, 50, 70, 90]
 
 
 def test_the_plan_takes_the_wanted_rows_the_best_scored_within_max_crops_in_row_order():
