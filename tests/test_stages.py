@@ -409,6 +409,20 @@ def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths
     assert tilerec_keys(redis_server) == []
 
 
+def test_a_finish_gets_the_resource_its_job_names_from_the_registered_loader(worker, redis_server):
+    """The label set a job names (as faces name a gallery) is loaded on the worker from the store's Redis by the
+    loader tests.staged registers; a set that is not there fails the job with the loader's words."""
+    _, path = scene_file("staged-labels.png", seed=16)
+    redis_server.client().set("tilerec:test:labels:sizes", json.dumps({"2000": "small", "270000": "large"}))
+    result = submit(path, STAGED, labels="sizes", batch_size=2).get(timeout=TIMEOUT)
+    names = {tuple(int(v) for v in d["box"]): d["data"]["name"] for d in result["detections"]}
+    assert names == {RECTS[0]: "small", RECTS[1]: "large", RECTS[2]: "unknown", RECTS[3]: "unknown"}
+    with pytest.raises(Exception, match="no label set named 'nope'"):
+        submit(path, STAGED, labels="nope", batch_size=2).get(timeout=TIMEOUT)
+    assert tilerec_keys(redis_server) == []
+    redis_server.client().delete("tilerec:test:labels:sizes")
+
+
 def held(flag: Path) -> list[int]:
     """The worker processes holding a crop batch at the flag (each leaves `<flag>.<pid>`)."""
     return [int(p.suffix[1:]) for p in flag.parent.glob(flag.name + ".*")]
