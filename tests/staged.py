@@ -24,6 +24,7 @@ import redis
 
 from pipeline.model import Detections
 from pipeline.options import JobOptions
+from pipeline.recognizers import RecognizerSpec
 from pipeline.stages import Crop, SecondStage, StageResult
 from tasks.resources import register
 from tests.shaped import DARK, Segmenter
@@ -117,6 +118,11 @@ class DarkBlobs(Segmenter):
     @staticmethod
     def second_stage(params: Mapping[str, Any]) -> Measure:
         return Labelled(**params) if params["labels"] else Measure(**params)
+
+
+# the same as a grey recognizer: its tiles are stored grey, and so are its crops
+GREY_BLOBS = RecognizerSpec("grey-blobs", DarkBlobs, {"pad": 3, "hold": "", "hold_wider": 0, "labels": ""},
+                            grey=True, second_stage=DarkBlobs.second_stage)  # fmt: skip
 
 
 def digest(pixels: np.ndarray) -> str:

@@ -409,6 +409,15 @@ def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths
     assert tilerec_keys(redis_server) == []
 
 
+def test_a_grey_recognizer_s_crops_are_grey_from_its_grey_tiles(worker, redis_server):
+    image, path = scene_file("staged-grey.png", seed=17)
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    result = submit(path, "tests.staged:GREY_BLOBS", batch_size=2).get(timeout=TIMEOUT)
+    assert measured(result) == expected(grey)
+    assert result["detections"] == pipeline.recognize_image(image, "tests.staged:GREY_BLOBS").to_json()["detections"]
+    assert tilerec_keys(redis_server) == []
+
+
 def test_a_finish_gets_the_resource_its_job_names_from_the_registered_loader(worker, redis_server):
     """The label set a job names (as faces name a gallery) is loaded on the worker from the store's Redis by the
     loader tests.staged registers; a set that is not there fails the job with the loader's words."""
