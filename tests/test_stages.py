@@ -136,6 +136,11 @@ def test_crop_batches_cover_every_crop_once():
         assert [i for first, stop in spans for i in range(first, stop)] == list(range(count))
     assert crop_spans(100, 10.0, 400.0, 1, 7)[0] == (0, 7)
     assert crop_spans(0, 10.0, 400.0, 4) == []
+    # cheap crops: no batch under a quarter of the target's work (100 ms: 100 crops of 1 ms), the remainder aside
+    assert crop_spans(199, 1.0, 400.0, 8) == [(0, 99), (99, 199)]
+    assert min(stop - first for first, stop in crop_spans(1000, 1.0, 400.0, 8)[1:]) >= 100
+    # costly crops: at least `least` batches, tapering down to one crop (a quarter of 400 ms is one 100 ms crop)
+    assert len(crop_spans(80, 100.0, 400.0, 8)) >= 8 and crop_spans(80, 100.0, 400.0, 8)[-1] == (79, 80)
 
 
 def test_rectify_cuts_an_upright_box_exactly_and_straightens_a_rotated_one():
