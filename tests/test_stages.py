@@ -342,6 +342,19 @@ def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_r
     assert tilerec_keys(redis_server) == []
 
 
+def test_with_a_roi_crops_stop_at_its_edge_alike_in_process_and_on_workers(worker, redis_server):
+    """Only the roi's tiles are stored: a crop whose margin reaches past the roi is clipped to it, both ways."""
+    image, path = scene_file("staged-roi.png", seed=18)
+    options = {"roi": [498, 250, 1000, 400], "pad": 5}
+    local = pipeline.recognize_image(image, STAGED, **options).to_json()
+    remote = submit(path, STAGED, batch_size=1, **options).get(timeout=TIMEOUT)
+    [line] = local["detections"]
+    assert line["data"]["window"] == [498, 295, 907, 310]  # x clipped at the roi, y grown by the pad
+    assert line["data"]["digest"] == digest(image[295:605, 498:1405])
+    assert remote["detections"] == local["detections"]
+    assert tilerec_keys(redis_server) == []
+
+
 def test_on_workers_crops_from_a_shared_tiff_are_exact_and_every_message_is_small(worker, redis_server):
     """The batch tasks read the TIFF's windows themselves, so Redis carries no pixels and MONITOR can follow every
     command (it cannot keep up with tiles going through the store)."""
