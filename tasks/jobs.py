@@ -577,9 +577,13 @@ def recognize_crops(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
     shared file, and store their records; returns a summary for monitors (counts only: records stay in the store).
 
     As a tile batch: a crop's own failure is recorded, store outages are retried, a redelivered batch counts each
-    crop's crashes."""
+    crop's crashes. A duplicate that comes after its job ended (its finish deleted the job's keys) does nothing: a
+    failure of its own would reach the job's id through the duplicate chord and overwrite the job's result."""
     client = store_client()
-    job, staged = _described(job_id), _staged(job_id)
+    try:
+        job, staged = _described(job_id), _staged(job_id)
+    except LookupError:
+        return {"crops": stop - first, "failed": 0, "seconds": 0.0, "ended": True}
     careful = bool(self.request.delivery_info.get("redelivered"))
     outcomes = _recognize_crops(client, job, staged.recognition.detections, staged.plan.crops[first:stop], careful)
     records = {o.index: json.dumps(o.to_json()) for o in outcomes}

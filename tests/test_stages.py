@@ -398,16 +398,20 @@ def test_a_failed_crop_is_listed_and_the_others_are_read(worker, redis_server):
     assert tilerec_keys(redis_server) == []
 
 
-def test_a_second_finish_of_an_ended_job_leaves_its_result_alone(worker, redis_server, app):
+def test_a_second_finish_or_crop_batch_of_an_ended_job_leaves_its_result_alone(worker, redis_server, app):
     """A finish delivered again after the job's result was stored (its process died before acknowledging it) finds
-    the job's keys gone and is ignored: the stored result stays."""
+    the job's keys gone and is ignored; a crop batch delivered again then does nothing and fails nothing: the stored
+    result stays."""
     image, path = scene_file("staged-again.png", seed=13)
     job = submit(path, STAGED, batch_size=2)
     result = job.get(timeout=TIMEOUT)
     again = app.send_task("tilerec.finish", args=[path, STAGED], kwargs={"batch_size": 2}, task_id=job.id)
     wait_for(lambda: f"Task tilerec.finish[{job.id}] ignored" in Path(worker.log_file).read_text())
+    late = app.send_task("tilerec.recognize_crops", args=[job.id, 0, 2]).get(timeout=TIMEOUT)
+    assert late["crops"] == 2
     assert again.state == "SUCCESS" and job.get(timeout=5) == result
     assert_crops_exact(result, image)
+    assert tilerec_keys(redis_server) == []
 
 
 def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths(worker, redis_server):
