@@ -26,6 +26,7 @@ from pipeline.model import Detections as Found
 from pipeline.model import Recognition
 from pipeline.scenes import code_scene
 from tests.conftest import tilerec_keys
+from tests.faulty import holding, release
 from tests.test_cli import CLI, cli_env, input_keys, one_error_line, tilerec, wait_for
 
 pytest.importorskip("faster_coco_eval")
@@ -302,12 +303,17 @@ def test_a_dataset_naming_missing_files_or_not_json_says_which(tmp_path: Path) -
 def test_a_run_interrupted_halfway_resumes_to_one_result_per_image_and_evaluates(
     scene_set: Path, tmp_path: Path
 ) -> None:
-    images, out = scene_set.parent / "images", tmp_path / "out"
+    images, out, gate = scene_set.parent / "images", tmp_path / "out", tmp_path / "gate"
     results = out / "results.jsonl"
-    run = [*CLI, "run", f"{images}/", "-r", "aruco", "--out", str(out), "--workers", "2"]
-    cli = subprocess.Popen(run, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate.mkdir()
+    # ArUco markers, every image after the first half held at the gate: the interrupt lands mid-run by construction
+    held = ("-r", "tests.faulty:Held", "-p", f"gate={gate}", "-p", f"after={IMAGES // 2}", "-p", "recognizer=aruco")
+    run = [*CLI, "run", f"{images}/", *held, "--out", str(out), "--workers", "2"]
+    env = {**cli_env(), "TILEREC_PLUGIN_MODULES": "tests.faulty"}
+    cli = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: results.exists() and results.read_text().count("\n") >= IMAGES // 2, 120, "half the images")
+        wait_for(lambda: holding(gate, IMAGES // 2), 60, "an image to be held")
         cli.send_signal(signal.SIGINT)
         _, stderr = cli.communicate(timeout=30)
     finally:
@@ -322,8 +328,9 @@ def test_a_run_interrupted_halfway_resumes_to_one_result_per_image_and_evaluates
 
     with results.open("a") as handle:  # what a hard kill in the middle of a line would leave
         handle.write('{"image": "' + str(images / "scene-00000.png"))
+    release(gate)
     began = time.monotonic()
-    completed = tilerec(*run[len(CLI) :], "--resume", timeout=180)
+    completed = tilerec(*run[len(CLI) :], "--resume", timeout=180, env=env)
     assert completed.returncode == 0, completed.stderr
     print(f"resumed {IMAGES - len(first)} images in {time.monotonic() - began:.1f} s")
     entries = [json.loads(line) for line in results.read_text().splitlines()]

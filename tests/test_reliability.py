@@ -29,6 +29,7 @@ from tasks import recognize
 from tasks.client import submit
 from tasks.local import RedisServer, Worker
 from tests.conftest import IMAGES_ROOT, caller_app, tilerec_keys
+from tests.faulty import holding, release
 from tests.scenes import assert_each_code_once
 
 TIMEOUT = 120
@@ -123,14 +124,19 @@ def running_batches(app, job_id: str) -> int:
     )
 
 
-def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_server, big_scene, app):
+def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_server, big_scene, app, tmp_path):
     """Both batch tasks are running when the job is cancelled: they look again between tiles (every
     CANCEL_CHECK_S), so most of the job's tiles are never recognized."""
     _, path = big_scene
     tiles = len(grid(3000, 4000))
-    job = submit(path, "tests.faulty:Slow", batch_size=tiles // 2)  # 2 tasks, over a second of sleep each
-    wait_for(lambda: running_batches(app, job.id) == 2, step=0.1)
-    job.cancel()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    job = submit(path, "tests.faulty:Held", batch_size=tiles // 2, gate=str(gate))  # 2 tasks, held at a tile each
+    try:
+        wait_for(lambda: running_batches(app, job.id) == 2 and holding(gate, 1), step=0.1)
+        job.cancel()
+    finally:
+        release(gate)
     with pytest.raises(Exception) as raised:
         job.get(timeout=TIMEOUT)
     assert type(raised.value).__name__ == "JobCancelled"
