@@ -26,7 +26,7 @@ from pipeline.export import coco_document
 from pipeline.model import Recognition
 from tasks.cli.clusters import Settings
 from tasks.cli.errors import CliError, say
-from tasks.cli.inputs import Target, annotate_paths, check_image
+from tasks.cli.inputs import Target, annotate_paths, check_image, reader_suffixes
 from tasks.cli.jobs import Outcome, Overview, execute
 from tasks.cli.output import report_failures, summarize, write_json, write_outputs
 
@@ -46,6 +46,7 @@ class Inputs:
     image_ids: dict[Path, int] = field(default_factory=dict)
     file_names: dict[Path, str] = field(default_factory=dict)  # the dataset's name for an image, for coco.json
     categories: dict[str, int] | None = None  # the dataset's category ids by name
+    left_out: list[str] = field(default_factory=list)  # files of a folder or pattern that no reader takes
 
 
 def is_many(args: argparse.Namespace) -> bool:
@@ -58,18 +59,23 @@ def is_pattern(given: str) -> bool:
     return bool(PATTERN & set(given)) and not Path(given).expanduser().exists()
 
 
-def folder_files(given: str) -> list[str]:
-    """A folder's files (not hidden, not in subfolders), sorted; a pattern's matching files (`**` recursive)."""
+def folder_files(given: str) -> tuple[list[str], list[str]]:
+    """A folder's files (not hidden, not in subfolders), or a pattern's matching files (`**` recursive), sorted and
+    split by extension: those an available reader takes, and the others (a truth.json, a README), left out."""
     if is_pattern(given):
         found = sorted(name for name in glob.glob(os.path.expanduser(given), recursive=True) if Path(name).is_file())
-        if not found:
-            raise CliError(f"{given!r} matches no files")
-        return found
-    folder = Path(given).expanduser()
-    found = sorted(str(path) for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
-    if not found:
-        raise CliError(f"folder {given!r} has no files")
-    return found
+        where = f"{given!r} matches"
+    else:
+        folder = Path(given).expanduser()
+        found = sorted(str(path) for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+        where = f"folder {given!r} has"
+    suffixes = reader_suffixes()
+    images = [name for name in found if Path(name).suffix.lower() in suffixes]
+    others = [name for name in found if Path(name).suffix.lower() not in suffixes]
+    if not images:
+        left = f" ({len(others)} other file(s): {', '.join(Path(name).name for name in others[:LISTED])})"
+        raise CliError(f"{where} no image files{left if others else ''}")
+    return images, others
 
 
 def missing_files(paths: Sequence[Path], what: str) -> None:
@@ -95,15 +101,20 @@ def list_files(list_file: str) -> list[str]:
 def gather(args: argparse.Namespace, max_pixels: int) -> Inputs:
     """Every image of the run, checked (header only) before any cluster starts.
 
-    A named file that is not a usable image fails the run at once, as for a few images; a file found in a folder
-    or by a pattern becomes one failed entry with its reason. A dataset or list naming missing files, or a
+    A named or listed file that is not a usable image fails the run at once or becomes one failed entry with its
+    reason; of a folder or a pattern, only the files whose extension a reader takes are run (a bad one becomes a
+    failed entry), the others are left out and counted. A dataset or list naming missing files, or a
     dataset that does not parse, is an error saying which.
     """
     inputs = Inputs()
     found: list[tuple[str, bool]] = []  # (path as given, whether a bad file is an entry rather than an error)
     for given in args.images:
-        listed = Path(given).expanduser().is_dir() or is_pattern(given)
-        found += [(name, True) for name in folder_files(given)] if listed else [(given, False)]
+        if not Path(given).expanduser().is_dir() and not is_pattern(given):
+            found.append((given, False))
+            continue
+        images, others = folder_files(given)
+        found += [(name, True) for name in images]
+        inputs.left_out += others
     if args.list:
         found += [(name, True) for name in list_files(args.list)]
     if args.coco_images:
@@ -230,6 +241,10 @@ def run_many(
     inputs = gather(args, max_pixels)
     out = Path(args.out) if args.out else None
     results = ResultsFile(out, args.resume) if out else None
+    if inputs.left_out and not settings.quiet:
+        names = ", ".join(Path(name).name for name in inputs.left_out[:LISTED])
+        more = f", and {len(inputs.left_out) - LISTED} more" if len(inputs.left_out) > LISTED else ""
+        say(console, f"tilerec: left out {len(inputs.left_out)} file(s) not images by their extension: {names}{more}")
     began = time.monotonic()
     try:
         done = results.done if results else set()
