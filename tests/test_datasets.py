@@ -226,7 +226,7 @@ def test_submit_many_keeps_jobs_in_flight_bounded_and_yields_every_image_once(ap
     for image, scene in zip(images, scenes, strict=False):
         completed = by_image[id(image)]
         assert completed.ok and completed.result is not None, completed.error
-        assert_only_true_markers(completed.result, scene)
+        assert_only_true_markers(completed.result.to_json(), scene)
     failed = by_image[id(images[-1])]
     assert not failed.ok and failed.result is None and "decode" in str(failed.error).lower()
     assert input_keys(redis_server) <= before  # each upload deleted when its job ended

@@ -60,7 +60,7 @@ def test_a_killed_worker_process_loses_nothing_and_reports_nothing_twice(worker,
     victim = worker.child_pids()[0]
     os.kill(victim, signal.SIGKILL)  # mid-job: its batch is handed back by the broker and run again
     try:
-        result = job.get(timeout=TIMEOUT)
+        result = job.get(timeout=TIMEOUT).to_json()
     except TimeoutError:
         log = Path(worker.log_file).read_text(errors="replace")[-4000:]
         pytest.fail(f"job {job.id} did not finish after a worker process was killed; worker log tail:\n{log}")
@@ -89,7 +89,7 @@ def test_a_process_killed_in_a_chords_last_steps_does_not_strand_the_job(
     try:
         job = submit(path, f"tests.faulty:{recognizer}", batch_size=4)
         try:
-            result = job.get(timeout=TIMEOUT)
+            result = job.get(timeout=TIMEOUT).to_json()
         except TimeoutError:
             log = Path(worker.log_file).read_text(errors="replace")[-4000:]
             pytest.fail(f"job {job.id} never merged after a process died in its chord; worker log tail:\n{log}")
@@ -574,7 +574,7 @@ def test_a_png_is_recognized_while_its_rows_are_still_decoding(worker, redis_ser
         if now_ready is not None and now_done > 0 and int(now_ready) < tiles:
             overlapped.append((now_done, now_ready))
         time.sleep(0.002)
-    result = job.get(timeout=TIMEOUT)
+    result = job.get(timeout=TIMEOUT).to_json()
     assert_each_code_once(result["detections"], scene.truths)
     assert result["timings"]["streamed_decode_s"] > 0 and result["timings"]["decode_s"] == 0
     assert overlapped, "no tile was recognized before the last batch's tiles were stored"

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 
@@ -25,10 +25,13 @@ from pipeline.datasets import DatasetError, read_dataset
 from pipeline.export import coco_document
 from pipeline.model import Recognition
 from tasks.cli.clusters import Settings
-from tasks.cli.errors import CliError, say
+from tasks.cli.errors import CliError, describe, say
 from tasks.cli.inputs import Target, annotate_paths, check_image, reader_suffixes
-from tasks.cli.jobs import Outcome, Overview, execute
+from tasks.cli.jobs import Overview, execute
 from tasks.cli.output import report_failures, summarize, write_json, write_outputs
+
+if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
+    from tasks.client import Completed
 
 RESULTS, COCO = "results.jsonl", "coco.json"
 PATTERN = set("*?[")  # glob's special characters
@@ -42,7 +45,7 @@ class Inputs:
     its reason), and each image's COCO id (a dataset's, else its place in the run, from 1)."""
 
     targets: list[Target] = field(default_factory=list)
-    rejected: list[Outcome] = field(default_factory=list)
+    rejected: list[Completed] = field(default_factory=list)
     image_ids: dict[Path, int] = field(default_factory=dict)
     file_names: dict[Path, str] = field(default_factory=dict)  # the dataset's name for an image, for coco.json
     categories: dict[str, int] | None = None  # the dataset's category ids by name
@@ -106,6 +109,8 @@ def gather(args: argparse.Namespace, max_pixels: int) -> Inputs:
     failed entry), the others are left out and counted. A dataset or list naming missing files, or a
     dataset that does not parse, is an error saying which.
     """
+    from tasks.client import Completed
+
     inputs = Inputs()
     found: list[tuple[str, bool]] = []  # (path as given, whether a bad file is an entry rather than an error)
     for given in args.images:
@@ -142,21 +147,21 @@ def gather(args: argparse.Namespace, max_pixels: int) -> Inputs:
         except CliError as error:
             if not as_entry:
                 raise
-            inputs.rejected.append(Outcome(Target(given, path), error=str(error)))
+            inputs.rejected.append(Completed(Target(given, path), error=error))
     return inputs
 
 
-def entry(outcome: Outcome, image_id: int) -> dict[str, Any]:
+def entry(outcome: Completed, image_id: int) -> dict[str, Any]:
     """One results.jsonl line: the image (as given and its path), its COCO id, and its result or its error."""
     return {
-        "image": outcome.target.given,
-        "path": str(outcome.target.path),
+        "image": outcome.image.given,
+        "path": str(outcome.image.path),
         "image_id": image_id,
-        "ok": outcome.error is None,
-        "error": outcome.error,
+        "ok": outcome.ok,
+        "error": None if outcome.error is None else describe(outcome.error),
         "job_id": outcome.job_id,
         "seconds": round(outcome.seconds, 3),
-        "result": outcome.result,
+        "result": None if outcome.result is None else outcome.result.to_json(),
     }
 
 
@@ -194,7 +199,7 @@ class ResultsFile:
             raise CliError(f"cannot write {str(self.path)!r}: {error.strerror or error}") from None
         self.done = {line["path"] for line in kept}
 
-    def write(self, outcome: Outcome, image_id: int) -> None:
+    def write(self, outcome: Completed, image_id: int) -> None:
         self.handle.write(json.dumps(entry(outcome, image_id)) + "\n")
         self.handle.flush()
 
@@ -217,10 +222,10 @@ def coco_of(entries: Sequence[dict[str, Any]], inputs: Inputs) -> tuple[dict[str
     return document, unknown
 
 
-def summary_line(outcomes: Sequence[Outcome], skipped: int, seconds: float) -> str:
+def summary_line(outcomes: Sequence[Completed], skipped: int, seconds: float) -> str:
     """The run in one line: images ok and failed, detections per label, wall time and images per second."""
     ok = [outcome.result for outcome in outcomes if outcome.result is not None]
-    labels = Counter(record["label"] for result in ok for record in result["detections"])
+    labels = Counter(label for result in ok for label in result.detections.labels)
     per_label = ", ".join(f"{label} {n}" for label, n in sorted(labels.items())) or "none"
     resumed = f", {skipped} done before" if skipped else ""
     rate = len(outcomes) / seconds if seconds > 0 else 0.0
@@ -252,19 +257,19 @@ def run_many(
         annotated = annotate_paths(args.annotate, todo)
         if results:
             for outcome in inputs.rejected:
-                results.write(outcome, inputs.image_ids[outcome.target.path])
+                results.write(outcome, inputs.image_ids[outcome.image.path])
 
-        def sink(outcome: Outcome) -> None:
+        def sink(outcome: Completed) -> None:
             if results:
-                results.write(outcome, inputs.image_ids[outcome.target.path])
+                results.write(outcome, inputs.image_ids[outcome.image.path])
 
         live = console.is_terminal and not settings.quiet
         total = len(inputs.targets) + len(inputs.rejected)
-        outcomes: list[Outcome] = []
+        outcomes: list[Completed] = []
         if todo:
             overview = Overview(console, total, len(inputs.targets) - len(todo), live)
             for outcome in inputs.rejected:
-                overview.finish(outcome.target, None, ok=False)
+                overview.finish(outcome.image, None, ok=False)
             outcomes = execute(todo, args.recognizer, options, settings, console, sink=sink, overview=overview)
     except KeyboardInterrupt:
         if results and not settings.quiet:
