@@ -226,9 +226,11 @@ def _spans(
     """The job's batches as [first, stop) tile ranges, sized from what tiles cost this recognizer in earlier jobs."""
     measured = store.get_tile_cost(client, options.recognizer, options.params)
     least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()
+    # the cluster's size matters only to a job of several tiles (tasks/roster.py)
+    processes = store.tile_processes(client) if len(windows_of(height, width, options)) > 1 else 0
     # one batch wanted: no job to balance over processes, so no tapered tail of small batches either
     planned = plan(height, width, options, measured, settings().batch_target_ms, least, taper=least > 1,
-                   row_by_row=row_by_row)  # fmt: skip
+                   row_by_row=row_by_row, processes=processes)  # fmt: skip
     return [(batch[0].index, batch[-1].index + 1) for batch in planned]
 
 
