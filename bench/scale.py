@@ -505,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--processes", help="comma list of worker process counts (default 2,8,32,64)")
     parser.add_argument("--tiles", type=int, help="tiles of the big job (default 10,000)")
     parser.add_argument("--jobs", type=int, help="small one-tile jobs (default 1,000)")
+    parser.add_argument("--tile-ms", type=float, help="the sleep of a tile (default 200 ms)")
+    parser.add_argument("--latency-jobs", type=int, help="one-tile jobs sent one at a time (default 50)")
     parser.add_argument("--detections", type=int, help="detections merged (default 1,000,000; 0: skip)")
     parser.add_argument("--per-node", type=int, help="worker processes per node (default 8)")
     parser.add_argument("--vs", type=Path, metavar="TREE", help="another checkout of tilerec, run before this one at "
@@ -514,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     profile = QUICK if args.quick else Profile()
     processes = tuple(int(p) for p in args.processes.split(",")) if args.processes else None
     changes = {"processes": processes, "tiles": args.tiles, "jobs": args.jobs, "detections": args.detections,
-               "per_node": args.per_node}  # fmt: skip
+               "per_node": args.per_node, "tile_ms": args.tile_ms, "latency_jobs": args.latency_jobs}  # fmt: skip
     profile = Profile(**{**asdict(profile), **{key: value for key, value in changes.items() if value is not None}})
     out = args.out or Path("bench-out") / ("scale-quick" if args.quick else "scale")
     out.mkdir(parents=True, exist_ok=True)
