@@ -478,6 +478,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
     if not plots.available() or not rows:
         return None
+    rows = sorted(rows, key=lambda row: row["processes"])
     plt = plots._pyplot()
     processes = [row["processes"] for row in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
