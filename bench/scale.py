@@ -379,8 +379,10 @@ def synthetic_records(detections: int, tile: int = 640, overlap: float = 0.2, se
     side = stride * (side_tiles - 1) + tile
     windows = grid(side, side, tile, overlap)
     rng = np.random.default_rng(seed)
-    objects = round(detections / (tile / stride) ** 2)
-    size = rng.uniform(8, 48, (objects, 2))
+    sides = (8, 48)
+    # an object of side w lies whole in (tile - w) / stride tiles along each axis, on average
+    objects = round(detections / ((tile - sum(sides) / 2) / stride) ** 2)
+    size = rng.uniform(*sides, (objects, 2))
     corner = rng.uniform(0, 1, (objects, 2)) * (side - size)
     boxes = np.hstack([corner, corner + size])
     owners: dict[int, list[np.ndarray]] = {}
@@ -484,7 +486,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(processes, [row["big_job"]["efficiency"] for row in rows], "o-", label="efficiency (ideal / measured)")
     for role in ("redis", "celery_consumers", "task_processes", "others"):
-        left.plot(processes, [row["big_job"]["usage"]["core_share"][role] for row in rows], ".--", label=f"{role}")
+        shares = [row["big_job"]["usage"]["core_share"][role] for row in rows]
+        left.plot(processes, shares, ".--", label=f"cores used: {role.replace('_', ' ')}")
     left.axhline(0.9, color="grey", lw=0.8)
     left.set(xscale="log", xlabel="worker processes", ylabel="efficiency / share of the 2 cores", ylim=(0, 1.05),
              title=f"one {rows[0]['big_job']['tiles']}-tile job, 200 ms a tile")  # fmt: skip
@@ -492,9 +495,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     left.legend(fontsize=7)
     right.plot(processes, [row["small_jobs"]["jobs_per_s"] for row in rows], "o-", label="measured")
     right.plot(processes, [row["small_jobs"]["ideal_jobs_per_s"] for row in rows], "--", color="grey", label="ideal")
-    right.set(xscale="log", yscale="log", xlabel="worker processes", ylabel="jobs/s",
+    right.set(xscale="log", xlabel="worker processes", ylabel="jobs/s", ylim=(0, None),
               title=f"{rows[0]['small_jobs']['jobs']} one-tile jobs at once")  # fmt: skip
     right.set_xticks(processes, [str(p) for p in processes])
+    for axes in (left, right):
+        axes.xaxis.set_minor_locator(plt.NullLocator())
     right.legend(fontsize=7)
     fig.tight_layout()
     return plots._save(fig, path)
@@ -513,7 +518,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vs", type=Path, metavar="TREE", help="another checkout of tilerec, run before this one at "
                         "each size, side by side (e.g. a `git worktree` of the commit before a change)")  # fmt: skip
     parser.add_argument("--out", type=Path, help="folder of results.json, scaling.png, worker logs")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
+                        help="only draw scaling.png from earlier results.json files (this tree's rows; the last "
+                        "of each size counts)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.replot:
+        rows = {row["processes"]: row for path in args.replot for row in json.loads(path.read_text())["sizes"]
+                if row["tree"] == str(REPO)}  # fmt: skip
+        out = args.out or args.replot[-1].parent
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"plot: {plot(list(rows.values()), out / 'scaling.png')}")
+        return {"sizes": list(rows.values())}
     profile = QUICK if args.quick else Profile()
     processes = tuple(int(p) for p in args.processes.split(",")) if args.processes else None
     changes = {"processes": processes, "tiles": args.tiles, "jobs": args.jobs, "detections": args.detections,
