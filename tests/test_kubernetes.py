@@ -28,7 +28,8 @@ import yaml
 from kombu.transport.redis import Channel
 
 from pipeline.tiling import MAX_BATCH_MS
-from tests.test_compose import celery_context, tilerec_worker
+from tasks.local import _wait, find_redis_server, free_port
+from tests.test_compose import _crash_with_a_queued_job, celery_context, compose_redis, tilerec_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -270,3 +271,21 @@ def test_flower_is_behind_basic_auth_and_redis_refuses_to_evict(setup):
     assert command[command.index("--appendonly") + 1] == "yes"
     assert command[command.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
     assert redis["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "tilerec-redis", "key": "password"}
+
+
+def test_the_in_cluster_redis_keeps_queued_jobs_through_a_crash_and_its_probe_needs_the_password(tmp_path):
+    resources = build(tmp_path, ["redis"])
+    redis = by_kind(resources, "StatefulSet")["tilerec-redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert redis["command"][0] == "redis-server"
+    arguments = [word.replace("$(REDIS_PASSWORD)", PASSWORD) for word in redis["command"][1:]]
+    assert _crash_with_a_queued_job(arguments, PASSWORD, tmp_path / "aof") == 1  # the append-only file kept it
+    redis_cli = shutil.which("redis-cli") or str(Path(find_redis_server()).with_name("redis-cli"))
+    port = free_port()
+    shell, flag, check = redis["readinessProbe"]["exec"]["command"]
+    assert (shell, flag) == ("sh", "-c") and check.startswith("redis-cli ")
+    check = check.replace("redis-cli", f"{shlex.quote(redis_cli)} -p {port}", 1)
+    with compose_redis(arguments, port, tmp_path / "probe") as process:
+        env = {**os.environ, "REDISCLI_AUTH": PASSWORD}
+        _wait(lambda: subprocess.run(["sh", "-c", check], env=env).returncode == 0, 10, "the readiness probe", process)
+        wrong = {**env, "REDISCLI_AUTH": "not-the-password"}
+        assert subprocess.run(["sh", "-c", check], env=wrong, capture_output=True).returncode != 0
