@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,19 @@ class VideoPlan:
         """The frames segment `number` recognizes, its overlap included."""
         segment = self.segments[number]
         return [f for f in self.selected if segment.first <= f < segment.stop]
+
+    def number_of(self, first: int) -> int:
+        """The segment that starts at frame `first` (what a segment task's message names)."""
+        return next(n for n, segment in enumerate(self.segments) if segment.first == first)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"clip": self.clip.to_json(), "selected": list(self.selected),
+                "segments": [[s.first, s.stop] for s in self.segments], "rate": self.rate}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VideoPlan:
+        segments = tuple(Segment(first, stop) for first, stop in data["segments"])
+        return cls(Clip.from_json(data["clip"]), tuple(data["selected"]), segments, float(data["rate"]))
 
 
 def plan_video(clip: Clip, options: VideoOptions) -> VideoPlan:
@@ -135,23 +148,6 @@ def recognize_frame(
     return FrameOutcome(frame, merged, seconds=time.perf_counter() - began)
 
 
-def recognize_frames(
-    frames: Iterable[tuple[int, np.ndarray]],
-    windows: Sequence[Window],
-    options: JobOptions,
-    rate: float,
-    reraise: tuple[type[BaseException], ...] = (),
-) -> Iterator[FrameOutcome]:
-    """Frames recognized and tracked in order (one ByteTrack for the run); a failed frame is left out of tracking."""
-    tracker = SegmentTracker(rate)
-    for frame, picture in frames:
-        outcome = recognize_frame(picture, frame, windows, options, reraise)
-        if outcome.detections is not None:
-            outcome = FrameOutcome(frame, outcome.detections, tuple(tracker.update(outcome.detections)),
-                                   seconds=outcome.seconds)  # fmt: skip
-        yield outcome
-
-
 Target = Path | bytes | remote.RemoteObject
 
 
@@ -182,16 +178,20 @@ def run_segment(
     began = time.perf_counter()
     windows = frame_windows(plan.clip, options)
     grey = spec_of(options.frame.recognizer).grey
+    tracker = SegmentTracker(plan.rate)
     done: list[FrameOutcome] = []
     try:
-        frames = read_frames(target, name, plan.clip, plan.wanted(number), grey, threads)
-        for outcome in recognize_frames(frames, windows, options.frame, plan.rate, reraise):
+        for frame, picture in read_frames(target, name, plan.clip, plan.wanted(number), grey, threads):
+            outcome = recognize_frame(picture, frame, windows, options.frame, reraise)
+            if outcome.detections is not None:  # a failed frame is left out of tracking
+                outcome = replace(outcome, tracks=tuple(tracker.update(outcome.detections)))
             done.append(outcome)
             if on_frame is not None and not on_frame(len(done)):
                 break
     except ImageError as error:  # VideoError too: the stream is damaged from here on
         return SegmentOutcome(number, (), str(error), time.perf_counter() - began)
-    return SegmentOutcome(number, tuple(done), None, time.perf_counter() - began)
+    settled = tuple(replace(outcome, tracks=tracker.settle(outcome.tracks)) for outcome in done)
+    return SegmentOutcome(number, settled, None, time.perf_counter() - began)
 
 
 @dataclass

@@ -40,28 +40,47 @@ def _byte_track(rate: float, buffer_s: float) -> Any:
 
 class SegmentTracker:
     """ByteTrack over one segment's frames, one tracker per label (a track never changes label); ids are unique in
-    the segment."""
+    the segment.
+
+    ByteTrack confirms a new track on its second detection and reports it from then on; a track here starts at its
+    first detection instead (the frame an object enters is part of its track), so ids are provisional until the
+    segment ends: `settle` turns those of tracks never confirmed (a one-frame false positive) into -1."""
 
     def __init__(self, rate: float, buffer_s: float = TRACK_BUFFER_S) -> None:
         self.rate, self.buffer_s = rate, buffer_s
         self.trackers: dict[str, Any] = {}
-        self.ids: dict[tuple[str, int], int] = {}
+        self.ids: dict[tuple[str, int], int] = {}  # (label, ByteTrack's internal id) -> id in the segment
+        self.confirmed: set[int] = set()
 
     def update(self, detections: Detections) -> list[int]:
-        """Feed one frame's detections (every label's tracker sees every frame); returns each detection's track id
-        in the segment, -1 where ByteTrack left it untracked (a low score that matched no track)."""
-        import supervision as sv
+        """Feed one frame's detections (every label's tracker sees every frame); returns each detection's
+        provisional track id, -1 where ByteTrack left it out (a low score that matched no track)."""
+        from scipy.optimize import linear_sum_assignment
+        from supervision.detection.utils.iou_and_nms import box_iou_batch
 
         found = [-1] * len(detections)
         for label in sorted(set(detections.labels) | set(self.trackers)):
             picked = np.flatnonzero(detections.labels == label)
             tracker = self.trackers.setdefault(label, _byte_track(self.rate, self.buffer_s))
-            frame = sv.Detections(detections.xyxy[picked].reshape(-1, 4), confidence=detections.scores[picked],
-                                  data={"row": picked})  # fmt: skip
-            tracked = tracker.update_with_detections(frame)
-            for row, number in zip(tracked.data.get("row", []), tracked.tracker_id, strict=True):
-                found[int(row)] = self.ids.setdefault((label, int(number)), len(self.ids) + 1)
+            boxes = detections.xyxy[picked].reshape(-1, 4)
+            tracker.update_with_tensors(np.hstack([boxes, detections.scores[picked, None]]))
+            # the tracks this frame's detections updated or started, matched back to them as ByteTrack does
+            current = [t for t in tracker.tracked_tracks if t.frame_id == tracker.frame_id]
+            if len(picked) and current:
+                ious = box_iou_batch(boxes, np.asarray([t.tlbr for t in current]))
+                for row, column in zip(*linear_sum_assignment(-ious), strict=True):
+                    if ious[row, column] >= STITCH_IOU:
+                        key = (label, int(current[column].internal_track_id))
+                        found[int(picked[row])] = self.ids.setdefault(key, len(self.ids) + 1)
+            for track in tracker.tracked_tracks:
+                key = (label, int(track.internal_track_id))
+                if track.is_activated and key in self.ids:
+                    self.confirmed.add(self.ids[key])
         return found
+
+    def settle(self, ids: Sequence[int]) -> tuple[int, ...]:
+        """Provisional ids (`update`'s) as final: -1 for a track ByteTrack never confirmed."""
+        return tuple(i if i in self.confirmed else -1 for i in ids)
 
 
 @dataclass

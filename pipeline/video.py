@@ -154,12 +154,17 @@ def probe(target: Target | Path, name: str, max_pixels: int, frame_rate: float |
         VideoError: not a video, truncated, no video stream, a codec FFmpeg lacks, frames above the pixel limit, or
             no frames at all.
     """
+    if isinstance(target, Path) and not target.exists():
+        raise VideoError(f"{name} does not exist")
     if isinstance(target, Path) and target.is_dir():
         return _probe_folder(target, name, max_pixels, frame_rate or FOLDER_RATE)
     av = _need_av()
     with _container(target, name) as container:
         stream = _stream(container, name)
-        images.check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_pixels:
+            raise VideoError(f"{name}'s frames are {width}x{height} = {width * height:,} pixels, above the limit of "
+                             f"{max_pixels:,} (TILEREC_MAX_PIXELS); refusing to decode it")  # fmt: skip
         packets = _packets(container, stream, name)
         if not packets:
             raise VideoError(f"{name} has a video stream with no frames")
@@ -176,7 +181,6 @@ def probe(target: Target | Path, name: str, max_pixels: int, frame_rate: float |
     base = float(stream.time_base)
     pts = tuple(p for p, _ in packets)
     times = tuple(round((p - pts[0]) * base, 6) for p in pts)
-    width, height = stream.codec_context.width, stream.codec_context.height
     if rotation in (90, 270):
         width, height = height, width
     intervals = np.diff(times)

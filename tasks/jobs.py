@@ -59,6 +59,7 @@ PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each rep
 # each batch costs a task of Celery and Redis round trips, docs/performance.md)
 BATCHES_PER_PROCESS = 4
 _DIED = f"the worker process died all {MAX_ATTEMPTS}"
+BULKY = ("detections", "per_frame", "tracks")  # what a result's summary leaves out (an image's, a video's)
 log = logging.getLogger(__name__)
 
 
@@ -445,10 +446,10 @@ def _deliver(client: redis.Redis, job_id: str, document: dict[str, Any]) -> dict
     text = json.dumps(document) if limit >= 0 else ""
     if limit < 0 or len(text) <= limit:
         return document
-    summary = {key: value for key, value in document.items() if key != "detections"}
+    summary = {key: value for key, value in document.items() if key not in BULKY}
     summary.update(
         result_ref=store.put_result(client, job_id, text, settings().result_expires),
         result_bytes=len(text),
-        detections_count=len(document["detections"]),
+        **{f"{key}_count": len(document[key]) for key in BULKY if key in document},
     )
     return summary

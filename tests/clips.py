@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from pipeline.scenes import Mover, MovingTruth, aruco_marker, moving_frame, qr_sticker
@@ -33,8 +34,12 @@ class KnownClip:
     truths: dict[str, list[MovingTruth]]  # by payload, in frame order
 
 
-def write_clip(path: Path, frames: int = FRAMES, fps: float = FPS, gop: int = GOP) -> KnownClip:
-    """The clip as an H.264 MP4 (a keyframe every `gop` frames) and each code's truth per frame."""
+RED = (40, 40, 230)  # BGR: a patch the faulty recognizers react to (tests/faulty.py)
+
+
+def write_clip(path: Path, frames: int = FRAMES, fps: float = FPS, gop: int = GOP, red: range = range(0)) -> KnownClip:
+    """The clip as an H.264 MP4 (a keyframe every `gop` frames) and each code's truth per frame; frames in `red`
+    get a red patch in the top right corner, where no code goes."""
     truths: dict[str, list[MovingTruth]] = defaultdict(list)
     chosen = movers()
 
@@ -43,6 +48,9 @@ def write_clip(path: Path, frames: int = FRAMES, fps: float = FPS, gop: int = GO
             image, found = moving_frame(WIDTH, HEIGHT, chosen, frame)
             for truth in found:
                 truths[str(truth.truth.text)].append(truth)
+            if frame in red:
+                image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+                image[0:24, WIDTH - 40 : WIDTH] = RED
             yield image
 
     write_video(path, pictures(), fps, gop, quality=0)
