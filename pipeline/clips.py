@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -348,3 +348,23 @@ def recognize_video(
     plan = plan_video(clip, parsed)
     outcomes = [run_segment(target, repr(str(video)), plan, n, parsed) for n in range(len(plan.segments))]
     return assemble_video(outcomes, plan, parsed, started, source=str(video))
+
+
+def annotated_frames(
+    target: Target, name: str, clip: Clip, result: Mapping[str, Any], threads: int = 0
+) -> Iterator[np.ndarray]:
+    """The clip's frames from the first recognized to the last, each with the boxes of the latest recognized frame
+    at or before it (frames a step skipped hold the last boxes), captioned `#track label`."""
+    from pipeline.render import draw_detections
+
+    by_frame = {f["frame"]: f["detections"] for f in result["per_frame"]}
+    if not by_frame:
+        return
+    shown = Detections.empty()
+    for frame, picture in read_frames(target, name, clip, list(range(min(by_frame), max(by_frame) + 1)), False,
+                                      threads):  # fmt: skip
+        if frame in by_frame:
+            records = [{**r, "label": f"#{r['track']} {r['label']}" if "track" in r else r["label"]}
+                       for r in by_frame[frame]]  # fmt: skip
+            shown = Detections.from_records(records)
+        yield draw_detections(picture, shown)
