@@ -420,3 +420,37 @@ def test_no_detection_is_left_untracked_on_a_clean_clip(known):
     result = recognize_video(known.path, "qrcode", **OPTIONS).to_json()
     found = Detections.from_records([d for f in result["per_frame"] for d in f["detections"]])
     assert len(found) == sum(len(t["frames"]) for t in result["tracks"])
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+def test_tilerec_run_writes_mot_text_and_an_annotated_mp4(worker, redis_server, known, tmp_path):
+    from tests.test_cli import tilerec
+
+    mot, annotated = tmp_path / "tracks.txt", tmp_path / "annotated.mp4"
+    flags = ["--tile", str(TILE), "--overlap", str(OVERLAP), "--segment-frames", str(SEGMENT)]
+    outputs = ["--json", str(mot), "--format", "mot", "--annotate", str(annotated)]
+    cluster = ["--broker", redis_server.url, "--shared-path"]
+    completed = tilerec("run", str(known.path), "-r", "aruco", *flags, *outputs, *cluster, timeout=TIMEOUT)
+    assert completed.returncode == 0, completed.stderr
+    assert "120 frames recognized (0 skipped), 2 tracks (aruco 2) in 5 segments" in completed.stderr
+    rows = [line.split(",") for line in mot.read_text().splitlines()]
+    assert sorted({row[1] for row in rows}) == ["1", "2"] and len(rows) == 2 * FRAMES
+    drawn = probe(annotated, "annotated.mp4", 10**8)
+    assert (drawn.frames, drawn.width, drawn.height) == (FRAMES, WIDTH, HEIGHT)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_tilerec_run_says_in_one_line_why_a_video_cannot_be_used(worker, redis_server, tmp_path):
+    from tests.test_cli import one_error_line, tilerec
+
+    audio = audio_only(IMAGES_ROOT / "only-audio.mp4")
+    completed = tilerec("run", str(audio), "-r", "qrcode", "--broker", redis_server.url, "--shared-path")
+    assert completed.returncode == 1
+    assert "has no video stream (it has audio)" in one_error_line(completed)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    refused = tilerec("run", str(folder), "-r", "qrcode", "--step", "2", "--broker", redis_server.url)
+    assert refused.returncode == 2 and "--step is for a video" in one_error_line(refused)
+    assert tilerec_keys(redis_server) == []

@@ -47,8 +47,15 @@ def add_video_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def is_video_run(args: argparse.Namespace) -> bool:
-    """The run is of a video: --frames, or one input named like a video file."""
-    return bool(args.frames) or any(is_video_name(given) for given in args.images)
+    """The run is of a video: --frames, or one input named like a video file. Video flags on images are refused
+    (a folder of frames given without --frames would otherwise run as separate images)."""
+    if args.frames or any(is_video_name(given) for given in args.images):
+        return True
+    used = [name for name in VIDEO_OPTIONS if getattr(args, name, None) is not None]
+    if used:
+        flag = "--no-tiling" if used[0] == "tiled" else "--" + used[0].replace("_", "-")
+        raise CliError(f"{flag} is for a video: a clip, or a folder of frames read as one clip with --frames")
+    return False
 
 
 def video_options(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
