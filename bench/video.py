@@ -1,5 +1,5 @@
-"""`python -m bench.video [--frames 48] [--repeats 2] [--sizes 1080p,4k] [--out FILE]`: frames per second of a
-video job at W=2 (tilerec.recognize_video on a private cluster of 2 worker processes) against the user's
+"""`python -m bench.video [--frames 48] [--segments 4] [--repeats 2] [--sizes 1080p,4k] [--out FILE]`: frames per
+second of a video job at W=2 (tilerec.recognize_video on a private cluster of 2 worker processes) against the user's
 alternative, a loop in one process with the same decoder (PyAV, frames read in order), the same recognizer on the
 same tiles and the same tracker (ByteTrack, one for the whole clip). Runs are interleaved (single, distributed,
 distributed, single, …) and each records the load average, for a shared machine.
@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +88,19 @@ def single_loop(path: Path, recognizer: str) -> tuple[float, int, int]:
     return time.perf_counter() - began, len(outcome.frames), tracked
 
 
-def distributed(path: Path, recognizer: str) -> tuple[float, int, int]:
+def distributed(path: Path, recognizer: str, segment_frames: int) -> tuple[float, int, int]:
     """The same clip as a video job on the running private cluster (W=2)."""
     from tasks.client import submit_video
 
     began = time.perf_counter()
-    result = submit_video(str(path), recognizer, **OPTIONS).get(timeout=3600)
+    result = submit_video(str(path), recognizer, segment_frames=segment_frames, **OPTIONS).get(timeout=3600)
     tracked = sum(len(t["frames"]) for t in result["tracks"])
     return time.perf_counter() - began, result["frames"]["processed"], tracked
 
 
-def compare(folder: Path, sizes: list[str], frames: int, repeats: int, recognizer: str) -> list[dict[str, Any]]:
+def compare(
+    folder: Path, sizes: list[str], frames: int, repeats: int, recognizer: str, segments: int
+) -> list[dict[str, Any]]:
     from tasks.cli.clusters import configure_app
     from tasks.local import LocalCluster
 
@@ -109,18 +112,19 @@ def compare(folder: Path, sizes: list[str], frames: int, repeats: int, recognize
     rows = []
     with LocalCluster(workers=2, env={"TILEREC_ALLOWED_ROOTS": str(folder)}) as cluster:
         configure_app(cluster.url, cluster.url, cluster.url)
-        distributed(clips[sizes[0]], recognizer)  # the worker processes build their recognizers once
+        length = -(-frames // segments)
+        distributed(clips[sizes[0]], recognizer, length)  # the worker processes build their recognizers once
         for size in sizes:
             runs: dict[str, list[dict[str, Any]]] = {"single": [], "W=2": []}
             for repeat in range(repeats):
-                order = [("single", single_loop), ("W=2", distributed)]
+                order = [("single", single_loop), ("W=2", partial(distributed, segment_frames=length))]
                 for name, run in order if repeat % 2 == 0 else order[::-1]:
                     before = load()
                     seconds, done, tracked = run(clips[size], recognizer)
                     runs[name].append({"s": round(seconds, 2), "fps": round(done / seconds, 3), "frames": done,
                                        "tracked": tracked, "load": [before, load()]})  # fmt: skip
             fps = {name: statistics.median(r["fps"] for r in found) for name, found in runs.items()}
-            rows.append({"size": size, "frames": frames, "recognizer": recognizer, "runs": runs,
+            rows.append({"size": size, "frames": frames, "segments": segments, "recognizer": recognizer, "runs": runs,
                          "median_fps": fps, "speedup": round(fps["W=2"] / fps["single"], 3)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--repeats", type=int, default=2, help="runs of each, interleaved")
     parser.add_argument("--sizes", default="1080p,4k", help="of " + ", ".join(SIZES))
     parser.add_argument("--recognizer", default="qrcode")
+    parser.add_argument("--segments", type=int, default=4, help="segments of the W=2 job (2 per process)")
     parser.add_argument("--decoders", action="store_true", help="PyAV against OpenCV's FFmpeg backend instead")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here too")
     args = parser.parse_args(argv)
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if args.decoders:
             rows = decoders(Path(folder), sizes, args.frames)
         else:
-            rows = compare(Path(folder), sizes, args.frames, args.repeats, args.recognizer)
+            rows = compare(Path(folder), sizes, args.frames, args.repeats, args.recognizer, args.segments)
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
     return rows

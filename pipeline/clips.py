@@ -26,7 +26,7 @@ from pipeline.tracking import SegmentTracker, Track, pieces_of, stitch
 from pipeline.video import Clip, Segment, VideoError, owned, plan_segments, probe, read_frames, select_frames
 
 SCHEMA = "tilerec.video@1"
-OVERLAP_FRAMES = 4  # recognized frames each segment shares with the next: where tracks are matched across
+OVERLAP_FRAMES = 2  # recognized frames each segment shares with the next: where tracks are matched across
 AUTO_SEGMENTS = 8  # an auto plan cuts the clip into about this many segments ...
 MIN_SEGMENT_FRAMES = 24  # ... of at least this many recognized frames (the overlap stays a small share)
 MAX_SEGMENT_FRAMES = 600  # ... and at most this many, so a long clip spreads over a big cluster
