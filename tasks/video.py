@@ -21,23 +21,22 @@ from typing import Any
 import redis
 from celery import chord, group
 
-from pipeline import remote
 from pipeline.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
-from pipeline.images import confine
 from pipeline.options import VideoOptions, parse_video_options
 from pipeline.recognizers import thread_budget
-from pipeline.video import Target, VideoError, owned, probe
+from pipeline.video import VideoError, owned, probe
 from tasks import store
 from tasks.celery import app, settings, store_client
 from tasks.jobs import (
-    _DIED,
     CANCEL_CHECK_S,
+    DIED,
     MAX_ATTEMPTS,
     PROGRESS_EVERY_S,
     TRANSIENT,
     JobCancelled,
-    _deliver,
     batch_priority,
+    deliver,
+    resolve,
 )
 
 
@@ -67,18 +66,6 @@ class VideoJob:
                       "plan": VideoPlan.from_json(data["plan"])})  # fmt: skip
 
 
-def _resolve(video: Any) -> Target:
-    """What the message names, checked once: a file or folder of frames confined to the allowed roots, an object
-    under an allowed URL prefix, or bytes from the store."""
-    if not isinstance(video, str) or not video:
-        raise VideoError(f"video must be a file path, URL or redis: reference (a string), got {video!r}")
-    if video.startswith(store.REF_SCHEME):
-        return store.get_bytes(store_client(), video)
-    if remote.is_url(video):
-        return remote.stat(remote.check_allowed(video, settings().allowed_urls))
-    return confine(video, settings().allowed_roots)
-
-
 @app.task(name="tilerec.recognize_video", bind=True)
 def recognize_video(self: Any, video: str, recognizer: str = "faces", **options: Any) -> Any:
     client, job_id, started = store_client(), self.request.id, time.time()
@@ -86,11 +73,11 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
     attempts = 1 + (store.count_attempt(client, job_id, "tiling", settings().tile_ttl) if redelivered else 0)
     try:
         if attempts > MAX_ATTEMPTS:
-            raise VideoError(f"gave up on {video!r}: {_DIED} times it probed it")
+            raise VideoError(f"gave up on {video!r}: {DIED} times it probed it")
         if store.is_cancelled(client, job_id):
             raise JobCancelled(f"job {job_id} was cancelled")
         parsed = parse_video_options(recognizer, options)
-        target = _resolve(video)
+        target = resolve(video)
         plan = plan_video(probe(target, repr(video), settings().max_pixels, parsed.frame_rate), parsed)
         job = VideoJob(job_id, video, parsed, plan, started, {"probe_s": time.time() - started})
         if len(plan.segments) == 1:  # one segment: a chord would only add its round trips
@@ -126,10 +113,10 @@ def recognize_segment(self: Any, job_id: str, first: int, stop: int) -> dict[str
     careful = bool(self.request.delivery_info.get("redelivered"))
     name = f"segment:{number}"
     if careful and store.count_attempt(client, job_id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
-        outcome = SegmentOutcome(number, error=f"gave up: {_DIED} times it ran this segment")
+        outcome = SegmentOutcome(number, error=f"gave up: {DIED} times it ran this segment")
     else:
         report = _Progress(self, client, job, number)
-        outcome = run_segment(_resolve(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
+        outcome = run_segment(resolve(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
                               thread_budget(), report)  # fmt: skip
         if careful:
             store.clear_attempts(client, job_id, name)
@@ -152,7 +139,7 @@ class _Progress:
         self.task, self.client, self.job, self.number = task, client, job, number
         first, stop = owned(job.plan.segments, number)
         self.mine = sum(first <= f < stop for f in job.plan.wanted(number))  # overlap frames count in the next
-        self.reported = self.looked = time.monotonic()
+        self.reported, self.looked = time.monotonic(), float("-inf")  # the first frame looks for a cancel
 
     def __call__(self, done: int) -> bool:
         now = time.monotonic()
@@ -190,6 +177,6 @@ def _finish(client: redis.Redis, job: VideoJob, outcomes: list[SegmentOutcome]) 
             raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.frames} frames had been recognized)")
         recognition = assemble_video(outcomes, job.plan, job.options, job.started, source=job.video,
                                      timings=job.timings)  # fmt: skip
-        return _deliver(client, job.id, recognition.to_json())
+        return deliver(client, job.id, recognition.to_json())
     finally:
         store.delete_job(client, job.id, 0)
