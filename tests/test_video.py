@@ -36,6 +36,14 @@ def known() -> KnownClip:
 
 
 @pytest.fixture(scope="module")
+def in_process(known: KnownClip) -> dict[str, dict]:
+    """The known clip recognized in this process, by recognizer (each computed once for the module's tests)."""
+    return {
+        recognizer: recognize_video(known.path, recognizer, **OPTIONS).to_json() for recognizer in ("qrcode", "aruco")
+    }
+
+
+@pytest.fixture(scope="module")
 def red_clip() -> KnownClip:
     """The known clip with a red patch in frames 60–64 (the third segment), where faulty recognizers act."""
     return write_clip(IMAGES_ROOT / "known-red.mp4", red=range(60, 65))
@@ -276,8 +284,8 @@ def test_no_clip_overlaps_its_own_codes():
 
 
 @pytest.mark.parametrize("recognizer", ["qrcode", "aruco"])
-def test_each_code_is_one_track_from_entry_to_exit_in_process(known, recognizer):
-    result = recognize_video(known.path, recognizer, **OPTIONS).to_json()
+def test_each_code_is_one_track_from_entry_to_exit_in_process(known, in_process, recognizer):
+    result = in_process[recognizer]
     assert result["frames"] == {"total": FRAMES, "processed": FRAMES, "skipped": 0, "failed": 0}
     assert result["tiling"]["segments"] == 5 and result["video"]["keyframes"] == FRAMES // GOP
     assert_tracks_follow_the_codes(result, known, recognizer)
@@ -319,10 +327,10 @@ def comparable(result: dict) -> dict:
     return {key: result[key] for key in ("frames", "per_frame", "tracks", "failed_segments", "failed_frames")}
 
 
-def test_distributed_gives_the_same_result_as_in_process(worker, redis_server, known):
+def test_distributed_gives_the_same_result_as_in_process(worker, redis_server, known, in_process):
     job = submit_video(str(known.path), "qrcode", **OPTIONS)
     result = job.get(timeout=TIMEOUT)
-    assert comparable(result) == comparable(recognize_video(known.path, "qrcode", **OPTIONS).to_json())
+    assert comparable(result) == comparable(in_process["qrcode"])
     assert_tracks_follow_the_codes(result, known, "qrcode")
     assert job.progress() == (FRAMES, FRAMES)
     assert tilerec_keys(redis_server) == []
@@ -416,8 +424,8 @@ def test_exports_follow_the_tracks(known, tmp_path):
     assert {d["track"] for line in lines for d in line["detections"]} == set(by_track)
 
 
-def test_no_detection_is_left_untracked_on_a_clean_clip(known):
-    result = recognize_video(known.path, "qrcode", **OPTIONS).to_json()
+def test_no_detection_is_left_untracked_on_a_clean_clip(in_process):
+    result = in_process["qrcode"]
     found = Detections.from_records([d for f in result["per_frame"] for d in f["detections"]])
     assert len(found) == sum(len(t["frames"]) for t in result["tracks"])
 
