@@ -462,3 +462,23 @@ def test_tilerec_run_says_in_one_line_why_a_video_cannot_be_used(worker, redis_s
     refused = tilerec("run", str(folder), "-r", "qrcode", "--step", "2", "--broker", redis_server.url)
     assert refused.returncode == 2 and "--step is for a video" in one_error_line(refused)
     assert tilerec_keys(redis_server) == []
+
+
+def test_tracks_without_payloads_are_stitched_by_their_boxes(known):
+    """ArUco markers with their ids taken away: nothing but box overlap in the segments' shared frames can make each
+    marker one track across the 5 segments."""
+    from pipeline.recognizers import get_recognizer
+
+    def unnamed(tile: np.ndarray) -> Detections:
+        found = get_recognizer("aruco")(tile)
+        return Detections(found.xyxy, found.scores, found.labels)
+
+    result = recognize_video(known.path, unnamed, **OPTIONS).to_json()
+    assert result["tiling"]["segments"] == 5
+    assert len(result["tracks"]) == 2 and all("text" not in track for track in result["tracks"])
+    for track in result["tracks"]:
+        rows = frames_of(track)
+        assert [int(f) for f in rows[:, 0]] == list(range(FRAMES))  # both markers are whole in every frame
+        marker = min(("3", "7"), key=lambda m: np.abs(rows[0, 1:5] - known.truths[m][0].truth.box).max())
+        truths = {t.frame: t.truth.box for t in known.truths[marker]}
+        assert max(np.abs(row[1:5] - np.asarray(truths[int(row[0])])).max() for row in rows) <= 2.0
