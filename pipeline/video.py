@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from pipeline import images, remote
@@ -239,6 +240,11 @@ def read_frames(
             raise VideoError(f"{name} changed since it was probed ({len(files)} frames, not {clip.frames})")
         for index in wanted:
             frame = images.decode(files[index].read_bytes(), clip.width * clip.height)
+            if frame.shape[:2] != (clip.height, clip.width):
+                raise VideoError(
+                    f"{name}: {files[index].name} is {frame.shape[1]}x{frame.shape[0]}, not "
+                    f"{clip.width}x{clip.height} as the first frame (a clip's frames share one size)"
+                )
             yield index, _as_grey(frame) if grey else _as_bgr(frame)
         return
     av = _need_av()
@@ -267,14 +273,10 @@ def read_frames(
 
 
 def _as_grey(frame: np.ndarray) -> np.ndarray:
-    import cv2
-
     return frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
 
 
 def _as_bgr(frame: np.ndarray) -> np.ndarray:
-    import cv2
-
     return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR) if frame.ndim == 2 else frame
 
 
