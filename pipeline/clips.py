@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline import images, remote
 from pipeline.images import ImageError
-from pipeline.inference import TileFailure, crop, recognize_windows, region, windows_of
+from pipeline.inference import TileFailure, crop, describe, recognize_windows, region, windows_of
 from pipeline.merge import merge_detections
 from pipeline.model import Detections
 from pipeline.options import JobOptions, VideoOptions, parse_video_options
@@ -173,7 +173,7 @@ def run_segment(
         on_frame: called with the frames done so far after each; returning False stops the segment (a cancel).
 
     Returns:
-        The frames' outcomes, or the error (a damaged stream) that stopped the segment.
+        The frames' outcomes, or the error (a damaged stream, a tracker's failure) that stopped the segment.
     """
     began = time.perf_counter()
     windows = frame_windows(plan.clip, options)
@@ -188,8 +188,12 @@ def run_segment(
             done.append(outcome)
             if on_frame is not None and not on_frame(len(done)):
                 break
+    except reraise:
+        raise
     except ImageError as error:  # VideoError too: the stream is damaged from here on
         return SegmentOutcome(number, (), str(error), time.perf_counter() - began)
+    except Exception as error:  # the segment's own failure (the tracker, say): reported, so the merge still runs
+        return SegmentOutcome(number, (), describe(error), time.perf_counter() - began)
     settled = tuple(replace(outcome, tracks=tracker.settle(outcome.tracks)) for outcome in done)
     return SegmentOutcome(number, settled, None, time.perf_counter() - began)
 
