@@ -482,3 +482,21 @@ def test_tracks_without_payloads_are_stitched_by_their_boxes(known):
         marker = min(("3", "7"), key=lambda m: np.abs(rows[0, 1:5] - known.truths[m][0].truth.box).max())
         truths = {t.frame: t.truth.box for t in known.truths[marker]}
         assert max(np.abs(row[1:5] - np.asarray(truths[int(row[0])])).max() for row in rows) <= 2.0
+
+
+def test_a_frame_whose_tiles_fail_fails_the_job_or_is_listed_in_a_partial_result(red_clip):
+    from pipeline.inference import TileFailure
+    from pipeline.recognizers import get_recognizer
+    from tests.faulty import has_red
+
+    def raises_on_red(tile: np.ndarray) -> Detections:
+        if has_red(tile):
+            raise ValueError("red")
+        return get_recognizer("qrcode")(cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY) if tile.ndim == 3 else tile)
+
+    with pytest.raises(TileFailure, match=r"0 of 5 segments and 5 frames failed: frame 60: tile 2: ValueError: red"):
+        recognize_video(red_clip.path, raises_on_red, **OPTIONS)
+    result = recognize_video(red_clip.path, raises_on_red, on_tile_error="partial", **OPTIONS).to_json()
+    assert [f["frame"] for f in result["failed_frames"]] == [60, 61, 62, 63, 64]
+    assert result["frames"] == {"total": FRAMES, "processed": FRAMES - 5, "skipped": 0, "failed": 5}
+    assert sorted(t["text"] for t in result["tracks"]) == ["alpha", "bravo", "charlie"]  # tracks go on around them
