@@ -107,6 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--view shows local images; `tilerec view` the result with --image PATH of a local copy")
     if is_video_run(args):
         return run_video(args, options, settings_from(args, console), console)
+    if args.format in VIDEO_FORMATS[1:]:
+        raise CliError(f"--format {args.format} is for a video (its tracks); images take json, coco or geojson")
     if is_many(args):
         return run_many(args, options, settings_from(args, console), console, app.conf.tilerec_max_pixels)
     targets = [check_image(given, app.conf.tilerec_max_pixels) for given in args.images]
