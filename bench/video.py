@@ -76,26 +76,42 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def single_loop(path: Path, recognizer: str) -> tuple[float, int, int]:
+def cpu_s(pids: list[int]) -> float:
+    """CPU time (user + system) these processes have used so far, from /proc: what a run costs in work, which a
+    loaded machine stretches far less than it stretches wall time."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def single_loop(path: Path, recognizer: str) -> tuple[float, int, int, float]:
     """The user's alternative: one process reads the clip in order and recognizes and tracks every frame (the
-    plan's one segment). Returns (seconds, frames, tracked detections)."""
-    began = time.perf_counter()
+    plan's one segment). Returns (seconds, frames, tracked detections, CPU seconds of all its threads)."""
+    began, spent = time.perf_counter(), time.process_time()
     options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": 10**9})
     clip = probe(path, str(path), 10**10)
     plan = plan_video(clip, options)
     outcome = run_segment(path, str(path), plan, 0, options)
     tracked = sum(sum(t >= 0 for t in f.tracks) for f in outcome.frames)
-    return time.perf_counter() - began, len(outcome.frames), tracked
+    return time.perf_counter() - began, len(outcome.frames), tracked, time.process_time() - spent
 
 
-def distributed(path: Path, recognizer: str, segment_frames: int) -> tuple[float, int, int]:
-    """The same clip as a video job on the running private cluster (W=2)."""
+def distributed(path: Path, recognizer: str, segment_frames: int, cluster: Any) -> tuple[float, int, int, float]:
+    """The same clip as a video job on the running private cluster (W=2); CPU seconds of its worker's processes
+    (the main one and the pool's), of its redis-server and of this client."""
     from tasks.client import submit_video
 
-    began = time.perf_counter()
+    pids = [cluster.worker.process.pid, *cluster.worker.child_pids(), cluster.redis.process.pid]
+    began, spent, used = time.perf_counter(), time.process_time(), cpu_s(pids)
     result = submit_video(str(path), recognizer, segment_frames=segment_frames, **OPTIONS).get(timeout=3600)
     tracked = sum(len(t["frames"]) for t in result["tracks"])
-    return time.perf_counter() - began, result["frames"]["processed"], tracked
+    cpu = cpu_s(pids) - used + time.process_time() - spent
+    return time.perf_counter() - began, result["frames"]["processed"], tracked, cpu
 
 
 def compare(
@@ -113,19 +129,23 @@ def compare(
     with LocalCluster(workers=2, env={"TILEREC_ALLOWED_ROOTS": str(folder)}) as cluster:
         configure_app(cluster.url, cluster.url, cluster.url)
         length = -(-frames // segments)
-        distributed(clips[sizes[0]], recognizer, length)  # the worker processes build their recognizers once
+        distributed(clips[sizes[0]], recognizer, length, cluster)  # the processes build their recognizers
         for size in sizes:
             runs: dict[str, list[dict[str, Any]]] = {"single": [], "W=2": []}
             for repeat in range(repeats):
-                order = [("single", single_loop), ("W=2", partial(distributed, segment_frames=length))]
+                order = [("single", single_loop),
+                         ("W=2", partial(distributed, segment_frames=length, cluster=cluster))]  # fmt: skip
                 for name, run in order if repeat % 2 == 0 else order[::-1]:
                     before = load()
-                    seconds, done, tracked = run(clips[size], recognizer)
+                    seconds, done, tracked, cpu = run(clips[size], recognizer)
                     runs[name].append({"s": round(seconds, 2), "fps": round(done / seconds, 3), "frames": done,
-                                       "tracked": tracked, "load": [before, load()]})  # fmt: skip
+                                       "tracked": tracked, "cpu_s": round(cpu, 2),
+                                       "load": [before, load()]})  # fmt: skip
             fps = {name: statistics.median(r["fps"] for r in found) for name, found in runs.items()}
+            cpu = {name: statistics.median(r["cpu_s"] for r in found) for name, found in runs.items()}
             rows.append({"size": size, "frames": frames, "segments": segments, "recognizer": recognizer, "runs": runs,
-                         "median_fps": fps, "speedup": round(fps["W=2"] / fps["single"], 3)})  # fmt: skip
+                         "median_fps": fps, "speedup": round(fps["W=2"] / fps["single"], 3), "median_cpu_s": cpu,
+                         "cpu_ratio": round(cpu["W=2"] / cpu["single"], 3)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
