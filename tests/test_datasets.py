@@ -332,6 +332,7 @@ def test_a_dataset_naming_missing_files_or_not_json_says_which(tmp_path: Path) -
     assert completed.returncode == 2 and "is not JSON" in one_error_line(completed)
 
 
+@pytest.mark.cluster
 def test_a_run_interrupted_halfway_resumes_to_one_result_per_image_and_evaluates(
     scene_set: Path, tmp_path: Path
 ) -> None:
