@@ -389,7 +389,20 @@ def recognize_image(image: np.ndarray, recognizer: str | Recognizer = "faces", *
     Args:
         image: the pixels (grey, BGR or BGRA, 8 or 16 bit).
         recognizer: a recognizer's name (its parameters among `options`), or any callable `tile -> Detections`.
-        options: job options (tile, overlap, merge, …) and the named recognizer's parameters.
+        **options: job options (tile, overlap, merge, …) and the named recognizer's parameters.
+
+    Returns:
+        The merged recognition, in the image's pixel coordinates: the same as a distributed job's.
+
+    Raises:
+        OptionsError: an option is unknown or out of range.
+        RecognizerError: the recognizer is unknown or a parameter is wrong.
+
+    Examples:
+        >>> import cv2
+        >>> from pipeline import recognize_image
+        >>> found = recognize_image(cv2.imread("big.jpg"), "qrcode", tile=1024, overlap=0.2)  # doctest: +SKIP
+        >>> [(text, box) for text, box in zip(found.detections.texts, found.detections.xyxy)]  # doctest: +SKIP
     """
     return recognize_source(ArraySource(normalize(np.asarray(image))), recognizer, **options)
 
