@@ -25,23 +25,12 @@ CLUSTER_FIXTURES = {"redis_server", "app", "worker", "two_nodes", "other_node", 
                     "s3_worker", "small_view", "browser", "smoke"}  # fmt: skip
 
 
-# modules whose tests share a costly module-scoped fixture (the bench's smoke run, a SeaweedFS, Chromium, Flower, a
-# second node, 200 scenes, TIFF pyramids): under `pytest -n 2 --dist loadgroup` each runs whole on one process
-# instead of building its fixture twice; the other modules' tests spread one by one over both processes
-GROUPED = {"test_bench_smoke", "test_datasets", "test_dnn", "test_flower", "test_geo", "test_gigapixel",
-           "test_other_apps", "test_remote", "test_viewer"}  # fmt: skip
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `cluster` every test that uses a fixture starting processes; tests that start their own are marked
     where they are written. `pytest -m "not cluster"` runs the rest: the edit-test loop's fast subset."""
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module in GROUPED:
-            item.add_marker(pytest.mark.xdist_group(module))
 
 
 @pytest.fixture(scope="session")
