@@ -122,6 +122,14 @@ tilerec_shared_storage = _flag("TILEREC_SHARED_STORAGE", "true")
 # A result whose JSON is larger than this (bytes) is stored under tilerec:result:<job id> in the tile store, and the
 # result backend gets a summary with `result_ref` (tasks.client.Job.get fetches it). -1: never; 0: always.
 tilerec_result_inline_max_bytes = _number("TILEREC_RESULT_INLINE_MAX_BYTES", 4 * 2**20, -1)
+# Admission control: the most the tile store's Redis may hold (bytes). A job whose tiles would take it past this
+# (Redis's used memory, plus what running jobs reserved and have not stored, less 5% headroom) waits for room; one
+# that could never fit is refused. 0: Redis's own maxmemory (no maxmemory either: no limit); Redis's maxmemory still
+# applies when this is higher.
+tilerec_store_max_bytes = _number("TILEREC_STORE_MAX_BYTES", 0, 0)
+# A Redis that evicts keys (a maxmemory-policy other than noeviction) would drop tiles, messages and chord counts
+# silently: a worker refuses to start against one, unless this is "true" (you know its data will never be evicted).
+tilerec_allow_eviction = _flag("TILEREC_ALLOW_EVICTION", "false")
 # files a job may name as recognizer parameters (models, label lists): only under these folders (os.pathsep list)
 tilerec_model_roots = os.pathsep.join(
     root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root

@@ -12,6 +12,9 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:ready      tiles stored so far while the tiling task decodes a PNG band by band (absent: all)
     tilerec:job:J:failed     why decoding that PNG failed (the job fails with this)
     tilerec:job:J:stream     hash: the time the tiling task spent decoding that PNG and storing its tiles
+    tilerec:job:J:need       bytes its tiles take in the store, while it waits for room (admission control)
+Room in the store (admission control, see `reserve`): tilerec:room:held (sorted set: job -> when its reservation
+lapses) and tilerec:room:unwritten (hash: job -> reserved bytes not yet stored).
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
 (ms per 640x640 tile, a week). Results too large for the result backend: tilerec:result:<job id>.
 """
@@ -23,6 +26,7 @@ import json
 import time
 import uuid
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
@@ -38,7 +42,7 @@ from pipeline.tiling import Window
 
 PREFIX = "tilerec"
 REF_SCHEME = "redis:"
-PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream")  # and the tiles
+PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "need")  # and the tiles
 FLUSH_EVERY = 32  # tiles a pipeline holds before it is sent: bounds the memory of storing a job's tiles
 READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
@@ -115,6 +119,7 @@ def put_tiles(
             elif count % FLUSH_EVERY == 0:
                 pipe.execute()
             storing += time.perf_counter() - tile_began
+        pipe.hdel(UNWRITTEN_KEY, job_id)  # its bytes are in Redis's used memory from now on
         pipe.execute()
     return True
 
@@ -212,11 +217,20 @@ def stream_state(client: redis.Redis, job_id: str) -> tuple[int | None, str | No
 
 
 def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> None:
-    """Everything the job put in Redis; `tiles` spares a scan when its count is known."""
+    """Everything the job put in Redis, and its room in the store; `tiles` spares a scan when its count is known."""
     if tiles is None:
         _unlink(client, [key.decode() for key in client.scan_iter(job_key(job_id, "*"), count=1000)])
     else:
         _unlink(client, _keys(job_id, tiles, PARTS))
+    release(client, job_id)
+
+
+def fail_job(client: redis.Redis, job_id: str, tiles: int, reason: str, ttl: int) -> None:
+    """Fail a running job with `reason` (its merge raises StoreFull with it): its tiles go first, so the reason can
+    be stored even in a store that is full, and the room they took is free for other jobs at once."""
+    _unlink(client, _keys(job_id, tiles, ()))
+    release(client, job_id)
+    client.set(job_key(job_id, "failed"), reason, ex=ttl)
 
 
 def _keys(job_id: str, tiles: int, parts: tuple[str, ...]) -> list[str]:
@@ -227,6 +241,172 @@ def _unlink(client: redis.Redis, keys: list[str]) -> None:
     """Delete keys without blocking Redis on their values (UNLINK), 1000 a command."""
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
+
+
+class StoreFull(RuntimeError):
+    """The tile store has no room for the job: it never can (refused at once), or it filled up under it."""
+
+
+HELD_KEY = f"{PREFIX}:room:held"
+UNWRITTEN_KEY = f"{PREFIX}:room:unwritten"
+HEADROOM = 0.05  # of the store's limit kept free for what jobs store besides tiles: messages, results, records
+KEY_BYTES = 96  # Redis's own memory per key with a TTL (dict entry, key object, expiry entry)
+RECORD_BYTES = 512  # a tile's record, about (empty or a few detections), with its hash field
+
+
+def allocated(size: int) -> int:
+    """The bytes jemalloc (Redis's allocator) takes for a value of `size` bytes: its size classes are 4 per
+    doubling, so a 640x640 grey tile (400 KiB) takes 448 KiB; Redis's own header of a string is about 16 bytes."""
+    size += 16
+    step = 16 if size <= 128 else 1 << (size - 1).bit_length() - 3  # an eighth of the next power of two
+    return -(-size // step) * step
+
+
+def tiles_bytes(sizes: Iterable[int]) -> int:
+    """The memory a job's tiles (their byte sizes) and their records take in the store."""
+    return sum(allocated(size) + KEY_BYTES + RECORD_BYTES for size in sizes)
+
+
+@dataclass(frozen=True)
+class Room:
+    """What `reserve` found: whether the job got its room, and the sizes it judged by (bytes)."""
+
+    granted: bool
+    need: int
+    limit: int  # the most the store may hold (0: no limit: Redis has no maxmemory and no budget is set)
+    used: int  # Redis's used memory
+    unwritten: int  # reserved by running jobs and not yet stored
+    startup: int  # an empty Redis's used memory
+
+    @property
+    def usable(self) -> int:
+        """What jobs may hold at most, less the headroom and what an empty Redis uses."""
+        return int(self.limit * (1 - HEADROOM)) - self.startup
+
+    @property
+    def free(self) -> int:
+        return max(0, int(self.limit * (1 - HEADROOM)) - self.used - self.unwritten)
+
+    @property
+    def never(self) -> bool:
+        """The job would not fit even in an empty store."""
+        return bool(self.limit) and self.need > self.usable
+
+    def waiting(self) -> str:
+        """What a waiting job's state says."""
+        return f"waiting for room in the tile store: needs {mb(self.need)}, {mb(self.free)} free of {mb(self.limit)}"
+
+    def refusal(self) -> str:
+        """Why a job that can never fit is refused, with the sizes."""
+        return (
+            f"the job needs {mb(self.need)} in the tile store, more than it can ever hold: {mb(self.usable)} of its "
+            f"{mb(self.limit)} limit (Redis's maxmemory or TILEREC_STORE_MAX_BYTES, less {HEADROOM:.0%} headroom and "
+            "what an empty Redis uses); raise that limit, or send a smaller image (or a tiled TIFF the workers read "
+            "themselves)"
+        )
+
+
+FILLED = (
+    "the tile store (Redis) filled up while the job ran: its used memory reached maxmemory (another program's data "
+    "in the same Redis, or a TILEREC_STORE_MAX_BYTES above what Redis can hold); the job's keys are deleted, submit "
+    "it again"
+)
+
+
+def mb(size: int) -> str:
+    """Bytes as MB (10^6), for messages."""
+    return f"{size / 1e6:.1f} MB"
+
+
+_RESERVE = """
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+for _, job in ipairs(lapsed) do
+    redis.call('HDEL', KEYS[2], job)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local info = redis.call('INFO', 'memory')
+local used = tonumber(string.match(info, 'used_memory:(%d+)'))
+local startup = tonumber(string.match(info, 'used_memory_startup:(%d+)'))
+local limit = tonumber(string.match(info, 'maxmemory:(%d+)'))
+local budget = tonumber(ARGV[5])
+if budget > 0 and (limit == 0 or budget < limit) then
+    limit = budget
+end
+local unwritten = 0
+for _, bytes in ipairs(redis.call('HVALS', KEYS[2])) do
+    unwritten = unwritten + tonumber(bytes)
+end
+local need = tonumber(ARGV[2])
+local held = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local fits = limit == 0 or used + unwritten + need <= math.floor(limit * (1 - tonumber(ARGV[6])))
+if held or fits then
+    redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+    if not held then
+        redis.call('HSET', KEYS[2], ARGV[1], need)
+    end
+    return {1, limit, used, unwritten, startup}
+end
+return {0, limit, used, unwritten, startup}
+"""
+
+
+def reserve(client: redis.Redis, job_id: str, need: int, budget: int, ttl: int) -> Room:
+    """Reserve `need` bytes of the store for the job, if they fit now: Redis's used memory, plus what running jobs
+    reserved and have not stored yet, plus `need`, within the limit (Redis's maxmemory, or `budget` if lower; 0:
+    none) less HEADROOM. Atomic (one script), so two jobs never take the same room; a job that holds a reservation
+    (a redelivery) keeps it. A reservation lapses after `ttl` s, as the job's keys do, so a dead job's room comes
+    back; `release` (by `delete_job`) gives it back when the job ends. Waiting jobs record their need (`wait`).
+
+    Args:
+        client: the store.
+        job_id: the job.
+        need: the bytes its tiles and records take (`tiles_bytes`).
+        budget: TILEREC_STORE_MAX_BYTES (0: Redis's maxmemory alone).
+        ttl: the tile TTL (s).
+
+    Returns:
+        Room: granted or not, with the sizes judged by.
+    """
+    now = time.time()
+    granted, limit, used, unwritten, startup = client.eval(
+        _RESERVE, 2, HELD_KEY, UNWRITTEN_KEY, job_id, need, now, now + ttl, budget, HEADROOM
+    )
+    if granted:
+        client.unlink(job_key(job_id, "need"))
+    return Room(bool(granted), need, int(limit), int(used), int(unwritten), int(startup))
+
+
+def wait(client: redis.Redis, job_id: str, need: int, ttl: int) -> None:
+    """Record that the job waits for `need` bytes, so its next try asks for room before it decodes its image."""
+    client.set(job_key(job_id, "need"), need, ex=ttl)
+
+
+def waiting_need(client: redis.Redis, job_id: str) -> int | None:
+    """The bytes a waiting job needs (see `wait`), or None: it has not waited."""
+    value = client.get(job_key(job_id, "need"))
+    return None if value is None else int(value)
+
+
+def release(client: redis.Redis, job_id: str) -> None:
+    """Give the job's room back (nothing if it held none)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zrem(HELD_KEY, job_id)
+        pipe.hdel(UNWRITTEN_KEY, job_id)
+        pipe.execute()
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A Redis's memory settings, as INFO tells them."""
+
+    used: int
+    maxmemory: int  # 0: none
+    policy: str  # maxmemory-policy
+
+
+def memory(client: redis.Redis) -> Memory:
+    info = client.info("memory")
+    return Memory(int(info["used_memory"]), int(info.get("maxmemory", 0)), str(info.get("maxmemory_policy", "")))
 
 
 COST_TTL = 7 * 24 * 3600
