@@ -39,6 +39,9 @@ class Outcome:
     job_id: str | None = None
 
 
+WAITING_NOTE = " (waiting for room in the tile store)"  # after a job's name while it waits in line
+
+
 class RateColumn(ProgressColumn):
     """Tiles per second, from rich's moving estimate."""
 
@@ -96,7 +99,8 @@ class Tracker(_Bars):
             done, total = run.job.seen
             self.done[index] = max(self.done[index], done)
             if self.progress:
-                self.progress.update(self.ids[index], completed=self.done[index], total=total)
+                name = self.names[index] + (WAITING_NOTE if run.job.waiting else "")
+                self.progress.update(self.ids[index], completed=self.done[index], total=total, description=name)
 
     def finish(self, target: Target, tiles: int | None, ok: bool) -> None:
         index = self.index[id(target)]
@@ -149,9 +153,10 @@ class Overview(_Bars):
             line = self.lines.get(id(run.image))
             if line is None:
                 line = self.lines[id(run.image)] = self.progress.add_task(
-                    "  " + short(run.image.given), total=total, unit="tiles", rate="", failed=""
+                    "", total=total, unit="tiles", rate="", failed=""
                 )
-            self.progress.update(line, completed=done, total=total)
+            name = "  " + short(run.image.given) + (WAITING_NOTE if run.job.waiting else "")
+            self.progress.update(line, completed=done, total=total, description=name)
         rate = tiles / max(time.monotonic() - self.started, 1e-6)
         self.progress.update(self.overall, rate=f"{rate:.1f} tiles/s")
 
