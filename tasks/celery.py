@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +97,12 @@ def configure(**changes: Any) -> None:
 
 def store_client() -> redis.Redis:
     conf = app.conf
-    return store.connect(settings().store_url, conf.sentinel_master, conf.sentinel_kwargs.get("password"))
+    return store.connect(settings().store_url, conf.sentinel_master, sentinel_options())
+
+
+def sentinel_options() -> tuple[tuple[str, Any], ...]:
+    """celeryconfig's sentinel_kwargs as store.connect takes them."""
+    return tuple(sorted(app.conf.sentinel_kwargs.items()))
 
 
 _worker: Any = None
@@ -157,15 +161,15 @@ def _memory_of(url: str) -> store.Memory | None:
     while True:
         try:
             if url.startswith("sentinel:"):
-                client = store.connect(url, app.conf.sentinel_master, app.conf.sentinel_kwargs.get("password"))
+                client = store.connect(url, app.conf.sentinel_master, sentinel_options())
             else:  # no retries: a wrong password is said at once
                 client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
             return store.memory(client)
         except redis.AuthenticationError as error:
             raise SystemExit(f"tilerec: the Redis at {named} refused this worker: {error}") from None
         except redis.ConnectionError as error:
-            if isinstance(error.__context__, ssl.SSLError):
-                raise SystemExit(f"tilerec: no TLS connection to the Redis at {named}: {error}") from None
+            if refused := store.tls_refused(error):
+                raise SystemExit(f"tilerec: no TLS connection to the Redis at {named}: {refused}") from None
             if time.monotonic() > deadline:
                 log.warning("tilerec: the Redis at %s did not answer (%s): its eviction policy is unchecked", named,
                             error)  # fmt: skip

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Collection, Iterable
@@ -48,26 +49,42 @@ READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
 
 @lru_cache(maxsize=4)
-def connect(url: str, master: str = "mymaster", sentinel_password: str | None = None) -> redis.Redis:
+def connect(url: str, master: str = "mymaster", sentinel_options: tuple[tuple[str, Any], ...] = ()) -> redis.Redis:
     """One client (and connection pool) per URL per process. Commands are retried with backoff for about 30 s on
     connection errors (Redis restarting, loading its data, failing over), so a restart is a pause, not a failure.
 
     A `sentinel://host:26379;sentinel://host2:26379/db` URL asks those sentinels for the master named `master`
-    (and follows it when they fail over); a password in the first URL is the master's."""
+    (and follows it when they fail over); a password in the first URL is the master's. `sentinel_options`: the
+    sentinels' own connection options, as items (celeryconfig's sentinel_kwargs: their password; TLS, which then
+    the master speaks too)."""
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), 20)
     options = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30, "retry": retry,
                "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}  # fmt: skip
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, **options)
     hosts = [urlsplit(part) for part in url.split(";")]
+    tls = {key: value for key, value in sentinel_options if key.startswith("ssl")}
     sentinels = Sentinel(
         [(host.hostname, host.port or 26379) for host in hosts],
-        sentinel_kwargs={"password": sentinel_password} if sentinel_password else {},
+        sentinel_kwargs=dict(sentinel_options),
         socket_connect_timeout=5,
     )
     first = hosts[0]
     db = int(first.path.strip("/") or 0)
-    return sentinels.master_for(master, db=db, password=first.password, username=first.username or None, **options)
+    return sentinels.master_for(
+        master, db=db, password=first.password, username=first.username or None, **tls, **options
+    )
+
+
+def tls_refused(error: BaseException) -> str | None:
+    """What a failed connection's TLS says, when TLS is why it failed (a certificate refused either way); else
+    None. redis-py keeps the ssl module's error as the context of its ConnectionError."""
+    if not isinstance(error.__context__, ssl.SSLError):
+        return None
+    return (
+        f"the TLS handshake failed ({error}): is the server's certificate signed by the CA in ssl_ca_certs, and does "
+        "the server take this client's certificate (ssl_certfile, ssl_keyfile) if it asks for one?"
+    )
 
 
 def job_key(job_id: str, part: str) -> str:

