@@ -156,3 +156,13 @@ class FillsTheStoreOnMarker:
             tenant.config_set("maxmemory", int(tenant.info("memory")["used_memory"]) - 2 * 2**20)
             tenant.close()
         return get_recognizer("qrcode")(tile)
+
+
+class PayloadLabels:
+    """QR codes labelled with their own payloads: a recognizer whose labels come from the image, as OCR lines and
+    names will (hostile content reaches every output through labels as well as texts)"""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        found = get_recognizer("qrcode")(tile)
+        labels = [text or "qrcode" for text in found.texts]
+        return Detections(found.xyxy, found.scores, labels, found.texts, found.points, found.cut, obb=found.obb)

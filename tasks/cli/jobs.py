@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,7 +23,7 @@ from rich.table import Column
 from rich.text import Text
 
 from tasks.cli.clusters import Cluster, Settings, ignoring_interrupts, open_cluster
-from tasks.cli.errors import EXIT_TIMEOUT, CliError
+from tasks.cli.errors import EXIT_TIMEOUT, CliError, markup_safe
 from tasks.cli.inputs import Target
 
 
@@ -174,7 +173,7 @@ class Overview(_Bars):
 
 def short(name: str) -> str:
     """A name for a progress line: its end, which holds the file name."""
-    return escape(name if len(name) <= 30 else "…" + name[-29:])
+    return markup_safe(name if len(name) <= 30 else "…" + name[-29:])
 
 
 def job_error(error: BaseException) -> str:
