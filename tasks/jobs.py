@@ -141,7 +141,7 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
         if outcomes is not None:  # one batch: recognized right here, a chord would only add its round trips
             return _finish(client, job, outcomes)
     except _NoRoom as waiting:
-        raise _wait_for_room(self, waiting.room) from None
+        raise _wait_for_room(self, client, waiting.room) from None
     except redis.OutOfMemoryError:
         store.delete_job(client, job_id)
         raise store.StoreFull(store.FILLED) from None
@@ -236,15 +236,19 @@ def _admit(client: redis.Redis, job_id: str, need: int) -> None:
         raise _NoRoom(room)
 
 
-def _wait_for_room(task: Any, room: store.Room) -> Ignore:
+def _wait_for_room(task: Any, client: redis.Redis, room: store.Room) -> Ignore:
     """The job waits in line without holding a worker process: its state becomes WAITING (in the result backend for
     any app, and as a task-waiting event, which Flower shows as the job's state), and it is tried again later.
-    Returns the Ignore to raise, which ends this try."""
+    Returns the Ignore to raise, which ends this try; raises StoreFull once it has waited the tile TTL (its need's
+    lifetime) in vain."""
     job_id, message = task.request.id, room.waiting()
+    if task.request.retries * ROOM_RETRY_S >= settings().tile_ttl:
+        store.delete_job(client, job_id)
+        raise store.StoreFull(f"gave up after waiting {settings().tile_ttl} s (TILEREC_TILE_TTL): {message}")
     task.backend.store_result(job_id, {"waiting": message, "need": room.need, "free": room.free}, WAITING)
     with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
         dispatcher.send("task-waiting", uuid=job_id, result=message)
-    task.retry(countdown=ROOM_RETRY_S, max_retries=None, throw=False)
+    task.retry(countdown=ROOM_RETRY_S, max_retries=10**9, throw=False)  # None would mean Celery's default, 3
     return Ignore(message)
 
 
