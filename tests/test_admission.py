@@ -6,6 +6,7 @@ ends with a correct result or one clear error, no key of tilerec's left and the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -140,6 +141,26 @@ def test_a_store_filled_by_another_program_fails_the_job_clearly(tmp_path, marke
             assert "result" in outcome, outcome
             assert_each_code_once(outcome["result"]["detections"], scene.truths)
             assert worker.process.poll() is None
+        finally:
+            worker.stop()
+
+
+def test_a_job_that_waited_the_tile_ttl_in_vain_fails_clearly(tmp_path, marked):
+    """Another program holds most of the store for longer than the job may wait (TILEREC_TILE_TTL, 2 s here): the
+    job gives up with StoreFull saying so, and leaves nothing behind."""
+    _, path = marked
+    with RedisServer(options=["--maxmemory", CAP, "--maxmemory-policy", "noeviction"]) as server:
+        client = server.client()
+        for number in range(24):  # 24 MB of another program's: the job's 32 MB fit an empty store, not this one
+            client.set(f"{TENANT}{number}", os.urandom(2**20))
+        env = env_for(server.url, TILEREC_TILE_TTL="2")
+        worker = Worker(server.url, 2, env=env, log_file=str(tmp_path / "worker.log")).start()
+        try:
+            outcome = Client(server.url, path, "tests.faulty:Slow", seconds=0).wait()
+            error = outcome.get("error", "")
+            assert error.startswith("StoreFull: gave up after waiting 2 s (TILEREC_TILE_TTL): waiting for room in the "
+                                    "tile store: needs "), outcome  # fmt: skip
+            assert tilerec_left(client) == [] and worker.process.poll() is None
         finally:
             worker.stop()
 
