@@ -91,7 +91,7 @@ def client(url: str, paths: list[str], out: Path) -> None:
 
     rows = []
     for done in submit_many(paths, "qrcode", max_in_flight=len(paths), on_poll=seen):
-        texts = None if done.result is None else sorted(d.get("text") or "" for d in done.result["detections"])
+        texts = None if done.result is None else sorted(text or "" for text in done.result.detections.texts)
         error = None if done.error is None else f"{type(done.error).__name__}: {done.error}"
         rows.append({"path": done.image, "job": done.job_id, "seconds": done.seconds, "texts": texts, "error": error})
     for row in rows:
