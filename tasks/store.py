@@ -14,7 +14,8 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:stream     hash: the time the tiling task spent decoding that PNG and storing its tiles
     tilerec:job:J:need       bytes its tiles take in the store, while it waits for room (admission control)
 Room in the store (admission control, see `reserve`): tilerec:room:held (sorted set: job -> when its reservation
-lapses) and tilerec:room:unwritten (hash: job -> reserved bytes not yet stored).
+lapses), tilerec:room:unwritten (hash: job -> reserved bytes not yet stored), tilerec:room:line (sorted set: waiting
+job -> when it first asked) and tilerec:room:line-needs (hash: waiting job -> its need).
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
 (ms per 640x640 tile, a week). Results too large for the result backend: tilerec:result:<job id>.
 """
@@ -266,6 +267,8 @@ class StoreFull(RuntimeError):
 
 HELD_KEY = f"{PREFIX}:room:held"
 UNWRITTEN_KEY = f"{PREFIX}:room:unwritten"
+LINE_KEY = f"{PREFIX}:room:line"
+LINE_NEEDS_KEY = f"{PREFIX}:room:line-needs"
 HEADROOM = 0.05  # of the store's limit kept free for what jobs store besides tiles: messages, results, records
 KEY_BYTES = 96  # Redis's own memory per key with a TTL (dict entry, key object, expiry entry)
 RECORD_BYTES = 512  # a tile's record, about (empty or a few detections), with its hash field
@@ -293,6 +296,7 @@ class Room:
     limit: int  # the most the store may hold (0: no limit: Redis has no maxmemory and no budget is set)
     used: int  # Redis's used memory
     unwritten: int  # reserved by running jobs and not yet stored
+    ahead: int  # what the jobs ahead of it in line need
     startup: int  # an empty Redis's used memory
 
     @property
@@ -311,7 +315,9 @@ class Room:
 
     def waiting(self) -> str:
         """What a waiting job's state says."""
-        return f"waiting for room in the tile store: needs {mb(self.need)}, {mb(self.free)} free of {mb(self.limit)}"
+        line = f" ({mb(self.ahead)} of it for jobs ahead in line)" if self.ahead else ""
+        free = f"{mb(self.free)} free of {mb(self.limit)}{line}"
+        return f"waiting for room in the tile store: needs {mb(self.need)}, {free}"
 
     def refusal(self) -> str:
         """Why a job that can never fit is refused, with the sizes."""
@@ -336,11 +342,17 @@ def mb(size: int) -> str:
 
 
 _RESERVE = """
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
-for _, job in ipairs(lapsed) do
-    redis.call('HDEL', KEYS[2], job)
+local job, need, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, other in ipairs(lapsed) do
+    redis.call('HDEL', KEYS[2], other)
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
+for _, other in ipairs(gone) do
+    redis.call('HDEL', KEYS[4], other)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
 local info = redis.call('INFO', 'memory')
 local used = tonumber(string.match(info, 'used_memory:(%d+)'))
 local startup = tonumber(string.match(info, 'used_memory_startup:(%d+)'))
@@ -353,17 +365,29 @@ local unwritten = 0
 for _, bytes in ipairs(redis.call('HVALS', KEYS[2])) do
     unwritten = unwritten + tonumber(bytes)
 end
-local need = tonumber(ARGV[2])
-local held = redis.call('ZSCORE', KEYS[1], ARGV[1])
-local fits = limit == 0 or used + unwritten + need <= math.floor(limit * (1 - tonumber(ARGV[6])))
-if held or fits then
-    redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
-    if not held then
-        redis.call('HSET', KEYS[2], ARGV[1], need)
-    end
-    return {1, limit, used, unwritten, startup}
+local joined = redis.call('ZSCORE', KEYS[3], job)
+local before = joined and redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. joined)
+    or redis.call('ZRANGE', KEYS[3], 0, -1)
+local ahead = 0
+for _, other in ipairs(before) do
+    ahead = ahead + tonumber(redis.call('HGET', KEYS[4], other) or 0)
 end
-return {0, limit, used, unwritten, startup}
+local held = redis.call('ZSCORE', KEYS[1], job)
+local fits = limit == 0 or used + unwritten + ahead + need <= math.floor(limit * (1 - tonumber(ARGV[6])))
+if held or fits then
+    redis.call('ZADD', KEYS[1], now + ttl, job)
+    if not held then
+        redis.call('HSET', KEYS[2], job, need)
+    end
+    redis.call('ZREM', KEYS[3], job)
+    redis.call('HDEL', KEYS[4], job)
+    return {1, limit, used, unwritten, ahead, startup}
+end
+if not joined then
+    redis.call('ZADD', KEYS[3], now, job)
+    redis.call('HSET', KEYS[4], job, need)
+end
+return {0, limit, used, unwritten, ahead, startup}
 """
 
 
@@ -372,7 +396,11 @@ def reserve(client: redis.Redis, job_id: str, need: int, budget: int, ttl: int) 
     reserved and have not stored yet, plus `need`, within the limit (Redis's maxmemory, or `budget` if lower; 0:
     none) less HEADROOM. Atomic (one script), so two jobs never take the same room; a job that holds a reservation
     (a redelivery) keeps it. A reservation lapses after `ttl` s, as the job's keys do, so a dead job's room comes
-    back; `release` (by `delete_job`) gives it back when the job ends. Waiting jobs record their need (`wait`).
+    back; `release` (by `delete_job`) gives it back when the job ends.
+
+    Jobs that found no room wait in line, in the order they first asked: the room of those ahead counts as taken,
+    so a stream of smaller jobs cannot keep a big one out for ever (a job gone from the line for `ttl` s is
+    dropped). Waiting jobs also record their need (`wait`), to ask again before they read their image.
 
     Args:
         client: the store.
@@ -384,13 +412,13 @@ def reserve(client: redis.Redis, job_id: str, need: int, budget: int, ttl: int) 
     Returns:
         Room: granted or not, with the sizes judged by.
     """
-    now = time.time()
-    granted, limit, used, unwritten, startup = client.eval(
-        _RESERVE, 2, HELD_KEY, UNWRITTEN_KEY, job_id, need, now, now + ttl, budget, HEADROOM
+    keys = (HELD_KEY, UNWRITTEN_KEY, LINE_KEY, LINE_NEEDS_KEY)
+    granted, limit, used, unwritten, ahead, startup = client.eval(
+        _RESERVE, len(keys), *keys, job_id, need, time.time(), ttl, budget, HEADROOM
     )
     if granted:
         client.unlink(job_key(job_id, "need"))
-    return Room(bool(granted), need, int(limit), int(used), int(unwritten), int(startup))
+    return Room(bool(granted), need, int(limit), int(used), int(unwritten), int(ahead), int(startup))
 
 
 def wait(client: redis.Redis, job_id: str, need: int, ttl: int) -> None:
@@ -405,10 +433,12 @@ def waiting_need(client: redis.Redis, job_id: str) -> int | None:
 
 
 def release(client: redis.Redis, job_id: str) -> None:
-    """Give the job's room back (nothing if it held none)."""
+    """Give the job's room back, or its place in line (nothing if it had neither)."""
     with client.pipeline(transaction=False) as pipe:
         pipe.zrem(HELD_KEY, job_id)
         pipe.hdel(UNWRITTEN_KEY, job_id)
+        pipe.zrem(LINE_KEY, job_id)
+        pipe.hdel(LINE_NEEDS_KEY, job_id)
         pipe.execute()
 
 

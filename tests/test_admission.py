@@ -204,3 +204,23 @@ def test_allocated_follows_jemalloc_s_size_classes():
     assert store.allocated(640 * 640 - 16) == 448 * 1024  # 400 KiB + Redis's header: the 448 KiB class
     assert store.allocated(640 * 640 * 3 - 16) == 1280 * 1024
     assert store.allocated(100) == 128 and store.allocated(0) == 16
+
+
+def test_reservations_wait_in_line_so_a_big_job_is_not_overtaken():
+    """On a real Redis of 100 MB: a waiting big job's need counts as taken for the jobs behind it, a released
+    reservation lets the line move in order, and no key is left."""
+    with RedisServer(options=["--maxmemory", "100mb"]) as server:
+        client = server.client()
+        assert store.reserve(client, "running", 60_000_000, 0, 60).granted
+        big = store.reserve(client, "big", 50_000_000, 0, 60)
+        assert not big.granted and big.ahead == 0
+        small = store.reserve(client, "small", 10_000_000, 0, 60)  # it would fit beside "running" alone
+        assert not small.granted and small.ahead == 50_000_000
+        assert small.waiting().endswith("(50.0 MB of it for jobs ahead in line)")
+        store.delete_job(client, "running", 0)
+        assert store.reserve(client, "small", 10_000_000, 0, 60).granted  # 50 + 10 fit now: in order
+        assert store.reserve(client, "big", 50_000_000, 0, 60).granted
+        assert not store.reserve(client, "late", 40_000_000, 0, 60).granted  # 60 taken: 40 more do not fit
+        for job in ("small", "big", "late"):
+            store.delete_job(client, job, 0)
+        assert sorted(client.scan_iter("tilerec:*")) == []
