@@ -31,6 +31,7 @@ import numpy as np
 
 from bench.cluster import LOG_LINE
 from pipeline.scenes import qr_code, qr_scene
+from tasks import store
 
 CLIENTS = 4
 SMALL = "small"
@@ -137,7 +138,8 @@ def run(profile: Profile, folder: Path, truths: dict[str, list[str]], big: bool)
             wall = time.monotonic() - began
             memory = server.client().info("memory")
             alive = worker.process.poll() is None
-        left = sorted(key.decode() for key in server.client().scan_iter("tilerec:*") if b":cost:" not in key)
+        kept = (b"tilerec:cost:", store.ROSTER_KEY.encode())  # measured tile costs; the roster of running nodes
+        left = sorted(key.decode() for key in server.client().scan_iter("tilerec:*") if not key.startswith(kept))
     rows = [row for _, out in clients for row in json.loads(out.read_text())]
     entries = [json.loads(line) for line in (folder / "dataset-out" / "results.jsonl").read_text().splitlines()]
     for entry in entries:

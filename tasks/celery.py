@@ -21,12 +21,14 @@ from pipeline.recognizers import limit_threads, restrict_file_params
 from pipeline.recognizers.dnn import configure_execution, current_execution
 from tasks import store
 from tasks.leases import Leases
+from tasks.roster import Roster
 
 STARTUP_WAIT_S = 30.0  # a worker waits this long for its Redis to answer before it starts without checking it
 log = logging.getLogger(__name__)
 app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(Leases)
+app.steps["consumer"].add(Roster)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pipeline.scenes import qr_scene
 from pipeline.tiling import grid
 from tasks import store
 from tasks.local import RedisServer, Worker
-from tests.conftest import IMAGES_ROOT
+from tests.conftest import IMAGES_ROOT, tilerec_left
 from tests.faulty import MARKER_BGR, RELEASE, TENANT
 from tests.scenes import assert_each_code_once
 from tests.test_faults import Client, env_for
@@ -53,11 +53,6 @@ def capped(tmp_path) -> Iterator[tuple[RedisServer, Worker]]:
         finally:
             worker.stop()
             (IMAGES_ROOT / RELEASE).unlink(missing_ok=True)
-
-
-def tilerec_left(client) -> list[bytes]:
-    """tilerec's keys other than the measured tile costs (kept a week on purpose): jobs, reservations, inputs."""
-    return sorted(key for key in client.scan_iter("tilerec:*") if not key.startswith(b"tilerec:cost:"))
 
 
 def state_of(client, job_id: str) -> str | None:

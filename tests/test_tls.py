@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.scenes import qr_scene
 from tasks.local import RedisServer, Tls, Worker, _stop, _wait, free_port
-from tests.conftest import IMAGES_ROOT
+from tests.conftest import IMAGES_ROOT, tilerec_left
 from tests.scenes import assert_each_code_once
 from tests.sentinels import MASTER, SentinelGroup
 from tests.test_faults import Client, env_for
@@ -177,5 +177,4 @@ def test_a_sentinel_set_up_over_tls_runs_a_job_from_the_cli(tls, scene, tmp_path
             assert worker.process.poll() is None
         finally:
             worker.stop()
-        left = [key for key in group.master.client().scan_iter("tilerec:*") if not key.startswith(b"tilerec:cost:")]
-        assert left == []  # the job's keys and the upload
+        assert tilerec_left(group.master.client()) == []  # the job's keys and the upload
