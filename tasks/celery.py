@@ -12,8 +12,9 @@ import redis
 from celery import Celery, signals
 from celery.worker.control import inspect_command
 
-from pipeline import images, remote
+from pipeline import images
 from pipeline.memory import keep_freed_buffers
+from pipeline.readers import remote
 from pipeline.recognizers import limit_threads, restrict_file_params
 from pipeline.recognizers.dnn import configure_execution, current_execution
 from tasks import store
