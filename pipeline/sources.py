@@ -141,7 +141,7 @@ def open_source(
             check_region(width, height, max_pixels, "read" if source.windowed else "decode")
         if source.windowed:
             return source.validate() if isinstance(source, TiffSource) else source
-        pixels = source.whole()  # type: ignore[union-attr]
+        pixels = source._to_bgr(source.whole())  # type: ignore[union-attr]
     except BaseException:
         source.close()
         raise

@@ -1,14 +1,9 @@
-"""Tiled and stripped TIFFs (BigTIFF and pyramids too) read window by window: tifffile reads the header, libvips
-(libtiff) the pixels.
+"""Tiled and stripped TIFFs (BigTIFF and pyramids too) read window by window through tifffile.
 
-Opening parses the image file directories with tifffile: the pyramid's levels, the pixel type and colour layout,
-and where every tile or strip lies, checked against the file's length, so a damaged, truncated or unsupported file
-is refused before any pixel is read. `read(window)` then asks libvips for the window (`Region.fetch`): libtiff
-decodes only the tiles or strips the window touches, with every codec it has (deflate, LZW, JPEG, WebP, zstd,
-PackBits), and keeps the last ones decoded for the neighbouring windows. libvips cannot read tiled TIFFs whose
-samples are stored in separate planes: their tiles are decoded by tifffile instead. A TIFF stored as one
-compressed strip cannot be read by window: it is decoded whole. A file in object storage is read through its
-fsspec handle.
+Opening reads the header (the image file directories) only. `read(window)` decodes only the TIFF tiles or strips
+that the window touches, each with its own offset, by tifffile's codecs; an uncompressed, contiguous image is read
+row by row (a view, for bytes in memory). A TIFF stored as one compressed strip cannot be read by window: it is
+decoded whole.
 """
 
 from __future__ import annotations
@@ -23,11 +18,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pyvips
 
 from pipeline.images import ImageError, normalize
 from pipeline.model import Spatial
-from pipeline.readers.vips import DTYPES, vips_errors
 from pipeline.tiling import Window
 
 SEGMENT_CACHE_BYTES = 64 * 2**20  # decoded TIFF tiles kept per open file: neighbouring windows share tiles
@@ -49,14 +42,16 @@ def _tiff_error(name: str, error: Exception) -> ImageError:
 
 
 class TiffSource:
-    """One pyramid level of the first image series of a TIFF, read window by window (see the module's docstring)."""
+    """One pyramid level of the first image series of a TIFF, read window by window.
+
+    Opening reads the header (the image file directories) only. Tiles and strips are read with their own offsets
+    and decoded by tifffile; an uncompressed, contiguous image is read row by row (a view, for bytes in memory).
+    """
 
     reader = "tiff"
 
-    def __init__(self, tiff: Any, name: str, level: int = 0, target: Path | bytes | Any = None) -> None:
-        """`tiff`: the file's header, opened by tifffile; `target`: what libvips reads the pixels from (the path,
-        the bytes, or a file object such as an object in storage's handle)."""
-        self.tiff, self.name, self.level, self.target = tiff, name, level, target
+    def __init__(self, tiff: Any, name: str, level: int = 0, data: bytes | None = None) -> None:
+        self.tiff, self.name, self.level = tiff, name, level
         series = tiff.series[0]
         self.levels = len(series.levels)
         if not 0 <= level < self.levels:
@@ -65,111 +60,151 @@ class TiffSource:
         self.page = page.aspage() if hasattr(page, "aspage") else page
         self.width, self.height = int(self.page.imagewidth), int(self.page.imagelength)
         self.downsample = int(series.levels[0].pages[0].imagewidth) / max(self.width, 1)
-        samples = self._check_pixels_supported()
+        self._photometric, samples = self._check_pixels_supported()
         self.channels = 1 if samples < 3 else 3
         self._samples = samples
-        self.size: int | None = None  # of a file object (an object in storage), whose handle has no path
-        self.spatial: Spatial | None = None
-        self.windowed = not self._one_big_strip()
-        self._region: pyvips.Region | None = None
-        self._image: pyvips.Image | None = None
-        # tiled, each sample in its own plane (which libvips cannot read): tiles decoded by tifffile, a few kept
-        self._layout: _Layout | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
+        self._data = data
+        self._mapped: np.ndarray | None = None  # contiguous pixels: a view of the bytes, or None for a file
+        self._contiguous: tuple[int, np.dtype, tuple[int, ...]] | None = None  # (offset, dtype, shaped)
+        self._layout: _Layout | None = None
+        self.size: int | None = None  # of a file object (an object in storage), whose handle has no path
+        self.spatial: Spatial | None = None
+        self.windowed = self._mappable() or self.page.is_tiled or self._strip_bytes() <= SEGMENT_CACHE_BYTES
 
     def validate(self) -> TiffSource:
-        """Check where the header says the pixels are against the file (enough segments, none past its end).
-        Separate from opening so that a size limit is applied before anything else."""
-        if isinstance(self.target, bytes):
-            file_size = len(self.target)
-        else:
-            file_size = self.size or os.path.getsize(self.tiff.filehandle.path)
+        """Check where the header says the pixels are against the file (enough segments, none past its end) and
+        prepare to read them. Separate from opening so that a size limit is applied before anything else."""
+        file_size = (
+            len(self._data) if self._data is not None else self.size or os.path.getsize(self.tiff.filehandle.path)
+        )
+        if self._mappable():
+            self._contiguous = self._locate(file_size)
+            if self._data is not None:
+                offset, dtype, shape = self._contiguous
+                self._mapped = np.frombuffer(self._data, dtype, int(np.prod(shape)), offset).reshape(shape)
+        elif self.windowed:
+            self._layout = self._segment_layout(file_size)
+        return self
+
+    def _mappable(self) -> bool:
+        page = self.page
+        return not page.is_tiled and page.is_contiguous and page.is_final and len(page.dataoffsets) > 0
+
+    def _strip_bytes(self) -> int:
+        rows = min(int(self.page.rowsperstrip or self.height), self.height)
+        return rows * self.width * self._samples * np.dtype(self.page.dtype).itemsize
+
+    def _check_pixels_supported(self) -> tuple[str, int]:
+        page = self.page
+        photometric = getattr(page.photometric, "name", str(page.photometric))
+        samples = int(page.samplesperpixel)
+        if page.dtype is None or np.dtype(page.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+            raise ImageError(f"{self.name}: unsupported TIFF pixel type {page.dtype}; use 8- or 16-bit images")
+        self._check_codec()
+        if int(getattr(page, "imagedepth", 1)) != 1:
+            raise ImageError(f"{self.name}: volumetric TIFFs (image depth > 1) are not supported")
+        if photometric in ("MINISBLACK", "MINISWHITE") and samples <= 2:
+            return photometric, samples
+        if photometric in ("RGB", "YCBCR") and samples in (3, 4):
+            return "RGB", samples  # tifffile's JPEG decoder gives RGB for YCbCr
+        raise ImageError(
+            f"{self.name}: unsupported TIFF colour layout ({photometric}, {samples} samples per pixel); "
+            "use grey, RGB or RGBA"
+        )
+
+    def _check_codec(self) -> None:
+        """Refuse, when opening, a compression this installation cannot decode (rather than failing every tile)."""
+        from tifffile import TIFF
+
+        compression = int(self.page.compression)
+        if compression == 1:
+            return
+        try:
+            TIFF.DECOMPRESSORS[compression]
+        except KeyError as error:
+            reason = str(error.args[0]) if error.args else f"compression {compression} is unknown"
+            hint = " (pip install 'tilerec[tiff-codecs]')" if "imagecodecs" in reason else ""
+            raise ImageError(f"{self.name}: cannot decode this TIFF: {reason}{hint}") from None
+
+    def _locate(self, file_size: int) -> tuple[int, np.dtype, tuple[int, ...]]:
+        """Where an uncompressed, contiguous image's pixels are: (offset, dtype in the file's byte order, shape)."""
+        page = self.page
+        dtype = np.dtype(page.dtype).newbyteorder("<" if self.tiff.byteorder == "<" else ">")
+        offset = int(page.dataoffsets[0])
+        shape = tuple(int(v) for v in page.shaped)  # (planes, depth, height, width, samples)
+        if offset + int(np.prod(shape)) * dtype.itemsize > file_size:
+            raise ImageError(f"{self.name} is truncated: its pixels reach past the end of the file")
+        return offset, dtype, shape
+
+    def _rows(self, window: Window) -> np.ndarray:
+        """The window's part of each row of a contiguous, uncompressed image, read straight from the file.
+
+        Not memory-mapped: mapped pages count as the process's own memory, so a tile process would in the end
+        appear to hold the whole file."""
+        offset, dtype, (planes, _, height, width, samples) = self._contiguous  # type: ignore[misc]
+        out = np.empty((planes, window.height, window.width * samples), dtype)
+        handle, row_bytes = self.tiff.filehandle, window.width * samples * dtype.itemsize
+        for plane in range(planes):
+            for row in range(window.height):
+                handle.seek(offset + ((plane * height + window.y + row) * width + window.x) * samples * dtype.itemsize)
+                data = handle.read(row_bytes)
+                if len(data) != row_bytes:
+                    raise ImageError(f"{self.name} is truncated: row {window.y + row} is cut short")
+                out[plane, row] = np.frombuffer(data, dtype)
+        return out.reshape(planes, window.height, window.width, samples)
+
+    @staticmethod
+    def _interleave(raw: np.ndarray) -> np.ndarray:
+        """(planes, rows, columns, samples) to (rows, columns, channels)."""
+        return np.moveaxis(raw[..., 0], 0, -1) if raw.shape[0] > 1 else raw[0]
+
+    def _segment_layout(self, file_size: int) -> _Layout:
         page = self.page
         planes = int(page.shaped[0])
         if page.is_tiled:
             h, w = int(page.tilelength), int(page.tilewidth)
         else:
             h, w = min(int(page.rowsperstrip or self.height), self.height), self.width
-        needed = planes * -(-self.width // w) * -(-self.height // h)
-        if len(page.dataoffsets) < needed:
+        across, down = -(-self.width // w), -(-self.height // h)
+        if len(page.dataoffsets) < planes * across * down:
             raise ImageError(
                 f"{self.name} is damaged: it has {len(page.dataoffsets)} data segments where its "
-                f"{self.width}x{self.height} size needs {needed}"
+                f"{self.width}x{self.height} size needs {planes * across * down}"
             )
         ends = np.asarray(page.dataoffsets, dtype=np.int64) + np.asarray(page.databytecounts, dtype=np.int64)
         if len(ends) and int(ends.max()) > file_size:
             raise ImageError(
                 f"{self.name} is truncated: its data reaches byte {int(ends.max()):,} of a {file_size:,}-byte file"
             )
-        if page.is_tiled and planes > 1:
-            self._layout = _Layout(h, w, -(-self.width // w), -(-self.height // h), planes)
-        return self
-
-    def _one_big_strip(self) -> bool:
-        """A compressed strip larger than SEGMENT_CACHE_BYTES: every window would decode all of it again."""
-        page = self.page
-        if page.is_tiled or int(page.compression) == 1:
-            return False
-        rows = min(int(page.rowsperstrip or self.height), self.height)
-        return rows * self.width * self._samples * np.dtype(page.dtype).itemsize > SEGMENT_CACHE_BYTES
-
-    def _check_pixels_supported(self) -> int:
-        page = self.page
-        photometric = getattr(page.photometric, "name", str(page.photometric))
-        samples = int(page.samplesperpixel)
-        if page.dtype is None or np.dtype(page.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-            raise ImageError(f"{self.name}: unsupported TIFF pixel type {page.dtype}; use 8- or 16-bit images")
-        if int(getattr(page, "imagedepth", 1)) != 1:
-            raise ImageError(f"{self.name}: volumetric TIFFs (image depth > 1) are not supported")
-        if photometric in ("MINISBLACK", "MINISWHITE") and samples <= 2:
-            return samples
-        if photometric in ("RGB", "YCBCR") and samples in (3, 4):
-            return samples
-        raise ImageError(
-            f"{self.name}: unsupported TIFF colour layout ({photometric}, {samples} samples per pixel); "
-            "use grey, RGB or RGBA"
-        )
-
-    def _location(self) -> dict[str, int]:
-        """Where libvips finds this level: a page of the file, or a SubIFD of the first page (tifffile counts both
-        from 0)."""
-        subifds = list(self.tiff.pages[0].subifds or ())
-        if self.level and self.page.offset in subifds:
-            return {"subifd": subifds.index(self.page.offset)}
-        return {"page": int(self.page.index)}
-
-    def _open_pixels(self) -> pyvips.Image:
-        with vips_errors(f"{self.name} is damaged or uses an unsupported codec"):
-            where = self._location()
-            if isinstance(self.target, Path | str):
-                image = pyvips.Image.new_from_file(str(self.target), access="random", fail_on="warning", **where)
-            elif isinstance(self.target, bytes):
-                image = pyvips.Image.new_from_buffer(self.target, "", access="random", fail_on="warning", **where)
-            else:
-                image = pyvips.Image.new_from_source(_source_of(self.target), "", access="random", fail_on="warning",
-                                                     **where)  # fmt: skip
-            if self.page.is_tiled:  # the tiles a window shares with its neighbours, decoded once
-                tile = int(self.page.tilewidth), int(self.page.tilelength)
-                across = -(-self.width // tile[0]) * 2
-                cached = max(across, SEGMENT_CACHE_BYTES // max(1, tile[0] * tile[1] * self._samples * 2))
-                image = image.tilecache(tile_width=tile[0], tile_height=tile[1], max_tiles=cached, threaded=False)
-        return image
+        return _Layout(h, w, across, down, planes)
 
     def read(self, window: Window) -> np.ndarray:
         """The window's pixels as 8-bit grey or BGR, decoding only the TIFF segments it touches."""
         if window.x < 0 or window.y < 0 or window.x2 > self.width or window.y2 > self.height or window.width <= 0:
             raise ImageError(f"window {window.to_list()[1:]} is not inside the {self.width}x{self.height} image")
-        if self._layout is not None:
-            return self._to_bgr(self._assemble(window, self._layout))
-        if self._region is None:
-            self._image = self._open_pixels()
-            self._region = pyvips.Region.new(self._image)
-        assert self._image is not None
-        with vips_errors(f"{self.name} is damaged or uses an unsupported codec: {window.to_list()[1:]} cannot be read"):
-            data = self._region.fetch(window.x, window.y, window.width, window.height)
-        raw = np.frombuffer(data, DTYPES[self._image.format]).reshape(window.height, window.width, self._image.bands)
+        if self.windowed and self._layout is None and self._contiguous is None:
+            self.validate()
+        if self._mapped is not None:
+            raw = self._interleave(self._mapped[:, 0, window.y : window.y2, window.x : window.x2, :])
+        elif self._contiguous is not None:
+            raw = self._interleave(self._rows(window))
+        elif self._layout is not None:
+            raw = self._assemble(window, self._layout)
+        else:
+            raw = self.whole()[window.y : window.y2, window.x : window.x2]
         return self._to_bgr(raw)
+
+    def whole(self) -> np.ndarray:
+        """The level decoded whole, as stored (for TIFFs that cannot be read by window)."""
+        try:
+            pixels = np.asarray(self.page.asarray())
+        except Exception as error:
+            raise _tiff_error(self.name, error) from None
+        if int(self.page.shaped[0]) > 1:  # planar configuration "separate": samples come first
+            pixels = np.moveaxis(pixels.reshape(-1, self.height, self.width), 0, -1)
+        return pixels.reshape(self.height, self.width, -1)
 
     def _assemble(self, window: Window, layout: _Layout) -> np.ndarray:
         out = np.zeros((window.height, window.width, self._samples), dtype=self.page.dtype)
@@ -233,30 +268,22 @@ class TiffSource:
             _, dropped = self._cache.popitem(last=False)
             self._cached_bytes -= dropped.nbytes
 
-    def whole(self) -> np.ndarray:
-        """The level decoded whole, as 8-bit grey or BGR (for TIFFs that cannot be read by window)."""
-        return self.read(Window(0, 0, 0, self.width, self.height))
-
     def _to_bgr(self, raw: np.ndarray) -> np.ndarray:
-        """libvips' pixels (grey, RGB, with alpha or not; MINISWHITE already inverted) as 8-bit grey or BGR."""
+        if raw.ndim == 2:
+            raw = raw[:, :, None]
         if not raw.dtype.isnative:
             raw = raw.astype(raw.dtype.newbyteorder("="))
-        if raw.shape[2] >= 3:
-            return normalize(cv2.cvtColor(raw[:, :, :3], cv2.COLOR_RGB2BGR))
-        return normalize(np.ascontiguousarray(raw[:, :, 0]))
+        if self._photometric == "RGB":
+            pixels = cv2.cvtColor(np.ascontiguousarray(raw[:, :, :3]), cv2.COLOR_RGB2BGR)
+        else:
+            pixels = raw[:, :, 0]
+        pixels = normalize(np.ascontiguousarray(pixels))
+        return 255 - pixels if self._photometric == "MINISWHITE" else pixels
 
     def close(self) -> None:
-        self._region = self._image = None
         self._cache.clear()
+        self._mapped = self._data = None
         self.tiff.close()
-
-
-def _source_of(handle: Any) -> pyvips.SourceCustom:
-    """A libvips source reading a seekable Python file object (an fsspec handle: each read a range request)."""
-    source = pyvips.SourceCustom()
-    source.on_read(lambda size: handle.read(size))
-    source.on_seek(lambda offset, whence: handle.seek(offset, whence))
-    return source
 
 
 def tiff_source(tiff: Any, target: Any, name: str, level: int, size: int | None = None) -> TiffSource:
@@ -264,7 +291,7 @@ def tiff_source(tiff: Any, target: Any, name: str, level: int, size: int | None 
     try:
         if not tiff.series:
             raise ImageError(f"{name} is not a readable TIFF: no image found (its header is damaged)")
-        source = TiffSource(tiff, name, level, target)
+        source = TiffSource(tiff, name, level, target if isinstance(target, bytes) else None)
         source.size = size
         return source
     except ImageError:

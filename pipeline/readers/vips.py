@@ -14,7 +14,6 @@ pyvips with the pyvips-binary wheel (libvips and its codecs) is a dependency.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from pipeline.images import ImageError, normalize
 from pipeline.tiling import Window
 
 BAND_ROWS = 256  # rows decoded at a time: a 20000-pixel-wide RGB band is 15 MB
-DTYPES = {"uchar": np.uint8, "ushort": np.uint16}
+_DTYPES = {"uchar": np.uint8, "ushort": np.uint16}
 
 pyvips.cache_set_max(0)  # libvips' operation cache would keep every decoded image: a worker reads many, once each
 
@@ -62,16 +61,10 @@ logging.getLogger("pyvips").addHandler(_reasons)
 logging.getLogger("pyvips").propagate = False
 
 
-@contextlib.contextmanager
-def vips_errors(what: str) -> Iterator[None]:
-    """libvips' errors as ImageErrors: `what`, then the codec's own words where it logged them."""
-    _reasons.clear()
-    try:
-        yield
-    except pyvips.Error as error:
-        detail = " ".join(line.strip() for line in str(error.detail or error.message).splitlines() if line.strip())
-        reason = _reasons.take()
-        raise ImageError(f"{what}: {reason + ' (' + detail + ')' if reason else detail}"[:400]) from None
+def _vips_error(what: str, error: pyvips.Error) -> ImageError:
+    detail = " ".join(line.strip() for line in str(error.detail or error.message).splitlines() if line.strip())
+    reason = _reasons.take()
+    return ImageError(f"{what} is damaged or cut short: {reason + ' (' + detail + ')' if reason else detail}"[:400])
 
 
 def cmyk_to_bgr(cmyk: np.ndarray) -> np.ndarray:
@@ -100,7 +93,7 @@ class VipsSource:
         self.width, self.height = self.image.width, self.image.height
         self._cmyk = self.image.interpretation == "cmyk"
         self.channels = 1 if self.image.bands == 1 and not self._cmyk else 3
-        if self.image.format not in DTYPES:
+        if self.image.format not in _DTYPES:
             raise ImageError(f"{name}: unsupported pixel type {self.image.format}; use 8- or 16-bit images")
         self._bands: Iterator[np.ndarray] | None = None
         self._held: list[tuple[int, np.ndarray]] = []  # (first row, band), top to bottom, contiguous rows
@@ -109,21 +102,27 @@ class VipsSource:
 
     def _open(self) -> pyvips.Image:
         """The image with its header read (no pixels), in sequential access, failing on truncated pixel data."""
-        with vips_errors(f"{self.name}: the {self.kind.upper()} header is damaged or cut short"):
+        _reasons.clear()
+        try:
             if isinstance(self.target, bytes):
                 return pyvips.Image.new_from_buffer(self.target, "", access="sequential", fail_on="truncated")
             return pyvips.Image.new_from_file(str(self.target), access="sequential", fail_on="truncated")
+        except pyvips.Error as error:
+            raise _vips_error(f"{self.name}: the {self.kind.upper()} header", error) from None
 
     def bands(self, rows: int = BAND_ROWS) -> Iterator[np.ndarray]:
         """The image's rows, top to bottom, `rows` at a time (the last band may be shorter), normalized."""
         image = self._open() if self._decoded else self.image  # a second pass needs a decoder of its own
         self._decoded = True
         region = pyvips.Region.new(image)
-        dtype = DTYPES[image.format]
+        dtype = _DTYPES[image.format]
         for top in range(0, self.height, rows):
             count = min(rows, self.height - top)
-            with vips_errors(f"{self.name} is damaged or cut short"):
+            _reasons.clear()
+            try:
                 data = region.fetch(0, top, self.width, count)
+            except pyvips.Error as error:
+                raise _vips_error(self.name, error) from None
             yield self._to_bgr(np.frombuffer(data, dtype).reshape(count, self.width, image.bands))
 
     def _to_bgr(self, raw: np.ndarray) -> np.ndarray:
