@@ -7,9 +7,10 @@ which reads what and why). Every input is identified from its first bytes and it
 - a tiled or stripped TIFF (BigTIFF and pyramids too) is read window by window: `read(window)` decodes only the
   TIFF tiles or strips the window touches (`TiffSource`), so a gigapixel scan costs each reader a few tiles;
 - a GeoTIFF through rasterio, a slide through OpenSlide, window by window; objects in storage through fsspec;
-- JPEG, PNG, WebP, GIF and HEIF through libvips, decoded top to bottom band by band (`readers.vips`): read in row
-  order (`in_row_order`), only the bands a window spans are held, otherwise the image is decoded whole;
-- BMP, PNM/PFM, HDR, Sun raster, JPEG 2000 and .npy are decoded whole (`readers.opencv`) into an `ArraySource`.
+- JPEG, PNG, GIF and HEIF through libvips, decoded top to bottom band by band (`readers.vips`): read in row order
+  (`in_row_order`), only the bands a window spans are held, otherwise the image is decoded whole;
+- WebP, BMP, PNM/PFM, HDR, Sun raster, JPEG 2000 and .npy are decoded whole (`readers.opencv`) into an
+  `ArraySource`.
 
 Every source gives 8-bit grey or BGR windows (what the recognizers take), like `images.normalize`.
 """
@@ -155,7 +156,8 @@ def _open_decoded(target: Path | bytes, max_pixels: int, in_row_order: bool) -> 
     head, tail, size = _ends(target)
     kind = formats.sniff(head)
     if kind not in formats.VIPS_FORMATS:
-        check_pixels(*opencv.size(kind, head), max_pixels)  # before the file is read
+        check_pixels(*opencv.size(kind, head), max_pixels)
+        formats.check_complete(kind, head, tail, size)  # both before the file is read
         data = target if isinstance(target, bytes) else _read(target)
         return ArraySource(opencv.decode(data, kind, max_pixels))
     source = VipsSource(target, _name(target), kind)

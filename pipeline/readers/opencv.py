@@ -1,8 +1,8 @@
-"""BMP, PNM/PFM, Radiance HDR, Sun raster and JPEG 2000, decoded whole by OpenCV, and .npy arrays by NumPy.
+"""WebP, BMP, PNM/PFM, Radiance HDR, Sun raster and JPEG 2000, decoded whole by OpenCV, and .npy arrays by NumPy.
 
-libvips as the pyvips-binary wheel ships it reads none of these formats, and none of them is worth streaming: they
-are rare, and none is how a large image is stored. Each one's size is read from its header (`formats.opencv_size`;
-an array's from the .npy header) and checked against the pixel limit before it is decoded.
+libvips as the pyvips-binary wheel ships it reads none of these formats but WebP, whose frame it decodes whole
+before its first band anyway, in 1.9x OpenCV's time (docs/performance.md). Each one's size is read from its header
+(`formats.opencv_size`; an array's from the .npy header) and checked against the pixel limit before it is decoded.
 """
 
 from __future__ import annotations

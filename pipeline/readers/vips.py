@@ -1,4 +1,4 @@
-"""JPEG, PNG, WebP, GIF and HEIF/AVIF read through libvips: the header first, then the pixels top to bottom.
+"""JPEG, PNG, GIF and HEIF/AVIF read through libvips: the header first, then the pixels top to bottom.
 
 Opening reads the header only (the size, checked against the pixel limit before anything is decoded). The pixels
 are then decoded band by band in sequential access: a window is cut from the bands that hold its rows, and the
