@@ -121,3 +121,43 @@ def test_formats_read_by_opencv_give_the_pixels_written():
     np.testing.assert_array_equal(decode(data.tobytes()), cv2.imdecode(data, cv2.IMREAD_UNCHANGED))
     ok, data = cv2.imencode(".pgm", image[:, :, 0])
     np.testing.assert_array_equal(decode(data.tobytes()), image[:, :, 0])
+
+
+def encoded(scene_path: str, suffix: str) -> Path:
+    """The big scene as a JPEG (quality 95), a WebP or a stripped deflate TIFF, written once."""
+    import tifffile
+
+    path = IMAGES_ROOT / f"big-qr{suffix}"
+    if not path.is_file():
+        pixels = cv2.imread(scene_path, cv2.IMREAD_COLOR)
+        if suffix == ".tif":
+            tifffile.imwrite(path, cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB), rowsperstrip=64, compression="zlib")
+        else:
+            assert cv2.imwrite(str(path), pixels, [cv2.IMWRITE_JPEG_QUALITY, 95] if suffix == ".jpg" else [])
+    return path
+
+
+# (suffix, uploaded: bytes through the store rather than a shared file, streamed); a WebP is decoded whole
+STREAMED = {
+    "JPEG": (".jpg", False, True),
+    "WebP": (".webp", False, False),
+    "stripped TIFF, uploaded": (".tif", True, True),
+}
+
+
+@pytest.mark.parametrize("name", list(STREAMED))
+def test_streamed_jobs_find_what_one_process_finds_on_the_same_pixels(worker, redis_server, big_scene, name):
+    """On two processes the tiling task publishes the chord and then stores each row of tiles as it is decoded:
+    the very detections of the same tiles recognized in one process from the file decoded whole."""
+    from pipeline.inference import recognize_image
+
+    scene, path = big_scene
+    suffix, uploaded, streamed = STREAMED[name]
+    file = encoded(path, suffix)
+    alone = recognize_image(decode(file.read_bytes()), "qrcode").to_json()["detections"]
+    image = put_image(file.read_bytes()) if uploaded else str(file)
+    result = recognize.delay(image, "qrcode").get(timeout=TIMEOUT)
+    assert result["detections"] == alone
+    assert ("streamed_decode_s" in result["timings"]) == streamed
+    assert len(alone) == len(scene.truths)
+    assert tilerec_keys(redis_server) == []
