@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,6 +103,23 @@ class Target:
 
     def __fspath__(self) -> str:  # what tasks.client.submit_many sends the workers, or reads to upload
         return self.given if self.path is None else str(self.path)
+
+
+# what tilerec's readers decode, by extension: OpenCV's list (its documentation's; GIF since 4.11), which libvips'
+# formats (JPEG, PNG, GIF, AVIF, TIFF) are among
+OPENCV_SUFFIXES = frozenset(
+    {".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".gif", ".pbm", ".pgm", ".ppm",
+     ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr", ".pic"}
+)  # fmt: skip
+# whole-slide formats OpenSlide opens (the `slide` extra)
+SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"})
+
+
+def reader_suffixes() -> frozenset[str]:
+    """The file extensions some available reader takes: OpenCV's formats (TIFFs included), NumPy arrays, and the
+    whole-slide formats where OpenSlide is installed. A folder given to `run` contributes those files only."""
+    slides = SLIDE_SUFFIXES if importlib.util.find_spec("openslide") else frozenset()
+    return OPENCV_SUFFIXES | {".npy"} | slides
 
 
 def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Target:
