@@ -58,7 +58,8 @@ PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each rep
 # auto batches: at least this many per process of the tiling node (its size is known there, the cluster's is not;
 # each batch costs a task of Celery and Redis round trips, docs/performance.md)
 BATCHES_PER_PROCESS = 4
-_DIED = f"the worker process died all {MAX_ATTEMPTS}"
+DIED = f"the worker process died all {MAX_ATTEMPTS}"
+BULKY = ("detections", "per_frame", "tracks")  # what a result's summary leaves out (an image's, a video's)
 log = logging.getLogger(__name__)
 
 
@@ -128,10 +129,10 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
             raise Ignore("the job's chord was published by an earlier delivery; its merge gives the job's result")
     try:
         if attempts > MAX_ATTEMPTS:
-            raise images.ImageError(f"gave up on {image!r}: {_DIED} times it read it")
+            raise images.ImageError(f"gave up on {image!r}: {DIED} times it read it")
         if store.is_cancelled(client, job_id):
             raise JobCancelled(f"job {job_id} was cancelled")
-        target = _resolve(image)
+        target = resolve(image)
         job, spans, outcomes = _start(client, job_id, image, target, parse_options(recognizer, options), started,
                                       redelivered)  # fmt: skip
         if outcomes is not None:  # one batch: recognized right here, a chord would only add its round trips
@@ -197,9 +198,9 @@ def _start(
     return job, spans, None
 
 
-def _resolve(image: Any) -> Path | bytes | remote.RemoteObject:
-    """What the message names, checked once: a path confined to the allowed roots, an object under an allowed URL
-    prefix (looked at: its size and ETag), or bytes from the store."""
+def resolve(image: Any) -> Path | bytes | remote.RemoteObject:
+    """What the message names, checked once: a path confined to the allowed roots (a file, or a video's folder of
+    frames), an object under an allowed URL prefix (looked at: its size and ETag), or bytes from the store."""
     if not isinstance(image, str) or not image:
         raise images.ImageError(f"image must be a file path, URL or redis: reference (a string), got {image!r}")
     if image.startswith(store.REF_SCHEME):
@@ -236,8 +237,8 @@ def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path 
     is decoded; a failure is stored for the waiting batch tasks and the merge (which fails the job with it)."""
     try:
         if attempts > MAX_ATTEMPTS:
-            raise images.ImageError(f"gave up on {job.image!r}: {_DIED} times it decoded it")
-        target = _resolve(job.image) if target is None else target
+            raise images.ImageError(f"gave up on {job.image!r}: {DIED} times it decoded it")
+        target = resolve(job.image) if target is None else target
         source = sources.open_source(target, job.level, settings().max_pixels, job.options.roi,  # type: ignore[arg-type]
                                      job.options.read_spec(), in_row_order=True)  # fmt: skip
         with contextlib.closing(source):
@@ -365,7 +366,7 @@ def _recognize(
         group = windows[start : start + per_pass]
         name = f"tile:{group[0].index}"
         if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
-            outcomes.append(TileOutcome(group[0].index, error=f"gave up: {_DIED} times it ran this tile"))
+            outcomes.append(TileOutcome(group[0].index, error=f"gave up: {DIED} times it ran this tile"))
             continue
         found = recognize_windows(read, group, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
         outcomes.extend(found)
@@ -436,22 +437,22 @@ def _finish(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> dict[
                                   job.options)  # fmt: skip
         if cost is not None:
             store.record_tile_cost(client, job.options.recognizer, job.options.params, cost)
-        return _deliver(client, job.id, recognition.to_json())
+        return deliver(client, job.id, recognition.to_json())
     finally:
         store.delete_job(client, job.id, job.tiles)
 
 
-def _deliver(client: redis.Redis, job_id: str, document: dict[str, Any]) -> dict[str, Any]:
+def deliver(client: redis.Redis, job_id: str, document: dict[str, Any]) -> dict[str, Any]:
     """The result as is, or, when its JSON is larger than TILEREC_RESULT_INLINE_MAX_BYTES, a summary whose
     `result_ref` names the key holding the whole document (every status check reads the backend's value whole)."""
     limit = settings().result_inline_max_bytes
     text = json.dumps(document) if limit >= 0 else ""
     if limit < 0 or len(text) <= limit:
         return document
-    summary = {key: value for key, value in document.items() if key != "detections"}
+    summary = {key: value for key, value in document.items() if key not in BULKY}
     summary.update(
         result_ref=store.put_result(client, job_id, text, settings().result_expires),
         result_bytes=len(text),
-        detections_count=len(document["detections"]),
+        **{f"{key}_count": len(document[key]) for key in BULKY if key in document},
     )
     return summary
