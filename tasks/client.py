@@ -22,7 +22,7 @@ from pipeline.model import Recognition
 from pipeline.readers.remote import is_url
 from tasks import store
 from tasks.celery import settings, store_client
-from tasks.jobs import recognize
+from tasks.jobs import WAITING, recognize
 from tasks.video import recognize_video
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)  # a Redis restarting, loading its data or failing over
@@ -53,6 +53,7 @@ class Job:
     _done: int = field(default=0, init=False, repr=False)
     _total: int | None = field(default=None, init=False, repr=False)
     _gone_since: float | None = field(default=None, init=False, repr=False)
+    waiting: str | None = field(default=None, init=False, repr=False)  # why it waits for room, as progress() saw
 
     @property
     def id(self) -> str:
@@ -61,9 +62,13 @@ class Job:
     def progress(self) -> tuple[int, int | None]:
         """(tiles done, tiles in all); the total is None until the tiling task has planned the grid.
 
-        Never goes backwards, though the merge deletes the job's counters just before the result lands."""
-        if self.result.successful():
-            self._total = _units(self.result.info)
+        Never goes backwards, though the merge deletes the job's counters just before the result lands. A job
+        waiting for room in the tile store says so in `waiting`."""
+        meta = self.result.backend.get_task_meta(self.id)
+        info = meta.get("result")
+        self.waiting = info.get("waiting") if meta["status"] == WAITING and isinstance(info, dict) else None
+        if meta["status"] == "SUCCESS":
+            self._total = _units(info)
             self._done = self._total
             return self._done, self._total
         done, total = store.progress(store_client(), self.id)

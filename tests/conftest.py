@@ -69,6 +69,15 @@ def tilerec_keys(server: RedisServer) -> list[bytes]:
     return sorted(server.client().scan_iter("tilerec:job:*"))
 
 
+def tilerec_left(client) -> list[bytes]:
+    """tilerec's keys of jobs: theirs, their reservations and places in line, their inputs (not the measured tile
+    costs, kept a week, nor the roster of the nodes that take tiles, kept while they run)."""
+    from tasks.store import ROSTER_KEY
+
+    kept = (b"tilerec:cost:", ROSTER_KEY.encode())
+    return sorted(key for key in client.scan_iter("tilerec:*") if not key.startswith(kept))
+
+
 def caller_app(url: str) -> Celery:
     """Another program's Celery app on `url`, calling tilerec's tasks by name as any app may (JSON only)."""
     caller = Celery("caller", broker=url, backend=url, set_as_current=False)
