@@ -19,6 +19,20 @@ os.environ["TILEREC_ALLOWED_ROOTS"] = str(IMAGES_ROOT)
 os.environ.setdefault("TILEREC_MODEL_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "models"))
 
 
+# fixtures that start processes (Redis, Celery workers, Flower, SeaweedFS, Chromium, the bench): a test using one
+# of them, directly or through another fixture, is a `cluster` test
+CLUSTER_FIXTURES = {"redis_server", "app", "worker", "two_nodes", "other_node", "other_app", "flower", "s3",
+                    "s3_worker", "small_view", "browser", "smoke"}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `cluster` every test that uses a fixture starting processes; tests that start their own are marked
+    where they are written. `pytest -m "not cluster"` runs the rest: the edit-test loop's fast subset."""
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:

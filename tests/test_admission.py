@@ -73,6 +73,7 @@ print(job.waiting)
 """
 
 
+@pytest.mark.cluster
 def test_a_job_that_does_not_fit_now_waits_in_line_then_completes(capped, marked, tmp_path):
     """Two jobs that each fit but not together: the second waits (state WAITING, nothing stored but its need; a
     client's Job and Flower say so) while the first is held at a known point with its tiles in the store, then runs
@@ -104,6 +105,7 @@ def test_a_job_that_does_not_fit_now_waits_in_line_then_completes(capped, marked
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])  # a PNG streamed band by band; a JPEG decoded whole
+@pytest.mark.cluster
 def test_a_job_that_can_never_fit_is_refused_at_once_naming_the_sizes(capped, suffix):
     server, worker = capped
     path = IMAGES_ROOT / f"too-big-for-the-store{suffix}"
@@ -118,6 +120,7 @@ def test_a_job_that_can_never_fit_is_refused_at_once_naming_the_sizes(capped, su
     assert tilerec_left(server.client()) == [] and worker.process.poll() is None
 
 
+@pytest.mark.cluster
 def test_a_store_filled_by_another_program_fails_the_job_clearly(tmp_path, marked):
     """Another program fills Redis while the job runs (the marker tile's recognizer does, at a known point): the
     job fails with one clear StoreFull, its keys are deleted, and the worker takes the next job."""
@@ -140,6 +143,7 @@ def test_a_store_filled_by_another_program_fails_the_job_clearly(tmp_path, marke
             worker.stop()
 
 
+@pytest.mark.cluster
 def test_a_job_that_waited_the_tile_ttl_in_vain_fails_clearly(tmp_path, marked):
     """Another program holds most of the store for longer than the job may wait (TILEREC_TILE_TTL, 2 s here): the
     job gives up with StoreFull saying so, and leaves nothing behind."""
@@ -160,6 +164,7 @@ def test_a_job_that_waited_the_tile_ttl_in_vain_fails_clearly(tmp_path, marked):
             worker.stop()
 
 
+@pytest.mark.cluster
 def test_a_redis_that_evicts_keys_is_refused_at_worker_start_unless_allowed(tmp_path, marked):
     scene, path = marked
     with RedisServer(options=["--maxmemory", "200mb", "--maxmemory-policy", "allkeys-lru"]) as server:
@@ -178,6 +183,7 @@ def test_a_redis_that_evicts_keys_is_refused_at_worker_start_unless_allowed(tmp_
         assert "allowed by TILEREC_ALLOW_EVICTION" in allowed.read_text()
 
 
+@pytest.mark.cluster
 def test_the_estimate_of_a_job_s_bytes_matches_what_redis_uses():
     """tiles_bytes against Redis's own used memory for the tiles of a 3000x2000 colour image (its allocator rounds
     a 1.2 MB tile up to 1.25 MB): within a few percent, never under by more than that."""
@@ -201,6 +207,7 @@ def test_allocated_follows_jemalloc_s_size_classes():
     assert store.allocated(100) == 128 and store.allocated(0) == 16
 
 
+@pytest.mark.cluster
 def test_reservations_wait_in_line_so_a_big_job_is_not_overtaken():
     """On a real Redis of 100 MB: a waiting big job's need counts as taken for the jobs behind it, a released
     reservation lets the line move in order, and no key is left."""

@@ -25,6 +25,8 @@ from tests.test_faults import Client, env_for
 from tests.test_reliability import wait_for
 from tests.tls import make_tls
 
+pytestmark = pytest.mark.cluster  # every test here starts a Redis over TLS, and most Celery workers
+
 PASSWORD = "tls-and-a-Pa55word"
 TIMEOUT = 120
 

@@ -12,19 +12,19 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.datasets import Dataset, DatasetError
-from pipeline.evaluate import STATS, Detections, Metrics, evaluate, load_detections, load_truth, plot_curves
+from pipeline.evaluate import STATS, CocoResults, Metrics, evaluate, load_detections, load_truth, plot_curves
 from tasks.cli.errors import EXIT_OK, CliError, markup_safe, say
 from tasks.cli.output import write_json
 
 
-def iou_types(truth: Dataset, detections: Detections) -> list[str]:
+def iou_types(truth: Dataset, detections: CocoResults) -> list[str]:
     """Boxes always; masks too when the results have masks and every truth annotation has a segmentation."""
     annotations = truth.document["annotations"]
     masked = bool(annotations) and all("segmentation" in annotation for annotation in annotations)
     return ["bbox", "segm"] if detections.has_masks and masked else ["bbox"]
 
 
-def warn_unmatched(console: Console, where: str, truth: Dataset, detections: Detections) -> None:
+def warn_unmatched(console: Console, where: str, truth: Dataset, detections: CocoResults) -> None:
     """What was not scored, and why; an error when no detection's label is one of the truth's categories."""
     unknown = ", ".join(f"{label} {n}" for label, n in sorted(detections.unknown_labels.items()))
     if detections.unknown_labels and not detections.records:
