@@ -6,16 +6,18 @@ store, and the client.
 
 from pipeline.inference import TileFailure
 from tasks.celery import app
-from tasks.jobs import JobCancelled, merge, recognize, recognize_tiles
+from tasks.jobs import JobCancelled, finish, merge, recognize, recognize_crops, recognize_tiles
 from tasks.video import merge_video, recognize_segment, recognize_video
 
 __all__ = [
     "JobCancelled",
     "TileFailure",
     "app",
+    "finish",
     "merge",
     "merge_video",
     "recognize",
+    "recognize_crops",
     "recognize_segment",
     "recognize_tiles",
     "recognize_video",

@@ -1,4 +1,4 @@
-"""A job's three kinds of task, plain Celery tasks on Celery's own canvas:
+"""A job's kinds of task, plain Celery tasks on Celery's own canvas:
 
 tilerec.recognize(image, recognizer, **options)   resolves the image, plans the tiles and their batches, stores the
                                                   tiles (unless the workers read a shared TIFF themselves) and the
@@ -6,11 +6,19 @@ tilerec.recognize(image, recognizer, **options)   resolves the image, plans the 
                                                   of one batch is recognized right there
 tilerec.recognize_tiles(job_id, first, stop)      recognizes tiles [first, stop) and stores their records
 tilerec.merge(image, recognizer, **options)       runs under the job's id with the job's own arguments (what a
-                                                  monitor shows), and merges the records into the Recognition
+                                                  monitor shows), and merges the records into the Recognition; a
+                                                  recognizer's second stage with crops to read: it stores the merged
+                                                  detections and their crop plan, and becomes chord(crop batches,
+                                                  finish)
+tilerec.recognize_crops(job_id, first, stop)      runs the second stage on crops [first, stop) of the merged
+                                                  detections, read at full resolution, and stores their records
+tilerec.finish(image, recognizer, **options)      under the job's id with its arguments again: the stage's finish over
+                                                  all detections and crop records, the Recognition
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -25,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import redis
-from celery import chord, group, signals
+from celery import chord, group, signals, states
 from celery.exceptions import Ignore
 
 from pipeline import images, sources
@@ -35,17 +43,31 @@ from pipeline.inference import (
     measured_tile_cost,
     plan,
     recognize_windows,
+    region,
+    stage_reader,
     storable,
     tiles_per_forward_pass,
     windows_of,
 )
-from pipeline.model import Spatial
+from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, parse_options
 from pipeline.readers import remote
 from pipeline.recognizers import spec_of
 from pipeline.sources import FileRef
+from pipeline.stages import (
+    CropOutcome,
+    CropPlan,
+    PlannedCrop,
+    SecondStage,
+    crop_spans,
+    finish_stage,
+    plan_crops,
+    read_crops,
+    run_stage,
+    stage_of,
+)
 from pipeline.tiling import Window, row_ends
-from tasks import store
+from tasks import resources, store
 from tasks.celery import app, others_recognize, pool_size, settings, store_client
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
@@ -108,6 +130,30 @@ class Job:
                    spatial=_spatial(spatial))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A job's second stage as its merge planned it: the merged first-stage result (detections exact), the crops
+    and their batches as [first, stop) ranges. The crop batches and the final callback read it from the store."""
+
+    recognition: Recognition
+    plan: CropPlan
+    spans: list[tuple[int, int]]
+
+    def to_json(self) -> str:
+        # the detections as exact columns, not as the result's rounded records
+        document = replace(self.recognition, detections=Detections.empty()).to_json()
+        columns = self.recognition.detections.to_columns()
+        return json.dumps({"recognition": document, "columns": columns, "plan": self.plan.to_json(),
+                           "spans": self.spans})  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> Staged:
+        data = json.loads(text)
+        recognition = Recognition.from_json(data["recognition"])
+        recognition = replace(recognition, detections=Detections.from_columns(data["columns"]))
+        return cls(recognition, CropPlan.from_json(data["plan"]), [(int(a), int(b)) for a, b in data["spans"]])
+
+
 def _spatial(fields: dict[str, Any] | None) -> Spatial | None:
     """A Spatial from its fields as `Job.to_json` wrote them (JSON lists back to tuples)."""
     if fields is None:
@@ -137,10 +183,10 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
         if (need := store.waiting_need(client, job_id)) is not None:
             _admit(client, job_id, need)  # before its image is read again
         target = resolve(image)
-        job, spans, outcomes = _start(client, job_id, image, target, parse_options(recognizer, options), started,
-                                      redelivered)  # fmt: skip
-        if outcomes is not None:  # one batch: recognized right here, a chord would only add its round trips
-            return _finish(client, job, outcomes)
+        job, spans, result = _start(client, job_id, image, target, parse_options(recognizer, options), started,
+                                    redelivered)  # fmt: skip
+        if result is not None:  # one batch: recognized right here, a chord would only add its round trips
+            return result
     except _NoRoom as waiting:
         raise _wait_for_room(self, client, waiting.room) from None
     except redis.OutOfMemoryError:
@@ -169,10 +215,10 @@ def _start(
     options: JobOptions,
     started: float,
     redelivered: bool,
-) -> tuple[Job, list[tuple[int, int]], list[TileOutcome] | None]:
+) -> tuple[Job, list[tuple[int, int]], dict[str, Any] | None]:
     """Plan the job of `image` (resolved to `target`) and store it: its description, and its tiles unless the
     batch tasks read a shared file or the image is streamed once the chord is published. Returns the job, its batches
-    as [first, stop) tile ranges and, for a job of one batch, its tiles' outcomes (recognized here)."""
+    as [first, stop) tile ranges and, for a job of one batch, its result (recognized here, its second stage too)."""
     channels = 1 if spec_of(options.recognizer).grey else 3
     loaded = time.time()
     source = sources.open_source(target, options.level, settings().max_pixels, options.roi, options.read_spec(),
@@ -197,7 +243,8 @@ def _start(
             store.put_job(client, job_id, job.to_json(), job.tiles, settings().tile_ttl, streamed=True)
             return job, spans, None
         if len(spans) == 1:
-            return job, spans, _recognize(client, job, job.windows, source.read, redelivered)
+            outcomes = _recognize(client, job, job.windows, source.read, redelivered)
+            return job, spans, _finish(client, job, outcomes, source.read)  # type: ignore[return-value]
         if job.file is None:
             _admit(client, job_id, _need(job))
             tiles = ((window, storable(source.read(window), options)) for window in job.windows)
@@ -341,7 +388,7 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
         store.fail_job(client, job_id, job.tiles, store.FILLED, settings().tile_ttl)
         done = None
     if done is not None:
-        _report_progress(self, job, done, len(records))
+        _report_progress(self, job.id, done, len(records), job.tiles)
     return {
         "tiles": stop - first,
         "skipped": sum(o.detections is None and o.error is None for o in outcomes),
@@ -412,7 +459,8 @@ def _recognize(
     hence MAX_ATTEMPTS - 1)."""
     outcomes: list[TileOutcome] = []
     cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
-    judge_blank = not isinstance(read, _StoredTiles)  # stored tiles were judged when stored (blank: None)
+    # stored tiles were judged when stored (blank: None), except for a second stage, whose crops may need them
+    judge_blank = not isinstance(read, _StoredTiles) or job.options.second_stage
     # tiles go to the recognizer a forward pass at a time, or one at a time where a crash must name its tile
     per_pass = 1 if careful else tiles_per_forward_pass(job.options)
     for start in range(0, len(windows), per_pass):
@@ -447,53 +495,284 @@ def _replace_if_unsound(**_: Any) -> None:
         os._exit(70)
 
 
-_last_report = ("", 0.0)  # this process's last progress report: (job id, time.monotonic())
+_last_report = ("", "", 0.0)  # this process's last progress report: (job id, unit, time.monotonic())
 
 
-def _report_progress(task: Any, job: Job, done: int, tiles: int) -> None:
-    """When the job passed another 1/PROGRESS_STEPS of its tiles, and this process reported none for it in the
-    last PROGRESS_EVERY_S (or the job's tiles are all done): an event on the job's own row for monitors (Flower
-    shows its `result`), and the job's state PROGRESS in the result backend for any app's AsyncResult."""
+def _report_progress(task: Any, job_id: str, done: int, count: int, total: int, unit: str = "tiles") -> None:
+    """When the job passed another 1/PROGRESS_STEPS of its tiles (or crops: `unit`) with these `count`, and this
+    process reported none for it in the last PROGRESS_EVERY_S (or all are done): an event on the job's own row for
+    monitors (Flower shows its `result`), and the job's state PROGRESS in the result backend for any app's
+    AsyncResult (`info`: done, total and, for crops, `"stage": "crops"`)."""
     global _last_report
-    crossed = done * PROGRESS_STEPS // job.tiles != (done - tiles) * PROGRESS_STEPS // job.tiles
-    recent = _last_report[0] == job.id and time.monotonic() - _last_report[1] < PROGRESS_EVERY_S
-    if done < job.tiles and (not crossed or recent):
+    crossed = done * PROGRESS_STEPS // total != (done - count) * PROGRESS_STEPS // total
+    recent = _last_report[:2] == (job_id, unit) and time.monotonic() - _last_report[2] < PROGRESS_EVERY_S
+    if done < total and (not crossed or recent):
         return
-    _last_report, done = (job.id, time.monotonic()), min(done, job.tiles)
+    _last_report, done = (job_id, unit, time.monotonic()), min(done, total)
     with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
-        dispatcher.send("task-progress", uuid=job.id, done=done, total=job.tiles, result=f"{done}/{job.tiles} tiles")
-    task.backend.store_result(job.id, {"done": done, "total": job.tiles}, "PROGRESS")
+        dispatcher.send("task-progress", uuid=job_id, done=done, total=total, result=f"{done}/{total} {unit}")
+    info = {"done": done, "total": total} if unit == "tiles" else {"done": done, "total": total, "stage": unit}
+    task.backend.store_result(job_id, info, "PROGRESS")
 
 
 @app.task(name="tilerec.merge", bind=True)
 def merge(self: Any, image: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
     """The job's tile records, read from the store, merged into its Recognition. It runs under the job's id (the
-    chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor."""
+    chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor.
+
+    A job whose second stage has crops to read: the merge becomes chord(crop batches, finish) instead, the merged
+    detections and crop plan in the store (the finish inherits the job's id and arguments in turn)."""
     client = store_client()
-    job = Job.from_json(store.get_job(client, self.request.id))
-    return _finish(client, job, [TileOutcome.from_json(record) for record in store.get_records(client, job.id)])
-
-
-def _finish(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> dict[str, Any]:
-    """The job's result from its tiles' outcomes; its keys go last, whatever the outcome."""
+    job = _job_of(self, client)
+    done = _finish(client, job, [TileOutcome.from_json(record) for record in store.get_records(client, job.id)])
+    if not isinstance(done, Staged):
+        return done
+    header = group(
+        recognize_crops.si(job.id, first, stop).set(priority=batch_priority(number))
+        for number, (first, stop) in enumerate(done.spans)
+    )
     try:
-        timings = dict(job.timings)
+        return self.replace(chord(header, finish.si(image, recognizer, **options)))
+    except Ignore:
+        raise
+    except BaseException:
+        store.delete_job(client, job.id, job.tiles)
+        raise
+
+
+def _job_of(task: Any, client: redis.Redis) -> Job:
+    """The job a merge or finish (`task`, under the job's id) ends. A redelivery of one whose process died after
+    the job's outcome was stored (or a duplicate) finds the job's keys gone: it is ignored, so it cannot overwrite
+    that outcome with a failure of its own."""
+    try:
+        return Job.from_json(store.get_job(client, task.request.id))
+    except LookupError:
+        if task.AsyncResult(task.request.id).state in states.READY_STATES:
+            raise Ignore(f"job {task.request.id} has ended: its outcome is stored") from None
+        raise
+
+
+def _finish(
+    client: redis.Redis, job: Job, outcomes: list[TileOutcome], read: Callable[[Window], Any] | None = None
+) -> dict[str, Any] | Staged:
+    """The job's result from its tiles' outcomes, its second stage included where it has one: run here on crops of
+    `read` (a one-batch job's open source), or, without `read`, planned and stored for the crop batches (returned as
+    Staged; the job's keys stay for them). Otherwise its keys go last, whatever the outcome."""
+    handed_on = False
+    try:
+        recognition = _merged(client, job, outcomes)
+        stage = stage_of(job.options)
+        if stage is not None:
+            bounds = region(job.height, job.width, job.options)
+            if read is not None:
+                recognition = run_stage(recognition, job.options, stage_reader(read, job.options), bounds,
+                                        _resources(client, stage, job.options), job.started)  # fmt: skip
+            else:
+                crops = plan_crops(recognition.detections, stage, bounds, job.options.max_crops)
+                if crops.crops:
+                    staged = Staged(recognition, crops, _crop_spans(client, job.options, stage, len(crops.crops)))
+                    store.put_stage(client, job.id, staged.to_json(), len(crops.crops), job.tiles, settings().tile_ttl)
+                    handed_on = True
+                    return staged
+                recognition = finish_stage(recognition, stage, crops, [], _resources(client, stage, job.options),
+                                           started=job.started)  # fmt: skip
+        return deliver(client, job.id, recognition.to_json())
+    finally:
+        if not handed_on:
+            store.delete_job(client, job.id, job.tiles)
+
+
+def _merged(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> Recognition:
+    """The first stage's Recognition: the tiles' outcomes merged; the measured tile cost recorded."""
+    timings = dict(job.timings)
+    if store.is_cancelled(client, job.id):
+        done = sum(outcome.error is None for outcome in outcomes)
+        raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.tiles} tiles had been recognized)")
+    _, failed, _ = store.stream_state(client, job.id)
+    if failed is not None:
+        raise store.StoreFull(failed) if failed == store.FILLED else images.ImageError(failed)
+    if job.streamed:
+        spent = client.hgetall(store.job_key(job.id, "stream"))
+        timings.update({f"streamed_{k.decode()}": float(v) for k, v in spent.items()})
+    recognition = assemble(outcomes, job.windows, job.options, job.width, job.height, job.started,
+                           source=job.image, level=job.level, downsample=job.downsample, batches=job.batches,
+                           timings=timings, spatial=job.spatial)  # fmt: skip
+    cost = measured_tile_cost([o.seconds for o in outcomes if o.detections is not None], job.height, job.width,
+                              job.options)  # fmt: skip
+    if cost is not None:
+        store.record_tile_cost(client, job.options.recognizer, job.options.params, cost)
+    return recognition
+
+
+def _resources(client: redis.Redis, stage: SecondStage, options: JobOptions) -> dict[str, Any]:
+    return resources.load(client, stage.resources, options)
+
+
+def _crop_spans(client: redis.Redis, options: JobOptions, stage: SecondStage, crops: int) -> list[tuple[int, int]]:
+    """A job's crop batches as [first, stop) ranges: `crop_batch_size` crops each, or about
+    TILEREC_BATCH_TARGET_MS of the stage's work each (what crops cost it in earlier jobs, else its `cost_ms`), at
+    least as many as tile batches would be."""
+    least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()
+    measured = store.get_tile_cost(client, _crops_of(options), options.params)
+    cost = stage.cost_ms if measured is None else measured
+    processes = store.tile_processes(client)
+    return crop_spans(crops, cost, settings().batch_target_ms, least, options.crop_batch_size, processes)
+
+
+def _crops_of(options: JobOptions) -> str:
+    """The name the measured cost of a recognizer's crops is kept under (beside its tiles' cost)."""
+    return f"{options.recognizer}#crops"
+
+
+@lru_cache(maxsize=4)
+def _staged(job_id: str) -> Staged:
+    """A job's second stage as planned, read once per process (its crop batches land on the same processes)."""
+    return Staged.from_json(store.get_stage(store_client(), job_id))
+
+
+@app.task(
+    name="tilerec.recognize_crops", bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5,
+    track_started=False,
+)  # fmt: skip
+def recognize_crops(self: Any, job_id: str, first: int, stop: int) -> dict[str, Any]:
+    """Run the job's second stage on its crops [first, stop), read at full resolution from the stored tiles or the
+    shared file, and store their records; returns a summary for monitors (counts only: records stay in the store).
+
+    As a tile batch: a crop's own failure is recorded, store outages are retried, a redelivered batch counts each
+    crop's crashes. A duplicate that comes after its job ended (its finish deleted the job's keys) does nothing: a
+    failure of its own would reach the job's id through the duplicate chord and overwrite the job's result."""
+    client = store_client()
+    try:
+        job, staged = _described(job_id), _staged(job_id)
+    except LookupError:
+        return {"crops": stop - first, "failed": 0, "seconds": 0.0, "ended": True}
+    careful = bool(self.request.delivery_info.get("redelivered"))
+    outcomes = _recognize_crops(client, job, staged.recognition.detections, staged.plan.crops[first:stop], careful)
+    records = {o.index: json.dumps(o.to_json()) for o in outcomes}
+    done = store.put_records(client, job_id, records, settings().tile_ttl, "crop_records") if records else None
+    if done is not None:
+        _report_progress(self, job.id, done, len(records), len(staged.plan.crops), "crops")
+    return {
+        "crops": stop - first,
+        "failed": sum(o.error is not None for o in outcomes),
+        "seconds": round(sum(o.seconds for o in outcomes), 3),
+    }
+
+
+def _recognize_crops(
+    client: redis.Redis, job: Job, detections: Detections, crops: list[PlannedCrop], careful: bool
+) -> list[CropOutcome]:
+    """The crops' outcomes, in order, until the job is cancelled (looked at every CANCEL_CHECK_S); `careful`, after
+    a crash of the batch's process: one crop at a time, each one's attempts counted (as `_recognize` does tiles)."""
+    try:
+        stage = stage_of(job.options)
+    except Exception as error:  # a stage that cannot be built fails its crops, with the reason
+        return [CropOutcome(c.window.index, error=f"{type(error).__name__}: {error}") for c in crops]
+    assert stage is not None  # the merge planned crops for it
+    if job.file is None:
+        windows = [crop.window for crop in crops]
+        read = stage_reader(_StoredCrops(client, job, windows, stage.max_crop_pixels), job.options)
+    else:
+        read = stage_reader(partial(_read_shared, job.file), job.options)
+    outcomes: list[CropOutcome] = []
+    cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
+    per_call = 1 if careful else max(1, stage.max_batch)
+    for start in range(0, len(crops), per_call):
+        if time.monotonic() - checked > CANCEL_CHECK_S:
+            cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
+        if cancelled:
+            break
+        group = crops[start : start + per_call]
+        name = f"crop:{group[0].window.index}"
+        if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
+            outcomes.append(CropOutcome(group[0].window.index, error=f"gave up: {DIED} times it ran this crop"))
+            continue
+        outcomes.extend(read_crops(read, group, detections, stage, TRANSIENT))
+        if careful:
+            store.clear_attempts(client, job.id, name)
+    return outcomes
+
+
+class _StoredCrops:
+    """A crop batch's windows, assembled from the job's stored tiles (a crop may span several), READ_EVERY crops a
+    round trip in the order they are read. Overlapping tiles hold the same pixels, so each pixel is taken from one:
+    the tile of its column and row of the grid, a column owning the x from its own start to the next column's (a
+    row likewise); Redis cuts those parts out of the tiles, so only the crops' bytes travel. Crops larger than
+    `largest` pixels are never fetched (the stage refuses them unread)."""
+
+    def __init__(self, client: redis.Redis, job: Job, windows: list[Window], largest: int) -> None:
+        self.client, self.job, self.windows, self.largest = client, job, windows, largest
+        self.place = {window.index: number for number, window in enumerate(windows)}
+        self.columns = _owned(sorted({w.x for w in job.windows}), job.windows[-1].x2)
+        self.rows = _owned(sorted({w.y for w in job.windows}), job.windows[-1].y2)
+        self.fetched: dict[int, np.ndarray] = {}
+
+    def __call__(self, window: Window) -> np.ndarray:
+        if window.index not in self.fetched:
+            start = self.place[window.index]
+            chunk = self.windows[start : start + store.READ_EVERY]
+            self.fetched = self._fetch([w for w in chunk if w.width * w.height <= self.largest])
+        return self.fetched.pop(window.index)
+
+    def _fetch(self, windows: list[Window]) -> dict[int, np.ndarray]:
+        """The windows' pixels, in one round trip."""
+        parts = [(window, *part) for window in windows for part in self._parts(window)]
+        stored = store.get_tile_parts(self.client, self.job.id, [(tile, part) for _, tile, part in parts],
+                                      self.job.channels)  # fmt: skip
+        channels = () if self.job.channels == 1 else (self.job.channels,)
+        fetched = {w.index: np.zeros((w.height, w.width, *channels), dtype=np.uint8) for w in windows}
+        for (window, _, part), pixels in zip(parts, stored, strict=True):
+            if pixels is not None:  # None: nothing to recognize there (all nodata), left black
+                fetched[window.index][
+                    part.y - window.y : part.y2 - window.y, part.x - window.x : part.x2 - window.x
+                ] = pixels
+        return fetched
+
+    def _parts(self, window: Window) -> list[tuple[Window, Window]]:
+        """(tile, part of the window that tile owns) for each tile the window overlaps."""
+        parts = []
+        for row in _spanned(self.rows, window.y, window.y2):
+            top, bottom = max(self.rows[row][0], window.y), min(self.rows[row][1], window.y2)
+            for column in _spanned(self.columns, window.x, window.x2):
+                left, right = max(self.columns[column][0], window.x), min(self.columns[column][1], window.x2)
+                tile = self.job.windows[row * len(self.columns) + column]
+                parts.append((tile, Window(tile.index, left, top, right - left, bottom - top)))
+        return parts
+
+
+def _owned(starts: list[int], end: int) -> list[tuple[int, int]]:
+    """The [from, to) each column (or row) of tiles owns: from its start to the next one's, the last to `end`."""
+    return list(zip(starts, [*starts[1:], end], strict=True))
+
+
+def _spanned(owned: list[tuple[int, int]], start: int, stop: int) -> range:
+    """The columns (or rows) whose owned ranges meet [start, stop)."""
+    starts = [first for first, _ in owned]
+    return range(max(0, bisect.bisect_right(starts, start) - 1), bisect.bisect_left(starts, stop))
+
+
+@app.task(name="tilerec.finish", bind=True)
+def finish(self: Any, image: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
+    """The second stage's finish over the job's merged detections and their crops' records: the job's result. It
+    runs under the job's id with the job's own arguments (the chord's body again); the job's keys go last."""
+    client = store_client()
+    job = _job_of(self, client)
+    try:
+        staged = Staged.from_json(store.get_stage(client, job.id))
+        outcomes = [CropOutcome.from_json(r) for r in store.get_records(client, job.id, "crop_records")]
         if store.is_cancelled(client, job.id):
-            done = sum(outcome.error is None for outcome in outcomes)
-            raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.tiles} tiles had been recognized)")
-        _, failed, _ = store.stream_state(client, job.id)
-        if failed is not None:
-            raise store.StoreFull(failed) if failed == store.FILLED else images.ImageError(failed)
-        if job.streamed:
-            spent = client.hgetall(store.job_key(job.id, "stream"))
-            timings.update({f"streamed_{k.decode()}": float(v) for k, v in spent.items()})
-        recognition = assemble(outcomes, job.windows, job.options, job.width, job.height, job.started,
-                               source=job.image, level=job.level, downsample=job.downsample, batches=job.batches,
-                               timings=timings, spatial=job.spatial)  # fmt: skip
-        cost = measured_tile_cost([o.seconds for o in outcomes if o.detections is not None], job.height, job.width,
-                                  job.options)  # fmt: skip
-        if cost is not None:
-            store.record_tile_cost(client, job.options.recognizer, job.options.params, cost)
+            done = len({outcome.index for outcome in outcomes})
+            raise JobCancelled(f"job {job.id} was cancelled in its second stage ({done} of "
+                               f"{len(staged.plan.crops)} crops had been recognized)")  # fmt: skip
+        stage = stage_of(job.options)
+        assert stage is not None  # the merge planned crops for it
+        recognition = finish_stage(staged.recognition, stage, staged.plan, outcomes,
+                                   _resources(client, stage, job.options), batches=len(staged.spans),
+                                   started=job.started)  # fmt: skip
+        seconds = [outcome.seconds for outcome in outcomes if outcome.error is None]
+        if seconds:  # ms per crop, for the next job's crop batches
+            cost = 1000 * sum(seconds) / len(seconds)
+            store.record_tile_cost(client, _crops_of(job.options), job.options.params, cost)
         return deliver(client, job.id, recognition.to_json())
     finally:
         store.delete_job(client, job.id, job.tiles)

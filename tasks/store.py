@@ -12,6 +12,10 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:ready      tiles stored so far while the tiling task decodes a PNG band by band (absent: all)
     tilerec:job:J:failed     why decoding that PNG failed (the job fails with this)
     tilerec:job:J:stream     hash: the time the tiling task spent decoding that PNG and storing its tiles
+    tilerec:job:J:stage      a job with a second stage: its merged first-stage result and crop plan (JSON), stored
+                             by the merge for the crop batches and the final callback (the tiles stay until then)
+    tilerec:job:J:crops      its number of crops
+    tilerec:job:J:crop_records  hash: crop K -> its outcome (pipeline.stages.CropOutcome, JSON)
     tilerec:job:J:frames     a video job's hash: segment N -> its frames done so far (progress in frames; a redone
                              segment overwrites its own count); its records are by segment, its total in frames
     tilerec:job:J:need       bytes its tiles take in the store, while it waits for room (admission control)
@@ -20,7 +24,8 @@ lapses), tilerec:room:unwritten (hash: job -> reserved bytes not yet stored), ti
 job -> when it first asked) and tilerec:room:line-needs (hash: waiting job -> its need).
 The nodes that take tiles, each with its pool size: tilerec:tile-processes (a sorted set, tasks/roster.py).
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
-(ms per 640x640 tile, a week). Results too large for the result backend: tilerec:result:<job id>.
+(ms per 640x640 tile, a week), and a second stage's: tilerec:cost:<recognizer>#crops:<parameters hash> (ms per
+crop). Results too large for the result backend: tilerec:result:<job id>.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from pipeline.tiling import Window
 PREFIX = "tilerec"
 REF_SCHEME = "redis:"
 PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "frames", "need")  # and tiles
+STAGE_PARTS = ("stage", "crops", "crop_records")  # a second stage's
 FLUSH_EVERY = 32  # tiles a pipeline holds before it is sent: bounds the memory of storing a job's tiles
 READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
@@ -157,6 +163,48 @@ def get_tiles(client: redis.Redis, job_id: str, windows: list[Window], channels:
     return tiles
 
 
+_TILE_PART = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return false
+end
+if redis.call('STRLEN', KEYS[1]) == 0 then
+    return ''
+end
+local stride, first, length, rows = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local parts = {}
+for row = 0, rows - 1 do
+    local start = first + row * stride
+    parts[#parts + 1] = redis.call('GETRANGE', KEYS[1], start, start + length - 1)
+end
+return table.concat(parts)
+"""
+
+
+def get_tile_parts(
+    client: redis.Redis, job_id: str, parts: list[tuple[Window, Window]], channels: int
+) -> list[np.ndarray | None]:
+    """Parts of stored tiles, in one round trip: for each (tile, part), the pixels of `part` (in image coordinates,
+    inside the tile), cut by Redis (a script per part, its rows by GETRANGE), so only the part's bytes travel; None
+    for a blank tile.
+
+    Raises:
+        LookupError: a tile is gone from the store (expired or cancelled).
+    """
+    with client.pipeline(transaction=False) as pipe:
+        for tile, part in parts:
+            first = ((part.y - tile.y) * tile.width + part.x - tile.x) * channels
+            pipe.eval(_TILE_PART, 1, tile_key(job_id, tile.index), tile.width * channels, first,
+                      part.width * channels, part.height)  # fmt: skip
+        found = pipe.execute()
+    pixels = []
+    for (tile, part), data in zip(parts, found, strict=True):
+        if data is None:
+            raise LookupError(f"tile {tile.index} of job {job_id} is gone from the tile store (expired or cancelled)")
+        shape = (part.height, part.width, channels) if channels > 1 else (part.height, part.width)
+        pixels.append(np.frombuffer(data, dtype=np.uint8).reshape(shape) if data else None)
+    return pixels
+
+
 def put_job(client: redis.Redis, job_id: str, description: str, tiles: int, ttl: int, streamed: bool = False) -> None:
     """The job's description, read by its tile tasks and merge: messages carry only the job id and a tile range.
     `streamed`: its tiles are stored while the tile tasks run (none is ready yet, see put_tiles)."""
@@ -185,16 +233,47 @@ return redis.call('HLEN', KEYS[2])
 """
 
 
-def put_records(client: redis.Redis, job_id: str, records: dict[int, str], ttl: int) -> int | None:
-    """Store tile records (JSON by tile index) while the job is described; returns its tiles done so far, or None
-    when the job is over (its merge ran: a late duplicate must not bring its keys back)."""
+def put_records(
+    client: redis.Redis, job_id: str, records: dict[int, str], ttl: int, part: str = "records"
+) -> int | None:
+    """Store tile records (JSON by tile index; crop records with part="crop_records") while the job is described;
+    returns its tiles (crops) done so far, or None when the job is over (it ended: a late duplicate must not bring
+    its keys back)."""
     fields = [value for item in records.items() for value in item]
-    done = client.eval(_PUT_RECORDS, 2, job_key(job_id, "job"), job_key(job_id, "records"), ttl, *fields)
+    done = client.eval(_PUT_RECORDS, 2, job_key(job_id, "job"), job_key(job_id, part), ttl, *fields)
     return None if done < 0 else int(done)
 
 
-def get_records(client: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    return [json.loads(value) for value in client.hvals(job_key(job_id, "records"))]
+def get_records(client: redis.Redis, job_id: str, part: str = "records") -> list[dict[str, Any]]:
+    return [json.loads(value) for value in client.hvals(job_key(job_id, part))]
+
+
+def put_stage(client: redis.Redis, job_id: str, staged: str, crops: int, tiles: int, ttl: int) -> None:
+    """A job's second stage as its merge planned it (JSON), and its number of crops; the TTL of its description
+    and `tiles` tiles renewed, as the crop batches read them next."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(job_key(job_id, "stage"), staged, ex=ttl)
+        pipe.set(job_key(job_id, "crops"), crops, ex=ttl)
+        for key in _keys(job_id, tiles, ("job", "total", "attempts")):
+            pipe.expire(key, ttl)
+        pipe.execute()
+
+
+def get_stage(client: redis.Redis, job_id: str) -> str:
+    data = client.get(job_key(job_id, "stage"))
+    if data is None:
+        raise LookupError(f"the second stage of job {job_id} is gone from the store (it ended, or outlived "
+                          "TILEREC_TILE_TTL)")  # fmt: skip
+    return data.decode()
+
+
+def crop_progress(client: redis.Redis, job_id: str) -> tuple[int, int] | None:
+    """(crops done, crops in all) once the job's second stage is planned; None before (or without one)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hlen(job_key(job_id, "crop_records"))
+        pipe.get(job_key(job_id, "crops"))
+        done, total = pipe.execute()
+    return None if total is None else (int(done), int(total))
 
 
 def progress(client: redis.Redis, job_id: str) -> tuple[int, int | None]:
@@ -266,7 +345,7 @@ def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> No
     if tiles is None:
         _unlink(client, [key.decode() for key in client.scan_iter(job_key(job_id, "*"), count=1000)])
     else:
-        _unlink(client, _keys(job_id, tiles, PARTS))
+        _unlink(client, _keys(job_id, tiles, PARTS + STAGE_PARTS))
     release(client, job_id)
 
 

@@ -36,9 +36,10 @@ def summary_row(outcome: Completed) -> dict[str, str]:
     if result is None:
         return {**cells, "detections": "failed", "per label": "", "tiles": "", "batches": "", "tasks": ""}
     failed = len(result.failed_tiles)
+    crops_failed = len(result.second_stage.failed_crops) if result.second_stage is not None else 0
     return {
         **cells,
-        "detections": str(len(result.detections)),
+        "detections": str(len(result.detections)) + (f" ({crops_failed} crops failed)" if crops_failed else ""),
         "per label": label_counts(result),
         "tiles": f"{result.tiles}" + (f" ({failed} failed)" if failed else ""),
         "batches": str(result.batches),
