@@ -322,7 +322,11 @@ def build_parser() -> Parser:
     run.add_argument("--tile", type=int, metavar="PX", help="tile size in pixels (default 640)")
     run.add_argument("--overlap", type=float, metavar="RATIO", help="tile overlap ratio in [0, 1) (default 0.2)")
     run.add_argument("--min-score", type=float, metavar="S", help="drop detections scoring below S (default 0)")
-    run.add_argument("--merge", choices=MERGE_METHODS, help="how seam duplicates merge (default greedy_nmm)")
+    run.add_argument(
+        "--merge",
+        choices=MERGE_METHODS,
+        help="how seam duplicates merge (default: the recognizer's, greedy_nmm but for text: lines)",
+    )
     run.add_argument("--match-metric", choices=MATCH_METRICS, help="overlap measure for merging (default ios)")
     run.add_argument(
         "--match-threshold", type=float, metavar="T", help="overlap that makes two boxes one (default 0.5)"
