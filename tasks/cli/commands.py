@@ -91,7 +91,7 @@ def settings_from(args: argparse.Namespace, console: Console) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     options = job_options(args)
-    if args.format in ("coco", "geojson") and args.json is None:
+    if args.format in ("coco", "geojson", "text", "hocr") and args.json is None:
         raise CliError(f"--format {args.format} needs --json OUT (or --json - for stdout)")
     if args.wgs84 and args.format != "geojson":
         raise CliError("--wgs84 is for --format geojson")
@@ -345,10 +345,10 @@ def build_parser() -> Parser:
     )
     run.add_argument(
         "--format",
-        choices=("json", "coco", "geojson"),
+        choices=("json", "coco", "geojson", "text", "hocr"),
         default="json",
-        help="--json output: tilerec's schema, one COCO document for all images, or a GeoJSON FeatureCollection "
-        "of polygons in the raster's CRS",
+        help="--json output: tilerec's schema, one COCO document for all images, a GeoJSON FeatureCollection "
+        "of polygons in the raster's CRS, the text read in reading order (text), or hOCR (hocr)",
     )
     run.add_argument("--wgs84", action="store_true", help="--format geojson: reproject to EPSG:4326 (lon/lat)")
     run.add_argument(

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pipeline import images
-from pipeline.export import coco_document, geojson_document
+from pipeline.export import coco_document, geojson_document, hocr_document, plain_text
 from pipeline.model import Detections, Recognition
 from pipeline.render import draw_detections
 from tasks.cli.errors import EXIT_FAILED, EXIT_OK, CliError, print_error, say
@@ -69,9 +69,13 @@ def summarize(outcomes: Sequence[Outcome], console: Console) -> None:
 
 
 def document(outcomes: Sequence[Outcome], fmt: str, wgs84: bool = False) -> Any:
-    """The --json output: one recognition (or a list, for several images), or one COCO document or GeoJSON
-    FeatureCollection for them all."""
+    """The --json output: one recognition (or a list, for several images), or one COCO document, GeoJSON
+    FeatureCollection, plain text (pages split by form feeds) or hOCR document for them all."""
     done = [outcome for outcome in outcomes if outcome.result is not None]
+    if fmt == "text":
+        return plain_text([Recognition.from_json(o.result) for o in done])
+    if fmt == "hocr":
+        return hocr_document([Recognition.from_json(o.result) for o in done], [o.target.given for o in done])
     if fmt == "coco":
         return coco_document([Recognition.from_json(o.result) for o in done], [o.target.given for o in done])
     if fmt == "geojson":
@@ -85,7 +89,8 @@ def document(outcomes: Sequence[Outcome], fmt: str, wgs84: bool = False) -> Any:
 
 
 def write_json(destination: str, data: Any) -> None:
-    text = json.dumps(data, indent=2) + "\n"
+    """Write a document to a file or stdout ("-"): a str as it is (text, hOCR), anything else as JSON."""
+    text = data if isinstance(data, str) else json.dumps(data, indent=2) + "\n"
     if destination == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -93,7 +98,7 @@ def write_json(destination: str, data: Any) -> None:
     path = Path(destination)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")
     except OSError as error:
         raise CliError(f"cannot write {destination!r}: {error.strerror or error}", EXIT_FAILED) from None
 
