@@ -10,7 +10,8 @@ dropped into it.
 
 Reading order (`layout`): the page's direction is the lines' dominant reading direction; in that frame, the lines
 are cut recursively at gutters (columns, left to right) and at blank bands across the whole region (top to
-bottom), bands that continue one gutter being kept together, so two columns are read each whole. Within a column,
+bottom), bands that continue one gutter being kept together, so two columns are read each whole (but for a blank
+band taller than three lines: articles one above the other are read one after the other). Within a column,
 lines read top to bottom, those on one row left to right, and a gap taller than a line starts a new block.
 """
 
@@ -238,14 +239,31 @@ def _columns(boxes: np.ndarray, members: np.ndarray, gutter: float) -> list[np.n
     return [members[side == k] for k in range(len(edges) + 1) if (side == k).any()]
 
 
-def _cut(boxes: np.ndarray, members: np.ndarray, gutter: float) -> list[list[np.ndarray]]:
+def _sections(bands: list[np.ndarray], boxes: np.ndarray, section: float) -> list[np.ndarray]:
+    """Bands (top to bottom) joined into sections, a blank band taller than `section` between two sections."""
+    parts, bottom = [], -np.inf
+    for band in bands:
+        if boxes[band, 1].min() - bottom > section or not parts:
+            parts.append([band])
+        else:
+            parts[-1].append(band)
+        bottom = max(bottom, boxes[band, 3].max())
+    return [np.concatenate(part) for part in parts]
+
+
+def _cut(boxes: np.ndarray, members: np.ndarray, gutter: float, section: float) -> list[list[np.ndarray]]:
     """The region's columns in reading order, each a list of runs of lines (leaves of the recursive cut), top to
-    bottom; bands that are one column each (a heading, then a paragraph) make one column together."""
+    bottom; bands that are one column each (a heading, then a paragraph) make one column together. Consecutive
+    bands that continue one gutter are read as columns together, unless a blank band taller than `section` parts
+    them (two articles one above the other)."""
     if len(members) < 2:
         return [[members]]
+    sections = _sections(_bands(boxes, members), boxes, section)
+    if len(sections) > 1:
+        return [column for part in sections for column in _cut(boxes, part, gutter, section)]
     parts = _columns(boxes, members, gutter)
     if len(parts) > 1:
-        return [column for part in parts for column in _cut(boxes, part, gutter)]
+        return [column for part in parts for column in _cut(boxes, part, gutter, section)]
     bands = _bands(boxes, members)
     if len(bands) == 1:
         return [[members]]
@@ -264,7 +282,7 @@ def _cut(boxes: np.ndarray, members: np.ndarray, gutter: float) -> list[list[np.
     columns: list[list[np.ndarray]] = []
     single = False
     for group in groups:
-        found = _cut(boxes, np.concatenate(group), gutter) if len(group) > 1 else [[group[0]]]
+        found = _cut(boxes, np.concatenate(group), gutter, section) if len(group) > 1 else [[group[0]]]
         if single and len(found) == 1:
             columns[-1].extend(found[0])
         else:
@@ -286,13 +304,15 @@ def _rows(boxes: np.ndarray, members: np.ndarray) -> list[np.ndarray]:
     return [np.array(sorted(row, key=lambda k: boxes[k, 0])) for row in rows]
 
 
-def layout(obb: np.ndarray, gutter: float = 1.0, block_gap: float = 0.9) -> Layout:
+def layout(obb: np.ndarray, gutter: float = 1.0, block_gap: float = 0.9, section_gap: float = 3.0) -> Layout:
     """The reading order of a page's lines.
 
     Args:
         obb: (N, 5) line boxes whose x axis is each line's reading direction (angle in degrees clockwise).
         gutter: the narrowest gap between columns, in median line heights.
         block_gap: a vertical gap between lines wider than this many line heights starts a new block.
+        section_gap: a blank band taller than this many line heights ends a run of columns (articles one above the
+            other are read one after the other).
 
     Returns:
         The lines' `Layout`.
@@ -307,7 +327,7 @@ def layout(obb: np.ndarray, gutter: float = 1.0, block_gap: float = 0.9) -> Layo
     height = float(np.median(boxes[:, 3] - boxes[:, 1]))
     order, column, block = [], np.zeros(n, np.int64), np.zeros(n, np.int64)
     blocks = -1
-    for number, runs in enumerate(_cut(boxes, np.arange(n), gutter * height)):
+    for number, runs in enumerate(_cut(boxes, np.arange(n), gutter * height, section_gap * height)):
         bottom = None
         for row in (row for run in runs for row in _rows(boxes, run)):
             top = boxes[row, 1].min()

@@ -149,6 +149,13 @@ def test_a_shorter_second_column_is_read_after_the_whole_first() -> None:
     assert layout(np.array(boxes)).order.tolist() == list(range(13))
 
 
+def test_two_column_articles_one_above_the_other_are_read_one_after_the_other() -> None:
+    article = [(x1, x2, y) for y in (100, 140, 180) for x1, x2 in ((100, 800), (900, 1600))]
+    columnwise = [0, 2, 4, 1, 3, 5]
+    boxes = [along(x1, x2, y) for x1, x2, y in article] + [along(x1, x2, y + 250) for x1, x2, y in article]
+    assert layout(np.array(boxes)).order.tolist() == columnwise + [6 + k for k in columnwise]
+
+
 def test_words_on_one_row_read_left_to_right() -> None:
     boxes = np.array([along(600, 900, 102), along(100, 400, 100), along(100, 400, 140)])
     assert layout(boxes, gutter=20).order.tolist() == [1, 0, 2]
