@@ -30,7 +30,7 @@ MAX_ANGLE = 10.0  # degrees between two pieces of one line (both long enough to 
 MAX_HEIGHT_RATIO = 1.6  # taller / shorter piece of one line
 MIN_AXIS_SHARE = 0.6  # the pieces' extents across the line overlap by this share of the thinner one's
 MAX_GAP = 0.3  # along the line, a gap of at most this many heights (negative: an overlap) joins
-SLIVER_INSIDE = 0.8  # a seam-cut piece this much inside another line (along and across it) is part of it
+SLIVER_INSIDE = 0.75  # a seam-cut piece this much inside a thicker line (along and across it) is part of it
 ELONGATED = 2.0  # a piece at least this many heights long has a direction of its own
 
 
@@ -88,13 +88,15 @@ def joined_pairs(axes: np.ndarray, cut: np.ndarray, i: np.ndarray, j: np.ndarray
         & (across >= MIN_AXIS_SHARE * thinner)
         & (along >= -MAX_GAP * thinner)
     )
-    short_len = np.maximum(along_s[:, 1] - along_s[:, 0], 1e-6)
+    # the thinner piece inside the thicker one, along the line and across it
+    thin_is_short = height_s <= height_l
+    thin_len = np.where(thin_is_short, along_s[:, 1] - along_s[:, 0], along_l[:, 1] - along_l[:, 0])
+    thin_cut = np.where(thin_is_short, cut[shorter], cut[longer])
     sliver = (
         (turn <= MAX_ANGLE)
-        & cut[shorter]
-        & (along >= SLIVER_INSIDE * short_len)
-        & (across >= SLIVER_INSIDE * height_s)
-        & (height_s <= height_l)
+        & thin_cut
+        & (along >= SLIVER_INSIDE * np.maximum(thin_len, 1e-6))
+        & (across >= SLIVER_INSIDE * thinner)
     )
     return piece | sliver
 

@@ -134,6 +134,35 @@ def column_page(
     return TextPage(image, draw_lines(image, placed, size))
 
 
+def seam_page(size: int = 28, seed: int = 0) -> TextPage:
+    """A 2600x1400 page for the default tiling (640 px tiles, 20 % overlap: tiles start every 512 px): a heading
+    that crosses one vertical seam, a line that crosses two, a line across the whole page (longer than three
+    tiles), a line on a horizontal seam, then two columns, the left one's lines crossing a seam, the right one's
+    crossing two. Every string is different.
+
+    Returns:
+        The page, its lines in reading order.
+    """
+    vocabulary = iter(words(400, seed))
+
+    def line(width: int) -> str:
+        text, word = next(vocabulary), next(vocabulary)
+        while text_width(f"{text} {word}", size) <= width:
+            text, word = f"{text} {word}", next(vocabulary)
+        return text
+
+    placed = [
+        (300, 80, line(560)),  # 300..860: crosses x = 512 and 640
+        (400, 170, line(1000)),  # 400..1400: crosses two tile borders each side
+        (60, 260, line(2480)),  # 60..2540: five tiles
+        (200, 495, line(700)),  # its top tile ends at y = 640 - a few rows of it are in the tile below (from 512)
+    ]
+    left = [(100, 620 + 60 * k, line(1060)) for k in range(12)]  # 100..1160 at most, 12 rows
+    right = [(1300, 620 + 60 * k, line(1200)) for k in range(12)]  # 1300..2500 at most
+    image = np.full((1400, 2600), 255, np.uint8)
+    return TextPage(image, draw_lines(image, placed + left + right, size))
+
+
 def turned(page: TextPage, quarter_turns: int = 0, skew: float = 0.0) -> np.ndarray:
     """The page turned by quarter turns clockwise, then by `skew` degrees clockwise on a white ground (grown so no
     text leaves the picture)."""

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -83,6 +84,14 @@ def lines_from_obb(obb: np.ndarray, scores: np.ndarray) -> Detections:
     return Detections(xyxy, scores, ["text"] * len(obb), obb=obb)
 
 
+def near_edge(lines: Detections, width: int, height: int) -> np.ndarray:
+    """Lines whose box comes within half its height of the tile's edge: a seam may have cut them (DB's boxes stop
+    a few pixels short of letters cut at the edge, more than the merge's generic seam margin)."""
+    reach = np.maximum(lines.obb[:, 3:4] / 2, 2.0)
+    x1, y1, x2, y2 = (lines.xyxy[:, k : k + 1] for k in range(4))
+    return ((x1 <= reach) | (y1 <= reach) | (x2 >= width - reach) | (y2 >= height - reach)).reshape(-1)
+
+
 class TextLines:
     """PP-OCR's DB detector on a tile: text lines as oriented boxes ("text").
 
@@ -123,7 +132,9 @@ class TextLines:
         quads, scores = self.post(prediction, (height, width))  # rounded and clipped to the tile, by the ratio
         if not len(quads):
             return Detections.empty()
-        return lines_from_obb(oriented_lines(quads), np.asarray(scores, dtype=np.float64))
+        found = lines_from_obb(oriented_lines(quads), np.asarray(scores, dtype=np.float64))
+        found.cut = near_edge(found, width, height)
+        return found
 
 
 @dataclass(frozen=True)
@@ -134,20 +145,6 @@ class Reading:
     text: str
     score: float
     flipped: bool
-
-
-def rectified(image: np.ndarray, obb: Sequence[float]) -> np.ndarray:
-    """The pixels under an oriented box, turned so the box's x axis runs left to right (a w×h picture).
-
-    Args:
-        image: the page (or a crop of it, the box in its coordinates).
-        obb: (cx, cy, w, h, angle), angle in degrees clockwise.
-    """
-    cx, cy, w, h, angle = (float(v) for v in obb)
-    width, height = max(1, round(w)), max(1, round(h))
-    matrix = cv2.getRotationMatrix2D((cx, cy), angle, 1.0)  # turns the box's axis onto the image's x axis
-    matrix[:, 2] += (width / 2 - cx, height / 2 - cy)
-    return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
 
 
 def piece_bounds(profile: np.ndarray, height: int, max_ratio: float = MAX_PIECE_RATIO) -> list[tuple[int, int]]:
@@ -185,11 +182,13 @@ def joined_pieces(texts: Sequence[str], gaps: Sequence[bool]) -> str:
 class LineReader:
     """PP-OCR's angle classifier and recognizer on rectified line crops.
 
-    A crop the classifier calls upside down with confidence ≥ `cls_threshold` is turned; one it is unsure of is read
-    both ways and the better-scored reading kept (upside-down text reads with a low score).
+    A crop is read the way up the classifier finds likelier; a reading that scores under `sure` is read the other
+    way up too and the better kept: upside-down text reads with a low score, and the classifier, trained on
+    words, is often unsure of a line of made-up ones or a rare script (without it, `use_cls=False`, every crop
+    starts upright).
     """
 
-    def __init__(self, rec_model: str, cls_model: str, keys: str, use_cls: bool, cls_threshold: float = 0.9) -> None:
+    def __init__(self, rec_model: str, cls_model: str, keys: str, use_cls: bool, sure: float = 0.9) -> None:
         from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
 
         rec_path = _model("rec_model", rec_model, REC_FILE)
@@ -207,7 +206,7 @@ class LineReader:
                 f"recognizer 'text': model {rec_path} has no 'character' metadata: name its dictionary in 'keys'"
             )
         self.cls = _session(_model("cls_model", cls_model, CLS_FILE)) if use_cls else None
-        self.cls_threshold = cls_threshold
+        self.sure = sure
 
     def _recognize(self, crops: Sequence[np.ndarray]) -> list[tuple[str, float]]:
         """Text and score of each crop (BGR, any size), `REC_BATCH` a pass, the narrowest together."""
@@ -256,24 +255,20 @@ class LineReader:
         return results
 
     def read(self, crops: Sequence[np.ndarray]) -> list[Reading]:
-        """Each rectified crop's reading, turned a half turn where the classifier (or the better score) says so.
+        """Each rectified crop's reading, turned a half turn where that reads better.
 
         Args:
-            crops: BGR pictures of lines, each's x axis along its box's (`rectified`).
+            crops: BGR pictures of lines, each's x axis along its box's (`pipeline.stages.rectify`).
         """
         if not crops:
             return []
         turned = [cv2.rotate(crop, cv2.ROTATE_180) for crop in crops]
-        if self.cls is None:
-            return [Reading(t, s, False) for t, s in self.read_line(crops)]
-        probabilities = self._upside_down(crops)
-        flip = probabilities[:, 1] >= self.cls_threshold
-        sure = flip | (probabilities[:, 0] >= self.cls_threshold)
+        flip = np.zeros(len(crops), dtype=bool) if self.cls is None else self._upside_down(crops)[:, 1] > 0.5
         chosen = self.read_line([t if f else c for c, t, f in zip(crops, turned, flip, strict=True)])
-        unsure = np.flatnonzero(~sure)
-        other = self.read_line([crops[k] if flip[k] else turned[k] for k in unsure])
         readings = [Reading(text, score, bool(f)) for (text, score), f in zip(chosen, flip, strict=True)]
-        for k, (text, score) in zip(unsure.tolist(), other, strict=True):
+        doubtful = [k for k, reading in enumerate(readings) if reading.score < self.sure]
+        other = self.read_line([crops[k] if flip[k] else turned[k] for k in doubtful])
+        for k, (text, score) in zip(doubtful, other, strict=True):
             if score > readings[k].score:
                 readings[k] = Reading(text, score, not flip[k])
         return readings
@@ -285,7 +280,7 @@ def _blank_around(profile: np.ndarray, column: int, half: int) -> bool:
     return bool(len(window)) and float(window.max()) <= 0.02 * float(profile.max() or 1)
 
 
-def readable(obb: Sequence[float]) -> str | None:
+def unreadable(obb: Sequence[float]) -> str | None:
     """Why a line's box cannot be read, or None: too thin for letters, or taller than any text line."""
     height = float(obb[3])
     if height < MIN_LINE_PX or float(obb[2]) < MIN_LINE_PX:
@@ -293,6 +288,13 @@ def readable(obb: Sequence[float]) -> str | None:
     if height > MAX_LINE_HEIGHT:
         return f"too tall for a text line ({height:.0f} px; at most {MAX_LINE_HEIGHT})"
     return None
+
+
+def text_stage(params: dict[str, Any]) -> Any:
+    """The `text` recognizer's second stage (`pipeline.recognizers.text_stage.TextStage`) for a job's parameters."""
+    from pipeline.recognizers.text_stage import TextStage  # here: pipeline.stages imports the registry this fills
+
+    return TextStage(params)
 
 
 register(
@@ -316,5 +318,6 @@ register(
         cost_ms=400,  # a 640x640 tile through the DB detector on one thread
         file_params=("det_model", "rec_model", "cls_model", "keys"),
         merge="lines",
+        second_stage=text_stage,
     )
 )
