@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ElementTree
 import numpy as np
 import pytest
 
-from pipeline.export import hocr_document, plain_text, word_quads, xml_safe
-from pipeline.model import Detections, Recognition
+from pipeline.export import geojson_document, hocr_document, plain_text, word_quads, xml_safe
+from pipeline.model import Detections, Recognition, Spatial
 
 XHTML = "{http://www.w3.org/1999/xhtml}"
 
@@ -107,3 +107,15 @@ def test_word_quads_split_a_line_by_its_characters() -> None:
     assert [w for w, _ in found] == ["ab", "cdef"]
     assert found[1][1][:, 0].tolist() == [50.0, 100.0, 100.0, 50.0]
     assert word_quads("   ", quad) == []
+
+
+def test_lines_of_a_georeferenced_raster_are_geojson_polygons_with_their_text() -> None:
+    recognition = page(["Main Street", "River"], [0, 1], [0, 1])
+    recognition.spatial = Spatial(transform=(2.0, 0.0, 500000.0, 0.0, -2.0, 4000000.0), epsg=32633, crs="WKT")
+    collection = geojson_document([recognition])
+    first, second = collection["features"]
+    assert [first["properties"]["text"], second["properties"]["text"]] == ["Main Street", "River"]
+    # the first line: x 100..500, y 85..115 in pixels, 2 m a pixel from (500000, 4000000), y up
+    xs, ys = zip(*first["geometry"]["coordinates"][0], strict=True)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (500200.0, 501000.0, 3999770.0, 3999830.0)
+    assert collection["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32633"
