@@ -197,3 +197,28 @@ def test_on_workers_the_seam_page_reads_as_in_process_and_leaves_nothing(worker,
     assert result["second_stage"]["output"] == seams_read.second_stage.output
     assert result["second_stage"]["batches"] > 1
     assert tilerec_keys(redis_server) == []
+
+
+def test_the_cli_writes_the_text_and_hocr_of_two_pages(worker, redis_server, tmp_path: Path):
+    from tests.test_cli import tilerec
+
+    pages = [column_page(words(30, seed=seed), columns=2, width=1200, size=28) for seed in (21, 22)]
+    paths = []
+    for k, page in enumerate(pages):
+        paths.append(IMAGES_ROOT / f"text-cli-{k}.png")
+        cv2.imwrite(str(paths[-1]), page.image)
+    common = ("-r", "text", "-p", "det_scale=0.5", "--broker", redis_server.url, "--quiet")
+    text_out, hocr_out = tmp_path / "pages.txt", tmp_path / "pages.hocr"
+    completed = tilerec("run", *map(str, paths), *common, "--format", "text", "--json", str(text_out), timeout=TIMEOUT)
+    assert completed.returncode == 0, completed.stderr
+    read = text_out.read_text(encoding="utf-8").split("\f")
+    assert [part.split() for part in read] == [page.words for page in pages]
+    completed = tilerec("run", str(paths[0]), *common, "--format", "hocr", "--json", str(hocr_out), timeout=TIMEOUT)
+    assert completed.returncode == 0, completed.stderr
+    import xml.etree.ElementTree as ElementTree
+
+    root = ElementTree.fromstring(hocr_out.read_bytes())
+    assert [e.text for e in root.iter() if e.get("class") == "ocrx_word"] == pages[0].words
+    refused = tilerec("run", str(paths[0]), "-r", "text", "--format", "hocr")
+    assert refused.returncode == 2 and "--format hocr needs --json OUT" in refused.stderr
+    assert tilerec_keys(redis_server) == []
