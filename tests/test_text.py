@@ -73,8 +73,12 @@ def test_models_by_path_are_checked_with_the_parameter_named(tmp_path: Path) -> 
         get_recognizer("text", {"det_model": str(tmp_path / "missing.onnx")})
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(RecognizerError, match="not a usable ONNX model"):
+    with pytest.raises(
+        RecognizerError, match=r"'text': model file .*bad\.onnx \(parameter 'det_model'\) is not a usable"
+    ):
         get_recognizer("text", {"det_model": str(bad)})
+    with pytest.raises(RecognizerError, match=r"missing\.onnx \(from parameter 'rec_model'\) does not exist"):
+        get_recognizer("text", {"rec_model": str(tmp_path / "missing.onnx")})
     with pytest.raises(RecognizerError, match="det_scale"):
         get_recognizer("text", {"det_scale": 0.0})
 

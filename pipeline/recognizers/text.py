@@ -112,11 +112,17 @@ class TextLines:
         text_score: float,
         use_cls: bool,
     ) -> None:
-        from rapidocr.ch_ppocr_det.utils import DBPostProcess
-
         if not 0.05 <= det_scale <= 4:
             raise RecognizerError(f"recognizer 'text': parameter 'det_scale' must be in [0.05, 4], got {det_scale}")
-        self.session = _session(_model("det_model", det_model, DET_FILE))
+        self.session = _session(_model("det_model", det_model, DET_FILE), "text", "det_model")
+        # the reading models are the second stage's; a wrong path fails the first tile, not every line
+        _model("rec_model", rec_model, REC_FILE)
+        if use_cls:
+            _model("cls_model", cls_model, CLS_FILE)
+        if keys and not Path(keys).expanduser().is_file():
+            raise RecognizerError(f"recognizer 'text': keys file {keys} (parameter 'keys') does not exist")
+        from rapidocr.ch_ppocr_det.utils import DBPostProcess  # the wheel is there: _model found its models
+
         self.input = self.session.get_inputs()[0].name
         self.scale = det_scale
         self.post = DBPostProcess(
@@ -189,10 +195,10 @@ class LineReader:
     """
 
     def __init__(self, rec_model: str, cls_model: str, keys: str, use_cls: bool, sure: float = 0.9) -> None:
-        from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
-
         rec_path = _model("rec_model", rec_model, REC_FILE)
-        self.rec = _session(rec_path)
+        self.rec = _session(rec_path, "text", "rec_model")
+        from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode  # the wheel is there: _model found its models
+
         metadata = self.rec.get_modelmeta().custom_metadata_map
         if keys:
             key_path = Path(keys).expanduser()
@@ -205,7 +211,7 @@ class LineReader:
             raise RecognizerError(
                 f"recognizer 'text': model {rec_path} has no 'character' metadata: name its dictionary in 'keys'"
             )
-        self.cls = _session(_model("cls_model", cls_model, CLS_FILE)) if use_cls else None
+        self.cls = _session(_model("cls_model", cls_model, CLS_FILE), "text", "cls_model") if use_cls else None
         self.sure = sure
 
     def _recognize(self, crops: Sequence[np.ndarray]) -> list[tuple[str, float]]:
