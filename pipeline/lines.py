@@ -82,11 +82,15 @@ def joined_pairs(axes: np.ndarray, cut: np.ndarray, i: np.ndarray, j: np.ndarray
     aligned = ~directed | (turn <= MAX_ANGLE)
     across = _share(across_l, across_s)
     along = _share(along_l, along_s)
+    # two pieces too short to have a direction (a line's last letters at a tile's edge) cannot tell which way the
+    # line runs: they join only where they overlap, as one piece seen twice, never by touching end to end
+    short_len = np.maximum(along_s[:, 1] - along_s[:, 0], 1e-6)
+    reach = np.where(axes[longer, 2] >= ELONGATED * axes[longer, 3], -MAX_GAP * thinner, 0.5 * short_len)
     piece = (
         aligned
         & (np.maximum(height_l, height_s) <= MAX_HEIGHT_RATIO * thinner)
         & (across >= MIN_AXIS_SHARE * thinner)
-        & (along >= -MAX_GAP * thinner)
+        & (along >= reach)
     )
     # the thinner piece inside the thicker one, along the line and across it
     thin_is_short = height_s <= height_l

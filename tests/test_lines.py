@@ -99,6 +99,16 @@ def test_turned_lines_join_along_their_own_direction(angle: float) -> None:
     assert joined.obb[0, 3] == pytest.approx(30, abs=1)
 
 
+def test_line_ends_too_short_for_a_direction_join_their_lines_not_each_other() -> None:
+    # a tile's edge at x = 1024 leaves it the last 40 px of three lines 48 px apart: near-square boxes, one taken
+    # as upright by its smallest rectangle
+    ends = [(1044, 551, 46, 40, 90.0), (1040, 599, 40, 32, 90.0), (1044, 648, 42, 42, 90.0)]
+    lines = [along(232, 1060, y) for y in (551, 599, 648)]
+    joined = join_lines(pieces(lines + ends, cut=[True] * 6))
+    assert len(joined) == 3 and sorted(np.round(joined.obb[:, 1]).tolist()) == [551, 599, 648]
+    assert len(join_lines(pieces(ends, cut=[True] * 3))) == 3
+
+
 def test_lines_crossing_at_an_angle_do_not_join() -> None:
     assert len(join_lines(pieces([along(100, 900, 300), (500, 300, 800, 30, 40)]))) == 2
 
