@@ -278,7 +278,8 @@ def _cut(boxes: np.ndarray, members: np.ndarray, gutter: float, section: float) 
     shared: list[tuple[float, float]] = []
     for band in bands:
         free = _free(boxes[band][:, [0, 2]], low, high, gutter)
-        common = _common(shared, free, gutter) if groups else []
+        # a gutter has text on both sides: a margin that ragged lines leave at the region's edge is none
+        common = [(a, b) for a, b in _common(shared, free, gutter) if a > low and b < high] if groups else []
         if common:
             groups[-1].append(band)
             shared = common

@@ -166,6 +166,15 @@ def test_two_column_articles_one_above_the_other_are_read_one_after_the_other() 
     assert layout(np.array(boxes)).order.tolist() == columnwise + [6 + k for k in columnwise]
 
 
+def test_a_ragged_right_margin_is_no_gutter() -> None:
+    """A heading whose line ends short of the right column's first line: the margin both leave at the right is not
+    a gutter, so the heading does not pull the right column's first line ahead of the left column."""
+    heading = along(200, 1240, 160, h=90)
+    left = [along(240, 1050, 346 + 48 * k, h=46) for k in range(4)]
+    right = [along(1140, 1860 + 50 * (k == 1), 346 + 48 * k, h=46) for k in range(4)]
+    assert layout(np.array([heading, *left, *right])).order.tolist() == list(range(9))
+
+
 def test_words_on_one_row_read_left_to_right() -> None:
     boxes = np.array([along(600, 900, 102), along(100, 400, 100), along(100, 400, 140)])
     assert layout(boxes, gutter=20).order.tolist() == [1, 0, 2]
