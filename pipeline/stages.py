@@ -76,6 +76,7 @@ class SecondStage:
         max_batch: crops per `recognize` call.
         margin: share of the detection's width and height added around it on each side, for its crop window.
         pad: pixels added on each side, besides `margin`.
+        max_crop_pixels: a larger crop fails without being read (it would cost that much memory on a worker).
         resources: names of what `finish` needs beyond the detections and records (see the module's doc).
     """
 
@@ -84,6 +85,7 @@ class SecondStage:
     max_batch = 8
     margin = 0.0
     pad = 0
+    max_crop_pixels = 50_000_000
     resources: tuple[str, ...] = ()
 
     def wants(self, detections: Detections) -> np.ndarray:
@@ -179,11 +181,13 @@ def _build(name: str, params: str) -> SecondStage:
 
 def shape_bounds(detections: Detections, row: int) -> np.ndarray:
     """[x1, y1, x2, y2] around a detection's box, oriented box and mask, in its coordinates."""
-    x1, y1, x2, y2 = detections.xyxy[row]
-    if detections.with_obb()[row]:
-        corners = obb_corners(detections.obb[row])[0]
-        x1, y1 = min(x1, corners[:, 0].min()), min(y1, corners[:, 1].min())
-        x2, y2 = max(x2, corners[:, 0].max()), max(y2, corners[:, 1].max())
+    x1, y1, x2, y2 = detections.xyxy[row].tolist()
+    cx, cy, w, h, angle = detections.obb[row].tolist()
+    if not math.isnan(cx):  # the oriented box's upright bounds: half extents of the turned sides (per row, in
+        # plain floats: a merge plans thousands of crops)
+        cos, sin = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
+        half_x, half_y = (w * cos + h * sin) / 2, (w * sin + h * cos) / 2
+        x1, y1, x2, y2 = min(x1, cx - half_x), min(y1, cy - half_y), max(x2, cx + half_x), max(y2, cy + half_y)
     mask = detections.masks[row]
     if mask is not None:
         mx1, my1, mx2, my2 = mask.bounds
@@ -235,12 +239,15 @@ def crop_spans(
     count: int, cost_ms: float, target_ms: float, least: int, size: int | None = None
 ) -> list[tuple[int, int]]:
     """Crops [0, count) cut into batches as `[first, stop)` ranges: `size` each, or (None) about `target_ms` of
-    work each and at least `least` batches, the last ones tapered so the processes finish together."""
+    work each and at least `least` batches, the last ones tapered so the processes finish together; but no batch
+    but the first (the remainder) holds less than a quarter of `target_ms` (cheap crops: a task's own cost must stay
+    a small share of its work)."""
     if count == 0:
         return []
     if size is None:
-        size = auto_batch_size(count, cost_ms, target_ms, least)
-        sizes = tapered_sizes(count, size) if least > 1 else [size] * (count // size) + [count % size]
+        smallest = min(count, math.ceil(target_ms / 4 / max(cost_ms, 1e-3)))
+        size = max(auto_batch_size(count, cost_ms, target_ms, least), smallest)
+        sizes = tapered_sizes(count, size, smallest) if least > 1 else [size] * (count // size) + [count % size]
     else:
         sizes = [size] * (count // size) + [count % size]
     spans, start = [], 0
@@ -275,6 +282,10 @@ def read_crops(
     for planned in crops:
         began = time.perf_counter()
         try:
+            window = planned.window
+            if window.width * window.height > stage.max_crop_pixels:
+                raise StageError(f"the crop is {window.width}x{window.height} pixels, more than the stage reads "
+                                 f"({stage.max_crop_pixels:,} pixels, its max_crop_pixels)")  # fmt: skip
             pixels = read(planned.window)
             if pixels is None:
                 raise StageError("no pixels there to read (all nodata)")
@@ -284,7 +295,6 @@ def read_crops(
             outcomes[planned.window.index] = CropOutcome(planned.window.index, error=_describe(error),
                                                          seconds=time.perf_counter() - began)  # fmt: skip
             continue
-        window = planned.window
         shape = detections[[planned.row]].shifted(-window.x, -window.y)
         pending.append((Crop(window.index, planned.row, window, pixels, shape), time.perf_counter() - began))
         if len(pending) == max(1, stage.max_batch):
@@ -384,7 +394,10 @@ def finish_stage(
     result = stage.finish(recognition.detections, records, {name: resources[name] for name in stage.resources})
     if not isinstance(result, StageResult) or not isinstance(result.detections, Detections):
         raise StageError(f"the second stage {stage.name!r}: finish must return a StageResult of Detections")
-    json.dumps(result.output, allow_nan=False)  # raises where the stage's output is not JSON
+    try:
+        json.dumps(result.output, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise StageError(f"the second stage {stage.name!r}: its output is not JSON: {error}") from None
     finished = time.time()
     summary = StageSummary(stage.name, crops=len(plan.crops), batches=batches, over_limit=plan.over_limit,
                            failed_crops=failed, output=result.output)  # fmt: skip

@@ -18,12 +18,12 @@ tilerec.finish(image, recognizer, **options)      under the job's id with its ar
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import redis
-from celery import chord, group, signals
+from celery import chord, group, signals, states
 from celery.exceptions import Ignore
 
 from pipeline import images, remote, sources
@@ -137,8 +137,8 @@ class Staged:
     spans: list[tuple[int, int]]
 
     def to_json(self) -> str:
-        document = self.recognition.to_json()
-        document["detections"] = []  # exact columns instead of the result's rounded records
+        # the detections as exact columns, not as the result's rounded records
+        document = replace(self.recognition, detections=Detections.empty()).to_json()
         columns = self.recognition.detections.to_columns()
         return json.dumps({"recognition": document, "columns": columns, "plan": self.plan.to_json(),
                            "spans": self.spans})  # fmt: skip
@@ -398,7 +398,8 @@ def _recognize(
     hence MAX_ATTEMPTS - 1)."""
     outcomes: list[TileOutcome] = []
     cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
-    judge_blank = not isinstance(read, _StoredTiles)  # stored tiles were judged when stored (blank: None)
+    # stored tiles were judged when stored (blank: None), except for a second stage, whose crops may need them
+    judge_blank = not isinstance(read, _StoredTiles) or job.options.second_stage
     # tiles go to the recognizer a forward pass at a time, or one at a time where a crash must name its tile
     per_pass = 1 if careful else tiles_per_forward_pass(job.options)
     for start in range(0, len(windows), per_pass):
@@ -433,7 +434,7 @@ def _replace_if_unsound(**_: Any) -> None:
         os._exit(70)
 
 
-_last_report = ("", 0.0)  # this process's last progress report: (job id, time.monotonic())
+_last_report = ("", "", 0.0)  # this process's last progress report: (job id, unit, time.monotonic())
 
 
 def _report_progress(task: Any, job_id: str, done: int, count: int, total: int, unit: str = "tiles") -> None:
@@ -443,10 +444,10 @@ def _report_progress(task: Any, job_id: str, done: int, count: int, total: int, 
     AsyncResult (`info`: done, total and, for crops, `"stage": "crops"`)."""
     global _last_report
     crossed = done * PROGRESS_STEPS // total != (done - count) * PROGRESS_STEPS // total
-    recent = _last_report[0] == job_id and time.monotonic() - _last_report[1] < PROGRESS_EVERY_S
+    recent = _last_report[:2] == (job_id, unit) and time.monotonic() - _last_report[2] < PROGRESS_EVERY_S
     if done < total and (not crossed or recent):
         return
-    _last_report, done = (job_id, time.monotonic()), min(done, total)
+    _last_report, done = (job_id, unit, time.monotonic()), min(done, total)
     with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
         dispatcher.send("task-progress", uuid=job_id, done=done, total=total, result=f"{done}/{total} {unit}")
     info = {"done": done, "total": total} if unit == "tiles" else {"done": done, "total": total, "stage": unit}
@@ -461,7 +462,7 @@ def merge(self: Any, image: str, recognizer: str = "faces", **options: Any) -> d
     A job whose second stage has crops to read: the merge becomes chord(crop batches, finish) instead, the merged
     detections and crop plan in the store (the finish inherits the job's id and arguments in turn)."""
     client = store_client()
-    job = Job.from_json(store.get_job(client, self.request.id))
+    job = _job_of(self, client)
     done = _finish(client, job, [TileOutcome.from_json(record) for record in store.get_records(client, job.id)])
     if not isinstance(done, Staged):
         return done
@@ -475,6 +476,18 @@ def merge(self: Any, image: str, recognizer: str = "faces", **options: Any) -> d
         raise
     except BaseException:
         store.delete_job(client, job.id, job.tiles)
+        raise
+
+
+def _job_of(task: Any, client: redis.Redis) -> Job:
+    """The job a merge or finish (`task`, under the job's id) ends. A redelivery of one whose process died after
+    the job's outcome was stored (or a duplicate) finds the job's keys gone: it is ignored, so it cannot overwrite
+    that outcome with a failure of its own."""
+    try:
+        return Job.from_json(store.get_job(client, task.request.id))
+    except LookupError:
+        if task.AsyncResult(task.request.id).state in states.READY_STATES:
+            raise Ignore(f"job {task.request.id} has ended: its outcome is stored") from None
         raise
 
 
@@ -496,7 +509,7 @@ def _finish(
             else:
                 crops = plan_crops(recognition.detections, stage, bounds, job.options.max_crops)
                 if crops.crops:
-                    staged = Staged(recognition, crops, _crop_spans(job.options, stage, len(crops.crops)))
+                    staged = Staged(recognition, crops, _crop_spans(client, job.options, stage, len(crops.crops)))
                     store.put_stage(client, job.id, staged.to_json(), len(crops.crops), job.tiles, settings().tile_ttl)
                     handed_on = True
                     return staged
@@ -534,11 +547,19 @@ def _resources(client: redis.Redis, stage: SecondStage, options: JobOptions) -> 
     return resources.load(client, stage.resources, options)
 
 
-def _crop_spans(options: JobOptions, stage: SecondStage, crops: int) -> list[tuple[int, int]]:
+def _crop_spans(client: redis.Redis, options: JobOptions, stage: SecondStage, crops: int) -> list[tuple[int, int]]:
     """A job's crop batches as [first, stop) ranges: `crop_batch_size` crops each, or about
-    TILEREC_BATCH_TARGET_MS of the stage's work each, at least as many as tile batches would be."""
+    TILEREC_BATCH_TARGET_MS of the stage's work each (what crops cost it in earlier jobs, else its `cost_ms`), at
+    least as many as tile batches would be."""
     least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()
-    return crop_spans(crops, stage.cost_ms, settings().batch_target_ms, least, options.crop_batch_size)
+    measured = store.get_tile_cost(client, _crops_of(options), options.params)
+    cost = stage.cost_ms if measured is None else measured
+    return crop_spans(crops, cost, settings().batch_target_ms, least, options.crop_batch_size)
+
+
+def _crops_of(options: JobOptions) -> str:
+    """The name the measured cost of a recognizer's crops is kept under (beside its tiles' cost)."""
+    return f"{options.recognizer}#crops"
 
 
 @lru_cache(maxsize=4)
@@ -556,14 +577,15 @@ def recognize_crops(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
     shared file, and store their records; returns a summary for monitors (counts only: records stay in the store).
 
     As a tile batch: a crop's own failure is recorded, store outages are retried, a redelivered batch counts each
-    crop's crashes."""
+    crop's crashes. A duplicate that comes after its job ended (its finish deleted the job's keys) does nothing: a
+    failure of its own would reach the job's id through the duplicate chord and overwrite the job's result."""
     client = store_client()
-    job, staged = _described(job_id), _staged(job_id)
-    crops = staged.plan.crops[first:stop]
-    read = _StoredWindows(client, job) if job.file is None else partial(_read_shared, job.file)
+    try:
+        job, staged = _described(job_id), _staged(job_id)
+    except LookupError:
+        return {"crops": stop - first, "failed": 0, "seconds": 0.0, "ended": True}
     careful = bool(self.request.delivery_info.get("redelivered"))
-    outcomes = _recognize_crops(client, job, staged.recognition.detections, crops, stage_reader(read, job.options),
-                                careful)  # fmt: skip
+    outcomes = _recognize_crops(client, job, staged.recognition.detections, staged.plan.crops[first:stop], careful)
     records = {o.index: json.dumps(o.to_json()) for o in outcomes}
     done = store.put_records(client, job_id, records, settings().tile_ttl, "crop_records") if records else None
     if done is not None:
@@ -576,9 +598,8 @@ def recognize_crops(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
 
 
 def _recognize_crops(
-    client: redis.Redis, job: Job, detections: Detections, crops: list[PlannedCrop], read: Callable[[Window], Any],
-    careful: bool,
-) -> list[CropOutcome]:  # fmt: skip
+    client: redis.Redis, job: Job, detections: Detections, crops: list[PlannedCrop], careful: bool
+) -> list[CropOutcome]:
     """The crops' outcomes, in order, until the job is cancelled (looked at every CANCEL_CHECK_S); `careful`, after
     a crash of the batch's process: one crop at a time, each one's attempts counted (as `_recognize` does tiles)."""
     try:
@@ -586,6 +607,11 @@ def _recognize_crops(
     except Exception as error:  # a stage that cannot be built fails its crops, with the reason
         return [CropOutcome(c.window.index, error=f"{type(error).__name__}: {error}") for c in crops]
     assert stage is not None  # the merge planned crops for it
+    if job.file is None:
+        windows = [crop.window for crop in crops]
+        read = stage_reader(_StoredCrops(client, job, windows, stage.max_crop_pixels), job.options)
+    else:
+        read = stage_reader(partial(_read_shared, job.file), job.options)
     outcomes: list[CropOutcome] = []
     cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
     per_call = 1 if careful else max(1, stage.max_batch)
@@ -605,39 +631,62 @@ def _recognize_crops(
     return outcomes
 
 
-class _StoredWindows:
-    """Windows of the image assembled from the job's stored tiles (a crop may span several); the tiles of the last
-    few crops are kept, as neighbouring crops share tiles."""
+class _StoredCrops:
+    """A crop batch's windows, assembled from the job's stored tiles (a crop may span several), READ_EVERY crops a
+    round trip in the order they are read. Overlapping tiles hold the same pixels, so each pixel is taken from one:
+    the tile of its column and row of the grid, a column owning the x from its own start to the next column's (a
+    row likewise); Redis cuts those parts out of the tiles, so only the crops' bytes travel. Crops larger than
+    `largest` pixels are never fetched (the stage refuses them unread)."""
 
-    KEEP = 16  # tiles kept besides those of the crop at hand
-
-    def __init__(self, client: redis.Redis, job: Job) -> None:
-        self.client, self.job = client, job
-        self.bounds = np.array([[w.x, w.y, w.x2, w.y2] for w in job.windows])
-        self.kept: OrderedDict[int, np.ndarray | None] = OrderedDict()
+    def __init__(self, client: redis.Redis, job: Job, windows: list[Window], largest: int) -> None:
+        self.client, self.job, self.windows, self.largest = client, job, windows, largest
+        self.place = {window.index: number for number, window in enumerate(windows)}
+        self.columns = _owned(sorted({w.x for w in job.windows}), job.windows[-1].x2)
+        self.rows = _owned(sorted({w.y for w in job.windows}), job.windows[-1].y2)
+        self.fetched: dict[int, np.ndarray] = {}
 
     def __call__(self, window: Window) -> np.ndarray:
-        x1, y1, x2, y2 = self.bounds.T
-        over = np.flatnonzero((x1 < window.x2) & (x2 > window.x) & (y1 < window.y2) & (y2 > window.y)).tolist()
-        missing = [self.job.windows[index] for index in over if index not in self.kept]
-        if missing:
-            tiles = store.get_tiles(self.client, self.job.id, missing, self.job.channels)
-            self.kept.update((tile.index, pixels) for tile, pixels in zip(missing, tiles, strict=True))
+        if window.index not in self.fetched:
+            start = self.place[window.index]
+            chunk = self.windows[start : start + store.READ_EVERY]
+            self.fetched = self._fetch([w for w in chunk if w.width * w.height <= self.largest])
+        return self.fetched.pop(window.index)
+
+    def _fetch(self, windows: list[Window]) -> dict[int, np.ndarray]:
+        """The windows' pixels, in one round trip."""
+        parts = [(window, *part) for window in windows for part in self._parts(window)]
+        stored = store.get_tile_parts(self.client, self.job.id, [(tile, part) for _, tile, part in parts],
+                                      self.job.channels)  # fmt: skip
         channels = () if self.job.channels == 1 else (self.job.channels,)
-        pixels = np.zeros((window.height, window.width, *channels), dtype=np.uint8)
-        for index in over:
-            self.kept.move_to_end(index)
-            tile, stored = self.job.windows[index], self.kept[index]
-            if stored is None:  # nothing to recognize there (all nodata): left black
-                continue
-            left, top = max(tile.x, window.x), max(tile.y, window.y)
-            right, bottom = min(tile.x2, window.x2), min(tile.y2, window.y2)
-            pixels[top - window.y : bottom - window.y, left - window.x : right - window.x] = stored[
-                top - tile.y : bottom - tile.y, left - tile.x : right - tile.x
-            ]
-        while len(self.kept) > self.KEEP + len(over):
-            self.kept.popitem(last=False)
-        return pixels
+        fetched = {w.index: np.zeros((w.height, w.width, *channels), dtype=np.uint8) for w in windows}
+        for (window, _, part), pixels in zip(parts, stored, strict=True):
+            if pixels is not None:  # None: nothing to recognize there (all nodata), left black
+                fetched[window.index][
+                    part.y - window.y : part.y2 - window.y, part.x - window.x : part.x2 - window.x
+                ] = pixels
+        return fetched
+
+    def _parts(self, window: Window) -> list[tuple[Window, Window]]:
+        """(tile, part of the window that tile owns) for each tile the window overlaps."""
+        parts = []
+        for row in _spanned(self.rows, window.y, window.y2):
+            top, bottom = max(self.rows[row][0], window.y), min(self.rows[row][1], window.y2)
+            for column in _spanned(self.columns, window.x, window.x2):
+                left, right = max(self.columns[column][0], window.x), min(self.columns[column][1], window.x2)
+                tile = self.job.windows[row * len(self.columns) + column]
+                parts.append((tile, Window(tile.index, left, top, right - left, bottom - top)))
+        return parts
+
+
+def _owned(starts: list[int], end: int) -> list[tuple[int, int]]:
+    """The [from, to) each column (or row) of tiles owns: from its start to the next one's, the last to `end`."""
+    return list(zip(starts, [*starts[1:], end], strict=True))
+
+
+def _spanned(owned: list[tuple[int, int]], start: int, stop: int) -> range:
+    """The columns (or rows) whose owned ranges meet [start, stop)."""
+    starts = [first for first, _ in owned]
+    return range(max(0, bisect.bisect_right(starts, start) - 1), bisect.bisect_left(starts, stop))
 
 
 @app.task(name="tilerec.finish", bind=True)
@@ -645,7 +694,7 @@ def finish(self: Any, image: str, recognizer: str = "faces", **options: Any) -> 
     """The second stage's finish over the job's merged detections and their crops' records: the job's result. It
     runs under the job's id with the job's own arguments (the chord's body again); the job's keys go last."""
     client = store_client()
-    job = Job.from_json(store.get_job(client, self.request.id))
+    job = _job_of(self, client)
     try:
         staged = Staged.from_json(store.get_stage(client, job.id))
         outcomes = [CropOutcome.from_json(r) for r in store.get_records(client, job.id, "crop_records")]
@@ -658,6 +707,10 @@ def finish(self: Any, image: str, recognizer: str = "faces", **options: Any) -> 
         recognition = finish_stage(staged.recognition, stage, staged.plan, outcomes,
                                    _resources(client, stage, job.options), batches=len(staged.spans),
                                    started=job.started)  # fmt: skip
+        seconds = [outcome.seconds for outcome in outcomes if outcome.error is None]
+        if seconds:  # ms per crop, for the next job's crop batches
+            cost = 1000 * sum(seconds) / len(seconds)
+            store.record_tile_cost(client, _crops_of(job.options), job.options.params, cost)
         return _deliver(client, job.id, recognition.to_json())
     finally:
         store.delete_job(client, job.id, job.tiles)

@@ -10,6 +10,7 @@ test compares with the same window of the scene it drew.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -19,26 +20,34 @@ from typing import Any
 
 import cv2
 import numpy as np
+import redis
 
 from pipeline.model import Detections
+from pipeline.options import JobOptions
+from pipeline.recognizers import RecognizerSpec
 from pipeline.stages import Crop, SecondStage, StageResult
+from tasks.resources import register
 from tests.shaped import DARK, Segmenter
 
 RED = (0, 0, 255)  # a crop with a pure red pixel makes the stage fail on it
+GREEN = (0, 255, 0)  # and one with a pure green pixel kills its worker process
 HOLD_S = 120.0  # the longest a held crop waits
 
 
 class Measure(SecondStage):
-    """Per crop: the digest of its pixels, its size and its dark pixels; the page: dark pixels in all."""
+    """Per crop: the digest of its pixels, its size and its dark pixels; the page: dark pixels in all. A pure red
+    pixel in a crop makes it raise, a pure green one kill its process. While the
+    file `hold` exists, a call with a crop wider than `hold_wider` pixels waits (leaving `<hold>.<pid>`)."""
 
     name = "measure"
     cost_ms = 1.0
 
-    def __init__(self, pad: int = 3, hold: str = "", **_: Any) -> None:
-        self.pad, self.hold = pad, hold
+    def __init__(self, pad: int = 3, hold: str = "", hold_wider: int = 0, labels: str = "") -> None:
+        self.pad, self.hold, self.hold_wider = pad, hold, hold_wider
 
     def recognize(self, crops: list[Crop]) -> list[dict[str, Any]]:
-        if self.hold and Path(self.hold).exists():  # held at a known point: the test says when to go on
+        wide = any(crop.window.width > self.hold_wider for crop in crops)
+        if self.hold and wide and Path(self.hold).exists():  # held at a known point: the test says when to go on
             Path(f"{self.hold}.{os.getpid()}").touch()
             deadline = time.monotonic() + HOLD_S
             while Path(self.hold).exists() and time.monotonic() < deadline:
@@ -50,6 +59,8 @@ class Measure(SecondStage):
         pixels = crop.pixels
         if pixels.ndim == 3 and bool(np.all(pixels == RED, axis=2).any()):
             raise ValueError("a red pixel in this crop")
+        if pixels.ndim == 3 and bool(np.all(pixels == GREEN, axis=2).any()):
+            os._exit(1)
         grey = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
         x1, y1, x2, y2 = crop.detection.xyxy[0]
         return {
@@ -70,17 +81,48 @@ class Measure(SecondStage):
         return StageResult(detections.with_data(columns), {"read": read, "dark_pixels": dark})
 
 
+class Labelled(Measure):
+    """`Measure`, and each detection labelled by its dark pixels from the label set the job names (`labels`): a
+    resource its finish needs, which workers load from Redis (as faces load a gallery)."""
+
+    resources = ("labels",)
+
+    def finish(
+        self, detections: Detections, records: Sequence[Mapping[str, Any] | None], resources: Mapping[str, Any]
+    ) -> StageResult:
+        measured = super().finish(detections, records, resources)
+        names = [resources["labels"].get(str(dark), "unknown") for dark in measured.detections.data["dark"]]
+        return StageResult(measured.detections.with_data({"name": names}), measured.output)
+
+
+def load_labels(client: redis.Redis, options: JobOptions) -> dict[str, str]:
+    """The label set the job names, from the store's Redis (`tilerec:test:labels:<name>`, JSON)."""
+    name = options.params["labels"]
+    stored = client.get(f"tilerec:test:labels:{name}")
+    if stored is None:
+        raise LookupError(f"no label set named {name!r}")
+    return json.loads(stored)
+
+
+register("labels", load_labels)
+
+
 class DarkBlobs(Segmenter):
     """Dark regions, each measured on its full-resolution crop by a second stage"""
 
     cost_ms = 1.0
 
-    def __init__(self, pad: int = 3, hold: str = "") -> None:
-        del pad, hold  # the second stage's parameters
+    def __init__(self, pad: int = 3, hold: str = "", hold_wider: int = 0, labels: str = "") -> None:
+        del pad, hold, hold_wider, labels  # the second stage's parameters
 
     @staticmethod
     def second_stage(params: Mapping[str, Any]) -> Measure:
-        return Measure(**params)
+        return Labelled(**params) if params["labels"] else Measure(**params)
+
+
+# the same as a grey recognizer: its tiles are stored grey, and so are its crops
+GREY_BLOBS = RecognizerSpec("grey-blobs", DarkBlobs, {"pad": 3, "hold": "", "hold_wider": 0, "labels": ""},
+                            grey=True, second_stage=DarkBlobs.second_stage)  # fmt: skip
 
 
 def digest(pixels: np.ndarray) -> str:

@@ -16,9 +16,11 @@ import pytest
 import tifffile
 
 import pipeline
+from pipeline import recognizers
 from pipeline.model import Detections, Recognition
 from pipeline.options import OptionsError, parse_options
 from pipeline.recognizers import RecognizerSpec, register
+from pipeline.shapes import obb_corners
 from pipeline.stages import (
     CropPlan,
     SecondStage,
@@ -28,12 +30,14 @@ from pipeline.stages import (
     expand,
     plan_crops,
     quad_of,
+    read_crops,
     rectify,
+    shape_bounds,
 )
 from pipeline.tiling import Window, grid
 from tasks.client import submit
 from tests.conftest import IMAGES_ROOT, tilerec_keys
-from tests.staged import RED, blob_scene, digest
+from tests.staged import GREEN, RED, blob_scene, digest
 from tests.test_reliability import wait_for
 
 TIMEOUT = 120
@@ -47,6 +51,12 @@ RECTS = [(100, 100, 50, 40), (500, 300, 900, 300), (1200, 900, 200, 100), (1560,
 @pytest.fixture(autouse=True)
 def staged_allowed(monkeypatch):
     monkeypatch.setenv("TILEREC_PLUGIN_MODULES", "tests.faulty,tests.shaped,tests.staged")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the registry for this test, so recognizers it registers do not stay registered."""
+    monkeypatch.setattr(recognizers, "_REGISTRY", dict(recognizers._REGISTRY))
 
 
 def expected(image: np.ndarray, rects=RECTS, pad: int = PAD) -> dict[tuple, dict]:
@@ -89,6 +99,17 @@ def test_a_crop_window_is_the_shape_with_its_margin_in_whole_pixels_clipped_to_t
     assert crop_window(np.array([200, 200, 230, 230]), Window(0, 0, 0, 100, 100)) is None
 
 
+def test_shape_bounds_hold_the_box_the_oriented_box_s_corners_and_the_mask():
+    detections = Detections.from_xywh(
+        [[100, 100, 10, 10], [0, 0, 5, 5], [50, 50, 4, 4]], [1.0] * 3, "x",
+        obb=[[105, 105, 40, 10, 30], None, None], masks=[None, None, [[[[40, 60], [70, 60], [70, 90]]]]],
+    )  # fmt: skip
+    corners = obb_corners(detections.obb[:1])[0]
+    assert np.allclose(shape_bounds(detections, 0), [*corners.min(axis=0), *corners.max(axis=0)])
+    assert shape_bounds(detections, 1).tolist() == [0, 0, 5, 5]
+    assert shape_bounds(detections, 2).tolist() == [40, 50, 70, 90]
+
+
 def test_the_plan_takes_the_wanted_rows_the_best_scored_within_max_crops_in_row_order():
     class EveryOther(SecondStage):
         pad = 1
@@ -115,6 +136,11 @@ def test_crop_batches_cover_every_crop_once():
         assert [i for first, stop in spans for i in range(first, stop)] == list(range(count))
     assert crop_spans(100, 10.0, 400.0, 1, 7)[0] == (0, 7)
     assert crop_spans(0, 10.0, 400.0, 4) == []
+    # cheap crops: no batch under a quarter of the target's work (100 ms: 100 crops of 1 ms), the remainder aside
+    assert crop_spans(199, 1.0, 400.0, 8) == [(0, 99), (99, 199)]
+    assert min(stop - first for first, stop in crop_spans(1000, 1.0, 400.0, 8)[1:]) >= 100
+    # costly crops: at least `least` batches, tapering down to one crop (a quarter of 400 ms is one 100 ms crop)
+    assert len(crop_spans(80, 100.0, 400.0, 8)) >= 8 and crop_spans(80, 100.0, 400.0, 8)[-1] == (79, 80)
 
 
 def test_rectify_cuts_an_upright_box_exactly_and_straightens_a_rotated_one():
@@ -135,6 +161,40 @@ def test_rectify_cuts_an_upright_box_exactly_and_straightens_a_rotated_one():
     assert straight.shape == (60, 200)
     inner = (slice(3, -3), slice(3, -3))  # edges blend with the black around
     assert np.abs(straight[inner].astype(int) - pattern[inner]).mean() < 3
+
+
+def test_a_crop_s_own_fault_fails_that_crop_alone():
+    """Too large a crop, a record that is not JSON, a raise: each fails its own crop, even inside a call of several
+    (the call is made again crop by crop); the other crops of the call keep their records."""
+
+    class Picky(SecondStage):
+        max_batch = 8
+        max_crop_pixels = 50 * 50
+
+        def recognize(self, crops):
+            records = []
+            for crop in crops:
+                if crop.window.x == 200:
+                    raise ValueError("no crops at x 200")
+                records.append(
+                    {"x": crop.window.x, "bad": float("nan")} if crop.window.x == 100 else {"x": crop.window.x}
+                )
+            return records
+
+    image = np.zeros((300, 400), dtype=np.uint8)
+    detections = Detections.from_xywh(
+        [[0, 0, 10, 10], [100, 0, 10, 10], [200, 0, 10, 10], [300, 0, 60, 60]], [1.0] * 4, "x"
+    )
+    plan = plan_crops(detections, Picky(), Window(0, 0, 0, 400, 300))
+    read = lambda window: image[window.y : window.y2, window.x : window.x2]  # noqa: E731
+    outcomes = read_crops(read, plan.crops, detections, Picky())
+    assert [o.record for o in outcomes] == [{"x": 0}, None, None, None]
+    assert outcomes[1].error.startswith("StageError: a crop's record is not JSON")
+    assert outcomes[2].error == "ValueError: no crops at x 200"
+    assert (
+        outcomes[3].error
+        == "StageError: the crop is 60x60 pixels, more than the stage reads (2,500 pixels, its max_crop_pixels)"
+    )
 
 
 def test_options_turn_the_second_stage_on_off_and_bound_it_with_clear_errors():
@@ -182,7 +242,7 @@ def test_a_grey_image_gives_grey_crops():
     assert_crops_exact(pipeline.recognize_image(grey, STAGED).to_json(), grey)
 
 
-def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so():
+def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so(registry):
     class Counted(SecondStage):
         resources = ("gallery",)
 
@@ -202,10 +262,27 @@ def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so():
         pipeline.recognize_image(scene.image, "test-gallery")
 
 
-def staged_segmenter():
+def staged_segmenter(**_: object):
+    """The first stage of the recognizers registered here (their parameters are their second stage's)."""
     from tests.shaped import Segmenter
 
     return Segmenter()
+
+
+def test_a_stage_can_be_on_by_default_only_where_the_job_s_parameters_ask_for_it(registry):
+    class Widths(SecondStage):
+        def recognize(self, crops):
+            return [{"w": crop.pixels.shape[1]} for crop in crops]
+
+    register(RecognizerSpec("test-asks", staged_segmenter, {"measure": False}, second_stage=lambda params: Widths(),
+                            stage_by_default=lambda params: params["measure"]))  # fmt: skip
+    scene = blob_scene(640, 480, [(10, 10, 30, 20)], seed=15)
+    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-asks").to_json()
+    assert parse_options("test-asks", {"measure": True}).second_stage is True
+    widths = pipeline.recognize_image(scene.image, "test-asks", measure=True).to_json()
+    assert widths["detections"][0]["data"]["w"] == 30 and widths["second_stage"]["crops"] == 1
+    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-asks", measure=True,
+                                                          second_stage=False).to_json()  # fmt: skip
 
 
 # -- on workers
@@ -250,13 +327,31 @@ class Messages:
         self.thread.join(10)
 
 
-def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_result(worker, redis_server):
+@pytest.mark.parametrize("given", ["png", "array"])
+def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_result(worker, redis_server, given):
+    """A PNG is decoded band by band while its first tiles are recognized (the worker has two processes); an array
+    is stored whole first: either way the crops are assembled from the stored tiles."""
     image, path = scene_file("staged-store.png", seed=5)
-    distributed = submit(path, STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT)
+    distributed = submit(path if given == "png" else image, STAGED, batch_size=2, crop_batch_size=1).get(
+        timeout=TIMEOUT
+    )
     assert_crops_exact(distributed, image)
     local = pipeline.recognize_image(image, STAGED).to_json()
     assert distributed["detections"] == local["detections"]
     assert distributed["second_stage"] == {**local["second_stage"], "batches": len(RECTS)}
+    assert tilerec_keys(redis_server) == []
+
+
+def test_with_a_roi_crops_stop_at_its_edge_alike_in_process_and_on_workers(worker, redis_server):
+    """Only the roi's tiles are stored: a crop whose margin reaches past the roi is clipped to it, both ways."""
+    image, path = scene_file("staged-roi.png", seed=18)
+    options = {"roi": [498, 250, 1000, 400], "pad": 5}
+    local = pipeline.recognize_image(image, STAGED, **options).to_json()
+    remote = submit(path, STAGED, batch_size=1, **options).get(timeout=TIMEOUT)
+    [line] = local["detections"]
+    assert line["data"]["window"] == [498, 295, 907, 310]  # x clipped at the roi, y grown by the pad
+    assert line["data"]["digest"] == digest(image[295:605, 498:1405])
+    assert remote["detections"] == local["detections"]
     assert tilerec_keys(redis_server) == []
 
 
@@ -303,18 +398,78 @@ def test_a_failed_crop_is_listed_and_the_others_are_read(worker, redis_server):
     assert tilerec_keys(redis_server) == []
 
 
+def test_a_second_finish_or_crop_batch_of_an_ended_job_leaves_its_result_alone(worker, redis_server, app):
+    """A finish delivered again after the job's result was stored (its process died before acknowledging it) finds
+    the job's keys gone and is ignored; a crop batch delivered again then does nothing and fails nothing: the stored
+    result stays."""
+    image, path = scene_file("staged-again.png", seed=13)
+    job = submit(path, STAGED, batch_size=2)
+    result = job.get(timeout=TIMEOUT)
+    again = app.send_task("tilerec.finish", args=[path, STAGED], kwargs={"batch_size": 2}, task_id=job.id)
+    wait_for(lambda: f"Task tilerec.finish[{job.id}] ignored" in Path(worker.log_file).read_text())
+    late = app.send_task("tilerec.recognize_crops", args=[job.id, 0, 2]).get(timeout=TIMEOUT)
+    assert late["crops"] == 2
+    assert again.state == "SUCCESS" and job.get(timeout=5) == result
+    assert_crops_exact(result, image)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths(worker, redis_server):
+    rects = RECTS[:3]
+    scene = blob_scene(1600, 1200, rects, seed=14)
+    scene.image[920, 1250] = GREEN  # inside the third rectangle: only its crop has it
+    path = IMAGES_ROOT / "staged-green.png"
+    cv2.imwrite(str(path), scene.image)
+    result = submit(str(path), STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT)
+    failed = result["second_stage"]["failed_crops"]
+    assert [(f["box"], f["error"]) for f in failed] == [
+        ([1200, 900, 200, 100], "gave up: the worker process died all 3 times it ran this crop")
+    ]
+    good = expected(scene.image, rects)
+    assert {rect: measured(result)[rect] for rect in rects[:2]} == {rect: good[rect] for rect in rects[:2]}
+    wait_for(lambda: len(worker.child_pids()) == 2)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_grey_recognizer_s_crops_are_grey_from_its_grey_tiles(worker, redis_server):
+    image, path = scene_file("staged-grey.png", seed=17)
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    result = submit(path, "tests.staged:GREY_BLOBS", batch_size=2).get(timeout=TIMEOUT)
+    assert measured(result) == expected(grey)
+    assert result["detections"] == pipeline.recognize_image(image, "tests.staged:GREY_BLOBS").to_json()["detections"]
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_finish_gets_the_resource_its_job_names_from_the_registered_loader(worker, redis_server):
+    """The label set a job names (as faces name a gallery) is loaded on the worker from the store's Redis by the
+    loader tests.staged registers; a set that is not there fails the job with the loader's words."""
+    _, path = scene_file("staged-labels.png", seed=16)
+    redis_server.client().set("tilerec:test:labels:sizes", json.dumps({"2000": "small", "270000": "large"}))
+    result = submit(path, STAGED, labels="sizes", batch_size=2).get(timeout=TIMEOUT)
+    names = {tuple(int(v) for v in d["box"]): d["data"]["name"] for d in result["detections"]}
+    assert names == {RECTS[0]: "small", RECTS[1]: "large", RECTS[2]: "unknown", RECTS[3]: "unknown"}
+    with pytest.raises(Exception, match="no label set named 'nope'"):
+        submit(path, STAGED, labels="nope", batch_size=2).get(timeout=TIMEOUT)
+    assert tilerec_keys(redis_server) == []
+    redis_server.client().delete("tilerec:test:labels:sizes")
+
+
 def held(flag: Path) -> list[int]:
     """The worker processes holding a crop batch at the flag (each leaves `<flag>.<pid>`)."""
     return [int(p.suffix[1:]) for p in flag.parent.glob(flag.name + ".*")]
 
 
 def test_a_process_killed_in_the_second_stage_changes_nothing(worker, redis_server):
+    """The large rectangle's crop is held while the others are read: the job shows its crops' progress; then the
+    process holding it is killed, and the batch runs again on another."""
     image, path = scene_file("staged-kill.png", seed=9)
     flag = IMAGES_ROOT / "hold-kill"
     flag.touch()
     try:
-        job = submit(path, STAGED, batch_size=2, crop_batch_size=1, hold=str(flag))
-        wait_for(lambda: held(flag), timeout=60)
+        job = submit(path, STAGED, batch_size=2, crop_batch_size=1, hold=str(flag), hold_wider=500)
+        wait_for(lambda: held(flag) and job.crops() == (len(RECTS) - 1, len(RECTS)), timeout=60)
+        wait_for(lambda: job.result.state == "PROGRESS" and job.result.info.get("stage") == "crops")
+        assert job.result.info["total"] == len(RECTS) and 1 <= job.result.info["done"] < len(RECTS)
         os.kill(held(flag)[0], signal.SIGKILL)  # mid-crop: its batch goes back to the queue and runs again
     finally:
         flag.unlink(missing_ok=True)
@@ -322,6 +477,7 @@ def test_a_process_killed_in_the_second_stage_changes_nothing(worker, redis_serv
     for marker in IMAGES_ROOT.glob("hold-kill.*"):
         marker.unlink()
     assert_crops_exact(result, image)
+    assert job.crops() == (len(RECTS), len(RECTS))
     wait_for(lambda: len(worker.child_pids()) == 2)
     assert tilerec_keys(redis_server) == []
 
@@ -345,3 +501,19 @@ def test_a_cancel_in_the_second_stage_ends_the_job_and_leaves_nothing(worker, re
     assert type(raised.value).__name__ == "JobCancelled"
     assert "cancelled in its second stage" in str(raised.value)
     wait_for(lambda: tilerec_keys(redis_server) == [], timeout=10)
+
+
+def test_blank_tiles_are_skipped_alike_and_crops_reaching_into_them_stay_exact(worker, redis_server):
+    """With skip_blank, a job with a second stage still stores its blank tiles (a crop's margin may reach into
+    them) and still skips them: the same tiles skipped, and the same crops, as in one process."""
+    rects = [(100, 100, 300, 200), (1400, 1000, 150, 150)]
+    image = np.full((1200, 1600, 3), 200, dtype=np.uint8)  # flat: every tile without a rectangle is blank
+    image[:, :] = blob_scene(1600, 1200, rects, seed=12).image.clip(0, 200) // 128 * 200  # dark 0, light 200
+    path = IMAGES_ROOT / "staged-blank.png"
+    cv2.imwrite(str(path), image)
+    local = pipeline.recognize_image(image, STAGED, skip_blank=True, pad=300).to_json()
+    remote = submit(str(path), STAGED, skip_blank=True, pad=300, batch_size=2).get(timeout=TIMEOUT)
+    assert remote["tiling"]["skipped"] == local["tiling"]["skipped"] > 0
+    assert remote["detections"] == local["detections"]
+    assert measured(remote) == expected(image, rects, pad=300)
+    assert tilerec_keys(redis_server) == []

@@ -42,6 +42,7 @@ class RecognizerSpec:
     `second_stage`, for a recognizer with one (`pipeline.stages`): called with the job's recognizer parameters (a
     dict), it returns the `SecondStage` run on the full-resolution crop of each merged detection; jobs run it unless
     they say `second_stage=False`, or, where `stage_by_default` is False, only when they say `second_stage=True`.
+    `stage_by_default` may also be a function of the job's recognizer parameters (on where they ask for it).
     """
 
     name: str
@@ -53,7 +54,8 @@ class RecognizerSpec:
     grey: bool = False  # it reads grey pixels only: colour tiles are converted before storing (a third of the bytes)
     merge: str = "greedy_nmm"  # the merge its jobs use unless they name one (pipeline.merge.MERGE_METHODS)
     second_stage: Callable[[dict[str, Any]], Any] | None = None  # params -> pipeline.stages.SecondStage
-    stage_by_default: bool = True  # a job runs the second stage unless it says second_stage=False
+    # a job runs the second stage unless it says second_stage=False; or a function of the job's parameters
+    stage_by_default: bool | Callable[[Mapping[str, Any]], bool] = True
 
 
 _REGISTRY: dict[str, RecognizerSpec] = {}
