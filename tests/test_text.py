@@ -196,7 +196,7 @@ def test_real_scans_read_above_a_floor(name: str, recall: float, cer: float) -> 
 def test_on_workers_the_seam_page_reads_as_in_process_and_leaves_nothing(worker, redis_server, seams, seams_read):
     path = IMAGES_ROOT / "text-seams.png"
     cv2.imwrite(str(path), seams.image)
-    result = submit(str(path), "text", batch_size=3, crop_batch_size=4, **FAST).get(timeout=TIMEOUT)
+    result = submit(str(path), "text", batch_size=3, crop_batch_size=4, **FAST).get(timeout=TIMEOUT).to_json()
     assert lines_of(result) == [line.text for line in seams.lines]
     assert result["second_stage"]["output"] == seams_read.second_stage.output
     assert result["second_stage"]["batches"] > 1
