@@ -5,8 +5,9 @@ process (the user's alternative), side by side in one run.
                          [--det-scale 0.5] [--out bench-out/text]
 
 Scenes: generated posters (`pipeline.text_scenes.poster`: a headline and blocks of two columns of 32 px text on a
-light ground, the same 1,200 words at every size, so a bigger poster holds the same text in more white space),
-generated pages (three or more columns of 28 px text filling the page) and the real scans in ../shared/images/text.
+light ground, as many of 1,200 words as fit: 163 at 2000 px, 483 at 4000, all from 8000 on, so the biggest hold the
+same text in more white space), generated pages (three or more columns of 28 px text filling the page) and the
+real scans in ../shared/images/text.
 Each scene is written as a PNG and read by both: tilerec submits it to a private cluster (a private Redis and one
 `celery worker` of W processes, warmed first) and times the job from submit to result; RapidOCR (`RapidOCR()`,
 built and warmed once before, as a long-lived process would) is timed on `ocr(path)`. The two alternate which goes
