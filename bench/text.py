@@ -13,7 +13,7 @@ Each scene is written as a PNG and read by both: tilerec submits it to a private
 built and warmed once before, as a long-lived process would) is timed on `ocr(path)`. The two alternate which goes
 first on each repetition, so a drift of the machine's speed hits both alike; the load average is recorded with
 each figure. Scores: word recall (each truth word found as often as it occurs) and character error rate of the
-text in reading order. Writes `text.json` and `text.md`. Needs the `text` and `bench` extras.
+text in reading order. Writes `text.json` and `text.md`. Needs the `bench` extra (it has RapidOCR).
 """
 
 from __future__ import annotations
