@@ -13,14 +13,17 @@ GeoJSON export (`geojson_document`): one polygon feature per detection, on the m
 Text export (`plain_text`, `hocr_document`): the detections that carry a text (the `text` recognizer's lines, also QR
 payloads), in the order the result lists them (the `text` recognizer's: reading order), grouped by their `column`
 and `block` data where they have them; hOCR as OCR tools read it (ocrmypdf's hocrtransform, hocr-tools).
+
+Video results: MOTChallenge text (`mot_lines`), and JSON lines per frame (`frame_lines`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -498,3 +501,18 @@ def hocr_document(recognitions: Sequence[Recognition], images: Sequence[str] | N
         + ElementTree.tostring(html, encoding="unicode")
         + "\n"
     )
+
+
+def mot_lines(result: dict[str, Any]) -> Iterator[str]:
+    """A video result's tracks as MOTChallenge text lines, frame by frame: `frame,id,x,y,w,h,score,-1,-1,-1` with
+    1-based frame numbers (the benchmark's convention; tilerec's own are 0-based)."""
+    rows = sorted((row[0], track["id"], row) for track in result["tracks"] for row in track["frames"])
+    for frame, track, (_, x, y, w, h, score) in rows:
+        yield f"{frame + 1},{track},{x:g},{y:g},{w:g},{h:g},{score:g},-1,-1,-1"
+
+
+def frame_lines(result: dict[str, Any]) -> Iterator[str]:
+    """A video result as JSON lines, one per recognized frame: {"frame", "time", "detections"} with each
+    detection's `track`."""
+    for frame in result["per_frame"]:
+        yield json.dumps(frame, separators=(",", ":"))
