@@ -10,6 +10,10 @@ non-COCO fields `obb`, `class_id` and `data`; a box-only detection's record is j
 
 GeoJSON export (`geojson_document`): one polygon feature per detection, on the map of a georeferenced raster.
 
+Text export (`plain_text`, `hocr_document`): the detections that carry a text (the `text` recognizer's lines, also QR
+payloads), in the order the result lists them (the `text` recognizer's: reading order), grouped by their `column`
+and `block` data where they have them; hOCR as OCR tools read it (ocrmypdf's hocrtransform, hocr-tools).
+
 Video results: MOTChallenge text (`mot_lines`), and JSON lines per frame (`frame_lines`).
 """
 
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -347,6 +353,154 @@ def geojson_document(
     if not to_wgs84 and len(codes) == 1 and (code := codes.pop()) is not None:
         collection["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{code}"}}
     return collection
+
+
+# what XML 1.0 cannot carry: C0 controls but tab, line feed and carriage return; lone surrogates (a str from bytes
+# decoded with surrogateescape has them); the two non-characters U+FFFE and U+FFFF
+XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+HOCR_CAPABILITIES = "ocr_page ocr_carea ocr_par ocr_line ocrx_word"
+
+
+def xml_safe(text: str) -> str:
+    """`text` with every character XML cannot hold replaced by U+FFFD (markup is escaped by the serializer)."""
+    return XML_INVALID.sub("\ufffd", text)
+
+
+def text_blocks(detections: Detections) -> list[list[list[int]]]:
+    """The detections that carry a text, in their order, as columns of blocks of rows: consecutive detections with
+    the same `column` and `block` data are one block (without that data, each is a block and a column of its own).
+
+    Returns:
+        [[[row, ...] block, ...] column, ...].
+    """
+    columns: list[list[list[int]]] = []
+    previous: tuple[Any, Any] | None = None
+    for i in range(len(detections)):
+        if not str(detections.texts[i] or "").strip():
+            continue
+        column, block = (detections.data.get(name, [None] * len(detections))[i] for name in ("column", "block"))
+        key = (column, block) if column is not None and block is not None else None
+        if key is None or previous is None or key[0] != previous[0]:
+            columns.append([[i]])
+        elif key[1] != previous[1]:
+            columns[-1].append([i])
+        else:
+            columns[-1][-1].append(i)
+        previous = key
+    return columns
+
+
+def plain_text(recognitions: Sequence[Recognition]) -> str:
+    """The text of each recognition in order (`text_blocks`): a line per detection, a blank line between blocks and
+    columns; pages separated by a form feed, as Tesseract writes them."""
+    pages = []
+    for recognition in recognitions:
+        texts = recognition.detections.texts
+        blocks = [block for column in text_blocks(recognition.detections) for block in column]
+        pages.append("\n\n".join("\n".join(" ".join(str(texts[i]).split()) for i in block) for block in blocks))
+    return "\f".join(page + "\n" if page else "" for page in pages)
+
+
+def _bbox(points: np.ndarray) -> str:
+    """hOCR's `bbox x0 y0 x1 y1` (whole pixels) around points (n, 2)."""
+    x0, y0 = np.floor(points.min(axis=0)).astype(int).tolist()
+    x1, y1 = np.ceil(points.max(axis=0)).astype(int).tolist()
+    return f"bbox {x0} {y0} {x1} {y1}"
+
+
+def line_quad(detections: Detections, i: int) -> np.ndarray:
+    """(4, 2) corners of a text detection along its reading direction: top-left, top-right, bottom-right,
+    bottom-left of its oriented box, else of its box."""
+    if detections.with_obb()[i]:
+        return obb_corners(detections.obb[i])[0]
+    x1, y1, x2, y2 = detections.xyxy[i]
+    return np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float64)
+
+
+def word_quads(text: str, quad: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The words of a line and each one's part of the line's quad, by its share of the line's characters (OCR
+    models give no box per word; the share is close for proportional fonts).
+
+    Args:
+        text: the line's text.
+        quad: the line's corners (`line_quad`).
+
+    Returns:
+        (word, (4, 2) corners) per word, in order.
+    """
+    count = max(1, len(text))
+    top, bottom = quad[1] - quad[0], quad[2] - quad[3]
+    found = []
+    for match in re.finditer(r"\S+", text):
+        start, stop = match.start() / count, match.end() / count
+        corners = np.array(
+            [quad[0] + start * top, quad[0] + stop * top, quad[3] + stop * bottom, quad[3] + start * bottom]
+        )
+        found.append((match.group(), corners))
+    return found
+
+
+def _hocr_page(body: ElementTree.Element, recognition: Recognition, page: int, image: str | None) -> None:
+    """One ocr_page of a recognition, appended to `body`."""
+    detections = recognition.detections
+    name = xml_safe(image or recognition.source or f"page {page}").replace('"', "")
+    size = f"bbox 0 0 {recognition.width} {recognition.height}"
+    scores = detections.data.get("text_score", detections.scores)
+    counters = {"block": 0, "par": 0, "line": 0, "word": 0}
+
+    def node(parent: ElementTree.Element, tag: str, kind: str, counter: str, title: str) -> ElementTree.Element:
+        counters[counter] += 1
+        return ElementTree.SubElement(parent, tag, {"class": kind, "id": f"{counter}_{page}_{counters[counter]}",
+                                                    "title": title})  # fmt: skip
+
+    element = ElementTree.SubElement(body, "div", {"class": "ocr_page", "id": f"page_{page}",
+                                                   "title": f'image "{name}"; {size}; ppageno {page - 1}'})  # fmt: skip
+    for column in text_blocks(detections):
+        quads = {i: line_quad(detections, i) for block in column for i in block}
+        area = node(element, "div", "ocr_carea", "block", _bbox(np.concatenate(list(quads.values()))))
+        for block in column:
+            paragraph = node(area, "p", "ocr_par", "par", _bbox(np.concatenate([quads[i] for i in block])))
+            for i in block:
+                text = xml_safe(" ".join(str(detections.texts[i]).split()))
+                height = float(np.linalg.norm(quads[i][3] - quads[i][0]))
+                angle = -float(detections.obb[i, 4]) % 360 if detections.with_obb()[i] else 0.0
+                title = f"{_bbox(quads[i])}; x_size {height:.1f}" + (f"; textangle {angle:.1f}" if angle else "")
+                line = node(paragraph, "span", "ocr_line", "line", title)
+                confidence = round(100 * float(scores[i] if scores[i] is not None else 0.0))
+                for word, corners in word_quads(text, quads[i]):
+                    node(line, "span", "ocrx_word", "word", f"{_bbox(corners)}; x_wconf {confidence}").text = word
+
+
+def hocr_document(recognitions: Sequence[Recognition], images: Sequence[str] | None = None) -> str:
+    """An hOCR document (XHTML) of the recognitions' text, one ocr_page each: ocr_carea per column, ocr_par per
+    block, ocr_line per line, ocrx_word per word, each with its bbox; every text is XML-escaped and characters XML
+    cannot hold are replaced by U+FFFD.
+
+    Args:
+        recognitions: the results, one per page.
+        images: a name for each page's `image` property; None: each result's source.
+
+    Returns:
+        The document, as text (UTF-8 when written).
+    """
+    html = ElementTree.Element("html", {"xmlns": "http://www.w3.org/1999/xhtml", "xml:lang": "en", "lang": "en"})
+    head = ElementTree.SubElement(html, "head")
+    ElementTree.SubElement(head, "title").text = "tilerec"
+    ElementTree.SubElement(head, "meta", {"http-equiv": "Content-Type", "content": "text/html;charset=utf-8"})
+    ElementTree.SubElement(head, "meta", {"name": "ocr-system", "content": "tilerec"})
+    ElementTree.SubElement(head, "meta", {"name": "ocr-capabilities", "content": HOCR_CAPABILITIES})
+    body = ElementTree.SubElement(html, "body")
+    names = list(images) if images is not None else [None] * len(recognitions)
+    for page, (recognition, name) in enumerate(zip(recognitions, names, strict=True), start=1):
+        _hocr_page(body, recognition, page, name)
+    ElementTree.indent(html, space=" ")
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN" '
+        '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
+        + ElementTree.tostring(html, encoding="unicode")
+        + "\n"
+    )
 
 
 def mot_lines(result: dict[str, Any]) -> Iterator[str]:

@@ -17,9 +17,9 @@ from pipeline.model import Detections
 from pipeline.shapes import obb_from_points, obb_polygons
 from pipeline.tiling import Window
 
-MergeMethod = Literal["greedy_nmm", "nms", "none"]
+MergeMethod = Literal["greedy_nmm", "nms", "lines", "none"]
 MatchMetric = Literal["ios", "iou"]
-MERGE_METHODS = ("greedy_nmm", "nms", "none")
+MERGE_METHODS = ("greedy_nmm", "nms", "lines", "none")
 MATCH_METRICS = ("ios", "iou")
 
 
@@ -226,7 +226,8 @@ def merge_detections(
     detection by what it absorbs: its box to the union of boxes, its mask to the union of masks, its oriented box to
     the smallest one around all their corners, and a cut view's keypoints to the best-scored of each; a whole view
     only grows with other whole views, so a seam-cut fragment never stretches it. Detections with a payload (QR text,
-    marker id) match by payload.
+    marker id) match by payload. "lines" joins the pieces of text lines by their geometry along each line
+    (`pipeline.lines.join_lines`; the `text` recognizer's merge).
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"merge must be one of {MERGE_METHODS}, got {method!r}")
@@ -234,6 +235,10 @@ def merge_detections(
         raise ValueError(f"match_metric must be one of {MATCH_METRICS}, got {match_metric!r}")
     if method == "none" or len(detections) < 2:
         return detections
+    if method == "lines":
+        from pipeline.lines import join_lines  # here: pipeline.lines builds on this module's pair search
+
+        return join_lines(detections)
     merged, joined = _merge_once(detections, method, match_metric, match_threshold)
     while joined:  # pieces of a mask that crosses several seams join one seam per pass (greedy absorbs neighbours)
         pieces = merged.cut & shapely.is_geometry(merged.masks)  # only they can meet again

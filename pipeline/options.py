@@ -172,7 +172,7 @@ def _batch_size(name: str, value: Any) -> int | None:
 def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None = None) -> JobOptions:
     """JobOptions from a caller's keyword options: job options by name, everything else a recognizer parameter."""
     options = dict(options or {})
-    spec_of(recognizer)
+    spec = spec_of(recognizer)
     params = options.pop("params", None) or {}
     if not isinstance(params, Mapping):
         raise OptionsError(f"params must be a mapping of recognizer parameters, got {params!r}")
@@ -181,7 +181,7 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         tile, overlap = validate_tiling(options.get("tile", 640), options.get("overlap", 0.2))
     except ValueError as error:
         raise OptionsError(str(error)) from None
-    merge = options.get("merge", "greedy_nmm")
+    merge = options.get("merge", spec.merge)
     if merge not in MERGE_METHODS:
         raise OptionsError(f"merge must be one of {', '.join(MERGE_METHODS)}, got {merge!r}")
     metric = options.get("match_metric", "ios")

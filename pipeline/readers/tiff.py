@@ -100,8 +100,13 @@ class TiffSource:
         page = self.page
         photometric = getattr(page.photometric, "name", str(page.photometric))
         samples = int(page.samplesperpixel)
-        if page.dtype is None or np.dtype(page.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-            raise ImageError(f"{self.name}: unsupported TIFF pixel type {page.dtype}; use 8- or 16-bit images")
+        bilevel = page.dtype is not None and np.dtype(page.dtype) == np.dtype(bool) and samples == 1
+        if not bilevel and (
+            page.dtype is None or np.dtype(page.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16))
+        ):
+            raise ImageError(
+                f"{self.name}: unsupported TIFF pixel type {page.dtype}; use 1-bit grey, 8- or 16-bit images"
+            )
         self._check_codec()
         if int(getattr(page, "imagedepth", 1)) != 1:
             raise ImageError(f"{self.name}: volumetric TIFFs (image depth > 1) are not supported")
@@ -271,6 +276,8 @@ class TiffSource:
     def _to_bgr(self, raw: np.ndarray) -> np.ndarray:
         if raw.ndim == 2:
             raw = raw[:, :, None]
+        if raw.dtype == bool:  # a 1-bit scan (fax, bilevel document): set bits are white in MINISBLACK
+            raw = raw.astype(np.uint8) * np.uint8(255)
         if not raw.dtype.isnative:
             raw = raw.astype(raw.dtype.newbyteorder("="))
         if self._photometric == "RGB":

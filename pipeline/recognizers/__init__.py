@@ -66,6 +66,7 @@ class RecognizerSpec:
     cost_ms: float = 20.0
     file_params: tuple[str, ...] = ()  # parameters that name files the worker opens (models, label lists)
     grey: bool = False  # it reads grey pixels only: colour tiles are converted before storing (a third of the bytes)
+    merge: str = "greedy_nmm"  # the merge its jobs use unless they name one (pipeline.merge.MERGE_METHODS)
     second_stage: Callable[[dict[str, Any]], Any] | None = None  # params -> pipeline.stages.SecondStage
     # a job runs the second stage unless it says second_stage=False; or a function of the job's parameters
     stage_by_default: bool | Callable[[Mapping[str, Any]], bool] = True
@@ -254,4 +255,4 @@ def get_recognizer(name: str | Recognizer, params: Mapping[str, Any] | None = No
     return _build(name, tuple(sorted(resolved.items())))
 
 
-from pipeline.recognizers import dnn, opencv, plugins  # noqa: E402,F401  registers the built-ins
+from pipeline.recognizers import dnn, opencv, plugins, text  # noqa: E402,F401  registers the built-ins

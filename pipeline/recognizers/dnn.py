@@ -189,7 +189,7 @@ def _fall_back(execution: Execution, names: tuple[str, ...], why: str, instead: 
         log.warning("%s: sessions use %s instead", message, ", ".join(instead))
 
 
-def _session(path: Path) -> Any:
+def _session(path: Path, recognizer: str = "objects", param: str = "model") -> Any:
     """An ONNX Runtime session on this process's providers (`configure_execution`) and thread budget (0 before
     `limit_threads`: ORT picks); a provider it could not have is told once, or refused."""
     import onnxruntime
@@ -204,7 +204,7 @@ def _session(path: Path) -> Any:
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=execution.providers())
     except Exception as error:  # ORT's own exception types (InvalidProtobuf, Fail, ...)
-        raise _unloadable("objects", "model", path, error) from None
+        raise _unloadable(recognizer, param, path, error) from None
     started = session.get_providers()
     dropped = tuple(name for name in execution.used if name not in started)
     if dropped:  # a build may have a provider this machine cannot start (no CUDA libraries, no GPU): ORT leaves it out

@@ -93,7 +93,7 @@ def settings_from(args: argparse.Namespace, console: Console) -> Settings:
 def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     options = job_options(args)
-    if args.format in ("coco", "geojson") and args.json is None:
+    if args.format in ("coco", "geojson", "text", "hocr") and args.json is None:
         raise CliError(f"--format {args.format} needs --json OUT (or --json - for stdout)")
     if args.wgs84 and args.format != "geojson":
         raise CliError("--wgs84 is for --format geojson")
@@ -108,7 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if is_video_run(args):
         return run_video(args, options, settings_from(args, console), console)
     if args.format in VIDEO_FORMATS[1:]:
-        raise CliError(f"--format {args.format} is for a video (its tracks); images take json, coco or geojson")
+        raise CliError(
+            f"--format {args.format} is for a video (its tracks); images take json, coco, geojson, text or hocr"
+        )
     if is_many(args):
         return run_many(args, options, settings_from(args, console), console, app.conf.tilerec_max_pixels)
     targets = [check_image(given, app.conf.tilerec_max_pixels) for given in args.images]
@@ -329,7 +331,11 @@ def build_parser() -> Parser:
     run.add_argument("--tile", type=int, metavar="PX", help="tile size in pixels (default 640)")
     run.add_argument("--overlap", type=float, metavar="RATIO", help="tile overlap ratio in [0, 1) (default 0.2)")
     run.add_argument("--min-score", type=float, metavar="S", help="drop detections scoring below S (default 0)")
-    run.add_argument("--merge", choices=MERGE_METHODS, help="how seam duplicates merge (default greedy_nmm)")
+    run.add_argument(
+        "--merge",
+        choices=MERGE_METHODS,
+        help="how seam duplicates merge (default: the recognizer's, greedy_nmm but for text: lines)",
+    )
     run.add_argument("--match-metric", choices=MATCH_METRICS, help="overlap measure for merging (default ios)")
     run.add_argument(
         "--match-threshold", type=float, metavar="T", help="overlap that makes two boxes one (default 0.5)"
@@ -355,10 +361,11 @@ def build_parser() -> Parser:
     )
     run.add_argument(
         "--format",
-        choices=("coco", "geojson", *VIDEO_FORMATS),
+        choices=("coco", "geojson", "text", "hocr", *VIDEO_FORMATS),
         default="json",
-        help="--json output: tilerec's schema, one COCO document for all images, or a GeoJSON FeatureCollection "
-        "of polygons in the raster's CRS; for a video, MOTChallenge text (mot) or JSON lines per frame (jsonl)",
+        help="--json output: tilerec's schema, one COCO document for all images, a GeoJSON FeatureCollection "
+        "of polygons in the raster's CRS, the text read in reading order (text) or hOCR (hocr); for a video, "
+        "MOTChallenge text (mot) or JSON lines per frame (jsonl)",
     )
     run.add_argument("--wgs84", action="store_true", help="--format geojson: reproject to EPSG:4326 (lon/lat)")
     run.add_argument(

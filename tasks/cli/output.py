@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import sources
-from pipeline.export import coco_document, geojson_document
+from pipeline.export import coco_document, geojson_document, hocr_document, plain_text
 from pipeline.model import Recognition
 from pipeline.render import draw_detections
 from tasks.cli.errors import EXIT_FAILED, EXIT_OK, CliError, describe, markup_safe, print_error, say
@@ -71,11 +71,15 @@ def summarize(outcomes: Sequence[Completed], console: Console) -> None:
 
 
 def document(outcomes: Sequence[Completed], fmt: str, wgs84: bool = False) -> Any:
-    """The --json output: one recognition (or a list, for several images), or one COCO document or GeoJSON
-    FeatureCollection for them all."""
+    """The --json output: one recognition (or a list, for several images), or one COCO document, GeoJSON
+    FeatureCollection, plain text (pages split by form feeds) or hOCR document for them all."""
     done = [outcome for outcome in outcomes if outcome.result is not None]
     recognitions = [outcome.result for outcome in done]
     names = [outcome.image.given for outcome in done]
+    if fmt == "text":
+        return plain_text(recognitions)
+    if fmt == "hocr":
+        return hocr_document(recognitions, names)
     if fmt == "coco":
         return coco_document(recognitions, names)
     if fmt == "geojson":
@@ -88,7 +92,8 @@ def document(outcomes: Sequence[Completed], fmt: str, wgs84: bool = False) -> An
 
 
 def write_json(destination: str, data: Any) -> None:
-    text = json.dumps(data, indent=2) + "\n"
+    """Write a document to a file or stdout ("-"): a str as it is (text, hOCR), anything else as JSON."""
+    text = data if isinstance(data, str) else json.dumps(data, indent=2) + "\n"
     if destination == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -96,7 +101,7 @@ def write_json(destination: str, data: Any) -> None:
     path = Path(destination)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")
     except OSError as error:
         raise CliError(f"cannot write {destination!r}: {error.strerror or error}", EXIT_FAILED) from None
 
