@@ -1,0 +1,281 @@
+"""Who a face is: each face aligned from the full-resolution image by its five landmarks and embedded by a face
+recognition model, matched one to one against a gallery of people, or grouped with the other unknown faces.
+
+Embedders (the `faces` extra): dlib's ResNet (128-D, the files of the `face-recognition-models` package run by
+`dlib-bin`) by default; OpenCV's SFace (`cv2.FaceRecognizerSF`, 128-D) from an ONNX file the caller names. Each has
+its own `similarity`, higher for more alike faces, and a default threshold from its authors:
+
+    dlib    similarity = 1 - Euclidean distance of the descriptors; dlib's usual same-person distance, 0.6, is 0.4
+    sface   similarity = cosine similarity of the features; OpenCV's same-person threshold is 0.363
+
+Pure functions and per-process models; no Celery, no Redis: the tasks layer keeps galleries in Redis.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from pipeline.model import Detections
+
+EMBEDDERS = ("dlib", "sface")
+MIN_FACE_PX = 32  # the shorter side of a face's box: a smaller face is blown up past what the embedders resolve
+UNKNOWN = "unknown"
+# where YuNet's five landmarks (eyes, nose tip, mouth corners; the subject's right first) fall in dlib's 150x150
+# chip (dlib.get_face_chip, padding 0.25): measured by aligning faces with dlib's own 5-point predictor, mapping
+# YuNet's landmarks of the same faces into those chips, averaging and making the result symmetric
+DLIB_TEMPLATE = np.array([[45.6, 44.3], [102.8, 44.3], [74.2, 78.8], [48.2, 105.1], [100.2, 105.1]], np.float32)
+DLIB_CHIP = 150
+DLIB_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
+
+
+class FaceError(ValueError):
+    """A face that cannot be embedded (too small, no landmarks), or an embedder that cannot be built."""
+
+
+class Embedder(Protocol):
+    """Turns a face, given by its box and five landmarks in an image, into a vector; `model` names what made it
+    (vectors of different models never compare), `threshold` is its default same-person similarity."""
+
+    model: str
+    threshold: float
+
+    def embed(self, image: np.ndarray, box: np.ndarray, landmarks: np.ndarray) -> np.ndarray: ...
+
+    def similarity(self, distance: np.ndarray) -> np.ndarray: ...
+
+    def distance(self, similarity: float) -> float: ...
+
+
+def _bgr(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+
+
+def check_face(box: np.ndarray, landmarks: np.ndarray | None, min_face: int = MIN_FACE_PX) -> np.ndarray:
+    """The face's five landmarks as a (5, 2) float32 array, after checking it can be embedded.
+
+    Raises:
+        FaceError: the face has no five landmarks, or its box is smaller than `min_face` pixels on a side.
+    """
+    if landmarks is None or len(landmarks) != 5:
+        raise FaceError("a face needs its five landmarks (eyes, nose tip, mouth corners) to be aligned")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = min(x2 - x1, y2 - y1)
+    if side < min_face:
+        raise FaceError(
+            f"the face at {round(x1)},{round(y1)},{round(x2 - x1)},{round(y2 - y1)} is {side:.0f} px on its shorter "
+            f"side; at least {min_face} px are needed to embed it"
+        )
+    return np.asarray(landmarks, np.float32)[:, :2]
+
+
+def align(image: np.ndarray, landmarks: np.ndarray, template: np.ndarray, size: int) -> np.ndarray:
+    """The face warped onto `template` (where its landmarks go in a `size`-pixel square) by the similarity transform
+    that fits the five landmarks best; LMEDS, so one landmark guessed wrong (a hand over the mouth) does not tilt
+    the face. Edges are replicated where the face reaches the image's border."""
+    matrix, _ = cv2.estimateAffinePartial2D(landmarks.astype(np.float32), template, method=cv2.LMEDS)
+    if matrix is None:
+        raise FaceError("the face's landmarks do not fit a face (they are degenerate)")
+    return cv2.warpAffine(_bgr(image), matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def dlib_model_files() -> Path:
+    """The folder of dlib's models in the `face-recognition-models` package (its own helpers need pkg_resources).
+
+    Raises:
+        FaceError: the package or dlib is not installed (the `faces` extra).
+    """
+    try:
+        import dlib  # noqa: F401
+
+        folder = importlib.resources.files("face_recognition_models") / "models"
+    except ImportError as error:
+        raise FaceError(
+            f"identities need dlib and its models ({error.name} is missing): pip install 'tilerec[faces]'"
+        ) from None
+    return Path(str(folder))
+
+
+class DlibEmbedder:
+    """dlib's ResNet face descriptor (128-D) of the face aligned onto dlib's 150x150 chip by its landmarks."""
+
+    model = "dlib-resnet-v1"
+    threshold = 0.4  # distance 0.6
+
+    def __init__(self, min_face: int = MIN_FACE_PX) -> None:
+        import dlib
+
+        self.net = dlib.face_recognition_model_v1(str(dlib_model_files() / DLIB_MODEL))
+        self.min_face = min_face
+
+    def embed(self, image: np.ndarray, box: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        chip = align(image, check_face(box, landmarks, self.min_face), DLIB_TEMPLATE, DLIB_CHIP)
+        return np.asarray(self.net.compute_face_descriptor(cv2.cvtColor(chip, cv2.COLOR_BGR2RGB)), np.float32)
+
+    def similarity(self, distance: np.ndarray) -> np.ndarray:
+        return 1.0 - np.asarray(distance)
+
+    def distance(self, similarity: float) -> float:
+        return 1.0 - similarity
+
+
+class SFaceEmbedder:
+    """OpenCV's SFace feature (128-D, made unit length) of the face aligned by `alignCrop` from YuNet's face row."""
+
+    threshold = 0.363  # OpenCV's FR_COSINE threshold for SFace
+
+    def __init__(self, path: Path, min_face: int = MIN_FACE_PX) -> None:
+        try:
+            self.net = cv2.FaceRecognizerSF.create(str(path), "")
+        except cv2.error as error:
+            reason = " ".join(str(error).split()).rpartition("error: ")[2][:200]
+            raise FaceError(f"face_model {path} is not a usable SFace ONNX model: {reason}") from None
+        self.model = f"sface:{path.name}"
+        self.min_face = min_face
+
+    def embed(self, image: np.ndarray, box: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        points = check_face(box, landmarks, self.min_face)
+        x1, y1, x2, y2 = (float(v) for v in box)
+        row = np.array([[x1, y1, x2 - x1, y2 - y1, *points.reshape(-1), 1.0]], np.float32)
+        feature = self.net.feature(self.net.alignCrop(_bgr(image), row)).reshape(-1).astype(np.float32)
+        return feature / max(float(np.linalg.norm(feature)), 1e-12)
+
+    def similarity(self, distance: np.ndarray) -> np.ndarray:
+        return 1.0 - np.square(distance) / 2.0  # the cosine of two unit vectors this far apart
+
+    def distance(self, similarity: float) -> float:
+        return math.sqrt(max(0.0, 2.0 - 2.0 * similarity))
+
+
+@lru_cache(maxsize=4)
+def get_embedder(embedder: str = "dlib", face_model: str = "", min_face: int = MIN_FACE_PX) -> Embedder:
+    """The embedder built once per process: dlib's, or SFace from the ONNX file `face_model`.
+
+    Raises:
+        FaceError: an unknown embedder, a missing or unusable file, dlib not installed.
+    """
+    if embedder == "dlib":
+        return DlibEmbedder(min_face)
+    if embedder == "sface":
+        if not face_model:
+            raise FaceError("embedder 'sface' needs its ONNX file: set face_model to its path under the model folders")
+        path = Path(face_model).expanduser()
+        if not path.is_file():
+            raise FaceError(f"face_model {path} (embedder 'sface') does not exist")
+        return SFaceEmbedder(path, min_face)
+    raise FaceError(f"embedder must be one of {', '.join(EMBEDDERS)}, got {embedder!r}")
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """A gallery's people as one matrix: row i of `vectors` is an embedding of person `names[owners[i]]`, all made
+    by `model`."""
+
+    name: str
+    model: str
+    names: tuple[str, ...]
+    vectors: np.ndarray  # (M, D) float32
+    owners: np.ndarray  # (M,) int: index into names
+
+    @classmethod
+    def of(cls, name: str, model: str, people: dict[str, Sequence[np.ndarray]]) -> Gallery:
+        """From each person's embeddings."""
+        names = tuple(sorted(people))
+        rows = [(index, vector) for index, person in enumerate(names) for vector in people[person]]
+        vectors = np.array([vector for _, vector in rows], np.float32).reshape(len(rows), -1)
+        return cls(name, model, names, vectors, np.array([index for index, _ in rows], np.int64))
+
+
+def person_similarities(embedder: Embedder, faces: np.ndarray, gallery: Gallery) -> np.ndarray:
+    """(faces, people): each face's similarity to each person's nearest embedding."""
+    scores = np.full((len(faces), len(gallery.names)), -np.inf)
+    if not len(faces) or not len(gallery.vectors):
+        return scores
+    distances = np.linalg.norm(faces[:, None, :] - gallery.vectors[None, :, :], axis=2)
+    similarity = embedder.similarity(distances)
+    for person in range(len(gallery.names)):
+        scores[:, person] = similarity[:, gallery.owners == person].max(axis=1)
+    return scores
+
+
+@dataclass(frozen=True)
+class Match:
+    """A face's identity: a person's name or `unknown`, and its similarity to the nearest person (None: no one to
+    compare with)."""
+
+    identity: str
+    similarity: float | None
+
+
+def match_faces(scores: np.ndarray, names: Sequence[str], threshold: float, repeats: bool = False) -> list[Match]:
+    """Each face's person: the assignment of faces to people that maximizes the total similarity, each face at most
+    one person and each person at most one face (scipy's linear_sum_assignment; a person in one photo once), of
+    pairs at or above `threshold`; with `repeats`, each face its most similar person (twins, mirrors, posters).
+
+    Args:
+        scores: (faces, people) similarities (`person_similarities`).
+        names: the people's names, in the columns' order.
+        threshold: the least similarity that makes a face a person.
+        repeats: one person may be several faces of the image.
+
+    Returns:
+        One Match per face; a face assigned to no one is `unknown` with its best similarity.
+    """
+    faces = len(scores)
+    best = scores.max(axis=1) if scores.shape[1] else np.full(faces, -np.inf)
+    matches = [Match(UNKNOWN, None if math.isinf(b) else round(float(b), 4)) for b in best]
+    if not faces or not scores.shape[1]:
+        return matches
+    if repeats:
+        pairs = [(face, int(np.argmax(scores[face]))) for face in range(faces)]
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        # pairs below the threshold may not be chosen: their weight is zero, so no assignment gains by them
+        weights = np.where(scores >= threshold, scores - threshold + 1.0, 0.0)
+        rows, columns = linear_sum_assignment(weights, maximize=True)
+        pairs = list(zip(rows.tolist(), columns.tolist(), strict=True))
+    for face, person in pairs:
+        if scores[face, person] >= threshold:
+            matches[face] = Match(names[person], round(float(scores[face, person]), 4))
+    return matches
+
+
+def with_identities(detections: Detections, matches: Sequence[Match | None]) -> Detections:
+    """The detections with `identity` and `similarity` data columns (None for a face that was not embedded)."""
+    data = dict(detections.data)
+    data["identity"] = [None if m is None else m.identity for m in matches]
+    data["similarity"] = [None if m is None else m.similarity for m in matches]
+    return detections._with(data=data)
+
+
+def cluster_faces(embedder: Embedder, vectors: np.ndarray, threshold: float) -> list[int]:
+    """Faces grouped into people with dlib's Chinese whispers (edges between faces at least `threshold` similar),
+    labelled 1, 2, … in the order each group's first face comes (so a rerun of the same faces labels them alike)."""
+    if not len(vectors):
+        return []
+    import dlib
+
+    labels = dlib.chinese_whispers_clustering(
+        [dlib.vector(row.astype(float).tolist()) for row in vectors], embedder.distance(threshold)
+    )
+    order: dict[int, int] = {}
+    for label in labels:
+        order.setdefault(label, len(order) + 1)
+    return [order[label] for label in labels]
+
+
+def face_rows(detections: Detections) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Each detection's box and five landmarks (None where it has not five)."""
+    return [
+        (detections.xyxy[i], k[:, :2] if k is not None and len(k) == 5 else None)
+        for i, k in enumerate(detections.keypoints)
+    ]
