@@ -279,3 +279,47 @@ def face_rows(detections: Detections) -> list[tuple[np.ndarray, np.ndarray | Non
         (detections.xyxy[i], k[:, :2] if k is not None and len(k) == 5 else None)
         for i, k in enumerate(detections.keypoints)
     ]
+
+
+DOMINANT = 2.0  # a face this many times the area of every other one in a photo is the one to enroll
+CROP_MARGIN = 0.5  # of the face's box on each side: the context an alignment may rotate into the chip
+
+
+def _xywh(box: np.ndarray) -> str:
+    x1, y1, x2, y2 = (round(float(v)) for v in box)
+    return f"{x1},{y1},{x2 - x1},{y2 - y1}"
+
+
+def enrollment_face(found: Detections, box: Sequence[int] | None = None) -> int:
+    """Which face of a photo to enroll: the one that overlaps `box` ([x, y, w, h]) most, else the photo's only face
+    or a face clearly larger than the others (`DOMINANT` times their area).
+
+    Raises:
+        FaceError: no face; no face in the box; several faces of like size and no box (their boxes are listed).
+    """
+    if not len(found):
+        raise FaceError("no face found")
+    areas = (found.xyxy[:, 2] - found.xyxy[:, 0]) * (found.xyxy[:, 3] - found.xyxy[:, 1])
+    boxes = "; ".join(_xywh(b) for b in found.xyxy[np.argsort(-areas)][:5])
+    if box is not None:
+        x, y, w, h = box
+        overlap_w = np.minimum(found.xyxy[:, 2], x + w) - np.maximum(found.xyxy[:, 0], x)
+        overlap_h = np.minimum(found.xyxy[:, 3], y + h) - np.maximum(found.xyxy[:, 1], y)
+        inside = np.clip(overlap_w, 0, None) * np.clip(overlap_h, 0, None) / areas
+        if inside.max() < 0.5:
+            raise FaceError(f"no face in the box {x},{y},{w},{h} (faces at x,y,w,h: {boxes})")
+        return int(np.argmax(inside))
+    order = np.argsort(-areas)
+    if len(found) > 1 and areas[order[0]] < DOMINANT * areas[order[1]]:
+        raise FaceError(f"{len(found)} faces found; choose one with --box x,y,w,h (faces at x,y,w,h: {boxes})")
+    return int(order[0])
+
+
+def face_crop(box: np.ndarray, width: int, height: int, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """The region [x, y, w, h] of the image that the face's embedding reads: its box grown by `margin` on each
+    side, inside the image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    grow_x, grow_y = (x2 - x1) * margin, (y2 - y1) * margin
+    left, top = max(0, math.floor(x1 - grow_x)), max(0, math.floor(y1 - grow_y))
+    right, bottom = min(width, math.ceil(x2 + grow_x)), min(height, math.ceil(y2 + grow_y))
+    return left, top, right - left, bottom - top

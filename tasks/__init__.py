@@ -1,10 +1,15 @@
-"""tilerec's Celery side: the app (tasks.celery), its three tasks (tasks.jobs), the tile store, and the client.
+"""tilerec's Celery side: the app (tasks.celery), its three tasks (tasks.jobs), the galleries of people and their tasks
+(tasks.gallery), the tile store, and the client.
 
 `celery -A tasks worker` finds the app here.
 """
 
 from pipeline.inference import TileFailure
 from tasks.celery import app
+from tasks.gallery import gallery_add, gallery_list, gallery_remove, gallery_rename
 from tasks.jobs import JobCancelled, merge, recognize, recognize_tiles
 
-__all__ = ["JobCancelled", "TileFailure", "app", "merge", "recognize", "recognize_tiles"]
+__all__ = [
+    "JobCancelled", "TileFailure", "app", "gallery_add", "gallery_list", "gallery_remove", "gallery_rename", "merge",
+    "recognize", "recognize_tiles",
+]  # fmt: skip
