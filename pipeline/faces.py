@@ -43,16 +43,36 @@ class FaceError(ValueError):
 
 class Embedder(Protocol):
     """Turns a face, given by its box and five landmarks in an image, into a vector; `model` names what made it
-    (vectors of different models never compare), `threshold` is its default same-person similarity."""
+    (vectors of different models never compare: `similarity`)."""
 
     model: str
-    threshold: float
 
     def embed(self, image: np.ndarray, box: np.ndarray, landmarks: np.ndarray) -> np.ndarray: ...
 
-    def similarity(self, distance: np.ndarray) -> np.ndarray: ...
 
-    def distance(self, similarity: float) -> float: ...
+DLIB = "dlib-resnet-v1"
+SFACE = "sface:"  # and the ONNX file's name
+
+
+def is_sface(model: str) -> bool:
+    return model.startswith(SFACE)
+
+
+def default_threshold(model: str) -> float:
+    """The model's authors' same-person similarity: dlib's distance 0.6, OpenCV's SFace cosine 0.363."""
+    return 0.363 if is_sface(model) else 0.4
+
+
+def similarity(model: str, distance: np.ndarray) -> np.ndarray:
+    """The similarity of vectors of `model` this far apart (Euclidean): 1 - distance for dlib's descriptors, the
+    cosine for SFace's unit-length features."""
+    distance = np.asarray(distance, np.float64)
+    return 1.0 - np.square(distance) / 2.0 if is_sface(model) else 1.0 - distance
+
+
+def distance(model: str, least: float) -> float:
+    """The Euclidean distance of vectors of `model` that are `least` similar (the inverse of `similarity`)."""
+    return math.sqrt(max(0.0, 2.0 - 2.0 * least)) if is_sface(model) else 1.0 - least
 
 
 def _bgr(image: np.ndarray) -> np.ndarray:
@@ -107,8 +127,7 @@ def dlib_model_files() -> Path:
 class DlibEmbedder:
     """dlib's ResNet face descriptor (128-D) of the face aligned onto dlib's 150x150 chip by its landmarks."""
 
-    model = "dlib-resnet-v1"
-    threshold = 0.4  # distance 0.6
+    model = DLIB
 
     def __init__(self, min_face: int = MIN_FACE_PX) -> None:
         import dlib
@@ -120,17 +139,9 @@ class DlibEmbedder:
         chip = align(image, check_face(box, landmarks, self.min_face), DLIB_TEMPLATE, DLIB_CHIP)
         return np.asarray(self.net.compute_face_descriptor(cv2.cvtColor(chip, cv2.COLOR_BGR2RGB)), np.float32)
 
-    def similarity(self, distance: np.ndarray) -> np.ndarray:
-        return 1.0 - np.asarray(distance)
-
-    def distance(self, similarity: float) -> float:
-        return 1.0 - similarity
-
 
 class SFaceEmbedder:
     """OpenCV's SFace feature (128-D, made unit length) of the face aligned by `alignCrop` from YuNet's face row."""
-
-    threshold = 0.363  # OpenCV's FR_COSINE threshold for SFace
 
     def __init__(self, path: Path, min_face: int = MIN_FACE_PX) -> None:
         try:
@@ -138,7 +149,7 @@ class SFaceEmbedder:
         except cv2.error as error:
             reason = " ".join(str(error).split()).rpartition("error: ")[2][:200]
             raise FaceError(f"face_model {path} is not a usable SFace ONNX model: {reason}") from None
-        self.model = f"sface:{path.name}"
+        self.model = SFACE + path.name
         self.min_face = min_face
 
     def embed(self, image: np.ndarray, box: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
@@ -147,12 +158,6 @@ class SFaceEmbedder:
         row = np.array([[x1, y1, x2 - x1, y2 - y1, *points.reshape(-1), 1.0]], np.float32)
         feature = self.net.feature(self.net.alignCrop(_bgr(image), row)).reshape(-1).astype(np.float32)
         return feature / max(float(np.linalg.norm(feature)), 1e-12)
-
-    def similarity(self, distance: np.ndarray) -> np.ndarray:
-        return 1.0 - np.square(distance) / 2.0  # the cosine of two unit vectors this far apart
-
-    def distance(self, similarity: float) -> float:
-        return math.sqrt(max(0.0, 2.0 - 2.0 * similarity))
 
 
 @lru_cache(maxsize=4)
@@ -194,15 +199,16 @@ class Gallery:
         return cls(name, model, names, vectors, np.array([index for index, _ in rows], np.int64))
 
 
-def person_similarities(embedder: Embedder, faces: np.ndarray, gallery: Gallery) -> np.ndarray:
-    """(faces, people): each face's similarity to each person's nearest embedding."""
+def person_similarities(faces: np.ndarray, gallery: Gallery) -> np.ndarray:
+    """(faces, people): each face's similarity to each person's nearest embedding (`faces` made by the gallery's
+    model)."""
     scores = np.full((len(faces), len(gallery.names)), -np.inf)
     if not len(faces) or not len(gallery.vectors):
         return scores
     distances = np.linalg.norm(faces[:, None, :] - gallery.vectors[None, :, :], axis=2)
-    similarity = embedder.similarity(distances)
+    similar = similarity(gallery.model, distances)
     for person in range(len(gallery.names)):
-        scores[:, person] = similarity[:, gallery.owners == person].max(axis=1)
+        scores[:, person] = similar[:, gallery.owners == person].max(axis=1)
     return scores
 
 
@@ -216,9 +222,10 @@ class Match:
 
 
 def match_faces(scores: np.ndarray, names: Sequence[str], threshold: float, repeats: bool = False) -> list[Match]:
-    """Each face's person: the assignment of faces to people that maximizes the total similarity, each face at most
-    one person and each person at most one face (scipy's linear_sum_assignment; a person in one photo once), of
-    pairs at or above `threshold`; with `repeats`, each face its most similar person (twins, mirrors, posters).
+    """Each face's person: of the assignments of faces to people by pairs at or above `threshold`, each face at most
+    one person and each person at most one face (a person is in a photo once), the one naming the most faces and,
+    among those, of the highest total similarity (scipy's linear_sum_assignment); with `repeats`, each face its
+    most similar person (twins, mirrors, posters).
 
     Args:
         scores: (faces, people) similarities (`person_similarities`).
@@ -239,8 +246,10 @@ def match_faces(scores: np.ndarray, names: Sequence[str], threshold: float, repe
     else:
         from scipy.optimize import linear_sum_assignment
 
-        # pairs below the threshold may not be chosen: their weight is zero, so no assignment gains by them
-        weights = np.where(scores >= threshold, scores - threshold + 1.0, 0.0)
+        # a pair below the threshold weighs nothing, so no assignment gains by it; one above weighs its excess plus
+        # more than any assignment's total excess, so naming more faces always wins
+        excess = np.where(scores >= threshold, scores - threshold, -1.0)
+        weights = np.where(excess >= 0, excess + min(scores.shape) * max(float(excess.max()), 0.0) + 1.0, 0.0)
         rows, columns = linear_sum_assignment(weights, maximize=True)
         pairs = list(zip(rows.tolist(), columns.tolist(), strict=True))
     for face, person in pairs:
@@ -257,7 +266,7 @@ def with_identities(detections: Detections, matches: Sequence[Match | None]) -> 
     return detections._with(data=data)
 
 
-def cluster_faces(embedder: Embedder, vectors: np.ndarray, threshold: float) -> list[int]:
+def cluster_faces(model: str, vectors: np.ndarray, threshold: float) -> list[int]:
     """Faces grouped into people with dlib's Chinese whispers (edges between faces at least `threshold` similar),
     labelled 1, 2, … in the order each group's first face comes (so a rerun of the same faces labels them alike)."""
     if not len(vectors):
@@ -265,7 +274,7 @@ def cluster_faces(embedder: Embedder, vectors: np.ndarray, threshold: float) -> 
     import dlib
 
     labels = dlib.chinese_whispers_clustering(
-        [dlib.vector(row.astype(float).tolist()) for row in vectors], embedder.distance(threshold)
+        [dlib.vector(row.astype(float).tolist()) for row in vectors], distance(model, threshold)
     )
     order: dict[int, int] = {}
     for label in labels:

@@ -78,7 +78,8 @@ def _stop(process: subprocess.Popen, timeout: float) -> None:
 
 class RedisServer:
     """A throw-away redis-server: loopback only, a free port; no persistence unless `appendonly` (then its data
-    survives `stop(keep=True)` and `start()` on the same port); `options` are more redis-server arguments."""
+    survives `stop(keep=True)` and `start()` on the same port); `options` are more redis-server arguments. With a
+    `workdir` of its own it keeps its data there (append-only), across runs: the private cluster's galleries."""
 
     def __init__(
         self,
@@ -86,13 +87,15 @@ class RedisServer:
         password: str | None = None,
         appendonly: bool = False,
         options: list[str] | None = None,
+        workdir: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.password = password
-        self.appendonly = appendonly
+        self.appendonly = appendonly or workdir is not None
         self.options = options or []
         self.process: subprocess.Popen | None = None
-        self.workdir = tempfile.mkdtemp(prefix="tilerec-redis-")
+        self.kept = workdir is not None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="tilerec-redis-")
 
     @property
     def url(self) -> str:
@@ -131,7 +134,7 @@ class RedisServer:
         if self.process is not None:
             _stop(self.process, 5)
             self.process = None
-        if not keep:
+        if not keep and not self.kept:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
@@ -218,7 +221,8 @@ class Worker:
 
 
 class LocalCluster:
-    """A private Redis plus `workers` worker processes in one Celery worker; a context manager."""
+    """A private Redis plus `workers` worker processes in one Celery worker; a context manager. `data`: a folder
+    where the Redis keeps its data across runs (galleries of people), else a throw-away one."""
 
     def __init__(
         self,
@@ -227,8 +231,9 @@ class LocalCluster:
         log_file: str | None = None,
         cwd: str | None = None,
         python: str = sys.executable,
+        data: str | None = None,
     ) -> None:
-        self.redis = RedisServer()
+        self.redis = RedisServer(workdir=data)
         self.workers = workers or os.cpu_count() or 1
         self.env = env or {}
         self.log_file = log_file

@@ -41,7 +41,7 @@ def test_the_same_person_is_recognized_in_other_photos_and_the_other_person_is_n
     embedder = faces.get_embedder()
     gallery = faces.Gallery.of("default", embedder.model, {"obama": [embedded["obama"]]})
     matches = [  # each photo on its own: a person is matched at most once per image
-        faces.match_faces(faces.person_similarities(embedder, embedded[name][None], gallery), gallery.names, 0.4)[0]
+        faces.match_faces(faces.person_similarities(embedded[name][None], gallery), gallery.names, 0.4)[0]
         for name in (*SAME, "biden")
     ]
     assert [m.identity for m in matches] == ["obama", "obama", "obama", "unknown"]
@@ -66,10 +66,9 @@ def test_a_pair_below_the_threshold_is_never_assigned():
 
 
 def test_unknown_faces_group_into_people_labelled_in_order_of_appearance(embedded):
-    embedder = faces.get_embedder()
     order = ["biden", "obama", "obama2", "biden", "obama3"]
     vectors = np.stack([embedded[name] for name in order])
-    assert faces.cluster_faces(embedder, vectors, 0.4) == [1, 2, 2, 1, 2]
+    assert faces.cluster_faces(faces.DLIB, vectors, 0.4) == [1, 2, 2, 1, 2]
 
 
 def test_a_face_too_small_or_without_landmarks_says_why():

@@ -6,6 +6,7 @@
   tilerec recognizers [--json]                                 the recognizers, their parameters and defaults
   tilerec demo [--size WxH] [--out DIR]                        a synthetic scene with known QR codes, end to end
   tilerec view RESULT.json [--image PATH] [--export DIR]       the detections over the image, in a deep-zoom viewer
+  tilerec gallery add|list|rename|remove …                     the people that `run --identify G` names
   tilerec worker [CELERY WORKER OPTIONS]                       exec `celery -A tasks worker` with those options
 
 Where jobs run: with --broker URL (or TILEREC_BROKER_URL) jobs go to that cluster and image bytes are uploaded to
@@ -58,6 +59,7 @@ from tasks.cli.errors import (
     say,
 )
 from tasks.cli.evaluate import add_evaluate
+from tasks.cli.gallery import add_gallery
 from tasks.cli.inputs import (
     add_read_flags,
     annotate_paths,
@@ -381,6 +383,7 @@ def build_parser() -> Parser:
     demo.set_defaults(handler=cmd_demo)
 
     add_evaluate(commands)
+    add_gallery(commands, add_cluster_flags)
 
     cancelling = commands.add_parser(
         "cancel",
