@@ -60,6 +60,8 @@ task_routes = {
     "tilerec.recognize": {"queue": jobs_queue, "priority": 4},
     "tilerec.merge": {"queue": jobs_queue, "priority": 0},
     "tilerec.recognize_tiles": {"queue": tiles_queue},
+    "tilerec.recognize_crops": {"queue": tiles_queue},  # a second stage's crop batches: recognition work
+    "tilerec.finish": {"queue": jobs_queue, "priority": 0},
 }
 
 # A task is acknowledged after it ran, and handed back if its worker dies, so no tile is lost to a crash.

@@ -18,6 +18,7 @@ from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.recognizers import Recognizer, get_recognizer, recognize_many, spec_of, tiles_per_pass
 from pipeline.sources import ArraySource, Source, check_region, is_blank
+from pipeline.stages import run_stage
 from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
 
 
@@ -137,8 +138,22 @@ def compact(tile: np.ndarray, options: JobOptions) -> np.ndarray:
 
 def storable(tile: np.ndarray | None, options: JobOptions) -> np.ndarray | None:
     """What a tile store keeps of a tile: None for a blank one (skip_blank) or one with nothing to recognize (all
-    nodata: None from its source), else the channels the recognizer reads."""
-    return None if tile is None or blank(tile, options) else compact(tile, options)
+    nodata: None from its source), else the channels the recognizer reads. A job with a second stage keeps blank
+    tiles too (its crops may reach into them; its tile tasks judge them blank themselves)."""
+    if tile is None or (blank(tile, options) and not options.second_stage):
+        return None
+    return compact(tile, options)
+
+
+def stage_reader(read: Callable[[Window], np.ndarray | None], options: JobOptions) -> Callable[[Window], Any]:
+    """A reader of crops for the second stage from a reader of the image's windows: the same channels as the
+    tiles (`compact`), so a crop read from the file and one assembled from stored tiles are the same pixels."""
+
+    def read_crop(window: Window) -> np.ndarray | None:
+        pixels = read(window)
+        return None if pixels is None else compact(pixels, options)
+
+    return read_crop
 
 
 def streamed_tiles(
@@ -383,19 +398,34 @@ def _xywh(window: Window) -> list[int]:
     return [window.x, window.y, window.width, window.height]
 
 
-def recognize_image(image: np.ndarray, recognizer: str | Recognizer = "faces", **options: object) -> Recognition:
-    """Sliced recognition of a whole image in this process (what SAHI does), with tilerec's tiling and merge.
+def recognize_image(
+    image: np.ndarray,
+    recognizer: str | Recognizer = "faces",
+    *,
+    resources: Mapping[str, Any] | None = None,
+    **options: object,
+) -> Recognition:
+    """Sliced recognition of a whole image in this process (what SAHI does), with tilerec's tiling and merge, and
+    the recognizer's second stage on the merged detections' full-resolution crops where it has one.
 
     Args:
         image: the pixels (grey, BGR or BGRA, 8 or 16 bit).
         recognizer: a recognizer's name (its parameters among `options`), or any callable `tile -> Detections`.
-        options: job options (tile, overlap, merge, …) and the named recognizer's parameters.
+        resources: what the second stage's finish needs by name (`SecondStage.resources`), such as a gallery.
+        options: job options (tile, overlap, merge, second_stage, …) and the named recognizer's parameters.
     """
-    return recognize_source(ArraySource(normalize(np.asarray(image))), recognizer, **options)
+    return recognize_source(ArraySource(normalize(np.asarray(image))), recognizer, resources=resources, **options)
 
 
-def recognize_source(source: Source, recognizer: str | Recognizer = "faces", **options: object) -> Recognition:
-    """`recognize_image` for any source (a TIFF read window by window, say): same tiles, skips and merge as a job.
+def recognize_source(
+    source: Source,
+    recognizer: str | Recognizer = "faces",
+    *,
+    resources: Mapping[str, Any] | None = None,
+    **options: object,
+) -> Recognition:
+    """`recognize_image` for any source (a TIFF read window by window, say): same tiles, skips, merge and second
+    stage as a job.
 
     The source must be opened at the level the options name (`sources.open_source(path, level)`).
     """
@@ -406,5 +436,7 @@ def recognize_source(source: Source, recognizer: str | Recognizer = "faces", **o
     width, height = source.width, source.height
     windows = windows_of(height, width, parsed)
     outcomes = recognize_windows(source.read, windows, parsed, width, height)
-    return assemble(outcomes, windows, parsed, width, height, started, level=source.level,
-                    downsample=source.downsample, spatial=source.spatial)  # fmt: skip
+    merged = assemble(outcomes, windows, parsed, width, height, started, level=source.level,
+                      downsample=source.downsample, spatial=source.spatial)  # fmt: skip
+    return run_stage(merged, parsed, stage_reader(source.read, parsed), region(height, width, parsed), resources,
+                     started)  # fmt: skip

@@ -143,6 +143,11 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
+    def with_data(self, columns: Mapping[str, Sequence[Any]]) -> Detections:
+        """These detections with data columns added or replaced (one JSON value per detection, None: none)."""
+        added = {key: _object_array(values, len(self)) for key, values in columns.items()}
+        return self._with(data={**self.data, **added})
+
     def __getitem__(self, index: np.ndarray | slice | list[int]) -> Detections:
         return self._with(index)
 
@@ -454,6 +459,27 @@ def map_points(transform: Sequence[float], downsample: float, points: np.ndarray
 
 
 @dataclass
+class StageSummary:
+    """What a job's second stage did (`pipeline.stages`), as the result's `second_stage` carries it."""
+
+    name: str
+    crops: int = 0  # crops read and recognized
+    batches: int = 1  # the crops cut into this many batch tasks (1 in one process)
+    over_limit: int = 0  # detections the stage wanted beyond the job's max_crops, left as the first stage gave them
+    failed_crops: list[dict[str, Any]] = field(default_factory=list)  # {"crop", "box", "window", "error"}
+    output: dict[str, Any] = field(default_factory=dict)  # the stage's page-level fields (text, word count, …)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "crops": self.crops, "batches": self.batches, "over_limit": self.over_limit,
+                "failed_crops": self.failed_crops, "output": self.output}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StageSummary:
+        return cls(data["name"], int(data["crops"]), int(data["batches"]), int(data.get("over_limit", 0)),
+                   list(data.get("failed_crops", [])), dict(data.get("output", {})))  # fmt: skip
+
+
+@dataclass
 class Recognition:
     """A whole image's recognition: what `tilerec.merge` returns and `recognize_image` gives in process."""
 
@@ -476,11 +502,12 @@ class Recognition:
     skipped: int | None = None  # tiles skipped as blank; None: skip_blank was off
     skipped_tiles: list[list[int]] = field(default_factory=list)  # their windows [x, y, w, h], for a viewer
     spatial: Spatial | None = None  # where the pixels are on a map or a slide; None: pixels only
+    second_stage: StageSummary | None = None  # what the recognizer's second stage did; None: it ran none
 
     def to_json(self) -> dict[str, Any]:
         """The result document; `image.level`/`image.downsample` (level > 0), `image.roi` (a roi was given),
-        `tiling.skipped` and `tiling.skipped_tiles` (skip_blank was on) and `keypoint_names` (detections have
-        keypoints) appear only when they apply."""
+        `tiling.skipped` and `tiling.skipped_tiles` (skip_blank was on), `keypoint_names` (detections have
+        keypoints) and `second_stage` (one ran) appear only when they apply."""
         image: dict[str, Any] = {"width": self.width, "height": self.height, "source": self.source}
         if self.level:
             image.update(level=self.level, downsample=round(self.downsample, 6))
@@ -511,6 +538,8 @@ class Recognition:
         }
         if self.detections.keypoint_names:
             document["keypoint_names"] = list(self.detections.keypoint_names)
+        if self.second_stage is not None:
+            document["second_stage"] = self.second_stage.to_json()
         return document
 
     @classmethod
@@ -538,6 +567,7 @@ class Recognition:
             skipped=data["tiling"].get("skipped"),
             skipped_tiles=data["tiling"].get("skipped_tiles", []),
             spatial=Spatial.from_json(data["image"]),
+            second_stage=StageSummary.from_json(data["second_stage"]) if "second_stage" in data else None,
         )
 
 

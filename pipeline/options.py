@@ -28,6 +28,9 @@ JOB_OPTIONS = (
     "bands",
     "stretch",
     "mpp",
+    "second_stage",
+    "max_crops",
+    "crop_batch_size",
 )
 ON_TILE_ERROR = ("fail", "partial")
 READERS = ("auto", "tiff", "geo", "slide")  # auto: a georeferenced TIFF is read as geo, a slide file as slide
@@ -57,6 +60,9 @@ class JobOptions:
     bands: list[int] | None = None  # geo: 1-based bands read as grey (1) or red, green, blue (3); None: the first
     stretch: list[float] | None = None  # geo: [low, high] of band values shown as 0..255; None: 16-bit's high byte
     mpp: float | None = None  # slide: the level whose microns per pixel are nearest this (instead of `level`)
+    second_stage: bool = False  # the recognizer's second stage runs on the merged detections' crops
+    max_crops: int | None = None  # at most this many crops (the highest-scoring wanted detections); None: all
+    crop_batch_size: int | None = None  # crops per crop batch task; None: chosen from the stage's cost
 
     def read_spec(self) -> ReadSpec:
         """How the job's image is opened: its reader, bands, stretch and mpp."""
@@ -143,6 +149,24 @@ def _mpp(value: Any, level: Any) -> float | None:
     return float(value)
 
 
+def _second_stage(recognizer: Any, value: Any) -> bool:
+    """Whether the job runs its recognizer's second stage: as asked, else as the recognizer declares."""
+    spec = spec_of(recognizer)
+    if value is not None and not isinstance(value, bool):
+        raise OptionsError(f"second_stage must be true or false, got {value!r}")
+    if value and spec.second_stage is None:
+        raise OptionsError(f"recognizer {spec.name!r} has no second stage (second_stage=true asks for one)")
+    return spec.second_stage is not None and (spec.stage_by_default if value is None else value)
+
+
+def _batch_size(name: str, value: Any) -> int | None:
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionsError(f"{name} must be a positive whole number or 'auto', got {value!r}")
+    return value
+
+
 def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None = None) -> JobOptions:
     """JobOptions from a caller's keyword options: job options by name, everything else a recognizer parameter."""
     options = dict(options or {})
@@ -161,11 +185,7 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
     metric = options.get("match_metric", "ios")
     if metric not in MATCH_METRICS:
         raise OptionsError(f"match_metric must be one of {', '.join(MATCH_METRICS)}, got {metric!r}")
-    batch_size = options.get("batch_size")
-    if batch_size == "auto":
-        batch_size = None
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise OptionsError(f"batch_size must be a positive whole number or 'auto', got {batch_size!r}")
+    batch_size = _batch_size("batch_size", options.get("batch_size"))
     reader = options.get("reader", "auto")
     if reader not in READERS:
         raise OptionsError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
@@ -191,4 +211,7 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         bands=_bands(options.get("bands")),
         stretch=_stretch(options.get("stretch")),
         mpp=_mpp(options.get("mpp"), options.get("level")),
+        second_stage=_second_stage(recognizer, options.get("second_stage")),
+        max_crops=None if options.get("max_crops") is None else _whole("max_crops", options["max_crops"], 1),
+        crop_batch_size=_batch_size("crop_batch_size", options.get("crop_batch_size")),
     )

@@ -1,4 +1,4 @@
-"""tilerec's Celery side: the app (tasks.celery), its three tasks (tasks.jobs), the galleries of people and their tasks
+"""tilerec's Celery side: the app (tasks.celery), its tasks (tasks.jobs), the galleries of people and their tasks
 (tasks.gallery), the tile store, and the client.
 
 `celery -A tasks worker` finds the app here.
@@ -7,9 +7,9 @@
 from pipeline.inference import TileFailure
 from tasks.celery import app
 from tasks.gallery import gallery_add, gallery_list, gallery_remove, gallery_rename
-from tasks.jobs import JobCancelled, merge, recognize, recognize_tiles
+from tasks.jobs import JobCancelled, finish, merge, recognize, recognize_crops, recognize_tiles
 
 __all__ = [
-    "JobCancelled", "TileFailure", "app", "gallery_add", "gallery_list", "gallery_remove", "gallery_rename", "merge",
-    "recognize", "recognize_tiles",
+    "JobCancelled", "TileFailure", "app", "finish", "gallery_add", "gallery_list", "gallery_remove", "gallery_rename",
+    "merge", "recognize", "recognize_crops", "recognize_tiles",
 ]  # fmt: skip

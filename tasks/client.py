@@ -74,6 +74,14 @@ class Job:
         self._done = max(self._done, min(done, self._total) if self._total else done)
         return self._done, self._total
 
+    def crops(self) -> tuple[int, int] | None:
+        """(crops done, crops in all) once the job's second stage has planned its crops; None before that, or for a
+        job without one."""
+        if self.result.successful():
+            stage = self.result.info.get("second_stage")
+            return None if stage is None else (stage["crops"], stage["crops"])
+        return store.crop_progress(store_client(), self.id)
+
     @property
     def seen(self) -> tuple[int, int | None]:
         """The progress `progress()` last read, without asking Redis again."""

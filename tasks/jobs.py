@@ -1,4 +1,4 @@
-"""A job's three kinds of task, plain Celery tasks on Celery's own canvas:
+"""A job's kinds of task, plain Celery tasks on Celery's own canvas:
 
 tilerec.recognize(image, recognizer, **options)   resolves the image, plans the tiles and their batches, stores the
                                                   tiles (unless the workers read a shared TIFF themselves) and the
@@ -6,7 +6,14 @@ tilerec.recognize(image, recognizer, **options)   resolves the image, plans the 
                                                   of one batch is recognized right there
 tilerec.recognize_tiles(job_id, first, stop)      recognizes tiles [first, stop) and stores their records
 tilerec.merge(image, recognizer, **options)       runs under the job's id with the job's own arguments (what a
-                                                  monitor shows), and merges the records into the Recognition
+                                                  monitor shows), and merges the records into the Recognition; a
+                                                  recognizer's second stage with crops to read: it stores the merged
+                                                  detections and their crop plan, and becomes chord(crop batches,
+                                                  finish)
+tilerec.recognize_crops(job_id, first, stop)      runs the second stage on crops [first, stop) of the merged
+                                                  detections, read at full resolution, and stores their records
+tilerec.finish(image, recognizer, **options)      under the job's id with its arguments again: the stage's finish over
+                                                  all detections and crop records, the Recognition
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -35,17 +43,31 @@ from pipeline.inference import (
     measured_tile_cost,
     plan,
     recognize_windows,
+    region,
+    stage_reader,
     storable,
     streamed_tiles,
     tiles_per_forward_pass,
     windows_of,
 )
-from pipeline.model import Spatial
+from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, parse_options
 from pipeline.recognizers import spec_of, thread_budget
 from pipeline.sources import FileRef
+from pipeline.stages import (
+    CropOutcome,
+    CropPlan,
+    PlannedCrop,
+    SecondStage,
+    crop_spans,
+    finish_stage,
+    plan_crops,
+    read_crops,
+    run_stage,
+    stage_of,
+)
 from pipeline.tiling import Window, row_ends
-from tasks import store
+from tasks import resources, store
 from tasks.celery import app, others_recognize, pool_size, settings, store_client
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
@@ -105,6 +127,30 @@ class Job:
                    spatial=_spatial(spatial))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A job's second stage as its merge planned it: the merged first-stage result (detections exact), the crops
+    and their batches as [first, stop) ranges. The crop batches and the final callback read it from the store."""
+
+    recognition: Recognition
+    plan: CropPlan
+    spans: list[tuple[int, int]]
+
+    def to_json(self) -> str:
+        document = self.recognition.to_json()
+        document["detections"] = []  # exact columns instead of the result's rounded records
+        columns = self.recognition.detections.to_columns()
+        return json.dumps({"recognition": document, "columns": columns, "plan": self.plan.to_json(),
+                           "spans": self.spans})  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> Staged:
+        data = json.loads(text)
+        recognition = Recognition.from_json(data["recognition"])
+        recognition = replace(recognition, detections=Detections.from_columns(data["columns"]))
+        return cls(recognition, CropPlan.from_json(data["plan"]), [(int(a), int(b)) for a, b in data["spans"]])
+
+
 def _spatial(fields: dict[str, Any] | None) -> Spatial | None:
     """A Spatial from its fields as `Job.to_json` wrote them (JSON lists back to tuples)."""
     if fields is None:
@@ -132,10 +178,10 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
         if store.is_cancelled(client, job_id):
             raise JobCancelled(f"job {job_id} was cancelled")
         target = _resolve(image)
-        job, spans, outcomes = _start(client, job_id, image, target, parse_options(recognizer, options), started,
-                                      redelivered)  # fmt: skip
-        if outcomes is not None:  # one batch: recognized right here, a chord would only add its round trips
-            return _finish(client, job, outcomes)
+        job, spans, result = _start(client, job_id, image, target, parse_options(recognizer, options), started,
+                                    redelivered)  # fmt: skip
+        if result is not None:  # one batch: recognized right here, a chord would only add its round trips
+            return result
     except BaseException:
         store.delete_job(client, job_id)  # a job refused or failed while tiling leaves nothing behind
         raise
@@ -159,10 +205,10 @@ def _start(
     options: JobOptions,
     started: float,
     redelivered: bool,
-) -> tuple[Job, list[tuple[int, int]], list[TileOutcome] | None]:
+) -> tuple[Job, list[tuple[int, int]], dict[str, Any] | None]:
     """Plan the job of `image` (resolved to `target`) and store it: its description, and its tiles unless the
     batch tasks read a shared file or the PNG is streamed once the chord is published. Returns the job, its batches
-    as [first, stop) tile ranges and, for a job of one batch, its tiles' outcomes (recognized here)."""
+    as [first, stop) tile ranges and, for a job of one batch, its result (recognized here, its second stage too)."""
     channels = 1 if spec_of(options.recognizer).grey else 3
     # a PNG decoded band by band while other processes recognize its first rows (a node of one process that
     # takes tiles too could only recognize afterwards: it decodes the PNG whole)
@@ -190,7 +236,8 @@ def _start(
                   source.level, source.downsample, FileRef.of(target, source.level, source) if shared else None,
                   spatial=source.spatial)  # fmt: skip
         if len(spans) == 1:
-            return job, spans, _recognize(client, job, job.windows, source.read, redelivered)
+            outcomes = _recognize(client, job, job.windows, source.read, redelivered)
+            return job, spans, _finish(client, job, outcomes, source.read)  # type: ignore[return-value]
         if job.file is None:
             tiles = ((window, storable(source.read(window), options)) for window in job.windows)
             store.put_tiles(client, job_id, tiles, settings().tile_ttl)
@@ -280,7 +327,7 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
     records = {o.index: json.dumps(o.to_json()) for o in outcomes}
     done = store.put_records(client, job_id, records, settings().tile_ttl) if records else None
     if done is not None:
-        _report_progress(self, job, done, len(records))
+        _report_progress(self, job.id, done, len(records), job.tiles)
     return {
         "tiles": stop - first,
         "skipped": sum(o.detections is None and o.error is None for o in outcomes),
@@ -389,50 +436,228 @@ def _replace_if_unsound(**_: Any) -> None:
 _last_report = ("", 0.0)  # this process's last progress report: (job id, time.monotonic())
 
 
-def _report_progress(task: Any, job: Job, done: int, tiles: int) -> None:
-    """When the job passed another 1/PROGRESS_STEPS of its tiles, and this process reported none for it in the
-    last PROGRESS_EVERY_S (or the job's tiles are all done): an event on the job's own row for monitors (Flower
-    shows its `result`), and the job's state PROGRESS in the result backend for any app's AsyncResult."""
+def _report_progress(task: Any, job_id: str, done: int, count: int, total: int, unit: str = "tiles") -> None:
+    """When the job passed another 1/PROGRESS_STEPS of its tiles (or crops: `unit`) with these `count`, and this
+    process reported none for it in the last PROGRESS_EVERY_S (or all are done): an event on the job's own row for
+    monitors (Flower shows its `result`), and the job's state PROGRESS in the result backend for any app's
+    AsyncResult (`info`: done, total and, for crops, `"stage": "crops"`)."""
     global _last_report
-    crossed = done * PROGRESS_STEPS // job.tiles != (done - tiles) * PROGRESS_STEPS // job.tiles
-    recent = _last_report[0] == job.id and time.monotonic() - _last_report[1] < PROGRESS_EVERY_S
-    if done < job.tiles and (not crossed or recent):
+    crossed = done * PROGRESS_STEPS // total != (done - count) * PROGRESS_STEPS // total
+    recent = _last_report[0] == job_id and time.monotonic() - _last_report[1] < PROGRESS_EVERY_S
+    if done < total and (not crossed or recent):
         return
-    _last_report, done = (job.id, time.monotonic()), min(done, job.tiles)
+    _last_report, done = (job_id, time.monotonic()), min(done, total)
     with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
-        dispatcher.send("task-progress", uuid=job.id, done=done, total=job.tiles, result=f"{done}/{job.tiles} tiles")
-    task.backend.store_result(job.id, {"done": done, "total": job.tiles}, "PROGRESS")
+        dispatcher.send("task-progress", uuid=job_id, done=done, total=total, result=f"{done}/{total} {unit}")
+    info = {"done": done, "total": total} if unit == "tiles" else {"done": done, "total": total, "stage": unit}
+    task.backend.store_result(job_id, info, "PROGRESS")
 
 
 @app.task(name="tilerec.merge", bind=True)
 def merge(self: Any, image: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
     """The job's tile records, read from the store, merged into its Recognition. It runs under the job's id (the
-    chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor."""
+    chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor.
+
+    A job whose second stage has crops to read: the merge becomes chord(crop batches, finish) instead, the merged
+    detections and crop plan in the store (the finish inherits the job's id and arguments in turn)."""
     client = store_client()
     job = Job.from_json(store.get_job(client, self.request.id))
-    return _finish(client, job, [TileOutcome.from_json(record) for record in store.get_records(client, job.id)])
-
-
-def _finish(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> dict[str, Any]:
-    """The job's result from its tiles' outcomes; its keys go last, whatever the outcome."""
+    done = _finish(client, job, [TileOutcome.from_json(record) for record in store.get_records(client, job.id)])
+    if not isinstance(done, Staged):
+        return done
+    header = group(
+        recognize_crops.si(job.id, first, stop).set(priority=batch_priority(number))
+        for number, (first, stop) in enumerate(done.spans)
+    )
     try:
-        timings = dict(job.timings)
+        return self.replace(chord(header, finish.si(image, recognizer, **options)))
+    except Ignore:
+        raise
+    except BaseException:
+        store.delete_job(client, job.id, job.tiles)
+        raise
+
+
+def _finish(
+    client: redis.Redis, job: Job, outcomes: list[TileOutcome], read: Callable[[Window], Any] | None = None
+) -> dict[str, Any] | Staged:
+    """The job's result from its tiles' outcomes, its second stage included where it has one: run here on crops of
+    `read` (a one-batch job's open source), or, without `read`, planned and stored for the crop batches (returned as
+    Staged; the job's keys stay for them). Otherwise its keys go last, whatever the outcome."""
+    handed_on = False
+    try:
+        recognition = _merged(client, job, outcomes)
+        stage = stage_of(job.options)
+        if stage is not None:
+            bounds = region(job.height, job.width, job.options)
+            if read is not None:
+                recognition = run_stage(recognition, job.options, stage_reader(read, job.options), bounds,
+                                        _resources(client, stage, job.options), job.started)  # fmt: skip
+            else:
+                crops = plan_crops(recognition.detections, stage, bounds, job.options.max_crops)
+                if crops.crops:
+                    staged = Staged(recognition, crops, _crop_spans(job.options, stage, len(crops.crops)))
+                    store.put_stage(client, job.id, staged.to_json(), len(crops.crops), job.tiles, settings().tile_ttl)
+                    handed_on = True
+                    return staged
+                recognition = finish_stage(recognition, stage, crops, [], _resources(client, stage, job.options),
+                                           started=job.started)  # fmt: skip
+        return _deliver(client, job.id, recognition.to_json())
+    finally:
+        if not handed_on:
+            store.delete_job(client, job.id, job.tiles)
+
+
+def _merged(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> Recognition:
+    """The first stage's Recognition: the tiles' outcomes merged; the measured tile cost recorded."""
+    timings = dict(job.timings)
+    if store.is_cancelled(client, job.id):
+        done = sum(outcome.error is None for outcome in outcomes)
+        raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.tiles} tiles had been recognized)")
+    if job.streamed:
+        _, failed, _ = store.stream_state(client, job.id)
+        if failed is not None:
+            raise images.ImageError(failed)
+        spent = client.hgetall(store.job_key(job.id, "stream"))
+        timings.update({f"streamed_{k.decode()}": float(v) for k, v in spent.items()})
+    recognition = assemble(outcomes, job.windows, job.options, job.width, job.height, job.started,
+                           source=job.image, level=job.level, downsample=job.downsample, batches=job.batches,
+                           timings=timings, spatial=job.spatial)  # fmt: skip
+    cost = measured_tile_cost([o.seconds for o in outcomes if o.detections is not None], job.height, job.width,
+                              job.options)  # fmt: skip
+    if cost is not None:
+        store.record_tile_cost(client, job.options.recognizer, job.options.params, cost)
+    return recognition
+
+
+def _resources(client: redis.Redis, stage: SecondStage, options: JobOptions) -> dict[str, Any]:
+    return resources.load(client, stage.resources, options)
+
+
+def _crop_spans(options: JobOptions, stage: SecondStage, crops: int) -> list[tuple[int, int]]:
+    """A job's crop batches as [first, stop) ranges: `crop_batch_size` crops each, or about
+    TILEREC_BATCH_TARGET_MS of the stage's work each, at least as many as tile batches would be."""
+    least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()
+    return crop_spans(crops, stage.cost_ms, settings().batch_target_ms, least, options.crop_batch_size)
+
+
+@lru_cache(maxsize=4)
+def _staged(job_id: str) -> Staged:
+    """A job's second stage as planned, read once per process (its crop batches land on the same processes)."""
+    return Staged.from_json(store.get_stage(store_client(), job_id))
+
+
+@app.task(
+    name="tilerec.recognize_crops", bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5,
+    track_started=False,
+)  # fmt: skip
+def recognize_crops(self: Any, job_id: str, first: int, stop: int) -> dict[str, Any]:
+    """Run the job's second stage on its crops [first, stop), read at full resolution from the stored tiles or the
+    shared file, and store their records; returns a summary for monitors (counts only: records stay in the store).
+
+    As a tile batch: a crop's own failure is recorded, store outages are retried, a redelivered batch counts each
+    crop's crashes."""
+    client = store_client()
+    job, staged = _described(job_id), _staged(job_id)
+    crops = staged.plan.crops[first:stop]
+    read = _StoredWindows(client, job) if job.file is None else partial(_read_shared, job.file)
+    careful = bool(self.request.delivery_info.get("redelivered"))
+    outcomes = _recognize_crops(client, job, staged.recognition.detections, crops, stage_reader(read, job.options),
+                                careful)  # fmt: skip
+    records = {o.index: json.dumps(o.to_json()) for o in outcomes}
+    done = store.put_records(client, job_id, records, settings().tile_ttl, "crop_records") if records else None
+    if done is not None:
+        _report_progress(self, job.id, done, len(records), len(staged.plan.crops), "crops")
+    return {
+        "crops": stop - first,
+        "failed": sum(o.error is not None for o in outcomes),
+        "seconds": round(sum(o.seconds for o in outcomes), 3),
+    }
+
+
+def _recognize_crops(
+    client: redis.Redis, job: Job, detections: Detections, crops: list[PlannedCrop], read: Callable[[Window], Any],
+    careful: bool,
+) -> list[CropOutcome]:  # fmt: skip
+    """The crops' outcomes, in order, until the job is cancelled (looked at every CANCEL_CHECK_S); `careful`, after
+    a crash of the batch's process: one crop at a time, each one's attempts counted (as `_recognize` does tiles)."""
+    try:
+        stage = stage_of(job.options)
+    except Exception as error:  # a stage that cannot be built fails its crops, with the reason
+        return [CropOutcome(c.window.index, error=f"{type(error).__name__}: {error}") for c in crops]
+    assert stage is not None  # the merge planned crops for it
+    outcomes: list[CropOutcome] = []
+    cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
+    per_call = 1 if careful else max(1, stage.max_batch)
+    for start in range(0, len(crops), per_call):
+        if time.monotonic() - checked > CANCEL_CHECK_S:
+            cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
+        if cancelled:
+            break
+        group = crops[start : start + per_call]
+        name = f"crop:{group[0].window.index}"
+        if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
+            outcomes.append(CropOutcome(group[0].window.index, error=f"gave up: {_DIED} times it ran this crop"))
+            continue
+        outcomes.extend(read_crops(read, group, detections, stage, TRANSIENT))
+        if careful:
+            store.clear_attempts(client, job.id, name)
+    return outcomes
+
+
+class _StoredWindows:
+    """Windows of the image assembled from the job's stored tiles (a crop may span several); the tiles of the last
+    few crops are kept, as neighbouring crops share tiles."""
+
+    KEEP = 16  # tiles kept besides those of the crop at hand
+
+    def __init__(self, client: redis.Redis, job: Job) -> None:
+        self.client, self.job = client, job
+        self.bounds = np.array([[w.x, w.y, w.x2, w.y2] for w in job.windows])
+        self.kept: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def __call__(self, window: Window) -> np.ndarray:
+        x1, y1, x2, y2 = self.bounds.T
+        over = np.flatnonzero((x1 < window.x2) & (x2 > window.x) & (y1 < window.y2) & (y2 > window.y)).tolist()
+        missing = [self.job.windows[index] for index in over if index not in self.kept]
+        if missing:
+            tiles = store.get_tiles(self.client, self.job.id, missing, self.job.channels)
+            self.kept.update((tile.index, pixels) for tile, pixels in zip(missing, tiles, strict=True))
+        channels = () if self.job.channels == 1 else (self.job.channels,)
+        pixels = np.zeros((window.height, window.width, *channels), dtype=np.uint8)
+        for index in over:
+            self.kept.move_to_end(index)
+            tile, stored = self.job.windows[index], self.kept[index]
+            if stored is None:  # nothing to recognize there (all nodata): left black
+                continue
+            left, top = max(tile.x, window.x), max(tile.y, window.y)
+            right, bottom = min(tile.x2, window.x2), min(tile.y2, window.y2)
+            pixels[top - window.y : bottom - window.y, left - window.x : right - window.x] = stored[
+                top - tile.y : bottom - tile.y, left - tile.x : right - tile.x
+            ]
+        while len(self.kept) > self.KEEP + len(over):
+            self.kept.popitem(last=False)
+        return pixels
+
+
+@app.task(name="tilerec.finish", bind=True)
+def finish(self: Any, image: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
+    """The second stage's finish over the job's merged detections and their crops' records: the job's result. It
+    runs under the job's id with the job's own arguments (the chord's body again); the job's keys go last."""
+    client = store_client()
+    job = Job.from_json(store.get_job(client, self.request.id))
+    try:
+        staged = Staged.from_json(store.get_stage(client, job.id))
+        outcomes = [CropOutcome.from_json(r) for r in store.get_records(client, job.id, "crop_records")]
         if store.is_cancelled(client, job.id):
-            done = sum(outcome.error is None for outcome in outcomes)
-            raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.tiles} tiles had been recognized)")
-        if job.streamed:
-            _, failed, _ = store.stream_state(client, job.id)
-            if failed is not None:
-                raise images.ImageError(failed)
-            spent = client.hgetall(store.job_key(job.id, "stream"))
-            timings.update({f"streamed_{k.decode()}": float(v) for k, v in spent.items()})
-        recognition = assemble(outcomes, job.windows, job.options, job.width, job.height, job.started,
-                               source=job.image, level=job.level, downsample=job.downsample, batches=job.batches,
-                               timings=timings, spatial=job.spatial)  # fmt: skip
-        cost = measured_tile_cost([o.seconds for o in outcomes if o.detections is not None], job.height, job.width,
-                                  job.options)  # fmt: skip
-        if cost is not None:
-            store.record_tile_cost(client, job.options.recognizer, job.options.params, cost)
+            done = len({outcome.index for outcome in outcomes})
+            raise JobCancelled(f"job {job.id} was cancelled in its second stage ({done} of "
+                               f"{len(staged.plan.crops)} crops had been recognized)")  # fmt: skip
+        stage = stage_of(job.options)
+        assert stage is not None  # the merge planned crops for it
+        recognition = finish_stage(staged.recognition, stage, staged.plan, outcomes,
+                                   _resources(client, stage, job.options), batches=len(staged.spans),
+                                   started=job.started)  # fmt: skip
         return _deliver(client, job.id, recognition.to_json())
     finally:
         store.delete_job(client, job.id, job.tiles)

@@ -12,6 +12,10 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:ready      tiles stored so far while the tiling task decodes a PNG band by band (absent: all)
     tilerec:job:J:failed     why decoding that PNG failed (the job fails with this)
     tilerec:job:J:stream     hash: the time the tiling task spent decoding that PNG and storing its tiles
+    tilerec:job:J:stage      a job with a second stage: its merged first-stage result and crop plan (JSON), stored
+                             by the merge for the crop batches and the final callback (the tiles stay until then)
+    tilerec:job:J:crops      its number of crops
+    tilerec:job:J:crop_records  hash: crop K -> its outcome (pipeline.stages.CropOutcome, JSON)
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
 (ms per 640x640 tile, a week). Results too large for the result backend: tilerec:result:<job id>.
 """
@@ -39,6 +43,7 @@ from pipeline.tiling import Window
 PREFIX = "tilerec"
 REF_SCHEME = "redis:"
 PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream")  # and the tiles
+STAGE_PARTS = ("stage", "crops", "crop_records")  # a second stage's
 FLUSH_EVERY = 32  # tiles a pipeline holds before it is sent: bounds the memory of storing a job's tiles
 READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
@@ -159,16 +164,47 @@ return redis.call('HLEN', KEYS[2])
 """
 
 
-def put_records(client: redis.Redis, job_id: str, records: dict[int, str], ttl: int) -> int | None:
-    """Store tile records (JSON by tile index) while the job is described; returns its tiles done so far, or None
-    when the job is over (its merge ran: a late duplicate must not bring its keys back)."""
+def put_records(
+    client: redis.Redis, job_id: str, records: dict[int, str], ttl: int, part: str = "records"
+) -> int | None:
+    """Store tile records (JSON by tile index; crop records with part="crop_records") while the job is described;
+    returns its tiles (crops) done so far, or None when the job is over (it ended: a late duplicate must not bring
+    its keys back)."""
     fields = [value for item in records.items() for value in item]
-    done = client.eval(_PUT_RECORDS, 2, job_key(job_id, "job"), job_key(job_id, "records"), ttl, *fields)
+    done = client.eval(_PUT_RECORDS, 2, job_key(job_id, "job"), job_key(job_id, part), ttl, *fields)
     return None if done < 0 else int(done)
 
 
-def get_records(client: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    return [json.loads(value) for value in client.hvals(job_key(job_id, "records"))]
+def get_records(client: redis.Redis, job_id: str, part: str = "records") -> list[dict[str, Any]]:
+    return [json.loads(value) for value in client.hvals(job_key(job_id, part))]
+
+
+def put_stage(client: redis.Redis, job_id: str, staged: str, crops: int, tiles: int, ttl: int) -> None:
+    """A job's second stage as its merge planned it (JSON), and its number of crops; the TTL of its description
+    and `tiles` tiles renewed, as the crop batches read them next."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(job_key(job_id, "stage"), staged, ex=ttl)
+        pipe.set(job_key(job_id, "crops"), crops, ex=ttl)
+        for key in _keys(job_id, tiles, ("job", "total", "attempts")):
+            pipe.expire(key, ttl)
+        pipe.execute()
+
+
+def get_stage(client: redis.Redis, job_id: str) -> str:
+    data = client.get(job_key(job_id, "stage"))
+    if data is None:
+        raise LookupError(f"the second stage of job {job_id} is gone from the store (it ended, or outlived "
+                          "TILEREC_TILE_TTL)")  # fmt: skip
+    return data.decode()
+
+
+def crop_progress(client: redis.Redis, job_id: str) -> tuple[int, int] | None:
+    """(crops done, crops in all) once the job's second stage is planned; None before (or without one)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hlen(job_key(job_id, "crop_records"))
+        pipe.get(job_key(job_id, "crops"))
+        done, total = pipe.execute()
+    return None if total is None else (int(done), int(total))
 
 
 def progress(client: redis.Redis, job_id: str) -> tuple[int, int | None]:
@@ -216,7 +252,7 @@ def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> No
     if tiles is None:
         _unlink(client, [key.decode() for key in client.scan_iter(job_key(job_id, "*"), count=1000)])
     else:
-        _unlink(client, _keys(job_id, tiles, PARTS))
+        _unlink(client, _keys(job_id, tiles, PARTS + STAGE_PARTS))
 
 
 def _keys(job_id: str, tiles: int, parts: tuple[str, ...]) -> list[str]:

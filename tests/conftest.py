@@ -42,7 +42,8 @@ def worker(app, redis_server: RedisServer, tmp_path_factory) -> Iterator[Worker]
     env = {
         "TILEREC_RESULT_BACKEND": redis_server.url,
         "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT),
-        "TILEREC_PLUGIN_MODULES": "tests.faulty,tests.shaped",  # recognizers that fail on purpose; shape producers
+        # recognizers that fail on purpose; shape producers; one with a second stage
+        "TILEREC_PLUGIN_MODULES": "tests.faulty,tests.shaped,tests.staged",
     }
     with Worker(redis_server.url, concurrency=2, env=env, log_file=str(log)) as running:
         yield running

@@ -233,3 +233,44 @@ def test_flower_wants_credentials(flower, jobs):
         assert flower.get(path, credentials=None)[0] == 401, path
         assert flower.get(path, credentials=(USER, "wrong"))[0] == 401, path
     assert flower.get(f"/api/task/info/{jobs['job']}")[0] == 200
+
+
+def test_flower_shows_a_second_stage_s_crop_batches_and_the_job_ending_in_its_finish(flower, worker):
+    """A recognizer with a second stage: after the merge, one tilerec.recognize_crops row per crop batch (the job's
+    id and its crop range, a summary as its result), and the job's own row, with its own arguments, ends as
+    tilerec.finish with the result."""
+    from tests.staged import blob_scene
+
+    scene = blob_scene(1600, 1200, [(100, 100, 50, 40), (500, 300, 900, 300), (1200, 900, 200, 100)], seed=11)
+    path = IMAGES_ROOT / "flower-staged.png"
+    cv2.imwrite(str(path), scene.image)
+    job = recognize.delay(str(path), "tests.staged:DarkBlobs", batch_size=3, crop_batch_size=2)
+    result = job.get(timeout=TIMEOUT)
+    assert result["second_stage"]["crops"] == 3 and result["second_stage"]["failed_crops"] == []
+
+    def rows() -> list[dict[str, Any]]:
+        return [t for t in flower.json("/api/tasks").values() if t["root_id"] == job.id]
+
+    def seen() -> bool:
+        done = [t for t in rows() if t["state"] == "SUCCESS"]
+        return sum(t["name"] == "tilerec.recognize_crops" for t in done) == 2 and any(
+            t["name"] == "tilerec.finish" for t in done
+        )
+
+    _wait(seen, 15, "flower to see the crop batches and the finish")
+    crops = [t for t in rows() if t["name"] == "tilerec.recognize_crops"]
+    spans = []
+    for task in crops:
+        assert task["worker"] == worker.hostname and len(task["args"]) < 2048
+        job_id, first, stop = ast.literal_eval(task["args"])
+        assert job_id == job.id
+        spans.append((first, stop))
+        summary = ast.literal_eval(task["result"])
+        assert summary["crops"] == stop - first and summary["failed"] == 0 and len(task["result"]) < 300
+        assert not PIXELS.search(task["args"] + task["result"])
+    assert sorted(spans) == [(0, 2), (2, 3)]
+    row = flower.json(f"/api/task/info/{job.id}")
+    assert (row["name"], row["state"]) == ("tilerec.finish", "SUCCESS")
+    assert list(ast.literal_eval(row["args"])) == [str(path), "tests.staged:DarkBlobs"]
+    assert ast.literal_eval(row["kwargs"]) == {"batch_size": 3, "crop_batch_size": 2}
+    assert row["result"].startswith("{'schema': 'tilerec/recognition@2'")

@@ -79,6 +79,29 @@ def test_a_worker_runs_the_plugin_sent_by_name(plugin, worker, images_root):
     assert_spots(Detections.from_records(result["detections"]))
 
 
+def disc_pixels(r: int) -> int:
+    """The pixels cv2.circle paints for a filled disc of radius r, counted on a blank canvas."""
+    canvas = np.zeros((2 * r + 5, 2 * r + 5), dtype=np.uint8)
+    return int(np.count_nonzero(cv2.circle(canvas, (r + 2, r + 2), r, 255, -1)))
+
+
+def test_the_plugin_s_optional_second_stage_measures_each_whole_spot_in_process_and_on_a_worker(
+    plugin, worker, images_root
+):
+    """Off unless asked; asked, each spot's crop is measured whole at full resolution, seam-cut spots included:
+    every painted pixel of its disc, the same in process and on a worker."""
+    assert "second_stage" not in recognize_image(spots_image(), "bright-spots", min_area=100).to_json()
+    path = images_root / "spots-staged.png"
+    cv2.imwrite(str(path), spots_image())
+    local = recognize_image(spots_image(), "bright-spots", min_area=100, second_stage=True).to_json()
+    remote = recognize.delay(str(path), "bright-spots", min_area=100, second_stage=True).get(timeout=TIMEOUT)
+    for result in (local, remote):
+        assert result["second_stage"]["name"] == "spot-measure" and result["second_stage"]["crops"] == len(SPOTS)
+        measured = sorted((d["data"]["bright_pixels"], d["data"]["peak"]) for d in result["detections"])
+        assert measured == sorted((disc_pixels(r), 255) for _, _, r in SPOTS)
+    assert remote["detections"] == local["detections"]
+
+
 def test_module_factory_names_load_only_from_allowed_modules(registry, tmp_path, monkeypatch):
     (tmp_path / "spotter.py").write_text(
         "import pathlib\n"

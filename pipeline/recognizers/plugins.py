@@ -7,7 +7,8 @@ returns `pipeline.model.Detections` in that tile's pixel coordinates. A plugin h
 - a `RecognizerSpec` (name, factory, params, description, cost_ms): used as given, or
 - the factory itself (a class or a function): its keyword parameters are the recognizer's parameters, each needs a
   default (the default's type is what callers' values are checked against, as for the built-ins); the first line of
-  its docstring is the description and an optional `cost_ms` attribute the time of one 640x640 tile on one core.
+  its docstring is the description and an optional `cost_ms` attribute the time of one 640x640 tile on one core;
+  optional `second_stage` and `stage_by_default` attributes declare a second stage (see `RecognizerSpec`).
 
 Two ways to name one:
 
@@ -50,7 +51,8 @@ def spec_from(name: str, target: object) -> RecognizerSpec:
         params[parameter.name] = parameter.default
     description = (inspect.getdoc(target) or "").partition("\n")[0]
     cost_ms = float(getattr(target, "cost_ms", RecognizerSpec.cost_ms))
-    return RecognizerSpec(name, target, params, description, cost_ms)
+    stage, by_default = getattr(target, "second_stage", None), bool(getattr(target, "stage_by_default", True))
+    return RecognizerSpec(name, target, params, description, cost_ms, second_stage=stage, stage_by_default=by_default)
 
 
 def _entry_points() -> dict[str, EntryPoint]:
