@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
 from pipeline.model import Detections
+from pipeline.stages import Crop, SecondStage, StageResult
 
 EMBEDDERS = ("dlib", "sface")
 MIN_FACE_PX = 32  # the shorter side of a face's box: a smaller face is blown up past what the embedders resolve
@@ -179,6 +180,11 @@ def get_embedder(embedder: str = "dlib", face_model: str = "", min_face: int = M
     raise FaceError(f"embedder must be one of {', '.join(EMBEDDERS)}, got {embedder!r}")
 
 
+def stack(vectors: Sequence[Any]) -> np.ndarray:
+    """Embeddings as one (N, D) float32 matrix; (0, 0) for none."""
+    return np.array(vectors, np.float32).reshape(len(vectors), -1) if len(vectors) else np.zeros((0, 0), np.float32)
+
+
 @dataclass(frozen=True)
 class Gallery:
     """A gallery's people as one matrix: row i of `vectors` is an embedding of person `names[owners[i]]`, all made
@@ -195,8 +201,7 @@ class Gallery:
         """From each person's embeddings."""
         names = tuple(sorted(people))
         rows = [(index, vector) for index, person in enumerate(names) for vector in people[person]]
-        vectors = np.array([vector for _, vector in rows], np.float32).reshape(len(rows), -1)
-        return cls(name, model, names, vectors, np.array([index for index, _ in rows], np.int64))
+        return cls(name, model, names, stack([vector for _, vector in rows]), np.array([i for i, _ in rows], np.int64))
 
 
 def person_similarities(faces: np.ndarray, gallery: Gallery) -> np.ndarray:
@@ -260,10 +265,10 @@ def match_faces(scores: np.ndarray, names: Sequence[str], threshold: float, repe
 
 def with_identities(detections: Detections, matches: Sequence[Match | None]) -> Detections:
     """The detections with `identity` and `similarity` data columns (None for a face that was not embedded)."""
-    data = dict(detections.data)
-    data["identity"] = [None if m is None else m.identity for m in matches]
-    data["similarity"] = [None if m is None else m.similarity for m in matches]
-    return detections._with(data=data)
+    return detections.with_data({
+        "identity": [None if m is None else m.identity for m in matches],
+        "similarity": [None if m is None else m.similarity for m in matches],
+    })  # fmt: skip
 
 
 def cluster_faces(model: str, vectors: np.ndarray, threshold: float) -> list[int]:
@@ -332,3 +337,84 @@ def face_crop(box: np.ndarray, width: int, height: int, margin: float = CROP_MAR
     left, top = max(0, math.floor(x1 - grow_x)), max(0, math.floor(y1 - grow_y))
     right, bottom = min(width, math.ceil(x2 + grow_x)), min(height, math.ceil(y2 + grow_y))
     return left, top, right - left, bottom - top
+
+
+def identities_wanted(params: Mapping[str, Any]) -> bool:
+    """A faces job runs the identities stage when it names a gallery or asks for its faces' embeddings."""
+    return bool(params.get("identify")) or bool(params.get("embeddings"))
+
+
+class FaceIdentities(SecondStage):
+    """Who each merged face is: every face with five landmarks aligned from its full-resolution crop and embedded
+    (crop batches), then, once, matched one to one against the gallery the job names (`identify`): data columns
+    `identity` (a name, or `unknown`) and `similarity`; `None` in both for a face too small to embed.
+
+    Parameters (the face detector's): identify (a gallery's name), identity_threshold (null: the embedder's own),
+    identity_repeats (a person may be several faces of one image), embedder, face_model, min_face, embeddings (the
+    faces' embeddings as an `embedding` data column: only for a caller that keeps them as biometric data).
+    Embeddings travel only through the job's claim-check records, never in messages or, unasked, results.
+    """
+
+    name = "identities"
+    cost_ms = 30.0  # one face on one core: alignment and dlib's ResNet
+    max_batch = 16
+    margin = CROP_MARGIN
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.gallery = str(params.get("identify") or "")
+        threshold = params.get("identity_threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
+            raise FaceError(f"identity_threshold must be a number (a similarity) or null, got {threshold!r}")
+        self.threshold = None if threshold is None else float(threshold)
+        self.repeats = bool(params.get("identity_repeats"))
+        self.embedder = (str(params.get("embedder") or "dlib"), str(params.get("face_model") or ""),
+                         int(params.get("min_face") or MIN_FACE_PX))  # fmt: skip
+        if self.embedder[0] not in EMBEDDERS:
+            raise FaceError(f"embedder must be one of {', '.join(EMBEDDERS)}, got {self.embedder[0]!r}")
+        self.keep_embeddings = bool(params.get("embeddings"))
+        self.resources = ("gallery",) if self.gallery else ()
+
+    def wants(self, detections: Detections) -> np.ndarray:
+        """The faces with five landmarks (a detector without them is refused when the job is checked)."""
+        return np.array([i for i, (_, points) in enumerate(face_rows(detections)) if points is not None], np.int64)
+
+    def recognize(self, crops: list[Crop]) -> list[dict[str, Any]]:
+        embedder = get_embedder(*self.embedder)
+        records: list[dict[str, Any]] = []
+        for crop in crops:
+            box, points = face_rows(crop.detection)[0]
+            try:
+                vector = embedder.embed(crop.pixels, box, points)
+            except FaceError as error:  # too small: the face stays, without an identity
+                records.append({"unembedded": str(error)})
+            else:
+                records.append({"model": embedder.model, "embedding": vector.astype(float).tolist()})
+        return records
+
+    def finish(
+        self, detections: Detections, records: Sequence[Mapping[str, Any] | None], resources: Mapping[str, Any]
+    ) -> StageResult:
+        rows = [row for row, record in enumerate(records) if record and "embedding" in record]
+        vectors = stack([records[row]["embedding"] for row in rows])
+        output: dict[str, Any] = {"faces": len(rows), "too_small": sum(1 for r in records if r and "unembedded" in r)}
+        if self.gallery:
+            gallery: Gallery = resources["gallery"]
+            models = {records[row]["model"] for row in rows}
+            if gallery.names and models - {gallery.model}:
+                raise FaceError(f"gallery {gallery.name!r} holds {gallery.model} embeddings, the faces were embedded "
+                                f"by {', '.join(sorted(models))}: use the gallery's embedder")  # fmt: skip
+            threshold = default_threshold(gallery.model or next(iter(models), DLIB))
+            threshold = threshold if self.threshold is None else self.threshold
+            found = match_faces(person_similarities(vectors, gallery), gallery.names, threshold, self.repeats)
+            matches: list[Match | None] = [None] * len(detections)
+            for row, match in zip(rows, found, strict=True):
+                matches[row] = match
+            detections = with_identities(detections, matches)
+            named = sum(1 for match in found if match.identity != UNKNOWN)
+            output.update(gallery=gallery.name, model=gallery.model or None, threshold=threshold,
+                          identified=named, unknown=len(found) - named)  # fmt: skip
+        if self.keep_embeddings:
+            kept = dict.fromkeys(range(len(detections)))
+            kept.update({row: records[row]["embedding"] for row in rows})
+            detections = detections.with_data({"embedding": list(kept.values())})
+        return StageResult(detections, output)

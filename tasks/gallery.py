@@ -34,6 +34,7 @@ from pipeline.inference import recognize_source
 from pipeline.tiling import Window
 from tasks.celery import app, settings, store_client
 from tasks.jobs import _resolve
+from tasks.resources import register
 from tasks.store import PREFIX
 
 DEFAULT = "default"
@@ -200,14 +201,9 @@ def remove(client: redis.Redis, gallery: str, name: str) -> int:
 
 
 def load(client: redis.Redis, gallery: str) -> faces.Gallery:
-    """The gallery's people and embeddings as one matrix, for matching.
-
-    Raises:
-        GalleryError: the gallery has no people.
-    """
+    """The gallery's people and embeddings as one matrix, for matching (none: every face is unknown, and a run's
+    unknown faces are grouped into people to name)."""
     people = {k.decode(): v.decode() for k, v in client.hgetall(key(check_gallery(gallery), "people")).items()}
-    if not people:
-        raise GalleryError(f"gallery {gallery!r} has no people: enroll them with `tilerec gallery add NAME PHOTO`")
     names = sorted(people)
     with client.pipeline(transaction=False) as pipe:
         for name in names:
@@ -317,3 +313,7 @@ def gallery_rename(old: str, new: str, gallery: str = DEFAULT) -> dict[str, Any]
 def gallery_remove(name: str, gallery: str = DEFAULT) -> dict[str, Any]:
     """Delete the person and every embedding of theirs."""
     return {"gallery": gallery, "removed": name, "embeddings": remove(store_client(), gallery, name)}
+
+
+# the gallery a faces job names (`identify`), loaded for its identities stage's finish on the worker
+register("gallery", lambda client, options: load(client, options.params["identify"]))
