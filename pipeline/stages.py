@@ -76,6 +76,7 @@ class SecondStage:
         max_batch: crops per `recognize` call.
         margin: share of the detection's width and height added around it on each side, for its crop window.
         pad: pixels added on each side, besides `margin`.
+        max_crop_pixels: a larger crop fails without being read (it would cost that much memory on a worker).
         resources: names of what `finish` needs beyond the detections and records (see the module's doc).
     """
 
@@ -84,6 +85,7 @@ class SecondStage:
     max_batch = 8
     margin = 0.0
     pad = 0
+    max_crop_pixels = 50_000_000
     resources: tuple[str, ...] = ()
 
     def wants(self, detections: Detections) -> np.ndarray:
@@ -275,6 +277,10 @@ def read_crops(
     for planned in crops:
         began = time.perf_counter()
         try:
+            window = planned.window
+            if window.width * window.height > stage.max_crop_pixels:
+                raise StageError(f"the crop is {window.width}x{window.height} pixels, more than the stage reads "
+                                 f"({stage.max_crop_pixels:,} pixels, its max_crop_pixels)")  # fmt: skip
             pixels = read(planned.window)
             if pixels is None:
                 raise StageError("no pixels there to read (all nodata)")
@@ -284,7 +290,6 @@ def read_crops(
             outcomes[planned.window.index] = CropOutcome(planned.window.index, error=_describe(error),
                                                          seconds=time.perf_counter() - began)  # fmt: skip
             continue
-        window = planned.window
         shape = detections[[planned.row]].shifted(-window.x, -window.y)
         pending.append((Crop(window.index, planned.row, window, pixels, shape), time.perf_counter() - began))
         if len(pending) == max(1, stage.max_batch):

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import redis
-from celery import chord, group, signals
+from celery import chord, group, signals, states
 from celery.exceptions import Ignore
 
 from pipeline import images, remote, sources
@@ -398,7 +398,8 @@ def _recognize(
     hence MAX_ATTEMPTS - 1)."""
     outcomes: list[TileOutcome] = []
     cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
-    judge_blank = not isinstance(read, _StoredTiles)  # stored tiles were judged when stored (blank: None)
+    # stored tiles were judged when stored (blank: None), except for a second stage, whose crops may need them
+    judge_blank = not isinstance(read, _StoredTiles) or job.options.second_stage
     # tiles go to the recognizer a forward pass at a time, or one at a time where a crash must name its tile
     per_pass = 1 if careful else tiles_per_forward_pass(job.options)
     for start in range(0, len(windows), per_pass):
@@ -433,7 +434,7 @@ def _replace_if_unsound(**_: Any) -> None:
         os._exit(70)
 
 
-_last_report = ("", 0.0)  # this process's last progress report: (job id, time.monotonic())
+_last_report = ("", "", 0.0)  # this process's last progress report: (job id, unit, time.monotonic())
 
 
 def _report_progress(task: Any, job_id: str, done: int, count: int, total: int, unit: str = "tiles") -> None:
@@ -443,10 +444,10 @@ def _report_progress(task: Any, job_id: str, done: int, count: int, total: int, 
     AsyncResult (`info`: done, total and, for crops, `"stage": "crops"`)."""
     global _last_report
     crossed = done * PROGRESS_STEPS // total != (done - count) * PROGRESS_STEPS // total
-    recent = _last_report[0] == job_id and time.monotonic() - _last_report[1] < PROGRESS_EVERY_S
+    recent = _last_report[:2] == (job_id, unit) and time.monotonic() - _last_report[2] < PROGRESS_EVERY_S
     if done < total and (not crossed or recent):
         return
-    _last_report, done = (job_id, time.monotonic()), min(done, total)
+    _last_report, done = (job_id, unit, time.monotonic()), min(done, total)
     with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
         dispatcher.send("task-progress", uuid=job_id, done=done, total=total, result=f"{done}/{total} {unit}")
     info = {"done": done, "total": total} if unit == "tiles" else {"done": done, "total": total, "stage": unit}
@@ -461,7 +462,7 @@ def merge(self: Any, image: str, recognizer: str = "faces", **options: Any) -> d
     A job whose second stage has crops to read: the merge becomes chord(crop batches, finish) instead, the merged
     detections and crop plan in the store (the finish inherits the job's id and arguments in turn)."""
     client = store_client()
-    job = Job.from_json(store.get_job(client, self.request.id))
+    job = _job_of(self, client)
     done = _finish(client, job, [TileOutcome.from_json(record) for record in store.get_records(client, job.id)])
     if not isinstance(done, Staged):
         return done
@@ -475,6 +476,18 @@ def merge(self: Any, image: str, recognizer: str = "faces", **options: Any) -> d
         raise
     except BaseException:
         store.delete_job(client, job.id, job.tiles)
+        raise
+
+
+def _job_of(task: Any, client: redis.Redis) -> Job:
+    """The job a merge or finish (`task`, under the job's id) ends. A redelivery of one whose process died after
+    the job's outcome was stored (or a duplicate) finds the job's keys gone: it is ignored, so it cannot overwrite
+    that outcome with a failure of its own."""
+    try:
+        return Job.from_json(store.get_job(client, task.request.id))
+    except LookupError:
+        if task.AsyncResult(task.request.id).state in states.READY_STATES:
+            raise Ignore(f"job {task.request.id} has ended: its outcome is stored") from None
         raise
 
 
@@ -645,7 +658,7 @@ def finish(self: Any, image: str, recognizer: str = "faces", **options: Any) -> 
     """The second stage's finish over the job's merged detections and their crops' records: the job's result. It
     runs under the job's id with the job's own arguments (the chord's body again); the job's keys go last."""
     client = store_client()
-    job = Job.from_json(store.get_job(client, self.request.id))
+    job = _job_of(self, client)
     try:
         staged = Staged.from_json(store.get_stage(client, job.id))
         outcomes = [CropOutcome.from_json(r) for r in store.get_records(client, job.id, "crop_records")]

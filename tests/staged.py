@@ -29,16 +29,18 @@ HOLD_S = 120.0  # the longest a held crop waits
 
 
 class Measure(SecondStage):
-    """Per crop: the digest of its pixels, its size and its dark pixels; the page: dark pixels in all."""
+    """Per crop: the digest of its pixels, its size and its dark pixels; the page: dark pixels in all. While the
+    file `hold` exists, a call with a crop wider than `hold_wider` pixels waits (leaving `<hold>.<pid>`)."""
 
     name = "measure"
     cost_ms = 1.0
 
-    def __init__(self, pad: int = 3, hold: str = "", **_: Any) -> None:
-        self.pad, self.hold = pad, hold
+    def __init__(self, pad: int = 3, hold: str = "", hold_wider: int = 0) -> None:
+        self.pad, self.hold, self.hold_wider = pad, hold, hold_wider
 
     def recognize(self, crops: list[Crop]) -> list[dict[str, Any]]:
-        if self.hold and Path(self.hold).exists():  # held at a known point: the test says when to go on
+        wide = any(crop.window.width > self.hold_wider for crop in crops)
+        if self.hold and wide and Path(self.hold).exists():  # held at a known point: the test says when to go on
             Path(f"{self.hold}.{os.getpid()}").touch()
             deadline = time.monotonic() + HOLD_S
             while Path(self.hold).exists() and time.monotonic() < deadline:
@@ -75,8 +77,8 @@ class DarkBlobs(Segmenter):
 
     cost_ms = 1.0
 
-    def __init__(self, pad: int = 3, hold: str = "") -> None:
-        del pad, hold  # the second stage's parameters
+    def __init__(self, pad: int = 3, hold: str = "", hold_wider: int = 0) -> None:
+        del pad, hold, hold_wider  # the second stage's parameters
 
     @staticmethod
     def second_stage(params: Mapping[str, Any]) -> Measure:

@@ -288,6 +288,24 @@ def test_run_with_a_broker_uploads_the_image(
     assert "starting a local cluster" not in completed.stderr
 
 
+def test_second_stage_flags(tmp_path: Path, redis_server: RedisServer, worker: Worker) -> None:
+    """The example plugin's optional second stage, asked for and bounded from the command line: the two
+    best-scored spots are measured on their crops, the third is counted as over the limit."""
+    image = np.full((900, 1400), 40, dtype=np.uint8)
+    cv2.rectangle(image, (100, 100), (160, 160), 255, -1)  # squares fill their boxes: score 1
+    cv2.rectangle(image, (700, 500), (740, 540), 255, -1)
+    cv2.circle(image, (1200, 300), 30, 255, -1)  # a disc fills less of its box: the lowest score
+    path = tmp_path / "spots.png"
+    cv2.imwrite(str(path), image)
+    completed = tilerec("run", str(path), "-r", "bright-spots", "--second-stage", "--max-crops", "2",
+                        "--broker", redis_server.url, "--json", "-", "--quiet")  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["second_stage"]["crops"] == 2 and result["second_stage"]["over_limit"] == 1
+    measured = sorted((d["box"], d.get("data", {}).get("bright_pixels")) for d in result["detections"])
+    assert measured == [([100, 100, 61, 61], 61 * 61), ([700, 500, 41, 41], 41 * 41), ([1170, 270, 61, 61], None)]
+
+
 def test_coco_format(scene: Scene, scene_png: Path, redis_server: RedisServer, worker: Worker) -> None:
     completed = tilerec(
         "run",
@@ -375,6 +393,7 @@ def test_cancel_by_job_id(slow_scene_png: Path, redis_server: RedisServer, worke
         (["run", __file__, "-r", "faces", "--param", "min_size=big"], "parameter 'min_size' must be int"),
         (["run", __file__, "-r", "qrcode", "--overlap", "1.5"], "overlap must be a ratio"),
         (["run", __file__, "-r", "qrcode", "--format", "coco"], "--format coco needs --json"),
+        (["run", __file__, "-r", "qrcode", "--second-stage"], "recognizer 'qrcode' has no second stage"),
         (["demo", "--size", "4000by3000"], "size must be WIDTHxHEIGHT"),
     ],
 )

@@ -28,6 +28,7 @@ from pipeline.stages import (
     expand,
     plan_crops,
     quad_of,
+    read_crops,
     rectify,
 )
 from pipeline.tiling import Window, grid
@@ -135,6 +136,40 @@ def test_rectify_cuts_an_upright_box_exactly_and_straightens_a_rotated_one():
     assert straight.shape == (60, 200)
     inner = (slice(3, -3), slice(3, -3))  # edges blend with the black around
     assert np.abs(straight[inner].astype(int) - pattern[inner]).mean() < 3
+
+
+def test_a_crop_s_own_fault_fails_that_crop_alone():
+    """Too large a crop, a record that is not JSON, a raise: each fails its own crop, even inside a call of several
+    (the call is made again crop by crop); the other crops of the call keep their records."""
+
+    class Picky(SecondStage):
+        max_batch = 8
+        max_crop_pixels = 50 * 50
+
+        def recognize(self, crops):
+            records = []
+            for crop in crops:
+                if crop.window.x == 200:
+                    raise ValueError("no crops at x 200")
+                records.append(
+                    {"x": crop.window.x, "bad": float("nan")} if crop.window.x == 100 else {"x": crop.window.x}
+                )
+            return records
+
+    image = np.zeros((300, 400), dtype=np.uint8)
+    detections = Detections.from_xywh(
+        [[0, 0, 10, 10], [100, 0, 10, 10], [200, 0, 10, 10], [300, 0, 60, 60]], [1.0] * 4, "x"
+    )
+    plan = plan_crops(detections, Picky(), Window(0, 0, 0, 400, 300))
+    read = lambda window: image[window.y : window.y2, window.x : window.x2]  # noqa: E731
+    outcomes = read_crops(read, plan.crops, detections, Picky())
+    assert [o.record for o in outcomes] == [{"x": 0}, None, None, None]
+    assert outcomes[1].error.startswith("StageError: a crop's record is not JSON")
+    assert outcomes[2].error == "ValueError: no crops at x 200"
+    assert (
+        outcomes[3].error
+        == "StageError: the crop is 60x60 pixels, more than the stage reads (2,500 pixels, its max_crop_pixels)"
+    )
 
 
 def test_options_turn_the_second_stage_on_off_and_bound_it_with_clear_errors():
@@ -303,18 +338,34 @@ def test_a_failed_crop_is_listed_and_the_others_are_read(worker, redis_server):
     assert tilerec_keys(redis_server) == []
 
 
+def test_a_second_finish_of_an_ended_job_leaves_its_result_alone(worker, redis_server, app):
+    """A finish delivered again after the job's result was stored (its process died before acknowledging it) finds
+    the job's keys gone and is ignored: the stored result stays."""
+    image, path = scene_file("staged-again.png", seed=13)
+    job = submit(path, STAGED, batch_size=2)
+    result = job.get(timeout=TIMEOUT)
+    again = app.send_task("tilerec.finish", args=[path, STAGED], kwargs={"batch_size": 2}, task_id=job.id)
+    wait_for(lambda: f"Task tilerec.finish[{job.id}] ignored" in Path(worker.log_file).read_text())
+    assert again.state == "SUCCESS" and job.get(timeout=5) == result
+    assert_crops_exact(result, image)
+
+
 def held(flag: Path) -> list[int]:
     """The worker processes holding a crop batch at the flag (each leaves `<flag>.<pid>`)."""
     return [int(p.suffix[1:]) for p in flag.parent.glob(flag.name + ".*")]
 
 
 def test_a_process_killed_in_the_second_stage_changes_nothing(worker, redis_server):
+    """The large rectangle's crop is held while the others are read: the job shows its crops' progress; then the
+    process holding it is killed, and the batch runs again on another."""
     image, path = scene_file("staged-kill.png", seed=9)
     flag = IMAGES_ROOT / "hold-kill"
     flag.touch()
     try:
-        job = submit(path, STAGED, batch_size=2, crop_batch_size=1, hold=str(flag))
-        wait_for(lambda: held(flag), timeout=60)
+        job = submit(path, STAGED, batch_size=2, crop_batch_size=1, hold=str(flag), hold_wider=500)
+        wait_for(lambda: held(flag) and job.crops() == (len(RECTS) - 1, len(RECTS)), timeout=60)
+        wait_for(lambda: job.result.state == "PROGRESS" and job.result.info.get("stage") == "crops")
+        assert job.result.info["total"] == len(RECTS) and 1 <= job.result.info["done"] < len(RECTS)
         os.kill(held(flag)[0], signal.SIGKILL)  # mid-crop: its batch goes back to the queue and runs again
     finally:
         flag.unlink(missing_ok=True)
@@ -322,6 +373,7 @@ def test_a_process_killed_in_the_second_stage_changes_nothing(worker, redis_serv
     for marker in IMAGES_ROOT.glob("hold-kill.*"):
         marker.unlink()
     assert_crops_exact(result, image)
+    assert job.crops() == (len(RECTS), len(RECTS))
     wait_for(lambda: len(worker.child_pids()) == 2)
     assert tilerec_keys(redis_server) == []
 
@@ -345,3 +397,19 @@ def test_a_cancel_in_the_second_stage_ends_the_job_and_leaves_nothing(worker, re
     assert type(raised.value).__name__ == "JobCancelled"
     assert "cancelled in its second stage" in str(raised.value)
     wait_for(lambda: tilerec_keys(redis_server) == [], timeout=10)
+
+
+def test_blank_tiles_are_skipped_alike_and_crops_reaching_into_them_stay_exact(worker, redis_server):
+    """With skip_blank, a job with a second stage still stores its blank tiles (a crop's margin may reach into
+    them) and still skips them: the same tiles skipped, and the same crops, as in one process."""
+    rects = [(100, 100, 300, 200), (1400, 1000, 150, 150)]
+    image = np.full((1200, 1600, 3), 200, dtype=np.uint8)  # flat: every tile without a rectangle is blank
+    image[:, :] = blob_scene(1600, 1200, rects, seed=12).image.clip(0, 200) // 128 * 200  # dark 0, light 200
+    path = IMAGES_ROOT / "staged-blank.png"
+    cv2.imwrite(str(path), image)
+    local = pipeline.recognize_image(image, STAGED, skip_blank=True, pad=300).to_json()
+    remote = submit(str(path), STAGED, skip_blank=True, pad=300, batch_size=2).get(timeout=TIMEOUT)
+    assert remote["tiling"]["skipped"] == local["tiling"]["skipped"] > 0
+    assert remote["detections"] == local["detections"]
+    assert measured(remote) == expected(image, rects, pad=300)
+    assert tilerec_keys(redis_server) == []

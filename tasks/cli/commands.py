@@ -337,6 +337,12 @@ def build_parser() -> Parser:
         choices=ON_TILE_ERROR,
         help="fail the job when a tile fails (default), or return the rest and list the failed tiles",
     )
+    run.add_argument(
+        "--second-stage",
+        action=argparse.BooleanOptionalAction,
+        help="run the recognizer's second stage on each detection's full-resolution crop (default: as it declares)",
+    )
+    run.add_argument("--max-crops", type=positive_int, metavar="N", help="second stage: at most N crops, best first")
     add_spatial_flags(run)
     run.add_argument(
         "--json", metavar="OUT", help="write the result as JSON to OUT (- for stdout); several images give a list"

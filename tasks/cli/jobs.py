@@ -40,11 +40,11 @@ class Outcome:
 
 
 class RateColumn(ProgressColumn):
-    """Tiles per second, from rich's moving estimate."""
+    """Tiles (or a second stage's crops) per second, from rich's moving estimate."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} tiles/s" if speed else "– tiles/s", style="progress.data.speed", no_wrap=True)
+        speed, unit = task.finished_speed or task.speed, task.fields.get("unit", "tiles")
+        return Text(f"{speed:.1f} {unit}/s" if speed else f"– {unit}/s", style="progress.data.speed", no_wrap=True)
 
 
 class _Bars:
@@ -63,7 +63,8 @@ class _Bars:
 
 
 class Tracker(_Bars):
-    """One progress bar per job on a terminal; nothing at all otherwise, so scripts and --quiet stay clean.
+    """One progress bar per job on a terminal; nothing at all otherwise, so scripts and --quiet stay clean. A job
+    whose tiles are done and whose recognizer has a second stage goes on as a bar of its crops.
 
     Counts never go back: a job's counters are deleted by its merge a moment before its result is stored."""
 
@@ -74,7 +75,7 @@ class Tracker(_Bars):
                 TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
                 BarColumn(bar_width=20),
                 MofNCompleteColumn(table_column=fixed),
-                TextColumn("tiles", table_column=fixed),
+                TextColumn("{task.fields[unit]}", table_column=fixed),
                 RateColumn(table_column=fixed),
                 TextColumn("ETA", table_column=fixed),
                 TimeRemainingColumn(table_column=fixed),
@@ -86,23 +87,29 @@ class Tracker(_Bars):
         )
         self.index = {id(target): number for number, target in enumerate(targets)}
         self.names = [short(target.given) for target in targets]
-        self.ids = [self.progress.add_task(name, total=None) for name in self.names] if self.progress else []
+        self.ids = (
+            [self.progress.add_task(name, total=None, unit="tiles") for name in self.names] if self.progress else []
+        )
         self.done = [0] * len(targets)
 
     def poll(self, running: Sequence[Any]) -> None:
-        """Each job in flight (tasks.client.InFlight) at the tiles it has done."""
+        """Each job in flight (tasks.client.InFlight) at the tiles it has done, or, once they all are, at the crops
+        of its second stage, if it has one."""
         for run in running:
             index = self.index[id(run.image)]
             done, total = run.job.seen
+            crops = run.job.crops() if self.progress and total and done >= total else None
             self.done[index] = max(self.done[index], done)
-            if self.progress:
+            if crops is not None:
+                self.progress.update(self.ids[index], completed=crops[0], total=crops[1], unit="crops")
+            elif self.progress:
                 self.progress.update(self.ids[index], completed=self.done[index], total=total)
 
     def finish(self, target: Target, tiles: int | None, ok: bool) -> None:
         index = self.index[id(target)]
         if self.progress:
             mark = "[green]✓[/]" if ok else "[red]✗[/]"
-            done = {"completed": tiles, "total": tiles} if tiles else {}
+            done = {"completed": tiles, "total": tiles, "unit": "tiles"} if tiles else {}
             self.progress.update(self.ids[index], description=f"{mark} {self.names[index]}", **done)
             self.progress.stop_task(self.ids[index])
 

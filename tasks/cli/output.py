@@ -35,9 +35,10 @@ def summary_row(outcome: Outcome) -> dict[str, str]:
     if row is None:
         return {**cells, "detections": "failed", "per label": "", "tiles": "", "batches": "", "tasks": ""}
     failed = len(row.get("failed_tiles") or [])
+    crops_failed = len((row.get("second_stage") or {}).get("failed_crops") or [])
     return {
         **cells,
-        "detections": str(len(row["detections"])),
+        "detections": str(len(row["detections"])) + (f" ({crops_failed} crops failed)" if crops_failed else ""),
         "per label": label_counts(row),
         "tiles": f"{row['tiling']['tiles']}" + (f" ({failed} failed)" if failed else ""),
         "batches": str(row["tiling"].get("batches", row["tiling"]["tasks"])),
