@@ -403,15 +403,15 @@ class FaceIdentities(SecondStage):
             if gallery.names and models - {gallery.model}:
                 raise FaceError(f"gallery {gallery.name!r} holds {gallery.model} embeddings, the faces were embedded "
                                 f"by {', '.join(sorted(models))}: use the gallery's embedder")  # fmt: skip
-            threshold = default_threshold(gallery.model or next(iter(models), DLIB))
-            threshold = threshold if self.threshold is None else self.threshold
+            model = gallery.model or next(iter(models), None)  # an empty gallery: the faces' own
+            threshold = default_threshold(model or DLIB) if self.threshold is None else self.threshold
             found = match_faces(person_similarities(vectors, gallery), gallery.names, threshold, self.repeats)
             matches: list[Match | None] = [None] * len(detections)
             for row, match in zip(rows, found, strict=True):
                 matches[row] = match
             detections = with_identities(detections, matches)
             named = sum(1 for match in found if match.identity != UNKNOWN)
-            output.update(gallery=gallery.name, model=gallery.model or None, threshold=threshold,
+            output.update(gallery=gallery.name, model=model, threshold=threshold,
                           identified=named, unknown=len(found) - named)  # fmt: skip
         if self.keep_embeddings:
             kept = dict.fromkeys(range(len(detections)))

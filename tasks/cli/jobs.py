@@ -212,11 +212,12 @@ def execute(
     options: dict[str, Any],
     settings: Settings,
     console: Console,
-    sink: Callable[[Outcome], None] | None = None,
+    sink: Callable[[Outcome], Outcome] | None = None,
     overview: Overview | None = None,
 ) -> list[Outcome]:
     """Run one job per image on the chosen cluster, at most `settings.in_flight` at a time (tasks.client.
-    submit_many); returns an outcome per image, in the order given. `sink` gets each outcome as its job ends;
+    submit_many); returns an outcome per image, in the order given. `sink` gets each outcome as its job ends and
+    returns the one to keep (a run's faces take their embeddings out of it);
     `overview` replaces the bar per job (for many images). An interrupt, a timeout or a dead local worker cancels
     the jobs in flight, so the run leaves neither work nor data behind."""
     from tasks.client import submit_many
@@ -247,7 +248,7 @@ def execute(
                     tiles = outcome.result["tiling"]["tiles"] if outcome.result else None
                     display.finish(outcome.target, tiles, outcome.error is None)
                     if sink is not None:
-                        sink(outcome)
+                        outcome = sink(outcome)
                     outcomes.append(outcome)
             finally:
                 with ignoring_interrupts():  # cancelling the jobs in flight must finish

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.faces import DLIB, default_threshold, stack
 from tasks.cli.errors import CliError
+from tasks.cli.jobs import Outcome
 
 FACES = "faces.npz"
 EMBEDDING = "embedding"  # the data column a job with `embeddings=true` returns
@@ -75,7 +77,6 @@ def write_faces(folder: Path, model: str, faces: Sequence[RunFace], groups: Sequ
     """RUN/faces.npz, written whole and renamed into place (an interrupted write leaves the previous one)."""
     path = folder / FACES
     partial = folder / (FACES + ".partial.npz")
-    dimensions = len(faces[0].vector) if faces else 0
     np.savez(
         partial,
         model=np.array(model),
@@ -84,7 +85,7 @@ def write_faces(folder: Path, model: str, faces: Sequence[RunFace], groups: Sequ
         boxes=np.array([face.box for face in faces], dtype=np.int64).reshape(-1, 4),
         identities=np.array([face.identity for face in faces], dtype=str),
         groups=np.array(["" if group is None else group for group in groups], dtype=str),
-        vectors=np.array([face.vector for face in faces], dtype=np.float32).reshape(-1, dimensions),
+        vectors=stack([face.vector for face in faces]),
     )
     os.replace(partial, path)
     return path
@@ -122,3 +123,52 @@ def read_group(run: str, group: str) -> tuple[str, list[Any]]:
         known = sorted({label for label in groups if label}, key=lambda label: int(label.rpartition("-")[2]))
         raise CliError(f"--from {run!r}: no group {group!r}; its groups: {', '.join(known) or 'none'}")
     return model, [Enrolled(face.vector, Path(face.image).name, face.box) for face in chosen]
+
+
+@dataclass
+class RunFaces:
+    """The embedded faces of a run, taken out of each job's result as it ends (`take`), with the model that made
+    them and the threshold the jobs matched at."""
+
+    faces: list[RunFace] = field(default_factory=list)
+    model: str = ""
+    threshold: float = 0.0
+
+    def take(self, outcome: Outcome) -> Outcome:
+        """The outcome with its result's embeddings taken out (kept here)."""
+        if outcome.result is None:
+            return outcome
+        result, found = take_faces(outcome.result, str(outcome.target.path or outcome.target.given))
+        self.faces += found
+        output = (result.get("second_stage") or {}).get("output") or {}
+        self.model = output.get("model") or self.model
+        self.threshold = output.get("threshold", self.threshold)
+        return replace(outcome, result=result)
+
+
+def group_run(folder: Path, taken: RunFaces, lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+    """Group the unknown faces of the whole run (those of images done before a --resume included, from the run's
+    faces.npz) into people and keep them in RUN/faces.npz. Returns results.jsonl's lines with each grouped face's
+    label, the faces and the groups."""
+    done = {line["path"] for line in lines if line.get("ok") and line.get("result")}
+    fresh = {face.image for face in taken.faces}
+    before = read_faces(folder)
+    faces = list(taken.faces)
+    model = taken.model
+    if before is not None:
+        model = model or before[0]
+        faces += [face for face in before[1] if face.image in done and face.image not in fresh]
+    faces.sort(key=lambda face: (face.image, face.row))
+    groups = group_unknown(model, faces, taken.threshold or default_threshold(model or DLIB))
+    by_image: dict[str, dict[int, str]] = {}
+    for face, group in zip(faces, groups, strict=True):
+        if group is not None:
+            by_image.setdefault(face.image, {})[face.row] = group
+    labelled = [
+        {**line, "result": label_result(line["result"], by_image[line["path"]])}
+        if line.get("result") and line["path"] in by_image
+        else line
+        for line in lines
+    ]
+    write_faces(folder, model, faces, groups)
+    return labelled, len(faces), len({group for group in groups if group})
