@@ -160,20 +160,20 @@ class CropOutcome:
 
 
 def stage_of(options: JobOptions) -> SecondStage | None:
-    """The job's second stage, built once per process for its recognizer and parameters; None when it has none
-    or the job turned it off (`second_stage=False`)."""
+    """The job's second stage, built once per process for its recognizer and parameters; None when it has none,
+    the job turned it off (`second_stage=False`), or its factory declined these parameters (returned None)."""
     if not options.second_stage or not isinstance(options.recognizer, str):
         return None
     return _build(options.recognizer, json.dumps(options.params, sort_keys=True))
 
 
 @lru_cache(maxsize=16)
-def _build(name: str, params: str) -> SecondStage:
+def _build(name: str, params: str) -> SecondStage | None:
     factory = spec_of(name).second_stage
     if factory is None:
         raise StageError(f"recognizer {name!r} has no second stage")
     stage = factory(json.loads(params))
-    if not isinstance(stage, SecondStage):
+    if stage is not None and not isinstance(stage, SecondStage):
         raise StageError(f"recognizer {name!r}: its second_stage factory returned {type(stage).__name__}, "
                          "not a pipeline.stages.SecondStage")  # fmt: skip
     return stage
@@ -389,7 +389,10 @@ def finish_stage(
     result = stage.finish(recognition.detections, records, {name: resources[name] for name in stage.resources})
     if not isinstance(result, StageResult) or not isinstance(result.detections, Detections):
         raise StageError(f"the second stage {stage.name!r}: finish must return a StageResult of Detections")
-    json.dumps(result.output, allow_nan=False)  # raises where the stage's output is not JSON
+    try:
+        json.dumps(result.output, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise StageError(f"the second stage {stage.name!r}: its output is not JSON: {error}") from None
     finished = time.time()
     summary = StageSummary(stage.name, crops=len(plan.crops), batches=batches, over_limit=plan.over_limit,
                            failed_crops=failed, output=result.output)  # fmt: skip

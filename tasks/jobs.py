@@ -137,8 +137,8 @@ class Staged:
     spans: list[tuple[int, int]]
 
     def to_json(self) -> str:
-        document = self.recognition.to_json()
-        document["detections"] = []  # exact columns instead of the result's rounded records
+        # the detections as exact columns, not as the result's rounded records
+        document = replace(self.recognition, detections=Detections.empty()).to_json()
         columns = self.recognition.detections.to_columns()
         return json.dumps({"recognition": document, "columns": columns, "plan": self.plan.to_json(),
                            "spans": self.spans})  # fmt: skip
@@ -509,7 +509,7 @@ def _finish(
             else:
                 crops = plan_crops(recognition.detections, stage, bounds, job.options.max_crops)
                 if crops.crops:
-                    staged = Staged(recognition, crops, _crop_spans(job.options, stage, len(crops.crops)))
+                    staged = Staged(recognition, crops, _crop_spans(client, job.options, stage, len(crops.crops)))
                     store.put_stage(client, job.id, staged.to_json(), len(crops.crops), job.tiles, settings().tile_ttl)
                     handed_on = True
                     return staged
@@ -547,11 +547,19 @@ def _resources(client: redis.Redis, stage: SecondStage, options: JobOptions) -> 
     return resources.load(client, stage.resources, options)
 
 
-def _crop_spans(options: JobOptions, stage: SecondStage, crops: int) -> list[tuple[int, int]]:
+def _crop_spans(client: redis.Redis, options: JobOptions, stage: SecondStage, crops: int) -> list[tuple[int, int]]:
     """A job's crop batches as [first, stop) ranges: `crop_batch_size` crops each, or about
-    TILEREC_BATCH_TARGET_MS of the stage's work each, at least as many as tile batches would be."""
+    TILEREC_BATCH_TARGET_MS of the stage's work each (what crops cost it in earlier jobs, else its `cost_ms`), at
+    least as many as tile batches would be."""
     least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()
-    return crop_spans(crops, stage.cost_ms, settings().batch_target_ms, least, options.crop_batch_size)
+    measured = store.get_tile_cost(client, _crops_of(options), options.params)
+    cost = stage.cost_ms if measured is None else measured
+    return crop_spans(crops, cost, settings().batch_target_ms, least, options.crop_batch_size)
+
+
+def _crops_of(options: JobOptions) -> str:
+    """The name the measured cost of a recognizer's crops is kept under (beside its tiles' cost)."""
+    return f"{options.recognizer}#crops"
 
 
 @lru_cache(maxsize=4)
@@ -671,6 +679,10 @@ def finish(self: Any, image: str, recognizer: str = "faces", **options: Any) -> 
         recognition = finish_stage(staged.recognition, stage, staged.plan, outcomes,
                                    _resources(client, stage, job.options), batches=len(staged.spans),
                                    started=job.started)  # fmt: skip
+        seconds = [outcome.seconds for outcome in outcomes if outcome.error is None]
+        if seconds:  # ms per crop, for the next job's crop batches
+            cost = 1000 * sum(seconds) / len(seconds)
+            store.record_tile_cost(client, _crops_of(job.options), job.options.params, cost)
         return _deliver(client, job.id, recognition.to_json())
     finally:
         store.delete_job(client, job.id, job.tiles)

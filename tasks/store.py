@@ -17,7 +17,8 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:crops      its number of crops
     tilerec:job:J:crop_records  hash: crop K -> its outcome (pipeline.stages.CropOutcome, JSON)
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
-(ms per 640x640 tile, a week). Results too large for the result backend: tilerec:result:<job id>.
+(ms per 640x640 tile, a week), and a second stage's: tilerec:cost:<recognizer>#crops:<parameters hash> (ms per
+crop). Results too large for the result backend: tilerec:result:<job id>.
 """
 
 from __future__ import annotations

@@ -25,11 +25,13 @@ from pipeline.stages import Crop, SecondStage, StageResult
 from tests.shaped import DARK, Segmenter
 
 RED = (0, 0, 255)  # a crop with a pure red pixel makes the stage fail on it
+GREEN = (0, 255, 0)  # and one with a pure green pixel kills its worker process
 HOLD_S = 120.0  # the longest a held crop waits
 
 
 class Measure(SecondStage):
-    """Per crop: the digest of its pixels, its size and its dark pixels; the page: dark pixels in all. While the
+    """Per crop: the digest of its pixels, its size and its dark pixels; the page: dark pixels in all. A pure red
+    pixel in a crop makes it raise, a pure green one kill its process. While the
     file `hold` exists, a call with a crop wider than `hold_wider` pixels waits (leaving `<hold>.<pid>`)."""
 
     name = "measure"
@@ -52,6 +54,8 @@ class Measure(SecondStage):
         pixels = crop.pixels
         if pixels.ndim == 3 and bool(np.all(pixels == RED, axis=2).any()):
             raise ValueError("a red pixel in this crop")
+        if pixels.ndim == 3 and bool(np.all(pixels == GREEN, axis=2).any()):
+            os._exit(1)
         grey = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
         x1, y1, x2, y2 = crop.detection.xyxy[0]
         return {

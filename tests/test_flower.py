@@ -237,15 +237,31 @@ def test_flower_wants_credentials(flower, jobs):
 
 def test_flower_shows_a_second_stage_s_crop_batches_and_the_job_ending_in_its_finish(flower, worker):
     """A recognizer with a second stage: after the merge, one tilerec.recognize_crops row per crop batch (the job's
-    id and its crop range, a summary as its result), and the job's own row, with its own arguments, ends as
-    tilerec.finish with the result."""
+    id and its crop range, a summary as its result); the job's own row shows crops done of all while the large
+    crop is held, and, with its own arguments, ends as tilerec.finish with the result."""
     from tests.staged import blob_scene
 
     scene = blob_scene(1600, 1200, [(100, 100, 50, 40), (500, 300, 900, 300), (1200, 900, 200, 100)], seed=11)
     path = IMAGES_ROOT / "flower-staged.png"
     cv2.imwrite(str(path), scene.image)
-    job = recognize.delay(str(path), "tests.staged:DarkBlobs", batch_size=3, crop_batch_size=2)
+    flag = IMAGES_ROOT / "flower-hold"
+    flag.touch()
+    try:
+        job = recognize.delay(str(path), "tests.staged:DarkBlobs", batch_size=3, crop_batch_size=2, hold=str(flag),
+                              hold_wider=500)  # fmt: skip
+
+        def shows_crops() -> bool:
+            status, body = flower.get(f"/api/task/info/{job.id}")
+            return status == 200 and (json.loads(body)["result"] or "").endswith(" crops")
+
+        _wait(shows_crops, 60, "flower to show the job's crops")
+        shown = flower.json(f"/api/task/info/{job.id}")["result"]
+        assert shown in ("0/3 crops", "1/3 crops", "2/3 crops"), shown
+    finally:
+        flag.unlink(missing_ok=True)
     result = job.get(timeout=TIMEOUT)
+    for marker in IMAGES_ROOT.glob("flower-hold.*"):
+        marker.unlink()
     assert result["second_stage"]["crops"] == 3 and result["second_stage"]["failed_crops"] == []
 
     def rows() -> list[dict[str, Any]]:
@@ -272,5 +288,6 @@ def test_flower_shows_a_second_stage_s_crop_batches_and_the_job_ending_in_its_fi
     row = flower.json(f"/api/task/info/{job.id}")
     assert (row["name"], row["state"]) == ("tilerec.finish", "SUCCESS")
     assert list(ast.literal_eval(row["args"])) == [str(path), "tests.staged:DarkBlobs"]
-    assert ast.literal_eval(row["kwargs"]) == {"batch_size": 3, "crop_batch_size": 2}
+    assert ast.literal_eval(row["kwargs"]) == {"batch_size": 3, "crop_batch_size": 2, "hold": str(flag),
+                                               "hold_wider": 500}  # fmt: skip
     assert row["result"].startswith("{'schema': 'tilerec/recognition@2'")

@@ -16,6 +16,7 @@ import pytest
 import tifffile
 
 import pipeline
+from pipeline import recognizers
 from pipeline.model import Detections, Recognition
 from pipeline.options import OptionsError, parse_options
 from pipeline.recognizers import RecognizerSpec, register
@@ -34,7 +35,7 @@ from pipeline.stages import (
 from pipeline.tiling import Window, grid
 from tasks.client import submit
 from tests.conftest import IMAGES_ROOT, tilerec_keys
-from tests.staged import RED, blob_scene, digest
+from tests.staged import GREEN, RED, blob_scene, digest
 from tests.test_reliability import wait_for
 
 TIMEOUT = 120
@@ -48,6 +49,12 @@ RECTS = [(100, 100, 50, 40), (500, 300, 900, 300), (1200, 900, 200, 100), (1560,
 @pytest.fixture(autouse=True)
 def staged_allowed(monkeypatch):
     monkeypatch.setenv("TILEREC_PLUGIN_MODULES", "tests.faulty,tests.shaped,tests.staged")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the registry for this test, so recognizers it registers do not stay registered."""
+    monkeypatch.setattr(recognizers, "_REGISTRY", dict(recognizers._REGISTRY))
 
 
 def expected(image: np.ndarray, rects=RECTS, pad: int = PAD) -> dict[tuple, dict]:
@@ -217,7 +224,7 @@ def test_a_grey_image_gives_grey_crops():
     assert_crops_exact(pipeline.recognize_image(grey, STAGED).to_json(), grey)
 
 
-def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so():
+def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so(registry):
     class Counted(SecondStage):
         resources = ("gallery",)
 
@@ -237,7 +244,8 @@ def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so():
         pipeline.recognize_image(scene.image, "test-gallery")
 
 
-def staged_segmenter():
+def staged_segmenter(**_: object):
+    """The first stage of the recognizers registered here (their parameters are their second stage's)."""
     from tests.shaped import Segmenter
 
     return Segmenter()
@@ -350,6 +358,23 @@ def test_a_second_finish_of_an_ended_job_leaves_its_result_alone(worker, redis_s
     assert_crops_exact(result, image)
 
 
+def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths(worker, redis_server):
+    rects = RECTS[:3]
+    scene = blob_scene(1600, 1200, rects, seed=14)
+    scene.image[920, 1250] = GREEN  # inside the third rectangle: only its crop has it
+    path = IMAGES_ROOT / "staged-green.png"
+    cv2.imwrite(str(path), scene.image)
+    result = submit(str(path), STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT)
+    failed = result["second_stage"]["failed_crops"]
+    assert [(f["box"], f["error"]) for f in failed] == [
+        ([1200, 900, 200, 100], "gave up: the worker process died all 3 times it ran this crop")
+    ]
+    good = expected(scene.image, rects)
+    assert {rect: measured(result)[rect] for rect in rects[:2]} == {rect: good[rect] for rect in rects[:2]}
+    wait_for(lambda: len(worker.child_pids()) == 2)
+    assert tilerec_keys(redis_server) == []
+
+
 def held(flag: Path) -> list[int]:
     """The worker processes holding a crop batch at the flag (each leaves `<flag>.<pid>`)."""
     return [int(p.suffix[1:]) for p in flag.parent.glob(flag.name + ".*")]
@@ -413,3 +438,16 @@ def test_blank_tiles_are_skipped_alike_and_crops_reaching_into_them_stay_exact(w
     assert remote["detections"] == local["detections"]
     assert measured(remote) == expected(image, rects, pad=300)
     assert tilerec_keys(redis_server) == []
+
+
+def test_a_stage_factory_may_decline_its_parameters(registry):
+    class Widths(SecondStage):
+        def recognize(self, crops):
+            return [{"w": crop.pixels.shape[1]} for crop in crops]
+
+    register(RecognizerSpec("test-declines", staged_segmenter, {"measure": False},
+                            second_stage=lambda params: Widths() if params["measure"] else None))  # fmt: skip
+    scene = blob_scene(640, 480, [(10, 10, 30, 20)], seed=15)
+    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-declines").to_json()
+    widths = pipeline.recognize_image(scene.image, "test-declines", measure=True).to_json()
+    assert widths["detections"][0]["data"]["w"] == 30 and widths["second_stage"]["crops"] == 1

@@ -40,8 +40,9 @@ class RecognizerSpec:
 
     `cost_ms` is a rough time for one 640x640 tile on one core; it sets how many tiles a task batches.
     `second_stage`, for a recognizer with one (`pipeline.stages`): called with the job's recognizer parameters (a
-    dict), it returns the `SecondStage` run on the full-resolution crop of each merged detection; jobs run it unless
-    they say `second_stage=False`, or, where `stage_by_default` is False, only when they say `second_stage=True`.
+    dict), it returns the `SecondStage` run on the full-resolution crop of each merged detection (None: none for
+    these parameters); jobs run it unless they say `second_stage=False`, or, where `stage_by_default` is False,
+    only when they say `second_stage=True`.
     """
 
     name: str
