@@ -339,11 +339,6 @@ def face_crop(box: np.ndarray, width: int, height: int, margin: float = CROP_MAR
     return left, top, right - left, bottom - top
 
 
-def identities_wanted(params: Mapping[str, Any]) -> bool:
-    """A faces job runs the identities stage when it names a gallery or asks for its faces' embeddings."""
-    return bool(params.get("identify")) or bool(params.get("embeddings"))
-
-
 class FaceIdentities(SecondStage):
     """Who each merged face is: every face with five landmarks aligned from its full-resolution crop and embedded
     (crop batches), then, once, matched one to one against the gallery the job names (`identify`): data columns
@@ -418,3 +413,9 @@ class FaceIdentities(SecondStage):
             kept.update({row: records[row]["embedding"] for row in rows})
             detections = detections.with_data({"embedding": list(kept.values())})
         return StageResult(detections, output)
+
+
+def identities_stage(params: Mapping[str, Any]) -> FaceIdentities | None:
+    """A face detector's second stage (`RecognizerSpec.second_stage`): identities for a job that names a gallery
+    (`identify`) or asks for its faces' embeddings, else none."""
+    return FaceIdentities(params) if params.get("identify") or params.get("embeddings") else None

@@ -53,8 +53,7 @@ class RecognizerSpec:
     file_params: tuple[str, ...] = ()  # parameters that name files the worker opens (models, label lists)
     grey: bool = False  # it reads grey pixels only: colour tiles are converted before storing (a third of the bytes)
     second_stage: Callable[[dict[str, Any]], Any] | None = None  # params -> pipeline.stages.SecondStage
-    # a job runs the second stage unless it says second_stage=False; or a function of the job's parameters
-    stage_by_default: bool | Callable[[Mapping[str, Any]], bool] = True
+    stage_by_default: bool = True  # a job runs the second stage unless it says second_stage=False
 
 
 _REGISTRY: dict[str, RecognizerSpec] = {}
