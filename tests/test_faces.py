@@ -97,3 +97,16 @@ def test_identities_become_data_columns():
     tagged = faces.with_identities(found, [faces.Match("anna", 0.71), None])
     assert list(tagged.data["identity"]) == ["anna", None]
     assert list(tagged.data["similarity"]) == [0.71, None]
+
+
+def test_an_annotated_image_shows_a_face_s_name_in_its_caption():
+    from pipeline.render import draw_detections
+
+    blank = np.full((300, 600, 3), 128, np.uint8)
+    face = Detections.from_xywh([[200, 150, 80, 80]], [0.9], "face")
+    plain = draw_detections(blank, face, thickness=2)
+    named = draw_detections(blank, face.with_data({"identity": ["Barack Obama"]}), thickness=2)
+    band = slice(100, 150)  # the caption's rows, above the box
+    drawn = [int((image[band] != 128).any(axis=2).any(axis=0).sum()) for image in (plain, named)]
+    assert drawn[1] > drawn[0] + 50, "the name widens the caption"
+    assert np.array_equal(plain[150:], named[150:]), "the box is drawn alike"
