@@ -20,6 +20,7 @@ from tasks import client, gallery
 from tests.conftest import IMAGES_ROOT, tilerec_keys
 from tests.test_faces import PEOPLE, SAME, only_face, photo
 from tests.test_reliability import wait_for
+from tests.test_stages import Messages
 
 GALLERY = "identities-tests"
 TIMEOUT = 180
@@ -112,7 +113,11 @@ def test_a_composite_tags_each_small_face_once_even_across_seams(enrolled, redis
     scene, path = composite
     height, width = scene.image.shape[:2]
     assert sum(placement_of(truth, width, height) == "seam" for truth in scene.truths) >= 4
-    distributed = client.submit(path, "faces-dnn", identify=GALLERY, identity_repeats=True).get(timeout=TIMEOUT)
+    with Messages(redis_server) as messages:
+        distributed = client.submit(path, "faces-dnn", identify=GALLERY, identity_repeats=True,
+                                    crop_batch_size=2).get(timeout=TIMEOUT)  # fmt: skip
+    assert messages.names.count("tilerec.recognize_crops") == 5 and messages.names.count("tilerec.finish") == 1
+    assert max(messages.sizes) <= 2048, "references and ranges only: an embedding alone is larger"
     assert tagged(distributed, scene.truths) == [[truth.label] for truth in scene.truths]
     assert len(distributed["detections"]) == len(scene.truths), "no seam duplicates"
     in_process = recognize_image(scene.image, "faces-dnn", identify=GALLERY, identity_repeats=True,
