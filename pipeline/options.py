@@ -149,14 +149,16 @@ def _mpp(value: Any, level: Any) -> float | None:
     return float(value)
 
 
-def _second_stage(recognizer: Any, value: Any) -> bool:
-    """Whether the job runs its recognizer's second stage: as asked, else as the recognizer declares."""
+def _second_stage(recognizer: Any, value: Any, params: Mapping[str, Any]) -> bool:
+    """Whether the job runs its recognizer's second stage: as asked, else as the recognizer declares (for some
+    recognizers, by the job's parameters: faces-dnn's with `identify`)."""
     spec = spec_of(recognizer)
     if value is not None and not isinstance(value, bool):
         raise OptionsError(f"second_stage must be true or false, got {value!r}")
     if value and spec.second_stage is None:
         raise OptionsError(f"recognizer {spec.name!r} has no second stage (second_stage=true asks for one)")
-    return spec.second_stage is not None and (spec.stage_by_default if value is None else value)
+    default = spec.stage_by_default(params) if callable(spec.stage_by_default) else spec.stage_by_default
+    return spec.second_stage is not None and bool(default if value is None else value)
 
 
 def _batch_size(name: str, value: Any) -> int | None:
@@ -192,9 +194,10 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
     on_tile_error = options.get("on_tile_error", "fail")
     if on_tile_error not in ON_TILE_ERROR:
         raise OptionsError(f"on_tile_error must be one of {', '.join(ON_TILE_ERROR)}, got {on_tile_error!r}")
+    params = resolve_params(recognizer, params)
     return JobOptions(
         recognizer=recognizer,
-        params=resolve_params(recognizer, params),
+        params=params,
         tile=tile,
         overlap=overlap,
         min_score=_ratio("min_score", options.get("min_score", 0.0)),
@@ -211,7 +214,7 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         bands=_bands(options.get("bands")),
         stretch=_stretch(options.get("stretch")),
         mpp=_mpp(options.get("mpp"), options.get("level")),
-        second_stage=_second_stage(recognizer, options.get("second_stage")),
+        second_stage=_second_stage(recognizer, options.get("second_stage"), params),
         max_crops=None if options.get("max_crops") is None else _whole("max_crops", options["max_crops"], 1),
         crop_batch_size=_batch_size("crop_batch_size", options.get("crop_batch_size")),
     )

@@ -160,20 +160,20 @@ class CropOutcome:
 
 
 def stage_of(options: JobOptions) -> SecondStage | None:
-    """The job's second stage, built once per process for its recognizer and parameters; None when it has none,
-    the job turned it off (`second_stage=False`), or its factory declined these parameters (returned None)."""
+    """The job's second stage, built once per process for its recognizer and parameters; None when it has none
+    or the job turned it off (`second_stage=False`)."""
     if not options.second_stage or not isinstance(options.recognizer, str):
         return None
     return _build(options.recognizer, json.dumps(options.params, sort_keys=True))
 
 
 @lru_cache(maxsize=16)
-def _build(name: str, params: str) -> SecondStage | None:
+def _build(name: str, params: str) -> SecondStage:
     factory = spec_of(name).second_stage
     if factory is None:
         raise StageError(f"recognizer {name!r} has no second stage")
     stage = factory(json.loads(params))
-    if stage is not None and not isinstance(stage, SecondStage):
+    if not isinstance(stage, SecondStage):
         raise StageError(f"recognizer {name!r}: its second_stage factory returned {type(stage).__name__}, "
                          "not a pipeline.stages.SecondStage")  # fmt: skip
     return stage
@@ -181,11 +181,13 @@ def _build(name: str, params: str) -> SecondStage | None:
 
 def shape_bounds(detections: Detections, row: int) -> np.ndarray:
     """[x1, y1, x2, y2] around a detection's box, oriented box and mask, in its coordinates."""
-    x1, y1, x2, y2 = detections.xyxy[row]
-    if detections.with_obb()[row]:
-        corners = obb_corners(detections.obb[row])[0]
-        x1, y1 = min(x1, corners[:, 0].min()), min(y1, corners[:, 1].min())
-        x2, y2 = max(x2, corners[:, 0].max()), max(y2, corners[:, 1].max())
+    x1, y1, x2, y2 = detections.xyxy[row].tolist()
+    cx, cy, w, h, angle = detections.obb[row].tolist()
+    if not math.isnan(cx):  # the oriented box's upright bounds: half extents of the turned sides (per row, in
+        # plain floats: a merge plans thousands of crops)
+        cos, sin = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
+        half_x, half_y = (w * cos + h * sin) / 2, (w * sin + h * cos) / 2
+        x1, y1, x2, y2 = min(x1, cx - half_x), min(y1, cy - half_y), max(x2, cx + half_x), max(y2, cy + half_y)
     mask = detections.masks[row]
     if mask is not None:
         mx1, my1, mx2, my2 = mask.bounds

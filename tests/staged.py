@@ -10,6 +10,7 @@ test compares with the same window of the scene it drew.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -19,9 +20,13 @@ from typing import Any
 
 import cv2
 import numpy as np
+import redis
 
 from pipeline.model import Detections
+from pipeline.options import JobOptions
+from pipeline.recognizers import RecognizerSpec
 from pipeline.stages import Crop, SecondStage, StageResult
+from tasks.resources import register
 from tests.shaped import DARK, Segmenter
 
 RED = (0, 0, 255)  # a crop with a pure red pixel makes the stage fail on it
@@ -37,7 +42,7 @@ class Measure(SecondStage):
     name = "measure"
     cost_ms = 1.0
 
-    def __init__(self, pad: int = 3, hold: str = "", hold_wider: int = 0) -> None:
+    def __init__(self, pad: int = 3, hold: str = "", hold_wider: int = 0, labels: str = "") -> None:
         self.pad, self.hold, self.hold_wider = pad, hold, hold_wider
 
     def recognize(self, crops: list[Crop]) -> list[dict[str, Any]]:
@@ -76,17 +81,48 @@ class Measure(SecondStage):
         return StageResult(detections.with_data(columns), {"read": read, "dark_pixels": dark})
 
 
+class Labelled(Measure):
+    """`Measure`, and each detection labelled by its dark pixels from the label set the job names (`labels`): a
+    resource its finish needs, which workers load from Redis (as faces load a gallery)."""
+
+    resources = ("labels",)
+
+    def finish(
+        self, detections: Detections, records: Sequence[Mapping[str, Any] | None], resources: Mapping[str, Any]
+    ) -> StageResult:
+        measured = super().finish(detections, records, resources)
+        names = [resources["labels"].get(str(dark), "unknown") for dark in measured.detections.data["dark"]]
+        return StageResult(measured.detections.with_data({"name": names}), measured.output)
+
+
+def load_labels(client: redis.Redis, options: JobOptions) -> dict[str, str]:
+    """The label set the job names, from the store's Redis (`tilerec:test:labels:<name>`, JSON)."""
+    name = options.params["labels"]
+    stored = client.get(f"tilerec:test:labels:{name}")
+    if stored is None:
+        raise LookupError(f"no label set named {name!r}")
+    return json.loads(stored)
+
+
+register("labels", load_labels)
+
+
 class DarkBlobs(Segmenter):
     """Dark regions, each measured on its full-resolution crop by a second stage"""
 
     cost_ms = 1.0
 
-    def __init__(self, pad: int = 3, hold: str = "", hold_wider: int = 0) -> None:
-        del pad, hold, hold_wider  # the second stage's parameters
+    def __init__(self, pad: int = 3, hold: str = "", hold_wider: int = 0, labels: str = "") -> None:
+        del pad, hold, hold_wider, labels  # the second stage's parameters
 
     @staticmethod
     def second_stage(params: Mapping[str, Any]) -> Measure:
-        return Measure(**params)
+        return Labelled(**params) if params["labels"] else Measure(**params)
+
+
+# the same as a grey recognizer: its tiles are stored grey, and so are its crops
+GREY_BLOBS = RecognizerSpec("grey-blobs", DarkBlobs, {"pad": 3, "hold": "", "hold_wider": 0, "labels": ""},
+                            grey=True, second_stage=DarkBlobs.second_stage)  # fmt: skip
 
 
 def digest(pixels: np.ndarray) -> str:

@@ -20,6 +20,7 @@ from pipeline import recognizers
 from pipeline.model import Detections, Recognition
 from pipeline.options import OptionsError, parse_options
 from pipeline.recognizers import RecognizerSpec, register
+from pipeline.shapes import obb_corners
 from pipeline.stages import (
     CropPlan,
     SecondStage,
@@ -31,6 +32,7 @@ from pipeline.stages import (
     quad_of,
     read_crops,
     rectify,
+    shape_bounds,
 )
 from pipeline.tiling import Window, grid
 from tasks.client import submit
@@ -95,6 +97,17 @@ def test_a_crop_window_is_the_shape_with_its_margin_in_whole_pixels_clipped_to_t
     )
     assert crop_window(np.array([90, 90, 130, 120]), Window(0, 50, 50, 60, 60)) == Window(0, 90, 90, 20, 20)
     assert crop_window(np.array([200, 200, 230, 230]), Window(0, 0, 0, 100, 100)) is None
+
+
+def test_shape_bounds_hold_the_box_the_oriented_box_s_corners_and_the_mask():
+    detections = Detections.from_xywh(
+        [[100, 100, 10, 10], [0, 0, 5, 5], [50, 50, 4, 4]], [1.0] * 3, "x",
+        obb=[[105, 105, 40, 10, 30], None, None], masks=[None, None, [[[[40, 60], [70, 60], [70, 90]]]]],
+    )  # fmt: skip
+    corners = obb_corners(detections.obb[:1])[0]
+    assert np.allclose(shape_bounds(detections, 0), [*corners.min(axis=0), *corners.max(axis=0)])
+    assert shape_bounds(detections, 1).tolist() == [0, 0, 5, 5]
+    assert shape_bounds(detections, 2).tolist() == [40, 50, 70, 90]
 
 
 def test_the_plan_takes_the_wanted_rows_the_best_scored_within_max_crops_in_row_order():
@@ -251,6 +264,22 @@ def staged_segmenter(**_: object):
     return Segmenter()
 
 
+def test_a_stage_can_be_on_by_default_only_where_the_job_s_parameters_ask_for_it(registry):
+    class Widths(SecondStage):
+        def recognize(self, crops):
+            return [{"w": crop.pixels.shape[1]} for crop in crops]
+
+    register(RecognizerSpec("test-asks", staged_segmenter, {"measure": False}, second_stage=lambda params: Widths(),
+                            stage_by_default=lambda params: params["measure"]))  # fmt: skip
+    scene = blob_scene(640, 480, [(10, 10, 30, 20)], seed=15)
+    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-asks").to_json()
+    assert parse_options("test-asks", {"measure": True}).second_stage is True
+    widths = pipeline.recognize_image(scene.image, "test-asks", measure=True).to_json()
+    assert widths["detections"][0]["data"]["w"] == 30 and widths["second_stage"]["crops"] == 1
+    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-asks", measure=True,
+                                                          second_stage=False).to_json()  # fmt: skip
+
+
 # -- on workers
 
 
@@ -293,9 +322,14 @@ class Messages:
         self.thread.join(10)
 
 
-def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_result(worker, redis_server):
+@pytest.mark.parametrize("given", ["png", "array"])
+def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_result(worker, redis_server, given):
+    """A PNG is decoded band by band while its first tiles are recognized (the worker has two processes); an array
+    is stored whole first: either way the crops are assembled from the stored tiles."""
     image, path = scene_file("staged-store.png", seed=5)
-    distributed = submit(path, STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT)
+    distributed = submit(path if given == "png" else image, STAGED, batch_size=2, crop_batch_size=1).get(
+        timeout=TIMEOUT
+    )
     assert_crops_exact(distributed, image)
     local = pipeline.recognize_image(image, STAGED).to_json()
     assert distributed["detections"] == local["detections"]
@@ -375,6 +409,29 @@ def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths
     assert tilerec_keys(redis_server) == []
 
 
+def test_a_grey_recognizer_s_crops_are_grey_from_its_grey_tiles(worker, redis_server):
+    image, path = scene_file("staged-grey.png", seed=17)
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    result = submit(path, "tests.staged:GREY_BLOBS", batch_size=2).get(timeout=TIMEOUT)
+    assert measured(result) == expected(grey)
+    assert result["detections"] == pipeline.recognize_image(image, "tests.staged:GREY_BLOBS").to_json()["detections"]
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_finish_gets_the_resource_its_job_names_from_the_registered_loader(worker, redis_server):
+    """The label set a job names (as faces name a gallery) is loaded on the worker from the store's Redis by the
+    loader tests.staged registers; a set that is not there fails the job with the loader's words."""
+    _, path = scene_file("staged-labels.png", seed=16)
+    redis_server.client().set("tilerec:test:labels:sizes", json.dumps({"2000": "small", "270000": "large"}))
+    result = submit(path, STAGED, labels="sizes", batch_size=2).get(timeout=TIMEOUT)
+    names = {tuple(int(v) for v in d["box"]): d["data"]["name"] for d in result["detections"]}
+    assert names == {RECTS[0]: "small", RECTS[1]: "large", RECTS[2]: "unknown", RECTS[3]: "unknown"}
+    with pytest.raises(Exception, match="no label set named 'nope'"):
+        submit(path, STAGED, labels="nope", batch_size=2).get(timeout=TIMEOUT)
+    assert tilerec_keys(redis_server) == []
+    redis_server.client().delete("tilerec:test:labels:sizes")
+
+
 def held(flag: Path) -> list[int]:
     """The worker processes holding a crop batch at the flag (each leaves `<flag>.<pid>`)."""
     return [int(p.suffix[1:]) for p in flag.parent.glob(flag.name + ".*")]
@@ -438,16 +495,3 @@ def test_blank_tiles_are_skipped_alike_and_crops_reaching_into_them_stay_exact(w
     assert remote["detections"] == local["detections"]
     assert measured(remote) == expected(image, rects, pad=300)
     assert tilerec_keys(redis_server) == []
-
-
-def test_a_stage_factory_may_decline_its_parameters(registry):
-    class Widths(SecondStage):
-        def recognize(self, crops):
-            return [{"w": crop.pixels.shape[1]} for crop in crops]
-
-    register(RecognizerSpec("test-declines", staged_segmenter, {"measure": False},
-                            second_stage=lambda params: Widths() if params["measure"] else None))  # fmt: skip
-    scene = blob_scene(640, 480, [(10, 10, 30, 20)], seed=15)
-    assert "second_stage" not in pipeline.recognize_image(scene.image, "test-declines").to_json()
-    widths = pipeline.recognize_image(scene.image, "test-declines", measure=True).to_json()
-    assert widths["detections"][0]["data"]["w"] == 30 and widths["second_stage"]["crops"] == 1

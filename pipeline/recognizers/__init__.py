@@ -40,9 +40,9 @@ class RecognizerSpec:
 
     `cost_ms` is a rough time for one 640x640 tile on one core; it sets how many tiles a task batches.
     `second_stage`, for a recognizer with one (`pipeline.stages`): called with the job's recognizer parameters (a
-    dict), it returns the `SecondStage` run on the full-resolution crop of each merged detection (None: none for
-    these parameters); jobs run it unless they say `second_stage=False`, or, where `stage_by_default` is False,
-    only when they say `second_stage=True`.
+    dict), it returns the `SecondStage` run on the full-resolution crop of each merged detection; jobs run it unless
+    they say `second_stage=False`, or, where `stage_by_default` is False, only when they say `second_stage=True`.
+    `stage_by_default` may also be a function of the job's recognizer parameters (on where they ask for it).
     """
 
     name: str
@@ -53,7 +53,8 @@ class RecognizerSpec:
     file_params: tuple[str, ...] = ()  # parameters that name files the worker opens (models, label lists)
     grey: bool = False  # it reads grey pixels only: colour tiles are converted before storing (a third of the bytes)
     second_stage: Callable[[dict[str, Any]], Any] | None = None  # params -> pipeline.stages.SecondStage
-    stage_by_default: bool = True  # a job runs the second stage unless it says second_stage=False
+    # a job runs the second stage unless it says second_stage=False; or a function of the job's parameters
+    stage_by_default: bool | Callable[[Mapping[str, Any]], bool] = True
 
 
 _REGISTRY: dict[str, RecognizerSpec] = {}

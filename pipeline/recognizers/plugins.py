@@ -51,7 +51,7 @@ def spec_from(name: str, target: object) -> RecognizerSpec:
         params[parameter.name] = parameter.default
     description = (inspect.getdoc(target) or "").partition("\n")[0]
     cost_ms = float(getattr(target, "cost_ms", RecognizerSpec.cost_ms))
-    stage, by_default = getattr(target, "second_stage", None), bool(getattr(target, "stage_by_default", True))
+    stage, by_default = getattr(target, "second_stage", None), getattr(target, "stage_by_default", True)
     return RecognizerSpec(name, target, params, description, cost_ms, second_stage=stage, stage_by_default=by_default)
 
 
