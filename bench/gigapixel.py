@@ -138,7 +138,7 @@ def run_size(
     size: int, folder: Path, redis_url: str, compression: str, shared: bool, options: dict[str, Any]
 ) -> dict[str, Any]:
     from tasks import recognize
-    from tasks.client import fetch_result
+    from tasks.client import fetch_document
     from tasks.local import Worker
 
     path = folder / f"scene-{size}.tif"
@@ -156,7 +156,7 @@ def run_size(
         Worker(redis_url, 2, queues=["tilerec.tiles"], env=env, log_file=str(logs), name="tiles") as tiles_,
     ):
         submitted = time.perf_counter()
-        result = fetch_result(recognize.delay(str(path), "qrcode", **options).get(timeout=3600))
+        result = fetch_document(recognize.delay(str(path), "qrcode", **options).get(timeout=3600))
         wall = time.perf_counter() - submitted
         memory = {
             "jobs_main_mb": peak_mb(jobs.process.pid),

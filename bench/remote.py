@@ -45,7 +45,7 @@ def write_cog(folder: Path, size: int) -> tuple[Path, list[Any]]:
 
 def run(image: str, redis_url: str, env: dict[str, str], folder: Path, codes: list[Any], name: str) -> dict[str, Any]:
     from tasks import recognize
-    from tasks.client import fetch_result
+    from tasks.client import fetch_document
     from tasks.local import Worker
 
     logs = folder / f"workers-{name}.log"
@@ -54,7 +54,7 @@ def run(image: str, redis_url: str, env: dict[str, str], folder: Path, codes: li
         Worker(redis_url, 2, queues=["tilerec.tiles"], env=env, log_file=str(logs), name=f"tiles-{name}") as tiles,
     ):
         submitted = time.perf_counter()
-        result = fetch_result(recognize.delay(image, "qrcode").get(timeout=3600))
+        result = fetch_document(recognize.delay(image, "qrcode").get(timeout=3600))
         wall = time.perf_counter() - submitted
         memory = {
             "jobs_main_mb": round(peak_mb(jobs.process.pid), 1),

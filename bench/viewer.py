@@ -71,14 +71,14 @@ def _rows(source: Any):
 
 def recognize(path: Path, folder: Path) -> dict[str, Any]:
     from tasks import app, recognize
-    from tasks.client import fetch_result
+    from tasks.client import fetch_document
     from tasks.local import RedisServer, Worker
 
     with RedisServer() as server:
         app.conf.update(broker_url=server.url, result_backend=server.url, tilerec_store_url=server.url)
         env = {"TILEREC_ALLOWED_ROOTS": str(folder), "TILEREC_RESULT_BACKEND": server.url}
         with Worker(server.url, 2, env=env, log_file=str(folder / "worker.log")):
-            return fetch_result(recognize.delay(str(path), "qrcode").get(timeout=3600))
+            return fetch_document(recognize.delay(str(path), "qrcode").get(timeout=3600))
 
 
 def browser() -> Any:

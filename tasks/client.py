@@ -19,6 +19,7 @@ from celery.exceptions import TimeoutError
 from celery.result import AsyncResult
 
 from pipeline.images import encode_array
+from pipeline.model import Recognition
 from pipeline.remote import is_url
 from tasks import gallery, store
 from tasks.celery import settings, store_client
@@ -92,9 +93,9 @@ class Job:
         failed over and lost its latest writes, or restarted without persistence, or the job outlived its TTL."""
         return self._gone_since is not None and time.monotonic() - self._gone_since > LOST_AFTER_S
 
-    def get(self, timeout: float | None = None, interval: float = 0.1) -> dict[str, Any]:
-        """The job's result document, fetched whole even when the result backend holds only its summary; a failed
-        job raises its error (ImageError, TileFailure, …).
+    def get(self, timeout: float | None = None, interval: float = 0.1) -> Recognition:
+        """The job's recognition, fetched whole even when the result backend holds only its summary; a failed job
+        raises its error (ImageError, TileFailure, …).
 
         It looks at the job's state every `interval` s rather than waiting on Celery's pub/sub, and a Redis that
         restarts or fails over meanwhile is a pause, not an error (Celery's own `get` gives up on a connection
@@ -123,13 +124,37 @@ class Job:
         cancel(self.id)
 
 
-def fetch_result(result: dict[str, Any]) -> dict[str, Any]:
-    """The whole result of a job whose result was too large for the result backend (TILEREC_RESULT_INLINE_MAX_BYTES):
-    the backend holds a summary whose `result_ref` names the Redis key with the document. Others pass through."""
+def fetch_document(result: dict[str, Any]) -> dict[str, Any]:
+    """A finished job's whole result document (tilerec's JSON), as a viewer or a file wants it.
+
+    Args:
+        result: what the result backend holds for the job: the document itself, or, for a result too large for
+            the backend (TILEREC_RESULT_INLINE_MAX_BYTES), a summary whose `result_ref` names its Redis key.
+
+    Returns:
+        The document, read from the tile store where the backend holds only its summary.
+    """
     reference = result.get("result_ref") if isinstance(result, dict) else None
     if reference is None:
         return result
     return json.loads(store.get_result(store_client(), reference))
+
+
+def fetch_result(result: dict[str, Any]) -> Recognition:
+    """A finished job's recognition.
+
+    Args:
+        result: what the result backend holds for the job (`AsyncResult.result`, or Celery's `get()` of a
+            `tilerec.recognize` called by name): the document, or its summary naming the stored document.
+
+    Returns:
+        The whole recognition (`Recognition.to_json()` gives the document back).
+
+    Example:
+        >>> job = app.send_task("tilerec.recognize", args=["/data/big.tif", "faces"])  # doctest: +SKIP
+        >>> fetch_result(job.get(timeout=600)).detections.labels  # doctest: +SKIP
+    """
+    return Recognition.from_json(fetch_document(result))
 
 
 def cancel(job_id: str) -> None:
@@ -157,17 +182,17 @@ class Completed:
 
     Attributes:
         image: the image as it was given (path, bytes or array).
-        job_id: the job's id (what `cancel` and `tilerec cancel` take).
-        result: the result document, or None when the job failed.
+        job_id: the job's id (what `cancel` and `tilerec cancel` take); None for an image refused before any job.
+        result: the recognition, or None when the job failed.
         error: the job's error (ImageError, TileFailure, JobLost, …), or None when it succeeded.
         seconds: wall time from submission to completion.
     """
 
     image: Any
-    job_id: str
-    result: dict[str, Any] | None
-    error: BaseException | None
-    seconds: float
+    job_id: str | None = None
+    result: Recognition | None = None
+    error: BaseException | None = None
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -211,7 +236,7 @@ def _start(image: Image, recognizer: str, upload: bool, options: dict[str, Any])
 def _finish(run: InFlight) -> Completed | None:
     """The job's outcome when it has one (a result, its error, or JobLost), else None; a finished job's result is
     forgotten by the backend and its upload deleted, so a long run leaves nothing behind."""
-    result: dict[str, Any] | None = None
+    result: Recognition | None = None
     error: BaseException | None = None
     state = run.job.result
     if state.ready():  # its outcome read from the backend's key: `get` would subscribe to the job's channel
@@ -266,7 +291,7 @@ def submit_many(
         options: job options (tile, overlap, …, params) for every image.
 
     Yields:
-        Completed: the image, the job id, and the result document or the error.
+        Completed: the image, the job id, and the recognition or the error.
 
     Closing the generator (`close()`, leaving a `for` loop early, Ctrl-C, or an error in `on_poll`) cancels the
     jobs in flight (`cancel`) and deletes their uploads; images not yet submitted never are.

@@ -1,6 +1,7 @@
 """Recognizers that misbehave on purpose, loaded by workers as `tests.faulty:…` (TILEREC_PLUGIN_MODULES).
 
-They read QR codes like `qrcode`, except on tiles that contain the marker: a patch of pure red.
+They read QR codes like `qrcode`, except on tiles that contain the marker: a patch of pure red. `Held` instead
+holds tiles at a known point until the test releases them (see `hold_gate`).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 from celery import current_app, signals
@@ -19,6 +21,8 @@ MARKER_BGR = (0, 0, 255)
 DIE_PUBLISHING_THE_MERGE = "die-publishing-the-merge"  # flag files in the worker's allowed root
 DIE_COUNTING_A_CHORD_PART = "die-counting-a-chord-part"
 SLOW_TILE_S = 0.05
+RELEASE = "release"  # the file in a Held gate that lets its tiles go
+HELD_LIMIT_S = 300.0  # a gate never released fails its tiles rather than hold a worker process for ever
 
 
 def has_marker(tile: np.ndarray) -> bool:
@@ -78,6 +82,46 @@ class Slow:
     def __call__(self, tile: np.ndarray) -> Detections:
         time.sleep(self.seconds)
         return get_recognizer("qrcode")(tile)
+
+
+class Held:
+    """Another recognizer's detections (`recognizer`), but every tile after the first `after` waits at a known point
+    until the file `release` appears in the folder `gate`: jobs interrupted or joined mid-job by construction"""
+
+    def __init__(self, gate: str = "", after: int = 0, recognizer: str = "qrcode") -> None:
+        if not gate:
+            raise ValueError("Held needs gate: the folder its tiles wait in")
+        self.gate, self.after, self.recognize = Path(gate), after, get_recognizer(recognizer)
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        if entered(self.gate) > self.after:
+            deadline = time.monotonic() + HELD_LIMIT_S
+            while not (self.gate / RELEASE).exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"held for {HELD_LIMIT_S:.0f} s: nobody released {self.gate}")
+                time.sleep(0.02)
+        return self.recognize(tile)
+
+
+def entered(gate: Path) -> int:
+    """This tile's rank among all the tiles that reached `gate`, from 1: the first file `tile-N` this process
+    creates (O_EXCL, so two processes never get the same rank)."""
+    rank = 1
+    while True:
+        try:
+            os.close(os.open(gate / f"tile-{rank}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return rank
+        except FileExistsError:
+            rank += 1
+
+
+def holding(gate: Path, after: int = 0) -> bool:
+    """Whether a tile is waiting at `gate` (more than `after` tiles reached it, and it is not released)."""
+    return (gate / f"tile-{after + 1}").exists() and not (gate / RELEASE).exists()
+
+
+def release(gate: Path) -> None:
+    (gate / RELEASE).touch()
 
 
 class DiesPublishingTheMerge:

@@ -6,11 +6,16 @@ hold sane values (2 and 3 identical, no duplicates, every section present).
 
 from __future__ import annotations
 
+import ast
 import json
 import math
+import sys
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import tomllib
+from packaging.requirements import Requirement
 
 from bench.__main__ import main
 
@@ -125,3 +130,27 @@ def test_idle_time_is_split_into_before_between_and_after_each_process_tasks():
     assert idle["tile_processes"] == 2
     assert math.isclose(idle["idle_lead"], 0.2) and math.isclose(idle["idle_tail"], 0.4)
     assert math.isclose(idle["idle_between"], 0.5 + 0.1)
+
+
+def test_every_module_the_bench_imports_comes_with_the_bench_extra():
+    """`pip install '.[bench]'` is enough for every `python -m bench.X`: each third-party module a bench module
+    imports, at its top or inside a function, is a dependency of tilerec or of its bench extra."""
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["bench"]]
+    names = {Requirement(line).name.lower().replace("_", "-") for line in declared}
+    own = {"bench", "pipeline", "tasks", "celeryconfig", *sys.stdlib_module_names}
+    distributions = packages_distributions()
+    missing = {}
+    for path in sorted((root / "bench").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            for module in (name.split(".")[0] for name in modules):
+                if module in own or module == "lz4":  # lz4: bench.storage measures it only where installed
+                    continue
+                found = {name.lower().replace("_", "-") for name in distributions.get(module, [module])}
+                if not found & names:
+                    missing[f"{path.name}: {module}"] = sorted(found)
+    assert not missing, missing

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +28,7 @@ from tasks.cli.clusters import worker_command
 from tasks.cli.errors import CliError
 from tasks.cli.inputs import check_image, output_path, parse_param, parse_size
 from tasks.local import RedisServer, Worker, free_port
+from tests.faulty import holding, release
 
 CLI = [sys.executable, "-m", "tasks.cli"]
 T = TypeVar("T")
@@ -38,8 +39,9 @@ def cli_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("TILEREC_")}
 
 
-def tilerec(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], env=cli_env(), capture_output=True, text=True, timeout=timeout)
+def tilerec(*args: str, timeout: float = 90, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**cli_env(), **(env or {})}
+    return subprocess.run([*CLI, *args], env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def one_error_line(completed: subprocess.CompletedProcess[str]) -> str:
@@ -205,12 +207,21 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
 
 
 @pytest.fixture
-def slow_scene_png(tmp_path: Path, scene: Scene) -> Path:
-    """The scene with the `people` recognizer at a fine scale step: about a second per tile, so a job lasts."""
-    return write_scene(tmp_path, "slow.png", scene)
+def gate(tmp_path: Path) -> Iterator[Path]:
+    """Where the `tests.faulty:Held` recognizer holds every tile until the test releases them; released at the end,
+    so the session's worker processes are free again."""
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    yield folder
+    release(folder)
 
 
-SLOW = ("-r", "people", "--param", "scale=1.01")
+def held(gate: Path) -> tuple[str, ...]:
+    """`tilerec run` arguments for QR codes whose tiles wait at `gate`: the job lasts until the test releases it."""
+    return ("-r", "tests.faulty:Held", "--param", f"gate={gate}")
+
+
+HELD_ENV = {"TILEREC_PLUGIN_MODULES": "tests.faulty"}  # the CLI checks a `module:factory` recognizer's name too
 
 
 @pytest.mark.parametrize(
@@ -221,10 +232,10 @@ SLOW = ("-r", "people", "--param", "scale=1.01")
         ("mid-job", signal.SIGTERM, 128 + signal.SIGTERM),
     ],
 )
-def test_ctrl_c_leaves_no_process_behind(slow_scene_png: Path, moment: str, signum: int, code: int) -> None:
+def test_ctrl_c_leaves_no_process_behind(scene_png: Path, gate: Path, moment: str, signum: int, code: int) -> None:
     cli = subprocess.Popen(
-        [*CLI, "run", str(slow_scene_png), *SLOW, "--workers", "2"],
-        env=cli_env(),
+        [*CLI, "run", str(scene_png), *held(gate), "--workers", "2"],
+        env={**cli_env(), **HELD_ENV},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -237,6 +248,7 @@ def test_ctrl_c_leaves_no_process_behind(slow_scene_png: Path, moment: str, sign
             total = int(client.get(totals[0]))
             done = int(client.get(totals[0].replace(b":total", b":done")) or 0)
             assert done < total
+            wait_for(lambda: holding(gate), 60, "a tile to be held")
         running = descendants(cli.pid)  # mid-job: redis, the worker and its pool
         assert len(running) >= (4 if moment == "mid-job" else 2), running
         cli.send_signal(signum)
@@ -355,26 +367,35 @@ def test_shared_path_sends_the_path_and_a_failed_job_is_one_line(
     assert str(outside) in line and "outside the allowed roots" in line
 
 
-def test_timeout_gives_up_and_cleans_the_job(slow_scene_png: Path, redis_server: RedisServer, worker: Worker) -> None:
+def test_timeout_gives_up_and_cleans_the_job(
+    scene_png: Path, gate: Path, redis_server: RedisServer, worker: Worker
+) -> None:
     began = time.monotonic()
-    completed = tilerec("run", str(slow_scene_png), *SLOW, "--broker", redis_server.url, "--timeout", "2", "--quiet")
+    run = ("run", str(scene_png), *held(gate), "--broker", redis_server.url, "--timeout", "2", "--quiet")
+    completed = tilerec(*run, env=HELD_ENV)
     assert time.monotonic() - began < 15
     assert completed.returncode == 4
     assert "timed out after 2 s" in one_error_line(completed)
+    release(gate)  # the held tiles end, finding their job given up
     client = redis_server.client()
     wait_for(lambda: not list(client.scan_iter("tilerec:job:*:tile:*")), 20, "the job's tiles to be deleted")
 
 
-def test_cancel_by_job_id(slow_scene_png: Path, redis_server: RedisServer, worker: Worker, images_root: Path) -> None:
+def test_cancel_by_job_id(
+    scene_png: Path, gate: Path, redis_server: RedisServer, worker: Worker, images_root: Path, monkeypatch
+) -> None:
     from tasks.client import submit
 
-    path = images_root / "slow-cancel.png"
-    path.write_bytes(slow_scene_png.read_bytes())
-    job = submit(str(path), "people", scale=1.01)
+    monkeypatch.setenv("TILEREC_PLUGIN_MODULES", "tests.faulty")
+    path = images_root / "held-cancel.png"
+    path.write_bytes(scene_png.read_bytes())
+    job = submit(str(path), "tests.faulty:Held", gate=str(gate))
     wait_for(lambda: job.progress()[1], 30, "the job to be tiled")
+    wait_for(lambda: holding(gate), 30, "a tile to be held")
     completed = tilerec("cancel", job.id, "--broker", redis_server.url)
     assert completed.returncode == 0, completed.stderr
     assert f"cancelled {job.id}" in completed.stderr
+    release(gate)  # the held tiles end; the job's merge finds it cancelled
     with pytest.raises(Exception, match="was cancelled") as raised:
         job.get(timeout=60)
     assert type(raised.value).__name__ == "JobCancelled"

@@ -26,6 +26,7 @@ from pipeline.model import Detections as Found
 from pipeline.model import Recognition
 from pipeline.scenes import code_scene
 from tests.conftest import tilerec_keys
+from tests.faulty import holding, release
 from tests.test_cli import CLI, cli_env, input_keys, one_error_line, tilerec, wait_for
 
 pytest.importorskip("faster_coco_eval")
@@ -225,7 +226,7 @@ def test_submit_many_keeps_jobs_in_flight_bounded_and_yields_every_image_once(ap
     for image, scene in zip(images, scenes, strict=False):
         completed = by_image[id(image)]
         assert completed.ok and completed.result is not None, completed.error
-        assert_only_true_markers(completed.result, scene)
+        assert_only_true_markers(completed.result.to_json(), scene)
     failed = by_image[id(images[-1])]
     assert not failed.ok and failed.result is None and "decode" in str(failed.error).lower()
     assert input_keys(redis_server) <= before  # each upload deleted when its job ended
@@ -270,19 +271,51 @@ def test_a_folder_with_bad_files_gives_one_failed_entry_each(tmp_path: Path, red
     completed = tilerec(*run, timeout=60)
     assert completed.returncode == 1, completed.stderr
     entries = {Path(e["image"]).name: e for e in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-    assert sorted(entries) == ["frame-0.png", "frame-1.png", "frame-2.png", "notes.txt", "truncated.png"]
-    assert "not an image format OpenCV can read" in entries["notes.txt"]["error"]
+    assert sorted(entries) == ["frame-0.png", "frame-1.png", "frame-2.png", "truncated.png"]  # notes.txt left out
     assert not entries["truncated.png"]["ok"] and entries["truncated.png"]["error"]
     for index, scene in enumerate(scenes):
         entry = entries[f"frame-{index}.png"]
         assert entry["ok"] and entry["image_id"] == index + 1  # sorted: frame-0.png first
         assert_only_true_markers(entry["result"], scene)
-    assert "notes.txt: cannot use image" in completed.stderr
+    assert "left out 1 file(s) not images by their extension: notes.txt" in completed.stderr
     coco = json.loads((out / "coco.json").read_text())
     assert sorted(image["id"] for image in coco["images"]) == [1, 2, 3]
 
     again = tilerec(*run, timeout=60)  # the same --out without --resume: refused, nothing overwritten
     assert again.returncode == 2 and "add --resume" in one_error_line(again)
+
+
+def test_a_folder_runs_its_images_and_leaves_out_its_other_files_saying_so_once(tmp_path: Path, redis_server, worker):
+    """A dataset's folder as it comes: images beside their COCO truth and a README. Only the images are run; a
+    non-image named on the command line or in a list is still an error."""
+    folder = tmp_path / "set"
+    folder.mkdir()
+    scenes = [code_scene(WIDTH, HEIGHT, kinds=("aruco",), count=2, seed=500 + i) for i in range(2)]
+    for index, scene in enumerate(scenes):
+        cv2.imwrite(str(folder / f"image-{index}.jpg"), scene.image, [cv2.IMWRITE_JPEG_QUALITY, 98])
+    (folder / "truth.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    (folder / "README.md").write_text("# the set\n")
+    out = tmp_path / "out"
+    completed = tilerec("run", str(folder), "-r", "aruco", "--broker", redis_server.url, "--out", str(out))
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr.count("left out") == 1
+    assert "left out 2 file(s) not images by their extension: README.md, truth.json" in completed.stderr
+    entries = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [Path(entry["image"]).name for entry in entries] == ["image-0.jpg", "image-1.jpg"]
+    for entry, scene in zip(entries, scenes, strict=True):
+        assert entry["ok"]
+        assert_only_true_markers(entry["result"], scene)
+
+    named = tilerec("run", str(folder / "truth.json"), "-r", "aruco", "--broker", redis_server.url)
+    assert named.returncode == 2 and "not an image format OpenCV can read" in one_error_line(named)
+    (tmp_path / "list.txt").write_text("set/image-0.jpg\nset/README.md\n")
+    listed = tilerec("run", "--list", str(tmp_path / "list.txt"), "-r", "aruco", "--broker", redis_server.url)
+    assert listed.returncode == 1 and "README.md: cannot use image" in listed.stderr
+    empty = tmp_path / "notes"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    nothing = tilerec("run", str(empty), "-r", "aruco")
+    assert nothing.returncode == 2 and "has no image files (1 other file(s): notes.txt)" in one_error_line(nothing)
 
 
 def test_a_dataset_naming_missing_files_or_not_json_says_which(tmp_path: Path) -> None:
@@ -302,12 +335,17 @@ def test_a_dataset_naming_missing_files_or_not_json_says_which(tmp_path: Path) -
 def test_a_run_interrupted_halfway_resumes_to_one_result_per_image_and_evaluates(
     scene_set: Path, tmp_path: Path
 ) -> None:
-    images, out = scene_set.parent / "images", tmp_path / "out"
+    images, out, gate = scene_set.parent / "images", tmp_path / "out", tmp_path / "gate"
     results = out / "results.jsonl"
-    run = [*CLI, "run", f"{images}/", "-r", "aruco", "--out", str(out), "--workers", "2"]
-    cli = subprocess.Popen(run, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gate.mkdir()
+    # ArUco markers, every image after the first half held at the gate: the interrupt lands mid-run by construction
+    held = ("-r", "tests.faulty:Held", "-p", f"gate={gate}", "-p", f"after={IMAGES // 2}", "-p", "recognizer=aruco")
+    run = [*CLI, "run", f"{images}/", *held, "--out", str(out), "--workers", "2"]
+    env = {**cli_env(), "TILEREC_PLUGIN_MODULES": "tests.faulty"}
+    cli = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: results.exists() and results.read_text().count("\n") >= IMAGES // 2, 120, "half the images")
+        wait_for(lambda: holding(gate, IMAGES // 2), 60, "an image to be held")
         cli.send_signal(signal.SIGINT)
         _, stderr = cli.communicate(timeout=30)
     finally:
@@ -322,8 +360,9 @@ def test_a_run_interrupted_halfway_resumes_to_one_result_per_image_and_evaluates
 
     with results.open("a") as handle:  # what a hard kill in the middle of a line would leave
         handle.write('{"image": "' + str(images / "scene-00000.png"))
+    release(gate)
     began = time.monotonic()
-    completed = tilerec(*run[len(CLI) :], "--resume", timeout=180)
+    completed = tilerec(*run[len(CLI) :], "--resume", timeout=180, env=env)
     assert completed.returncode == 0, completed.stderr
     print(f"resumed {IMAGES - len(first)} images in {time.monotonic() - began:.1f} s")
     entries = [json.loads(line) for line in results.read_text().splitlines()]

@@ -65,7 +65,7 @@ def test_stored_bytes_and_arrays_are_claim_checked(worker, redis_server, scene):
     by_bytes = recognize.delay(reference, "qrcode").get(timeout=TIMEOUT)
     assert_each_code_once(by_bytes["detections"], scene.truths)
     job = submit(scene.image, "qrcode")
-    by_array = job.get(timeout=TIMEOUT)
+    by_array = job.get(timeout=TIMEOUT).to_json()
     assert by_array["detections"] == by_bytes["detections"]
     assert job.progress() == (by_array["tiling"]["tiles"], by_array["tiling"]["tiles"])
     assert tilerec_keys(redis_server) == []

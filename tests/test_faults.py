@@ -52,7 +52,7 @@ print(json.dumps({"id": job.id}), flush=True)
 sys.stdin.readline()  # the test says when to wait: after it saw the job in progress
 began = time.monotonic()
 try:
-    result = job.result.get(timeout=180) if plain == "plain" else job.get(timeout=180)
+    result = job.result.get(timeout=180) if plain == "plain" else job.get(timeout=180).to_json()
     print(json.dumps({"result": result, "waited": time.monotonic() - began}), flush=True)
 except Exception as error:
     print(json.dumps({"error": f"{type(error).__name__}: {error}", "waited": time.monotonic() - began}), flush=True)

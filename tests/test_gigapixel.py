@@ -19,7 +19,7 @@ from pipeline.scenes import qr_code, qr_scene
 from pipeline.sources import ArraySource, TiffSource, is_blank, open_source
 from pipeline.tiling import Window, grid
 from tasks import app, recognize
-from tasks.client import Job, fetch_result, put_image
+from tasks.client import Job, fetch_document, fetch_result, put_image
 from tasks.local import Worker
 from tests.conftest import IMAGES_ROOT, tilerec_keys
 from tests.scenes import assert_each_code_once
@@ -188,7 +188,7 @@ OTHER_JOBS = "gigapixel.jobs"
 def test_without_shared_storage_the_tiles_go_through_the_store(app, other_node, redis_server, scene, tiled):
     before = redis_input_bytes(redis_server)
     outcome = app.send_task("tilerec.recognize", args=(tiled, "qrcode"), queue=OTHER_JOBS)
-    result = fetch_result(outcome.get(timeout=TIMEOUT))
+    result = fetch_result(outcome.get(timeout=TIMEOUT)).to_json()
     grey_tiles = sum(window.width * window.height for window in grid(2000, 3000))  # qrcode's tiles are stored grey
     assert redis_input_bytes(redis_server) - before > grey_tiles
     assert_each_code_once(result["detections"], scene.truths)
@@ -201,16 +201,17 @@ def test_a_large_result_is_handed_back_by_reference(app, other_node, redis_serve
     assert "detections" not in summary and summary["detections_count"] == len(scene.truths)
     assert summary["result_ref"] == f"redis:tilerec:result:{outcome.id}"
     assert summary["image"]["width"] == 3000 and summary["tiling"]["tiles"] == len(grid(2000, 3000))
-    whole = fetch_result(summary)
+    whole = fetch_document(summary)
     assert summary["result_bytes"] == len(json.dumps(whole)) > 2000
     assert_each_code_once(whole["detections"], scene.truths)
     assert {k: v for k, v in whole.items() if k != "detections"} == {
         k: v for k, v in summary.items() if k not in ("result_ref", "result_bytes", "detections_count")
     }
-    assert Job(outcome).get(timeout=TIMEOUT) == whole  # the client fetches it without being asked
+    assert Job(outcome).get(timeout=TIMEOUT).to_json() == whole  # the client fetches it without being asked
+    assert fetch_result(summary).to_json() == whole
     ttl = redis_server.client().ttl(f"tilerec:result:{outcome.id}")
     assert 0 < ttl <= app.conf.result_expires
-    assert fetch_result(whole) is whole  # a whole result passes through
+    assert fetch_document(whole) is whole  # a whole result passes through
 
 
 def test_the_merge_carries_the_jobs_own_arguments_not_its_tile_records(worker, tiled):

@@ -75,6 +75,11 @@ def composite(folder):
     return scene, str(path)
 
 
+def document(path: str, **options: object) -> dict:
+    """A faces-dnn job's result document, from the workers."""
+    return client.submit(path, "faces-dnn", **options).get(timeout=TIMEOUT).to_json()
+
+
 def identities(result: dict) -> list[tuple[str, float]]:
     return [(d["data"]["identity"], d["data"]["similarity"]) for d in result["detections"]]
 
@@ -91,7 +96,7 @@ def test_a_person_enrolled_from_one_photo_is_named_in_the_others_and_others_are_
 ):
     name = name.removesuffix(".jpg")
     only_obama = gallery.faces.Gallery.of(GALLERY, enrolled.model, {"obama": _vectors(enrolled, "obama")})
-    distributed = client.submit(str(folder / f"{name}.jpg"), "faces-dnn", identify=GALLERY).get(timeout=TIMEOUT)
+    distributed = document(str(folder / f"{name}.jpg"), identify=GALLERY)
     in_process = recognize_image(photo(name), "faces-dnn", identify=GALLERY, resources={"gallery": enrolled})
     assert identities(distributed) == identities(in_process.to_json())
     [(identity, similarity)] = identities(distributed)
@@ -115,7 +120,7 @@ def test_a_composite_tags_each_small_face_once_even_across_seams(enrolled, redis
     assert sum(placement_of(truth, width, height) == "seam" for truth in scene.truths) >= 4
     with Messages(redis_server) as messages:
         distributed = client.submit(path, "faces-dnn", identify=GALLERY, identity_repeats=True,
-                                    crop_batch_size=2).get(timeout=TIMEOUT)  # fmt: skip
+                                    crop_batch_size=2).get(timeout=TIMEOUT).to_json()  # fmt: skip
     assert messages.names.count("tilerec.recognize_crops") == 5 and messages.names.count("tilerec.finish") == 1
     assert max(messages.sizes) <= 2048, "references and ranges only: an embedding alone is larger"
     assert tagged(distributed, scene.truths) == [[truth.label] for truth in scene.truths]
@@ -124,7 +129,7 @@ def test_a_composite_tags_each_small_face_once_even_across_seams(enrolled, redis
                                  resources={"gallery": enrolled})  # fmt: skip
     assert identities(in_process.to_json()) == identities(distributed)
     # one person once per image unless repeats are allowed: the best face of each is named, the rest unknown
-    once = client.submit(path, "faces-dnn", identify=GALLERY).get(timeout=TIMEOUT)
+    once = document(path, identify=GALLERY)
     named = [d["data"]["identity"] for d in once["detections"] if d["data"]["identity"] != "unknown"]
     assert sorted(named) == ["biden", "obama"]
     # the whole image shrunk to 1000 px, as photo tools do: its faces are too small to say who they are
@@ -138,7 +143,7 @@ def test_a_composite_tags_each_small_face_once_even_across_seams(enrolled, redis
 
 
 def test_embeddings_come_back_only_when_asked(enrolled, folder):
-    result = client.submit(str(folder / "obama2.jpg"), "faces-dnn", identify=GALLERY, embeddings=True).get(TIMEOUT)
+    result = document(str(folder / "obama2.jpg"), identify=GALLERY, embeddings=True)
     [face] = result["detections"]
     assert len(face["data"]["embedding"]) == 128 and face["data"]["identity"] == "obama"
 
@@ -149,7 +154,7 @@ def held(flag: Path) -> list[int]:
 
 def test_a_process_killed_while_embedding_changes_nothing(enrolled, worker, redis_server, composite):
     _, path = composite
-    expected = client.submit(path, "faces-dnn", identify=GALLERY, identity_repeats=True).get(timeout=TIMEOUT)
+    expected = document(path, identify=GALLERY, identity_repeats=True)
     flag = IMAGES_ROOT / "hold-faces"
     flag.touch()
     try:
@@ -158,7 +163,7 @@ def test_a_process_killed_while_embedding_changes_nothing(enrolled, worker, redi
         os.kill(held(flag)[0], signal.SIGKILL)  # mid-embedding: its crop batch goes back to the queue, runs again
     finally:
         flag.unlink(missing_ok=True)
-    result = job.get(timeout=TIMEOUT)
+    result = job.get(timeout=TIMEOUT).to_json()
     for marker in IMAGES_ROOT.glob("hold-faces.*"):
         marker.unlink()
     assert identities(result) == identities(expected)

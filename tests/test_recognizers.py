@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.recognizers import RecognizerError, available, get_recognizer, resolve_params
+from pipeline.recognizers.opencv import contrib
 from pipeline.scenes import ean13, iou_xywh, qr_code
 
 ASTRONAUT = Path(__file__).resolve().parents[1].parent / "shared" / "images" / "astronaut.png"
@@ -74,6 +75,13 @@ def test_people_finds_nothing_on_a_blank_tile_and_skips_tiny_tiles():
     people = get_recognizer("people")
     assert len(people(canvas())) == 0
     assert len(people(canvas(100, 100))) == 0
+
+
+def test_a_class_opencv_5_moved_to_its_contrib_package_is_asked_for_by_package_name():
+    asked = r"no cv2\.NoSuchDetector: .* pip install 'opencv-contrib-python-headless=="
+    with pytest.raises(RecognizerError, match=asked):
+        contrib("NoSuchDetector")
+    assert contrib("QRCodeDetector") is cv2.QRCodeDetector
 
 
 def test_recognizers_accept_grey_tiles():

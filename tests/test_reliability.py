@@ -29,6 +29,7 @@ from tasks import recognize
 from tasks.client import submit
 from tasks.local import RedisServer, Worker
 from tests.conftest import IMAGES_ROOT, caller_app, tilerec_keys
+from tests.faulty import holding, release
 from tests.scenes import assert_each_code_once
 
 TIMEOUT = 120
@@ -59,7 +60,7 @@ def test_a_killed_worker_process_loses_nothing_and_reports_nothing_twice(worker,
     victim = worker.child_pids()[0]
     os.kill(victim, signal.SIGKILL)  # mid-job: its batch is handed back by the broker and run again
     try:
-        result = job.get(timeout=TIMEOUT)
+        result = job.get(timeout=TIMEOUT).to_json()
     except TimeoutError:
         log = Path(worker.log_file).read_text(errors="replace")[-4000:]
         pytest.fail(f"job {job.id} did not finish after a worker process was killed; worker log tail:\n{log}")
@@ -88,7 +89,7 @@ def test_a_process_killed_in_a_chords_last_steps_does_not_strand_the_job(
     try:
         job = submit(path, f"tests.faulty:{recognizer}", batch_size=4)
         try:
-            result = job.get(timeout=TIMEOUT)
+            result = job.get(timeout=TIMEOUT).to_json()
         except TimeoutError:
             log = Path(worker.log_file).read_text(errors="replace")[-4000:]
             pytest.fail(f"job {job.id} never merged after a process died in its chord; worker log tail:\n{log}")
@@ -123,14 +124,19 @@ def running_batches(app, job_id: str) -> int:
     )
 
 
-def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_server, big_scene, app):
+def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_server, big_scene, app, tmp_path):
     """Both batch tasks are running when the job is cancelled: they look again between tiles (every
     CANCEL_CHECK_S), so most of the job's tiles are never recognized."""
     _, path = big_scene
     tiles = len(grid(3000, 4000))
-    job = submit(path, "tests.faulty:Slow", batch_size=tiles // 2)  # 2 tasks, over a second of sleep each
-    wait_for(lambda: running_batches(app, job.id) == 2, step=0.1)
-    job.cancel()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    job = submit(path, "tests.faulty:Held", batch_size=tiles // 2, gate=str(gate))  # 2 tasks, held at a tile each
+    try:
+        wait_for(lambda: running_batches(app, job.id) == 2 and holding(gate, 1), step=0.1)
+        job.cancel()
+    finally:
+        release(gate)
     with pytest.raises(Exception) as raised:
         job.get(timeout=TIMEOUT)
     assert type(raised.value).__name__ == "JobCancelled"
@@ -568,7 +574,7 @@ def test_a_png_is_recognized_while_its_rows_are_still_decoding(worker, redis_ser
         if now_ready is not None and now_done > 0 and int(now_ready) < tiles:
             overlapped.append((now_done, now_ready))
         time.sleep(0.002)
-    result = job.get(timeout=TIMEOUT)
+    result = job.get(timeout=TIMEOUT).to_json()
     assert_each_code_once(result["detections"], scene.truths)
     assert result["timings"]["streamed_decode_s"] > 0 and result["timings"]["decode_s"] == 0
     assert overlapped, "no tile was recognized before the last batch's tiles were stored"

@@ -1,6 +1,11 @@
-"""OpenCV's classical recognizers: nothing to download, all shipped inside opencv-python-headless 4.x."""
+"""OpenCV's classical recognizers: nothing to download, shipped inside opencv-python-headless 4.x. From OpenCV 5.0
+the Haar cascades and HOG (`faces`, `people`) moved to the contrib package (opencv-contrib-python-headless), which
+provides them under the same names; without it those two say so."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -31,9 +36,42 @@ def _from_quads(quads: np.ndarray, texts: list[str], label: str) -> Detections:
     return Detections(xyxy, np.ones(len(quads)), [label] * len(quads), texts, list(quads), obb=obb)
 
 
+CONTRIB = "opencv-contrib-python-headless"  # OpenCV 5's home of the Haar cascades and HOG
+
+
+def contrib(name: str) -> Any:
+    """`cv2.<name>`, which OpenCV 5 ships only in its contrib package.
+
+    Args:
+        name: an attribute of `cv2`, such as "CascadeClassifier".
+
+    Returns:
+        The attribute.
+
+    Raises:
+        RecognizerError: this OpenCV has no such attribute; the message names the package to install.
+    """
+    found = getattr(cv2, name, None)
+    if found is None:
+        major = cv2.__version__.split(".")[0]
+        raise RecognizerError(
+            f"OpenCV {cv2.__version__} has no cv2.{name}: from OpenCV 5 it is in the contrib package; "
+            f"pip install '{CONTRIB}=={major}.*' (in place of opencv-python-headless)"
+        )
+    return found
+
+
+def haar_cascade(file_name: str) -> Path:
+    """A Haar cascade shipped with OpenCV (in 5.x, with its contrib package only)."""
+    path = Path(cv2.data.haarcascades) / file_name
+    if not path.is_file():
+        raise RecognizerError(f"OpenCV {cv2.__version__} ships no {file_name}: pip install '{CONTRIB}'")
+    return path
+
+
 class HaarFaces:
     def __init__(self, scale_factor: float, min_neighbors: int, min_size: int) -> None:
-        self.cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+        self.cascade = contrib("CascadeClassifier")(str(haar_cascade("haarcascade_frontalface_default.xml")))
         self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
 
     def __call__(self, tile: np.ndarray) -> Detections:
@@ -49,8 +87,8 @@ class HaarFaces:
 
 class HogPeople:
     def __init__(self, scale: float, win_stride: int) -> None:
-        self.hog = cv2.HOGDescriptor()
-        self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+        self.hog = contrib("HOGDescriptor")()
+        self.hog.setSVMDetector(contrib("HOGDescriptor_getDefaultPeopleDetector")())
         self.scale, self.win_stride = scale, win_stride
 
     def __call__(self, tile: np.ndarray) -> Detections:

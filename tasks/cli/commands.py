@@ -41,7 +41,7 @@ from rich.table import Table
 
 from pipeline import remote
 from pipeline.merge import MATCH_METRICS, MERGE_METHODS
-from pipeline.model import Detections
+from pipeline.model import Recognition
 from pipeline.options import ON_TILE_ERROR, parse_options
 from pipeline.recognizers import available
 from pipeline.recognizers.dnn import OnnxObjects, plan_execution
@@ -223,17 +223,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     result = outcomes[0].result
     assert result is not None
-    write_json(str(out / "scene.json"), result)
+    write_json(str(out / "scene.json"), result.to_json())
     write_annotated(target, result, out / "scene-annotated.png")
     if not args.quiet:
         summarize(outcomes, console)
     return report_demo(scene, result, out, args.quiet)
 
 
-def report_demo(scene: Any, result: dict[str, Any], out: Path, quiet: bool) -> int:
+def report_demo(scene: Any, result: Recognition, out: Path, quiet: bool) -> int:
     """Found vs known on stdout; success only if every code was found once and nothing else was reported."""
-    found = score(Detections.from_records(result["detections"]), scene.truths)
-    seen = {record.get("text") for record in result["detections"]}
+    found = score(result.detections, scene.truths)
+    seen = set(result.detections.texts)
     missed = [truth.text for truth in scene.truths if truth.text not in seen]
     if not quiet:
         print(

@@ -30,5 +30,10 @@ def say(console: Console, message: str) -> None:
     console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
+def describe(error: BaseException) -> str:
+    """An image's error as one line: a CliError as written for the user, a job's error as `Type: message`."""
+    return str(error) if isinstance(error, CliError) else f"{type(error).__name__}: {error}"
+
+
 def print_error(message: str) -> None:
     print(f"tilerec: error: {' '.join(message.split())}", file=sys.stderr, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,6 +130,22 @@ class Target:
 
     def __fspath__(self) -> str:  # what tasks.client.submit_many sends the workers, or reads to upload
         return self.given if self.path is None else str(self.path)
+
+
+# what OpenCV's imread decodes, by extension (its documentation's list; GIF since 4.11)
+OPENCV_SUFFIXES = frozenset(
+    {".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".gif", ".pbm", ".pgm", ".ppm",
+     ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr", ".pic"}
+)  # fmt: skip
+# whole-slide formats OpenSlide opens (the `slide` extra)
+SLIDE_SUFFIXES = frozenset({".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm"})
+
+
+def reader_suffixes() -> frozenset[str]:
+    """The file extensions some available reader takes: OpenCV's formats (TIFFs included), NumPy arrays, and the
+    whole-slide formats where OpenSlide is installed. A folder given to `run` contributes those files only."""
+    slides = SLIDE_SUFFIXES if importlib.util.find_spec("openslide") else frozenset()
+    return OPENCV_SUFFIXES | {".npy"} | slides
 
 
 HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's header is read by the workers

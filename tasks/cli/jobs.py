@@ -3,11 +3,11 @@ jobs in flight cancelled if the run is interrupted."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -27,16 +27,8 @@ from tasks.cli.clusters import Cluster, Settings, ignoring_interrupts, open_clus
 from tasks.cli.errors import EXIT_TIMEOUT, CliError
 from tasks.cli.inputs import Target
 
-
-@dataclass
-class Outcome:
-    """One image's job: its result (the recognition JSON) or its error, and the wall time it took."""
-
-    target: Target
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    seconds: float = 0.0
-    job_id: str | None = None
+if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts, not for `--help`
+    from tasks.client import Completed
 
 
 class RateColumn(ProgressColumn):
@@ -179,19 +171,11 @@ def short(name: str) -> str:
     return escape(name if len(name) <= 30 else "…" + name[-29:])
 
 
-def job_error(error: BaseException) -> str:
-    """The worker's exception as `Type: message`, one line."""
-    return f"{type(error).__name__}: {error}"
-
-
-def outcome_of(done: Any) -> Outcome:
-    """A finished job (tasks.client.Completed) as the run's Outcome; the result names the file as given."""
-    target: Target = done.image
-    if done.error is not None:
-        return Outcome(target, error=job_error(done.error), seconds=done.seconds, job_id=done.job_id)
-    recognition = dict(done.result)
-    recognition["image"] = {**recognition["image"], "source": os.fspath(target)}
-    return Outcome(target, result=recognition, seconds=done.seconds, job_id=done.job_id)
+def named(done: Completed) -> Completed:
+    """A finished job whose recognition names the file as the user gave it."""
+    if done.result is None:
+        return done
+    return dataclasses.replace(done, result=dataclasses.replace(done.result, source=os.fspath(done.image)))
 
 
 def in_flight(settings: Settings, cluster: Cluster, images: int, many: bool) -> int | None:
@@ -212,9 +196,9 @@ def execute(
     options: dict[str, Any],
     settings: Settings,
     console: Console,
-    sink: Callable[[Outcome], Outcome] | None = None,
+    sink: Callable[[Completed], Completed] | None = None,
     overview: Overview | None = None,
-) -> list[Outcome]:
+) -> list[Completed]:
     """Run one job per image on the chosen cluster, at most `settings.in_flight` at a time (tasks.client.
     submit_many); returns an outcome per image, in the order given. `sink` gets each outcome as its job ends and
     returns the one to keep (a run's faces take their embeddings out of it);
@@ -224,7 +208,7 @@ def execute(
 
     live = console.is_terminal and not settings.quiet
     order = {id(target): index for index, target in enumerate(targets)}
-    outcomes: list[Outcome] = []
+    outcomes: list[Completed] = []
     began = time.monotonic()
     with open_cluster(targets, settings, console) as cluster:
         display = overview or Tracker(console, targets, live)
@@ -244,13 +228,12 @@ def execute(
         with display:
             try:
                 for done in jobs:
-                    outcome = outcome_of(done)
-                    tiles = outcome.result["tiling"]["tiles"] if outcome.result else None
-                    display.finish(outcome.target, tiles, outcome.error is None)
+                    outcome = named(done)
+                    display.finish(outcome.image, outcome.result.tiles if outcome.result else None, outcome.ok)
                     if sink is not None:
                         outcome = sink(outcome)
                     outcomes.append(outcome)
             finally:
                 with ignoring_interrupts():  # cancelling the jobs in flight must finish
                     jobs.close()
-    return sorted(outcomes, key=lambda outcome: order[id(outcome.target)])
+    return sorted(outcomes, key=lambda outcome: order[id(outcome.image)])

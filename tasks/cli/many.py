@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 
@@ -25,11 +25,14 @@ from pipeline.datasets import DatasetError, read_dataset
 from pipeline.export import coco_document
 from pipeline.model import Recognition
 from tasks.cli.clusters import Settings
-from tasks.cli.errors import CliError, say
-from tasks.cli.inputs import Target, annotate_paths, check_image
-from tasks.cli.jobs import Outcome, Overview, execute
+from tasks.cli.errors import CliError, describe, say
+from tasks.cli.inputs import Target, annotate_paths, check_image, reader_suffixes
+from tasks.cli.jobs import Overview, execute
 from tasks.cli.output import report_failures, summarize, write_json, write_outputs
 from tasks.cli.people import FACES, RunFaces, group_run
+
+if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
+    from tasks.client import Completed
 
 RESULTS, COCO = "results.jsonl", "coco.json"
 PATTERN = set("*?[")  # glob's special characters
@@ -43,10 +46,11 @@ class Inputs:
     its reason), and each image's COCO id (a dataset's, else its place in the run, from 1)."""
 
     targets: list[Target] = field(default_factory=list)
-    rejected: list[Outcome] = field(default_factory=list)
+    rejected: list[Completed] = field(default_factory=list)
     image_ids: dict[Path, int] = field(default_factory=dict)
     file_names: dict[Path, str] = field(default_factory=dict)  # the dataset's name for an image, for coco.json
     categories: dict[str, int] | None = None  # the dataset's category ids by name
+    left_out: list[str] = field(default_factory=list)  # files of a folder or pattern that no reader takes
 
 
 def is_many(args: argparse.Namespace) -> bool:
@@ -59,18 +63,23 @@ def is_pattern(given: str) -> bool:
     return bool(PATTERN & set(given)) and not Path(given).expanduser().exists()
 
 
-def folder_files(given: str) -> list[str]:
-    """A folder's files (not hidden, not in subfolders), sorted; a pattern's matching files (`**` recursive)."""
+def folder_files(given: str) -> tuple[list[str], list[str]]:
+    """A folder's files (not hidden, not in subfolders), or a pattern's matching files (`**` recursive), sorted and
+    split by extension: those an available reader takes, and the others (a truth.json, a README), left out."""
     if is_pattern(given):
         found = sorted(name for name in glob.glob(os.path.expanduser(given), recursive=True) if Path(name).is_file())
-        if not found:
-            raise CliError(f"{given!r} matches no files")
-        return found
-    folder = Path(given).expanduser()
-    found = sorted(str(path) for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
-    if not found:
-        raise CliError(f"folder {given!r} has no files")
-    return found
+        where = f"{given!r} matches"
+    else:
+        folder = Path(given).expanduser()
+        found = sorted(str(path) for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+        where = f"folder {given!r} has"
+    suffixes = reader_suffixes()
+    images = [name for name in found if Path(name).suffix.lower() in suffixes]
+    others = [name for name in found if Path(name).suffix.lower() not in suffixes]
+    if not images:
+        left = f" ({len(others)} other file(s): {', '.join(Path(name).name for name in others[:LISTED])})"
+        raise CliError(f"{where} no image files{left if others else ''}")
+    return images, others
 
 
 def missing_files(paths: Sequence[Path], what: str) -> None:
@@ -96,15 +105,22 @@ def list_files(list_file: str) -> list[str]:
 def gather(args: argparse.Namespace, max_pixels: int) -> Inputs:
     """Every image of the run, checked (header only) before any cluster starts.
 
-    A named file that is not a usable image fails the run at once, as for a few images; a file found in a folder
-    or by a pattern becomes one failed entry with its reason. A dataset or list naming missing files, or a
+    A named or listed file that is not a usable image fails the run at once or becomes one failed entry with its
+    reason; of a folder or a pattern, only the files whose extension a reader takes are run (a bad one becomes a
+    failed entry), the others are left out and counted. A dataset or list naming missing files, or a
     dataset that does not parse, is an error saying which.
     """
+    from tasks.client import Completed
+
     inputs = Inputs()
     found: list[tuple[str, bool]] = []  # (path as given, whether a bad file is an entry rather than an error)
     for given in args.images:
-        listed = Path(given).expanduser().is_dir() or is_pattern(given)
-        found += [(name, True) for name in folder_files(given)] if listed else [(given, False)]
+        if not Path(given).expanduser().is_dir() and not is_pattern(given):
+            found.append((given, False))
+            continue
+        images, others = folder_files(given)
+        found += [(name, True) for name in images]
+        inputs.left_out += others
     if args.list:
         found += [(name, True) for name in list_files(args.list)]
     if args.coco_images:
@@ -132,21 +148,21 @@ def gather(args: argparse.Namespace, max_pixels: int) -> Inputs:
         except CliError as error:
             if not as_entry:
                 raise
-            inputs.rejected.append(Outcome(Target(given, path), error=str(error)))
+            inputs.rejected.append(Completed(Target(given, path), error=error))
     return inputs
 
 
-def entry(outcome: Outcome, image_id: int) -> dict[str, Any]:
+def entry(outcome: Completed, image_id: int) -> dict[str, Any]:
     """One results.jsonl line: the image (as given and its path), its COCO id, and its result or its error."""
     return {
-        "image": outcome.target.given,
-        "path": str(outcome.target.path),
+        "image": outcome.image.given,
+        "path": str(outcome.image.path),
         "image_id": image_id,
-        "ok": outcome.error is None,
-        "error": outcome.error,
+        "ok": outcome.ok,
+        "error": None if outcome.error is None else describe(outcome.error),
         "job_id": outcome.job_id,
         "seconds": round(outcome.seconds, 3),
-        "result": outcome.result,
+        "result": None if outcome.result is None else outcome.result.to_json(),
     }
 
 
@@ -189,7 +205,7 @@ class ResultsFile:
             raise CliError(f"cannot write {str(self.path)!r}: {error.strerror or error}") from None
         self.done = {line["path"] for line in kept}
 
-    def write(self, outcome: Outcome, image_id: int) -> None:
+    def write(self, outcome: Completed, image_id: int) -> None:
         self.handle.write(json.dumps(entry(outcome, image_id)) + "\n")
         self.handle.flush()
 
@@ -212,10 +228,10 @@ def coco_of(entries: Sequence[dict[str, Any]], inputs: Inputs) -> tuple[dict[str
     return document, unknown
 
 
-def summary_line(outcomes: Sequence[Outcome], skipped: int, seconds: float) -> str:
+def summary_line(outcomes: Sequence[Completed], skipped: int, seconds: float) -> str:
     """The run in one line: images ok and failed, detections per label, wall time and images per second."""
     ok = [outcome.result for outcome in outcomes if outcome.result is not None]
-    labels = Counter(record["label"] for result in ok for record in result["detections"])
+    labels = Counter(label for result in ok for label in result.detections.labels)
     per_label = ", ".join(f"{label} {n}" for label, n in sorted(labels.items())) or "none"
     resumed = f", {skipped} done before" if skipped else ""
     rate = len(outcomes) / seconds if seconds > 0 else 0.0
@@ -236,6 +252,10 @@ def run_many(
     inputs = gather(args, max_pixels)
     out = Path(args.out) if args.out else None
     results = ResultsFile(out, args.resume) if out else None
+    if inputs.left_out and not settings.quiet:
+        names = ", ".join(Path(name).name for name in inputs.left_out[:LISTED])
+        more = f", and {len(inputs.left_out) - LISTED} more" if len(inputs.left_out) > LISTED else ""
+        say(console, f"tilerec: left out {len(inputs.left_out)} file(s) not images by their extension: {names}{more}")
     # a run that names faces keeps them, to group the unknown ones into people: the jobs return their embeddings,
     # which go to OUT/faces.npz, never to results.jsonl (tasks/cli/people.py)
     taken = RunFaces() if out and (options.get("params") or {}).get("identify") else None
@@ -248,22 +268,22 @@ def run_many(
         annotated = annotate_paths(args.annotate, todo)
         if results:
             for outcome in inputs.rejected:
-                results.write(outcome, inputs.image_ids[outcome.target.path])
+                results.write(outcome, inputs.image_ids[outcome.image.path])
 
-        def sink(outcome: Outcome) -> Outcome:
+        def sink(outcome: Completed) -> Completed:
             if taken is not None:
                 outcome = taken.take(outcome)
             if results:
-                results.write(outcome, inputs.image_ids[outcome.target.path])
+                results.write(outcome, inputs.image_ids[outcome.image.path])
             return outcome
 
         live = console.is_terminal and not settings.quiet
         total = len(inputs.targets) + len(inputs.rejected)
-        outcomes: list[Outcome] = []
+        outcomes: list[Completed] = []
         if todo:
             overview = Overview(console, total, len(inputs.targets) - len(todo), live)
             for outcome in inputs.rejected:
-                overview.finish(outcome.target, None, ok=False)
+                overview.finish(outcome.image, None, ok=False)
             outcomes = execute(todo, args.recognizer, options, settings, console, sink=sink, overview=overview)
     except KeyboardInterrupt:
         if results and not settings.quiet:

@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 from rich.console import Console
@@ -16,37 +16,39 @@ from rich.table import Table
 
 from pipeline import images
 from pipeline.export import coco_document, geojson_document
-from pipeline.model import Detections, Recognition
+from pipeline.model import Recognition
 from pipeline.render import draw_detections
-from tasks.cli.errors import EXIT_FAILED, EXIT_OK, CliError, print_error, say
+from tasks.cli.errors import EXIT_FAILED, EXIT_OK, CliError, describe, print_error, say
 from tasks.cli.inputs import Target
-from tasks.cli.jobs import Outcome
+
+if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
+    from tasks.client import Completed
 
 
-def label_counts(result: dict[str, Any]) -> str:
-    counts = Counter(record["label"] for record in result["detections"])
+def label_counts(result: Recognition) -> str:
+    counts = Counter(result.detections.labels)
     return ", ".join(f"{label} {n}" for label, n in sorted(counts.items())) or "none"
 
 
-def summary_row(outcome: Outcome) -> dict[str, str]:
+def summary_row(outcome: Completed) -> dict[str, str]:
     """One image's summary cells; tiles that failed in a partial result (--on-tile-error partial) are shown."""
-    row = outcome.result
-    cells = {"image": outcome.target.given, "wall s": f"{outcome.seconds:.1f}"}
-    if row is None:
+    result = outcome.result
+    cells = {"image": outcome.image.given, "wall s": f"{outcome.seconds:.1f}"}
+    if result is None:
         return {**cells, "detections": "failed", "per label": "", "tiles": "", "batches": "", "tasks": ""}
-    failed = len(row.get("failed_tiles") or [])
-    crops_failed = len((row.get("second_stage") or {}).get("failed_crops") or [])
+    failed = len(result.failed_tiles)
+    crops_failed = len(result.second_stage.failed_crops) if result.second_stage else 0
     return {
         **cells,
-        "detections": str(len(row["detections"])) + (f" ({crops_failed} crops failed)" if crops_failed else ""),
-        "per label": label_counts(row),
-        "tiles": f"{row['tiling']['tiles']}" + (f" ({failed} failed)" if failed else ""),
-        "batches": str(row["tiling"].get("batches", row["tiling"]["tasks"])),
-        "tasks": str(row["tiling"]["tasks"]),
+        "detections": str(len(result.detections)) + (f" ({crops_failed} crops failed)" if crops_failed else ""),
+        "per label": label_counts(result),
+        "tiles": f"{result.tiles}" + (f" ({failed} failed)" if failed else ""),
+        "batches": str(result.batches),
+        "tasks": str(result.tasks),
     }
 
 
-def summarize(outcomes: Sequence[Outcome], console: Console) -> None:
+def summarize(outcomes: Sequence[Completed], console: Console) -> None:
     """A table on a terminal; one plain line per image otherwise."""
     rows = [summary_row(outcome) for outcome in outcomes]
     if console.is_terminal:
@@ -69,19 +71,20 @@ def summarize(outcomes: Sequence[Outcome], console: Console) -> None:
         )
 
 
-def document(outcomes: Sequence[Outcome], fmt: str, wgs84: bool = False) -> Any:
+def document(outcomes: Sequence[Completed], fmt: str, wgs84: bool = False) -> Any:
     """The --json output: one recognition (or a list, for several images), or one COCO document or GeoJSON
     FeatureCollection for them all."""
     done = [outcome for outcome in outcomes if outcome.result is not None]
+    recognitions = [outcome.result for outcome in done]
+    names = [outcome.image.given for outcome in done]
     if fmt == "coco":
-        return coco_document([Recognition.from_json(o.result) for o in done], [o.target.given for o in done])
+        return coco_document(recognitions, names)
     if fmt == "geojson":
-        recognitions = [Recognition.from_json(o.result) for o in done]
         try:
-            return geojson_document(recognitions, [o.target.given for o in done], wgs84)
+            return geojson_document(recognitions, names, wgs84)
         except ValueError as error:
             raise CliError(f"cannot write GeoJSON: {error}", EXIT_FAILED) from None
-    results = [outcome.result for outcome in done]
+    results = [recognition.to_json() for recognition in recognitions]
     return results[0] if len(outcomes) == 1 else results
 
 
@@ -99,28 +102,28 @@ def write_json(destination: str, data: Any) -> None:
         raise CliError(f"cannot write {destination!r}: {error.strerror or error}", EXIT_FAILED) from None
 
 
-def write_annotated(target: Target, result: dict[str, Any], path: Path) -> None:
+def write_annotated(target: Target, result: Recognition, path: Path) -> None:
     """The merged detections drawn on the original image (keypoints named, so COCO's skeleton is drawn)."""
     pixels = images.decode(target.path.read_bytes())
-    canvas = draw_detections(pixels, Detections.from_records(result["detections"], result.get("keypoint_names", ())))
+    canvas = draw_detections(pixels, result.detections)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), canvas):
         raise CliError(f"cannot write the annotated image {str(path)!r}", EXIT_FAILED)
 
 
 def write_outputs(
-    outcomes: Sequence[Outcome], json_to: str | None, fmt: str, annotated: Sequence[Path], wgs84: bool = False
+    outcomes: Sequence[Completed], json_to: str | None, fmt: str, annotated: Sequence[Path], wgs84: bool = False
 ) -> None:
     if json_to is not None and any(outcome.result is not None for outcome in outcomes):
         write_json(json_to, document(outcomes, fmt, wgs84))
     for outcome, path in zip(outcomes, annotated, strict=False):
         if outcome.result is not None:
-            write_annotated(outcome.target, outcome.result, path)
+            write_annotated(outcome.image, outcome.result, path)
 
 
-def report_failures(outcomes: Sequence[Outcome]) -> int:
+def report_failures(outcomes: Sequence[Completed]) -> int:
     """One error line per failed job; the exit code of the run."""
     failed = [outcome for outcome in outcomes if outcome.error is not None]
     for outcome in failed:
-        print_error(f"{outcome.target.given}: {outcome.error}")
+        print_error(f"{outcome.image.given}: {describe(outcome.error)}")
     return EXIT_FAILED if failed else EXIT_OK

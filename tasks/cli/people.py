@@ -12,13 +12,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.faces import DLIB, default_threshold, stack
+from pipeline.model import Recognition
 from tasks.cli.errors import CliError
-from tasks.cli.jobs import Outcome
+
+if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
+    from tasks.client import Completed
 
 FACES = "faces.npz"
 EMBEDDING = "embedding"  # the data column a job with `embeddings=true` returns
@@ -36,17 +39,21 @@ class RunFace:
     vector: np.ndarray
 
 
-def take_faces(result: dict[str, Any], image: str) -> tuple[dict[str, Any], list[RunFace]]:
-    """A job's result without its embeddings, and its embedded faces."""
-    detections, found = [], []
-    for row, record in enumerate(result.get("detections", [])):
-        data = dict(record.get("data") or {})
-        vector = data.pop(EMBEDDING, None)
+def take_faces(recognition: Recognition, image: str) -> tuple[Recognition, list[RunFace]]:
+    """A job's recognition without its embeddings, and its embedded faces."""
+    detections = recognition.detections
+    vectors = detections.data.get(EMBEDDING)
+    if vectors is None:
+        return recognition, []
+    identities = detections.data.get("identity", [None] * len(detections))
+    found = []
+    for row, vector in enumerate(vectors):
         if vector is not None:
-            x, y, w, h = (round(float(v)) for v in record["box"])
-            found.append(RunFace(image, row, [x, y, w, h], str(data.get("identity")), np.asarray(vector, np.float32)))
-        detections.append({**record, "data": data} if "data" in record else record)
-    return {**result, "detections": detections}, found
+            x1, y1, x2, y2 = (round(float(v)) for v in detections.xyxy[row])
+            box = [x1, y1, x2 - x1, y2 - y1]
+            found.append(RunFace(image, row, box, str(identities[row]), np.asarray(vector, np.float32)))
+    stripped = detections.with_data({EMBEDDING: [None] * len(detections)})  # a None value is never written
+    return replace(recognition, detections=stripped), found
 
 
 def group_unknown(model: str, faces: Sequence[RunFace], threshold: float) -> list[str | None]:
@@ -134,13 +141,13 @@ class RunFaces:
     model: str = ""
     threshold: float = 0.0
 
-    def take(self, outcome: Outcome) -> Outcome:
-        """The outcome with its result's embeddings taken out (kept here)."""
+    def take(self, outcome: Completed) -> Completed:
+        """The outcome with its recognition's embeddings taken out (kept here)."""
         if outcome.result is None:
             return outcome
-        result, found = take_faces(outcome.result, str(outcome.target.path or outcome.target.given))
+        result, found = take_faces(outcome.result, str(outcome.image.path or outcome.image.given))
         self.faces += found
-        output = (result.get("second_stage") or {}).get("output") or {}
+        output = result.second_stage.output if result.second_stage else {}
         self.model = output.get("model") or self.model
         self.threshold = output.get("threshold", self.threshold)
         return replace(outcome, result=result)

@@ -44,17 +44,17 @@ def page_files() -> dict[str, Path]:
 
 @dataclass
 class Viewed:
-    """What the viewer shows: the result document, and the image as a tile pyramid."""
+    """What the viewer shows: the recognition (served as its JSON document), and the image as a tile pyramid."""
 
-    document: dict[str, Any]
+    recognition: Recognition
     pyramid: Pyramid
 
     def result_json(self) -> bytes:
-        return json.dumps(self.document, separators=(",", ":")).encode()
+        return json.dumps(self.recognition.to_json(), separators=(",", ":")).encode()
 
 
-def load_result(given: str, store_url: str | None) -> dict[str, Any]:
-    """The whole result document: from a file (the output of `tilerec run --json`, or a summary whose `result_ref`
+def load_result(given: str, store_url: str | None) -> Recognition:
+    """The whole recognition: from a file (the output of `tilerec run --json`, or a summary whose `result_ref`
     names the document in Redis), or from a `redis:tilerec:result:<job id>` reference itself."""
     if given.startswith(REF_SCHEME):
         return _stored_result(given, store_url)
@@ -71,13 +71,12 @@ def load_result(given: str, store_url: str | None) -> dict[str, Any]:
     if isinstance(document, dict) and "result_ref" in document:
         return _stored_result(str(document["result_ref"]), store_url)
     try:
-        Recognition.from_json(document)
+        return Recognition.from_json(document)
     except (ValueError, KeyError, TypeError) as error:
         raise CliError(f"{given!r} is not a tilerec result: {error}") from None
-    return document
 
 
-def _stored_result(reference: str, store_url: str | None) -> dict[str, Any]:
+def _stored_result(reference: str, store_url: str | None) -> Recognition:
     """The document a `result_ref` names, fetched as a calling app fetches it (`tasks.client.fetch_result`), from
     `store_url` if given, else the configured tile store."""
     from tasks.celery import configure, settings
@@ -93,7 +92,7 @@ def _stored_result(reference: str, store_url: str | None) -> dict[str, Any]:
         raise CliError(f"cannot fetch {reference!r} from {settings().store_url}: {error}", EXIT_UNREACHABLE) from None
 
 
-def image_path(document: dict[str, Any], given: str | None, result: str, roots: Sequence[Path]) -> Path:
+def image_path(recognition: Recognition, given: str | None, result: str, roots: Sequence[Path]) -> Path:
     """The image to show: `--image` as given, or the one the result names (its `image.source`), which must be a
     file inside `roots`: a result is data from elsewhere, and must not make the viewer serve any file it names."""
     if given is not None:
@@ -101,7 +100,7 @@ def image_path(document: dict[str, Any], given: str | None, result: str, roots: 
         if not path.is_file():
             raise CliError(f"--image {given!r}: no such file")
         return path.resolve()
-    source = document["image"].get("source")
+    source = recognition.source
     if not source or source.startswith(REF_SCHEME):
         raise CliError(f"{result!r} does not name its image file (it was sent as bytes); give --image PATH")
     candidates = [Path(source).expanduser()]
@@ -116,10 +115,10 @@ def image_path(document: dict[str, Any], given: str | None, result: str, roots: 
         raise CliError(f"{error}; give --image PATH or --allow DIR") from None
 
 
-def open_pyramid(path: Path, document: dict[str, Any], spec: sources.ReadSpec) -> Pyramid:
+def open_pyramid(path: Path, recognition: Recognition, spec: sources.ReadSpec) -> Pyramid:
     """The image at the level the result was computed at, with the coarser levels of a pyramidal TIFF, a COG's
     overviews or a slide's levels, read as `spec` says (the job's bands and stretch); its size must be the result's."""
-    level = int(document["image"].get("level", 0))
+    level = recognition.level
     try:
         first = sources.open_source(path, level=level, spec=spec)
         pyramid_levels = [first]
@@ -127,7 +126,7 @@ def open_pyramid(path: Path, document: dict[str, Any], spec: sources.ReadSpec) -
             pyramid_levels += [sources.open_source(path, level=n, spec=spec) for n in range(level + 1, first.levels)]
     except images.ImageError as error:
         raise CliError(f"cannot show {str(path)!r}: {error}") from None
-    width, height = document["image"]["width"], document["image"]["height"]
+    width, height = recognition.width, recognition.height
     if (first.width, first.height) != (width, height):
         for source in pyramid_levels:
             source.close()
@@ -252,12 +251,12 @@ def allowed_folders(result: str, allow: Sequence[str] | None) -> list[Path]:
 
 def cmd_view(args: Any) -> int:
     console = Console(stderr=True)
-    document = load_result(args.result, args.broker)
-    path = image_path(document, args.image, args.result, allowed_folders(args.result, args.allow))
+    recognition = load_result(args.result, args.broker)
+    path = image_path(recognition, args.image, args.result, allowed_folders(args.result, args.allow))
     began = time.perf_counter()
     spec = sources.ReadSpec(args.reader or "auto", tuple(args.bands) if args.bands else None,
                             tuple(args.stretch) if args.stretch else None)  # fmt: skip
-    viewed = Viewed(document, open_pyramid(path, document, spec))
+    viewed = Viewed(recognition, open_pyramid(path, recognition, spec))
     if args.export is not None:
         count = export(viewed, Path(args.export), console, args.quiet)
         viewed.pyramid.close()
