@@ -413,9 +413,3 @@ class FaceIdentities(SecondStage):
             kept.update({row: records[row]["embedding"] for row in rows})
             detections = detections.with_data({"embedding": list(kept.values())})
         return StageResult(detections, output)
-
-
-def identities_stage(params: Mapping[str, Any]) -> FaceIdentities | None:
-    """A face detector's second stage (`RecognizerSpec.second_stage`): identities for a job that names a gallery
-    (`identify`) or asks for its faces' embeddings, else none."""
-    return FaceIdentities(params) if params.get("identify") or params.get("embeddings") else None

@@ -588,11 +588,15 @@ class OnnxObjects:
 
 
 def _identities(params: dict[str, Any]) -> Any:
-    """The identities stage (pipeline.faces, imported on use: it needs dlib only where faces are identified), or
-    None for a job that names no gallery and asks for no embeddings."""
-    from pipeline.faces import identities_stage
+    """The identities stage (pipeline.faces, imported on use: it needs dlib only where faces are identified)."""
+    from pipeline.faces import FaceIdentities
 
-    return identities_stage(params)
+    return FaceIdentities(params)
+
+
+def _identities_wanted(params: Mapping[str, Any]) -> bool:
+    """A job runs it when it names a gallery or asks for its faces' embeddings."""
+    return bool(params.get("identify") or params.get("embeddings"))
 
 
 register(
@@ -617,6 +621,7 @@ register(
         cost_ms=47,  # a 640x640 tile on one thread (YuNet net + OpenCV's post-processing)
         file_params=("model", "face_model"),
         second_stage=_identities,
+        stage_by_default=_identities_wanted,
     )
 )
 register(
