@@ -239,12 +239,15 @@ def crop_spans(
     count: int, cost_ms: float, target_ms: float, least: int, size: int | None = None
 ) -> list[tuple[int, int]]:
     """Crops [0, count) cut into batches as `[first, stop)` ranges: `size` each, or (None) about `target_ms` of
-    work each and at least `least` batches, the last ones tapered so the processes finish together."""
+    work each and at least `least` batches, the last ones tapered so the processes finish together; but no batch
+    but the first (the remainder) holds less than a quarter of `target_ms` (cheap crops: a task's own cost must stay
+    a small share of its work)."""
     if count == 0:
         return []
     if size is None:
-        size = auto_batch_size(count, cost_ms, target_ms, least)
-        sizes = tapered_sizes(count, size) if least > 1 else [size] * (count // size) + [count % size]
+        smallest = min(count, math.ceil(target_ms / 4 / max(cost_ms, 1e-3)))
+        size = max(auto_batch_size(count, cost_ms, target_ms, least), smallest)
+        sizes = tapered_sizes(count, size, smallest) if least > 1 else [size] * (count // size) + [count % size]
     else:
         sizes = [size] * (count // size) + [count % size]
     spans, start = [], 0

@@ -90,13 +90,14 @@ def batches(windows: list[Window], size: int) -> list[list[Window]]:
     return [windows[start : start + size] for start in range(0, len(windows), size)]
 
 
-def tapered_sizes(total: int, size: int) -> list[int]:
-    """Batch sizes summing to `total`: `size` each, except a tail of halving batches (…, size/4, size/2… 2, 1).
+def tapered_sizes(total: int, size: int, smallest: int = 1) -> list[int]:
+    """Batch sizes summing to `total`: `size` each, except a tail of halving batches (…, size/4, size/2… 2, 1), the
+    last of them `smallest` (where a batch must hold some work to be worth its task).
 
     Workers take batches in order, so the last ones decide when a job ends; small last batches let every worker
     finish at about the same time (guided self-scheduling) for a few more batches: about log2(size). A first batch
     smaller than `size` takes the remainder."""
-    tail, part, left = [], 1, total
+    tail, part, left = [], smallest, total
     while part < size and left > 0:
         tail.append(min(part, left))
         left -= tail[-1]

@@ -18,12 +18,12 @@ tilerec.finish(image, recognizer, **options)      under the job's id with its ar
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -577,14 +577,15 @@ def recognize_crops(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
     shared file, and store their records; returns a summary for monitors (counts only: records stay in the store).
 
     As a tile batch: a crop's own failure is recorded, store outages are retried, a redelivered batch counts each
-    crop's crashes."""
+    crop's crashes. A duplicate that comes after its job ended (its finish deleted the job's keys) does nothing: a
+    failure of its own would reach the job's id through the duplicate chord and overwrite the job's result."""
     client = store_client()
-    job, staged = _described(job_id), _staged(job_id)
-    crops = staged.plan.crops[first:stop]
-    read = _StoredWindows(client, job) if job.file is None else partial(_read_shared, job.file)
+    try:
+        job, staged = _described(job_id), _staged(job_id)
+    except LookupError:
+        return {"crops": stop - first, "failed": 0, "seconds": 0.0, "ended": True}
     careful = bool(self.request.delivery_info.get("redelivered"))
-    outcomes = _recognize_crops(client, job, staged.recognition.detections, crops, stage_reader(read, job.options),
-                                careful)  # fmt: skip
+    outcomes = _recognize_crops(client, job, staged.recognition.detections, staged.plan.crops[first:stop], careful)
     records = {o.index: json.dumps(o.to_json()) for o in outcomes}
     done = store.put_records(client, job_id, records, settings().tile_ttl, "crop_records") if records else None
     if done is not None:
@@ -597,9 +598,8 @@ def recognize_crops(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
 
 
 def _recognize_crops(
-    client: redis.Redis, job: Job, detections: Detections, crops: list[PlannedCrop], read: Callable[[Window], Any],
-    careful: bool,
-) -> list[CropOutcome]:  # fmt: skip
+    client: redis.Redis, job: Job, detections: Detections, crops: list[PlannedCrop], careful: bool
+) -> list[CropOutcome]:
     """The crops' outcomes, in order, until the job is cancelled (looked at every CANCEL_CHECK_S); `careful`, after
     a crash of the batch's process: one crop at a time, each one's attempts counted (as `_recognize` does tiles)."""
     try:
@@ -607,6 +607,11 @@ def _recognize_crops(
     except Exception as error:  # a stage that cannot be built fails its crops, with the reason
         return [CropOutcome(c.window.index, error=f"{type(error).__name__}: {error}") for c in crops]
     assert stage is not None  # the merge planned crops for it
+    if job.file is None:
+        windows = [crop.window for crop in crops]
+        read = stage_reader(_StoredCrops(client, job, windows, stage.max_crop_pixels), job.options)
+    else:
+        read = stage_reader(partial(_read_shared, job.file), job.options)
     outcomes: list[CropOutcome] = []
     cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
     per_call = 1 if careful else max(1, stage.max_batch)
@@ -626,39 +631,62 @@ def _recognize_crops(
     return outcomes
 
 
-class _StoredWindows:
-    """Windows of the image assembled from the job's stored tiles (a crop may span several); the tiles of the last
-    few crops are kept, as neighbouring crops share tiles."""
+class _StoredCrops:
+    """A crop batch's windows, assembled from the job's stored tiles (a crop may span several), READ_EVERY crops a
+    round trip in the order they are read. Overlapping tiles hold the same pixels, so each pixel is taken from one:
+    the tile of its column and row of the grid, a column owning the x from its own start to the next column's (a
+    row likewise); Redis cuts those parts out of the tiles, so only the crops' bytes travel. Crops larger than
+    `largest` pixels are never fetched (the stage refuses them unread)."""
 
-    KEEP = 16  # tiles kept besides those of the crop at hand
-
-    def __init__(self, client: redis.Redis, job: Job) -> None:
-        self.client, self.job = client, job
-        self.bounds = np.array([[w.x, w.y, w.x2, w.y2] for w in job.windows])
-        self.kept: OrderedDict[int, np.ndarray | None] = OrderedDict()
+    def __init__(self, client: redis.Redis, job: Job, windows: list[Window], largest: int) -> None:
+        self.client, self.job, self.windows, self.largest = client, job, windows, largest
+        self.place = {window.index: number for number, window in enumerate(windows)}
+        self.columns = _owned(sorted({w.x for w in job.windows}), job.windows[-1].x2)
+        self.rows = _owned(sorted({w.y for w in job.windows}), job.windows[-1].y2)
+        self.fetched: dict[int, np.ndarray] = {}
 
     def __call__(self, window: Window) -> np.ndarray:
-        x1, y1, x2, y2 = self.bounds.T
-        over = np.flatnonzero((x1 < window.x2) & (x2 > window.x) & (y1 < window.y2) & (y2 > window.y)).tolist()
-        missing = [self.job.windows[index] for index in over if index not in self.kept]
-        if missing:
-            tiles = store.get_tiles(self.client, self.job.id, missing, self.job.channels)
-            self.kept.update((tile.index, pixels) for tile, pixels in zip(missing, tiles, strict=True))
+        if window.index not in self.fetched:
+            start = self.place[window.index]
+            chunk = self.windows[start : start + store.READ_EVERY]
+            self.fetched = self._fetch([w for w in chunk if w.width * w.height <= self.largest])
+        return self.fetched.pop(window.index)
+
+    def _fetch(self, windows: list[Window]) -> dict[int, np.ndarray]:
+        """The windows' pixels, in one round trip."""
+        parts = [(window, *part) for window in windows for part in self._parts(window)]
+        stored = store.get_tile_parts(self.client, self.job.id, [(tile, part) for _, tile, part in parts],
+                                      self.job.channels)  # fmt: skip
         channels = () if self.job.channels == 1 else (self.job.channels,)
-        pixels = np.zeros((window.height, window.width, *channels), dtype=np.uint8)
-        for index in over:
-            self.kept.move_to_end(index)
-            tile, stored = self.job.windows[index], self.kept[index]
-            if stored is None:  # nothing to recognize there (all nodata): left black
-                continue
-            left, top = max(tile.x, window.x), max(tile.y, window.y)
-            right, bottom = min(tile.x2, window.x2), min(tile.y2, window.y2)
-            pixels[top - window.y : bottom - window.y, left - window.x : right - window.x] = stored[
-                top - tile.y : bottom - tile.y, left - tile.x : right - tile.x
-            ]
-        while len(self.kept) > self.KEEP + len(over):
-            self.kept.popitem(last=False)
-        return pixels
+        fetched = {w.index: np.zeros((w.height, w.width, *channels), dtype=np.uint8) for w in windows}
+        for (window, _, part), pixels in zip(parts, stored, strict=True):
+            if pixels is not None:  # None: nothing to recognize there (all nodata), left black
+                fetched[window.index][
+                    part.y - window.y : part.y2 - window.y, part.x - window.x : part.x2 - window.x
+                ] = pixels
+        return fetched
+
+    def _parts(self, window: Window) -> list[tuple[Window, Window]]:
+        """(tile, part of the window that tile owns) for each tile the window overlaps."""
+        parts = []
+        for row in _spanned(self.rows, window.y, window.y2):
+            top, bottom = max(self.rows[row][0], window.y), min(self.rows[row][1], window.y2)
+            for column in _spanned(self.columns, window.x, window.x2):
+                left, right = max(self.columns[column][0], window.x), min(self.columns[column][1], window.x2)
+                tile = self.job.windows[row * len(self.columns) + column]
+                parts.append((tile, Window(tile.index, left, top, right - left, bottom - top)))
+        return parts
+
+
+def _owned(starts: list[int], end: int) -> list[tuple[int, int]]:
+    """The [from, to) each column (or row) of tiles owns: from its start to the next one's, the last to `end`."""
+    return list(zip(starts, [*starts[1:], end], strict=True))
+
+
+def _spanned(owned: list[tuple[int, int]], start: int, stop: int) -> range:
+    """The columns (or rows) whose owned ranges meet [start, stop)."""
+    starts = [first for first, _ in owned]
+    return range(max(0, bisect.bisect_right(starts, start) - 1), bisect.bisect_left(starts, stop))
 
 
 @app.task(name="tilerec.finish", bind=True)

@@ -137,6 +137,48 @@ def get_tiles(client: redis.Redis, job_id: str, windows: list[Window], channels:
     return tiles
 
 
+_TILE_PART = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return false
+end
+if redis.call('STRLEN', KEYS[1]) == 0 then
+    return ''
+end
+local stride, first, length, rows = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local parts = {}
+for row = 0, rows - 1 do
+    local start = first + row * stride
+    parts[#parts + 1] = redis.call('GETRANGE', KEYS[1], start, start + length - 1)
+end
+return table.concat(parts)
+"""
+
+
+def get_tile_parts(
+    client: redis.Redis, job_id: str, parts: list[tuple[Window, Window]], channels: int
+) -> list[np.ndarray | None]:
+    """Parts of stored tiles, in one round trip: for each (tile, part), the pixels of `part` (in image coordinates,
+    inside the tile), cut by Redis (a script per part, its rows by GETRANGE), so only the part's bytes travel; None
+    for a blank tile.
+
+    Raises:
+        LookupError: a tile is gone from the store (expired or cancelled).
+    """
+    with client.pipeline(transaction=False) as pipe:
+        for tile, part in parts:
+            first = ((part.y - tile.y) * tile.width + part.x - tile.x) * channels
+            pipe.eval(_TILE_PART, 1, tile_key(job_id, tile.index), tile.width * channels, first,
+                      part.width * channels, part.height)  # fmt: skip
+        found = pipe.execute()
+    pixels = []
+    for (tile, part), data in zip(parts, found, strict=True):
+        if data is None:
+            raise LookupError(f"tile {tile.index} of job {job_id} is gone from the tile store (expired or cancelled)")
+        shape = (part.height, part.width, channels) if channels > 1 else (part.height, part.width)
+        pixels.append(np.frombuffer(data, dtype=np.uint8).reshape(shape) if data else None)
+    return pixels
+
+
 def put_job(client: redis.Redis, job_id: str, description: str, tiles: int, ttl: int, streamed: bool = False) -> None:
     """The job's description, read by its tile tasks and merge: messages carry only the job id and a tile range.
     `streamed`: its tiles are stored while the tile tasks run (none is ready yet, see put_tiles)."""

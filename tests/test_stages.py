@@ -136,6 +136,11 @@ def test_crop_batches_cover_every_crop_once():
         assert [i for first, stop in spans for i in range(first, stop)] == list(range(count))
     assert crop_spans(100, 10.0, 400.0, 1, 7)[0] == (0, 7)
     assert crop_spans(0, 10.0, 400.0, 4) == []
+    # cheap crops: no batch under a quarter of the target's work (100 ms: 100 crops of 1 ms), the remainder aside
+    assert crop_spans(199, 1.0, 400.0, 8) == [(0, 99), (99, 199)]
+    assert min(stop - first for first, stop in crop_spans(1000, 1.0, 400.0, 8)[1:]) >= 100
+    # costly crops: at least `least` batches, tapering down to one crop (a quarter of 400 ms is one 100 ms crop)
+    assert len(crop_spans(80, 100.0, 400.0, 8)) >= 8 and crop_spans(80, 100.0, 400.0, 8)[-1] == (79, 80)
 
 
 def test_rectify_cuts_an_upright_box_exactly_and_straightens_a_rotated_one():
@@ -337,6 +342,19 @@ def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_r
     assert tilerec_keys(redis_server) == []
 
 
+def test_with_a_roi_crops_stop_at_its_edge_alike_in_process_and_on_workers(worker, redis_server):
+    """Only the roi's tiles are stored: a crop whose margin reaches past the roi is clipped to it, both ways."""
+    image, path = scene_file("staged-roi.png", seed=18)
+    options = {"roi": [498, 250, 1000, 400], "pad": 5}
+    local = pipeline.recognize_image(image, STAGED, **options).to_json()
+    remote = submit(path, STAGED, batch_size=1, **options).get(timeout=TIMEOUT)
+    [line] = local["detections"]
+    assert line["data"]["window"] == [498, 295, 907, 310]  # x clipped at the roi, y grown by the pad
+    assert line["data"]["digest"] == digest(image[295:605, 498:1405])
+    assert remote["detections"] == local["detections"]
+    assert tilerec_keys(redis_server) == []
+
+
 def test_on_workers_crops_from_a_shared_tiff_are_exact_and_every_message_is_small(worker, redis_server):
     """The batch tasks read the TIFF's windows themselves, so Redis carries no pixels and MONITOR can follow every
     command (it cannot keep up with tiles going through the store)."""
@@ -380,16 +398,20 @@ def test_a_failed_crop_is_listed_and_the_others_are_read(worker, redis_server):
     assert tilerec_keys(redis_server) == []
 
 
-def test_a_second_finish_of_an_ended_job_leaves_its_result_alone(worker, redis_server, app):
+def test_a_second_finish_or_crop_batch_of_an_ended_job_leaves_its_result_alone(worker, redis_server, app):
     """A finish delivered again after the job's result was stored (its process died before acknowledging it) finds
-    the job's keys gone and is ignored: the stored result stays."""
+    the job's keys gone and is ignored; a crop batch delivered again then does nothing and fails nothing: the stored
+    result stays."""
     image, path = scene_file("staged-again.png", seed=13)
     job = submit(path, STAGED, batch_size=2)
     result = job.get(timeout=TIMEOUT)
     again = app.send_task("tilerec.finish", args=[path, STAGED], kwargs={"batch_size": 2}, task_id=job.id)
     wait_for(lambda: f"Task tilerec.finish[{job.id}] ignored" in Path(worker.log_file).read_text())
+    late = app.send_task("tilerec.recognize_crops", args=[job.id, 0, 2]).get(timeout=TIMEOUT)
+    assert late["crops"] == 2
     assert again.state == "SUCCESS" and job.get(timeout=5) == result
     assert_crops_exact(result, image)
+    assert tilerec_keys(redis_server) == []
 
 
 def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths(worker, redis_server):
