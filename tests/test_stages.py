@@ -332,9 +332,8 @@ def test_on_workers_crops_from_stored_tiles_are_exact_and_equal_the_in_process_r
     """A PNG is decoded band by band while its first tiles are recognized (the worker has two processes); an array
     is stored whole first: either way the crops are assembled from the stored tiles."""
     image, path = scene_file("staged-store.png", seed=5)
-    distributed = submit(path if given == "png" else image, STAGED, batch_size=2, crop_batch_size=1).get(
-        timeout=TIMEOUT
-    )
+    job = submit(path if given == "png" else image, STAGED, batch_size=2, crop_batch_size=1)
+    distributed = job.get(timeout=TIMEOUT).to_json()
     assert_crops_exact(distributed, image)
     local = pipeline.recognize_image(image, STAGED).to_json()
     assert distributed["detections"] == local["detections"]
@@ -347,7 +346,7 @@ def test_with_a_roi_crops_stop_at_its_edge_alike_in_process_and_on_workers(worke
     image, path = scene_file("staged-roi.png", seed=18)
     options = {"roi": [498, 250, 1000, 400], "pad": 5}
     local = pipeline.recognize_image(image, STAGED, **options).to_json()
-    remote = submit(path, STAGED, batch_size=1, **options).get(timeout=TIMEOUT)
+    remote = submit(path, STAGED, batch_size=1, **options).get(timeout=TIMEOUT).to_json()
     [line] = local["detections"]
     assert line["data"]["window"] == [498, 295, 907, 310]  # x clipped at the roi, y grown by the pad
     assert line["data"]["digest"] == digest(image[295:605, 498:1405])
@@ -362,7 +361,7 @@ def test_on_workers_crops_from_a_shared_tiff_are_exact_and_every_message_is_smal
     path = IMAGES_ROOT / "staged-shared.tif"
     tifffile.imwrite(path, image[:, :, ::-1], photometric="rgb", tile=(256, 256))
     with Messages(redis_server) as messages:
-        result = submit(str(path), STAGED, batch_size=3, crop_batch_size=1).get(timeout=TIMEOUT)
+        result = submit(str(path), STAGED, batch_size=3, crop_batch_size=1).get(timeout=TIMEOUT).to_json()
     assert_crops_exact(result, image)
     assert result["detections"] == pipeline.recognize_image(image, STAGED).to_json()["detections"]
     assert messages.names.count("tilerec.recognize_crops") == len(RECTS)
@@ -375,7 +374,7 @@ def test_on_workers_crops_from_a_shared_tiff_are_exact_and_every_message_is_smal
 
 def test_a_one_batch_job_runs_its_second_stage_on_the_tiling_task(worker, redis_server):
     image, path = scene_file("staged-one.png", seed=7)
-    result = submit(path, STAGED, batch_size=len(grid(1200, 1600))).get(timeout=TIMEOUT)
+    result = submit(path, STAGED, batch_size=len(grid(1200, 1600))).get(timeout=TIMEOUT).to_json()
     assert_crops_exact(result, image)
     assert tilerec_keys(redis_server) == []
 
@@ -386,7 +385,7 @@ def test_a_failed_crop_is_listed_and_the_others_are_read(worker, redis_server):
     scene.image[320, 700] = RED  # inside the large rectangle: its crop fails, its tiles do not
     path = IMAGES_ROOT / "staged-red.png"
     cv2.imwrite(str(path), scene.image)
-    result = submit(str(path), STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT)
+    result = submit(str(path), STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT).to_json()
     failed = result["second_stage"]["failed_crops"]
     assert [(f["box"], f["error"]) for f in failed] == [([500, 300, 900, 300], "ValueError: a red pixel in this crop")]
     assert failed[0]["window"] == [497, 297, 906, 306]
@@ -404,12 +403,12 @@ def test_a_second_finish_or_crop_batch_of_an_ended_job_leaves_its_result_alone(w
     result stays."""
     image, path = scene_file("staged-again.png", seed=13)
     job = submit(path, STAGED, batch_size=2)
-    result = job.get(timeout=TIMEOUT)
+    result = job.get(timeout=TIMEOUT).to_json()
     again = app.send_task("tilerec.finish", args=[path, STAGED], kwargs={"batch_size": 2}, task_id=job.id)
     wait_for(lambda: f"Task tilerec.finish[{job.id}] ignored" in Path(worker.log_file).read_text())
     late = app.send_task("tilerec.recognize_crops", args=[job.id, 0, 2]).get(timeout=TIMEOUT)
     assert late["crops"] == 2
-    assert again.state == "SUCCESS" and job.get(timeout=5) == result
+    assert again.state == "SUCCESS" and job.get(timeout=5).to_json() == result
     assert_crops_exact(result, image)
     assert tilerec_keys(redis_server) == []
 
@@ -420,7 +419,7 @@ def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths
     scene.image[920, 1250] = GREEN  # inside the third rectangle: only its crop has it
     path = IMAGES_ROOT / "staged-green.png"
     cv2.imwrite(str(path), scene.image)
-    result = submit(str(path), STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT)
+    result = submit(str(path), STAGED, batch_size=2, crop_batch_size=1).get(timeout=TIMEOUT).to_json()
     failed = result["second_stage"]["failed_crops"]
     assert [(f["box"], f["error"]) for f in failed] == [
         ([1200, 900, 200, 100], "gave up: the worker process died all 3 times it ran this crop")
@@ -434,7 +433,7 @@ def test_a_crop_that_kills_its_process_every_time_fails_alone_after_three_deaths
 def test_a_grey_recognizer_s_crops_are_grey_from_its_grey_tiles(worker, redis_server):
     image, path = scene_file("staged-grey.png", seed=17)
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    result = submit(path, "tests.staged:GREY_BLOBS", batch_size=2).get(timeout=TIMEOUT)
+    result = submit(path, "tests.staged:GREY_BLOBS", batch_size=2).get(timeout=TIMEOUT).to_json()
     assert measured(result) == expected(grey)
     assert result["detections"] == pipeline.recognize_image(image, "tests.staged:GREY_BLOBS").to_json()["detections"]
     assert tilerec_keys(redis_server) == []
@@ -445,7 +444,7 @@ def test_a_finish_gets_the_resource_its_job_names_from_the_registered_loader(wor
     loader tests.staged registers; a set that is not there fails the job with the loader's words."""
     _, path = scene_file("staged-labels.png", seed=16)
     redis_server.client().set("tilerec:test:labels:sizes", json.dumps({"2000": "small", "270000": "large"}))
-    result = submit(path, STAGED, labels="sizes", batch_size=2).get(timeout=TIMEOUT)
+    result = submit(path, STAGED, labels="sizes", batch_size=2).get(timeout=TIMEOUT).to_json()
     names = {tuple(int(v) for v in d["box"]): d["data"]["name"] for d in result["detections"]}
     assert names == {RECTS[0]: "small", RECTS[1]: "large", RECTS[2]: "unknown", RECTS[3]: "unknown"}
     with pytest.raises(Exception, match="no label set named 'nope'"):
@@ -473,7 +472,7 @@ def test_a_process_killed_in_the_second_stage_changes_nothing(worker, redis_serv
         os.kill(held(flag)[0], signal.SIGKILL)  # mid-crop: its batch goes back to the queue and runs again
     finally:
         flag.unlink(missing_ok=True)
-    result = job.get(timeout=TIMEOUT)
+    result = job.get(timeout=TIMEOUT).to_json()
     for marker in IMAGES_ROOT.glob("hold-kill.*"):
         marker.unlink()
     assert_crops_exact(result, image)
@@ -512,7 +511,7 @@ def test_blank_tiles_are_skipped_alike_and_crops_reaching_into_them_stay_exact(w
     path = IMAGES_ROOT / "staged-blank.png"
     cv2.imwrite(str(path), image)
     local = pipeline.recognize_image(image, STAGED, skip_blank=True, pad=300).to_json()
-    remote = submit(str(path), STAGED, skip_blank=True, pad=300, batch_size=2).get(timeout=TIMEOUT)
+    remote = submit(str(path), STAGED, skip_blank=True, pad=300, batch_size=2).get(timeout=TIMEOUT).to_json()
     assert remote["tiling"]["skipped"] == local["tiling"]["skipped"] > 0
     assert remote["detections"] == local["detections"]
     assert measured(remote) == expected(image, rects, pad=300)

@@ -37,7 +37,7 @@ def summary_row(outcome: Completed) -> dict[str, str]:
     if result is None:
         return {**cells, "detections": "failed", "per label": "", "tiles": "", "batches": "", "tasks": ""}
     failed = len(result.failed_tiles)
-    crops_failed = len(result.second_stage.failed_crops) if result.second_stage else 0
+    crops_failed = len(result.second_stage.failed_crops) if result.second_stage is not None else 0
     return {
         **cells,
         "detections": str(len(result.detections)) + (f" ({crops_failed} crops failed)" if crops_failed else ""),
