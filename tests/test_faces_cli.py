@@ -105,3 +105,17 @@ def test_the_gallery_commands_on_a_cluster_given_by_broker(worker, redis_server,
     assert [p["images"] for p in listed["people"]] == [["uploaded photo"]], "uploaded: the workers need no path"
     ok(tilerec(tmp_path, "gallery", "remove", "Joe", "--gallery", "cli-tests", "--broker", url))
     assert list(redis_server.client().scan_iter("tilerec:gallery:cli-tests:*")) == []
+
+
+def test_a_resumed_run_groups_its_new_faces_with_those_of_before(tmp_path):
+    photos, local, run = tmp_path / "photos", tmp_path / "local", tmp_path / "run"
+    photos.mkdir()
+    for name in ("obama", "biden"):
+        shutil.copy(PEOPLE / f"{name}.jpg", photos)
+    args = ("run", str(photos), "-r", "faces-dnn", "--identify", "family", "--out", str(run), "-q", "--workers", "2")
+    ok(tilerec(local, *args))
+    shutil.copy(PEOPLE / "obama3.jpg", photos)  # another photo of the same person, run only by the resume
+    ok(tilerec(local, *args, "--resume"))
+    assert identities(run) == {"biden": ["unknown-1"], "obama": ["unknown-2"], "obama3": ["unknown-2"]}
+    with np.load(run / "faces.npz") as kept:
+        assert sorted(Path(image).name for image in kept["images"]) == ["biden.jpg", "obama.jpg", "obama3.jpg"]
