@@ -91,6 +91,7 @@ def plan(
     min_batches: int = 16,
     taper: bool = True,
     row_by_row: bool = False,
+    processes: int = 0,
 ) -> list[list[Window]]:
     """The tile grid cut into batches: `batch_size` tiles each, or (auto) about `target_batch_ms` of work per batch
     and at least `min_batches` batches, with a tapered tail so the workers finish together (`taper=False`: one
@@ -99,19 +100,21 @@ def plan(
     (`tiling.row_batches`).
 
     `tile_cost_ms` is what a 640x640 tile costs, measured on earlier jobs; by default the recognizer's estimate.
+    `processes`: the cluster's tile processes (0: unknown), so a big job gets a few large batches per process
+    (`tiling.auto_batch_size`) and a tail of small ones for each process (`tiling.tapered_sizes`).
     A recognizer's `batch` parameter (tiles per forward pass) rounds auto batches up to whole passes."""
     windows = windows_of(height, width, options)
     if options.batch_size is not None:
         return batches(windows, options.batch_size)
     per_640 = spec_of(options.recognizer).cost_ms if tile_cost_ms is None else tile_cost_ms
     cost = per_640 * windows[0].width * windows[0].height / (640 * 640)
-    size = auto_batch_size(len(windows), cost, target_batch_ms, min_batches)
+    size = auto_batch_size(len(windows), cost, target_batch_ms, min_batches, processes)
     per_pass = options.params.get("batch", 1)  # a recognizer's `batch` parameter: tiles per forward pass
     if isinstance(per_pass, int) and per_pass > 1:  # whole passes per task, the last one of the image aside
         size = -(-size // per_pass) * per_pass
     if row_by_row:
-        return row_batches(windows, size, taper)
-    return tapered_batches(windows, size) if taper else batches(windows, size)
+        return row_batches(windows, size, taper, max(1, processes))
+    return tapered_batches(windows, size, max(1, processes)) if taper else batches(windows, size)
 
 
 def measured_tile_cost(seconds: list[float], height: int, width: int, options: JobOptions) -> float | None:

@@ -16,12 +16,9 @@ READABLE = ("tilerec/recognition@1", SCHEMA)  # @1 results have no optional colu
 
 
 def _object_array(values: Iterable[Any], length: int) -> np.ndarray:
-    values = list(values)
-    if len(values) != length:
-        raise ValueError(f"all detection columns must have the same length ({len(values)} != {length})")
-    array = np.empty(length, dtype=object)
-    for index, value in enumerate(values):  # element by element: equal-shaped arrays must not broadcast
-        array[index] = value
+    array = np.fromiter(values, dtype=object)  # one element per value: equal-shaped arrays must not broadcast
+    if len(array) != length:
+        raise ValueError(f"all detection columns must have the same length ({len(array)} != {length})")
     return array
 
 

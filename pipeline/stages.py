@@ -247,7 +247,8 @@ def crop_spans(
     if size is None:
         smallest = min(count, math.ceil(target_ms / 4 / max(cost_ms, 1e-3)))
         size = max(auto_batch_size(count, cost_ms, target_ms, least), smallest)
-        sizes = tapered_sizes(count, size, smallest) if least > 1 else [size] * (count // size) + [count % size]
+        whole = [size] * (count // size) + [count % size]
+        sizes = tapered_sizes(count, size, smallest=smallest) if least > 1 else whole
     else:
         sizes = [size] * (count // size) + [count % size]
     spans, start = [], 0

@@ -78,29 +78,45 @@ def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list
     return windows
 
 
-def auto_batch_size(tiles: int, tile_cost_ms: float, target_batch_ms: float = 400.0, min_batches: int = 16) -> int:
+SHARES_PER_PROCESS = 8  # a big job's full batches per tile process of the cluster (then the tapered tail)
+MAX_BATCH_MS = 10_000.0  # ... each holding at most this much work: a cluster that grows mid-job still gets batches
+
+
+def auto_batch_size(
+    tiles: int, tile_cost_ms: float, target_batch_ms: float = 400.0, min_batches: int = 16, processes: int = 0
+) -> int:
     """Tiles per batch: enough that a batch's work (`target_batch_ms`) dwarfs a task's own cost, yet at least
-    `min_batches` batches (where there are that many tiles) so every worker gets a share."""
+    `min_batches` batches (where there are that many tiles) so every worker gets a share.
+
+    `processes`, the tile processes of the whole cluster (0: unknown): a job with more work than SHARES_PER_PROCESS
+    such batches per process gets larger ones (up to MAX_BATCH_MS of work), SHARES_PER_PROCESS per process. Every
+    task costs Celery and Redis the same whatever its size, so at many processes small batches only multiply that
+    cost (docs/scaling.md); the tapered tail still lets the processes finish together."""
     by_cost = max(1, math.ceil(target_batch_ms / max(tile_cost_ms, 1e-3)))
     by_spread = max(1, math.ceil(tiles / min_batches))
-    return min(by_cost, by_spread)
+    by_share = math.ceil(tiles / (SHARES_PER_PROCESS * processes)) if processes > 0 else 1
+    by_share = min(by_share, max(1, math.floor(MAX_BATCH_MS / max(tile_cost_ms, 1e-3))))
+    return min(max(by_cost, by_share), by_spread)
 
 
 def batches(windows: list[Window], size: int) -> list[list[Window]]:
     return [windows[start : start + size] for start in range(0, len(windows), size)]
 
 
-def tapered_sizes(total: int, size: int, smallest: int = 1) -> list[int]:
-    """Batch sizes summing to `total`: `size` each, except a tail of halving batches (…, size/4, size/2… 2, 1), the
-    last of them `smallest` (where a batch must hold some work to be worth its task).
+def tapered_sizes(total: int, size: int, lanes: int = 1, smallest: int = 1) -> list[int]:
+    """Batch sizes summing to `total`: `size` each, except a tail of halving batches (…, size/4, size/2… 2, 1),
+    `lanes` of each size (the processes that will be finishing together; 1: as many as the halvings), the last of
+    them `smallest` (where a batch must hold some work to be worth its task).
 
     Workers take batches in order, so the last ones decide when a job ends; small last batches let every worker
-    finish at about the same time (guided self-scheduling) for a few more batches: about log2(size). A first batch
-    smaller than `size` takes the remainder."""
+    finish at about the same time (guided self-scheduling) for a few more batches: about lanes × log2(size). A
+    first batch smaller than `size` takes the remainder."""
     tail, part, left = [], smallest, total
     while part < size and left > 0:
-        tail.append(min(part, left))
-        left -= tail[-1]
+        for _ in range(lanes):
+            if left > 0:
+                tail.append(min(part, left))
+                left -= tail[-1]
         part *= 2
     body = [size] * (left // size)
     if left % size:
@@ -108,10 +124,10 @@ def tapered_sizes(total: int, size: int, smallest: int = 1) -> list[int]:
     return body + tail[::-1]
 
 
-def tapered_batches(windows: list[Window], size: int) -> list[list[Window]]:
+def tapered_batches(windows: list[Window], size: int, lanes: int = 1) -> list[list[Window]]:
     """`windows` cut into consecutive batches of `tapered_sizes`."""
     cut, start = [], 0
-    for length in tapered_sizes(len(windows), size):
+    for length in tapered_sizes(len(windows), size, lanes):
         cut.append(windows[start : start + length])
         start += length
     return cut
@@ -122,7 +138,7 @@ def row_ends(windows: list[Window]) -> set[int]:
     return {w.index + 1 for w, after in itertools.pairwise([*windows, None]) if after is None or after.y != w.y}
 
 
-def row_batches(windows: list[Window], size: int, taper: bool = True) -> list[list[Window]]:
+def row_batches(windows: list[Window], size: int, taper: bool = True, lanes: int = 1) -> list[list[Window]]:
     """`windows` (in grid order) cut into batches of at most `size` that never span two rows of tiles; the last row
     tapered as `tapered_batches` (with `taper`).
 
@@ -133,4 +149,4 @@ def row_batches(windows: list[Window], size: int, taper: bool = True) -> list[li
     if not rows:
         return []
     cut = [batch for row in rows[:-1] for batch in batches(row, size)]
-    return cut + (tapered_batches(rows[-1], size) if taper else batches(rows[-1], size))
+    return cut + (tapered_batches(rows[-1], size, lanes) if taper else batches(rows[-1], size))

@@ -18,10 +18,12 @@ from pipeline.recognizers import limit_threads, restrict_file_params
 from pipeline.recognizers.dnn import configure_execution, current_execution
 from tasks import store
 from tasks.leases import Leases
+from tasks.roster import Roster
 
 app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(Leases)
+app.steps["consumer"].add(Roster)
 
 
 @dataclass(frozen=True)

@@ -271,11 +271,14 @@ def _spans(
     client: redis.Redis, options: JobOptions, height: int, width: int, row_by_row: bool = False
 ) -> list[tuple[int, int]]:
     """The job's batches as [first, stop) tile ranges, sized from what tiles cost this recognizer in earlier jobs."""
-    measured = store.get_tile_cost(client, options.recognizer, options.params)
+    # a job of one tile has nothing to size or spread: no round trips for the cost or the cluster (tasks/roster.py)
+    several = len(windows_of(height, width, options)) > 1
+    measured = store.get_tile_cost(client, options.recognizer, options.params) if several else None
+    processes = store.tile_processes(client) if several else 0
     least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()
     # one batch wanted: no job to balance over processes, so no tapered tail of small batches either
     planned = plan(height, width, options, measured, settings().batch_target_ms, least, taper=least > 1,
-                   row_by_row=row_by_row)  # fmt: skip
+                   row_by_row=row_by_row, processes=processes)  # fmt: skip
     return [(batch[0].index, batch[-1].index + 1) for batch in planned]
 
 

@@ -16,6 +16,7 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
                              by the merge for the crop batches and the final callback (the tiles stay until then)
     tilerec:job:J:crops      its number of crops
     tilerec:job:J:crop_records  hash: crop K -> its outcome (pipeline.stages.CropOutcome, JSON)
+The nodes that take tiles, each with its pool size: tilerec:tile-processes (a sorted set, tasks/roster.py).
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
 (ms per 640x640 tile, a week), and a second stage's: tilerec:cost:<recognizer>#crops:<parameters hash> (ms per
 crop). Results too large for the result backend: tilerec:result:<job id>.
@@ -306,6 +307,33 @@ def _unlink(client: redis.Redis, keys: list[str]) -> None:
     """Delete keys without blocking Redis on their values (UNLINK), 1000 a command."""
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
+
+
+ROSTER_KEY = f"{PREFIX}:tile-processes"
+
+
+def roster_member(node: str, processes: int) -> str:
+    """A node's entry in the roster: its pool size and its name."""
+    return f"{processes}@{node}"
+
+
+def announce_processes(client: redis.Redis, member: str, ttl: float) -> None:
+    """The node of `member` takes tiles for the next `ttl` seconds; entries that lapsed go."""
+    now = time.time()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zadd(ROSTER_KEY, {member: now + ttl})
+        pipe.zremrangebyscore(ROSTER_KEY, "-inf", now)
+        pipe.expire(ROSTER_KEY, int(ttl) + 1)
+        pipe.execute()
+
+
+def withdraw_processes(client: redis.Redis, member: str) -> None:
+    client.zrem(ROSTER_KEY, member)
+
+
+def tile_processes(client: redis.Redis) -> int:
+    """The tile processes of the nodes whose announcement has not lapsed (0: none announced)."""
+    return sum(int(member.split(b"@", 1)[0]) for member in client.zrangebyscore(ROSTER_KEY, time.time(), "+inf"))
 
 
 COST_TTL = 7 * 24 * 3600

@@ -132,6 +132,27 @@ def test_idle_time_is_split_into_before_between_and_after_each_process_tasks():
     assert math.isclose(idle["idle_between"], 0.5 + 0.1)
 
 
+def test_the_scale_bench_measures_a_cluster_of_several_nodes(tmp_path):
+    from bench.scale import main as scale
+
+    results = scale(["--processes", "3", "--per-node", "2", "--tiles", "8", "--jobs", "4", "--latency-jobs", "2",
+                     "--tile-ms", "20", "--detections", "3000", "--out", str(tmp_path)])  # fmt: skip
+    [row] = results["sizes"]
+    assert row["nodes"] == [2, 1]  # 3 processes as nodes of at most 2
+    big = row["big_job"]
+    assert big["tiles"] == 9  # a 3 x 3 grid holds 8 tiles; each found its one box, checked by the bench itself
+    assert big["efficiency"] > 0 and math.isclose(big["ideal_s"], 9 * 0.020 / 3)
+    assert set(big["lost"]) == {"lead", "between", "in_batch", "tail", "unused_processes"}
+    usage = big["usage"]
+    assert usage["commands"]["evalsha"] >= big["batches"]  # Celery counts every batch for the chord
+    assert usage["per_tile"]["commands"] > 0 and usage["cpu_s"]["redis"] >= 0
+    assert row["small_jobs"]["jobs"] == 4 and row["small_jobs"]["latency_p50_s"] >= 0.020
+    merge = results["merge"]
+    assert merge["detections_out"] < merge["detections_in"]  # objects in the overlaps come two to four times
+    assert 2000 < merge["detections_in"] < 4000 and merge["redis_mb"] > 0
+    assert (tmp_path / "results.json").exists()
+
+
 def test_every_module_the_bench_imports_comes_with_the_bench_extra():
     """`pip install '.[bench]'` is enough for every `python -m bench.X`: each third-party module a bench module
     imports, at its top or inside a function, is a dependency of tilerec or of its bench extra."""

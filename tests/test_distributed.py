@@ -147,5 +147,7 @@ def test_auto_batches_are_sized_from_what_earlier_tiles_cost(worker, redis_serve
     store.record_tile_cost(client, "aruco", params, 0.001)  # now nearly free: the floor of batches decides
     cheap = recognize.delay(scene_path, "aruco").get(timeout=TIMEOUT)
     least = BATCHES_PER_PROCESS * worker.concurrency  # auto: 4 per process of the tiling node
-    assert cheap["tiling"]["batches"] == len(tapered_sizes(tiles, math.ceil(tiles / least)))
+    lanes = store.tile_processes(client)  # the nodes taking tiles (tasks/roster.py): a tail for each process
+    assert lanes >= worker.concurrency
+    assert cheap["tiling"]["batches"] == len(tapered_sizes(tiles, math.ceil(tiles / least), lanes))
     assert cheap["detections"] == first["detections"]

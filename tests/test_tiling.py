@@ -117,6 +117,24 @@ def test_auto_batch_size_groups_cheap_tiles_but_keeps_workers_busy():
     assert auto_batch_size(tiles=1, tile_cost_ms=1.5) == 1
 
 
+def test_auto_batch_size_gives_a_big_job_a_few_batches_per_process_of_the_cluster():
+    # 10,000 tiles of 200 ms: 2 a batch by cost (400 ms); 64 processes take 8 batches each of 20 tiles (4 s)
+    assert auto_batch_size(tiles=10000, tile_cost_ms=200, min_batches=32) == 2
+    assert auto_batch_size(tiles=10000, tile_cost_ms=200, min_batches=32, processes=64) == 20  # ceil(10000 / 512)
+    # 2 processes: 625 tiles each would be 125 s a batch; 10 s at most (50 tiles), so a growing cluster gets some
+    assert auto_batch_size(tiles=10000, tile_cost_ms=200, min_batches=8, processes=2) == 50
+    # a small job stays in 400 ms batches, and the tiling node's spread still caps a batch
+    assert auto_batch_size(tiles=300, tile_cost_ms=200, min_batches=32, processes=64) == 2
+    assert auto_batch_size(tiles=10000, tile_cost_ms=200, min_batches=1000, processes=4) == 10  # ceil(10000 / 1000)
+
+
+def test_a_tail_of_halving_batches_for_each_process_that_finishes_together():
+    # 3 processes: three batches of each halving, 3 * (8 + 4 + 2 + 1) = 45; then 3 * 16, and the remainder first
+    assert tapered_sizes(100, 16, lanes=3) == [7] + [16] * 3 + [8] * 3 + [4] * 3 + [2] * 3 + [1] * 3
+    assert tapered_sizes(5, 16, lanes=4) == [1] * 5  # too few tiles for every lane: what there is
+    assert tapered_sizes(256, 16, lanes=1) == tapered_sizes(256, 16)
+
+
 def test_tapered_sizes_end_in_halving_batches_and_cover_everything():
     # 256 = 1 + 15 * 16 + (8 + 4 + 2 + 1): the tail halves down to one tile, the remainder goes first
     assert tapered_sizes(256, 16) == [1] + [16] * 15 + [8, 4, 2, 1]

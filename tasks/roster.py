@@ -1,0 +1,67 @@
+"""The cluster's tile processes, counted where jobs are planned.
+
+Every node that takes the tiles queue announces its pool size in the tile store as it starts and every few seconds
+after (`store.announce_processes`: a sorted set scored by when each announcement lapses), and withdraws it as it
+stops. A tiling task reads the sum (`store.tile_processes`, one round trip) and cuts a big job into a few batches
+per process of the whole cluster rather than many small ones (`pipeline.tiling.auto_batch_size`): every batch is a
+Celery task, whose result, chord count and acknowledgement cost the same whatever its size (docs/scaling.md).
+A node that dies stops announcing and drops out of the count within ANNOUNCE_TTL_S.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from tasks import store
+
+ANNOUNCE_EVERY_S = 5.0
+ANNOUNCE_TTL_S = 3 * ANNOUNCE_EVERY_S  # two missed announcements do not drop a live node
+
+log = logging.getLogger(__name__)
+
+
+class Roster(bootsteps.StartStopStep):
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, consumer: Any, **_: Any) -> None:
+        self.timer: Any = None
+        self.member: str | None = None
+
+    def start(self, consumer: Any) -> None:
+        if consumer.app.conf.tiles_queue not in consumer.app.amqp.queues.consume_from:
+            return  # takes no tiles: not a process a job's batches can go to
+        self.announce(consumer)
+        self.timer = consumer.timer.call_repeatedly(ANNOUNCE_EVERY_S, self.announce, (consumer,))
+
+    def stop(self, consumer: Any) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.member is not None:
+            try:
+                store.withdraw_processes(_client(), self.member)
+            except Exception as error:  # it lapses on its own
+                log.warning("could not withdraw %s from the roster: %s", consumer.hostname, error)
+            self.member = None
+
+    shutdown = stop
+
+    def announce(self, consumer: Any) -> None:
+        try:
+            member = store.roster_member(consumer.hostname, int(consumer.pool.num_processes))
+            client = _client()
+            if self.member not in (None, member):  # the pool was resized
+                store.withdraw_processes(client, self.member)
+            store.announce_processes(client, member, ANNOUNCE_TTL_S)
+            self.member = member
+        except Exception as error:  # the next announcement tries again; the event loop must go on
+            log.warning("could not announce %s's processes: %s", consumer.hostname, error)
+
+
+def _client() -> Any:
+    from tasks.celery import store_client  # not at import: tasks.celery adds this step
+
+    return store_client()
