@@ -236,19 +236,21 @@ def plan_crops(detections: Detections, stage: SecondStage, bounds: Window, max_c
 
 
 def crop_spans(
-    count: int, cost_ms: float, target_ms: float, least: int, size: int | None = None
+    count: int, cost_ms: float, target_ms: float, least: int, size: int | None = None, processes: int = 0
 ) -> list[tuple[int, int]]:
-    """Crops [0, count) cut into batches as `[first, stop)` ranges: `size` each, or (None) about `target_ms` of
-    work each and at least `least` batches, the last ones tapered so the processes finish together; but no batch
-    but the first (the remainder) holds less than a quarter of `target_ms` (cheap crops: a task's own cost must stay
-    a small share of its work)."""
+    """Crops [0, count) cut into batches as `[first, stop)` ranges: `size` each, or (None) as tile batches are
+    (`tiling.auto_batch_size`: about `target_ms` of work each, at least `least` batches, larger ones for a big job
+    on a cluster of `processes` tile processes, the last ones tapered for each process so they finish together); but
+    no batch but the first (the remainder) holds less than a quarter of `target_ms` (cheap crops: a task's own cost
+    must stay a small share of its work)."""
     if count == 0:
         return []
     if size is None:
         smallest = min(count, math.ceil(target_ms / 4 / max(cost_ms, 1e-3)))
-        size = max(auto_batch_size(count, cost_ms, target_ms, least), smallest)
-        whole = [size] * (count // size) + [count % size]
-        sizes = tapered_sizes(count, size, smallest=smallest) if least > 1 else whole
+        size = max(auto_batch_size(count, cost_ms, target_ms, least, processes), smallest)
+        lanes = max(1, processes)
+        sizes = (tapered_sizes(count, size, lanes, smallest) if least > 1
+                 else [size] * (count // size) + [count % size])  # fmt: skip
     else:
         sizes = [size] * (count // size) + [count % size]
     spans, start = [], 0

@@ -557,7 +557,8 @@ def _crop_spans(client: redis.Redis, options: JobOptions, stage: SecondStage, cr
     least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()
     measured = store.get_tile_cost(client, _crops_of(options), options.params)
     cost = stage.cost_ms if measured is None else measured
-    return crop_spans(crops, cost, settings().batch_target_ms, least, options.crop_batch_size)
+    processes = store.tile_processes(client)
+    return crop_spans(crops, cost, settings().batch_target_ms, least, options.crop_batch_size, processes)
 
 
 def _crops_of(options: JobOptions) -> str:
