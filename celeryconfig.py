@@ -62,6 +62,10 @@ task_routes = {
     "tilerec.recognize_tiles": {"queue": tiles_queue},
     "tilerec.recognize_crops": {"queue": tiles_queue},  # a second stage's crop batches: recognition work
     "tilerec.finish": {"queue": jobs_queue, "priority": 0},
+    # a video job's tasks go where an image job's do: its segments are its tile batches
+    "tilerec.recognize_video": {"queue": jobs_queue, "priority": 4},
+    "tilerec.merge_video": {"queue": jobs_queue, "priority": 0},
+    "tilerec.recognize_segment": {"queue": tiles_queue},
 }
 
 # A task is acknowledged after it ran, and handed back if its worker dies, so no tile is lost to a crash.

@@ -1,5 +1,6 @@
 """tilerec's library: tiling, image loading, recognizers, merging and the result model. No Celery here."""
 
+from pipeline.clips import recognize_video
 from pipeline.images import ImageError
 from pipeline.inference import recognize_image
 from pipeline.model import Detections, Recognition
@@ -20,4 +21,5 @@ __all__ = [
     "grid",
     "parse_options",
     "recognize_image",
+    "recognize_video",
 ]

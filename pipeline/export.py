@@ -9,12 +9,15 @@ with holes, which polygons cannot express), `keypoints` with `num_keypoints` and
 non-COCO fields `obb`, `class_id` and `data`; a box-only detection's record is just the four fields above.
 
 GeoJSON export (`geojson_document`): one polygon feature per detection, on the map of a georeferenced raster.
+
+Video results: MOTChallenge text (`mot_lines`), and JSON lines per frame (`frame_lines`).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -344,3 +347,18 @@ def geojson_document(
     if not to_wgs84 and len(codes) == 1 and (code := codes.pop()) is not None:
         collection["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{code}"}}
     return collection
+
+
+def mot_lines(result: dict[str, Any]) -> Iterator[str]:
+    """A video result's tracks as MOTChallenge text lines, frame by frame: `frame,id,x,y,w,h,score,-1,-1,-1` with
+    1-based frame numbers (the benchmark's convention; tilerec's own are 0-based)."""
+    rows = sorted((row[0], track["id"], row) for track in result["tracks"] for row in track["frames"])
+    for frame, track, (_, x, y, w, h, score) in rows:
+        yield f"{frame + 1},{track},{x:g},{y:g},{w:g},{h:g},{score:g},-1,-1,-1"
+
+
+def frame_lines(result: dict[str, Any]) -> Iterator[str]:
+    """A video result as JSON lines, one per recognized frame: {"frame", "time", "detections"} with each
+    detection's `track`."""
+    for frame in result["per_frame"]:
+        yield json.dumps(frame, separators=(",", ":"))

@@ -218,3 +218,70 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         max_crops=None if options.get("max_crops") is None else _whole("max_crops", options["max_crops"], 1),
         crop_batch_size=_batch_size("crop_batch_size", options.get("crop_batch_size")),
     )
+
+
+VIDEO_OPTIONS = ("step", "fps", "start", "end", "tiled", "segment_frames", "frame_rate")
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """A video job's options: how each frame is recognized (`frame`, an image job's options) and which frames."""
+
+    frame: JobOptions
+    step: int = 1  # every step-th frame of the time range
+    fps: float | None = None  # instead of step: this many frames per second of the clip, evenly in time
+    start: float = 0.0  # seconds from the first frame
+    end: float | None = None  # seconds; None: to the end
+    tiled: bool = True  # False: each frame recognized whole (its roi), one window
+    segment_frames: int | None = None  # recognized frames per segment task; None: chosen from the clip
+    frame_rate: float | None = None  # a folder of frames' rate (default 30)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "frame": self.frame.to_json()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VideoOptions:
+        return cls(**{**data, "frame": JobOptions.from_json(data["frame"])})
+
+
+def _seconds(name: str, value: Any, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise OptionsError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _rate(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise OptionsError(f"{name} must be a number of frames per second above 0, got {value!r}")
+    return float(value)
+
+
+def parse_video_options(recognizer: Any = "faces", options: Mapping[str, Any] | None = None) -> VideoOptions:
+    """VideoOptions from a caller's keyword options: the video ones by name (VIDEO_OPTIONS), the rest as for an
+    image (`parse_options`)."""
+    options = dict(options or {})
+    video = {name: options.pop(name) for name in VIDEO_OPTIONS if name in options}
+    frame = parse_options(recognizer, options)
+    if video.get("step") is not None and video.get("fps") is not None:
+        raise OptionsError("give step or fps, not both (fps picks the frames by time)")
+    tiled = video.get("tiled", True)
+    if not isinstance(tiled, bool):
+        raise OptionsError(f"tiled must be true or false, got {tiled!r}")
+    start, end = _seconds("start", video.get("start", 0.0), False), _seconds("end", video.get("end"), True)
+    if end is not None and end <= start:
+        raise OptionsError(f"end ({end} s) must be after start ({start} s)")
+    segment_frames = video.get("segment_frames")
+    return VideoOptions(
+        frame=frame,
+        step=_whole("step", video.get("step") or 1, 1),
+        fps=_rate("fps", video.get("fps")),
+        start=start or 0.0,
+        end=end,
+        tiled=tiled,
+        segment_frames=None if segment_frames is None else _whole("segment_frames", segment_frames, 1),
+        frame_rate=_rate("frame_rate", video.get("frame_rate")),
+    )

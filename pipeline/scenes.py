@@ -423,3 +423,50 @@ def placement_of(truth: Truth, width: int, height: int, tile: int = 640, overlap
     xs, ys = _tile_starts(width, height, tile, overlap)
     cut = _cut_along(x, w, xs, min(tile, width)) or _cut_along(y, h, ys, min(tile, height))
     return "seam" if cut else "inside"
+
+
+@dataclass(frozen=True)
+class Mover:
+    """A sticker moving in a straight line at whole pixels per frame; after `turn` frames (if set) it goes back the
+    way it came, so one that left the frame comes back into it."""
+
+    sticker: Sticker
+    start: tuple[int, int]  # the sticker picture's top-left corner at frame 0
+    velocity: tuple[int, int]  # pixels per frame
+    turn: int | None = None
+
+    def at(self, frame: int) -> tuple[int, int]:
+        """The sticker picture's top-left corner at `frame`."""
+        steps = frame if self.turn is None or frame <= self.turn else 2 * self.turn - frame
+        return self.start[0] + self.velocity[0] * steps, self.start[1] + self.velocity[1] * steps
+
+
+@dataclass(frozen=True)
+class MovingTruth:
+    """Where a mover's code is in one frame, and whether its quiet zone is whole there too (a reader needs it: the
+    code is certain to be read only then)."""
+
+    frame: int
+    truth: Truth
+    whole: bool
+
+
+def moving_frame(width: int, height: int, movers: list[Mover], frame: int,
+                 background: int = 160) -> tuple[np.ndarray, list[MovingTruth]]:  # fmt: skip
+    """One grey frame with every mover pasted where it is at `frame` (cut at the frame's edges), and the truth of
+    each code wholly inside the frame."""
+    image = np.full((height, width), background, np.uint8)
+    truths = []
+    for mover in movers:
+        picture = mover.sticker.picture
+        x, y = mover.at(frame)
+        h, w = picture.shape
+        x1, y1, x2, y2 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+        if x1 < x2 and y1 < y2:
+            image[y1:y2, x1:x2] = picture[y1 - y : y2 - y, x1 - x : x2 - x]
+        bx, by, bw, bh = mover.sticker.box
+        box = (x + bx, y + by, bw, bh)
+        if box[0] >= 0 and box[1] >= 0 and box[0] + bw <= width and box[1] + bh <= height:
+            whole = x >= 0 and y >= 0 and x + w <= width and y + h <= height
+            truths.append(MovingTruth(frame, Truth(mover.sticker.label, box, mover.sticker.text), whole))
+    return image, truths

@@ -24,6 +24,7 @@ from pipeline.remote import is_url
 from tasks import gallery, store
 from tasks.celery import settings, store_client
 from tasks.jobs import recognize
+from tasks.video import recognize_video
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)  # a Redis restarting, loading its data or failing over
 LOST_AFTER_S = 10.0  # a planned job whose keys are gone this long, with no result, is lost
@@ -63,7 +64,7 @@ class Job:
 
         Never goes backwards, though the merge deletes the job's counters just before the result lands."""
         if self.result.successful():
-            self._total = int(self.result.info["tiling"]["tiles"])
+            self._total = _units(self.result.info)
             self._done = self._total
             return self._done, self._total
         done, total = store.progress(store_client(), self.id)
@@ -105,7 +106,7 @@ class Job:
         while True:
             try:
                 if self.result.ready():
-                    return fetch_result(self.result.get(timeout=1))
+                    return self._read(self.result.get(timeout=1))
                 if time.monotonic() - looked > 1.0:
                     looked = time.monotonic()
                     self.progress()
@@ -122,6 +123,27 @@ class Job:
 
     def cancel(self) -> None:
         cancel(self.id)
+
+    def _read(self, result: dict[str, Any]) -> Any:
+        return fetch_result(result)
+
+
+class ClipJob(Job):
+    """A submitted video job (`submit_video`): progress in frames; `get` gives its result document (JSON: its
+    `per_frame` detections and `tracks`, docs/video.md)."""
+
+    def get(self, timeout: float | None = None, interval: float = 0.1) -> dict[str, Any]:  # type: ignore[override]
+        return super().get(timeout, interval)
+
+    def _read(self, result: dict[str, Any]) -> dict[str, Any]:
+        return fetch_document(result)
+
+
+def _units(result: dict[str, Any]) -> int:
+    """What a finished job's progress counted: a video's frames recognized (or failed), an image's tiles."""
+    if "frames" in result:
+        return int(result["frames"]["processed"]) + int(result["frames"]["failed"])
+    return int(result["tiling"]["tiles"])
 
 
 def fetch_document(result: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +192,27 @@ def submit(image: str | bytes | np.ndarray, recognizer: str = "faces", **options
     """Submit `tilerec.recognize`. A path (or `redis:` reference) is sent as is; bytes and arrays are stored first."""
     reference = image if isinstance(image, str) else put_image(image)
     return Job(recognize.delay(reference, recognizer, **options))
+
+
+def submit_video(video: str | os.PathLike | bytes, recognizer: str = "faces", upload: bool = False,
+                 **options: Any) -> ClipJob:  # fmt: skip
+    """Submit `tilerec.recognize_video`: its progress counts frames, its result has `per_frame` and `tracks`.
+
+    Args:
+        video: a video file or a folder of frames the workers see (sent as a path), an object-storage URL, a
+            `redis:` reference, or a clip's bytes (stored first).
+        recognizer: the recognizer's name.
+        upload: store a local file's bytes in Redis instead of sending its path, for workers that do not see this
+            machine's files (the reference lives the tile TTL).
+        options: video options (step, fps, start, end, tiled, segment_frames, frame_rate) and image job options
+            (tile, overlap, roi, …, recognizer parameters).
+    """
+    if isinstance(video, bytes) or (upload and not is_url(os.fspath(video))):
+        data = video if isinstance(video, bytes) else Path(video).read_bytes()
+        reference = store.put_bytes(store_client(), data, settings().tile_ttl)
+    else:
+        reference = os.fspath(video)
+    return ClipJob(recognize_video.delay(reference, recognizer, **options))
 
 
 Image = str | os.PathLike | bytes | np.ndarray

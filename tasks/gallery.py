@@ -33,7 +33,7 @@ from pipeline.images import ImageError, confine
 from pipeline.inference import recognize_source
 from pipeline.tiling import Window
 from tasks.celery import app, settings, store_client
-from tasks.jobs import _resolve
+from tasks.jobs import resolve
 from tasks.resources import register
 from tasks.store import PREFIX
 
@@ -231,7 +231,7 @@ def enroll_photo(image: str, box: list[int] | None, embedder: faces.Embedder) ->
     """
     shown = _photo_name(image)
     try:
-        with contextlib.closing(sources.open_source(_resolve(image), 0, settings().max_pixels)) as source:
+        with contextlib.closing(sources.open_source(resolve(image), 0, settings().max_pixels)) as source:
             found = recognize_source(source, "faces-dnn").detections
             chosen = faces.enrollment_face(found, box)
             x, y, w, h = faces.face_crop(found.xyxy[chosen], source.width, source.height)

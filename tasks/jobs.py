@@ -80,7 +80,8 @@ PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each rep
 # auto batches: at least this many per process of the tiling node (its size is known there, the cluster's is not;
 # each batch costs a task of Celery and Redis round trips, docs/performance.md)
 BATCHES_PER_PROCESS = 4
-_DIED = f"the worker process died all {MAX_ATTEMPTS}"
+DIED = f"the worker process died all {MAX_ATTEMPTS}"
+BULKY = ("detections", "per_frame", "tracks")  # what a result's summary leaves out (an image's, a video's)
 log = logging.getLogger(__name__)
 
 
@@ -174,10 +175,10 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
             raise Ignore("the job's chord was published by an earlier delivery; its merge gives the job's result")
     try:
         if attempts > MAX_ATTEMPTS:
-            raise images.ImageError(f"gave up on {image!r}: {_DIED} times it read it")
+            raise images.ImageError(f"gave up on {image!r}: {DIED} times it read it")
         if store.is_cancelled(client, job_id):
             raise JobCancelled(f"job {job_id} was cancelled")
-        target = _resolve(image)
+        target = resolve(image)
         job, spans, result = _start(client, job_id, image, target, parse_options(recognizer, options), started,
                                     redelivered)  # fmt: skip
         if result is not None:  # one batch: recognized right here, a chord would only add its round trips
@@ -248,9 +249,9 @@ def _start(
     return job, spans, None
 
 
-def _resolve(image: Any) -> Path | bytes | remote.RemoteObject:
-    """What the message names, checked once: a path confined to the allowed roots, an object under an allowed URL
-    prefix (looked at: its size and ETag), or bytes from the store."""
+def resolve(image: Any) -> Path | bytes | remote.RemoteObject:
+    """What the message names, checked once: a path confined to the allowed roots (a file, or a video's folder of
+    frames), an object under an allowed URL prefix (looked at: its size and ETag), or bytes from the store."""
     if not isinstance(image, str) or not image:
         raise images.ImageError(f"image must be a file path, URL or redis: reference (a string), got {image!r}")
     if image.startswith(store.REF_SCHEME):
@@ -287,8 +288,8 @@ def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path 
     decoded; a failure is stored for the waiting batch tasks and the merge (which fails the job with it)."""
     try:
         if attempts > MAX_ATTEMPTS:
-            raise images.ImageError(f"gave up on {job.image!r}: {_DIED} times it decoded it")
-        target = _resolve(job.image) if target is None else target
+            raise images.ImageError(f"gave up on {job.image!r}: {DIED} times it decoded it")
+        target = resolve(job.image) if target is None else target
         data = target if isinstance(target, bytes) else target.read_bytes()
         tiles = streamed_tiles(data, job.windows, job.options, thread_budget())
         store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
@@ -413,7 +414,7 @@ def _recognize(
         group = windows[start : start + per_pass]
         name = f"tile:{group[0].index}"
         if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
-            outcomes.append(TileOutcome(group[0].index, error=f"gave up: {_DIED} times it ran this tile"))
+            outcomes.append(TileOutcome(group[0].index, error=f"gave up: {DIED} times it ran this tile"))
             continue
         found = recognize_windows(read, group, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
         outcomes.extend(found)
@@ -518,7 +519,7 @@ def _finish(
                     return staged
                 recognition = finish_stage(recognition, stage, crops, [], _resources(client, stage, job.options),
                                            started=job.started)  # fmt: skip
-        return _deliver(client, job.id, recognition.to_json())
+        return deliver(client, job.id, recognition.to_json())
     finally:
         if not handed_on:
             store.delete_job(client, job.id, job.tiles)
@@ -627,7 +628,7 @@ def _recognize_crops(
         group = crops[start : start + per_call]
         name = f"crop:{group[0].window.index}"
         if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
-            outcomes.append(CropOutcome(group[0].window.index, error=f"gave up: {_DIED} times it ran this crop"))
+            outcomes.append(CropOutcome(group[0].window.index, error=f"gave up: {DIED} times it ran this crop"))
             continue
         outcomes.extend(read_crops(read, group, detections, stage, TRANSIENT))
         if careful:
@@ -715,22 +716,22 @@ def finish(self: Any, image: str, recognizer: str = "faces", **options: Any) -> 
         if seconds:  # ms per crop, for the next job's crop batches
             cost = 1000 * sum(seconds) / len(seconds)
             store.record_tile_cost(client, _crops_of(job.options), job.options.params, cost)
-        return _deliver(client, job.id, recognition.to_json())
+        return deliver(client, job.id, recognition.to_json())
     finally:
         store.delete_job(client, job.id, job.tiles)
 
 
-def _deliver(client: redis.Redis, job_id: str, document: dict[str, Any]) -> dict[str, Any]:
+def deliver(client: redis.Redis, job_id: str, document: dict[str, Any]) -> dict[str, Any]:
     """The result as is, or, when its JSON is larger than TILEREC_RESULT_INLINE_MAX_BYTES, a summary whose
     `result_ref` names the key holding the whole document (every status check reads the backend's value whole)."""
     limit = settings().result_inline_max_bytes
     text = json.dumps(document) if limit >= 0 else ""
     if limit < 0 or len(text) <= limit:
         return document
-    summary = {key: value for key, value in document.items() if key != "detections"}
+    summary = {key: value for key, value in document.items() if key not in BULKY}
     summary.update(
         result_ref=store.put_result(client, job_id, text, settings().result_expires),
         result_bytes=len(text),
-        detections_count=len(document["detections"]),
+        **{f"{key}_count": len(document[key]) for key in BULKY if key in document},
     )
     return summary

@@ -16,6 +16,8 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
                              by the merge for the crop batches and the final callback (the tiles stay until then)
     tilerec:job:J:crops      its number of crops
     tilerec:job:J:crop_records  hash: crop K -> its outcome (pipeline.stages.CropOutcome, JSON)
+    tilerec:job:J:frames     a video job's hash: segment N -> its frames done so far (progress in frames; a redone
+                             segment overwrites its own count); its records are by segment, its total in frames
 The nodes that take tiles, each with its pool size: tilerec:tile-processes (a sorted set, tasks/roster.py).
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
 (ms per 640x640 tile, a week), and a second stage's: tilerec:cost:<recognizer>#crops:<parameters hash> (ms per
@@ -44,7 +46,7 @@ from pipeline.tiling import Window
 
 PREFIX = "tilerec"
 REF_SCHEME = "redis:"
-PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream")  # and the tiles
+PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "frames")  # and the tiles
 STAGE_PARTS = ("stage", "crops", "crop_records")  # a second stage's
 FLUSH_EVERY = 32  # tiles a pipeline holds before it is sent: bounds the memory of storing a job's tiles
 READ_EVERY = 8  # tiles fetched in one round trip by a tile task
@@ -252,12 +254,36 @@ def crop_progress(client: redis.Redis, job_id: str) -> tuple[int, int] | None:
 
 
 def progress(client: redis.Redis, job_id: str) -> tuple[int, int | None]:
-    """(tiles done, tiles in all); the total is None until the job is planned."""
+    """(tiles done, tiles in all), or a video job's (frames done, frames in all); the total is None until the job
+    is planned."""
     with client.pipeline(transaction=False) as pipe:
         pipe.hlen(job_key(job_id, "records"))
         pipe.get(job_key(job_id, "total"))
-        done, total = pipe.execute()
+        pipe.hvals(job_key(job_id, "frames"))
+        done, total, frames = pipe.execute()
+    done = sum(int(count) for count in frames) if frames else done
     return int(done), None if total is None else int(total)
+
+
+_PUT_FRAMES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return -1
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+local done = 0
+for _, count in ipairs(redis.call('HVALS', KEYS[2])) do
+    done = done + tonumber(count)
+end
+return done
+"""
+
+
+def put_frames_done(client: redis.Redis, job_id: str, segment: int, frames: int, ttl: int) -> int | None:
+    """A video segment's frames done so far, while the job is described; returns the job's frames done in all its
+    segments, or None when the job is over (as `put_records`)."""
+    done = client.eval(_PUT_FRAMES, 2, job_key(job_id, "job"), job_key(job_id, "frames"), ttl, segment, frames)
+    return None if done < 0 else int(done)
 
 
 def count_attempt(client: redis.Redis, job_id: str, name: str, ttl: int) -> int:

@@ -166,3 +166,40 @@ def _die_once(flag: str) -> None:
         except OSError:
             continue
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+HOLD_ON_RED = "hold-on-red"  # flag file: while it exists, a process that meets a red frame waits there
+HELD = "held"  # the file that process writes, holding its pid
+
+
+def has_red(tile: np.ndarray) -> bool:
+    """A patch of red, within a video codec's rounding of pure red."""
+    if tile.ndim != 3:
+        return False
+    blue, green, red = (tile[:, :, channel].astype(int) for channel in range(3))
+    return bool(((red > 180) & (green < 80) & (blue < 80)).sum() >= 100)
+
+
+class HoldsOnRed:
+    """QR codes; while the flag file HOLD_ON_RED is in the allowed root, a process that meets a frame with a red
+    patch writes its pid to HELD there and waits until the flag goes: work held at a known point"""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        if has_red(tile):
+            for root in os.environ.get("TILEREC_ALLOWED_ROOTS", "").split(os.pathsep):
+                flag = os.path.join(root, HOLD_ON_RED)
+                if root and os.path.exists(flag):
+                    with open(os.path.join(root, HELD), "w") as held:
+                        held.write(str(os.getpid()))
+                    while os.path.exists(flag):
+                        time.sleep(0.02)
+        return get_recognizer("qrcode")(tile)
+
+
+class CrashesOnRed:
+    """QR codes; kills its own worker process on frames with a red patch"""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        if has_red(tile):
+            os._exit(1)
+        return get_recognizer("qrcode")(tile)

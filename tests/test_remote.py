@@ -208,3 +208,20 @@ def test_the_cli_recognizes_an_object_on_a_private_cluster(s3, scene_cog, tmp_pa
     refused = subprocess.run([*command[:-4], "--annotate", str(tmp_path / "a.png")], env=env, capture_output=True,
                              text=True, timeout=TIMEOUT)  # fmt: skip
     assert refused.returncode == 2 and "--annotate draws on local images only" in refused.stderr
+
+
+def test_a_video_in_object_storage_is_read_by_its_segments(app, redis_server, s3, s3_worker):
+    """Each segment task opens the object itself (range requests through fsspec) and seeks in it: the result is
+    the one of the same clip on disk."""
+    from pipeline.clips import recognize_video
+    from tests.clips import OVERLAP, TILE, write_clip
+
+    known = write_clip(IMAGES_ROOT / "remote-known.mp4")
+    s3.filesystem().put_file(str(known.path), "scans/known.mp4")
+    options = {"tile": TILE, "overlap": OVERLAP, "segment_frames": 30}
+    sent = app.send_task("tilerec.recognize_video", args=("s3://scans/known.mp4", "aruco"), kwargs=options, queue=JOBS)
+    result = sent.get(timeout=TIMEOUT)
+    on_disk = recognize_video(known.path, "aruco", **options).to_json()
+    assert result["tiling"]["segments"] == 5 and result["tracks"] == on_disk["tracks"]
+    assert sorted(track["text"] for track in result["tracks"]) == ["3", "7"]
+    assert tilerec_keys(redis_server) == []

@@ -1,6 +1,7 @@
 """`tilerec`, the command line: recognize objects in large images on a Celery cluster, or on a private one.
 
   tilerec run IMAGE [IMAGE ...] --recognizer NAME [options]   recognize images as concurrent jobs
+  tilerec run CLIP.mp4 | --frames DIR -r NAME [--annotate OUT.mp4]   a video: tracks through the whole clip
   tilerec run DIR/ | 'GLOB' | --list F | --coco-images D.json --out OUT [--resume]   many images, resumable
   tilerec evaluate RESULTS --truth DATASET.json [--json OUT]   COCO metrics of a run against ground truth
   tilerec recognizers [--json]                                 the recognizers, their parameters and defaults
@@ -72,6 +73,7 @@ from tasks.cli.inputs import (
 from tasks.cli.jobs import execute
 from tasks.cli.many import is_many, run_many
 from tasks.cli.output import report_failures, summarize, write_annotated, write_json, write_outputs
+from tasks.cli.video import VIDEO_FORMATS, add_video_flags, is_video_run, run_video
 from tasks.cli.view import Viewed, add_view_parser, open_pyramid, view
 
 
@@ -107,6 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--view shows one image; run the images, then `tilerec view` each result")
     if args.view and remote.is_url(args.images[0]):
         raise CliError("--view shows local images; `tilerec view` the result with --image PATH of a local copy")
+    if is_video_run(args):
+        return run_video(args, options, settings_from(args, console), console)
+    if args.format in VIDEO_FORMATS[1:]:
+        raise CliError(f"--format {args.format} is for a video (its tracks); images take json, coco or geojson")
     if is_many(args):
         return run_many(args, options, settings_from(args, console), console, app.conf.tilerec_max_pixels)
     targets = [check_image(given, app.conf.tilerec_max_pixels) for given in args.images]
@@ -362,21 +368,23 @@ def build_parser() -> Parser:
     run.add_argument("--max-crops", type=positive_int, metavar="N", help="second stage: at most N crops, best first")
     add_identity_flags(run)
     add_spatial_flags(run)
+    add_video_flags(run)
     run.add_argument(
         "--json", metavar="OUT", help="write the result as JSON to OUT (- for stdout); several images give a list"
     )
     run.add_argument(
         "--format",
-        choices=("json", "coco", "geojson"),
+        choices=("coco", "geojson", *VIDEO_FORMATS),
         default="json",
         help="--json output: tilerec's schema, one COCO document for all images, or a GeoJSON FeatureCollection "
-        "of polygons in the raster's CRS",
+        "of polygons in the raster's CRS; for a video, MOTChallenge text (mot) or JSON lines per frame (jsonl)",
     )
     run.add_argument("--wgs84", action="store_true", help="--format geojson: reproject to EPSG:4326 (lon/lat)")
     run.add_argument(
         "--annotate",
         metavar="OUT.png",
-        help="draw the detections on the image; several images: use {stem} or {index} in OUT",
+        help="draw the detections on the image; several images: use {stem} or {index} in OUT; a video: OUT.mp4 "
+        "with boxes and track ids",
     )
     run.add_argument(
         "--shared-path",

@@ -1,0 +1,275 @@
+"""`python -m bench.video [--frames 48] [--segments 4] [--repeats 2] [--sizes 1080p,4k] [--out FILE]`: frames per
+second of a video job at W=2 (tilerec.recognize_video on a private cluster of 2 worker processes) against the user's
+alternative, a loop in one process with the same decoder (PyAV, frames read in order), the same recognizer on the
+same tiles and the same tracker (ByteTrack, one for the whole clip). Runs are interleaved (single, distributed,
+distributed, single, …) and each records the load average, for a shared machine.
+
+`python -m bench.video --decoders`: PyAV against OpenCV's FFmpeg backend on the same clips: decoding speed (frames
+read in order, as BGR), seek accuracy (a frame asked for by number, after a seek, is it that frame?), and what each
+tells of the frame count, keyframes, rotation and a variable frame rate.
+
+The clips are generated: QR codes moving at known speeds over a textured grey background, H.264 (x264 CRF 18,
+a keyframe every 24 frames), 1920×1080 and 3840×2160; each frame carries its number in a row of black and white
+blocks at the bottom, so a decoded frame says which it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from fractions import Fraction
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.clips import plan_video, run_segment
+from pipeline.options import parse_video_options
+from pipeline.scenes import Mover, moving_frame, qr_sticker
+from pipeline.video import probe, write_video
+
+SIZES = {"1080p": (1920, 1080), "4k": (3840, 2160)}
+OPTIONS = {"tile": 640, "overlap": 0.2}
+GOP = 24
+BITS = 12  # frame-number blocks at the bottom of each frame
+BLOCK = 16
+
+
+def stamp(image: np.ndarray, number: int) -> np.ndarray:
+    """The frame's number in BITS blocks along its bottom edge, black for 0 and white for 1."""
+    for bit in range(BITS):
+        image[-BLOCK:, bit * BLOCK : (bit + 1) * BLOCK] = 255 if number >> bit & 1 else 0
+    return image
+
+
+def read_stamp(image: np.ndarray) -> int:
+    grey = image if image.ndim == 2 else image.mean(axis=2)
+    return sum(1 << bit for bit in range(BITS) if grey[-BLOCK:, bit * BLOCK : (bit + 1) * BLOCK].mean() > 128)
+
+
+def write_clip(path: Path, width: int, height: int, frames: int, seed: int = 0) -> None:
+    """QR codes drifting across the frame (some through tile seams), a numbered frame each."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(120, 200, (height // 8, width // 8), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    count = max(4, width * height // 500_000)
+    movers = [
+        Mover(qr_sticker(f"code-{n}", 6), (int(rng.integers(0, width - 200)), int(rng.integers(0, height - 240))),
+              (int(rng.integers(-4, 5)), int(rng.integers(-3, 4))))
+        for n in range(count)
+    ]  # fmt: skip
+
+    def pictures():
+        for frame in range(frames):
+            image, _ = moving_frame(width, height, movers, frame, background=0)
+            image = np.where(image == 0, background, image)
+            yield stamp(image, frame)
+
+    write_video(path, pictures(), 30, gop=GOP, quality=18)
+
+
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU time (user + system) these processes have used so far, from /proc: what a run costs in work, which a
+    loaded machine stretches far less than it stretches wall time."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def single_loop(path: Path, recognizer: str) -> tuple[float, int, int, float]:
+    """The user's alternative: one process reads the clip in order and recognizes and tracks every frame (the
+    plan's one segment). Returns (seconds, frames, tracked detections, CPU seconds of all its threads)."""
+    began, spent = time.perf_counter(), time.process_time()
+    options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": 10**9})
+    clip = probe(path, str(path), 10**10)
+    plan = plan_video(clip, options)
+    outcome = run_segment(path, str(path), plan, 0, options)
+    tracked = sum(sum(t >= 0 for t in f.tracks) for f in outcome.frames)
+    return time.perf_counter() - began, len(outcome.frames), tracked, time.process_time() - spent
+
+
+def distributed(path: Path, recognizer: str, segment_frames: int, cluster: Any) -> tuple[float, int, int, float]:
+    """The same clip as a video job on the running private cluster (W=2); CPU seconds of its worker's processes
+    (the main one and the pool's), of its redis-server and of this client."""
+    from tasks.client import submit_video
+
+    pids = [cluster.worker.process.pid, *cluster.worker.child_pids(), cluster.redis.process.pid]
+    began, spent, used = time.perf_counter(), time.process_time(), cpu_s(pids)
+    result = submit_video(str(path), recognizer, segment_frames=segment_frames, **OPTIONS).get(timeout=3600)
+    tracked = sum(len(t["frames"]) for t in result["tracks"])
+    cpu = cpu_s(pids) - used + time.process_time() - spent
+    return time.perf_counter() - began, result["frames"]["processed"], tracked, cpu
+
+
+def compare(
+    folder: Path, sizes: list[str], frames: int, repeats: int, recognizer: str, segments: int
+) -> list[dict[str, Any]]:
+    from tasks.cli.clusters import configure_app
+    from tasks.local import LocalCluster
+
+    clips = {}
+    for size in sizes:
+        width, height = SIZES[size]
+        clips[size] = folder / f"clip-{size}.mp4"
+        write_clip(clips[size], width, height, frames)
+    rows = []
+    with LocalCluster(workers=2, env={"TILEREC_ALLOWED_ROOTS": str(folder)}) as cluster:
+        configure_app(cluster.url, cluster.url, cluster.url)
+        length = -(-frames // segments)
+        distributed(clips[sizes[0]], recognizer, length, cluster)  # the processes build their recognizers
+        for size in sizes:
+            runs: dict[str, list[dict[str, Any]]] = {"single": [], "W=2": []}
+            for repeat in range(repeats):
+                order = [("single", single_loop),
+                         ("W=2", partial(distributed, segment_frames=length, cluster=cluster))]  # fmt: skip
+                for name, run in order if repeat % 2 == 0 else order[::-1]:
+                    before = load()
+                    seconds, done, tracked, cpu = run(clips[size], recognizer)
+                    runs[name].append({"s": round(seconds, 2), "fps": round(done / seconds, 3), "frames": done,
+                                       "tracked": tracked, "cpu_s": round(cpu, 2),
+                                       "load": [before, load()]})  # fmt: skip
+            fps = {name: statistics.median(r["fps"] for r in found) for name, found in runs.items()}
+            cpu = {name: statistics.median(r["cpu_s"] for r in found) for name, found in runs.items()}
+            rows.append({"size": size, "frames": frames, "segments": segments, "recognizer": recognizer, "runs": runs,
+                         "median_fps": fps, "speedup": round(fps["W=2"] / fps["single"], 3), "median_cpu_s": cpu,
+                         "cpu_ratio": round(cpu["W=2"] / cpu["single"], 3)})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def decoders(folder: Path, sizes: list[str], frames: int) -> list[dict[str, Any]]:
+    """PyAV against OpenCV's FFmpeg backend, clip by clip."""
+    import cv2
+
+    from pipeline.video import read_frames
+
+    rows = []
+    rng = np.random.default_rng(1)
+    for size in sizes:
+        width, height = SIZES[size]
+        path = folder / f"decode-{size}.mp4"
+        write_clip(path, width, height, frames)
+        clip = probe(path, str(path), 10**10)
+        targets = sorted(int(t) for t in rng.choice(np.arange(1, frames), size=min(10, frames - 1), replace=False))
+        began = time.perf_counter()
+        pyav_numbers = [read_stamp(p) for _, p in read_frames(path, str(path), clip, list(range(frames)))]
+        pyav_s = time.perf_counter() - began
+        pyav_seeks = [read_stamp(next(iter(read_frames(path, str(path), clip, [t])))[1]) == t for t in targets]
+        capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        began = time.perf_counter()
+        cv_numbers = []
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                break
+            cv_numbers.append(read_stamp(image))
+        cv_s = time.perf_counter() - began
+        cv_seeks = []
+        for target in targets:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, target)
+            ok, image = capture.read()
+            cv_seeks.append(ok and read_stamp(image) == target)
+        rows.append({
+            "size": size, "frames": frames, "load": load(),
+            "pyav": {"decode_fps": round(frames / pyav_s, 1), "in_order": pyav_numbers == list(range(frames)),
+                     "seeks_exact": f"{sum(pyav_seeks)}/{len(targets)}", "frame_count": clip.frames,
+                     "keyframes": list(clip.keyframes)},
+            "opencv": {"decode_fps": round(len(cv_numbers) / cv_s, 1), "in_order": cv_numbers == list(range(frames)),
+                       "seeks_exact": f"{sum(cv_seeks)}/{len(targets)}",
+                       "frame_count": int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), "keyframes": None},
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append(vfr_counts(folder))
+    if REAL_CLIP.exists():
+        rows.append(real_seeks(REAL_CLIP))
+    return rows
+
+
+REAL_CLIP = Path(__file__).resolve().parents[2] / "shared" / "video" / "bikes.mp4"
+
+
+def real_seeks(path: Path, tries: int = 20) -> dict[str, Any]:
+    """A real camera file (B-frames, shot cuts): does a frame decoded after a seek equal the same frame decoded in
+    order, for each decoder?"""
+    import cv2
+
+    from pipeline.video import read_frames
+
+    clip = probe(path, str(path), 10**10)
+    in_order = [p for _, p in read_frames(path, str(path), clip, list(range(clip.frames)))]
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    cv_order = []
+    while (found := capture.read())[0]:
+        cv_order.append(found[1])
+    targets = sorted(int(t) for t in np.random.default_rng(2).choice(np.arange(1, clip.frames), tries, replace=False))
+    pyav_exact = cv_exact = 0
+    for target in targets:
+        (_, picture), *_ = read_frames(path, str(path), clip, [target])
+        pyav_exact += bool(np.array_equal(picture, in_order[target]))
+        capture.set(cv2.CAP_PROP_POS_FRAMES, target)
+        ok, image = capture.read()
+        cv_exact += bool(ok and target < len(cv_order) and np.array_equal(image, cv_order[target]))
+    return {"clip": path.name, "frames": clip.frames, "pyav": {"seeks_exact": f"{pyav_exact}/{tries}",
+            "frame_count": clip.frames}, "opencv": {"seeks_exact": f"{cv_exact}/{tries}",
+            "frame_count": int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), "frames_read": len(cv_order)}}  # fmt: skip
+
+
+def vfr_counts(folder: Path) -> dict[str, Any]:
+    """A variable-frame-rate clip (frames 20 and 80 ms apart, in turn): the frame count and times each reports."""
+    import av
+    import cv2
+
+    path = folder / "vfr.mp4"
+    base = Fraction(1, 1000)
+    with av.open(str(path), "w") as output:
+        stream = output.add_stream("libx264", rate=30, options={"bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.codec_context.time_base = base
+        for number in range(60):
+            frame = av.VideoFrame.from_ndarray(stamp(np.full((240, 320), 128, np.uint8), number), format="gray")
+            frame.pts, frame.time_base = 50 * (number // 2) + 20 * (number % 2), base
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    clip = probe(path, str(path), 10**10)
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    return {"vfr_clip_frames": 60, "pyav": {"frames": clip.frames, "vfr": clip.vfr, "last_time_s": clip.times[-1]},
+            "opencv": {"frames": int(capture.get(cv2.CAP_PROP_FRAME_COUNT)),
+                       "fps": round(capture.get(cv2.CAP_PROP_FPS), 3)}}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=48, help="frames per clip")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each, interleaved")
+    parser.add_argument("--sizes", default="1080p,4k", help="of " + ", ".join(SIZES))
+    parser.add_argument("--recognizer", default="qrcode")
+    parser.add_argument("--segments", type=int, default=4, help="segments of the W=2 job (2 per process)")
+    parser.add_argument("--decoders", action="store_true", help="PyAV against OpenCV's FFmpeg backend instead")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here too")
+    args = parser.parse_args(argv)
+    sizes = args.sizes.split(",")
+    with tempfile.TemporaryDirectory(prefix="tilerec-bench-video-") as folder:
+        if args.decoders:
+            rows = decoders(Path(folder), sizes, args.frames)
+        else:
+            rows = compare(Path(folder), sizes, args.frames, args.repeats, args.recognizer, args.segments)
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

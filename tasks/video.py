@@ -1,0 +1,182 @@
+"""A video job's three kinds of task, on Celery's own canvas like an image job's (tasks/jobs.py):
+
+tilerec.recognize_video(video, recognizer, **options)   resolves and probes the clip, plans its segments and
+                                                        stores the job's description, then becomes
+                                                        chord(segment tasks, merge_video); a clip of one segment
+                                                        is recognized right there
+tilerec.recognize_segment(job_id, first, stop)          decodes the segment's frames (seeking to the keyframe before
+                                                        `first`), recognizes and tracks them, stores its record
+tilerec.merge_video(video, recognizer, **options)       runs under the job's id with the job's own arguments, and
+                                                        stitches the segments' tracks into the result
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import redis
+from celery import chord, group
+
+from pipeline.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
+from pipeline.options import VideoOptions, parse_video_options
+from pipeline.recognizers import thread_budget
+from pipeline.video import VideoError, owned, probe
+from tasks import store
+from tasks.celery import app, settings, store_client
+from tasks.jobs import (
+    CANCEL_CHECK_S,
+    DIED,
+    MAX_ATTEMPTS,
+    PROGRESS_EVERY_S,
+    TRANSIENT,
+    JobCancelled,
+    batch_priority,
+    deliver,
+    resolve,
+)
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """A video job as its first task planned it: what its segment tasks and merge read from the store."""
+
+    id: str
+    video: str  # as the caller gave it
+    options: VideoOptions
+    plan: VideoPlan
+    started: float  # time.time() when the job's first task began
+    timings: dict[str, float] = field(default_factory=dict)  # its probe
+
+    @property
+    def frames(self) -> int:
+        """The frames the job recognizes (its progress counts them)."""
+        return len(self.plan.selected)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "options": self.options.to_json(), "plan": self.plan.to_json()})
+
+    @classmethod
+    def from_json(cls, text: str) -> VideoJob:
+        data = json.loads(text)
+        return cls(**{**data, "options": VideoOptions.from_json(data["options"]),
+                      "plan": VideoPlan.from_json(data["plan"])})  # fmt: skip
+
+
+@app.task(name="tilerec.recognize_video", bind=True)
+def recognize_video(self: Any, video: str, recognizer: str = "faces", **options: Any) -> Any:
+    client, job_id, started = store_client(), self.request.id, time.time()
+    redelivered = bool(self.request.delivery_info.get("redelivered"))
+    attempts = 1 + (store.count_attempt(client, job_id, "tiling", settings().tile_ttl) if redelivered else 0)
+    try:
+        if attempts > MAX_ATTEMPTS:
+            raise VideoError(f"gave up on {video!r}: {DIED} times it probed it")
+        if store.is_cancelled(client, job_id):
+            raise JobCancelled(f"job {job_id} was cancelled")
+        parsed = parse_video_options(recognizer, options)
+        target = resolve(video)
+        plan = plan_video(probe(target, repr(video), settings().max_pixels, parsed.frame_rate), parsed)
+        job = VideoJob(job_id, video, parsed, plan, started, {"probe_s": time.time() - started})
+        if len(plan.segments) == 1:  # one segment: a chord would only add its round trips
+            outcome = run_segment(target, repr(video), plan, 0, parsed, TRANSIENT, thread_budget())
+            return _finish(client, job, [outcome])
+        store.put_job(client, job_id, job.to_json(), job.frames, settings().tile_ttl)
+    except BaseException:
+        store.delete_job(client, job_id)  # a job refused or failed while planning leaves nothing behind
+        raise
+    header = group(
+        recognize_segment.si(job_id, segment.first, segment.stop).set(priority=batch_priority(number))
+        for number, segment in enumerate(plan.segments)
+    )
+    return self.replace(chord(header, merge_video.si(video, recognizer, **options)))
+
+
+@lru_cache(maxsize=16)
+def _described(job_id: str) -> VideoJob:
+    """A job's description, read once per process (it never changes once stored)."""
+    return VideoJob.from_json(store.get_job(store_client(), job_id))
+
+
+@app.task(
+    name="tilerec.recognize_segment", bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5,
+    track_started=False,
+)  # fmt: skip
+def recognize_segment(self: Any, job_id: str, first: int, stop: int) -> dict[str, Any]:
+    """Recognize and track the segment of the job's frames that starts at `first`, and store its record; returns
+    a summary for monitors. Its failure (a damaged stream) is recorded, not raised, so the merge still runs; a
+    segment whose process died MAX_ATTEMPTS times ends failed instead of coming back forever."""
+    client, job = store_client(), _described(job_id)
+    number = job.plan.number_of(first)
+    careful = bool(self.request.delivery_info.get("redelivered"))
+    name = f"segment:{number}"
+    if careful and store.count_attempt(client, job_id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
+        outcome = SegmentOutcome(number, error=f"gave up: {DIED} times it ran this segment")
+    else:
+        report = _Progress(self, client, job, number)
+        outcome = run_segment(resolve(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
+                              thread_budget(), report)  # fmt: skip
+        if careful:
+            store.clear_attempts(client, job_id, name)
+    store.put_records(client, job_id, {number: json.dumps(outcome.to_json())}, settings().tile_ttl)
+    return {
+        "segment": number,
+        "frames": len(outcome.frames),
+        "failed": sum(f.error is not None for f in outcome.frames) + (outcome.error is not None),
+        "detections": sum(len(f.detections) for f in outcome.frames if f.detections is not None),
+        "seconds": round(outcome.seconds, 3),
+    }
+
+
+class _Progress:
+    """A segment's frames as they are done: the job's progress in frames (the store, an event on the job's row for
+    monitors, its PROGRESS state in the result backend), each at most every PROGRESS_EVERY_S, and a look for a
+    cancel every CANCEL_CHECK_S. Called with the frames done so far; False stops the segment."""
+
+    def __init__(self, task: Any, client: redis.Redis, job: VideoJob, number: int) -> None:
+        self.task, self.client, self.job, self.number = task, client, job, number
+        first, stop = owned(job.plan.segments, number)
+        self.mine = sum(first <= f < stop for f in job.plan.wanted(number))  # overlap frames count in the next
+        self.reported, self.looked = time.monotonic(), float("-inf")  # the first frame looks for a cancel
+
+    def __call__(self, done: int) -> bool:
+        now = time.monotonic()
+        last = done == len(self.job.plan.wanted(self.number))
+        if last or now - self.reported > PROGRESS_EVERY_S:
+            self.reported = now
+            total = self.job.frames
+            counted = store.put_frames_done(self.client, self.job.id, self.number, min(done, self.mine),
+                                            settings().tile_ttl)  # fmt: skip
+            if counted is not None:
+                with self.task.app.events.default_dispatcher(hostname=self.task.request.hostname) as dispatcher:
+                    dispatcher.send("task-progress", uuid=self.job.id, done=counted, total=total,
+                                    result=f"{counted}/{total} frames")  # fmt: skip
+                self.task.backend.store_result(self.job.id, {"done": counted, "total": total}, "PROGRESS")
+        if now - self.looked > CANCEL_CHECK_S:
+            self.looked = now
+            return not store.is_cancelled(self.client, self.job.id)
+        return True
+
+
+@app.task(name="tilerec.merge_video", bind=True)
+def merge_video(self: Any, video: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
+    """The job's segment records, read from the store, stitched into its result. It runs under the job's id (the
+    chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor."""
+    client = store_client()
+    job = VideoJob.from_json(store.get_job(client, self.request.id))
+    return _finish(client, job, [SegmentOutcome.from_json(record) for record in store.get_records(client, job.id)])
+
+
+def _finish(client: redis.Redis, job: VideoJob, outcomes: list[SegmentOutcome]) -> dict[str, Any]:
+    """The job's result from its segments' outcomes; its keys go last, whatever the outcome."""
+    try:
+        if store.is_cancelled(client, job.id):
+            done = sum(len(o.frames) for o in outcomes)
+            raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.frames} frames had been recognized)")
+        recognition = assemble_video(outcomes, job.plan, job.options, job.started, source=job.video,
+                                     timings=job.timings)  # fmt: skip
+        return deliver(client, job.id, recognition.to_json())
+    finally:
+        store.delete_job(client, job.id, 0)

@@ -1,0 +1,501 @@
+"""Video jobs: decoding and probing (PyAV), frame choice, segments, tracking and stitching, in one process and on
+real workers, with clips generated with known motion (tests/clips.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.clips import plan_video, recognize_video
+from pipeline.model import Detections
+from pipeline.options import OptionsError, parse_video_options
+from pipeline.tracking import Piece, Seen, match_across, stitch
+from pipeline.video import Clip, VideoError, owned, plan_segments, probe, read_frames, select_frames, write_video
+from tasks.client import submit_video
+from tasks.jobs import JobCancelled
+from tests.clips import FRAMES, GOP, HEIGHT, OVERLAP, TILE, WIDTH, KnownClip, frames_of, movers, overlapping, write_clip
+from tests.conftest import IMAGES_ROOT, tilerec_keys
+from tests.test_reliability import TIMEOUT, wait_for
+
+SEGMENT = 30  # recognized frames per segment: boundaries near 24, 48, 72, 96 fall mid-motion for every code
+OPTIONS = {"tile": TILE, "overlap": OVERLAP, "segment_frames": SEGMENT}
+
+
+@pytest.fixture(scope="module")
+def known() -> KnownClip:
+    return write_clip(IMAGES_ROOT / "known.mp4")
+
+
+@pytest.fixture(scope="module")
+def in_process(known: KnownClip) -> dict[str, dict]:
+    """The known clip recognized in this process, by recognizer (each computed once for the module's tests)."""
+    return {
+        recognizer: recognize_video(known.path, recognizer, **OPTIONS).to_json() for recognizer in ("qrcode", "aruco")
+    }
+
+
+@pytest.fixture(scope="module")
+def red_clip() -> KnownClip:
+    """The known clip with a red patch in frames 60–64 (the third segment), where faulty recognizers act."""
+    return write_clip(IMAGES_ROOT / "known-red.mp4", red=range(60, 65))
+
+
+def numbered(frames: int, width: int = 64, height: int = 48) -> list[np.ndarray]:
+    """Grey frames whose brightness is their number × 4 (up to 63): a decoded frame says which one it is."""
+    return [np.full((height, width), 4 * n, np.uint8) for n in range(frames)]
+
+
+def frame_number(picture: np.ndarray) -> int:
+    return round(float(picture.mean()) / 4)
+
+
+# --- decoding and probing --------------------------------------------------------------------------------------
+
+
+def test_probe_counts_frames_and_keyframes_exactly(tmp_path):
+    path = tmp_path / "n.mp4"
+    write_video(path, iter(numbered(50)), 25, gop=10, quality=0)
+    clip = probe(path, "n.mp4", 10**8)
+    assert (clip.frames, clip.width, clip.height) == (50, 64, 48)
+    assert clip.keyframes == (0, 10, 20, 30, 40)
+    assert clip.fps == pytest.approx(25, rel=1e-3) and clip.duration == pytest.approx(2.0, rel=1e-3)
+    assert clip.times[7] == pytest.approx(7 / 25) and not clip.vfr
+
+
+def test_a_segment_decodes_its_own_frames_after_a_seek(tmp_path):
+    path = tmp_path / "n.mp4"
+    write_video(path, iter(numbered(60)), 30, gop=12, quality=0)
+    clip = probe(path, "n.mp4", 10**8)
+    for wanted in ([37], [12, 13, 14], [25, 50, 59], [0, 1]):
+        got = list(read_frames(path, "n.mp4", clip, wanted, grey=True))
+        assert [index for index, _ in got] == wanted
+        assert [frame_number(picture) for _, picture in got] == wanted
+
+
+def write_vfr(path: Path, gaps_ms: list[int]) -> None:
+    """Numbered frames shown for these durations (ms): a variable frame rate."""
+    base = Fraction(1, 1000)
+    with av.open(str(path), "w") as output:
+        stream = output.add_stream("libx264", rate=30, options={"bf": "0", "qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = base
+        stamp = 0
+        for number, gap in enumerate(gaps_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64), 4 * number, np.uint8), format="gray")
+            frame.pts, frame.time_base = stamp, base
+            output.mux(stream.encode(frame))
+            stamp += gap
+        output.mux(stream.encode(None))
+
+
+def test_variable_frame_rate_is_numbered_by_timestamp_and_sampled_by_time(tmp_path):
+    path = tmp_path / "vfr.mp4"
+    gaps = [20, 80] * 10  # 20 frames in 1 s: bursts of two 20 ms apart
+    write_vfr(path, gaps)
+    clip = probe(path, "vfr.mp4", 10**8)
+    assert clip.vfr and clip.frames == 20
+    assert list(clip.times[:4]) == pytest.approx([0.0, 0.02, 0.1, 0.12], abs=1e-3)
+    chosen = select_frames(clip, fps=10)  # one frame per 100 ms tick: the first of each burst
+    assert chosen == list(range(0, 20, 2))
+    assert [frame_number(p) for _, p in read_frames(path, "vfr.mp4", clip, chosen, grey=True)] == chosen
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    path = tmp_path / "rot.mp4"
+    picture = np.zeros((48, 64), np.uint8)
+    picture[:8, :16] = 255  # a bright block in the top left corner
+    with av.open(str(path), "w") as output:
+        stream = output.add_stream("libx264", rate=30, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)  # shown turned 90° counter-clockwise
+        for number in range(3):
+            frame = av.VideoFrame.from_ndarray(picture, format="gray")
+            frame.pts = number
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    clip = probe(path, "rot.mp4", 10**8)
+    assert (clip.rotation, clip.width, clip.height) == (90, 48, 64)
+    (_, shown), *_ = read_frames(path, "rot.mp4", clip, [0], grey=True)
+    assert shown.shape == (64, 48)
+    assert shown[-16:, :8].mean() > 200 and shown[:16, :8].mean() < 50  # the block turned to the bottom left
+
+
+def truncated(tmp_path: Path) -> Path:
+    """An MP4 with its index first (faststart), cut in half: the index lists frames that are not there."""
+    whole, fast = tmp_path / "whole.mp4", tmp_path / "fast.mp4"
+    write_video(whole, iter(numbered(60)), 30, quality=0)
+    with av.open(str(whole)) as source, av.open(str(fast), "w", options={"movflags": "faststart"}) as output:
+        copied = output.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = copied
+                output.mux(packet)
+    data = fast.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+def audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as output:
+        stream = output.add_stream("aac", rate=44100)
+        for number in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 44100, number * 1024
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    return path
+
+
+def unknown_codec(path: Path) -> Path:
+    """An AVI whose codec tag no FFmpeg decoder knows (an MJPEG AVI with its tag changed)."""
+    writer = cv2.VideoWriter(str(path.with_suffix(".mjpg.avi")), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for picture in numbered(5):
+        writer.write(cv2.cvtColor(picture, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    path.write_bytes(path.with_suffix(".mjpg.avi").read_bytes().replace(b"MJPG", b"ZQ9X"))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (truncated, "is truncated: it holds"),
+        (lambda tmp: audio_only(tmp / "a.m4a"), r"has no video stream \(it has audio\)"),
+        (lambda tmp: (tmp / "t.mp4").write_text("not a video\n" * 40) and tmp / "t.mp4", "is not a video FFmpeg"),
+        (lambda tmp: unknown_codec(tmp / "z.avi"), "has no decoder for its video codec"),
+    ],
+)
+def test_bad_videos_are_refused_in_one_line(tmp_path, make, said):
+    path = make(tmp_path)
+    with pytest.raises(VideoError, match=said) as refused:
+        probe(path, repr(path.name), 10**8)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_frame_above_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "n.mp4"
+    write_video(path, iter(numbered(3)), 30)
+    with pytest.raises(VideoError, match=r"64x48 = 3,072 pixels, above the limit of 3,000"):
+        probe(path, "n.mp4", 3000)
+
+
+# --- choosing frames, segments, stitching (pure) ---------------------------------------------------------------
+
+
+def steady(frames: int, fps: float = 30.0, gop: int = 12) -> Clip:
+    return Clip(64, 48, frames, fps, tuple(i / fps for i in range(frames)), tuple(range(0, frames, gop)))
+
+
+def test_frames_are_chosen_by_time_range_step_and_fps():
+    clip = steady(90)
+    assert select_frames(clip, step=3) == list(range(0, 90, 3))
+    assert select_frames(clip, start=1.0, end=2.0) == list(range(30, 60))
+    assert select_frames(clip, fps=10, start=1.0, end=2.0) == list(range(30, 60, 3))
+    with pytest.raises(OptionsError, match="step or fps, not both"):
+        parse_video_options("qrcode", {"step": 2, "fps": 5})
+    with pytest.raises(VideoError, match=r"no frames between 5 s and the end \(the clip lasts 3.000 s\)"):
+        plan_video(clip, parse_video_options("qrcode", {"start": 5}))
+
+
+@pytest.mark.parametrize(("length", "step"), [(30, 1), (7, 1), (20, 3), (1000, 1)])
+def test_segments_start_on_keyframes_overlap_and_own_each_frame_once(length, step):
+    clip = steady(200)
+    chosen = select_frames(clip, step=step)
+    segments = plan_segments(chosen, clip, length, overlap=4)
+    owners = [owned(segments, n) for n in range(len(segments))]
+    counted = [f for first, stop in owners for f in chosen if first <= f < stop]
+    assert counted == chosen  # every chosen frame owned once, in order
+    for before, after in itertools.pairwise(segments):
+        shared = [f for f in chosen if after.first <= f < before.stop]
+        assert len(shared) == 4  # the overlap: frames both recognize
+        assert after.first in chosen  # a segment starts on a frame it recognizes
+        if length * step >= 2 * 12:  # a keyframe lies within half a segment before its planned start: it starts there
+            assert after.first in clip.keyframes
+
+
+def pieces(segment: int, tracks: dict[int, list[tuple[int, float, float]]], text: str | None = None) -> list[Piece]:
+    """A segment's tracks: local id -> (frame, x, y) of a 20 px box."""
+    made = []
+    for local, rows in tracks.items():
+        seen = {f: Seen(f, (x, y, x + 20, y + 20), 0.9, text) for f, x, y in rows}
+        made.append(Piece(segment, local, "thing", seen))
+    return made
+
+
+def test_tracks_are_stitched_one_to_one_in_the_overlap():
+    # two objects passing close by in the overlap (frames 10–13): A moves right, B moves left 6 px below
+    a = [(f, 2.0 * f, 0.0) for f in range(0, 20)]
+    b = [(f, 40 - 2.0 * f, 6.0) for f in range(0, 20)]
+    first = pieces(0, {1: [r for r in a if r[0] < 14], 2: [r for r in b if r[0] < 14]})
+    second = pieces(1, {1: [r for r in b if r[0] >= 10], 2: [r for r in a if r[0] >= 10]})
+    assert sorted(match_across(first, second)) == [(0, 1), (1, 0)]
+    tracks, ids = stitch([first, second], [(0, 10), (10, 20)])
+    assert len(tracks) == 2 and ids[(0, 1)] == ids[(1, 2)] and ids[(0, 2)] == ids[(1, 1)]
+    by_first_x = {t.rows[0][1]: t for t in tracks}
+    assert [r[1] for r in by_first_x[0.0].rows] == [2.0 * f for f in range(20)]  # A, each frame once
+    assert [r[1] for r in by_first_x[40.0].rows] == [40 - 2.0 * f for f in range(20)]
+
+
+def test_a_payload_joins_tracks_whatever_the_gap_but_not_two_seen_together():
+    gone_and_back = pieces(0, {1: [(f, 0.0, 0.0) for f in range(5)], 2: [(f, 90.0, 0.0) for f in range(50, 55)]}, "A")
+    twins = pieces(1, {1: [(f, 0.0, 50.0) for f in range(60, 65)], 2: [(f, 60.0, 50.0) for f in range(60, 65)]}, "B")
+    tracks, _ = stitch([gone_and_back, twins], [(0, 60), (60, 70)])
+    texts = sorted((t.text, t.first, t.last) for t in tracks)
+    assert texts == [("A", 0, 54), ("B", 60, 64), ("B", 60, 64)]
+    assert [t.id for t in tracks] == [1, 2, 3]
+
+
+# --- recognition and tracking on known clips ---------------------------------------------------------------------
+
+
+def assert_tracks_follow_the_codes(result: dict, known: KnownClip, label: str, tolerance: float = 2.0) -> None:
+    """Each code of `label` is one track (0 identity switches): seen in every frame it is whole in the frame, in no
+    frame it is not inside it at all, its box within `tolerance` px of the truth; each frame's detections carry
+    their track's id."""
+    expected = {t for t, truths in known.truths.items() if label == ("aruco" if t.isdigit() else "qrcode")}
+    assert sorted(t["text"] for t in result["tracks"]) == sorted(expected)
+    for track in result["tracks"]:
+        truths = {t.frame: t for t in known.truths[track["text"]]}
+        rows = frames_of(track)
+        seen = set(rows[:, 0].astype(int))
+        assert {f for f, t in truths.items() if t.whole} <= seen <= set(truths), track["text"]
+        errors = [np.abs(row[1:5] - np.asarray(truths[int(row[0])].truth.box)).max() for row in rows]
+        assert max(errors) <= tolerance, (track["text"], max(errors))
+        assert (track["first"], track["last"]) == (min(seen), max(seen))
+    ids = {t["text"]: t["id"] for t in result["tracks"]}
+    for frame in result["per_frame"]:
+        for detection in frame["detections"]:
+            assert detection["track"] == ids[detection["text"]]
+
+
+def test_no_clip_overlaps_its_own_codes():
+    assert overlapping(movers()) == []  # a covered code could not be read: the scene itself must not cover any
+
+
+@pytest.mark.parametrize("recognizer", ["qrcode", "aruco"])
+def test_each_code_is_one_track_from_entry_to_exit_in_process(known, in_process, recognizer):
+    result = in_process[recognizer]
+    assert result["frames"] == {"total": FRAMES, "processed": FRAMES, "skipped": 0, "failed": 0}
+    assert result["tiling"]["segments"] == 5 and result["video"]["keyframes"] == FRAMES // GOP
+    assert_tracks_follow_the_codes(result, known, recognizer)
+
+
+def test_a_frame_step_and_a_time_range_count_frames_exactly(known):
+    result = recognize_video(known.path, "qrcode", step=3, start=1.0, end=3.0, **OPTIONS).to_json()
+    chosen = list(range(30, 90, 3))
+    assert [f["frame"] for f in result["per_frame"]] == chosen
+    assert result["frames"] == {"total": FRAMES, "processed": len(chosen), "skipped": FRAMES - len(chosen), "failed": 0}
+    for track in result["tracks"]:
+        assert set(frames_of(track)[:, 0].astype(int)) <= set(chosen)
+
+
+def test_an_untiled_job_reads_each_frame_whole(known):
+    result = recognize_video(known.path, "aruco", tiled=False, segment_frames=SEGMENT).to_json()
+    assert result["tiling"]["tiles"] == 1
+    assert_tracks_follow_the_codes(result, known, "aruco")
+
+
+def test_a_folder_of_frames_is_a_clip(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    from pipeline.scenes import moving_frame
+
+    for frame in range(40):
+        image, _ = moving_frame(WIDTH, HEIGHT, movers(), frame)
+        cv2.imwrite(str(folder / f"{frame:05d}.png"), image)
+    result = recognize_video(folder, "aruco", frame_rate=10, segment_frames=15, **{"tile": TILE, "overlap": OVERLAP})
+    document = result.to_json()
+    assert document["video"]["fps"] == 10 and document["frames"]["processed"] == 40
+    assert sorted((t["text"], t["first"], t["last"]) for t in document["tracks"]) == [("3", 0, 39), ("7", 0, 39)]
+
+
+# --- on workers ------------------------------------------------------------------------------------------------
+
+
+def comparable(result: dict) -> dict:
+    return {key: result[key] for key in ("frames", "per_frame", "tracks", "failed_segments", "failed_frames")}
+
+
+def test_distributed_gives_the_same_result_as_in_process(worker, redis_server, known, in_process):
+    job = submit_video(str(known.path), "qrcode", **OPTIONS)
+    result = job.get(timeout=TIMEOUT)
+    assert comparable(result) == comparable(in_process["qrcode"])
+    assert_tracks_follow_the_codes(result, known, "qrcode")
+    assert job.progress() == (FRAMES, FRAMES)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_an_uploaded_clip_gives_the_same_result(worker, redis_server, known):
+    result = submit_video(known.path.read_bytes(), "aruco", **OPTIONS).get(timeout=TIMEOUT)
+    assert_tracks_follow_the_codes(result, known, "aruco")
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_process_killed_mid_segment_changes_nothing(worker, redis_server, red_clip):
+    import tests.faulty
+
+    recognizer = "tests.faulty:HoldsOnRed"
+    undisturbed = submit_video(str(red_clip.path), recognizer, **OPTIONS).get(timeout=TIMEOUT)
+    flag, held = IMAGES_ROOT / tests.faulty.HOLD_ON_RED, IMAGES_ROOT / tests.faulty.HELD
+    held.unlink(missing_ok=True)
+    flag.touch()
+    try:
+        job = submit_video(str(red_clip.path), recognizer, **OPTIONS)
+        wait_for(held.exists, TIMEOUT)  # a process is in the middle of the third segment, at frame 60
+        wait_for(lambda: held.read_text().strip().isdigit())
+        os.kill(int(held.read_text()), signal.SIGKILL)
+    finally:
+        flag.unlink(missing_ok=True)
+    assert comparable(job.get(timeout=TIMEOUT)) == comparable(undisturbed)
+    assert_tracks_follow_the_codes(undisturbed, red_clip, "qrcode")
+    wait_for(lambda: len(worker.child_pids()) == 2)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_segment_that_always_kills_its_process_is_reported_in_a_partial_result(worker, redis_server, red_clip):
+    result = submit_video(str(red_clip.path), "tests.faulty:CrashesOnRed", on_tile_error="partial",
+                          **OPTIONS).get(timeout=TIMEOUT)  # fmt: skip
+    assert [s["segment"] for s in result["failed_segments"]] == [2]
+    assert "the worker process died all 3 times" in result["failed_segments"][0]["error"]
+    first, stop = result["failed_segments"][0]["frames"]
+    assert not any(first <= f["frame"] < stop for f in result["per_frame"])
+    assert result["frames"]["processed"] == FRAMES - (stop - first)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_cancelled_video_job_stops_and_leaves_nothing(worker, redis_server, red_clip):
+    import tests.faulty
+
+    held = IMAGES_ROOT / tests.faulty.HELD
+    held.unlink(missing_ok=True)
+    flag = IMAGES_ROOT / tests.faulty.HOLD_ON_RED
+    flag.touch()
+    try:
+        job = submit_video(str(red_clip.path), "tests.faulty:HoldsOnRed", **OPTIONS)
+        wait_for(held.exists, TIMEOUT)
+        job.cancel()
+    finally:
+        flag.unlink(missing_ok=True)
+    with pytest.raises(JobCancelled, match="was cancelled"):
+        job.get(timeout=TIMEOUT)
+    assert tilerec_keys(redis_server) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (truncated, "is truncated"),
+        (lambda tmp: audio_only(tmp / "a.m4a"), "has no video stream"),
+        (lambda tmp: (tmp / "t.mp4").write_text("not a video\n" * 40) and tmp / "t.mp4", "is not a video FFmpeg"),
+    ],
+)
+def test_bad_videos_fail_the_job_in_one_line_and_leave_nothing(worker, redis_server, tmp_path, make, said):
+    made = make(tmp_path)
+    path = IMAGES_ROOT / f"bad-{made.name}"
+    path.write_bytes(made.read_bytes())
+    with pytest.raises(VideoError, match=said) as refused:
+        submit_video(str(path), "qrcode").get(timeout=TIMEOUT)
+    assert "\n" not in str(refused.value)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_exports_follow_the_tracks(known, tmp_path):
+    from pipeline.export import frame_lines, mot_lines
+
+    result = recognize_video(known.path, "aruco", **OPTIONS).to_json()
+    rows = [line.split(",") for line in mot_lines(result)]
+    by_track = {t["id"]: t for t in result["tracks"]}
+    assert len(rows) == sum(len(t["frames"]) for t in result["tracks"])
+    for frame, track, x, y, w, h, *_ in rows[:50]:
+        assert [int(frame) - 1, *map(float, (x, y, w, h))] in [r[:5] for r in by_track[int(track)]["frames"]]
+    lines = [json.loads(line) for line in frame_lines(result)]
+    assert [line["frame"] for line in lines] == list(range(FRAMES))
+    assert {d["track"] for line in lines for d in line["detections"]} == set(by_track)
+
+
+def test_no_detection_is_left_untracked_on_a_clean_clip(in_process):
+    result = in_process["qrcode"]
+    found = Detections.from_records([d for f in result["per_frame"] for d in f["detections"]])
+    assert len(found) == sum(len(t["frames"]) for t in result["tracks"])
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+
+def test_tilerec_run_writes_mot_text_and_an_annotated_mp4(worker, redis_server, known, tmp_path):
+    from tests.test_cli import tilerec
+
+    mot, annotated = tmp_path / "tracks.txt", tmp_path / "annotated.mp4"
+    flags = ["--tile", str(TILE), "--overlap", str(OVERLAP), "--segment-frames", str(SEGMENT)]
+    outputs = ["--json", str(mot), "--format", "mot", "--annotate", str(annotated)]
+    cluster = ["--broker", redis_server.url, "--shared-path"]
+    completed = tilerec("run", str(known.path), "-r", "aruco", *flags, *outputs, *cluster, timeout=TIMEOUT)
+    assert completed.returncode == 0, completed.stderr
+    assert "120 frames recognized (0 skipped), 2 tracks (aruco 2) in 5 segments" in completed.stderr
+    rows = [line.split(",") for line in mot.read_text().splitlines()]
+    assert sorted({row[1] for row in rows}) == ["1", "2"] and len(rows) == 2 * FRAMES
+    drawn = probe(annotated, "annotated.mp4", 10**8)
+    assert (drawn.frames, drawn.width, drawn.height) == (FRAMES, WIDTH, HEIGHT)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_tilerec_run_says_in_one_line_why_a_video_cannot_be_used(worker, redis_server, tmp_path):
+    from tests.test_cli import one_error_line, tilerec
+
+    audio = audio_only(IMAGES_ROOT / "only-audio.mp4")
+    completed = tilerec("run", str(audio), "-r", "qrcode", "--broker", redis_server.url, "--shared-path")
+    assert completed.returncode == 1
+    assert "has no video stream (it has audio)" in one_error_line(completed)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    refused = tilerec("run", str(folder), "-r", "qrcode", "--step", "2", "--broker", redis_server.url)
+    assert refused.returncode == 2 and "--step is for a video" in one_error_line(refused)
+    assert tilerec_keys(redis_server) == []
+
+
+def test_tracks_without_payloads_are_stitched_by_their_boxes(known):
+    """ArUco markers with their ids taken away: nothing but box overlap in the segments' shared frames can make each
+    marker one track across the 5 segments."""
+    from pipeline.recognizers import get_recognizer
+
+    def unnamed(tile: np.ndarray) -> Detections:
+        found = get_recognizer("aruco")(tile)
+        return Detections(found.xyxy, found.scores, found.labels)
+
+    result = recognize_video(known.path, unnamed, **OPTIONS).to_json()
+    assert result["tiling"]["segments"] == 5
+    assert len(result["tracks"]) == 2 and all("text" not in track for track in result["tracks"])
+    for track in result["tracks"]:
+        rows = frames_of(track)
+        assert [int(f) for f in rows[:, 0]] == list(range(FRAMES))  # both markers are whole in every frame
+        marker = min(("3", "7"), key=lambda m: np.abs(rows[0, 1:5] - known.truths[m][0].truth.box).max())
+        truths = {t.frame: t.truth.box for t in known.truths[marker]}
+        assert max(np.abs(row[1:5] - np.asarray(truths[int(row[0])])).max() for row in rows) <= 2.0
+
+
+def test_a_frame_whose_tiles_fail_fails_the_job_or_is_listed_in_a_partial_result(red_clip):
+    from pipeline.inference import TileFailure
+    from pipeline.recognizers import get_recognizer
+    from tests.faulty import has_red
+
+    def raises_on_red(tile: np.ndarray) -> Detections:
+        if has_red(tile):
+            raise ValueError("red")
+        return get_recognizer("qrcode")(cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY) if tile.ndim == 3 else tile)
+
+    with pytest.raises(TileFailure, match=r"0 of 5 segments and 5 frames failed: frame 60: tile 2: ValueError: red"):
+        recognize_video(red_clip.path, raises_on_red, **OPTIONS)
+    result = recognize_video(red_clip.path, raises_on_red, on_tile_error="partial", **OPTIONS).to_json()
+    assert [f["frame"] for f in result["failed_frames"]] == [60, 61, 62, 63, 64]
+    assert result["frames"] == {"total": FRAMES, "processed": FRAMES - 5, "skipped": 0, "failed": 5}
+    assert sorted(t["text"] for t in result["tracks"]) == ["alpha", "bravo", "charlie"]  # tracks go on around them
