@@ -78,9 +78,18 @@ visibility_timeout = _number("TILEREC_VISIBILITY_TIMEOUT", 15, 3)
 # Redis Sentinel: broker, backend and store URLs of the form sentinel://host:26379;sentinel://host2:26379/0 find the
 # master of this name (a password for the sentinels themselves, if they have one: TILEREC_SENTINEL_PASSWORD).
 sentinel_master = _env("TILEREC_SENTINEL_MASTER", "mymaster")
-sentinel_kwargs = (
-    {"password": os.environ["TILEREC_SENTINEL_PASSWORD"]} if os.environ.get("TILEREC_SENTINEL_PASSWORD") else {}
-)
+# Sentinels over TLS: the CA certificate that signed the sentinels' and the Redis servers' certificates turns TLS on
+# for both, with this process's own certificate and key where they ask for one (mutual TLS). (rediss:// URLs carry
+# theirs in the URL: ?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.crt.)
+_sentinel_files = {"ssl_ca_certs": "TILEREC_SENTINEL_TLS_CA", "ssl_certfile": "TILEREC_SENTINEL_TLS_CERT",
+                   "ssl_keyfile": "TILEREC_SENTINEL_TLS_KEY"}  # fmt: skip
+tilerec_sentinel_tls = {key: os.environ[name] for key, name in _sentinel_files.items() if os.environ.get(name)}
+if tilerec_sentinel_tls:
+    tilerec_sentinel_tls = {"ssl_cert_reqs": "required", **tilerec_sentinel_tls}
+sentinel_kwargs = {
+    **({"password": os.environ["TILEREC_SENTINEL_PASSWORD"]} if os.environ.get("TILEREC_SENTINEL_PASSWORD") else {}),
+    **({"ssl": True, **tilerec_sentinel_tls} if tilerec_sentinel_tls else {}),
+}
 broker_transport_options = {
     "visibility_timeout": visibility_timeout,
     "unacked_restore_interval": 2,
@@ -90,6 +99,16 @@ broker_transport_options = {
     "sentinel_kwargs": sentinel_kwargs,
 }
 result_backend_transport_options = {"master_name": sentinel_master, "sentinel_kwargs": sentinel_kwargs}
+
+
+def tls_for_sentinel(url: str) -> dict[str, str] | None:
+    """The TLS options of the masters a sentinel:// broker or backend URL names (they speak TLS as the sentinels
+    do); None for other URLs (a rediss:// URL carries its own)."""
+    return tilerec_sentinel_tls if "sentinel://" in url and tilerec_sentinel_tls else None
+
+
+broker_use_ssl = tls_for_sentinel(broker_url)
+redis_backend_use_ssl = tls_for_sentinel(result_backend)
 broker_connection_retry_on_startup = True
 
 # Redis restarted or failed over: a worker reconnects, its results and chord counts are retried until Redis is
@@ -128,6 +147,14 @@ tilerec_shared_storage = _flag("TILEREC_SHARED_STORAGE", "true")
 # A result whose JSON is larger than this (bytes) is stored under tilerec:result:<job id> in the tile store, and the
 # result backend gets a summary with `result_ref` (tasks.client.Job.get fetches it). -1: never; 0: always.
 tilerec_result_inline_max_bytes = _number("TILEREC_RESULT_INLINE_MAX_BYTES", 4 * 2**20, -1)
+# Admission control: the most the tile store's Redis may hold (bytes). A job whose tiles would take it past this
+# (Redis's used memory, plus what running jobs reserved and have not stored, less 5% headroom) waits for room; one
+# that could never fit is refused. 0: Redis's own maxmemory (no maxmemory either: no limit); Redis's maxmemory still
+# applies when this is higher.
+tilerec_store_max_bytes = _number("TILEREC_STORE_MAX_BYTES", 0, 0)
+# A Redis that evicts keys (a maxmemory-policy other than noeviction) would drop tiles, messages and chord counts
+# silently: a worker refuses to start against one, unless this is "true" (you know its data will never be evicted).
+tilerec_allow_eviction = _flag("TILEREC_ALLOW_EVICTION", "false")
 # files a job may name as recognizer parameters (models, label lists): only under these folders (os.pathsep list)
 tilerec_model_roots = os.pathsep.join(
     root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root

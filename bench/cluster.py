@@ -189,11 +189,6 @@ class Cluster(LocalCluster):
         for _ in range(2):
             self.run(image, recognizer, {**options, "batch_size": 1}, timeout)
 
-    def children_hwm_mb(self) -> list[float]:
-        if self.worker is None:
-            return []
-        return [mb for mb in (vm_hwm_mb(pid) for pid in self.worker.child_pids()) if mb is not None]
-
 
 def stages(run: JobRun) -> dict[str, float] | None:
     """A distributed job cut into consecutive stages whose sum is the client's wall time.

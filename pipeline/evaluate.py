@@ -28,7 +28,7 @@ IOU_TYPES = ("bbox", "segm")
 
 
 @dataclass(frozen=True)
-class Detections:
+class CocoResults:
     """Results ready for COCO: records with the truth's image and category ids, and what could not be matched."""
 
     records: list[dict[str, Any]]
@@ -128,7 +128,7 @@ def _from_recognitions(
     return records, unknown_labels, unknown_images
 
 
-def read_jsonl(path: Path, truth: Dataset) -> Detections:
+def read_jsonl(path: Path, truth: Dataset) -> CocoResults:
     """A run's results.jsonl: each whole line one image (a half-written last line, from a hard kill, is skipped)."""
     entries, failed = [], []
     for line in path.read_text().splitlines():
@@ -143,10 +143,10 @@ def read_jsonl(path: Path, truth: Dataset) -> Detections:
         given_id = entry.get("image_id")
         entries.append((names, given_id if given_id in {image.id for image in truth.images} else None, entry["result"]))
     records, unknown_labels, unknown_images = _from_recognitions(entries, truth)
-    return Detections(records, dict(unknown_labels), tuple(unknown_images), tuple(failed))
+    return CocoResults(records, dict(unknown_labels), tuple(unknown_images), tuple(failed))
 
 
-def read_document(document: dict[str, Any], truth: Dataset, where: str) -> Detections:
+def read_document(document: dict[str, Any], truth: Dataset, where: str) -> CocoResults:
     """A COCO document of results (tilerec's coco.json): categories matched by name, images by file name."""
     names = {category["id"]: str(category["name"]) for category in document.get("categories") or []}
     ids = image_ids_by_name(truth)
@@ -165,10 +165,10 @@ def read_document(document: dict[str, Any], truth: Dataset, where: str) -> Detec
             unknown_labels[name] += 1
             continue
         records.append({**annotation, "image_id": image_id, "category_id": truth.categories[name]})
-    return Detections(records, dict(unknown_labels), tuple(sorted(unknown_images)))
+    return CocoResults(records, dict(unknown_labels), tuple(sorted(unknown_images)))
 
 
-def read_results_list(records: list[Any], truth: Dataset, where: str) -> Detections:
+def read_results_list(records: list[Any], truth: Dataset, where: str) -> CocoResults:
     """COCO's results list: image and category ids are taken to be the truth's; unknown ones are reported."""
     known_images = {image.id for image in truth.images}
     by_id = {number: name for name, number in truth.categories.items()}
@@ -182,10 +182,10 @@ def read_results_list(records: list[Any], truth: Dataset, where: str) -> Detecti
             unknown_images.add(str(record["image_id"]))
         else:
             kept.append(record)
-    return Detections(kept, dict(unknown_labels), tuple(sorted(unknown_images)))
+    return CocoResults(kept, dict(unknown_labels), tuple(sorted(unknown_images)))
 
 
-def load_detections(path: str | Path, truth: Dataset) -> Detections:
+def load_detections(path: str | Path, truth: Dataset) -> CocoResults:
     """Results from a run's results.jsonl, a COCO results document (coco.json) or a COCO results list.
 
     Raises:
@@ -219,7 +219,7 @@ def _coco() -> Any:
     return COCO, COCOeval_faster
 
 
-def evaluate(truth: Dataset, detections: Detections, iou_type: str = "bbox") -> Metrics:
+def evaluate(truth: Dataset, detections: CocoResults, iou_type: str = "bbox") -> Metrics:
     """COCO metrics of the detections against the truth.
 
     Args:

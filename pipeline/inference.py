@@ -17,7 +17,7 @@ from pipeline.merge import merge_detections, place
 from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.recognizers import Recognizer, get_recognizer, recognize_many, spec_of, tiles_per_pass
-from pipeline.sources import ArraySource, Source, check_region, is_blank
+from pipeline.sources import ArraySource, Source, is_blank
 from pipeline.stages import run_stage
 from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
 
@@ -65,12 +65,6 @@ def region(height: int, width: int, options: JobOptions) -> Window:
     if x + w > width or y + h > height:
         raise OptionsError(f"roi {options.roi} is not inside the {width}x{height} image (level {options.level})")
     return Window(0, x, y, w, h)
-
-
-def check_size(height: int, width: int, options: JobOptions, max_pixels: int) -> None:
-    """Refuse a job whose region (the roi, or the level read) has more pixels than `max_pixels`, before reading."""
-    covered = region(height, width, options)
-    check_region(covered.width, covered.height, max_pixels)
 
 
 def windows_of(height: int, width: int, options: JobOptions) -> list[Window]:
@@ -415,7 +409,20 @@ def recognize_image(
         image: the pixels (grey, BGR or BGRA, 8 or 16 bit).
         recognizer: a recognizer's name (its parameters among `options`), or any callable `tile -> Detections`.
         resources: what the second stage's finish needs by name (`SecondStage.resources`), such as a gallery.
-        options: job options (tile, overlap, merge, second_stage, …) and the named recognizer's parameters.
+        **options: job options (tile, overlap, merge, second_stage, …) and the named recognizer's parameters.
+
+    Returns:
+        The merged recognition, in the image's pixel coordinates: the same as a distributed job's.
+
+    Raises:
+        OptionsError: an option is unknown or out of range.
+        RecognizerError: the recognizer is unknown or a parameter is wrong.
+
+    Examples:
+        >>> import cv2
+        >>> from pipeline import recognize_image
+        >>> found = recognize_image(cv2.imread("big.jpg"), "qrcode", tile=1024, overlap=0.2)  # doctest: +SKIP
+        >>> [(text, box) for text, box in zip(found.detections.texts, found.detections.xyxy)]  # doctest: +SKIP
     """
     return recognize_source(ArraySource(normalize(np.asarray(image))), recognizer, resources=resources, **options)
 

@@ -33,6 +33,16 @@ class Detections:
     keypoints, (K, 3) arrays of x, y, score or visibility, all with the same K, named by `keypoint_names`;
     class_id (N,) int, -1 where absent; data, any further per-detection columns by name (JSON values), kept through
     every stage.
+
+    Examples:
+        A recognizer builds one per tile, in the tile's pixels; tilerec shifts, clips and merges them:
+
+        >>> import numpy as np
+        >>> found = Detections.from_xywh([[10, 20, 30, 40]], [0.9], "face")
+        >>> found.xyxy.tolist(), found.labels.tolist()
+        ([[10.0, 20.0, 40.0, 60.0]], ['face'])
+        >>> len(Detections.concat([found, found.shifted(100, 0)]))
+        2
     """
 
     __slots__ = ("class_id", "cut", "data", "keypoint_names", "keypoints", "labels", "masks", "obb", "points",
@@ -91,6 +101,7 @@ class Detections:
 
     @classmethod
     def empty(cls) -> Detections:
+        """No detections: what a recognizer returns for a tile with nothing in it."""
         return cls(np.zeros((0, 4)), np.zeros(0), [])
 
     @classmethod
@@ -103,7 +114,19 @@ class Detections:
         points: Sequence[np.ndarray | None] | None = None,
         **columns: Any,
     ) -> Detections:
-        """From COCO-order boxes [x, y, w, h]; `columns` are the optional ones (masks, obb, keypoints, …)."""
+        """Detections from COCO-order boxes.
+
+        Args:
+            boxes: (N, 4) boxes [x, y, w, h].
+            scores: (N,) scores.
+            labels: one label for all, or one per box.
+            texts: decoded payloads, or None.
+            points: landmark or corner arrays, or None.
+            **columns: the optional columns (masks, obb, keypoints, keypoint_names, class_id, data).
+
+        Returns:
+            The detections, boxes as corners (xyxy).
+        """
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         xyxy = boxes.copy()
         xyxy[:, 2:] += xyxy[:, :2]
@@ -478,7 +501,18 @@ class StageSummary:
 
 @dataclass
 class Recognition:
-    """A whole image's recognition: what `tilerec.merge` returns and `recognize_image` gives in process."""
+    """A whole image's recognition: what `tilerec.merge` returns (as `to_json()`), `recognize_image` gives in
+    process and `tasks.client` gives a caller.
+
+    Examples:
+        >>> from pipeline.model import Detections, Recognition
+        >>> found = Recognition(640, 480, Detections.from_xywh([[1, 2, 3, 4]], [0.5], "qrcode"), "qrcode")
+        >>> document = found.to_json()
+        >>> document["schema"], document["detections"][0]["box"]
+        ('tilerec/recognition@2', [1.0, 2.0, 3.0, 4.0])
+        >>> len(Recognition.from_json(document).detections)
+        1
+    """
 
     width: int
     height: int
@@ -502,9 +536,15 @@ class Recognition:
     second_stage: StageSummary | None = None  # what the recognizer's second stage did; None: it ran none
 
     def to_json(self) -> dict[str, Any]:
-        """The result document; `image.level`/`image.downsample` (level > 0), `image.roi` (a roi was given),
-        `tiling.skipped` and `tiling.skipped_tiles` (skip_blank was on), `keypoint_names` (detections have
-        keypoints) and `second_stage` (one ran) appear only when they apply."""
+        """The result document (docs/tasks.md, "The result"), JSON-ready.
+
+        `image.level`/`image.downsample` (level > 0), `image.roi` (a roi was given), `tiling.skipped` and
+        `tiling.skipped_tiles` (skip_blank was on), `keypoint_names` (detections have keypoints) and `second_stage`
+        (one ran) appear only when they apply.
+
+        Returns:
+            The document, schema `tilerec/recognition@2`.
+        """
         image: dict[str, Any] = {"width": self.width, "height": self.height, "source": self.source}
         if self.level:
             image.update(level=self.level, downsample=round(self.downsample, 6))
@@ -541,7 +581,17 @@ class Recognition:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Recognition:
-        """A result document of schema @2, or of @1 (which has no optional columns)."""
+        """A recognition from its result document.
+
+        Args:
+            data: a document of schema @2, or of @1 (which has no optional columns).
+
+        Returns:
+            The recognition.
+
+        Raises:
+            ValueError: the document names another schema.
+        """
         if data.get("schema") not in READABLE:
             raise ValueError(f"not a {' or '.join(READABLE)} result: schema is {data.get('schema')!r}")
         return cls(

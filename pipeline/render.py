@@ -27,18 +27,24 @@ SUBPIXEL = 4  # OpenCV's `shift`: outlines drawn at 1/16 pixel, so a polygon is 
 
 def label_color(label: str) -> tuple[int, int, int]:
     """A bright BGR colour fixed by the label's name, so a label has the same colour in every picture and run."""
-    hue = (zlib.crc32(label.encode("utf-8")) % 360) / 360.0
+    hue = (zlib.crc32(label.encode("utf-8", "surrogatepass")) % 360) / 360.0  # any string, undecodable bytes too
     red, green, blue = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
     return round(blue * 255), round(green * 255), round(red * 255)
 
 
 def caption(label: str, score: float, text: str | None = None, max_text: int = MAX_TEXT) -> str:
-    """'label 0.97 payload': OpenCV's Hershey fonts draw ASCII only, so other characters become '?'."""
-    words = f"{label} {score:.2f}"
+    """'label 0.97 payload': OpenCV's Hershey fonts draw ASCII only, so other characters (controls too) become
+    '?'; the label and the payload, both from the image where a recognizer reads them, are cut to `max_text`."""
+    words = f"{_cut(label, max_text)} {score:.2f}"
     if text:
-        shown = text if len(text) <= max_text else text[: max_text - 3] + "..."
-        words += " " + " ".join(shown.split())
+        words += " " + _cut(text, max_text)
     return "".join(c if 32 <= ord(c) < 127 else "?" for c in words)
+
+
+def _cut(text: str, most: int) -> str:
+    """Text on one line (whitespace runs as one space), at most `most` characters."""
+    shown = text if len(text) <= most else text[: most - 3] + "..."
+    return " ".join(shown.split())
 
 
 def default_thickness(height: int, width: int) -> int:

@@ -3,7 +3,9 @@ set-up."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 from celery.worker.control import inspect_command
+from kombu.utils.url import maybe_sanitize_url
 
 from pipeline import images, remote
 from pipeline.memory import keep_freed_buffers
@@ -20,6 +23,8 @@ from tasks import store
 from tasks.leases import Leases
 from tasks.roster import Roster
 
+STARTUP_WAIT_S = 30.0  # a worker waits this long for its Redis to answer before it starts without checking it
+log = logging.getLogger(__name__)
 app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(Leases)
@@ -46,6 +51,8 @@ class Settings:
     onnx_providers: tuple[str, ...]
     device: int
     onnx_providers_strict: bool
+    store_max_bytes: int  # 0: Redis's maxmemory alone
+    allow_eviction: bool
 
     @classmethod
     def of(cls, conf: Any) -> Settings:
@@ -66,6 +73,8 @@ class Settings:
             onnx_providers=tuple(name.strip() for name in conf.tilerec_onnx_providers.split(",") if name.strip()),
             device=int(conf.tilerec_device),
             onnx_providers_strict=bool(conf.tilerec_onnx_providers_strict),
+            store_max_bytes=int(conf.tilerec_store_max_bytes),
+            allow_eviction=bool(conf.tilerec_allow_eviction),
         )
 
 
@@ -90,7 +99,12 @@ def configure(**changes: Any) -> None:
 
 def store_client() -> redis.Redis:
     conf = app.conf
-    return store.connect(settings().store_url, conf.sentinel_master, conf.sentinel_kwargs.get("password"))
+    return store.connect(settings().store_url, conf.sentinel_master, sentinel_options())
+
+
+def sentinel_options() -> tuple[tuple[str, Any], ...]:
+    """celeryconfig's sentinel_kwargs as store.connect takes them."""
+    return tuple(sorted(app.conf.sentinel_kwargs.items()))
 
 
 _worker: Any = None
@@ -131,6 +145,61 @@ def _set_up_execution(**_: Any) -> None:
     pool forks: a provider this node lacks is warned about once in its log, not once per process, and every process
     inherits the result (no session is built here, so no GPU context crosses the fork)."""
     configure_execution(settings().onnx_providers, settings().device, settings().onnx_providers_strict)
+
+
+def redis_urls() -> list[str]:
+    """The Redis servers this process uses (broker, result backend, tile store), each once."""
+    backend = str(app.conf.result_backend or "")
+    backend = backend.split("+", 1)[1] if backend.startswith("tasks.chords:") else backend
+    urls = [str(app.conf.broker_url), backend, settings().store_url]
+    return list(dict.fromkeys(url for url in urls if url.split(":", 1)[0] in ("redis", "rediss", "sentinel")))
+
+
+def _memory_of(url: str) -> store.Memory | None:
+    """The Redis's memory settings, waiting up to STARTUP_WAIT_S for it to answer (None: it did not, or may not
+    tell). Raises SystemExit, one line, when it refuses this worker: a wrong password or certificate."""
+    named = maybe_sanitize_url(url)
+    deadline = time.monotonic() + STARTUP_WAIT_S
+    while True:
+        try:
+            if url.startswith("sentinel:"):
+                client = store.connect(url, app.conf.sentinel_master, sentinel_options())
+            else:  # no retries: a wrong password is said at once
+                client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+            return store.memory(client)
+        except redis.AuthenticationError as error:
+            raise SystemExit(f"tilerec: the Redis at {named} refused this worker: {error}") from None
+        except redis.ConnectionError as error:
+            if refused := store.tls_refused(error):
+                raise SystemExit(f"tilerec: no TLS connection to the Redis at {named}: {refused}") from None
+            if time.monotonic() > deadline:
+                log.warning("tilerec: the Redis at %s did not answer (%s): its eviction policy is unchecked", named,
+                            error)  # fmt: skip
+                return None
+            time.sleep(1)
+        except redis.ResponseError as error:  # INFO not allowed to this user (ACL)
+            log.warning("tilerec: cannot read the memory settings of the Redis at %s: %s", named, error)
+            return None
+
+
+@signals.celeryd_after_setup.connect
+def _check_redis(**_: Any) -> None:
+    """A worker refuses to start against a Redis that evicts keys (tiles, messages and chord counts would vanish
+    silently) unless TILEREC_ALLOW_EVICTION says the operator knows, or one that refuses it (password, TLS)."""
+    for url in redis_urls():
+        found = _memory_of(url)
+        if found is None or found.policy in ("noeviction", ""):
+            continue
+        reason = (
+            f"the Redis at {maybe_sanitize_url(url)} evicts keys when full (maxmemory-policy {found.policy}): tilerec "
+            "keeps tiles, messages and chord counts there, which would vanish silently"
+        )
+        if not settings().allow_eviction:
+            raise SystemExit(
+                f"tilerec: {reason}; set `maxmemory-policy noeviction` (tilerec then waits for room instead), or "
+                "TILEREC_ALLOW_EVICTION=true if you know nothing of tilerec's is ever evicted"
+            )
+        log.warning("tilerec: %s (allowed by TILEREC_ALLOW_EVICTION)", reason)
 
 
 @inspect_command()

@@ -23,7 +23,7 @@ from pipeline.model import Recognition
 from pipeline.remote import is_url
 from tasks import gallery, store
 from tasks.celery import settings, store_client
-from tasks.jobs import recognize
+from tasks.jobs import WAITING, recognize
 from tasks.video import recognize_video
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)  # a Redis restarting, loading its data or failing over
@@ -38,9 +38,14 @@ class JobLost(RuntimeError):
 
 
 def put_image(image: bytes | np.ndarray, ttl: int | None = None) -> str:
-    """Store encoded image bytes (PNG, JPEG, …) or a NumPy array for a job; returns its `redis:` reference.
+    """Store an image in Redis for jobs to read.
 
-    The reference lives for `ttl` seconds (default: the tile TTL) and can be used by several jobs.
+    Args:
+        image: encoded image bytes (PNG, JPEG, TIFF, …) or a NumPy array.
+        ttl: seconds the stored image lives (default: the tile TTL); several jobs may use it meanwhile.
+
+    Returns:
+        Its `redis:` reference, which `submit` and `tilerec.recognize` take in place of a path.
     """
     data = encode_array(image) if isinstance(image, np.ndarray) else bytes(image)
     return store.put_bytes(store_client(), data, ttl or settings().tile_ttl)
@@ -48,23 +53,42 @@ def put_image(image: bytes | np.ndarray, ttl: int | None = None) -> str:
 
 @dataclass
 class Job:
-    """A submitted recognition: its AsyncResult, plus progress read from the tile store while it runs."""
+    """A submitted recognition: its AsyncResult, plus progress read from the tile store while it runs.
+
+    Examples:
+        >>> from tasks.client import submit
+        >>> job = submit("/data/big.tif", "qrcode", tile=1024)  # doctest: +SKIP
+        >>> job.progress()  # doctest: +SKIP
+        (12, 48)
+        >>> recognition = job.get(timeout=600)  # doctest: +SKIP
+        >>> recognition.to_json()["detections"][0]["text"]  # doctest: +SKIP
+    """
 
     result: AsyncResult
     _done: int = field(default=0, init=False, repr=False)
     _total: int | None = field(default=None, init=False, repr=False)
     _gone_since: float | None = field(default=None, init=False, repr=False)
+    waiting: str | None = field(default=None, init=False, repr=False)  # why it waits for room, as progress() saw
 
     @property
     def id(self) -> str:
+        """The job's id: what `cancel`, `tilerec cancel` and the result backend know it by."""
         return self.result.id
 
     def progress(self) -> tuple[int, int | None]:
-        """(tiles done, tiles in all); the total is None until the tiling task has planned the grid.
+        """How far the job is, read from the tile store.
 
-        Never goes backwards, though the merge deletes the job's counters just before the result lands."""
-        if self.result.successful():
-            self._total = _units(self.result.info)
+        Never goes backwards, though the merge deletes the job's counters just before the result lands. A job
+        waiting for room in the tile store says so in `waiting`.
+
+        Returns:
+            (tiles done, tiles in all); the total is None until the tiling task has planned the grid.
+        """
+        meta = self.result.backend.get_task_meta(self.id)
+        info = meta.get("result")
+        self.waiting = info.get("waiting") if meta["status"] == WAITING and isinstance(info, dict) else None
+        if meta["status"] == "SUCCESS":
+            self._total = _units(info)
             self._done = self._total
             return self._done, self._total
         done, total = store.progress(store_client(), self.id)
@@ -100,7 +124,19 @@ class Job:
 
         It looks at the job's state every `interval` s rather than waiting on Celery's pub/sub, and a Redis that
         restarts or fails over meanwhile is a pause, not an error (Celery's own `get` gives up on a connection
-        after about 20 retries of 1 s)."""
+        after about 20 retries of 1 s).
+
+        Args:
+            timeout: seconds to wait at most (None: for ever).
+            interval: seconds between looks at the job's state.
+
+        Returns:
+            The whole recognition (`to_json()` gives its document).
+
+        Raises:
+            TimeoutError: the job did not finish within `timeout` (celery.exceptions.TimeoutError).
+            JobLost: the job's state vanished from Redis before it finished.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         looked = 0.0
         while True:
@@ -122,6 +158,7 @@ class Job:
             time.sleep(interval)
 
     def cancel(self) -> None:
+        """Stop the job (see `cancel`)."""
         cancel(self.id)
 
     def _read(self, result: dict[str, Any]) -> Any:
@@ -172,7 +209,7 @@ def fetch_result(result: dict[str, Any]) -> Recognition:
     Returns:
         The whole recognition (`Recognition.to_json()` gives the document back).
 
-    Example:
+    Examples:
         >>> job = app.send_task("tilerec.recognize", args=["/data/big.tif", "faces"])  # doctest: +SKIP
         >>> fetch_result(job.get(timeout=600)).detections.labels  # doctest: +SKIP
     """
@@ -184,12 +221,27 @@ def cancel(job_id: str) -> None:
     begun, and the merge removes the job's keys and fails the job with JobCancelled.
 
     A flag in the store rather than `revoke`: after `replace`, the merge task carries the job's id, so revoking
-    the id would also revoke the merge that cleans up, and revoked ids live only in the workers' memory."""
+    the id would also revoke the merge that cleans up, and revoked ids live only in the workers' memory.
+
+    Args:
+        job_id: the job's id (`Job.id`, `Completed.job_id`, printed by `tilerec run`).
+    """
     store.cancel(store_client(), job_id, settings().tile_ttl)
 
 
 def submit(image: str | bytes | np.ndarray, recognizer: str = "faces", **options: Any) -> Job:
-    """Submit `tilerec.recognize`. A path (or `redis:` reference) is sent as is; bytes and arrays are stored first."""
+    """Submit one image to `tilerec.recognize`.
+
+    Args:
+        image: a path the workers can read (or a URL, or a `redis:` reference), sent as is; encoded bytes or an
+            array, stored in Redis first (`put_image`).
+        recognizer: the recognizer's name.
+        **options: job options (tile, overlap, batch_size, …; docs/tasks.md) and the recognizer's parameters
+            (`params={...}`, or as keywords).
+
+    Returns:
+        The job, to follow (`progress`), wait for (`get`) or `cancel`.
+    """
     reference = image if isinstance(image, str) else put_image(image)
     return Job(recognize.delay(reference, recognizer, **options))
 

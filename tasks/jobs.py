@@ -82,6 +82,8 @@ PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each rep
 BATCHES_PER_PROCESS = 4
 DIED = f"the worker process died all {MAX_ATTEMPTS}"
 BULKY = ("detections", "per_frame", "tracks")  # what a result's summary leaves out (an image's, a video's)
+WAITING = "WAITING"  # the state of a job waiting for room in the tile store
+ROOM_RETRY_S = 1.0  # a waiting job asks for room again this often
 log = logging.getLogger(__name__)
 
 
@@ -178,11 +180,18 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
             raise images.ImageError(f"gave up on {image!r}: {DIED} times it read it")
         if store.is_cancelled(client, job_id):
             raise JobCancelled(f"job {job_id} was cancelled")
+        if (need := store.waiting_need(client, job_id)) is not None:
+            _admit(client, job_id, need)  # before its image is read again
         target = resolve(image)
         job, spans, result = _start(client, job_id, image, target, parse_options(recognizer, options), started,
                                     redelivered)  # fmt: skip
         if result is not None:  # one batch: recognized right here, a chord would only add its round trips
             return result
+    except _NoRoom as waiting:
+        raise _wait_for_room(self, client, waiting.room) from None
+    except redis.OutOfMemoryError:
+        store.delete_job(client, job_id)
+        raise store.StoreFull(store.FILLED) from None
     except BaseException:
         store.delete_job(client, job_id)  # a job refused or failed while tiling leaves nothing behind
         raise
@@ -221,6 +230,7 @@ def _start(
             timings = {"load_s": time.time() - started, "decode_s": 0.0, "store_s": 0.0}
             job = Job(job_id, image, layout.width, layout.height, options, len(spans),
                       min(channels, layout.channels), started, timings, streamed=True)  # fmt: skip
+            _admit(client, job_id, _need(job))
             store.put_job(client, job_id, job.to_json(), job.tiles, settings().tile_ttl, streamed=True)
             return job, spans, None
     loaded = time.time()
@@ -240,6 +250,7 @@ def _start(
             outcomes = _recognize(client, job, job.windows, source.read, redelivered)
             return job, spans, _finish(client, job, outcomes, source.read)  # type: ignore[return-value]
         if job.file is None:
+            _admit(client, job_id, _need(job))
             tiles = ((window, storable(source.read(window), options)) for window in job.windows)
             store.put_tiles(client, job_id, tiles, settings().tile_ttl)
     if store.is_cancelled(client, job_id):
@@ -247,6 +258,46 @@ def _start(
     job = replace(job, timings={**job.timings, "store_s": time.time() - decoded})
     store.put_job(client, job_id, job.to_json(), job.tiles, settings().tile_ttl)
     return job, spans, None
+
+
+class _NoRoom(Exception):
+    """The job's tiles do not fit in the store now: it waits in line (`_wait_for_room`)."""
+
+    def __init__(self, room: store.Room) -> None:
+        super().__init__(room.waiting())
+        self.room = room
+
+
+def _need(job: Job) -> int:
+    """The bytes the job's tiles and records take in the store."""
+    return store.tiles_bytes(window.height * window.width * job.channels for window in job.windows)
+
+
+def _admit(client: redis.Redis, job_id: str, need: int) -> None:
+    """Reserve room in the store for the job's tiles. Raises StoreFull when they can never fit (the message names
+    the sizes), _NoRoom when they do not fit now (its need recorded, so its next try asks before reading)."""
+    room = store.reserve(client, job_id, need, settings().store_max_bytes, settings().tile_ttl)
+    if room.never:
+        raise store.StoreFull(room.refusal())
+    if not room.granted:
+        store.wait(client, job_id, need, settings().tile_ttl)
+        raise _NoRoom(room)
+
+
+def _wait_for_room(task: Any, client: redis.Redis, room: store.Room) -> Ignore:
+    """The job waits in line without holding a worker process: its state becomes WAITING (in the result backend for
+    any app, and as a task-waiting event, which Flower shows as the job's state), and it is tried again later.
+    Returns the Ignore to raise, which ends this try; raises StoreFull once it has waited the tile TTL (its need's
+    lifetime) in vain."""
+    job_id, message = task.request.id, room.waiting()
+    if task.request.retries * ROOM_RETRY_S >= settings().tile_ttl:
+        store.delete_job(client, job_id)
+        raise store.StoreFull(f"gave up after waiting {settings().tile_ttl} s (TILEREC_TILE_TTL): {message}")
+    task.backend.store_result(job_id, {"waiting": message, "need": room.need, "free": room.free}, WAITING)
+    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
+        dispatcher.send("task-waiting", uuid=job_id, result=message)
+    task.retry(countdown=ROOM_RETRY_S, max_retries=10**9, throw=False)  # None would mean Celery's default, 3
+    return Ignore(message)
 
 
 def resolve(image: Any) -> Path | bytes | remote.RemoteObject:
@@ -293,6 +344,8 @@ def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path 
         data = target if isinstance(target, bytes) else target.read_bytes()
         tiles = streamed_tiles(data, job.windows, job.options, thread_budget())
         store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
+    except redis.OutOfMemoryError:
+        store.fail_job(client, job.id, job.tiles, store.FILLED, settings().tile_ttl)
     except Exception as error:
         reason = str(error) if isinstance(error, images.ImageError) else f"{type(error).__name__}: {error}"
         client.set(store.job_key(job.id, "failed"), reason, ex=settings().tile_ttl)
@@ -329,7 +382,11 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
         if isinstance(read, _StoredTiles):
             read.close()
     records = {o.index: json.dumps(o.to_json()) for o in outcomes}
-    done = store.put_records(client, job_id, records, settings().tile_ttl) if records else None
+    try:
+        done = store.put_records(client, job_id, records, settings().tile_ttl) if records else None
+    except redis.OutOfMemoryError:  # the merge fails the job with StoreFull
+        store.fail_job(client, job_id, job.tiles, store.FILLED, settings().tile_ttl)
+        done = None
     if done is not None:
         _report_progress(self, job.id, done, len(records), job.tiles)
     return {
@@ -531,10 +588,10 @@ def _merged(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> Recog
     if store.is_cancelled(client, job.id):
         done = sum(outcome.error is None for outcome in outcomes)
         raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.tiles} tiles had been recognized)")
+    _, failed, _ = store.stream_state(client, job.id)
+    if failed is not None:
+        raise store.StoreFull(failed) if failed == store.FILLED else images.ImageError(failed)
     if job.streamed:
-        _, failed, _ = store.stream_state(client, job.id)
-        if failed is not None:
-            raise images.ImageError(failed)
         spent = client.hgetall(store.job_key(job.id, "stream"))
         timings.update({f"streamed_{k.decode()}": float(v) for k, v in spent.items()})
     recognition = assemble(outcomes, job.windows, job.options, job.width, job.height, job.started,

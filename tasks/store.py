@@ -18,6 +18,10 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:crop_records  hash: crop K -> its outcome (pipeline.stages.CropOutcome, JSON)
     tilerec:job:J:frames     a video job's hash: segment N -> its frames done so far (progress in frames; a redone
                              segment overwrites its own count); its records are by segment, its total in frames
+    tilerec:job:J:need       bytes its tiles take in the store, while it waits for room (admission control)
+Room in the store (admission control, see `reserve`): tilerec:room:held (sorted set: job -> when its reservation
+lapses), tilerec:room:unwritten (hash: job -> reserved bytes not yet stored), tilerec:room:line (sorted set: waiting
+job -> when it first asked) and tilerec:room:line-needs (hash: waiting job -> its need).
 The nodes that take tiles, each with its pool size: tilerec:tile-processes (a sorted set, tasks/roster.py).
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
 (ms per 640x640 tile, a week), and a second stage's: tilerec:cost:<recognizer>#crops:<parameters hash> (ms per
@@ -28,9 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,33 +52,49 @@ from pipeline.tiling import Window
 
 PREFIX = "tilerec"
 REF_SCHEME = "redis:"
-PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "frames")  # and the tiles
+PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "frames", "need")  # and tiles
 STAGE_PARTS = ("stage", "crops", "crop_records")  # a second stage's
 FLUSH_EVERY = 32  # tiles a pipeline holds before it is sent: bounds the memory of storing a job's tiles
 READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
 
 @lru_cache(maxsize=4)
-def connect(url: str, master: str = "mymaster", sentinel_password: str | None = None) -> redis.Redis:
+def connect(url: str, master: str = "mymaster", sentinel_options: tuple[tuple[str, Any], ...] = ()) -> redis.Redis:
     """One client (and connection pool) per URL per process. Commands are retried with backoff for about 30 s on
     connection errors (Redis restarting, loading its data, failing over), so a restart is a pause, not a failure.
 
     A `sentinel://host:26379;sentinel://host2:26379/db` URL asks those sentinels for the master named `master`
-    (and follows it when they fail over); a password in the first URL is the master's."""
+    (and follows it when they fail over); a password in the first URL is the master's. `sentinel_options`: the
+    sentinels' own connection options, as items (celeryconfig's sentinel_kwargs: their password; TLS, which then
+    the master speaks too)."""
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), 20)
     options = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30, "retry": retry,
                "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}  # fmt: skip
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, **options)
     hosts = [urlsplit(part) for part in url.split(";")]
+    tls = {key: value for key, value in sentinel_options if key.startswith("ssl")}
     sentinels = Sentinel(
         [(host.hostname, host.port or 26379) for host in hosts],
-        sentinel_kwargs={"password": sentinel_password} if sentinel_password else {},
+        sentinel_kwargs=dict(sentinel_options),
         socket_connect_timeout=5,
     )
     first = hosts[0]
     db = int(first.path.strip("/") or 0)
-    return sentinels.master_for(master, db=db, password=first.password, username=first.username or None, **options)
+    return sentinels.master_for(
+        master, db=db, password=first.password, username=first.username or None, **tls, **options
+    )
+
+
+def tls_refused(error: BaseException) -> str | None:
+    """What a failed connection's TLS says, when TLS is why it failed (a certificate refused either way); else
+    None. redis-py keeps the ssl module's error as the context of its ConnectionError."""
+    if not isinstance(error.__context__, ssl.SSLError):
+        return None
+    return (
+        f"the TLS handshake failed ({error}): is the server's certificate signed by the CA in ssl_ca_certs, and does "
+        "the server take this client's certificate (ssl_certfile, ssl_keyfile) if it asks for one?"
+    )
 
 
 def job_key(job_id: str, part: str) -> str:
@@ -124,6 +146,7 @@ def put_tiles(
             elif count % FLUSH_EVERY == 0:
                 pipe.execute()
             storing += time.perf_counter() - tile_began
+        pipe.hdel(UNWRITTEN_KEY, job_id)  # its bytes are in Redis's used memory from now on
         pipe.execute()
     return True
 
@@ -318,11 +341,20 @@ def stream_state(client: redis.Redis, job_id: str) -> tuple[int | None, str | No
 
 
 def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> None:
-    """Everything the job put in Redis; `tiles` spares a scan when its count is known."""
+    """Everything the job put in Redis, and its room in the store; `tiles` spares a scan when its count is known."""
     if tiles is None:
         _unlink(client, [key.decode() for key in client.scan_iter(job_key(job_id, "*"), count=1000)])
     else:
         _unlink(client, _keys(job_id, tiles, PARTS + STAGE_PARTS))
+    release(client, job_id)
+
+
+def fail_job(client: redis.Redis, job_id: str, tiles: int, reason: str, ttl: int) -> None:
+    """Fail a running job with `reason` (its merge raises StoreFull with it): its tiles go first, so the reason can
+    be stored even in a store that is full, and the room they took is free for other jobs at once."""
+    _unlink(client, _keys(job_id, tiles, ()))
+    release(client, job_id)
+    client.set(job_key(job_id, "failed"), reason, ex=ttl)
 
 
 def _keys(job_id: str, tiles: int, parts: tuple[str, ...]) -> list[str]:
@@ -333,6 +365,201 @@ def _unlink(client: redis.Redis, keys: list[str]) -> None:
     """Delete keys without blocking Redis on their values (UNLINK), 1000 a command."""
     for start in range(0, len(keys), 1000):
         client.unlink(*keys[start : start + 1000])
+
+
+class StoreFull(RuntimeError):
+    """The tile store has no room for the job: it never can (refused at once), or it filled up under it."""
+
+
+HELD_KEY = f"{PREFIX}:room:held"
+UNWRITTEN_KEY = f"{PREFIX}:room:unwritten"
+LINE_KEY = f"{PREFIX}:room:line"
+LINE_NEEDS_KEY = f"{PREFIX}:room:line-needs"
+HEADROOM = 0.05  # of the store's limit kept free for what jobs store besides tiles: messages, results, records
+KEY_BYTES = 96  # Redis's own memory per key with a TTL (dict entry, key object, expiry entry)
+RECORD_BYTES = 512  # a tile's record, about (empty or a few detections), with its hash field
+
+
+def allocated(size: int) -> int:
+    """The bytes jemalloc (Redis's allocator) takes for a value of `size` bytes: its size classes are 4 per
+    doubling, so a 640x640 grey tile (400 KiB) takes 448 KiB; Redis's own header of a string is about 16 bytes."""
+    size += 16
+    step = 16 if size <= 128 else 1 << (size - 1).bit_length() - 3  # an eighth of the next power of two
+    return -(-size // step) * step
+
+
+def tiles_bytes(sizes: Iterable[int]) -> int:
+    """The memory a job's tiles (their byte sizes) and their records take in the store."""
+    return sum(allocated(size) + KEY_BYTES + RECORD_BYTES for size in sizes)
+
+
+@dataclass(frozen=True)
+class Room:
+    """What `reserve` found: whether the job got its room, and the sizes it judged by (bytes)."""
+
+    granted: bool
+    need: int
+    limit: int  # the most the store may hold (0: no limit: Redis has no maxmemory and no budget is set)
+    used: int  # Redis's used memory
+    unwritten: int  # reserved by running jobs and not yet stored
+    ahead: int  # what the jobs ahead of it in line need
+    startup: int  # an empty Redis's used memory
+
+    @property
+    def usable(self) -> int:
+        """What jobs may hold at most, less the headroom and what an empty Redis uses."""
+        return int(self.limit * (1 - HEADROOM)) - self.startup
+
+    @property
+    def free(self) -> int:
+        return max(0, int(self.limit * (1 - HEADROOM)) - self.used - self.unwritten)
+
+    @property
+    def never(self) -> bool:
+        """The job would not fit even in an empty store."""
+        return bool(self.limit) and self.need > self.usable
+
+    def waiting(self) -> str:
+        """What a waiting job's state says."""
+        line = f" ({mb(self.ahead)} of it for jobs ahead in line)" if self.ahead else ""
+        free = f"{mb(self.free)} free of {mb(self.limit)}{line}"
+        return f"waiting for room in the tile store: needs {mb(self.need)}, {free}"
+
+    def refusal(self) -> str:
+        """Why a job that can never fit is refused, with the sizes."""
+        return (
+            f"the job needs {mb(self.need)} in the tile store, more than it can ever hold: {mb(self.usable)} of its "
+            f"{mb(self.limit)} limit (Redis's maxmemory or TILEREC_STORE_MAX_BYTES, less {HEADROOM:.0%} headroom and "
+            "what an empty Redis uses); raise that limit, or send a smaller image (or a tiled TIFF the workers read "
+            "themselves)"
+        )
+
+
+FILLED = (
+    "the tile store (Redis) filled up while the job ran: its used memory reached maxmemory (another program's data "
+    "in the same Redis, or a TILEREC_STORE_MAX_BYTES above what Redis can hold); the job's keys are deleted, submit "
+    "it again"
+)
+
+
+def mb(size: int) -> str:
+    """Bytes as MB (10^6), for messages."""
+    return f"{size / 1e6:.1f} MB"
+
+
+_RESERVE = """
+local job, need, now, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, other in ipairs(lapsed) do
+    redis.call('HDEL', KEYS[2], other)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
+for _, other in ipairs(gone) do
+    redis.call('HDEL', KEYS[4], other)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - ttl)
+local info = redis.call('INFO', 'memory')
+local used = tonumber(string.match(info, 'used_memory:(%d+)'))
+local startup = tonumber(string.match(info, 'used_memory_startup:(%d+)'))
+local limit = tonumber(string.match(info, 'maxmemory:(%d+)'))
+local budget = tonumber(ARGV[5])
+if budget > 0 and (limit == 0 or budget < limit) then
+    limit = budget
+end
+local unwritten = 0
+for _, bytes in ipairs(redis.call('HVALS', KEYS[2])) do
+    unwritten = unwritten + tonumber(bytes)
+end
+local joined = redis.call('ZSCORE', KEYS[3], job)
+local before = joined and redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. joined)
+    or redis.call('ZRANGE', KEYS[3], 0, -1)
+local ahead = 0
+for _, other in ipairs(before) do
+    ahead = ahead + tonumber(redis.call('HGET', KEYS[4], other) or 0)
+end
+local held = redis.call('ZSCORE', KEYS[1], job)
+local fits = limit == 0 or used + unwritten + ahead + need <= math.floor(limit * (1 - tonumber(ARGV[6])))
+if held or fits then
+    redis.call('ZADD', KEYS[1], now + ttl, job)
+    if not held then
+        redis.call('HSET', KEYS[2], job, need)
+    end
+    redis.call('ZREM', KEYS[3], job)
+    redis.call('HDEL', KEYS[4], job)
+    return {1, limit, used, unwritten, ahead, startup}
+end
+if not joined then
+    redis.call('ZADD', KEYS[3], now, job)
+    redis.call('HSET', KEYS[4], job, need)
+end
+return {0, limit, used, unwritten, ahead, startup}
+"""
+
+
+def reserve(client: redis.Redis, job_id: str, need: int, budget: int, ttl: int) -> Room:
+    """Reserve `need` bytes of the store for the job, if they fit now: Redis's used memory, plus what running jobs
+    reserved and have not stored yet, plus `need`, within the limit (Redis's maxmemory, or `budget` if lower; 0:
+    none) less HEADROOM. Atomic (one script), so two jobs never take the same room; a job that holds a reservation
+    (a redelivery) keeps it. A reservation lapses after `ttl` s, as the job's keys do, so a dead job's room comes
+    back; `release` (by `delete_job`) gives it back when the job ends.
+
+    Jobs that found no room wait in line, in the order they first asked: the room of those ahead counts as taken,
+    so a stream of smaller jobs cannot keep a big one out for ever (a job gone from the line for `ttl` s is
+    dropped). Waiting jobs also record their need (`wait`), to ask again before they read their image.
+
+    Args:
+        client: the store.
+        job_id: the job.
+        need: the bytes its tiles and records take (`tiles_bytes`).
+        budget: TILEREC_STORE_MAX_BYTES (0: Redis's maxmemory alone).
+        ttl: the tile TTL (s).
+
+    Returns:
+        Room: granted or not, with the sizes judged by.
+    """
+    keys = (HELD_KEY, UNWRITTEN_KEY, LINE_KEY, LINE_NEEDS_KEY)
+    granted, limit, used, unwritten, ahead, startup = client.eval(
+        _RESERVE, len(keys), *keys, job_id, need, time.time(), ttl, budget, HEADROOM
+    )
+    if granted:
+        client.unlink(job_key(job_id, "need"))
+    return Room(bool(granted), need, int(limit), int(used), int(unwritten), int(ahead), int(startup))
+
+
+def wait(client: redis.Redis, job_id: str, need: int, ttl: int) -> None:
+    """Record that the job waits for `need` bytes, so its next try asks for room before it decodes its image."""
+    client.set(job_key(job_id, "need"), need, ex=ttl)
+
+
+def waiting_need(client: redis.Redis, job_id: str) -> int | None:
+    """The bytes a waiting job needs (see `wait`), or None: it has not waited."""
+    value = client.get(job_key(job_id, "need"))
+    return None if value is None else int(value)
+
+
+def release(client: redis.Redis, job_id: str) -> None:
+    """Give the job's room back, or its place in line (nothing if it had neither)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zrem(HELD_KEY, job_id)
+        pipe.hdel(UNWRITTEN_KEY, job_id)
+        pipe.zrem(LINE_KEY, job_id)
+        pipe.hdel(LINE_NEEDS_KEY, job_id)
+        pipe.execute()
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A Redis's memory settings, as INFO tells them."""
+
+    used: int
+    maxmemory: int  # 0: none
+    policy: str  # maxmemory-policy
+
+
+def memory(client: redis.Redis) -> Memory:
+    info = client.info("memory")
+    return Memory(int(info["used_memory"]), int(info.get("maxmemory", 0)), str(info.get("maxmemory_policy", "")))
 
 
 ROSTER_KEY = f"{PREFIX}:tile-processes"

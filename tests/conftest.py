@@ -19,6 +19,20 @@ os.environ["TILEREC_ALLOWED_ROOTS"] = str(IMAGES_ROOT)
 os.environ.setdefault("TILEREC_MODEL_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "models"))
 
 
+# fixtures that start processes (Redis, Celery workers, Flower, SeaweedFS, Chromium, the bench): a test using one
+# of them, directly or through another fixture, is a `cluster` test
+CLUSTER_FIXTURES = {"redis_server", "app", "worker", "two_nodes", "other_node", "other_app", "flower", "s3",
+                    "s3_worker", "small_view", "browser", "smoke"}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `cluster` every test that uses a fixture starting processes; tests that start their own are marked
+    where they are written. `pytest -m "not cluster"` runs the rest: the edit-test loop's fast subset."""
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
@@ -68,6 +82,15 @@ def images_root() -> Path:
 
 def tilerec_keys(server: RedisServer) -> list[bytes]:
     return sorted(server.client().scan_iter("tilerec:job:*"))
+
+
+def tilerec_left(client) -> list[bytes]:
+    """tilerec's keys of jobs: theirs, their reservations and places in line, their inputs (not the measured tile
+    costs, kept a week, nor the roster of the nodes that take tiles, kept while they run)."""
+    from tasks.store import ROSTER_KEY
+
+    kept = (b"tilerec:cost:", ROSTER_KEY.encode())
+    return sorted(key for key in client.scan_iter("tilerec:*") if not key.startswith(kept))
 
 
 def caller_app(url: str) -> Celery:

@@ -20,6 +20,8 @@ from pipeline.recognizers import get_recognizer
 MARKER_BGR = (0, 0, 255)
 DIE_PUBLISHING_THE_MERGE = "die-publishing-the-merge"  # flag files in the worker's allowed root
 DIE_COUNTING_A_CHORD_PART = "die-counting-a-chord-part"
+RELEASE = "release-the-held-tile"
+TENANT = "tenant:"  # the keys another program fills the store with
 SLOW_TILE_S = 0.05
 RELEASE = "release"  # the file in a Held gate that lets its tiles go
 HELD_LIMIT_S = 300.0  # a gate never released fails its tiles rather than hold a worker process for ever
@@ -166,6 +168,48 @@ def _die_once(flag: str) -> None:
         except OSError:
             continue
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class HeldOnMarker:
+    """QR codes; a tile with the red marker waits until the flag file RELEASE is in the allowed root: a job held
+    running at a known point, with its tiles in the store"""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        while has_marker(tile) and not _flagged(RELEASE):
+            time.sleep(0.02)
+        return get_recognizer("qrcode")(tile)
+
+
+def _flagged(flag: str) -> bool:
+    return any(os.path.exists(os.path.join(root, flag)) for root in os.environ.get("TILEREC_ALLOWED_ROOTS", "").split(
+        os.pathsep) if root)  # fmt: skip
+
+
+class FillsTheStoreOnMarker:
+    """QR codes; on a tile with the red marker, the tile store's Redis fills up under the job: another program
+    stores 4 MB (under TENANT), and Redis's limit is lowered 2 MB below what it uses, so it refuses every write until
+    memory is freed (filling it to the byte would not last: Redis frees client buffers as it goes)"""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        if has_marker(tile):
+            import redis
+
+            tenant = redis.Redis.from_url(current_app.conf.tilerec_store_url)
+            for number in range(4):
+                tenant.set(f"{TENANT}{number}", os.urandom(2**20))
+            tenant.config_set("maxmemory", int(tenant.info("memory")["used_memory"]) - 2 * 2**20)
+            tenant.close()
+        return get_recognizer("qrcode")(tile)
+
+
+class PayloadLabels:
+    """QR codes labelled with their own payloads: a recognizer whose labels come from the image, as OCR lines and
+    names will (hostile content reaches every output through labels as well as texts)"""
+
+    def __call__(self, tile: np.ndarray) -> Detections:
+        found = get_recognizer("qrcode")(tile)
+        labels = [text or "qrcode" for text in found.texts]
+        return Detections(found.xyxy, found.scores, labels, found.texts, found.points, found.cut, obb=found.obb)
 
 
 HOLD_ON_RED = "hold-on-red"  # flag file: while it exists, a process that meets a red frame waits there

@@ -132,6 +132,7 @@ def test_idle_time_is_split_into_before_between_and_after_each_process_tasks():
     assert math.isclose(idle["idle_between"], 0.5 + 0.1)
 
 
+@pytest.mark.cluster
 def test_the_scale_bench_measures_a_cluster_of_several_nodes(tmp_path):
     from bench.scale import main as scale
 

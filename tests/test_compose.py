@@ -318,6 +318,7 @@ def test_the_flower_command_and_options_are_ones_flower_accepts(flower_options, 
         flower_options.parse_command_line(["flower", "--basic_auht=x:y"], final=False)
 
 
+@pytest.mark.cluster
 def test_the_worker_health_check_answers_for_a_live_worker_only(redis_server, tmp_path):
     """The compose health check, run as is by sh against a real worker named as compose names it (worker@%h)."""
     [_, check] = compose()["services"]["worker"]["healthcheck"]["test"]
@@ -379,6 +380,7 @@ def _crash_with_a_queued_job(arguments: list[str], password: str, folder: Path) 
     return len(queued)
 
 
+@pytest.mark.cluster
 def test_compose_redis_keeps_queued_jobs_through_a_crash_and_its_health_check_needs_the_password(tmp_path):
     redis_service = compose()["services"]["redis"]
     arguments = redis_service["command"][1:]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pipeline.datasets import DatasetError, read_dataset, write_scene_set
-from pipeline.evaluate import STATS, Detections, evaluate, load_detections, load_truth
+from pipeline.evaluate import STATS, CocoResults, evaluate, load_detections, load_truth
 from pipeline.export import coco_document
 from pipeline.model import Detections as Found
 from pipeline.model import Recognition
@@ -105,7 +105,7 @@ def test_evaluation_equals_faster_coco_eval_and_scores_perfect_and_shifted_predi
     truth = load_truth(scene_set)
     for shift, expected_ap50 in ((0.0, 1.0), (200.0, 0.0)):  # 200 px right: no box overlaps its truth
         records = truth_results(truth.document, shift)
-        metrics = evaluate(truth, Detections(records))
+        metrics = evaluate(truth, CocoResults(records))
         assert [metrics.stats[name] for name in STATS] == pytest.approx(direct_stats(scene_set, records))
         assert metrics.stats["AP50"] == pytest.approx(expected_ap50)
         assert metrics.per_class["aruco"].truths == 2 * IMAGES
@@ -147,7 +147,7 @@ def test_plots_are_a_precision_recall_curve_per_class(tmp_path: Path) -> None:
 
     truth_path = write_scene_set(tmp_path, 2, WIDTH, HEIGHT, ("aruco", "qrcode"), per_image=2, seed=3)
     truth = load_truth(truth_path)
-    metrics = evaluate(truth, Detections(truth_results(truth.document)))
+    metrics = evaluate(truth, CocoResults(truth_results(truth.document)))
     assert metrics.curves["aruco"] == [1.0] * 101  # a perfect predictor: precision 1 at every recall
     written = plot_curves(metrics, tmp_path / "curves")
     assert sorted(path.name for path in written) == ["pr-aruco.png", "pr-qrcode.png"]
@@ -332,6 +332,7 @@ def test_a_dataset_naming_missing_files_or_not_json_says_which(tmp_path: Path) -
     assert completed.returncode == 2 and "is not JSON" in one_error_line(completed)
 
 
+@pytest.mark.cluster
 def test_a_run_interrupted_halfway_resumes_to_one_result_per_image_and_evaluates(
     scene_set: Path, tmp_path: Path
 ) -> None:

@@ -15,6 +15,8 @@ from tasks.jobs import BATCHES_PER_PROCESS
 from tests.conftest import tilerec_keys
 from tests.scenes import assert_each_code_once
 
+pytestmark = pytest.mark.cluster  # every test here starts Redis and Celery workers of its own
+
 TIMEOUT = 120
 
 

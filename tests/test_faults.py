@@ -25,6 +25,8 @@ from tests.scenes import assert_each_code_once
 from tests.sentinels import SentinelGroup
 from tests.test_reliability import marked_scene, wait_for
 
+pytestmark = pytest.mark.cluster  # every test here starts Redis and Celery workers of its own
+
 TIMEOUT = 180
 TILES = len(grid(3000, 4000))  # 48, a batch each here
 SLOW_S = 0.2  # per tile: 48 tiles are 4.8 s of work on 2 processes, 9.6 s on one
@@ -47,6 +49,8 @@ url, path, recognizer, options, plain = sys.argv[1], sys.argv[2], sys.argv[3], j
 configure(broker_url=url, result_backend=url, tilerec_store_url=url)
 from tasks import recognize
 from tasks.client import Job
+
+
 job = Job(recognize.delay(path, recognizer, **options))
 print(json.dumps({"id": job.id}), flush=True)
 sys.stdin.readline()  # the test says when to wait: after it saw the job in progress

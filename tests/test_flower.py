@@ -33,6 +33,8 @@ from tasks.local import _die_with_parent, _stop, _wait, free_port
 from tests.conftest import IMAGES_ROOT
 from tests.scenes import assert_each_code_once
 
+pytestmark = pytest.mark.cluster  # every test here starts Redis and Celery workers of its own
+
 TIMEOUT = 120
 ENABLED_BY_FLOWER = "Events of group {task} enabled by remote"  # what a worker logs when a monitor turns them on
 USER, PASSWORD = "watcher", "s3cret-flower"

@@ -273,6 +273,7 @@ def test_flower_is_behind_basic_auth_and_redis_refuses_to_evict(setup):
     assert redis["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "tilerec-redis", "key": "password"}
 
 
+@pytest.mark.cluster
 def test_the_in_cluster_redis_keeps_queued_jobs_through_a_crash_and_its_probe_needs_the_password(tmp_path):
     resources = build(tmp_path, ["redis"])
     redis = by_kind(resources, "StatefulSet")["tilerec-redis"]["spec"]["template"]["spec"]["containers"][0]

@@ -24,6 +24,8 @@ from tasks.local import RedisServer, Worker, _die_with_parent, _stop, _wait
 from tests.conftest import IMAGES_ROOT
 from tests.scenes import assert_each_code_once
 
+pytestmark = pytest.mark.cluster  # every test here starts Redis and Celery workers of its own
+
 TIMEOUT = 120
 OTHER_APP = textwrap.dedent(
     '''

@@ -124,6 +124,7 @@ def test_a_provider_the_build_has_but_cannot_start_is_told_once_or_refused(model
 
 
 @lacks_cuda
+@pytest.mark.cluster
 def test_a_worker_warns_once_for_the_node_and_tells_the_cli_where_it_runs(
     app, redis_server, images_root, model, tmp_path
 ):

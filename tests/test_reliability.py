@@ -32,6 +32,8 @@ from tests.conftest import IMAGES_ROOT, caller_app, tilerec_keys
 from tests.faulty import holding, release
 from tests.scenes import assert_each_code_once
 
+pytestmark = pytest.mark.cluster  # every test here starts Redis and Celery workers of its own
+
 TIMEOUT = 120
 
 
@@ -453,6 +455,7 @@ def test_a_small_job_does_not_wait_for_a_big_one_to_finish(tmp_path, big_scene, 
 LOAD_CLIENT = """
 import json, sys, time
 from tasks import app, recognize
+
 url, jobs = sys.argv[1], json.loads(sys.argv[2])
 app.conf.update(broker_url=url, result_backend=url, tilerec_store_url=url)
 submitted = [(text, time.monotonic(), recognize.delay(path, "qrcode")) for path, text in jobs]

@@ -182,6 +182,7 @@ def test_a_bad_url_fails_with_one_clear_line(app, s3_worker, redis_server, url):
     assert tilerec_keys(redis_server) == []
 
 
+@pytest.mark.cluster
 def test_bad_credentials_fail_with_one_clear_line(app, redis_server, s3, tmp_path):
     env = worker_env(redis_server.url, s3, "remote.bad-credentials", secret="not-the-secret")
     with Worker(redis_server.url, 1, env=env, log_file=str(tmp_path / "worker.log")) as running:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tasks import store
 from tasks.local import RedisServer, Worker, _wait
+
+pytestmark = pytest.mark.cluster  # every test here starts Redis and Celery workers of its own
 
 
 def test_nodes_that_take_tiles_announce_their_processes_until_they_stop():

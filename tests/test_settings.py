@@ -26,6 +26,7 @@ def _load(env: dict[str, str], code: str = "import celeryconfig") -> subprocess.
         ("TILEREC_BATCH_TARGET_MS", "inf", "a number of at least 1"),
         ("TILEREC_MIN_BATCHES", "0", "'auto' or a whole number of at least 1"),
         ("TILEREC_MIN_BATCHES", "many", "'auto' or a whole number of at least 1"),
+        ("TILEREC_STORE_MAX_BYTES", "200mb", "a whole number of at least 0"),
     ],
 )
 def test_a_bad_number_stops_the_loading_with_the_setting_and_what_it_accepts(name, value, accepts):

@@ -427,6 +427,7 @@ def test_the_exported_site_works_from_a_plain_web_server(browser, viewed, tmp_pa
         _stop(server, 10)
 
 
+@pytest.mark.cluster
 def test_run_view_serves_the_job_result_when_it_ends(tmp_path: Path) -> None:
     scene = qr_scene(1400, 900, count=3, seed=4)
     image = IMAGES_ROOT / "run-view.png"

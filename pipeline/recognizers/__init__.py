@@ -25,6 +25,20 @@ class Recognizer(Protocol):
 
     A recognizer that runs several tiles in one forward pass also has `max_batch` (tiles per pass) and
     `recognize_batch(tiles) -> list[Detections]`, equal to calling it on each tile (`recognize_many` uses them).
+
+    Examples:
+        A plugin's factory (docs/recognizers.md): its keyword defaults are the recognizer's parameters.
+
+        >>> import cv2
+        >>> class BrightSpots:
+        ...     'bright blobs'
+        ...     def __init__(self, threshold: int = 240) -> None:
+        ...         self.threshold = threshold
+        ...     def __call__(self, tile):
+        ...         grey = tile if tile.ndim == 2 else cv2.cvtColor(tile, cv2.COLOR_BGR2GRAY)
+        ...         _, bright = cv2.threshold(grey, self.threshold, 255, cv2.THRESH_BINARY)
+        ...         boxes = [cv2.boundingRect(c) for c in cv2.findContours(bright, 0, 2)[0]]
+        ...         return Detections.from_xywh(boxes, [1.0] * len(boxes), "spot")
     """
 
     def __call__(self, tile: np.ndarray) -> Detections: ...
@@ -61,12 +75,24 @@ _REGISTRY: dict[str, RecognizerSpec] = {}
 
 
 def register(spec: RecognizerSpec) -> RecognizerSpec:
+    """Make a recognizer known by its name in this process (the built-ins; plugins load through `plugins`).
+
+    Args:
+        spec: the recognizer's name, factory, parameters and cost.
+
+    Returns:
+        The spec, registered.
+    """
     _REGISTRY[spec.name] = spec
     return spec
 
 
 def available() -> list[RecognizerSpec]:
-    """The built-ins and every installed plugin (a plugin that fails to load is left out with a warning)."""
+    """Every recognizer this process can build.
+
+    Returns:
+        The built-ins' and every installed plugin's specs (a plugin that fails to load is left out with a warning).
+    """
     for name in plugins.entry_point_names() - set(_REGISTRY):
         try:
             get_spec(name)
@@ -203,7 +229,25 @@ def _build(name: str, frozen: tuple[tuple[str, Any], ...]) -> Recognizer:
 
 
 def get_recognizer(name: str | Recognizer, params: Mapping[str, Any] | None = None) -> Recognizer:
-    """The recognizer built once per process for this name and parameter set; a callable is its own recognizer."""
+    """A recognizer, built once per process for each name and parameter set.
+
+    Args:
+        name: a recognizer's name (a built-in, a plugin, or an allowed `module:factory`), or a callable, which is
+            its own recognizer.
+        params: the recognizer's parameters; the ones left out keep their defaults.
+
+    Returns:
+        The recognizer: call it on a tile to get its `Detections`.
+
+    Raises:
+        RecognizerError: the name is unknown, or a parameter is unknown or of the wrong type.
+
+    Examples:
+        >>> import numpy as np
+        >>> from pipeline.recognizers import get_recognizer
+        >>> len(get_recognizer("qrcode")(np.zeros((64, 64, 3), np.uint8)))
+        0
+    """
     resolved = resolve_params(name, params)
     if not isinstance(name, str):
         return name

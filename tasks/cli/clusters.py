@@ -66,15 +66,20 @@ def ping(url: str, what: str, timeout: float = PING_TIMEOUT_S) -> None:
         try:
             client.ping()
         except redis.RedisError as error:
-            raise CliError(f"cannot reach the {what} at {sanitize(url)}: {error}", EXIT_UNREACHABLE) from None
+            from tasks.store import tls_refused
+
+            reason = tls_refused(error) or error
+            raise CliError(f"cannot reach the {what} at {sanitize(url)}: {reason}", EXIT_UNREACHABLE) from None
         finally:
             client.close()
         return
+    from celeryconfig import tls_for_sentinel
     from tasks.celery import app
 
     try:  # sentinel:// among others: the broker's own transport options name the master
         options = app.conf.broker_transport_options
-        with Connection(url, connect_timeout=timeout, transport_options=options) as connection:
+        with Connection(url, connect_timeout=timeout, transport_options=options,
+                        ssl=tls_for_sentinel(url) or False) as connection:  # fmt: skip
             connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=timeout)
     except Exception as error:  # kombu raises transport-specific errors
         raise CliError(f"cannot reach the {what} at {sanitize(url)}: {error}", EXIT_UNREACHABLE) from None
@@ -82,12 +87,15 @@ def ping(url: str, what: str, timeout: float = PING_TIMEOUT_S) -> None:
 
 def configure_app(broker: str, backend: str, store_url: str) -> None:
     """Point this process's Celery app (which reads celeryconfig lazily) at the cluster before anything is sent."""
+    from celeryconfig import tls_for_sentinel
     from tasks.celery import configure
 
     configure(
         broker_url=broker,
         result_backend=backend,
         tilerec_store_url=store_url,
+        broker_use_ssl=tls_for_sentinel(broker),
+        redis_backend_use_ssl=tls_for_sentinel(backend),
         broker_connection_timeout=PING_TIMEOUT_S,
         redis_socket_connect_timeout=PING_TIMEOUT_S,
     )

@@ -37,7 +37,6 @@ import cv2
 import redis
 from kombu.exceptions import OperationalError
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from pipeline import remote
@@ -56,6 +55,7 @@ from tasks.cli.errors import (
     EXIT_USAGE,
     CliError,
     Interrupted,
+    markup_safe,
     print_error,
     say,
 )
@@ -193,7 +193,8 @@ def cmd_recognizers(args: argparse.Namespace) -> int:
     for column in ("name", "parameters (defaults)", "cost ms/tile", "description"):
         table.add_column(column)
     for name, params, spec in rows:
-        table.add_row(name, escape("\n".join(params) or "-"), f"{spec.cost_ms:g}", escape(spec.description))
+        shown = "\n".join(markup_safe(param) for param in params) or "-"
+        table.add_row(markup_safe(name), shown, f"{spec.cost_ms:g}", markup_safe(spec.description))
     console.print(table)
     return EXIT_OK
 

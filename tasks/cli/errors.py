@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -25,9 +27,26 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+# what a terminal acts on rather than shows (C0 and C1 controls with ANSI escapes, \r and \b; bidirectional overrides
+# that reorder a line), and lone surrogates (undecodable bytes, which a UTF-8 stream refuses)
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """Text from outside (file names, decoded payloads, labels, error messages) made safe for a terminal: each
+    character it would act on is shown escaped, as Python writes it (\\x1b, \\r, \\u202e), the rest as is. The one
+    way any text reaches the terminal: `say`, `print_error` and `markup_safe` use it."""
+    return _UNSAFE.sub(lambda found: repr(found.group())[1:-1], text)
+
+
+def markup_safe(text: str) -> str:
+    """Text from outside for rich's markup (tables, progress lines): printable, and its brackets shown as they are."""
+    return escape(printable(text))
+
+
 def say(console: Console, message: str) -> None:
-    """A plain line on stderr: no markup, so brackets in paths print as they are."""
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    """A plain line on stderr: no markup, so brackets in paths print as they are; printable."""
+    console.print(printable(message), markup=False, highlight=False, soft_wrap=True)
 
 
 def describe(error: BaseException) -> str:
@@ -36,4 +55,4 @@ def describe(error: BaseException) -> str:
 
 
 def print_error(message: str) -> None:
-    print(f"tilerec: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    print(f"tilerec: error: {printable(' '.join(message.split()))}", file=sys.stderr, flush=True)

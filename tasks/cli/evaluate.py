@@ -9,23 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from pipeline.datasets import Dataset, DatasetError
-from pipeline.evaluate import STATS, Detections, Metrics, evaluate, load_detections, load_truth, plot_curves
-from tasks.cli.errors import EXIT_OK, CliError, say
+from pipeline.evaluate import STATS, CocoResults, Metrics, evaluate, load_detections, load_truth, plot_curves
+from tasks.cli.errors import EXIT_OK, CliError, markup_safe, say
 from tasks.cli.output import write_json
 
 
-def iou_types(truth: Dataset, detections: Detections) -> list[str]:
+def iou_types(truth: Dataset, detections: CocoResults) -> list[str]:
     """Boxes always; masks too when the results have masks and every truth annotation has a segmentation."""
     annotations = truth.document["annotations"]
     masked = bool(annotations) and all("segmentation" in annotation for annotation in annotations)
     return ["bbox", "segm"] if detections.has_masks and masked else ["bbox"]
 
 
-def warn_unmatched(console: Console, where: str, truth: Dataset, detections: Detections) -> None:
+def warn_unmatched(console: Console, where: str, truth: Dataset, detections: CocoResults) -> None:
     """What was not scored, and why; an error when no detection's label is one of the truth's categories."""
     unknown = ", ".join(f"{label} {n}" for label, n in sorted(detections.unknown_labels.items()))
     if detections.unknown_labels and not detections.records:
@@ -64,7 +63,7 @@ def stats_table(runs: Sequence[tuple[str, dict[str, Metrics]]], iou: str) -> Tab
     table = Table(title=f"COCO {iou} metrics", title_justify="left")
     table.add_column("metric")
     for name, _ in runs:
-        table.add_column(escape(Path(name).name if len(runs) > 1 else name), justify="right")
+        table.add_column(markup_safe(Path(name).name if len(runs) > 1 else name), justify="right")
     if len(runs) == 2:
         table.add_column("Δ", justify="right")
     for stat in STATS:
@@ -85,7 +84,7 @@ def class_table(runs: Sequence[tuple[str, dict[str, Metrics]]], iou: str) -> Tab
             table.add_column(column + suffix, justify="right")
     first = runs[0][1][iou]
     for name, scores in first.per_class.items():
-        row = [escape(name), str(scores.truths)]
+        row = [markup_safe(name), str(scores.truths)]
         for _, metrics in runs:
             theirs = metrics[iou].per_class[name]
             row += [str(theirs.detections), cell(theirs.ap), cell(theirs.ap50), cell(theirs.ar)]

@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,11 +23,14 @@ from rich.table import Column
 from rich.text import Text
 
 from tasks.cli.clusters import Cluster, Settings, ignoring_interrupts, open_cluster
-from tasks.cli.errors import EXIT_TIMEOUT, CliError
+from tasks.cli.errors import EXIT_TIMEOUT, CliError, markup_safe
 from tasks.cli.inputs import Target
 
 if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts, not for `--help`
     from tasks.client import Completed
+
+
+WAITING_NOTE = " (waiting for room in the tile store)"  # after a job's name while it waits in line
 
 
 class RateColumn(ProgressColumn):
@@ -95,7 +97,8 @@ class Tracker(_Bars):
             if crops is not None:
                 self.progress.update(self.ids[index], completed=crops[0], total=crops[1], unit="crops")
             elif self.progress:
-                self.progress.update(self.ids[index], completed=self.done[index], total=total)
+                name = self.names[index] + (WAITING_NOTE if run.job.waiting else "")
+                self.progress.update(self.ids[index], completed=self.done[index], total=total, description=name)
 
     def finish(self, target: Target, tiles: int | None, ok: bool) -> None:
         index = self.index[id(target)]
@@ -148,9 +151,10 @@ class Overview(_Bars):
             line = self.lines.get(id(run.image))
             if line is None:
                 line = self.lines[id(run.image)] = self.progress.add_task(
-                    "  " + short(run.image.given), total=total, unit="tiles", rate="", failed=""
+                    "", total=total, unit="tiles", rate="", failed=""
                 )
-            self.progress.update(line, completed=done, total=total)
+            name = "  " + short(run.image.given) + (WAITING_NOTE if run.job.waiting else "")
+            self.progress.update(line, completed=done, total=total, description=name)
         rate = tiles / max(time.monotonic() - self.started, 1e-6)
         self.progress.update(self.overall, rate=f"{rate:.1f} tiles/s")
 
@@ -168,7 +172,7 @@ class Overview(_Bars):
 
 def short(name: str) -> str:
     """A name for a progress line: its end, which holds the file name."""
-    return escape(name if len(name) <= 30 else "…" + name[-29:])
+    return markup_safe(name if len(name) <= 30 else "…" + name[-29:])
 
 
 def named(done: Completed) -> Completed:

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from pipeline import images
 from pipeline.export import coco_document, geojson_document
 from pipeline.model import Recognition
 from pipeline.render import draw_detections
-from tasks.cli.errors import EXIT_FAILED, EXIT_OK, CliError, describe, print_error, say
+from tasks.cli.errors import EXIT_FAILED, EXIT_OK, CliError, describe, markup_safe, print_error, say
 from tasks.cli.inputs import Target
 
 if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
@@ -57,7 +56,7 @@ def summarize(outcomes: Sequence[Completed], console: Console) -> None:
         for column in columns:
             table.add_column(column, justify="left" if column in ("image", "per label") else "right")
         for row in rows:
-            table.add_row(*(escape(row[column]) for column in columns))
+            table.add_row(*(markup_safe(row[column]) for column in columns))
         console.print(table)
         return
     for row in rows:
