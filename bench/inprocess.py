@@ -68,8 +68,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     keep_freed_buffers()
     _set_threads(spec["threads"])
-    from pipeline.images import decode
     from pipeline.inference import recognize_image
+    from pipeline.sources import decode
 
     recognizer, options = spec["recognizer"], spec.get("options", {})
     _warm_up(recognizer, options)

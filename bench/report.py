@@ -319,7 +319,7 @@ def whatif_section(summary: dict[str, Any]) -> str:
         "Changes the stage figures point at, run side by side with today's configuration on the speed scene "
         "(extra clusters started on bench/whatif/celeryconfig.py, which is tilerec's celeryconfig with the named "
         "settings replaced; tilerec itself is unchanged). The .npy row reads the same pixels from a .npy file "
-        "(`pipeline.images.decode` loads it without a codec); its speedup is over the 1-thread in-process run on "
+        "(`pipeline.sources.decode` loads it without a codec); its speedup is over the 1-thread in-process run on "
         "the same file. (The tiled TIFF, which needs no whole decode at all, is measured in the Speed section.)\n\n"
         + _table(
             [

@@ -484,6 +484,19 @@ def _as_tiled_tiff(scene: SceneFile) -> SceneFile | None:
     return replace(scene, path=path)
 
 
+ENCODINGS = {".jpg": [cv2.IMWRITE_JPEG_QUALITY, 95], ".webp": [cv2.IMWRITE_WEBP_QUALITY, 90]}
+
+
+def _as_encoded(scene: SceneFile, suffix: str) -> SceneFile:
+    """The scene as a JPEG (quality 95) or a WebP (quality 90): lossy, so its detections may differ from the PNG's,
+    but every variant reads the same file."""
+    path = scene.path.with_suffix(suffix)
+    pixels = None if path.is_file() else cv2.imread(str(scene.path), cv2.IMREAD_UNCHANGED)
+    if pixels is not None and not cv2.imwrite(str(path), pixels, ENCODINGS[suffix]):
+        raise OSError(f"cannot write {path}")
+    return replace(scene, path=path)
+
+
 def _as_npy(scene: SceneFile) -> SceneFile:
     """The scene's pixels as a .npy file, which tilerec reads without a codec: the decode-free serial floor."""
     path = scene.path.with_suffix(".npy")

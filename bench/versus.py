@@ -1,11 +1,16 @@
 """This checkout against another one, side by side: the speed scenes recognized by a cluster of each, interleaved.
 
     python -m bench.versus ../tilerec-main [--size 8000] [--workers 2] [--reps 5] [--out bench-out/versus]
+        [--formats png,tif,jpg,webp] [--recognizers qrcode,aruco] [--in-process]
 
 Each checkout runs its own private Redis and `celery worker` (the other one with its own `.venv/bin/python`), both
 up for the whole run; jobs go one at a time, alternating which cluster goes first, so a drift of the machine's
 speed hits both alike. Every job is timed by the client, from sending `tilerec.recognize` to holding the result,
-and both must find the same detections. Writes `versus.json` and `versus.md` (medians, and the ratio of each
+and both must find the same detections. The scenes are written as PNG and as an uncompressed tiled TIFF, and with
+`--formats` as JPEG (quality 95) and WebP (quality 90) too. With `--in-process`, each job is also run in one fresh
+process of this checkout on the same tiles (`bench.inprocess`: decoded whole, then tiled), at one thread and at the
+libraries' default threads, interleaved with the clusters' jobs: what distribution buys, in the same run. The
+load average is recorded beside every job. Writes `versus.json` and `versus.md` (medians, and the ratio of each
 scene's median times: this checkout over the other).
 """
 
@@ -13,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 from bench.cluster import Cluster
-from bench.runner import _as_tiled_tiff
+from bench.inprocess import run_in_subprocess
+from bench.runner import _as_encoded, _as_tiled_tiff
 from bench.scenes import CODE_KIND, PHOTO_KINDS, one_tile_image, scene_file
 
 RECOGNIZERS = {CODE_KIND: ("qrcode", "barcode", "aruco"), "objects": ("objects",), "faces": ("faces-dnn",)}
@@ -38,26 +45,48 @@ def _clusters(other: Path, workers: int, folder: Path, env: dict[str, str]) -> d
     return clusters
 
 
-def _scenes(folder: Path, size: int) -> list[tuple[str, Path]]:
+def _scenes(folder: Path, size: int, formats: tuple[str, ...]) -> list[tuple[str, Path]]:
     found = []
     for kind in (CODE_KIND, *PHOTO_KINDS):
         scene = scene_file(folder, kind, size, seed=5)
         if scene is None:
             continue
-        tiff = _as_tiled_tiff(scene)
-        found += [(kind, scene.path)] + ([(kind, tiff.path)] if tiff is not None else [])
+        encoded = {"png": scene, "tif": _as_tiled_tiff(scene), "jpg": _as_encoded(scene, ".jpg"),
+                   "webp": _as_encoded(scene, ".webp")}  # fmt: skip
+        found += [(kind, encoded[name].path) for name in formats if encoded[name] is not None]  # type: ignore[union-attr]
     return found
 
 
-def run(other: Path, size: int, workers: int, reps: int, out: Path) -> dict[str, Any]:
+def _in_process(path: Path, recognizer: str, threads: str | int) -> tuple[float, list[Any], float]:
+    """One pass in a fresh process of this checkout: (seconds from the file to the result, detections, its serial
+    decode's seconds)."""
+    out = run_in_subprocess({"image": str(path), "recognizer": recognizer, "mode": "tiled", "threads": threads,
+                             "reps": 1, "options": {}}, 1800)  # fmt: skip
+    if "error" in out:
+        raise RuntimeError(f"in process ({threads} threads) failed on {path.name}: {out['error']}")
+    return out["passes"][0]["total_s"], out["detections"], out["passes"][0]["decode_s"]
+
+
+def run(
+    other: Path,
+    size: int,
+    workers: int,
+    reps: int,
+    out: Path,
+    formats: tuple[str, ...] = ("png", "tif"),
+    recognizers: tuple[str, ...] | None = None,
+    in_process: bool = False,
+) -> dict[str, Any]:
     scenes_dir = out / "scenes"
-    scenes = _scenes(scenes_dir, size)
+    scenes = _scenes(scenes_dir, size, formats)
     one_tile = one_tile_image(scenes_dir, seed=5)
     env = {"TILEREC_ALLOWED_ROOTS": str(scenes_dir.resolve())}
     clusters = _clusters(other, workers, out, env)
     rows: dict[str, dict[str, Any]] = {}
+    wanted = [rec for kind, path in scenes for rec in RECOGNIZERS[kind] if recognizers is None or rec in recognizers]
     try:
-        jobs = [(rec, path) for kind, path in scenes for rec in RECOGNIZERS[kind]] + [("aruco", one_tile)]
+        jobs = [(rec, path) for kind, path in scenes for rec in RECOGNIZERS[kind] if rec in wanted]
+        jobs += [("aruco", one_tile)]
         for name, cluster in clusters.items():
             for recognizer in {rec for rec, _ in jobs}:
                 cluster.warm(str(one_tile), recognizer, {}, 300)
@@ -66,7 +95,7 @@ def run(other: Path, size: int, workers: int, reps: int, out: Path) -> dict[str,
             order = list(clusters.items()) if rep % 2 == 0 else list(clusters.items())[::-1]
             for recognizer, path in jobs:
                 key = f"{recognizer} {path.suffix.lstrip('.')} {path.stem.split('-')[1]}"
-                row = rows.setdefault(key, {"this": [], "other": [], "same": True})
+                row = rows.setdefault(key, {"this": [], "other": [], "same": True, "load": []})
                 found = {}
                 for name, cluster in order:
                     run_ = cluster.run(str(path), recognizer, {}, 600)
@@ -74,8 +103,18 @@ def run(other: Path, size: int, workers: int, reps: int, out: Path) -> dict[str,
                         raise RuntimeError(f"{name} failed {key}: {run_.error}")
                     row[name].append(run_.wall_s)
                     found[name] = run_.result["detections"]
+                    row["load"].append(os.getloadavg()[0])
                 row["same"] = row["same"] and found["this"] == found["other"]
-                print(f"rep {rep} {key}: this {row['this'][-1]:.3f} s, other {row['other'][-1]:.3f} s", file=sys.stderr)
+                if in_process and path != one_tile:
+                    for threads in (1, "default") if rep % 2 == 0 else ("default", 1):
+                        seconds, detections, decode_s = _in_process(path, recognizer, threads)
+                        row.setdefault(f"inproc-{threads}", []).append(seconds)
+                        row.setdefault("decode_s", []).append(decode_s)
+                        row["same_in_process"] = row.get("same_in_process", True) and detections == found["this"]
+                        row["load"].append(os.getloadavg()[0])
+                print(f"rep {rep} {key}: this {row['this'][-1]:.3f} s, other {row['other'][-1]:.3f} s"
+                      + (f", in process {row['inproc-1'][-1]:.3f} / {row['inproc-default'][-1]:.3f} s"
+                         if "inproc-1" in row else ""), file=sys.stderr)  # fmt: skip
     finally:
         for cluster in clusters.values():
             cluster.stop()
@@ -83,6 +122,11 @@ def run(other: Path, size: int, workers: int, reps: int, out: Path) -> dict[str,
         row["this_median_s"] = statistics.median(row["this"])
         row["other_median_s"] = statistics.median(row["other"])
         row["ratio"] = row["this_median_s"] / row["other_median_s"]
+        row["load_median"] = statistics.median(row["load"])
+        if "inproc-1" in row:
+            row["speedup_1"] = statistics.median(row["inproc-1"]) / row["this_median_s"]
+            row["speedup_default"] = statistics.median(row["inproc-default"]) / row["this_median_s"]
+            row["decode_median_s"] = statistics.median(row["decode_s"])
     ratios = [row["ratio"] for key, row in rows.items() if not key.startswith("aruco png one")]
     summary = {
         "size": size,
@@ -101,15 +145,20 @@ def run(other: Path, size: int, workers: int, reps: int, out: Path) -> dict[str,
 def _markdown(summary: dict[str, Any], other: Path) -> str:
     lines = [
         f"{summary['size']}² scenes at W={summary['workers']}, median of {summary['reps']} interleaved jobs each; "
-        f"ratio = this checkout's median time / {other.name}'s",
+        f"ratio = this checkout's median time / {other.name}'s; × 1 thread and × default threads = the same "
+        "tiles' time in one process of this checkout over this checkout's W time; load = the median 1-minute load "
+        "average beside the jobs",
         "",
-        "| scene | this s | other s | ratio | same detections |",
-        "|---|---|---|---|---|",
+        "| scene | this s | other s | ratio | × 1 thread | × default threads | serial decode s | load | same |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in summary["rows"].items():
+        same = row["same"] and row.get("same_in_process", True)
+        speedups = (f"{row['speedup_1']:.2f} | {row['speedup_default']:.2f} | {row['decode_median_s']:.3f}"
+                    if "speedup_1" in row else "– | – | –")  # fmt: skip
         lines.append(
             f"| {key} | {row['this_median_s']:.3f} | {row['other_median_s']:.3f} | {row['ratio']:.3f} | "
-            f"{'yes' if row['same'] else 'NO'} |"
+            f"{speedups} | {row['load_median']:.1f} | {'yes' if same else 'NO'} |"
         )
     lines += ["", f"median ratio {summary['median_ratio']:.3f}, largest {summary['max_ratio']:.3f}", ""]
     return "\n".join(lines)
@@ -122,8 +171,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench-out/versus"))
+    parser.add_argument("--formats", default="png,tif", help="of png, tif (uncompressed, tiled), jpg, webp")
+    parser.add_argument("--recognizers", default=None, help="only these, e.g. qrcode,aruco,faces-dnn,objects")
+    parser.add_argument("--in-process", action="store_true", help="also in one process: 1, default threads")
     args = parser.parse_args()
-    summary = run(args.other.resolve(), args.size, args.workers, args.reps, args.out)
+    recognizers = tuple(args.recognizers.split(",")) if args.recognizers else None
+    summary = run(args.other.resolve(), args.size, args.workers, args.reps, args.out, tuple(args.formats.split(",")),
+                  recognizers, args.in_process)  # fmt: skip
     print(_markdown(summary, args.other))
 
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import images, remote
+from pipeline import images
 from pipeline.images import ImageError
 from pipeline.inference import TileFailure, crop, describe, recognize_windows, region, windows_of
 from pipeline.merge import merge_detections
 from pipeline.model import Detections
 from pipeline.options import JobOptions, VideoOptions, parse_video_options
+from pipeline.readers import remote
 from pipeline.recognizers import spec_of
 from pipeline.tiling import Window
 from pipeline.tracking import SegmentTracker, Track, pieces_of, stitch

@@ -1,10 +1,9 @@
-"""Reading images safely: confined paths, size checked from the header before decoding, clear errors."""
+"""Reading images safely: confined paths, the pixel limit, 8-bit grey or BGR pixels, clear errors."""
 
 from __future__ import annotations
 
 import io
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,59 +57,6 @@ def read_file(path: str, roots: Sequence[Path]) -> bytes:
         return real.read_bytes()
 
 
-def _png_size(data: bytes) -> tuple[int, int]:
-    if len(data) < 24 or data[12:16] != b"IHDR":
-        raise ImageError("the PNG header is damaged")
-    width, height = struct.unpack(">II", data[16:24])
-    return width, height
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            raise ImageError("the JPEG header is damaged")
-        marker = data[position + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-            position += 2 if marker != 0xFF else 1
-            continue
-        (length,) = struct.unpack(">H", data[position + 2 : position + 4])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if position + 9 > len(data):
-                break
-            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
-            return width, height
-        position += 2 + length
-    raise ImageError("the JPEG file ends before its frame header: it is truncated or damaged")
-
-
-def _bmp_size(data: bytes) -> tuple[int, int]:
-    if len(data) < 26:
-        raise ImageError("the BMP header is damaged")
-    width, height = struct.unpack("<ii", data[18:26])
-    return abs(width), abs(height)
-
-
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) read from the header of a PNG, JPEG or BMP; None for other formats."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return _png_size(data)
-    if data.startswith(b"\xff\xd8"):
-        return _jpeg_size(data)
-    if data.startswith(b"BM"):
-        return _bmp_size(data)
-    return None
-
-
-def check_complete(data: bytes) -> None:
-    """OpenCV decodes a truncated PNG or JPEG into a half-grey picture without complaint; refuse it instead.
-    `data`: the file, or its first and last 32 bytes joined."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" not in data[-32:]:
-        raise ImageError("the PNG file is truncated (no IEND chunk at its end)")
-    if data.startswith(b"\xff\xd8") and b"\xff\xd9" not in data[-16:]:
-        raise ImageError("the JPEG file is truncated (no end-of-image marker)")
-
-
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise ImageError(f"the image has no pixels ({width}x{height})")
@@ -136,36 +82,8 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _load_npy(data: bytes, max_pixels: int) -> np.ndarray:
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as error:
-        raise ImageError(f"the stored array cannot be read: {error}") from None
-    if array.ndim not in (2, 3):
-        raise ImageError(f"the stored array has shape {array.shape}; expected (height, width[, channels])")
-    check_pixels(array.shape[1], array.shape[0], max_pixels)
-    return normalize(array)
-
-
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode encoded image bytes (or a stored .npy array) into an 8-bit grey or BGR array."""
-    if not data:
-        raise ImageError("the image is empty (0 bytes)")
-    if data.startswith(NPY_MAGIC):
-        return _load_npy(data, max_pixels)
-    size = header_size(data)
-    if size is not None:
-        check_pixels(*size, max_pixels)
-        check_complete(data)
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ImageError(f"the data is not an image OpenCV can decode ({len(data)} bytes starting {data[:8]!r})")
-    check_pixels(image.shape[1], image.shape[0], max_pixels)
-    return normalize(image)
-
-
 def encode_array(image: np.ndarray) -> bytes:
-    """An array as .npy bytes: lossless, no codec cost, and `decode` reads it back."""
+    """An array as .npy bytes: lossless, no codec cost, and `sources.decode` reads it back."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(image), allow_pickle=False)
     return buffer.getvalue()

@@ -4,15 +4,14 @@ so the two give identical detections."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
-from pipeline import streaming
-from pipeline.images import ImageError, normalize
+from pipeline.images import normalize
 from pipeline.merge import merge_detections, place
 from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, OptionsError, parse_options
@@ -151,29 +150,6 @@ def stage_reader(read: Callable[[Window], np.ndarray | None], options: JobOption
         return None if pixels is None else compact(pixels, options)
 
     return read_crop
-
-
-def streamed_tiles(
-    data: bytes, windows: list[Window], options: JobOptions, threads: int = 1
-) -> Iterator[tuple[Window, np.ndarray | None]]:
-    """The `windows` of a PNG (`data`) as its bands are decoded (`streaming`), each `storable`, in grid order.
-
-    Raises:
-        ImageError: the PNG cannot be decoded band by band, or is not the size the windows were cut for.
-    """
-    layout = streaming.streamable_png(data[: streaming.HEAD_BYTES])
-    if layout is None or windows[-1].x2 > layout.width or windows[-1].y2 > layout.height:
-        raise ImageError("the image changed while its job was being planned; submit it again")
-    bands = compact_bands(streaming.decode_png_bands(data, layout, threads=threads), options)
-    return ((window, storable(tile, options)) for window, tile in streaming.tiles_from_bands(bands, windows))
-
-
-def compact_bands(bands: Iterator[np.ndarray], options: JobOptions) -> Iterator[np.ndarray]:
-    """Rows of an image in the channels its tiles are stored in (`compact`), each pixel converted once instead of
-    once per tile overlapping it; left as they are when `skip_blank` must first judge each tile in colour."""
-    if options.skip_blank is not None:
-        return bands
-    return (compact(band, options) for band in bands)
 
 
 def _placed(found: Any, tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:

@@ -1,19 +1,25 @@
 """Image sources: where a job's pixels come from, read one window at a time when the format allows it.
 
-A tiled or stripped TIFF (BigTIFF and pyramids too) is opened from its header alone, and `read(window)` decodes
-only the TIFF tiles or strips that the window touches, so a gigapixel scan costs each reader a few tiles of memory.
-Other formats (PNG, JPEG, BMP, .npy, and a TIFF stored as one compressed strip) cannot be read by window: they are
-decoded once, whole, into an `ArraySource`.
+One `open_source` for every input, through one reader per kind of file (`pipeline.readers`, whose docstring says
+which reads what and why). Every input is identified from its first bytes and its size read from its header, and
+`max_pixels` checked, before any pixel is decoded:
+
+- a tiled or stripped TIFF (BigTIFF and pyramids too) is read window by window: `read(window)` decodes only the
+  TIFF tiles or strips the window touches (`TiffSource`), so a gigapixel scan costs each reader a few tiles;
+- a GeoTIFF through rasterio, a slide through OpenSlide, window by window; objects in storage through fsspec;
+- JPEG, PNG, GIF and HEIF through libvips, decoded top to bottom band by band (`readers.vips`): read in row order
+  (`in_row_order`), only the bands a window spans are held, otherwise the image is decoded whole;
+- WebP, BMP, PNM/PFM, HDR, Sun raster, JPEG 2000 and .npy are decoded whole (`readers.opencv`) into an
+  `ArraySource`.
 
 Every source gives 8-bit grey or BGR windows (what the recognizers take), like `images.normalize`.
 """
 
 from __future__ import annotations
 
-import io
-import os
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,16 +27,16 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from pipeline import geo, remote, streaming
-from pipeline.geo import GeoSource, is_georeferenced
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, check_complete, check_pixels, decode, file_errors, normalize
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, check_pixels, file_errors
 from pipeline.model import Spatial
-from pipeline.remote import RemoteObject
-from pipeline.slides import SlideSource, slide_vendor
+from pipeline.readers import formats, geo, opencv, remote
+from pipeline.readers.geo import GeoSource, is_georeferenced
+from pipeline.readers.remote import RemoteObject
+from pipeline.readers.slide import SlideSource, slide_vendor
+from pipeline.readers.tiff import TiffSource, check_extent, tiff_file, tiff_source
+from pipeline.readers.vips import VipsSource
 from pipeline.tiling import Window
 
-TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
-SEGMENT_CACHE_BYTES = 64 * 2**20  # decoded TIFF tiles kept per open file: neighbouring windows share tiles
 BLANK_RANGE = 16.0  # skip_blank=True: a tile whose 4x4 block means vary by at most this (grey levels) is blank
 
 
@@ -50,10 +56,6 @@ class Source(Protocol):
     def read(self, window: Window) -> np.ndarray | None: ...  # None: nothing to recognize there (all nodata)
 
     def close(self) -> None: ...
-
-
-def is_tiff(head: bytes) -> bool:
-    return head[:4] in TIFF_MAGIC
 
 
 class ArraySource:
@@ -76,305 +78,6 @@ class ArraySource:
 
     def close(self) -> None:
         self.pixels = np.zeros((0, 0), dtype=np.uint8)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a TIFF page's pixels are: a grid of segments (tiles, or strips as full-width tiles)."""
-
-    segment_h: int
-    segment_w: int
-    across: int  # segments per row of the grid
-    down: int  # rows of segments
-    planes: int  # 1 (samples interleaved) or samples per pixel (planar configuration "separate")
-
-
-def _tiff_error(name: str, error: Exception) -> ImageError:
-    return ImageError(f"{name} is not a readable TIFF: {type(error).__name__}: {error}")
-
-
-class TiffSource:
-    """One pyramid level of the first image series of a TIFF, read window by window.
-
-    Opening reads the header (the image file directories) only. Tiles and strips are read with their own offsets
-    and decoded by tifffile; an uncompressed, contiguous image is read row by row (a view, for bytes in memory).
-    """
-
-    reader = "tiff"
-
-    def __init__(self, tiff: Any, name: str, level: int = 0, data: bytes | None = None) -> None:
-        self.tiff, self.name, self.level = tiff, name, level
-        series = tiff.series[0]
-        self.levels = len(series.levels)
-        if not 0 <= level < self.levels:
-            raise ImageError(f"{name} has {self.levels} pyramid level(s) (0 to {self.levels - 1}); level {level} asked")
-        page = series.levels[level].pages[0]
-        self.page = page.aspage() if hasattr(page, "aspage") else page
-        self.width, self.height = int(self.page.imagewidth), int(self.page.imagelength)
-        self.downsample = int(series.levels[0].pages[0].imagewidth) / max(self.width, 1)
-        self._photometric, samples = self._check_pixels_supported()
-        self.channels = 1 if samples < 3 else 3
-        self._samples = samples
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cached_bytes = 0
-        self._data = data
-        self._mapped: np.ndarray | None = None  # contiguous pixels: a view of the bytes, or None for a file
-        self._contiguous: tuple[int, np.dtype, tuple[int, ...]] | None = None  # (offset, dtype, shaped)
-        self._layout: _Layout | None = None
-        self.size: int | None = None  # of a file object (an object in storage), whose handle has no path
-        self.spatial: Spatial | None = None
-        self.windowed = self._mappable() or self.page.is_tiled or self._strip_bytes() <= SEGMENT_CACHE_BYTES
-
-    def validate(self) -> TiffSource:
-        """Check where the header says the pixels are against the file (enough segments, none past its end) and
-        prepare to read them. Separate from opening so that a size limit is applied before anything else."""
-        file_size = (
-            len(self._data) if self._data is not None else self.size or os.path.getsize(self.tiff.filehandle.path)
-        )
-        if self._mappable():
-            self._contiguous = self._locate(file_size)
-            if self._data is not None:
-                offset, dtype, shape = self._contiguous
-                self._mapped = np.frombuffer(self._data, dtype, int(np.prod(shape)), offset).reshape(shape)
-        elif self.windowed:
-            self._layout = self._segment_layout(file_size)
-        return self
-
-    def _mappable(self) -> bool:
-        page = self.page
-        return not page.is_tiled and page.is_contiguous and page.is_final and len(page.dataoffsets) > 0
-
-    def _strip_bytes(self) -> int:
-        rows = min(int(self.page.rowsperstrip or self.height), self.height)
-        return rows * self.width * self._samples * np.dtype(self.page.dtype).itemsize
-
-    def _check_pixels_supported(self) -> tuple[str, int]:
-        page = self.page
-        photometric = getattr(page.photometric, "name", str(page.photometric))
-        samples = int(page.samplesperpixel)
-        if page.dtype is None or np.dtype(page.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-            raise ImageError(f"{self.name}: unsupported TIFF pixel type {page.dtype}; use 8- or 16-bit images")
-        self._check_codec()
-        if int(getattr(page, "imagedepth", 1)) != 1:
-            raise ImageError(f"{self.name}: volumetric TIFFs (image depth > 1) are not supported")
-        if photometric in ("MINISBLACK", "MINISWHITE") and samples <= 2:
-            return photometric, samples
-        if photometric in ("RGB", "YCBCR") and samples in (3, 4):
-            return "RGB", samples  # tifffile's JPEG decoder gives RGB for YCbCr
-        raise ImageError(
-            f"{self.name}: unsupported TIFF colour layout ({photometric}, {samples} samples per pixel); "
-            "use grey, RGB or RGBA"
-        )
-
-    def _check_codec(self) -> None:
-        """Refuse, when opening, a compression this installation cannot decode (rather than failing every tile)."""
-        from tifffile import TIFF
-
-        compression = int(self.page.compression)
-        if compression == 1:
-            return
-        try:
-            TIFF.DECOMPRESSORS[compression]
-        except KeyError as error:
-            reason = str(error.args[0]) if error.args else f"compression {compression} is unknown"
-            hint = " (pip install 'tilerec[tiff-codecs]')" if "imagecodecs" in reason else ""
-            raise ImageError(f"{self.name}: cannot decode this TIFF: {reason}{hint}") from None
-
-    def _locate(self, file_size: int) -> tuple[int, np.dtype, tuple[int, ...]]:
-        """Where an uncompressed, contiguous image's pixels are: (offset, dtype in the file's byte order, shape)."""
-        page = self.page
-        dtype = np.dtype(page.dtype).newbyteorder("<" if self.tiff.byteorder == "<" else ">")
-        offset = int(page.dataoffsets[0])
-        shape = tuple(int(v) for v in page.shaped)  # (planes, depth, height, width, samples)
-        if offset + int(np.prod(shape)) * dtype.itemsize > file_size:
-            raise ImageError(f"{self.name} is truncated: its pixels reach past the end of the file")
-        return offset, dtype, shape
-
-    def _rows(self, window: Window) -> np.ndarray:
-        """The window's part of each row of a contiguous, uncompressed image, read straight from the file.
-
-        Not memory-mapped: mapped pages count as the process's own memory, so a tile process would in the end
-        appear to hold the whole file."""
-        offset, dtype, (planes, _, height, width, samples) = self._contiguous  # type: ignore[misc]
-        out = np.empty((planes, window.height, window.width * samples), dtype)
-        handle, row_bytes = self.tiff.filehandle, window.width * samples * dtype.itemsize
-        for plane in range(planes):
-            for row in range(window.height):
-                handle.seek(offset + ((plane * height + window.y + row) * width + window.x) * samples * dtype.itemsize)
-                data = handle.read(row_bytes)
-                if len(data) != row_bytes:
-                    raise ImageError(f"{self.name} is truncated: row {window.y + row} is cut short")
-                out[plane, row] = np.frombuffer(data, dtype)
-        return out.reshape(planes, window.height, window.width, samples)
-
-    @staticmethod
-    def _interleave(raw: np.ndarray) -> np.ndarray:
-        """(planes, rows, columns, samples) to (rows, columns, channels)."""
-        return np.moveaxis(raw[..., 0], 0, -1) if raw.shape[0] > 1 else raw[0]
-
-    def _segment_layout(self, file_size: int) -> _Layout:
-        page = self.page
-        planes = int(page.shaped[0])
-        if page.is_tiled:
-            h, w = int(page.tilelength), int(page.tilewidth)
-        else:
-            h, w = min(int(page.rowsperstrip or self.height), self.height), self.width
-        across, down = -(-self.width // w), -(-self.height // h)
-        if len(page.dataoffsets) < planes * across * down:
-            raise ImageError(
-                f"{self.name} is damaged: it has {len(page.dataoffsets)} data segments where its "
-                f"{self.width}x{self.height} size needs {planes * across * down}"
-            )
-        ends = np.asarray(page.dataoffsets, dtype=np.int64) + np.asarray(page.databytecounts, dtype=np.int64)
-        if len(ends) and int(ends.max()) > file_size:
-            raise ImageError(
-                f"{self.name} is truncated: its data reaches byte {int(ends.max()):,} of a {file_size:,}-byte file"
-            )
-        return _Layout(h, w, across, down, planes)
-
-    def read(self, window: Window) -> np.ndarray:
-        """The window's pixels as 8-bit grey or BGR, decoding only the TIFF segments it touches."""
-        if window.x < 0 or window.y < 0 or window.x2 > self.width or window.y2 > self.height or window.width <= 0:
-            raise ImageError(f"window {window.to_list()[1:]} is not inside the {self.width}x{self.height} image")
-        if self.windowed and self._layout is None and self._contiguous is None:
-            self.validate()
-        if self._mapped is not None:
-            raw = self._interleave(self._mapped[:, 0, window.y : window.y2, window.x : window.x2, :])
-        elif self._contiguous is not None:
-            raw = self._interleave(self._rows(window))
-        elif self._layout is not None:
-            raw = self._assemble(window, self._layout)
-        else:
-            raw = self.whole()[window.y : window.y2, window.x : window.x2]
-        return self._to_bgr(raw)
-
-    def whole(self) -> np.ndarray:
-        """The level decoded whole, as stored (for TIFFs that cannot be read by window)."""
-        try:
-            pixels = np.asarray(self.page.asarray())
-        except Exception as error:
-            raise _tiff_error(self.name, error) from None
-        if int(self.page.shaped[0]) > 1:  # planar configuration "separate": samples come first
-            pixels = np.moveaxis(pixels.reshape(-1, self.height, self.width), 0, -1)
-        return pixels.reshape(self.height, self.width, -1)
-
-    def _assemble(self, window: Window, layout: _Layout) -> np.ndarray:
-        out = np.zeros((window.height, window.width, self._samples), dtype=self.page.dtype)
-        for index, top, left in self._segments(window, layout):
-            segment = self._segment(index)
-            if segment is None:
-                continue  # a sparse TIFF leaves empty tiles out: they read as zeros
-            y0, x0 = max(top, window.y), max(left, window.x)
-            y1 = min(top + segment.shape[0], window.y2)
-            x1 = min(left + segment.shape[1], window.x2)
-            plane = index // (layout.across * layout.down)
-            target = slice(plane, plane + 1) if layout.planes > 1 else slice(None)
-            out[y0 - window.y : y1 - window.y, x0 - window.x : x1 - window.x, target] = segment[
-                y0 - top : y1 - top, x0 - left : x1 - left
-            ]
-        return out
-
-    @staticmethod
-    def _segments(window: Window, layout: _Layout) -> Iterator[tuple[int, int, int]]:
-        """(segment index, top, left) of every segment the window touches, in every sample plane."""
-        rows = range(window.y // layout.segment_h, (window.y2 - 1) // layout.segment_h + 1)
-        columns = range(window.x // layout.segment_w, (window.x2 - 1) // layout.segment_w + 1)
-        per_plane = layout.across * layout.down
-        for plane in range(layout.planes):
-            for row in rows:
-                for column in columns:
-                    index = plane * per_plane + row * layout.across + column
-                    yield index, row * layout.segment_h, column * layout.segment_w
-
-    def _segment(self, index: int) -> np.ndarray | None:
-        """One decoded tile or strip as (rows, columns, samples), from a small LRU cache."""
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
-        page = self.page
-        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
-        if offset == 0 or count == 0:
-            return None
-        handle = self.tiff.filehandle
-        try:
-            handle.seek(offset)
-            data = handle.read(count)
-            if len(data) != count:
-                raise ImageError(f"segment {index} is cut short ({len(data)} of {count} bytes)")
-            decoded, _, shape = page.decode(data, index, jpegtables=page.jpegtables)
-        except ImageError as error:
-            raise ImageError(f"{self.name} is damaged: {error}") from None
-        except Exception as error:
-            raise ImageError(
-                f"{self.name} is damaged or uses an unsupported codec: segment {index} cannot be decoded "
-                f"({type(error).__name__}: {error})"
-            ) from None
-        segment = np.asarray(decoded).reshape(shape[1], shape[2], -1)
-        self._remember(index, segment)
-        return segment
-
-    def _remember(self, index: int, segment: np.ndarray) -> None:
-        self._cache[index] = segment
-        self._cached_bytes += segment.nbytes
-        while self._cached_bytes > SEGMENT_CACHE_BYTES and len(self._cache) > 1:
-            _, dropped = self._cache.popitem(last=False)
-            self._cached_bytes -= dropped.nbytes
-
-    def _to_bgr(self, raw: np.ndarray) -> np.ndarray:
-        if raw.ndim == 2:
-            raw = raw[:, :, None]
-        if not raw.dtype.isnative:
-            raw = raw.astype(raw.dtype.newbyteorder("="))
-        if self._photometric == "RGB":
-            pixels = cv2.cvtColor(np.ascontiguousarray(raw[:, :, :3]), cv2.COLOR_RGB2BGR)
-        else:
-            pixels = raw[:, :, 0]
-        pixels = normalize(np.ascontiguousarray(pixels))
-        return 255 - pixels if self._photometric == "MINISWHITE" else pixels
-
-    def close(self) -> None:
-        self._cache.clear()
-        self._mapped = self._data = None
-        self.tiff.close()
-
-
-def _open_tiff(target: str | Path | bytes | Any, name: str, level: int, size: int | None = None) -> TiffSource:
-    """A TiffSource of a path, bytes, or an open file object of `size` bytes (an object in storage)."""
-    return _tiff_source(_tiff_file(target, name), target, name, level, size)
-
-
-def _tiff_source(tiff: Any, target: Any, name: str, level: int, size: int | None = None) -> TiffSource:
-    """A TiffSource of an open TiffFile (closed if it cannot be one)."""
-    try:
-        if not tiff.series:
-            raise ImageError(f"{name} is not a readable TIFF: no image found (its header is damaged)")
-        source = TiffSource(tiff, name, level, target if isinstance(target, bytes) else None)
-        source.size = size
-        return source
-    except ImageError:
-        tiff.close()
-        raise
-    except Exception as error:
-        tiff.close()
-        raise _tiff_error(name, error) from None
-
-
-def _tiff_file(target: str | Path | bytes | Any, name: str) -> Any:
-    import tifffile
-
-    try:
-        return tifffile.TiffFile(io.BytesIO(target) if isinstance(target, bytes) else target)
-    except Exception as error:
-        raise _tiff_error(name, error) from None
-
-
-def _decode_whole(data: bytes, max_pixels: int, threads: int) -> np.ndarray:
-    layout = streaming.streamable_png(data[: streaming.HEAD_BYTES]) if threads > 1 else None
-    if layout is None:
-        return decode(data, max_pixels)
-    check_pixels(layout.width, layout.height, max_pixels)
-    check_complete(data)
-    return streaming.decode_png(data, layout, threads)
 
 
 @dataclass(frozen=True)
@@ -416,16 +119,15 @@ def open_source(
     level: int = 0,
     max_pixels: int | None = None,
     roi: list[int] | None = None,
-    threads: int = 1,
     spec: ReadSpec = ReadSpec(),
+    in_row_order: bool = False,
 ) -> Source:
     """A source for a file (already confined to the allowed roots), an object in storage, or encoded bytes.
 
-    TIFFs, GeoTIFFs and slides are opened from their header; everything else is decoded whole here (after its
-    header's size check). `max_pixels` is checked from the header before any pixel is read: against the `roi`
-    ([x, y, w, h]) or the level for an image read by window, against the whole level for anything that must be
-    decoded whole. With `threads` ≥ 2 a PNG is decoded on two cores (`streaming.decode_png`); OpenCV decodes it on
-    one.
+    The format is known from the first bytes and the size from the header before any pixel is decoded: `max_pixels`
+    is checked against the `roi` ([x, y, w, h]) or the level for an image read by window, against the whole image
+    for anything decoded. A format decoded top to bottom (JPEG, PNG, WebP, …) is decoded whole here, unless the
+    caller reads its windows `in_row_order` (`tiling.grid`'s): then bands are decoded as the windows reach them.
     """
     source = open_windowed(target, level, spec)
     if source is None:
@@ -433,8 +135,7 @@ def open_source(
             raise ImageError(
                 f"{_name(target)} has 1 pyramid level (only TIFFs and slides have more); level {level} asked"
             )
-        data = target if isinstance(target, bytes) else _read(target)  # type: ignore[arg-type]
-        return ArraySource(_decode_whole(data, max_pixels or DEFAULT_MAX_PIXELS, threads))
+        return _open_decoded(target, max_pixels or DEFAULT_MAX_PIXELS, in_row_order)  # type: ignore[arg-type]
     try:
         if max_pixels:
             width, height = (roi[2], roi[3]) if roi and source.windowed else (source.width, source.height)
@@ -449,6 +150,56 @@ def open_source(
     return ArraySource(pixels)
 
 
+def _open_decoded(target: Path | bytes, max_pixels: int, in_row_order: bool) -> Source:
+    """An image in a format read top to bottom (libvips) or decoded whole (OpenCV, NumPy), its size checked from its
+    header and its ends for truncation before any pixel is decoded."""
+    head, tail, size = _ends(target)
+    kind = formats.sniff(head)
+    if kind not in formats.VIPS_FORMATS:
+        check_pixels(*opencv.size(kind, head), max_pixels)
+        formats.check_complete(kind, head, tail, size)  # both before the file is read
+        data = target if isinstance(target, bytes) else _read(target)
+        return ArraySource(opencv.decode(data, kind, max_pixels))
+    source = VipsSource(target, _name(target), kind)
+    check_pixels(source.width, source.height, max_pixels)
+    formats.check_complete(kind, head, tail, size)
+    if in_row_order:
+        return source
+    with contextlib.closing(source):
+        return ArraySource(source.whole())
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (any format `open_source` reads, or a .npy array) decoded whole: 8-bit grey or BGR.
+
+    Raises:
+        ImageError: not an image, damaged, cut short, or over `max_pixels` (checked from the header first).
+    """
+    with contextlib.closing(open_source(data, max_pixels=max_pixels)) as source:
+        pixels = source.read(Window(0, 0, 0, source.width, source.height))
+    if pixels is None:
+        raise ImageError("the image has no valid pixels (all nodata)")
+    return pixels
+
+
+def image_size(target: Path | bytes) -> tuple[int, int]:
+    """(width, height) of an image file or its bytes (level 0), from its header: no pixel is decoded.
+
+    Raises:
+        ImageError: not an image format tilerec reads, or a damaged header.
+    """
+    windowed = open_windowed(target, 0, ReadSpec())
+    if windowed is not None:
+        with contextlib.closing(windowed):
+            return windowed.width, windowed.height
+    head, _, _ = _ends(target)
+    kind = formats.sniff(head)
+    if kind not in formats.VIPS_FORMATS:
+        return opencv.size(kind, head)
+    with contextlib.closing(VipsSource(target, _name(target), kind)) as source:
+        return source.width, source.height
+
+
 def _name(target: Path | bytes | RemoteObject) -> str:
     if isinstance(target, RemoteObject):
         return repr(target.url)
@@ -461,19 +212,19 @@ def open_windowed(target: Path | bytes | RemoteObject, level: int, spec: ReadSpe
     name = _name(target)
     if isinstance(target, RemoteObject):
         return _open_remote(target, name, level, spec)
-    head = _head(target)
+    head, _, _ = _ends(target)
     vendor = slide_vendor(target) if isinstance(target, Path) and spec.reader in ("auto", "slide") else None
-    if not is_tiff(head):
+    if head[:4] not in formats.TIFF_MAGIC:
         if choose_reader(spec, False, vendor) == "slide":
             return _open_slide(target, name, level, spec)
         if spec.reader != "auto":
             raise ImageError(f"{name} is not a TIFF: reader {spec.reader!r} cannot read it")
         return None
-    tiff = _tiff_file(target, name)
+    tiff = tiff_file(target, name)
     georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
     reader = choose_reader(spec, georeferenced, vendor, geo.available())
     if reader == "tiff":
-        return _tiff_source(tiff, target, name, level)
+        return tiff_source(tiff, target, name, level)
     if reader == "geo" and not geo.available():
         tiff.close()
         raise ImageError(f"{name}: reading bands of a GeoTIFF needs rasterio (pip install 'tilerec[geo]')")
@@ -500,9 +251,9 @@ def _open_remote(target: RemoteObject, name: str, level: int, spec: ReadSpec) ->
         with remote.remote_errors(target.url):
             head = handle.read(4)
             handle.seek(0)
-        if not is_tiff(head):
+        if head not in formats.TIFF_MAGIC:
             raise ImageError(f"{name} is not a TIFF: only TIFFs and GeoTIFFs are read from object storage")
-        tiff = _tiff_file(handle, name)
+        tiff = tiff_file(handle, name)
         try:
             check_extent(tiff, target.size, name)
             georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
@@ -510,7 +261,7 @@ def _open_remote(target: RemoteObject, name: str, level: int, spec: ReadSpec) ->
             tiff.close()
             raise
         if choose_reader(spec, georeferenced, None, geo.available()) == "tiff":
-            return _tiff_source(tiff, handle, name, level, target.size)  # the source reads through the handle
+            return tiff_source(tiff, handle, name, level, target.size)  # the source reads through the handle
         tiff.close()
     except BaseException:
         handle.close()
@@ -528,34 +279,9 @@ def _open_slide(target: Path | bytes, name: str, level: int, spec: ReadSpec) -> 
     return SlideSource(target, name, level, spec.mpp)
 
 
-def check_extent(tiff: Any, size: int, name: str) -> None:
-    """Refuse a TIFF whose image data reaches past its end (a truncated file or upload), from its header alone."""
-    for page in tiff.pages:
-        ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
-        if len(ends) and int(ends.max()) > size:
-            raise ImageError(f"{name} is truncated: its data reaches byte {int(ends.max()):,} of a {size:,}-byte file")
-
-
 def _size(path: Path) -> int:
     with file_errors(str(path)):
         return path.stat().st_size
-
-
-def streamable_png(target: Path | bytes, max_pixels: int) -> streaming.PngLayout | None:
-    """The layout of a PNG (a file or its bytes) that `streaming` can decode band by band, read from its head, with
-    its size checked against `max_pixels` and its end for truncation, as a whole decode would; None otherwise."""
-    if isinstance(target, bytes):
-        head, tail = target[: streaming.HEAD_BYTES], target[-32:]
-    else:
-        with file_errors(str(target)), open(target, "rb") as handle:
-            head = handle.read(streaming.HEAD_BYTES)
-            handle.seek(max(0, handle.seek(0, 2) - 32))
-            tail = handle.read()
-    layout = streaming.streamable_png(head)
-    if layout is not None:
-        check_pixels(layout.width, layout.height, max_pixels)
-        check_complete(head[: len(streaming.PNG_SIGNATURE)] + tail)
-    return layout
 
 
 def check_region(width: int, height: int, max_pixels: int, verb: str = "read") -> None:
@@ -569,18 +295,20 @@ def check_region(width: int, height: int, max_pixels: int, verb: str = "read") -
         )
 
 
-def is_tiff_file(path: Path) -> bool:
-    """The file starts like a TIFF (reads 4 bytes; missing files and folders give the usual ImageError)."""
-    return is_tiff(_head(path))
-
-
-def _head(target: Path | bytes) -> bytes:
+def _ends(target: Path | bytes) -> tuple[bytes, bytes, int]:
+    """The first HEAD_BYTES and the last 32 bytes of a file or of bytes, and the length: what tells the format, the
+    size and a truncation, read before anything else."""
     if isinstance(target, bytes):
         if not target:
             raise ImageError("the image is empty (0 bytes)")
-        return target[:4]
+        return target[: formats.HEAD_BYTES], target[-32:], len(target)
     with file_errors(str(target)), open(target, "rb") as handle:
-        return handle.read(4)
+        head = handle.read(formats.HEAD_BYTES)
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - 32))
+        if not head:
+            raise ImageError(f"the image is empty (0 bytes): {_name(target)}")
+        return head, handle.read(), size
 
 
 def _read(path: Path) -> bytes:

@@ -23,8 +23,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline import images, remote
+from pipeline import sources
 from pipeline.images import ImageError
+from pipeline.readers import remote
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".flv",
                   ".wmv", ".3gp", ".ogv", ".y4m")  # fmt: skip
@@ -215,7 +216,7 @@ def _probe_folder(folder: Path, name: str, max_pixels: int, rate: float) -> Clip
     files = frame_files(folder)
     if not files:
         raise VideoError(f"{name} holds no image files ({', '.join(FRAME_SUFFIXES)}) to read as frames")
-    first = images.decode(files[0].read_bytes(), max_pixels)
+    first = sources.decode(files[0].read_bytes(), max_pixels)
     times = tuple(round(i / rate, 6) for i in range(len(files)))
     return Clip(first.shape[1], first.shape[0], len(files), rate, times, tuple(range(len(files))), codec="image")
 
@@ -239,7 +240,7 @@ def read_frames(
         if len(files) != clip.frames:
             raise VideoError(f"{name} changed since it was probed ({len(files)} frames, not {clip.frames})")
         for index in wanted:
-            frame = images.decode(files[index].read_bytes(), clip.width * clip.height)
+            frame = sources.decode(files[index].read_bytes(), clip.width * clip.height)
             if frame.shape[:2] != (clip.height, clip.width):
                 raise VideoError(
                     f"{name}: {files[index].name} is {frame.shape[1]}x{frame.shape[0]}, not "

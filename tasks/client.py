@@ -20,7 +20,7 @@ from celery.result import AsyncResult
 
 from pipeline.images import encode_array
 from pipeline.model import Recognition
-from pipeline.remote import is_url
+from pipeline.readers.remote import is_url
 from tasks import gallery, store
 from tasks.celery import settings, store_client
 from tasks.jobs import WAITING, recognize

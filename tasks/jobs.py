@@ -36,7 +36,7 @@ import redis
 from celery import chord, group, signals, states
 from celery.exceptions import Ignore
 
-from pipeline import images, remote, sources
+from pipeline import images, sources
 from pipeline.inference import (
     TileOutcome,
     assemble,
@@ -46,13 +46,13 @@ from pipeline.inference import (
     region,
     stage_reader,
     storable,
-    streamed_tiles,
     tiles_per_forward_pass,
     windows_of,
 )
 from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, parse_options
-from pipeline.recognizers import spec_of, thread_budget
+from pipeline.readers import remote
+from pipeline.recognizers import spec_of
 from pipeline.sources import FileRef
 from pipeline.stages import (
     CropOutcome,
@@ -73,7 +73,7 @@ from tasks.celery import app, others_recognize, pool_size, settings, store_clien
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many times fails instead of coming back
 CANCEL_CHECK_S = 0.25  # a running batch looks for a cancel this often (a round trip each)
-STREAM_POLL_S = 0.02  # a batch waiting for a streamed PNG's rows looks this often
+STREAM_POLL_S = 0.02  # a batch waiting for a streamed image's rows looks this often
 STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when no row came for this long
 PROGRESS_STEPS = 50  # a job reports its progress at most this many times
 PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each report: an event and a result write)
@@ -107,7 +107,7 @@ class Job:
     level: int = 0
     downsample: float = 1.0
     file: FileRef | None = None  # batch tasks read their own windows of this shared file; None: from the store
-    streamed: bool = False  # a PNG the tiling task decodes band by band once the chord is published
+    streamed: bool = False  # an image the tiling task decodes band by band once the chord is published
     spatial: Spatial | None = None  # where the pixels are on a map or a slide, as the source says
 
     @cached_property
@@ -201,7 +201,7 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
     )
     try:
         return self.replace(chord(header, merge.si(image, recognizer, **options)))
-    except Ignore:  # the chord is published: its batch tasks recognize each row of a streamed PNG once stored
+    except Ignore:  # the chord is published: its batch tasks recognize each row of a streamed image once stored
         if job.streamed:
             _decode_streamed(client, job, attempts, target)
         raise
@@ -217,35 +217,31 @@ def _start(
     redelivered: bool,
 ) -> tuple[Job, list[tuple[int, int]], dict[str, Any] | None]:
     """Plan the job of `image` (resolved to `target`) and store it: its description, and its tiles unless the
-    batch tasks read a shared file or the PNG is streamed once the chord is published. Returns the job, its batches
+    batch tasks read a shared file or the image is streamed once the chord is published. Returns the job, its batches
     as [first, stop) tile ranges and, for a job of one batch, its result (recognized here, its second stage too)."""
     channels = 1 if spec_of(options.recognizer).grey else 3
-    # a PNG decoded band by band while other processes recognize its first rows (a node of one process that
-    # takes tiles too could only recognize afterwards: it decodes the PNG whole)
-    streams = others_recognize() and not options.level and isinstance(target, Path | bytes) and options.reader == "auto"
-    layout = sources.streamable_png(target, settings().max_pixels) if streams else None
-    if layout is not None:
-        spans = _spans(client, options, layout.height, layout.width, row_by_row=True)
-        if len(spans) > 1:
-            timings = {"load_s": time.time() - started, "decode_s": 0.0, "store_s": 0.0}
-            job = Job(job_id, image, layout.width, layout.height, options, len(spans),
-                      min(channels, layout.channels), started, timings, streamed=True)  # fmt: skip
-            _admit(client, job_id, _need(job))
-            store.put_job(client, job_id, job.to_json(), job.tiles, settings().tile_ttl, streamed=True)
-            return job, spans, None
     loaded = time.time()
-    source = sources.open_source(target, options.level, settings().max_pixels, options.roi, thread_budget(),
-                                 options.read_spec())  # fmt: skip
+    source = sources.open_source(target, options.level, settings().max_pixels, options.roi, options.read_spec(),
+                                 in_row_order=True)  # fmt: skip
     with contextlib.closing(source):
         decoded = time.time()
-        spans = _spans(client, options, source.height, source.width)
         # the tile tasks read an object in storage themselves, and a file when they see the same files
         shared = source.windowed and (isinstance(target, remote.RemoteObject) or
                                       (settings().shared_storage and isinstance(target, Path)))  # fmt: skip
+        # an image decoded top to bottom, stored row by row once the chord is published, while other processes
+        # recognize its first rows (a node of one process that takes tiles too could only recognize afterwards)
+        streams = not shared and not isinstance(source, sources.ArraySource) and others_recognize()
+        spans = _spans(client, options, source.height, source.width, row_by_row=streams)
+        streams = streams and len(spans) > 1
         job = Job(job_id, image, source.width, source.height, options, len(spans),
                   min(channels, source.channels), started, {"load_s": loaded - started, "decode_s": decoded - loaded},
                   source.level, source.downsample, FileRef.of(target, source.level, source) if shared else None,
-                  spatial=source.spatial)  # fmt: skip
+                  streamed=streams, spatial=source.spatial)  # fmt: skip
+        if streams:
+            job = replace(job, timings={"load_s": decoded - started, "decode_s": 0.0, "store_s": 0.0})
+            _admit(client, job_id, _need(job))
+            store.put_job(client, job_id, job.to_json(), job.tiles, settings().tile_ttl, streamed=True)
+            return job, spans, None
         if len(spans) == 1:
             outcomes = _recognize(client, job, job.windows, source.read, redelivered)
             return job, spans, _finish(client, job, outcomes, source.read)  # type: ignore[return-value]
@@ -335,15 +331,19 @@ def _spans(
 
 
 def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path | bytes | None = None) -> None:
-    """Decode the job's PNG (`target`, or resolved again) band by band and store each row of tiles as soon as it is
-    decoded; a failure is stored for the waiting batch tasks and the merge (which fails the job with it)."""
+    """Decode the job's image (`target`, or resolved again) top to bottom and store each row of tiles as soon as it
+    is decoded; a failure is stored for the waiting batch tasks and the merge (which fails the job with it)."""
     try:
         if attempts > MAX_ATTEMPTS:
             raise images.ImageError(f"gave up on {job.image!r}: {DIED} times it decoded it")
         target = resolve(job.image) if target is None else target
-        data = target if isinstance(target, bytes) else target.read_bytes()
-        tiles = streamed_tiles(data, job.windows, job.options, thread_budget())
-        store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
+        source = sources.open_source(target, job.level, settings().max_pixels, job.options.roi,  # type: ignore[arg-type]
+                                     job.options.read_spec(), in_row_order=True)  # fmt: skip
+        with contextlib.closing(source):
+            if (source.width, source.height) != (job.width, job.height):
+                raise images.ImageError("the image changed while its job was being planned; submit it again")
+            tiles = ((window, storable(source.read(window), job.options)) for window in job.windows)
+            store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
     except redis.OutOfMemoryError:
         store.fail_job(client, job.id, job.tiles, store.FILLED, settings().tile_ttl)
     except Exception as error:
@@ -435,7 +435,7 @@ class _StoredTiles:
 
 
 def _wait_for_rows(task: Any, client: redis.Redis, job: Job, stop: int) -> None:
-    """Wait until a streamed PNG's tiles up to `stop` are stored, its decoding failed, or the job was cancelled.
+    """Wait until a streamed image's tiles up to `stop` are stored, its decoding failed, or the job was cancelled.
     A decoding that stalls (its process may have died, and its redelivery needs a process) gets this one back."""
     seen, since = -1, time.monotonic()
     while True:

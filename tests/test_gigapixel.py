@@ -15,8 +15,9 @@ import tifffile
 from pipeline import ImageError, OptionsError, recognize_image
 from pipeline.merge import merge_detections
 from pipeline.model import Detections
+from pipeline.readers.tiff import TiffSource
 from pipeline.scenes import qr_code, qr_scene
-from pipeline.sources import ArraySource, TiffSource, is_blank, open_source
+from pipeline.sources import ArraySource, is_blank, open_source
 from pipeline.tiling import Window, grid
 from tasks import app, recognize
 from tasks.client import Job, fetch_document, fetch_result, put_image

@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.images import ImageError, confine, decode, encode_array, header_size, read_file
+from pipeline.images import ImageError, confine, encode_array, read_file
+from pipeline.sources import decode, image_size
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -38,11 +39,12 @@ def picture() -> np.ndarray:
 
 
 def test_header_sizes_are_read_without_decoding(picture):
-    assert header_size(png_bytes(picture)) == (200, 120)
-    assert header_size(jpeg_bytes(picture)) == (200, 120)
+    assert image_size(png_bytes(picture)) == (200, 120)
+    assert image_size(jpeg_bytes(picture)) == (200, 120)
     _, bmp = cv2.imencode(".bmp", picture)
-    assert header_size(bmp.tobytes()) == (200, 120)
-    assert header_size(b"GIF89a....") is None
+    assert image_size(bmp.tobytes()) == (200, 120)
+    with pytest.raises(ImageError, match="GIF header is damaged"):
+        image_size(b"GIF89a....")
 
 
 def test_png_and_jpeg_decode_to_bgr(picture):

@@ -1,9 +1,8 @@
-import cv2
 import numpy as np
 import pytest
 
 from pipeline import OptionsError, RecognizerError, recognize_image
-from pipeline.inference import compact, compact_bands, measured_tile_cost, plan
+from pipeline.inference import measured_tile_cost, plan
 from pipeline.options import parse_options
 from pipeline.scenes import qr_code, qr_scene, score
 from pipeline.tiling import grid
@@ -91,20 +90,6 @@ def test_auto_batches_of_a_streamed_image_stay_within_rows_of_tiles():
     assert [w for batch in streamed for w in batch] == grid(8000, 8000)
     chosen = parse_options("qrcode", {"batch_size": 20})  # a size asked for is kept as it is
     assert plan(8000, 8000, chosen, row_by_row=True) == plan(8000, 8000, chosen)
-
-
-def test_bands_are_stored_grey_for_a_grey_recognizer_unless_blank_tiles_are_judged_in_colour():
-    rng = np.random.default_rng(3)
-    bands = [rng.integers(0, 256, (8, 20, 3), dtype=np.uint8) for _ in range(3)]
-    grey = list(compact_bands(iter(bands), parse_options("qrcode", {})))
-    assert [band.shape for band in grey] == [(8, 20)] * 3
-    assert all(np.array_equal(g, cv2.cvtColor(b, cv2.COLOR_BGR2GRAY)) for g, b in zip(grey, bands, strict=True))
-    # a tile cut from a grey band is the grey of the colour tile: convert first or cut first, the same pixels
-    assert np.array_equal(grey[0][2:6, 5:15], compact(bands[0][2:6, 5:15], parse_options("qrcode", {})))
-    kept = list(compact_bands(iter(bands), parse_options("qrcode", {"skip_blank": True})))
-    assert all(k is b for k, b in zip(kept, bands, strict=True))
-    colour = list(compact_bands(iter(bands), parse_options("objects", {})))
-    assert all(np.array_equal(c, b) for c, b in zip(colour, bands, strict=True))
 
 
 def test_measured_tile_cost_is_scaled_to_a_640_tile():

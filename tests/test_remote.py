@@ -17,7 +17,8 @@ import pytest
 import s3fs
 import tifffile
 
-from pipeline import ImageError, remote
+from pipeline import ImageError
+from pipeline.readers import remote
 from pipeline.sources import FileRef, SourceCache, open_source
 from pipeline.tiling import Window
 from tasks.local import S3Server, Worker

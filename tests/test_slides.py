@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline.readers.slide import base_mpp, level_for_mpp
 from pipeline.scenes import Truth, qr_code
-from pipeline.slides import base_mpp, level_for_mpp
 from tasks import recognize
 from tests.conftest import IMAGES_ROOT, tilerec_keys
 

@@ -1,21 +1,23 @@
-"""Decoding a PNG band by band: the same pixels as a whole decode, tiles as soon as their rows are in, clear errors."""
+"""Images decoded top to bottom through libvips (`readers.vips`): the very pixels written, in every layout, tiles as
+soon as their rows are in, and clear errors, checked from the header, before anything is decoded."""
 
 from __future__ import annotations
 
+import io
 import struct
-import threading
 import zlib
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
-from pipeline.images import ImageError, decode
+from pipeline.images import ImageError
 from pipeline.inference import windows_of
 from pipeline.options import parse_options
-from pipeline.sources import open_source
-from pipeline.streaming import HEAD_BYTES, _one_ahead, decode_png, decode_png_bands, streamable_png, tiles_from_bands
-from pipeline.tiling import grid
+from pipeline.readers.vips import BAND_ROWS, VipsSource
+from pipeline.sources import ArraySource, decode, open_source
+from pipeline.tiling import Window, grid
 
 
 def chunk(kind: bytes, body: bytes) -> bytes:
@@ -65,57 +67,40 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("name", list(LAYOUTS))
-@pytest.mark.parametrize("rows", [1, 7, 64, 1000])
-def test_bands_join_into_the_whole_decode(name, rows, threads):
+def expected(image: np.ndarray) -> np.ndarray:
+    """What a reader gives for pixels written losslessly: 8-bit (16-bit keeps its high byte), alpha dropped."""
+    eight = (image >> 8).astype(np.uint8) if image.dtype == np.uint16 else image
+    return eight[:, :, :3] if eight.ndim == 3 else eight
+
+
+def encoded(image: np.ndarray, suffix: str, *flags: int) -> bytes:
+    ok, data = cv2.imencode(suffix, image, list(flags))
+    assert ok
+    return data.tobytes()
+
+
+LOSSLESS = {".png": (), ".webp": (cv2.IMWRITE_WEBP_QUALITY, 101)}  # WebP above 100: lossless
+
+
+WRITTEN = [(".png", name) for name in LAYOUTS] + [(".webp", "BGR 8-bit"), (".webp", "BGRA 8-bit")]  # WebP: 8-bit colour
+
+
+@pytest.mark.parametrize(("suffix", "name"), WRITTEN)
+def test_windows_in_row_order_are_the_very_pixels_written(suffix, name):
+    """PNG decoded band by band by libvips; WebP decoded whole by OpenCV (faster, and libvips decodes it whole)."""
     channels, dtype = LAYOUTS[name]
-    image = picture(203, 157, channels, dtype)
-    data = png(image)
-    layout = streamable_png(data[:HEAD_BYTES])
-    assert layout is not None and (layout.width, layout.height) == (157, 203)
-    bands = list(decode_png_bands(data, layout, rows, threads))
-    assert [len(band) for band in bands[:-1]] == [rows] * (len(bands) - 1)
-    joined = np.concatenate(bands)
-    np.testing.assert_array_equal(joined, decode(data))
-    if dtype == np.uint8 and channels in (1, 3):  # lossless: the very pixels written
-        np.testing.assert_array_equal(joined, image)
-
-
-@pytest.mark.parametrize("name", list(LAYOUTS))
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_whole_png_decoded_band_by_band_equals_opencvs_decode(name, threads):
-    channels, dtype = LAYOUTS[name]
-    data = png(picture(600, 130, channels, dtype))  # more than two bands of BAND_ROWS
-    whole = decode_png(data, streamable_png(data), threads)
-    np.testing.assert_array_equal(whole, decode(data))
-    np.testing.assert_array_equal(open_source(data, threads=threads).pixels, decode(data))
-
-
-def test_the_next_band_is_inflated_in_a_helper_thread_while_this_one_is_used():
-    made, asked = [], threading.Event()
-
-    def bands():
-        for top in range(3):
-            made.append((top, threading.current_thread().name))
-            if top == 1:
-                asked.set()
-            yield top, 1, [b""]
-
-    ahead = _one_ahead(bands())
-    assert next(ahead)[0] == 0
-    assert asked.wait(5), "band 1 was not inflated while band 0 was in use"
-    assert [top for top, _ in made] == [0, 1]
-    assert all(name.startswith("tilerec-inflate") for _, name in made)
-    assert [top for top, _, _ in ahead] == [1, 2]
-
-
-def test_a_decoding_stopped_early_leaves_no_helper_thread():
-    data = png(picture(600, 130, 3))
-    bands = decode_png_bands(data, streamable_png(data), 64, threads=2)
-    next(bands)
-    bands.close()
-    assert [t.name for t in threading.enumerate() if t.name.startswith("tilerec-inflate")] == []
+    image = picture(700, 157, channels, dtype)  # more than two bands of BAND_ROWS
+    data = encoded(image, suffix, *LOSSLESS[suffix])
+    want = expected(image)
+    if suffix == ".webp" and channels == 4:  # libwebp keeps no colour under alpha 0: as OpenCV decodes it
+        want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[:, :, :3]
+        np.testing.assert_array_equal(want[image[:, :, 3] > 0], image[:, :, :3][image[:, :, 3] > 0])
+    source = open_source(data, in_row_order=True)
+    assert isinstance(source, VipsSource if suffix == ".png" else ArraySource)
+    assert (source.width, source.height) == (157, 700)
+    for window in grid(700, 157, tile=64, overlap=0.25):
+        np.testing.assert_array_equal(source.read(window), want[window.y : window.y2, window.x : window.x2])
+    np.testing.assert_array_equal(decode(data), want)
 
 
 def filtered_rows(raw: np.ndarray, bpp: int) -> bytes:
@@ -136,55 +121,93 @@ def filtered_rows(raw: np.ndarray, bpp: int) -> bytes:
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_every_row_filter_is_undone_across_band_borders(name):
-    """An encoder picks each row's filter by what compresses best; these rows take each filter in turn, so bands
-    start with every kind of row, and one starting with an Up, Average or Paeth row needs the row above it."""
+def test_every_png_row_filter_is_undone_across_band_borders(name):
+    """An encoder picks each row's filter by what compresses best; these rows take each filter in turn, and the
+    image is taller than a band, so bands start with every kind of row."""
     channels, dtype = LAYOUTS[name]
-    image = picture(40, 33, channels, dtype)
+    height = BAND_ROWS * 2 + 9
+    image = picture(height, 33, channels, dtype)
     samples = image if channels == 1 else image[:, :, [2, 1, 0, 3][:channels]]  # BGR(A) to RGB(A)
-    raw = np.ascontiguousarray(samples, ">u2" if dtype == np.uint16 else np.uint8).view(np.uint8).reshape(40, -1)
+    raw = np.ascontiguousarray(samples, ">u2" if dtype == np.uint16 else np.uint8).view(np.uint8).reshape(height, -1)
     colour_type = {1: 0, 3: 2, 4: 6}[channels]
-    header = struct.pack(">IIBBBBB", 33, 40, 8 * np.dtype(dtype).itemsize, colour_type, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", 33, height, 8 * np.dtype(dtype).itemsize, colour_type, 0, 0, 0)
     idat = zlib.compress(filtered_rows(raw, raw.shape[1] // 33))
     data = assemble([(b"IHDR", header), (b"IDAT", idat), (b"IEND", b"")])
-    whole = decode(data)
-    if dtype == np.uint8 and channels in (1, 3):
-        np.testing.assert_array_equal(whole, image)
-    for band_rows in (1, 3, 4, 6):
-        bands = decode_png_bands(data, streamable_png(data), band_rows)
-        np.testing.assert_array_equal(np.concatenate(list(bands)), whole)
+    source = open_source(data, in_row_order=True)
+    rows = [source.read(Window(0, 0, top, 33, min(50, height - top))) for top in range(0, height, 50)]
+    np.testing.assert_array_equal(np.concatenate(rows), expected(image))
 
 
-def variant(
-    depth: int = 8, colour_type: int = 2, interlace: int = 0, extra: tuple[bytes, bytes] | None = None
-) -> bytes:
-    """A PNG whose header says `depth`, `colour_type` and `interlace`, with an `extra` chunk before its pixels."""
-    parts = chunks(png(picture(20, 30, 3)))
-    header = struct.pack(">IIBBBBB", 30, 20, depth, colour_type, 0, 0, interlace)
-    return assemble([(b"IHDR", header), *([extra] if extra else []), *parts[1:]])
+def pillow(image: Image.Image, kind: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, kind, **options)
+    return buffer.getvalue()
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        pytest.param(variant(colour_type=3, extra=(b"PLTE", bytes(range(48)))), id="palette"),
-        pytest.param(variant(colour_type=4), id="grey and alpha"),
-        pytest.param(variant(depth=1, colour_type=0), id="1-bit"),
-        pytest.param(variant(interlace=1), id="interlaced"),
-        pytest.param(variant(extra=(b"tRNS", bytes(6))), id="transparency chunk"),
-        pytest.param(variant(extra=(b"eXIf", b"MM\x00*")), id="EXIF orientation"),
-        pytest.param(b"\xff\xd8\xff\xe0" + bytes(100), id="JPEG"),
-    ],
-)
-def test_layouts_whose_conversion_cannot_be_undone_are_decoded_whole(data):
-    assert streamable_png(data[:HEAD_BYTES]) is None
+def layouts_opencv_converts() -> dict[str, bytes]:
+    """Files whose pixels OpenCV converts on decoding: what it gives is what tilerec's readers gave before."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° to show; OpenCV, reading unchanged, does not, and neither does tilerec
+    return {
+        "CMYK JPEG": pillow(Image.fromarray(rng.integers(0, 256, (90, 70, 4), dtype=np.uint8), "CMYK"), "JPEG"),
+        "grey and alpha PNG": pillow(Image.fromarray(rgb[:, :, :2].copy(), "LA"), "PNG"),
+        "palette PNG": pillow(Image.fromarray(rgb).convert("P"), "PNG"),
+        "palette PNG with transparency": pillow(Image.fromarray(rgb).convert("P"), "PNG", transparency=3),
+        "grey JPEG": pillow(Image.fromarray(rgb[:, :, 0].copy()), "JPEG"),
+        "JPEG with EXIF orientation": pillow(Image.fromarray(rgb), "JPEG", exif=exif),
+        "progressive JPEG": pillow(Image.fromarray(rgb), "JPEG", progressive=True),
+    }
 
 
-def test_chunks_opencv_ignores_do_not_stop_streaming():
-    with_gamma = variant(extra=(b"gAMA", struct.pack(">I", 10000)))
-    layout = streamable_png(with_gamma)
-    assert layout is not None
-    np.testing.assert_array_equal(np.concatenate(list(decode_png_bands(with_gamma, layout, 5))), picture(20, 30, 3))
+@pytest.mark.parametrize("name", list(layouts_opencv_converts()))
+def test_converted_layouts_read_as_opencv_decodes_them(name):
+    data = layouts_opencv_converts()[name]
+    reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    reference = reference[:, :, :3] if reference.ndim == 3 else reference  # alpha dropped, as before
+    np.testing.assert_array_equal(decode(data), reference)
+    assert decode(data).shape[:2] == (90, 70)  # EXIF orientation ignored
+
+
+def test_jpeg_windows_are_what_libjpeg_decodes():
+    image = picture(600, 300, 3)
+    data = encoded(image, ".jpg", cv2.IMWRITE_JPEG_QUALITY, 90)
+    reference = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    source = open_source(data, in_row_order=True)
+    for window in grid(600, 300, tile=128, overlap=0.2):
+        np.testing.assert_array_equal(source.read(window), reference[window.y : window.y2, window.x : window.x2])
+
+
+def test_tiles_come_as_soon_as_their_rows_are_decoded():
+    image = picture(1000, 700, 3)
+    source = open_source(png(image), in_row_order=True)
+    for window in grid(1000, 700, tile=256, overlap=0.25):
+        np.testing.assert_array_equal(source.read(window), image[window.y : window.y2, window.x : window.x2])
+        assert source._reached < window.y2 + BAND_ROWS  # no band decoded before a tile needed it
+        assert all(top + len(band) > window.y for top, band in source._held)  # none kept above the tile
+
+
+def test_a_window_above_the_bands_held_decodes_again_from_the_top():
+    image = picture(900, 200, 1)
+    source = open_source(png(image), in_row_order=True)
+    last, first = Window(1, 0, 800, 200, 100), Window(0, 0, 0, 200, 100)
+    np.testing.assert_array_equal(source.read(last), image[800:900])
+    np.testing.assert_array_equal(source.read(first), image[0:100])
+
+
+def test_tiles_of_a_region_of_interest_are_cut_where_they_lie():
+    image = picture(600, 500, 1)
+    options = parse_options("qrcode", {"tile": 128, "overlap": 0.1, "roi": [70, 210, 300, 250]})
+    source = open_source(png(image), in_row_order=True)
+    for window in windows_of(600, 500, options):
+        np.testing.assert_array_equal(source.read(window), image[window.y : window.y2, window.x : window.x2])
+
+
+def test_a_window_outside_the_image_is_an_error():
+    source = open_source(png(picture(300, 100, 1)), in_row_order=True)
+    with pytest.raises(ImageError, match="not inside the 100x300 image"):
+        source.read(Window(0, 0, 250, 100, 100))
 
 
 def damaged(kind: str) -> bytes:
@@ -200,58 +223,28 @@ def damaged(kind: str) -> bytes:
     return assemble([parts[0], (b"IDAT", pixels[: len(pixels) // 2]), (b"IEND", b"")])  # rows missing
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("checksum", "fails its checksum"),
-        ("zlib", "pixel data is damaged"),
-        ("rows", "rows 0 to 64 cannot be decoded"),
-        ("short", "pixel data ends at row"),
+        ("checksum", "IDAT: incorrect data check"),
+        ("zlib", "IDAT: unknown compression method"),
+        ("rows", "bad adaptive filter value"),
+        ("short", "Not enough image data"),
     ],
 )
-def test_damaged_pixel_data_is_a_clear_image_error(kind, message, threads):
-    data = damaged(kind)
-    with pytest.raises(ImageError, match=message):
-        list(decode_png_bands(data, streamable_png(data), 64, threads))
+def test_damaged_pixel_data_is_a_clear_image_error(kind, message):
+    source = open_source(damaged(kind), in_row_order=True)  # the header is sound: the damage shows when decoding
+    with pytest.raises(ImageError, match=f"the image is damaged or cut short: {message}"):
+        for window in grid(300, 200, tile=64, overlap=0.0):
+            source.read(window)
 
 
-def test_a_png_decoded_on_two_threads_is_size_checked_and_truncation_checked_first():
+def test_an_image_read_in_row_order_is_size_checked_and_truncation_checked_first():
     data = png(picture(300, 200, 3))
     with pytest.raises(ImageError, match="60,000 pixels"):
-        open_source(data, max_pixels=200 * 300 - 1, threads=2)
+        open_source(data, max_pixels=200 * 300 - 1, in_row_order=True)
     with pytest.raises(ImageError, match="truncated \\(no IEND chunk"):
-        open_source(data[:-40], threads=2)
-
-
-def test_tiles_come_as_soon_as_their_rows_are_decoded():
-    image = picture(1000, 700, 3)
-    windows = grid(1000, 700, tile=256, overlap=0.25)
-    pulled = []
-
-    def bands():
-        for top in range(0, 1000, 100):
-            pulled.append(top)
-            yield image[top : top + 100]
-
-    for window, tile in tiles_from_bands(bands(), windows):
-        np.testing.assert_array_equal(tile, image[window.y : window.y2, window.x : window.x2])
-        assert len(pulled) == -(-window.y2 // 100)  # no band read before a tile needed it
-    assert len(pulled) == 10
-
-
-def test_tiles_of_a_region_of_interest_are_cut_where_they_lie():
-    image = picture(600, 500, 1)
-    options = parse_options("qrcode", {"tile": 128, "overlap": 0.1, "roi": [70, 210, 300, 250]})
-    windows = windows_of(600, 500, options)
-    bands = (image[top : top + 50] for top in range(0, 600, 50))
-    cut = list(tiles_from_bands(bands, windows))
-    assert [window for window, _ in cut] == windows
-    for window, tile in cut:
-        np.testing.assert_array_equal(tile, image[window.y : window.y2, window.x : window.x2])
-
-
-def test_an_image_shorter_than_its_windows_is_an_error():
-    windows = grid(300, 100, tile=100, overlap=0.0)
-    with pytest.raises(ImageError, match="ends above row 300"):
-        list(tiles_from_bands(iter([np.zeros((250, 100), np.uint8)]), windows))
+        open_source(data[:-40], in_row_order=True)
+    jpeg = encoded(picture(300, 200, 3), ".jpg")
+    with pytest.raises(ImageError, match="JPEG file is truncated"):
+        open_source(jpeg[: len(jpeg) // 2], in_row_order=True)

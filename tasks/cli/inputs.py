@@ -12,9 +12,10 @@ from typing import Any
 
 import cv2
 
-from pipeline import images, remote
+from pipeline import images, sources
 from pipeline.options import JOB_OPTIONS, READERS, parse_options
-from pipeline.slides import slide_vendor
+from pipeline.readers import remote
+from pipeline.readers.slide import slide_vendor
 from tasks.cli.errors import CliError
 
 
@@ -132,7 +133,8 @@ class Target:
         return self.given if self.path is None else str(self.path)
 
 
-# what OpenCV's imread decodes, by extension (its documentation's list; GIF since 4.11)
+# what tilerec's readers decode, by extension: OpenCV's list (its documentation's; GIF since 4.11), which libvips'
+# formats (JPEG, PNG, GIF, AVIF, TIFF) are among
 OPENCV_SUFFIXES = frozenset(
     {".bmp", ".dib", ".jpeg", ".jpg", ".jpe", ".jp2", ".png", ".webp", ".avif", ".gif", ".pbm", ".pgm", ".ppm",
      ".pxm", ".pnm", ".pfm", ".sr", ".ras", ".tiff", ".tif", ".exr", ".hdr", ".pic"}
@@ -148,18 +150,15 @@ def reader_suffixes() -> frozenset[str]:
     return OPENCV_SUFFIXES | {".npy"} | slides
 
 
-HEAD_BYTES = 1 << 16  # holds a PNG's or BMP's size and NumPy's magic; a TIFF's header is read by the workers
-
-
 def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Target:
     """Fail early, in this process, for a missing, unreadable or non-image file, rather than as a job error later.
-    Reads only the file's head (a JPEG whole): the workers read a gigapixel TIFF window by window, never whole."""
+    Reads only the file's header: the workers read a gigapixel TIFF window by window, never whole."""
     if remote.is_url(given):
         return Target(given, None)
     path = Path(given).expanduser()
     try:
         real = path.resolve(strict=True)
-        data = _head(real)
+        real.open("rb").close()
     except FileNotFoundError:
         raise CliError(f"cannot read image {given!r}: no such file") from None
     except IsADirectoryError:
@@ -167,22 +166,11 @@ def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Targ
     except OSError as error:
         raise CliError(f"cannot read image {given!r}: {error.strerror or error}") from None
     try:
-        size = images.header_size(data)
-        if size is not None:
-            images.check_pixels(*size, max_pixels)
-        elif not data.startswith(images.NPY_MAGIC) and not cv2.haveImageReader(str(real)) and not slide_vendor(real):
-            raise images.ImageError("it is not an image format OpenCV can read")
+        if not slide_vendor(real):
+            images.check_pixels(*sources.image_size(real), max_pixels)
     except images.ImageError as error:
         raise CliError(f"cannot use image {given!r}: {error}") from None
     return Target(given, real)
-
-
-def _head(real: Path) -> bytes:
-    """What the checks need of the file: its first HEAD_BYTES, or the whole of a JPEG (its frame header, which
-    gives its size, comes after its metadata, of any length)."""
-    with open(real, "rb") as handle:
-        head = handle.read(HEAD_BYTES)
-        return head + handle.read() if head.startswith(b"\xff\xd8") else head
 
 
 def output_path(template: str, target: Target, index: int, count: int) -> Path:

@@ -13,7 +13,7 @@ import cv2
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import images
+from pipeline import sources
 from pipeline.export import coco_document, geojson_document
 from pipeline.model import Recognition
 from pipeline.render import draw_detections
@@ -103,7 +103,7 @@ def write_json(destination: str, data: Any) -> None:
 
 def write_annotated(target: Target, result: Recognition, path: Path) -> None:
     """The merged detections drawn on the original image (keypoints named, so COCO's skeleton is drawn)."""
-    pixels = images.decode(target.path.read_bytes())
+    pixels = sources.decode(target.path.read_bytes())
     canvas = draw_detections(pixels, result.detections)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), canvas):

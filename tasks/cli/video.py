@@ -17,11 +17,11 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline import remote
 from pipeline.clips import annotated_frames, open_clip
 from pipeline.export import frame_lines, mot_lines
 from pipeline.images import ImageError
 from pipeline.options import VIDEO_OPTIONS, parse_video_options
+from pipeline.readers import remote
 from pipeline.video import is_video_name, write_video
 from tasks.cli.clusters import Settings, ignoring_interrupts, open_cluster
 from tasks.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, CliError, print_error, say
