@@ -182,3 +182,6 @@ tilerec_keep_freed_buffers = _flag("TILEREC_KEEP_FREED_BUFFERS", "true")
 tilerec_onnx_providers = _env("TILEREC_ONNX_PROVIDERS", "CPUExecutionProvider")
 tilerec_device = _number("TILEREC_DEVICE", 0, 0)
 tilerec_onnx_providers_strict = _flag("TILEREC_ONNX_PROVIDERS_STRICT", "false")
+# Where `tilerec` without a broker keeps its private Redis's data when galleries of people are involved (`tilerec
+# gallery`, `run --identify`): append-only, so people enrolled in one run are there in the next (docs/faces.md).
+tilerec_local_data = os.path.expanduser(_env("TILEREC_LOCAL_DATA", "~/.local/share/tilerec"))

@@ -1,5 +1,5 @@
 """Drawing detections on an image with OpenCV: box (or rotated box), translucent mask, keypoints and skeleton,
-label, score and decoded text, so a person can check a result.
+label, score and decoded text (or a face's name), so a person can check a result.
 
 Pure functions on arrays: the input is never modified, and pixels away from the drawn shapes and captions stay
 exactly as they were (the tests and `tilerec run --annotate` rely on that).
@@ -145,6 +145,8 @@ def draw_detections(
     scale = font_scale or max(0.4, 0.4 * thickness)
     weight = max(1, round(scale * 1.5))
     colors = [label_color(str(label)) for label in detections.labels]
+    # a face's identity (faces-dnn with identify) is its caption's text
+    names = [n if isinstance(n, str) else None for n in detections.data.get("identity", [None] * len(detections))]
     # every mask before any box or caption: a later detection's fill would otherwise tint an earlier caption
     for mask, color in zip(detections.masks, colors, strict=True):
         if mask is not None:
@@ -164,6 +166,6 @@ def draw_detections(
         if detections.keypoints[i] is not None:
             _draw_keypoints(canvas, detections.keypoints[i], pairs, color, thin)
         if captions:
-            words = caption(str(detections.labels[i]), float(detections.scores[i]), detections.texts[i])
+            words = caption(str(detections.labels[i]), float(detections.scores[i]), detections.texts[i] or names[i])
             _draw_caption(canvas, words, top_left, color, scale, weight)
     return canvas

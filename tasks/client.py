@@ -1,5 +1,6 @@
-"""Submitting jobs from Python: store bytes or arrays in Redis, submit, follow progress, get the result; and many
-images at a time with a bounded number of jobs in flight (`submit_many`)."""
+"""Submitting jobs from Python: store bytes or arrays in Redis, submit, follow progress, get the result; many
+images at a time with a bounded number of jobs in flight (`submit_many`); and the galleries of people that jobs
+with `identify` match faces against (`gallery_add`, `gallery_list`, `gallery_rename`, `gallery_remove`)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from celery.result import AsyncResult
 from pipeline.images import encode_array
 from pipeline.model import Recognition
 from pipeline.readers.remote import is_url
-from tasks import store
+from tasks import gallery, store
 from tasks.celery import settings, store_client
 from tasks.jobs import WAITING, recognize
 from tasks.video import recognize_video
@@ -427,3 +428,67 @@ def submit_many(
             with contextlib.suppress(Exception):
                 run.job.cancel()
             _delete_upload(run)
+
+
+def gallery_add(
+    name: str,
+    photos: Sequence[Image],
+    gallery_name: str = gallery.DEFAULT,
+    *,
+    box: Sequence[int] | None = None,
+    upload: bool = False,
+    timeout: float | None = None,
+    embedder: str = "dlib",
+    face_model: str = "",
+) -> dict[str, Any]:
+    """Enroll a person from photos: a worker detects each photo's face (the one in `box`, else its only or clearly
+    largest one) and embeds it into the gallery; this process needs no face model.
+
+    Args:
+        name: the person's name.
+        photos: paths (sent as is: the workers read them), encoded bytes or arrays (stored in Redis first).
+        gallery_name: the gallery (created by its first person).
+        box: [x, y, width, height] of the face to enroll, in every photo.
+        upload: store each path's bytes in Redis instead of sending the path (workers that do not see this
+            machine's files); the stored bytes are deleted afterwards.
+        timeout: seconds to wait for the worker.
+        embedder, face_model: the embedder (`dlib`, or `sface` with its ONNX file under the workers' model folders).
+
+    Returns:
+        The gallery, the name, the photos' face boxes and the person's number of embeddings (never the embeddings).
+
+    Raises:
+        tasks.gallery.GalleryError: a photo without a usable face (one line naming the photo and why), a bad name.
+    """
+    references: list[str] = []
+    uploads: list[str] = []
+    try:
+        for photo in photos:
+            if isinstance(photo, (bytes, np.ndarray)) or (upload and not is_url(os.fspath(photo))):
+                data = Path(photo).read_bytes() if isinstance(photo, (str, os.PathLike)) else photo
+                uploads.append(put_image(data))
+                references.append(uploads[-1])
+            else:
+                references.append(os.fspath(photo))
+        chosen = list(box) if box is not None else None
+        sent = gallery.gallery_add.delay(name, references, gallery_name, chosen, embedder, face_model)
+        return sent.get(timeout=timeout)
+    finally:
+        for reference in uploads:
+            with contextlib.suppress(Exception):
+                store.delete_ref(store_client(), reference)
+
+
+def gallery_list(gallery_name: str = gallery.DEFAULT) -> dict[str, Any]:
+    """The gallery's model and people (each with their number of embeddings and the photos they came from)."""
+    return gallery.list_people(store_client(), gallery_name)
+
+
+def gallery_rename(old: str, new: str, gallery_name: str = gallery.DEFAULT) -> None:
+    """Give a person another name; their embeddings stay."""
+    gallery.rename(store_client(), gallery_name, old, new)
+
+
+def gallery_remove(name: str, gallery_name: str = gallery.DEFAULT) -> int:
+    """Delete a person and every embedding of theirs from the store; returns how many embeddings went."""
+    return gallery.remove(store_client(), gallery_name, name)

@@ -114,7 +114,8 @@ def _without_tls(binary: str, errors: str) -> str | None:
 class RedisServer:
     """A throw-away redis-server: loopback only, a free port; no persistence unless `appendonly` (then its data
     survives `stop(keep=True)` and `start()` on the same port); `options` are more redis-server arguments; `tls`:
-    TLS only on that port (a rediss:// URL)."""
+    TLS only on that port (a rediss:// URL). With a `workdir` of its own it keeps its data there (append-only), across
+    runs: the private cluster's galleries."""
 
     def __init__(
         self,
@@ -122,17 +123,19 @@ class RedisServer:
         password: str | None = None,
         appendonly: bool = False,
         options: list[str] | None = None,
+        workdir: str | None = None,
         tls: Tls | None = None,
         binary: str | None = None,
     ) -> None:
         self.port = port or free_port()
         self.password = password
-        self.appendonly = appendonly
+        self.appendonly = appendonly or workdir is not None
         self.options = options or []
         self.tls = tls
         self.binary = binary  # None: find_redis_server()
         self.process: subprocess.Popen | None = None
-        self.workdir = tempfile.mkdtemp(prefix="tilerec-redis-")
+        self.kept = workdir is not None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="tilerec-redis-")
 
     @property
     def url(self) -> str:
@@ -180,7 +183,7 @@ class RedisServer:
         if self.process is not None:
             _stop(self.process, 5)
             self.process = None
-        if not keep:
+        if not keep and not self.kept:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
@@ -267,7 +270,8 @@ class Worker:
 
 
 class LocalCluster:
-    """A private Redis plus `workers` worker processes in one Celery worker; a context manager."""
+    """A private Redis plus `workers` worker processes in one Celery worker; a context manager. `data`: a folder
+    where the Redis keeps its data across runs (galleries of people), else a throw-away one."""
 
     def __init__(
         self,
@@ -276,8 +280,9 @@ class LocalCluster:
         log_file: str | None = None,
         cwd: str | None = None,
         python: str = sys.executable,
+        data: str | None = None,
     ) -> None:
-        self.redis = RedisServer()
+        self.redis = RedisServer(workdir=data)
         self.workers = workers or os.cpu_count() or 1
         self.env = env or {}
         self.log_file = log_file

@@ -57,7 +57,7 @@ def worker(app, redis_server: RedisServer, tmp_path_factory) -> Iterator[Worker]
         "TILEREC_RESULT_BACKEND": redis_server.url,
         "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT),
         # recognizers that fail on purpose; shape producers; one with a second stage
-        "TILEREC_PLUGIN_MODULES": "tests.faulty,tests.shaped,tests.staged",
+        "TILEREC_PLUGIN_MODULES": "tests.faulty,tests.shaped,tests.staged,tests.faces_held",
     }
     with Worker(redis_server.url, concurrency=2, env=env, log_file=str(log)) as running:
         yield running

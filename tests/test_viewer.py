@@ -527,3 +527,28 @@ def test_a_result_of_a_pyramid_level_is_shown_on_that_level(tmp_path: Path, caps
     (tmp_path / "r.json").write_text(json.dumps(document))
     assert main(["view", str(tmp_path / "r.json"), "--no-browser"]) == 2
     assert "is 2400x1600 but the result is of a 1200x800 image" in capsys.readouterr().err
+
+
+def test_faces_show_their_names_and_the_search_finds_a_name(browser, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    image = tmp_path / "grey.png"
+    cv2.imwrite(str(image), np.full((800, 1000, 3), 128, np.uint8))
+    detections = [
+        {"label": "face", "score": 0.9, "box": [100, 100, 200, 200],
+         "data": {"identity": "Barack Obama", "similarity": 0.71}},
+        {"label": "face", "score": 0.8, "box": [500, 100, 200, 200], "data": {"identity": "unknown-2"}},
+        {"label": "face", "score": 0.7, "box": [100, 500, 200, 200]},  # too small to name: no identity
+    ]  # fmt: skip
+    (tmp_path / "r.json").write_text(json.dumps(result_for(image, 1000, 800, detections)))
+    with serving(tmp_path / "r.json") as (url, _):
+        open_page(browser, url)
+        assert (
+            browser.execute_script("return tilerec.drawn") == 3 and browser.execute_script("return tilerec.named") == 2
+        )
+        pixels = screenshot(browser)
+        ex, ey = browser.execute_script("return tilerec.toElement(arguments[0], arguments[1])", 100, 100)
+        above = pixels[max(0, round(ey) - 16) : round(ey) - 2, round(ex) : round(ex) + 60]
+        assert (above.min(axis=2) > 240).sum() > 20, "white lettering above the named face"
+        browser.find_element(By.ID, "search").send_keys("obama")
+        assert wait_for(browser, "return tilerec.drawn === 1 && tilerec.shown() === 1 && tilerec.named === 1")

@@ -81,7 +81,9 @@ class YuNetFaces:
     One detector per process; `setInputSize` per tile only resizes the network's input, which is cheap.
     """
 
-    def __init__(self, model: str, score_threshold: float, nms_threshold: float, top_k: int) -> None:
+    def __init__(
+        self, model: str, score_threshold: float, nms_threshold: float, top_k: int, **identities: Any
+    ) -> None:  # `identities`: the parameters of the identities stage (pipeline.faces), not the detector's
         path = model_file("faces-dnn", "model", model, "TILEREC_YUNET_MODEL", YUNET_FILE)
         try:
             self.detector = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold, nms_threshold, top_k)
@@ -585,14 +587,41 @@ class OnnxObjects:
         return Detections.from_xywh(boxes[kept], scores[kept], labels, class_id=ids[kept], **columns)
 
 
+def _identities(params: dict[str, Any]) -> Any:
+    """The identities stage (pipeline.faces, imported on use: it needs dlib only where faces are identified)."""
+    from pipeline.faces import FaceIdentities
+
+    return FaceIdentities(params)
+
+
+def _identities_wanted(params: Mapping[str, Any]) -> bool:
+    """A job runs it when it names a gallery or asks for its faces' embeddings."""
+    return bool(params.get("identify") or params.get("embeddings"))
+
+
 register(
     RecognizerSpec(
         "faces-dnn",
         YuNetFaces,
-        {"model": "", "score_threshold": 0.7, "nms_threshold": 0.3, "top_k": 5000},
-        f"faces with 5 landmarks, YuNet CNN (model: {YUNET_FILE})",
+        {
+            "model": "",
+            "score_threshold": 0.7,
+            "nms_threshold": 0.3,
+            "top_k": 5000,
+            # identities (docs/faces.md): the second stage runs when a job names a gallery (or asks for embeddings)
+            "identify": "",
+            "identity_threshold": None,  # a similarity; null: the embedder's own (dlib 0.4, sface 0.363)
+            "identity_repeats": False,
+            "embedder": "dlib",
+            "face_model": "",
+            "min_face": 32,
+            "embeddings": False,
+        },
+        f"faces with 5 landmarks, YuNet CNN (model: {YUNET_FILE}); identify=GALLERY names them",
         cost_ms=47,  # a 640x640 tile on one thread (YuNet net + OpenCV's post-processing)
-        file_params=("model",),
+        file_params=("model", "face_model"),
+        second_stage=_identities,
+        stage_by_default=_identities_wanted,
     )
 )
 register(

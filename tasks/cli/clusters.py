@@ -4,6 +4,7 @@ the way out; and `tilerec worker`, which becomes `celery -A tasks worker`."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import signal
@@ -36,6 +37,7 @@ class Settings:
     timeout: float | None = None
     quiet: bool = False
     in_flight: int | None = None  # jobs submitted at a time (None: a few per worker process)
+    keep_data: bool = False  # the private cluster's Redis keeps its data in TILEREC_LOCAL_DATA (galleries of people)
 
 
 @dataclass
@@ -139,15 +141,68 @@ def warn_if_no_worker(console: Console, broker: str) -> None:
 
 
 @contextlib.contextmanager
+def local_data(keep: bool) -> Iterator[str | None]:
+    """The folder where the private Redis keeps its data (TILEREC_LOCAL_DATA), held by this process alone while it
+    runs (two servers appending to one file would corrupt it); None when nothing is to be kept."""
+    if not keep:
+        yield None
+        return
+    from tasks.celery import app
+
+    folder = Path(app.conf.tilerec_local_data)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / "lock", "w")  # noqa: SIM115  (held until the cluster stops)
+    except OSError as error:
+        raise CliError(f"cannot keep galleries in {str(folder)!r} (TILEREC_LOCAL_DATA): {error.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CliError(
+                f"another tilerec is using the galleries in {folder} (TILEREC_LOCAL_DATA); wait for it to end, or "
+                "use --broker"
+            ) from None
+        yield str(folder)
+
+
+@contextlib.contextmanager
+def local_store() -> Iterator[Cluster]:
+    """The private cluster's Redis alone, with its kept data (the galleries), for what needs no worker."""
+    from tasks.local import RedisServer
+
+    with local_data(True) as folder:
+        server = RedisServer(workdir=folder)
+        try:
+            server.start()
+        except (RuntimeError, OSError) as error:
+            raise CliError(f"could not start the local Redis: {error}", EXIT_UNREACHABLE) from None
+        try:
+            configure_app(server.url, server.url, server.url)
+            yield Cluster(server.url, upload=False, remote=False)
+        finally:
+            with ignoring_interrupts():
+                server.stop()
+
+
+@contextlib.contextmanager
 def local_cluster(targets: Sequence[Target], settings: Settings, console: Console) -> Iterator[Cluster]:
     """A private redis-server and celery worker for this run, always stopped on the way out."""
+    with local_data(settings.keep_data) as folder, _local_cluster(targets, settings, console, folder) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def _local_cluster(
+    targets: Sequence[Target], settings: Settings, console: Console, data: str | None
+) -> Iterator[Cluster]:
     from tasks.local import LocalCluster
 
     handle, name = tempfile.mkstemp(prefix="tilerec-worker-", suffix=".log")
     os.close(handle)
     log = Path(name)
     roots = os.pathsep.join(sorted({str(target.path.parent) for target in targets if target.path is not None}))
-    cluster = LocalCluster(workers=settings.workers, log_file=str(log), env={"TILEREC_ALLOWED_ROOTS": roots})
+    cluster = LocalCluster(workers=settings.workers, log_file=str(log), env={"TILEREC_ALLOWED_ROOTS": roots}, data=data)
     keep_log = False
     try:
         start_local(cluster, log, console, settings.quiet)

@@ -7,6 +7,7 @@
   tilerec recognizers [--json]                                 the recognizers, their parameters and defaults
   tilerec demo [--size WxH] [--out DIR]                        a synthetic scene with known QR codes, end to end
   tilerec view RESULT.json [--image PATH] [--export DIR]       the detections over the image, in a deep-zoom viewer
+  tilerec gallery add|list|rename|remove …                     the people that `run --identify G` names
   tilerec worker [CELERY WORKER OPTIONS]                       exec `celery -A tasks worker` with those options
 
 Where jobs run: with --broker URL (or TILEREC_BROKER_URL) jobs go to that cluster and image bytes are uploaded to
@@ -59,6 +60,7 @@ from tasks.cli.errors import (
     say,
 )
 from tasks.cli.evaluate import add_evaluate
+from tasks.cli.gallery import add_gallery
 from tasks.cli.inputs import (
     add_read_flags,
     annotate_paths,
@@ -87,7 +89,9 @@ def settings_from(args: argparse.Namespace, console: Console) -> Settings:
     if broker and args.workers and not args.quiet:
         say(console, "tilerec: warning: --workers is for the local cluster; ignored with a broker")
     in_flight = getattr(args, "max_in_flight", None)
-    return Settings(broker, args.workers, getattr(args, "shared_path", False), args.timeout, args.quiet, in_flight)
+    keep = bool(getattr(args, "identify", None))  # the private cluster's galleries are kept in TILEREC_LOCAL_DATA
+    return Settings(broker, args.workers, getattr(args, "shared_path", False), args.timeout, args.quiet, in_flight,
+                    keep)  # fmt: skip
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -293,6 +297,21 @@ def add_many_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_identity_flags(parser: argparse.ArgumentParser) -> None:
+    """Who the faces are (docs/faces.md): a face detector with five landmarks, such as faces-dnn."""
+    parser.add_argument(
+        "--identify", metavar="G", help="name the faces from gallery G (`tilerec gallery`); with --out, group the "
+        "unknown ones into people across the run"
+    )  # fmt: skip
+    parser.add_argument(
+        "--identity-threshold", type=float, metavar="S", help="least similarity that names a face (default: the "
+        "embedder's, 0.4 for dlib: distance 0.6)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--identity-repeats", action="store_true", help="a person may be several faces of one image (default: once)"
+    )
+
+
 def add_spatial_flags(parser: argparse.ArgumentParser) -> None:
     """GeoTIFF and slide options (docs/geospatial.md)."""
     add_read_flags(parser)
@@ -354,6 +373,7 @@ def build_parser() -> Parser:
         help="run the recognizer's second stage on each detection's full-resolution crop (default: as it declares)",
     )
     run.add_argument("--max-crops", type=positive_int, metavar="N", help="second stage: at most N crops, best first")
+    add_identity_flags(run)
     add_spatial_flags(run)
     add_video_flags(run)
     run.add_argument(
@@ -403,6 +423,7 @@ def build_parser() -> Parser:
     demo.set_defaults(handler=cmd_demo)
 
     add_evaluate(commands)
+    add_gallery(commands, add_cluster_flags)
 
     cancelling = commands.add_parser(
         "cancel",

@@ -84,6 +84,7 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
         name: getattr(args, name) for name in JOB_OPTIONS if getattr(args, name, None) is not None
     }
     params = dict(parse_param(pair) for pair in args.param or [])
+    params.update(identity_params(args))
     if params:
         options["params"] = params
     try:
@@ -91,6 +92,33 @@ def job_options(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as error:  # OptionsError, RecognizerError
         raise CliError(str(error)) from None
     return options
+
+
+def identity_params(args: argparse.Namespace) -> dict[str, Any]:
+    """`--identify G` and its flags as the face detector's parameters; a recognizer without an identities stage is
+    refused by name, before any cluster starts."""
+    identify = getattr(args, "identify", None)
+    if not identify:
+        if getattr(args, "identity_threshold", None) is not None or getattr(args, "identity_repeats", False):
+            raise CliError("--identity-threshold and --identity-repeats go with --identify G")
+        return {}
+    from pipeline.recognizers import RecognizerError, get_spec
+
+    try:
+        spec = get_spec(args.recognizer)
+    except RecognizerError as error:
+        raise CliError(str(error)) from None
+    if "identify" not in spec.params:
+        raise CliError(
+            f"--identify needs a face detector with five landmarks and an identities stage, such as faces-dnn; "
+            f"recognizer {args.recognizer!r} has none"
+        )
+    params: dict[str, Any] = {"identify": identify}
+    if args.identity_threshold is not None:
+        params["identity_threshold"] = args.identity_threshold
+    if args.identity_repeats:
+        params["identity_repeats"] = True
+    return params
 
 
 @dataclass(frozen=True)

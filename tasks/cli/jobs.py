@@ -200,11 +200,12 @@ def execute(
     options: dict[str, Any],
     settings: Settings,
     console: Console,
-    sink: Callable[[Completed], None] | None = None,
+    sink: Callable[[Completed], Completed] | None = None,
     overview: Overview | None = None,
 ) -> list[Completed]:
     """Run one job per image on the chosen cluster, at most `settings.in_flight` at a time (tasks.client.
-    submit_many); returns an outcome per image, in the order given. `sink` gets each outcome as its job ends;
+    submit_many); returns an outcome per image, in the order given. `sink` gets each outcome as its job ends and
+    returns the one to keep (a run's faces take their embeddings out of it);
     `overview` replaces the bar per job (for many images). An interrupt, a timeout or a dead local worker cancels
     the jobs in flight, so the run leaves neither work nor data behind."""
     from tasks.client import submit_many
@@ -234,7 +235,7 @@ def execute(
                     outcome = named(done)
                     display.finish(outcome.image, outcome.result.tiles if outcome.result else None, outcome.ok)
                     if sink is not None:
-                        sink(outcome)
+                        outcome = sink(outcome)
                     outcomes.append(outcome)
             finally:
                 with ignoring_interrupts():  # cancelling the jobs in flight must finish

@@ -29,6 +29,7 @@ from tasks.cli.errors import CliError, describe, say
 from tasks.cli.inputs import Target, annotate_paths, check_image, reader_suffixes
 from tasks.cli.jobs import Overview, execute
 from tasks.cli.output import report_failures, summarize, write_json, write_outputs
+from tasks.cli.people import FACES, RunFaces, group_run
 
 if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
     from tasks.client import Completed
@@ -178,6 +179,13 @@ def read_entries(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def rewrite_entries(path: Path, lines: Sequence[dict[str, Any]]) -> None:
+    """results.jsonl rewritten whole and renamed into place, so an interrupt leaves the previous file."""
+    partial = path.with_name(RESULTS + ".partial")
+    partial.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(partial, path)
+
+
 class ResultsFile:
     """OUT/results.jsonl, appended a whole flushed line per finished image; on resume, cut to the images with a
     result, rewritten atomically so an interrupt during the rewrite loses nothing."""
@@ -190,9 +198,7 @@ class ResultsFile:
             if existing and not resume:
                 raise CliError(f"{self.path} exists: add --resume to continue that run, or choose another --out")
             kept = [line for line in read_entries(self.path) if line.get("ok") and line.get("result")]
-            partial = self.path.with_name(RESULTS + ".partial")
-            partial.write_text("".join(json.dumps(line) + "\n" for line in kept))
-            os.replace(partial, self.path)
+            rewrite_entries(self.path, kept)
             (folder / COCO).unlink(missing_ok=True)  # a coco.json is there only when the run is complete
             self.handle: TextIO = open(self.path, "a")  # noqa: SIM115  (closed in close(), after the run)
         except OSError as error:
@@ -250,6 +256,11 @@ def run_many(
         names = ", ".join(Path(name).name for name in inputs.left_out[:LISTED])
         more = f", and {len(inputs.left_out) - LISTED} more" if len(inputs.left_out) > LISTED else ""
         say(console, f"tilerec: left out {len(inputs.left_out)} file(s) not images by their extension: {names}{more}")
+    # a run that names faces keeps them, to group the unknown ones into people: the jobs return their embeddings,
+    # which go to OUT/faces.npz, never to results.jsonl (tasks/cli/people.py)
+    taken = RunFaces() if out and (options.get("params") or {}).get("identify") else None
+    if taken is not None:
+        options = {**options, "params": {**options["params"], "embeddings": True}}
     began = time.monotonic()
     try:
         done = results.done if results else set()
@@ -259,9 +270,12 @@ def run_many(
             for outcome in inputs.rejected:
                 results.write(outcome, inputs.image_ids[outcome.image.path])
 
-        def sink(outcome: Completed) -> None:
+        def sink(outcome: Completed) -> Completed:
+            if taken is not None:
+                outcome = taken.take(outcome)
             if results:
                 results.write(outcome, inputs.image_ids[outcome.image.path])
+            return outcome
 
         live = console.is_terminal and not settings.quiet
         total = len(inputs.targets) + len(inputs.rejected)
@@ -280,6 +294,10 @@ def run_many(
             results.close()
     write_outputs(outcomes, args.json, args.format, annotated)
     outcomes = inputs.rejected + outcomes
+    grouped = None
+    if out and taken is not None:
+        lines, *grouped = group_run(out, taken, read_entries(out / RESULTS))
+        rewrite_entries(out / RESULTS, lines)
     if out:
         document, unknown = coco_of(read_entries(out / RESULTS), inputs)
         write_json(str(out / COCO), document)
@@ -291,4 +309,8 @@ def run_many(
         say(console, summary_line(outcomes, len(inputs.targets) - len(todo), time.monotonic() - began))
         if out:
             say(console, f"tilerec: results in {out / RESULTS} and {out / COCO}")
+        if grouped:
+            faces, people = grouped
+            say(console, f"tilerec: {faces} faces embedded; the unknown ones are {people} people (unknown-1 …); "
+                         f"embeddings (biometric data) in {out / FACES}")  # fmt: skip
     return report_failures(outcomes)

@@ -16,15 +16,18 @@
   function record(d, index) {
     const [x, y, w, h] = d.box;
     const text = d.text || "";
+    // a face's identity (faces-dnn with identify): shown on the face, and found by the search
+    const name = d.data && typeof d.data.identity === "string" ? d.data.identity : "";
     return {
-      index, label: d.label, score: d.score, text, x, y, w, h, cut: !!d.cut,
+      index, label: d.label, score: d.score, text, name, x, y, w, h, cut: !!d.cut,
       corners: d.obb ? d.obb.corners : null, mask: d.mask || null, keypoints: d.keypoints || null,
-      data: d.data || null, words: (text + " " + d.label).toLowerCase(),
+      data: d.data || null, words: (text + " " + name + " " + d.label).toLowerCase(),
     };
   }
 
   function describe(d) {
     const lines = [`${d.label}  ${d.score.toFixed(3)}`];
+    if (d.name) lines.push(d.name);
     if (d.text) lines.push(d.text);
     lines.push(`box ${d.x.toFixed(0)}, ${d.y.toFixed(0)}  ${d.w.toFixed(0)}×${d.h.toFixed(0)} px`);
     if (d.data) lines.push(JSON.stringify(d.data));
@@ -150,6 +153,20 @@
           }
         }
       }
+      // names above the faces large enough on screen to tell apart
+      let named = 0;
+      ctx.font = "bold 13px sans-serif";
+      ctx.lineWidth = 3;
+      for (const d of shown) {
+        if (!d.name || d.w * m.s < 16 || d.x > x1 || d.y > y1 || d.x + d.w < x0 || d.y + d.h < y0) continue;
+        named++;
+        const [tx, ty] = [m.ox + d.x * m.s, m.oy + d.y * m.s - 4];
+        ctx.strokeStyle = "#000000";
+        ctx.strokeText(d.name, tx, ty);
+        ctx.fillStyle = "#ffffff";
+        ctx.fillText(d.name, tx, ty);
+      }
+      api.named = named;
       // the hovered one outlined in black under its own colour, the selected one (from the list) in cyan
       for (const [d, colour] of [[state.hovered, null], [state.selected, "#00e5ff"]]) {
         if (!d) continue;
@@ -195,7 +212,7 @@
         const swatch = document.createElement("span");
         swatch.className = "swatch";
         swatch.style.background = colours.get(d.label);
-        item.append(swatch, ` ${d.label} ${d.score.toFixed(2)} ${d.text}`);
+        item.append(swatch, ` ${d.label} ${d.score.toFixed(2)} ${d.name} ${d.text}`);
         item.addEventListener("click", () => zoomTo(d));
         list.append(item);
       }
