@@ -27,6 +27,7 @@ from pipeline.scenes import qr_code, qr_scene
 from pipeline.tiling import grid
 from tasks import recognize
 from tasks.client import submit
+from tasks.jobs import CANCEL_CHECK_S
 from tasks.local import RedisServer, Worker
 from tests.conftest import IMAGES_ROOT, caller_app, tilerec_keys
 from tests.faulty import holding, release
@@ -137,6 +138,8 @@ def test_running_batches_stop_at_a_cancel_between_their_tiles(worker, redis_serv
     try:
         wait_for(lambda: running_batches(app, job.id) == 2 and holding(gate, 1), step=0.1)
         job.cancel()
+        # held past a batch's cancel-check interval: its next look, right after the held tile, sees the cancel
+        time.sleep(2 * CANCEL_CHECK_S)
     finally:
         release(gate)
     with pytest.raises(Exception) as raised:
