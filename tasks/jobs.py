@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, lru_cache, partial
@@ -458,29 +458,50 @@ def _recognize(
     process every time ends as a failed tile instead of an endless redelivery (the first delivery is not counted,
     hence MAX_ATTEMPTS - 1)."""
     outcomes: list[TileOutcome] = []
-    cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
     # stored tiles were judged when stored (blank: None), except for a second stage, whose crops may need them
     judge_blank = not isinstance(read, _StoredTiles) or job.options.second_stage
     # tiles go to the recognizer a forward pass at a time, or one at a time where a crash must name its tile
     per_pass = 1 if careful else tiles_per_forward_pass(job.options)
-    for start in range(0, len(windows), per_pass):
-        if time.monotonic() - checked > CANCEL_CHECK_S:
-            cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
-        if cancelled:
-            break
-        group = windows[start : start + per_pass]
-        name = f"tile:{group[0].index}"
-        if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
-            outcomes.append(TileOutcome(group[0].index, error=f"gave up: {DIED} times it ran this tile"))
+    for tiles, run in _passes(client, job.id, windows, per_pass, careful, "tile", lambda w: w.index):
+        if not run:
+            outcomes.append(TileOutcome(tiles[0].index, error=f"gave up: {DIED} times it ran this tile"))
             continue
-        found = recognize_windows(read, group, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
+        found = recognize_windows(read, tiles, job.options, job.width, job.height, TRANSIENT, judge_blank=judge_blank)
         outcomes.extend(found)
         if any(o.error is not None and o.error.startswith("MemoryError") for o in found):
             global _unsound  # its heap may be left half-allocated, or under a limit: the process is replaced
             _unsound = True
-        if careful:
-            store.clear_attempts(client, job.id, name)
     return outcomes
+
+
+def _passes(
+    client: redis.Redis,
+    job_id: str,
+    units: list[Any],
+    per_pass: int,
+    careful: bool,
+    kind: str,
+    index_of: Callable[[Any], int],
+) -> Iterator[tuple[list[Any], bool]]:
+    """A batch's units (tiles, crops) `per_pass` at a time, until the job is cancelled (looked at every
+    CANCEL_CHECK_S), each group with whether to run it. `careful` (the batch's process died before): a unit's
+    attempts are counted before it runs and cleared once the caller is done with it, so a unit that kills its
+    process every time comes back with False instead of an endless redelivery (the first delivery is not counted,
+    hence MAX_ATTEMPTS - 1)."""
+    cancelled, checked = store.is_cancelled(client, job_id), time.monotonic()
+    for start in range(0, len(units), per_pass):
+        if time.monotonic() - checked > CANCEL_CHECK_S:
+            cancelled, checked = store.is_cancelled(client, job_id), time.monotonic()
+        if cancelled:
+            return
+        group = units[start : start + per_pass]
+        name = f"{kind}:{index_of(group[0])}"
+        if careful and store.count_attempt(client, job_id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
+            yield group, False
+            continue
+        yield group, True  # resumed once the caller has run the group: its process survived it
+        if careful:
+            store.clear_attempts(client, job_id, name)
 
 
 _unsound = False  # a tile ran this process out of memory
@@ -675,21 +696,12 @@ def _recognize_crops(
     else:
         read = stage_reader(partial(_read_shared, job.file), job.options)
     outcomes: list[CropOutcome] = []
-    cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
     per_call = 1 if careful else max(1, stage.max_batch)
-    for start in range(0, len(crops), per_call):
-        if time.monotonic() - checked > CANCEL_CHECK_S:
-            cancelled, checked = store.is_cancelled(client, job.id), time.monotonic()
-        if cancelled:
-            break
-        group = crops[start : start + per_call]
-        name = f"crop:{group[0].window.index}"
-        if careful and store.count_attempt(client, job.id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
-            outcomes.append(CropOutcome(group[0].window.index, error=f"gave up: {DIED} times it ran this crop"))
+    for planned, run in _passes(client, job.id, crops, per_call, careful, "crop", lambda c: c.window.index):
+        if not run:
+            outcomes.append(CropOutcome(planned[0].window.index, error=f"gave up: {DIED} times it ran this crop"))
             continue
-        outcomes.extend(read_crops(read, group, detections, stage, TRANSIENT))
-        if careful:
-            store.clear_attempts(client, job.id, name)
+        outcomes.extend(read_crops(read, planned, detections, stage, TRANSIENT))
     return outcomes
 
 
