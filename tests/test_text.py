@@ -14,7 +14,15 @@ import pipeline
 from pipeline.inference import recognize_source
 from pipeline.lines import join_lines, layout
 from pipeline.recognizers import RecognizerError, get_recognizer
-from pipeline.recognizers.text import joined_pieces, lines_from_obb, piece_bounds, unreadable
+from pipeline.recognizers.text import (
+    LineReader,
+    classifier_views,
+    column_chunks,
+    joined_pieces,
+    lines_from_obb,
+    piece_bounds,
+    unreadable,
+)
 from pipeline.sources import open_source
 from pipeline.text_scenes import (
     character_error_rate,
@@ -60,6 +68,32 @@ def test_long_lines_are_cut_between_letters_and_joined_back() -> None:
     assert piece_bounds(np.ones(100), height=10) == [(0, 100)]
     assert joined_pieces(["the quick ", " brown"], [True]) == "the quick brown"
     assert joined_pieces(["jum", "ped over"], [False]) == "jumped over"
+
+
+def test_the_recognizer_reads_word_sized_crops_together_and_long_lines_alone() -> None:
+    # widths at the recognizer's height; a pass holds as many as fit in 1536 columns padded to its widest
+    assert column_chunks([100, 2000, 190, 150, 800, 700, 900], columns=1536) == [[0, 3, 2], [5], [4], [6], [1]]
+    assert column_chunks([]) == []
+
+
+def test_the_angle_classifier_sees_a_lines_two_ends_unsquashed() -> None:
+    line = np.full((24, 1000, 3), 255, np.uint8)
+    line[:, :10] = 0  # a mark at the start, to tell the ends apart
+    first, last = classifier_views(line, (48, 192))
+    assert first.shape == last.shape == (48, 192, 3)  # 96 columns of the 24 px line, at twice the size
+    assert first[:, :18].max() == 0 and last.min() == 255  # 10 px, twice as wide (bilinear at its edge)
+    (short,) = classifier_views(line[:, :60], (48, 192))
+    assert short.shape == (48, 120, 3)
+
+
+def test_the_angle_classifier_judges_every_line_of_made_up_words_the_right_way_up() -> None:
+    page = column_page(words(240, seed=5), columns=2, width=1400)
+    picture = cv2.cvtColor(page.image, cv2.COLOR_GRAY2BGR)
+    crops = [picture[y - 6 : y + h + 6, x - 6 : x + w + 6] for x, y, w, h in (line.box for line in page.lines)]
+    reader = LineReader("", "", "", use_cls=True)
+    # squeezed whole into the classifier's input, a third of these lines were judged upside down
+    assert (reader.upside_down(crops)[:, 1] < 0.5).all()
+    assert (reader.upside_down([cv2.rotate(crop, cv2.ROTATE_180) for crop in crops])[:, 1] > 0.5).all()
 
 
 def test_a_line_too_small_or_too_tall_says_why() -> None:
