@@ -56,8 +56,8 @@ def worker(app, redis_server: RedisServer, tmp_path_factory) -> Iterator[Worker]
     env = {
         "TILEREC_RESULT_BACKEND": redis_server.url,
         "TILEREC_ALLOWED_ROOTS": str(IMAGES_ROOT),
-        # recognizers that fail on purpose; shape producers; one with a second stage
-        "TILEREC_PLUGIN_MODULES": "tests.faulty,tests.shaped,tests.staged,tests.faces_held",
+        # recognizers that fail on purpose; shape producers; ones with a second stage (some held at a known point)
+        "TILEREC_PLUGIN_MODULES": "tests.faulty,tests.shaped,tests.staged,tests.faces_held,tests.text_held",
     }
     with Worker(redis_server.url, concurrency=2, env=env, log_file=str(log)) as running:
         yield running

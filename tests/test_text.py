@@ -3,6 +3,8 @@ scans in ../shared/images/text, in process and on real workers; bad input and li
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import cv2
@@ -35,6 +37,8 @@ from pipeline.text_scenes import (
 )
 from tasks.client import submit
 from tests.conftest import IMAGES_ROOT, tilerec_keys
+from tests.test_reliability import wait_for
+from tests.test_stages import held
 
 TIMEOUT = 300
 SCANS = Path(__file__).resolve().parents[2] / "shared" / "images" / "text"
@@ -234,6 +238,29 @@ def test_on_workers_the_seam_page_reads_as_in_process_and_leaves_nothing(worker,
     assert lines_of(result) == [line.text for line in seams.lines]
     assert result["second_stage"]["output"] == seams_read.second_stage.output
     assert result["second_stage"]["batches"] > 1
+    assert tilerec_keys(redis_server) == []
+
+
+def test_a_process_killed_reading_lines_changes_nothing(worker, redis_server, seams, seams_read):
+    """Every crop batch is held before reading; one holding process is killed, mid-stage: its batch goes back to
+    the queue and runs again, and the page reads as in one process."""
+    path = IMAGES_ROOT / "text-kill.png"
+    cv2.imwrite(str(path), seams.image)
+    flag = IMAGES_ROOT / "hold-text"
+    flag.touch()
+    try:
+        job = submit(str(path), "tests.text_held:HELD_TEXT", hold=str(flag), crop_batch_size=4, **FAST)
+        wait_for(lambda: held(flag), timeout=120)
+        os.kill(held(flag)[0], signal.SIGKILL)
+    finally:
+        flag.unlink(missing_ok=True)
+    result = job.get(timeout=TIMEOUT).to_json()
+    for marker in IMAGES_ROOT.glob("hold-text.*"):
+        marker.unlink()
+    assert lines_of(result) == [line.text for line in seams.lines]
+    assert result["second_stage"]["output"] == seams_read.second_stage.output
+    assert result["second_stage"]["failed_crops"] == []
+    wait_for(lambda: len(worker.child_pids()) == 2)
     assert tilerec_keys(redis_server) == []
 
 
