@@ -4,7 +4,7 @@ process (the user's alternative), side by side in one run.
     python -m bench.text [--sizes 2000,4000,8000,12000] [--page-sizes 2000,4000] [--workers 2] [--reps 1]
                          [--det-scale 0.5] [--out bench-out/text]
 
-Scenes: generated posters (`pipeline.text_scenes.poster`: a headline and blocks of two columns of 32 px text on a
+Scenes: generated posters (`pipeline.scenes.text.poster`: a headline and blocks of two columns of 32 px text on a
 light ground, as many of 1,200 words as fit: 163 at 2000 px, 483 at 4000, all from 8000 on, so the biggest hold the
 same text in more white space), generated pages (three or more columns of 28 px text filling the page) and the
 real scans in ../shared/images/text.
@@ -31,7 +31,7 @@ import cv2
 
 from bench.cluster import Cluster
 from bench.scenes import shared_images_dir
-from pipeline.text_scenes import character_error_rate, column_page, poster, word_recall, words
+from pipeline.scenes.text import character_error_rate, column_page, poster, word_recall, words
 
 POSTER_WORDS = 1200
 

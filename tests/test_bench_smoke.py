@@ -86,7 +86,7 @@ def test_the_report_has_every_section_and_its_plots(smoke):
 def test_code_scenes_are_seeded_and_put_objects_on_seams_and_edges():
     import numpy as np
 
-    from pipeline.scenes import code_scene, placement_of
+    from pipeline.scenes.codes import code_scene, placement_of
     from pipeline.tiling import grid
 
     first, again = code_scene(3000, 2500, seed=4), code_scene(3000, 2500, seed=4)
@@ -104,7 +104,7 @@ def test_the_hardware_ceiling_shares_every_tile_once_between_its_processes(tmp_p
     import cv2
 
     from bench.inprocess import run_together
-    from pipeline.scenes import code_scene
+    from pipeline.scenes.codes import code_scene
 
     image = tmp_path / "scene.png"
     cv2.imwrite(str(image), code_scene(1800, 1000, kinds=("aruco",), seed=1).image)
