@@ -53,8 +53,8 @@ def test_speed_stages_add_up_to_the_wall_time(smoke):
         assert math.isclose(sum(stages[name] for name in (*parts, "deliver")), entry["wall_s"], abs_tol=0.01)
         assert 0 < entry["recognize_sum_s"] <= entry["recognition_wall_s"] + 0.005  # W=1: one process, every tile
         assert entry["in_task_overhead_ms"] >= 0 and entry["between_tasks_ms"] >= 0
-    # tile tasks read the TIFF's windows themselves: nothing is decoded whole or stored
-    assert speed["tiled TIFF"]["by_workers"]["1"]["stages"]["store"] < 0.005
+    # that tile tasks read the TIFF's windows themselves, storing no pixels, is a property of the job, not a timing:
+    # test_gigapixel.py::test_tile_tasks_read_their_own_windows_and_no_pixels_go_through_redis counts the bytes
 
 
 def test_memory_messages_latency_and_storage_are_measured(smoke):
