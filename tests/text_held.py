@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.recognizers import get_spec
+from pipeline.recognizers.stages import Crop
 from pipeline.recognizers.text_stage import TextStage
-from pipeline.stages import Crop
 
 HOLD_S = 120.0  # the longest a held crop batch waits
 
