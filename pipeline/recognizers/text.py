@@ -246,7 +246,13 @@ class LineReader:
             for row, k in enumerate(chunk):
                 picture = cv2.resize(crops[k], (widths[k], REC_HEIGHT), interpolation=cv2.INTER_LINEAR)
                 blob[row, :, :, : widths[k]] = picture.transpose(2, 0, 1) * np.float32(2 / 255) - np.float32(1)
-            found, _ = self.decode(self.rec.run(None, {self.rec.get_inputs()[0].name: blob})[0])
+            scores = self.rec.run(None, {self.rec.get_inputs()[0].name: blob})[0]  # (crops, steps, characters)
+            best = scores.argmax(axis=2)
+            # the wheel's decoder on the best character of each step and its score (one pass over the scores, not
+            # its two: they are 18,000 characters wide)
+            found, _ = self.decode.decode(
+                best, np.take_along_axis(scores, best[..., None], 2)[..., 0], remove_duplicate=True
+            )
             for row, k in enumerate(chunk):
                 results[k] = (str(found[row][0]), float(found[row][1]))
         return results
