@@ -25,6 +25,7 @@ from pipeline.recognizers.text import (
     lines_from_obb,
     piece_bounds,
     unreadable,
+    upside_down_together,
 )
 from pipeline.scenes.text import (
     character_error_rate,
@@ -88,6 +89,13 @@ def test_the_angle_classifier_sees_a_lines_two_ends_unsquashed() -> None:
     assert first[:, :18].max() == 0 and last.min() == 255  # 10 px, twice as wide (bilinear at its edge)
     (short,) = classifier_views(line[:, :60], (48, 192))
     assert short.shape == (48, 120, 3)
+
+
+def test_lines_read_together_go_the_way_most_of_their_length_says() -> None:
+    # a long line sure it is upright outweighs two short words unsure of it; alone, the words are turned
+    assert not upside_down_together(np.array([0.1, 0.8, 0.7]), [30, 4, 4])
+    assert upside_down_together(np.array([0.8, 0.7]), [4, 4])
+    assert not upside_down_together(np.array([]), [])
 
 
 def test_the_angle_classifier_judges_every_line_of_made_up_words_the_right_way_up() -> None:
