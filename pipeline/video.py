@@ -82,6 +82,12 @@ class Clip:
         """The last keyframe at or before `frame`: where decoding it starts."""
         return self.keyframes[max(0, bisect.bisect_right(self.keyframes, frame) - 1)]
 
+    def keyframe_after(self, frame: int) -> int:
+        """The first keyframe at or after `frame` (`frames` if none): where a segment can start without decoding
+        frames it does not want."""
+        found = bisect.bisect_left(self.keyframes, frame)
+        return self.keyframes[found] if found < len(self.keyframes) else self.frames
+
     def summary(self) -> dict[str, Any]:
         """What a result says of the clip (no per-frame lists)."""
         return {"width": self.width, "height": self.height, "frames": self.frames, "fps": round(self.fps, 4),
@@ -306,9 +312,10 @@ class Segment:
 
 
 def plan_segments(selected: Sequence[int], clip: Clip, length: int, overlap: int) -> list[Segment]:
-    """Cut the selected frames into segments of about `length` of them, each starting on a keyframe where one is
-    within half a segment before the planned start (a segment starting elsewhere decodes from the keyframe before
-    it, and drops what it decoded before its first frame), each running `overlap` selected frames into the next.
+    """Cut the selected frames into segments of about `length` of them, each starting on the keyframe nearest its
+    planned start where one lies within half a segment of it, before or after (one always does when the keyframes
+    are at most `length` frames apart; a segment starting elsewhere decodes from the keyframe before it and drops
+    what it decoded before its first frame), each running `overlap` selected frames into the next.
 
     Args:
         selected: the frames the job recognizes, ascending (`select_frames`).
@@ -324,9 +331,12 @@ def plan_segments(selected: Sequence[int], clip: Clip, length: int, overlap: int
     starts = [0]  # positions in `selected`
     while starts[-1] + length < len(selected):
         planned = starts[-1] + length
-        key = clip.keyframe_before(selected[planned])
-        position = bisect.bisect_left(selected, key)
-        snapped = position if position > starts[-1] + length // 2 else planned
+        before = bisect.bisect_left(selected, clip.keyframe_before(selected[planned]))
+        after = bisect.bisect_left(selected, clip.keyframe_after(selected[planned]))
+        near = [
+            p for p in (before, after) if starts[-1] + length // 2 < p <= planned + length // 2 and p < len(selected)
+        ]
+        snapped = min(near, key=lambda p: abs(p - planned)) if near else planned
         if len(selected) - snapped <= overlap:  # a last segment of overlap only would add nothing of its own
             break
         starts.append(snapped)

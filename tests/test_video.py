@@ -219,8 +219,16 @@ def test_segments_start_on_keyframes_overlap_and_own_each_frame_once(length, ste
         shared = [f for f in chosen if after.first <= f < before.stop]
         assert len(shared) == 4  # the overlap: frames both recognize
         assert after.first in chosen  # a segment starts on a frame it recognizes
-        if length * step >= 2 * 12:  # a keyframe lies within half a segment before its planned start: it starts there
+        if length * step >= 12:  # a keyframe lies within half a segment of its planned start: it starts there
             assert after.first in clip.keyframes
+
+
+def test_a_segment_starts_on_the_nearest_keyframe_before_or_after_its_planned_start():
+    clip = Clip(64, 48, 100, 30.0, tuple(i / 30 for i in range(100)), (0, 22, 41, 70))
+    segments = plan_segments(list(range(100)), clip, 25, overlap=2)
+    # planned at 25 (keyframe 22 is nearer than 41), then 47 (41 before it), then 66 (70 after it), then 95 (none
+    # within 12 of it: it starts where planned)
+    assert [s.first for s in segments] == [0, 22, 41, 70, 95]
 
 
 def pieces(segment: int, tracks: dict[int, list[tuple[int, float, float]]], text: str | None = None) -> list[Piece]:
