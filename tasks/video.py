@@ -34,6 +34,9 @@ from tasks.jobs import (
     PROGRESS_EVERY_S,
     TRANSIENT,
     JobCancelled,
+    _admit,
+    _NoRoom,
+    _wait_for_room,
     batch_priority,
     deliver,
     resolve,
@@ -76,6 +79,8 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
             raise VideoError(f"gave up on {video!r}: {DIED} times it probed it")
         if store.is_cancelled(client, job_id):
             raise JobCancelled(f"job {job_id} was cancelled")
+        if (need := store.waiting_need(client, job_id)) is not None:
+            _admit(client, job_id, need)  # before its clip is read again
         parsed = parse_video_options(recognizer, options)
         target = resolve(video)
         plan = plan_video(probe(target, repr(video), settings().max_pixels, parsed.frame_rate), parsed)
@@ -83,7 +88,14 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
         if len(plan.segments) == 1:  # one segment: a chord would only add its round trips
             outcome = run_segment(target, repr(video), plan, 0, parsed, TRANSIENT, thread_budget())
             return _finish(client, job, [outcome])
-        store.put_job(client, job_id, job.to_json(), job.frames, settings().tile_ttl)
+        description = job.to_json()
+        _admit(client, job_id, _need(description, job.plan))
+        store.put_job(client, job_id, description, job.frames, settings().tile_ttl)
+    except _NoRoom as waiting:
+        raise _wait_for_room(self, client, waiting.room) from None
+    except redis.OutOfMemoryError:
+        store.delete_job(client, job_id)
+        raise store.StoreFull(store.FILLED) from None
     except BaseException:
         store.delete_job(client, job_id)  # a job refused or failed while planning leaves nothing behind
         raise
@@ -92,6 +104,13 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
         for number, segment in enumerate(plan.segments)
     )
     return self.replace(chord(header, merge_video.si(video, recognizer, **options)))
+
+
+def _need(description: str, plan: VideoPlan) -> int:
+    """The bytes a video job takes in the store: its description, and a record of each frame its segments recognize
+    (overlaps included); no pixels, as each segment task decodes its own frames."""
+    recognized = sum(len(plan.wanted(n)) for n in range(len(plan.segments)))
+    return store.allocated(len(description)) + recognized * store.RECORD_BYTES + 4 * store.KEY_BYTES  # 4 keys
 
 
 @lru_cache(maxsize=16)
