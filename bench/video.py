@@ -142,9 +142,9 @@ def distributed(path: Path, recognizer: str, segment_frames: int | None, cluster
     pids = [cluster.worker.process.pid, *cluster.worker.child_pids(), cluster.redis.process.pid]
     began, spent, used = time.perf_counter(), time.process_time(), cpu_s(pids)
     result = submit_video(str(path), recognizer, segment_frames=segment_frames, **OPTIONS).get(timeout=3600)
-    tracked = sum(len(t["frames"]) for t in result["tracks"])
+    tracked = sum(len(t.rows) for t in result.tracks)
     cpu = cpu_s(pids) - used + time.process_time() - spent
-    return time.perf_counter() - began, result["frames"]["processed"], tracked, cpu
+    return time.perf_counter() - began, len(result.per_frame), tracked, cpu
 
 
 def compare(

@@ -24,7 +24,7 @@ from celery import chord, group
 from pipeline.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
 from pipeline.options import VideoOptions, parse_video_options
 from pipeline.recognizers import thread_budget
-from pipeline.video import VideoError, owned, probe
+from pipeline.video import Target, VideoError, owned, probe
 from tasks import store
 from tasks.celery import app, settings, store_client
 from tasks.jobs import (
@@ -82,7 +82,7 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
         if (need := store.waiting_need(client, job_id)) is not None:
             _admit(client, job_id, need)  # before its clip is read again
         parsed = parse_video_options(recognizer, options)
-        target = resolve(video)
+        target = _opened(video)
         plan = plan_video(probe(target, repr(video), settings().max_pixels, parsed.frame_rate), parsed)
         job = VideoJob(job_id, video, parsed, plan, started, {"probe_s": time.time() - started})
         if len(plan.segments) == 1:  # one segment: a chord would only add its round trips
@@ -104,6 +104,14 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
         for number, segment in enumerate(plan.segments)
     )
     return self.replace(chord(header, merge_video.si(video, recognizer, **options)))
+
+
+def _opened(video: Any) -> Target:
+    """The clip a message names, resolved as an image is, but an upload read by ranges: each segment task reads the
+    part of it that it decodes."""
+    if isinstance(video, str) and video.startswith(store.REF_SCHEME):
+        return store.stored_input(store_client(), video)
+    return resolve(video)
 
 
 def _need(description: str, plan: VideoPlan) -> int:
@@ -135,7 +143,7 @@ def recognize_segment(self: Any, job_id: str, first: int, stop: int) -> dict[str
         outcome = SegmentOutcome(number, error=f"gave up: {DIED} times it ran this segment")
     else:
         report = _Progress(self, client, job, number)
-        outcome = run_segment(resolve(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
+        outcome = run_segment(_opened(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
                               thread_budget(), report)  # fmt: skip
         if careful:
             store.clear_attempts(client, job_id, name)
