@@ -109,10 +109,10 @@ def opencv_threads(threads: int) -> Iterator[None]:
         cv2.setNumThreads(was)
 
 
-def single_loop(path: Path, recognizer: str, threads: int = 0) -> tuple[float, int, int, float]:
+def single_loop(path: Path, recognizer: str, threads: int = 0) -> dict[str, float]:
     """The user's alternative: one process reads the clip in order and recognizes and tracks every frame (the
-    plan's one segment), its decoder and OpenCV at `threads` (0: their defaults). Returns (seconds, frames, tracked
-    detections, CPU seconds of all its threads)."""
+    plan's one segment), its decoder and OpenCV at `threads` (0: their defaults). Returns its seconds, frames,
+    tracked detections and CPU seconds (all its threads)."""
     with opencv_threads(threads):
         began, spent = time.perf_counter(), time.process_time()
         options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": 10**9})
@@ -120,7 +120,8 @@ def single_loop(path: Path, recognizer: str, threads: int = 0) -> tuple[float, i
         plan = plan_video(clip, options)
         outcome = run_segment(path, str(path), plan, 0, options, threads=threads)
         tracked = sum(sum(t >= 0 for t in f.tracks) for f in outcome.frames)
-        return time.perf_counter() - began, len(outcome.frames), tracked, time.process_time() - spent
+        return {"s": time.perf_counter() - began, "frames": len(outcome.frames), "tracked": tracked,
+                "cpu_s": time.process_time() - spent}  # fmt: skip
 
 
 def plan_costs(path: Path, recognizer: str, segment_frames: int | None) -> dict[str, int]:
@@ -134,17 +135,20 @@ def plan_costs(path: Path, recognizer: str, segment_frames: int | None) -> dict[
     return {"segments": len(plan.segments), "overlap_frames": overlap, "lead_in_frames": lead_in}
 
 
-def distributed(path: Path, recognizer: str, segment_frames: int | None, cluster: Any) -> tuple[float, int, int, float]:
-    """The same clip as a video job on the running private cluster (W=2); CPU seconds of its worker's processes
-    (the main one and the pool's), of its redis-server and of this client."""
+def distributed(path: Path, recognizer: str, segment_frames: int | None, cluster: Any) -> dict[str, float]:
+    """The same clip as a video job on the running private cluster (W=2): as `single_loop`'s, with the CPU seconds
+    of its worker's processes (the main one and the pool's), of its redis-server and of this client, and the
+    seconds of its serial parts (the probe before the segments, the merge after them)."""
     from tasks.client import submit_video
 
     pids = [cluster.worker.process.pid, *cluster.worker.child_pids(), cluster.redis.process.pid]
     began, spent, used = time.perf_counter(), time.process_time(), cpu_s(pids)
     result = submit_video(str(path), recognizer, segment_frames=segment_frames, **OPTIONS).get(timeout=3600)
-    tracked = sum(len(t.rows) for t in result.tracks)
     cpu = cpu_s(pids) - used + time.process_time() - spent
-    return time.perf_counter() - began, len(result.per_frame), tracked, cpu
+    tracked = sum(len(t.rows) for t in result.tracks)
+    serial = result.timings["probe_s"] + result.timings["merge_s"]
+    return {"s": time.perf_counter() - began, "frames": len(result.per_frame), "tracked": tracked, "cpu_s": cpu,
+            "serial_s": serial}  # fmt: skip
 
 
 def compare(
@@ -172,9 +176,10 @@ def compare(
             for repeat in range(repeats):
                 for name, run in order[repeat % 3 :] + order[: repeat % 3]:
                     before = load()
-                    seconds, done, tracked, cpu = run(clips[size], recognizer)
-                    runs[name].append({"s": round(seconds, 2), "fps": round(done / seconds, 3), "frames": done,
-                                       "tracked": tracked, "cpu_s": round(cpu, 2), "cores": round(cpu / seconds, 2),
+                    ran = run(clips[size], recognizer)
+                    runs[name].append({**{key: round(value, 3) for key, value in ran.items()},
+                                       "fps": round(ran["frames"] / ran["s"], 3),
+                                       "cores": round(ran["cpu_s"] / ran["s"], 2),
                                        "load": [before, load()]})  # fmt: skip
             median = {key: {name: statistics.median(r[key] for r in found) for name, found in runs.items()}
                       for key in ("fps", "cpu_s", "cores")}  # fmt: skip
