@@ -18,10 +18,10 @@ import redis
 from celery.exceptions import TimeoutError
 from celery.result import AsyncResult
 
-from pipeline.clips import VideoRecognition
-from pipeline.images import encode_array
 from pipeline.model import Recognition
+from pipeline.readers.images import encode_array
 from pipeline.readers.remote import is_url
+from pipeline.video.clips import VideoRecognition
 from tasks import gallery, store
 from tasks.celery import settings, store_client
 from tasks.jobs import WAITING, recognize

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from celery import Celery
 
-from pipeline.scenes import qr_scene
+from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks import store
 from tasks.local import RedisServer, Worker
