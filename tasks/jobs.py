@@ -40,6 +40,7 @@ from pipeline import images, sources
 from pipeline.inference import (
     TileOutcome,
     assemble,
+    grey_tiles,
     measured_tile_cost,
     plan,
     recognize_windows,
@@ -222,7 +223,7 @@ def _start(
     channels = 1 if spec_of(options.recognizer).grey else 3
     loaded = time.time()
     source = sources.open_source(target, options.level, settings().max_pixels, options.roi, options.read_spec(),
-                                 in_row_order=True)  # fmt: skip
+                                 in_row_order=True, grey=grey_tiles(options))  # fmt: skip
     with contextlib.closing(source):
         decoded = time.time()
         # the tile tasks read an object in storage themselves, and a file when they see the same files
@@ -338,7 +339,8 @@ def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path 
             raise images.ImageError(f"gave up on {job.image!r}: {DIED} times it decoded it")
         target = resolve(job.image) if target is None else target
         source = sources.open_source(target, job.level, settings().max_pixels, job.options.roi,  # type: ignore[arg-type]
-                                     job.options.read_spec(), in_row_order=True)  # fmt: skip
+                                     job.options.read_spec(), in_row_order=True,
+                                     grey=grey_tiles(job.options))  # fmt: skip
         with contextlib.closing(source):
             if (source.width, source.height) != (job.width, job.height):
                 raise images.ImageError("the image changed while its job was being planned; submit it again")
