@@ -267,6 +267,25 @@ def test_damaged_pixel_data_is_a_clear_image_error(kind, message):
             source.read(window)
 
 
+def test_libpng_in_libvips_ignores_chunk_crcs_but_zlib_catches_damaged_pixel_data():
+    """libvips sets libpng to ignore CRC errors: a wrong chunk CRC over sound data reads as the very pixels, while
+    any byte of the pixel data changed (its chunk's CRC made to match, so only zlib can tell) fails the read, near
+    the stream's start or in its Adler-32 at its very end, after every band was handed out."""
+    image = picture(300, 200, 3)
+    data = png(image)
+    idat = data.index(b"IDAT")
+    crc = idat + 4 + struct.unpack(">I", data[idat - 4 : idat])[0]  # after the chunk's type and data
+    np.testing.assert_array_equal(decode(data[:crc] + bytes([data[crc] ^ 0xFF]) + data[crc + 1 :]), image)
+    parts = chunks(data)
+    pixels = b"".join(body for name, body in parts if name == b"IDAT")
+    for position in (len(pixels) // 2, len(pixels) - 10, len(pixels) - 2):
+        broken = pixels[:position] + bytes([pixels[position] ^ 0x01]) + pixels[position + 1 :]
+        source = open_source(assemble([parts[0], (b"IDAT", broken), (b"IEND", b"")]), in_row_order=True)
+        with pytest.raises(ImageError, match="IDAT: incorrect data check"):
+            for window in grid(300, 200, tile=64, overlap=0.0):
+                source.read(window)
+
+
 def test_an_image_read_in_row_order_is_size_checked_and_truncation_checked_first():
     data = png(picture(300, 200, 3))
     with pytest.raises(ImageError, match="60,000 pixels"):
