@@ -75,7 +75,7 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many times fails instead of coming back
 CANCEL_CHECK_S = 0.25  # a running batch looks for a cancel this often (a round trip each)
 STREAM_POLL_S = 0.02  # a batch waiting for a streamed image's rows looks this often
-STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when no row came for this long
+STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when neither a row nor a beat came this long
 PROGRESS_STEPS = 50  # a job reports its progress at most this many times
 PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each report: an event and a result write)
 # auto batches: at least this many per process of the tiling node (its size is known there, the cluster's is not;
@@ -345,7 +345,8 @@ def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path 
             if (source.width, source.height) != (job.width, job.height):
                 raise images.ImageError("the image changed while its job was being planned; submit it again")
             tiles = ((window, storable(source.read(window), job.options)) for window in job.windows)
-            store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
+            with store.decoding(client, job.id, settings().tile_ttl):
+                store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
     except redis.OutOfMemoryError:
         store.fail_job(client, job.id, job.tiles, store.FILLED, settings().tile_ttl)
     except Exception as error:
@@ -439,13 +440,13 @@ class _StoredTiles:
 def _wait_for_rows(task: Any, client: redis.Redis, job: Job, stop: int) -> None:
     """Wait until a streamed image's tiles up to `stop` are stored, its decoding failed, or the job was cancelled.
     A decoding that stalls (its process may have died, and its redelivery needs a process) gets this one back."""
-    seen, since = -1, time.monotonic()
+    seen, since = (-1, -1), time.monotonic()
     while True:
-        ready, failed, cancelled = store.stream_state(client, job.id)
-        if ready is None or ready >= stop or failed or cancelled:
+        state = store.stream_state(client, job.id)
+        if state.ready is None or state.ready >= stop or state.failed or state.cancelled:
             return
-        if ready > seen:
-            seen, since = ready, time.monotonic()
+        if (state.ready, state.beats) != seen:  # a row stored, or the decoding process still alive
+            seen, since = (state.ready, state.beats), time.monotonic()
         elif time.monotonic() - since > STREAM_STALL_S:
             raise task.retry(countdown=1, max_retries=10**6)
         time.sleep(STREAM_POLL_S)
@@ -611,7 +612,7 @@ def _merged(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> Recog
     if store.is_cancelled(client, job.id):
         done = sum(outcome.error is None for outcome in outcomes)
         raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.tiles} tiles had been recognized)")
-    _, failed, _ = store.stream_state(client, job.id)
+    failed = store.stream_state(client, job.id).failed
     if failed is not None:
         raise store.StoreFull(failed) if failed == store.FILLED else images.ImageError(failed)
     if job.streamed:
