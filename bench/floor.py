@@ -1,0 +1,182 @@
+"""The decode floor: the serial part of a job of a decoded format at W=2, measured in one process, and the best
+ratio to the one-process time that it leaves.
+
+    python -m bench.floor [--size 8000] [--reps 5] [--formats jpg,png,webp,tif] [--recognizer qrcode]
+        [--out bench-out/floor]
+
+For each format of the benchmark's code scene (the scenes of `bench.versus`), interleaved, `reps` times, in this
+process at one thread:
+
+- decode: the image decoded whole (`sources.decode`), what the one-process run pays before its first tile;
+- serial: what the tiling task of a streamed job does alone: the image opened in row order (grey where the job's
+  tiles are grey), each tile made storable and stored in a private Redis row by row (`store.put_tiles`, as
+  `tasks.jobs` streams it), and first_row, when its first row of tiles was stored;
+- recognize: the tiles recognized one after the other (`recognize_windows`; a tiled TIFF's read from the file).
+
+The one-thread time is decode + recognize. At W=2 the tiling process does the serial part, then recognizes; the
+other process recognizes from the first row on. With no cost per batch and two full cores, the job cannot end
+before max((recognize + first_row + serial) / 2, serial + a row's tiles / 2): the floor, and one-thread time over
+it is the best ratio the decode leaves. `--together` also runs the recognition stage on two one-thread processes
+sharing the tiles (`bench.inprocess.run_together`): what two processes of this machine give over one, decoding aside.
+Writes floor.json and floor.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.versus import _scenes
+
+
+def _decode(path: Path) -> float:
+    from pipeline.sources import decode
+
+    began = time.perf_counter()
+    decode(path.read_bytes())
+    return time.perf_counter() - began
+
+
+def _serial(path: Path, options: Any, client: Any) -> tuple[float, float]:
+    """(seconds to the first row of tiles stored, seconds to the last), as the tiling task streams the image."""
+    from pipeline.inference import grey_tiles, storable, windows_of
+    from pipeline.sources import open_source
+    from pipeline.tiling import row_ends
+    from tasks import store
+
+    began, first = time.perf_counter(), [0.0]
+    source = open_source(path, in_row_order=True, grey=grey_tiles(options))
+    windows = windows_of(source.height, source.width, options)
+    ends = row_ends(windows)
+    first_row_end = min(ends)
+
+    def tiles() -> Any:
+        for window in windows:
+            if window.index == first_row_end:  # the first row is stored by the time the next tile is asked for
+                first[0] = time.perf_counter() - began
+            yield window, storable(source.read(window), options)
+
+    store.put_job(client, "floor", "{}", len(windows), 600, streamed=True)
+    store.put_tiles(client, "floor", tiles(), 600, ends)
+    total = time.perf_counter() - began
+    source.close()
+    store.delete_job(client, "floor", len(windows))
+    return first[0], total
+
+
+def _recognize(path: Path, options: Any) -> tuple[float, int, int]:
+    """(seconds, tiles, rows of tiles) of the tiles recognized one after the other, the image read as in one
+    process: a tiled TIFF window by window, anything else decoded whole first (not timed)."""
+    from pipeline.inference import recognize_windows, windows_of
+    from pipeline.sources import open_source
+    from pipeline.tiling import row_ends
+
+    source = open_source(path)
+    windows = windows_of(source.height, source.width, options)
+    began = time.perf_counter()
+    recognize_windows(source.read, windows, options, source.width, source.height)
+    seconds = time.perf_counter() - began
+    source.close()
+    return seconds, len(windows), len(row_ends(windows))
+
+
+def floor(first_row: float, serial: float, recognize: float, rows: int) -> float:
+    """The earliest end of a W=2 job (see the module's docstring)."""
+    return max((recognize + first_row + serial) / 2, serial + recognize / rows / 2)
+
+
+def run(size: int, reps: int, formats: tuple[str, ...], recognizer: str, out: Path, together: bool) -> dict[str, Any]:
+    from bench.inprocess import _set_threads, _warm_up, run_together
+    from pipeline.memory import keep_freed_buffers
+    from pipeline.options import parse_options
+    from tasks.local import RedisServer
+
+    keep_freed_buffers()
+    _set_threads(1)
+    _warm_up(recognizer, {})
+    options = parse_options(recognizer, {})
+    scenes = [path for kind, path in _scenes(out / "scenes", size, formats) if kind == "codes"]
+    rows: dict[str, dict[str, Any]] = {path.suffix.lstrip("."): {"load": []} for path in scenes}
+    with RedisServer() as server:
+        client = server.client()
+        for rep in range(reps):
+            for path in scenes if rep % 2 == 0 else scenes[::-1]:
+                row = rows[path.suffix.lstrip(".")]
+                tiff = path.suffix == ".tif"  # its tile tasks read their own windows: nothing serial
+                row.setdefault("decode_s", []).append(0.0 if tiff else _decode(path))
+                first, serial = (0.0, 0.0) if tiff else _serial(path, options, client)
+                row.setdefault("first_row_s", []).append(first)
+                row.setdefault("serial_s", []).append(serial)
+                seconds, row["tiles"], row["rows"] = _recognize(path, options)
+                row.setdefault("recognize_s", []).append(seconds)
+                row["load"].append(os.getloadavg()[0])
+                print(f"rep {rep} {path.name}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in row.items()
+                                                            if isinstance(v, list)), file=sys.stderr)  # fmt: skip
+    for row in rows.values():
+        median = {key: statistics.median(row[key]) for key in ("decode_s", "first_row_s", "serial_s", "recognize_s")}
+        row.update({f"{key}_median": value for key, value in median.items()})
+        one_thread = median["decode_s"] + median["recognize_s"]
+        row["floor_s"] = floor(median["first_row_s"], median["serial_s"], median["recognize_s"], row["rows"])
+        row["best_ratio"] = one_thread / row["floor_s"]
+        row["load_median"] = statistics.median(row["load"])
+    summary: dict[str, Any] = {"size": size, "reps": reps, "recognizer": recognizer, "rows": rows}
+    tif = next((path for path in scenes if path.suffix == ".tif"), None)
+    if together and tif is not None:
+        spec = {"image": str(tif), "recognizer": recognizer, "options": {}}
+        shared = run_together(spec, 2, 1800)
+        if "error" not in shared:
+            summary["together"] = {"two_processes_s": shared["recognize_s"],
+                                   "one_thread_s": rows["tif"]["recognize_s_median"],
+                                   "speedup": rows["tif"]["recognize_s_median"] / shared["recognize_s"],
+                                   "load": os.getloadavg()[0]}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "floor.json").write_text(json.dumps(summary, indent=1))
+    (out / "floor.md").write_text(_markdown(summary))
+    return summary
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"{summary['size']}² code scene, {summary['recognizer']}, medians of {summary['reps']} interleaved reps "
+        "in one process at one thread; floor = the earliest end of a W=2 job with no cost per batch",
+        "",
+        "| format | decode s | first row s | serial s | recognize s | rows | one thread s | floor s | best ratio "
+        "| load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["rows"].items():
+        one_thread = row["decode_s_median"] + row["recognize_s_median"]
+        lines.append(
+            f"| {name} | {row['decode_s_median']:.3f} | {row['first_row_s_median']:.3f} | {row['serial_s_median']:.3f} "
+            f"| {row['recognize_s_median']:.3f} | {row['rows']} | {one_thread:.3f} | {row['floor_s']:.3f} "
+            f"| {row['best_ratio']:.2f} | {row['load_median']:.1f} |"
+        )
+    if "together" in summary:
+        shared = summary["together"]
+        lines += ["", f"recognition of the TIFF's tiles on two one-thread processes: {shared['two_processes_s']:.3f} s "
+                  f"against {shared['one_thread_s']:.3f} s on one ({shared['speedup']:.2f}x, "
+                  f"load {shared['load']:.1f})"]  # fmt: skip
+    return "\n".join([*lines, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=8000)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--formats", default="jpg,png,webp,tif", help="of png, tif (uncompressed, tiled), jpg, webp")
+    parser.add_argument("--recognizer", default="qrcode")
+    parser.add_argument("--together", action="store_true", help="also two processes sharing the TIFF's tiles")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/floor"))
+    args = parser.parse_args()
+    summary = run(args.size, args.reps, tuple(args.formats.split(",")), args.recognizer, args.out, args.together)
+    print(_markdown(summary))
+
+
+if __name__ == "__main__":
+    main()
