@@ -10,15 +10,18 @@ process at one thread:
 - decode: the image decoded whole (`sources.decode`), what the one-process run pays before its first tile;
 - serial: what the tiling task of a streamed job does alone: the image opened in row order (grey where the job's
   tiles are grey), each tile made storable and stored in a private Redis row by row (`store.put_tiles`, as
-  `tasks.jobs` streams it), and first_row, when its first row of tiles was stored;
+  `tasks.jobs` streams it), and first_row, when its first row of tiles was stored; serial colour: the same with
+  the image opened in colour and each tile converted to grey (how it was done before bands were converted once);
 - recognize: the tiles recognized one after the other (`recognize_windows`; a tiled TIFF's read from the file).
 
 The one-thread time is decode + recognize. At W=2 the tiling process does the serial part, then recognizes; the
 other process recognizes from the first row on. With no cost per batch and two full cores, the job cannot end
 before max((recognize + first_row + serial) / 2, serial + a row's tiles / 2): the floor, and one-thread time over
-it is the best ratio the decode leaves. `--together` also runs the recognition stage on two one-thread processes
-sharing the tiles (`bench.inprocess.run_together`): what two processes of this machine give over one, decoding aside.
-Writes floor.json and floor.md.
+it is the best ratio the decode leaves. Each part is timed by the clock and by the process's CPU time: on a
+loaded machine the CPU times are the better estimate of what the parts cost on an idle one (libvips may use a
+second thread, so they can also exceed it), and the floor is given from both. `--together` also runs the
+recognition stage on two one-thread processes sharing the tiles (`bench.inprocess.run_together`): what two
+processes of this machine give over one, decoding aside. Writes floor.json and floor.md.
 """
 
 from __future__ import annotations
@@ -34,24 +37,37 @@ from typing import Any
 
 from bench.versus import _scenes
 
+PARTS = ("decode", "first_row", "serial", "serial_colour", "recognize")
 
-def _decode(path: Path) -> float:
+
+class _Clocks:
+    """Wall and CPU seconds since it was made."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _decode(path: Path) -> tuple[float, float]:
     from pipeline.sources import decode
 
-    began = time.perf_counter()
+    clocks = _Clocks()
     decode(path.read_bytes())
-    return time.perf_counter() - began
+    return clocks.read()
 
 
-def _serial(path: Path, options: Any, client: Any) -> tuple[float, float]:
-    """(seconds to the first row of tiles stored, seconds to the last), as the tiling task streams the image."""
+def _serial(path: Path, options: Any, client: Any, grey: bool) -> dict[str, tuple[float, float]]:
+    """The first row of tiles stored and the last ((wall, CPU) seconds each), as the tiling task streams the image
+    (`grey`: opened grey where its tiles are, else in colour and each tile converted)."""
     from pipeline.inference import grey_tiles, storable, windows_of
     from pipeline.sources import open_source
     from pipeline.tiling import row_ends
     from tasks import store
 
-    began, first = time.perf_counter(), [0.0]
-    source = open_source(path, in_row_order=True, grey=grey_tiles(options))
+    clocks, first = _Clocks(), [(0.0, 0.0)]
+    source = open_source(path, in_row_order=True, grey=grey and grey_tiles(options))
     windows = windows_of(source.height, source.width, options)
     ends = row_ends(windows)
     first_row_end = min(ends)
@@ -59,29 +75,29 @@ def _serial(path: Path, options: Any, client: Any) -> tuple[float, float]:
     def tiles() -> Any:
         for window in windows:
             if window.index == first_row_end:  # the first row is stored by the time the next tile is asked for
-                first[0] = time.perf_counter() - began
+                first[0] = clocks.read()
             yield window, storable(source.read(window), options)
 
     store.put_job(client, "floor", "{}", len(windows), 600, streamed=True)
     store.put_tiles(client, "floor", tiles(), 600, ends)
-    total = time.perf_counter() - began
+    total = clocks.read()
     source.close()
     store.delete_job(client, "floor", len(windows))
-    return first[0], total
+    return {"first_row": first[0], "serial": total}
 
 
-def _recognize(path: Path, options: Any) -> tuple[float, int, int]:
-    """(seconds, tiles, rows of tiles) of the tiles recognized one after the other, the image read as in one
-    process: a tiled TIFF window by window, anything else decoded whole first (not timed)."""
+def _recognize(path: Path, options: Any) -> tuple[tuple[float, float], int, int]:
+    """((wall, CPU) seconds, tiles, rows of tiles) of the tiles recognized one after the other, the image read as
+    in one process: a tiled TIFF window by window, anything else decoded whole first (not timed)."""
     from pipeline.inference import recognize_windows, windows_of
     from pipeline.sources import open_source
     from pipeline.tiling import row_ends
 
     source = open_source(path)
     windows = windows_of(source.height, source.width, options)
-    began = time.perf_counter()
+    clocks = _Clocks()
     recognize_windows(source.read, windows, options, source.width, source.height)
-    seconds = time.perf_counter() - began
+    seconds = clocks.read()
     source.close()
     return seconds, len(windows), len(row_ends(windows))
 
@@ -109,21 +125,23 @@ def run(size: int, reps: int, formats: tuple[str, ...], recognizer: str, out: Pa
             for path in scenes if rep % 2 == 0 else scenes[::-1]:
                 row = rows[path.suffix.lstrip(".")]
                 tiff = path.suffix == ".tif"  # its tile tasks read their own windows: nothing serial
-                row.setdefault("decode_s", []).append(0.0 if tiff else _decode(path))
-                first, serial = (0.0, 0.0) if tiff else _serial(path, options, client)
-                row.setdefault("first_row_s", []).append(first)
-                row.setdefault("serial_s", []).append(serial)
-                seconds, row["tiles"], row["rows"] = _recognize(path, options)
-                row.setdefault("recognize_s", []).append(seconds)
+                nothing = {"first_row": (0.0, 0.0), "serial": (0.0, 0.0)}
+                grey = nothing if tiff else _serial(path, options, client, grey=True)
+                colour = nothing if tiff else _serial(path, options, client, grey=False)
+                parts = {"decode": (0.0, 0.0) if tiff else _decode(path), **grey, "serial_colour": colour["serial"]}
+                parts["recognize"], row["tiles"], row["rows"] = _recognize(path, options)
+                for part, (wall, cpu) in parts.items():
+                    row.setdefault(f"{part}_s", []).append(wall)
+                    row.setdefault(f"{part}_cpu_s", []).append(cpu)
                 row["load"].append(os.getloadavg()[0])
-                print(f"rep {rep} {path.name}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in row.items()
-                                                            if isinstance(v, list)), file=sys.stderr)  # fmt: skip
+                print(f"rep {rep} {path.name}: " + ", ".join(f"{part} {wall:.3f} ({cpu:.3f} CPU)" for part, (wall, cpu)
+                                                            in parts.items()), file=sys.stderr)  # fmt: skip
     for row in rows.values():
-        median = {key: statistics.median(row[key]) for key in ("decode_s", "first_row_s", "serial_s", "recognize_s")}
-        row.update({f"{key}_median": value for key, value in median.items()})
-        one_thread = median["decode_s"] + median["recognize_s"]
-        row["floor_s"] = floor(median["first_row_s"], median["serial_s"], median["recognize_s"], row["rows"])
-        row["best_ratio"] = one_thread / row["floor_s"]
+        for clock in ("", "_cpu"):
+            median = {part: statistics.median(row[f"{part}{clock}_s"]) for part in PARTS}
+            row.update({f"{part}{clock}_median_s": value for part, value in median.items()})
+            row[f"floor{clock}_s"] = floor(median["first_row"], median["serial"], median["recognize"], row["rows"])
+            row[f"best_ratio{clock}"] = (median["decode"] + median["recognize"]) / row[f"floor{clock}_s"]
         row["load_median"] = statistics.median(row["load"])
     summary: dict[str, Any] = {"size": size, "reps": reps, "recognizer": recognizer, "rows": rows}
     tif = next((path for path in scenes if path.suffix == ".tif"), None)
@@ -132,8 +150,8 @@ def run(size: int, reps: int, formats: tuple[str, ...], recognizer: str, out: Pa
         shared = run_together(spec, 2, 1800)
         if "error" not in shared:
             summary["together"] = {"two_processes_s": shared["recognize_s"],
-                                   "one_thread_s": rows["tif"]["recognize_s_median"],
-                                   "speedup": rows["tif"]["recognize_s_median"] / shared["recognize_s"],
+                                   "one_thread_s": rows["tif"]["recognize_median_s"],
+                                   "speedup": rows["tif"]["recognize_median_s"] / shared["recognize_s"],
                                    "load": os.getloadavg()[0]}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "floor.json").write_text(json.dumps(summary, indent=1))
@@ -144,18 +162,17 @@ def run(size: int, reps: int, formats: tuple[str, ...], recognizer: str, out: Pa
 def _markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['size']}² code scene, {summary['recognizer']}, medians of {summary['reps']} interleaved reps "
-        "in one process at one thread; floor = the earliest end of a W=2 job with no cost per batch",
+        "in one process at one thread, wall seconds (CPU seconds); floor = the earliest end of a W=2 job with no "
+        "cost per batch; best ratio = (decode + recognize) / floor",
         "",
-        "| format | decode s | first row s | serial s | recognize s | rows | one thread s | floor s | best ratio "
-        "| load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| format | decode s | first row s | serial s | serial, colour s | recognize s | floor s | best ratio | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary["rows"].items():
-        one_thread = row["decode_s_median"] + row["recognize_s_median"]
+        cells = [f"{row[f'{part}_median_s']:.3f} ({row[f'{part}_cpu_median_s']:.3f})" for part in PARTS]
         lines.append(
-            f"| {name} | {row['decode_s_median']:.3f} | {row['first_row_s_median']:.3f} | {row['serial_s_median']:.3f} "
-            f"| {row['recognize_s_median']:.3f} | {row['rows']} | {one_thread:.3f} | {row['floor_s']:.3f} "
-            f"| {row['best_ratio']:.2f} | {row['load_median']:.1f} |"
+            f"| {name} | {' | '.join(cells)} | {row['floor_s']:.3f} ({row['floor_cpu_s']:.3f}) "
+            f"| {row['best_ratio']:.2f} ({row['best_ratio_cpu']:.2f}) | {row['load_median']:.1f} |"
         )
     if "together" in summary:
         shared = summary["together"]
