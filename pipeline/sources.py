@@ -12,8 +12,9 @@ which reads what and why). Every input is identified from its first bytes and it
 - WebP, BMP, PNM/PFM, HDR, Sun raster, JPEG 2000 and .npy are decoded whole (`readers.opencv`) into an
   `ArraySource`; a WebP read in row order at its first window (`opencv.DeferredSource`).
 
-A caller that keeps only grey (a grey-only recognizer's tiles) opens an image `grey`: one decoded whole or band by
-band is then converted to grey once, not window by window (windows of other sources stay as they are).
+A caller that keeps only grey (a grey-only recognizer's tiles) opens an image `grey`: one libvips decodes band by
+band is then converted to grey once per band, not window by window (other sources' windows stay as they are: an
+image decoded whole would need a second whole-image buffer, whose fresh pages cost more than converting windows).
 
 Every source gives 8-bit grey or BGR windows (what the recognizers take), like `images.normalize`.
 """
@@ -132,8 +133,8 @@ def open_source(
     is checked against the `roi` ([x, y, w, h]) or the level for an image read by window, against the whole image
     for anything decoded. A format decoded top to bottom (JPEG, PNG, WebP, …) is decoded whole here, unless the
     caller reads its windows `in_row_order` (`tiling.grid`'s): then bands are decoded as the windows reach them (a
-    WebP, decoded whole, at its first window). `grey`: the caller keeps only grey, so an image decoded here gives
-    grey pixels, converted once rather than window by window.
+    WebP, decoded whole, at its first window). `grey`: the caller keeps only grey, so an image libvips decodes gives
+    grey bands, converted once rather than window by window.
     """
     source = open_windowed(target, level, spec)
     if source is None:
@@ -167,9 +168,8 @@ def _open_decoded(target: Path | bytes, max_pixels: int, in_row_order: bool, gre
         formats.check_complete(kind, head, tail, size)  # both before the file is read
         load = (lambda: target) if isinstance(target, bytes) else (lambda: _read(target))  # type: ignore[arg-type]
         if in_row_order and kind in opencv.DEFERRED:
-            return opencv.DeferredSource(load, kind, dimensions, max_pixels, grey)
-        pixels = opencv.decode(load(), kind, max_pixels)
-        return ArraySource(cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY) if grey and pixels.ndim == 3 else pixels)
+            return opencv.DeferredSource(load, kind, dimensions, max_pixels)
+        return ArraySource(opencv.decode(load(), kind, max_pixels))
     source = VipsSource(target, _name(target), kind, grey)
     check_pixels(source.width, source.height, max_pixels)
     formats.check_complete(kind, head, tail, size)

@@ -19,7 +19,7 @@ from pipeline.images import ImageError, check_pixels, normalize
 from pipeline.readers import formats
 from pipeline.tiling import Window
 
-DEFERRED = ("webp",)  # always colour (RGB or RGBA), so its channels are known from the header: 3, or 1 grey
+DEFERRED = ("webp",)  # always colour (RGB or RGBA): its channels are known before it is decoded
 
 
 def decode(data: bytes, kind: str, max_pixels: int) -> np.ndarray:
@@ -75,19 +75,17 @@ class DeferredSource:
     downsample = 1.0
     spatial = None
     reader = "array"
+    channels = 3  # a WebP is RGB or RGBA, given as BGR
 
-    def __init__(self, load: Callable[[], bytes], kind: str, size: tuple[int, int], max_pixels: int, grey: bool):
-        """`load` gives the whole file, of format `kind` and (width, height) `size` (from its header, checked);
-        `grey`: give its pixels as grey, converted once for the whole image rather than window by window."""
-        self.load, self.kind, self.max_pixels, self.grey = load, kind, max_pixels, grey
+    def __init__(self, load: Callable[[], bytes], kind: str, size: tuple[int, int], max_pixels: int) -> None:
+        """`load` gives the whole file, of format `kind` and (width, height) `size` (from its header, checked)."""
+        self.load, self.kind, self.max_pixels = load, kind, max_pixels
         self.width, self.height = size
-        self.channels = 1 if grey else 3
         self.pixels: np.ndarray | None = None
 
     def read(self, window: Window) -> np.ndarray:
         if self.pixels is None:
-            pixels = decode(self.load(), self.kind, self.max_pixels)
-            self.pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY) if self.grey and pixels.ndim == 3 else pixels
+            self.pixels = decode(self.load(), self.kind, self.max_pixels)
         return self.pixels[window.y : window.y2, window.x : window.x2]
 
     def close(self) -> None:
