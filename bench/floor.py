@@ -7,7 +7,8 @@ ratio to the one-process time that it leaves.
 For each format of the benchmark's code scene (the scenes of `bench.versus`), interleaved, `reps` times, in this
 process at one thread:
 
-- decode: the image decoded whole (`sources.decode`), what the one-process run pays before its first tile;
+- decode: the image decoded whole (`sources.decode`), what the one-process run pays before its first tile, and
+  decode OpenCV: by `cv2.imdecode`, as the readers before libvips decoded a JPEG, PNG or WebP whole;
 - serial: what the tiling task of a streamed job does alone: the image opened in row order (grey where the job's
   tiles are grey), each tile made storable and stored in a private Redis row by row (`store.put_tiles`, as
   `tasks.jobs` streams it), and first_row, when its first row of tiles was stored; serial colour: the same with
@@ -37,7 +38,7 @@ from typing import Any
 
 from bench.versus import _scenes
 
-PARTS = ("decode", "first_row", "serial", "serial_colour", "recognize")
+PARTS = ("decode", "decode_opencv", "first_row", "serial", "serial_colour", "recognize")
 
 
 class _Clocks:
@@ -55,6 +56,15 @@ def _decode(path: Path) -> tuple[float, float]:
 
     clocks = _Clocks()
     decode(path.read_bytes())
+    return clocks.read()
+
+
+def _decode_opencv(path: Path) -> tuple[float, float]:
+    import cv2
+    import numpy as np
+
+    clocks = _Clocks()
+    cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
     return clocks.read()
 
 
@@ -128,7 +138,9 @@ def run(size: int, reps: int, formats: tuple[str, ...], recognizer: str, out: Pa
                 nothing = {"first_row": (0.0, 0.0), "serial": (0.0, 0.0)}
                 grey = nothing if tiff else _serial(path, options, client, grey=True)
                 colour = nothing if tiff else _serial(path, options, client, grey=False)
-                parts = {"decode": (0.0, 0.0) if tiff else _decode(path), **grey, "serial_colour": colour["serial"]}
+                parts = {"decode": (0.0, 0.0) if tiff else _decode(path),
+                         "decode_opencv": (0.0, 0.0) if tiff else _decode_opencv(path),
+                         **grey, "serial_colour": colour["serial"]}  # fmt: skip
                 parts["recognize"], row["tiles"], row["rows"] = _recognize(path, options)
                 for part, (wall, cpu) in parts.items():
                     row.setdefault(f"{part}_s", []).append(wall)
@@ -165,8 +177,9 @@ def _markdown(summary: dict[str, Any]) -> str:
         "in one process at one thread, wall seconds (CPU seconds); floor = the earliest end of a W=2 job with no "
         "cost per batch; best ratio = (decode + recognize) / floor",
         "",
-        "| format | decode s | first row s | serial s | serial, colour s | recognize s | floor s | best ratio | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| format | decode s | decode, OpenCV s | first row s | serial s | serial, colour s | recognize s | floor s "
+        "| best ratio | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in summary["rows"].items():
         cells = [f"{row[f'{part}_median_s']:.3f} ({row[f'{part}_cpu_median_s']:.3f})" for part in PARTS]
