@@ -58,7 +58,7 @@ class _Clocks:
 
 
 def _decode(path: Path) -> tuple[float, float]:
-    from pipeline.sources import decode
+    from pipeline.readers.sources import decode
 
     clocks = _Clocks()
     decode(path.read_bytes())
@@ -78,7 +78,7 @@ def _serial(path: Path, options: Any, client: Any, grey: bool) -> dict[str, tupl
     """The first row of tiles stored and the last ((wall, CPU) seconds each), as the tiling task streams the image
     (`grey`: opened grey where its tiles are, else in colour and each tile converted)."""
     from pipeline.inference import grey_tiles, storable, windows_of
-    from pipeline.sources import open_source
+    from pipeline.readers.sources import open_source
     from pipeline.tiling import row_ends
     from tasks import store
 
@@ -106,7 +106,7 @@ def _recognize(path: Path, options: Any) -> tuple[tuple[float, float], int, int]
     """((wall, CPU) seconds, tiles, rows of tiles) of the tiles recognized one after the other, the image read as
     in one process: a tiled TIFF window by window, anything else decoded whole first (not timed)."""
     from pipeline.inference import recognize_windows, windows_of
-    from pipeline.sources import open_source
+    from pipeline.readers.sources import open_source
     from pipeline.tiling import row_ends
 
     source = open_source(path)

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from pipeline.images import ImageError, check_pixels, normalize
 from pipeline.readers import formats
+from pipeline.readers.images import ImageError, check_pixels, normalize
 from pipeline.tiling import Window
 
 DEFERRED = ("webp",)  # always colour (RGB or RGBA): its channels are known before it is decoded
