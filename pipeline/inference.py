@@ -143,8 +143,8 @@ def storable(tile: np.ndarray | None, options: JobOptions) -> np.ndarray | None:
 
 def grey_tiles(options: JobOptions) -> bool:
     """The job's tiles are grey from the source on: its recognizer reads grey only and no tile is judged blank
-    (`skip_blank` looks at every channel), so an image decoded band by band or whole can be opened `grey`
-    (`sources.open_source`) and converted once rather than tile by tile, overlaps twice: the same pixels."""
+    (`skip_blank` looks at every channel), so an image libvips decodes band by band can be opened `grey`
+    (`sources.open_source`) and each band converted once rather than tile by tile, overlaps twice: the same pixels."""
     return spec_of(options.recognizer).grey and options.skip_blank is None
 
 
