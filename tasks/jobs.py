@@ -441,11 +441,11 @@ def _wait_for_rows(task: Any, client: redis.Redis, job: Job, stop: int) -> None:
     A decoding that stalls (its process may have died, and its redelivery needs a process) gets this one back."""
     seen, since = (-1, -1), time.monotonic()
     while True:
-        state = store.stream_state(client, job.id)
-        if state.ready is None or state.ready >= stop or state.failed or state.cancelled:
+        ready, failed, cancelled = store.stream_state(client, job.id)
+        if ready is None or ready >= stop or failed or cancelled:
             return
-        if (state.ready, state.beats) != seen:  # a row stored, or the decoding process still alive
-            seen, since = (state.ready, state.beats), time.monotonic()
+        if (progress := (ready, store.beats(client, job.id))) != seen:  # a row stored, or the decoder still alive
+            seen, since = progress, time.monotonic()
         elif time.monotonic() - since > STREAM_STALL_S:
             raise task.retry(countdown=1, max_retries=10**6)
         time.sleep(STREAM_POLL_S)
@@ -611,7 +611,7 @@ def _merged(client: redis.Redis, job: Job, outcomes: list[TileOutcome]) -> Recog
     if store.is_cancelled(client, job.id):
         done = sum(outcome.error is None for outcome in outcomes)
         raise JobCancelled(f"job {job.id} was cancelled ({done} of {job.tiles} tiles had been recognized)")
-    failed = store.stream_state(client, job.id).failed
+    _, failed, _ = store.stream_state(client, job.id)
     if failed is not None:
         raise store.StoreFull(failed) if failed == store.FILLED else images.ImageError(failed)
     if job.streamed:

@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -336,22 +336,19 @@ def is_cancelled(client: redis.Redis, job_id: str) -> bool:
     return bool(client.exists(job_key(job_id, "cancelled")))
 
 
-class StreamState(NamedTuple):
-    """A streamed decoding, as a tile task waiting for its tiles sees it."""
-
-    ready: int | None  # tiles stored so far; None once all are
-    failed: str | None  # why it failed, if it did
-    cancelled: bool
-    beats: int  # counted up while the decoding process lives (`decoding`)
-
-
-def stream_state(client: redis.Redis, job_id: str) -> StreamState:
+def stream_state(client: redis.Redis, job_id: str) -> tuple[int | None, str | None, bool]:
+    """A streamed decoding, as a tile task waiting for its tiles sees it: (tiles stored so far, None once all are;
+    why it failed, if it did; whether the job was cancelled)."""
     with client.pipeline(transaction=False) as pipe:
-        for part in ("ready", "failed", "cancelled", "beat"):
+        for part in ("ready", "failed", "cancelled"):
             pipe.get(job_key(job_id, part))
-        ready, failed, cancelled, beats = pipe.execute()
-    return StreamState(None if ready is None else int(ready), None if failed is None else failed.decode(),
-                       cancelled is not None, int(beats or 0))  # fmt: skip
+        ready, failed, cancelled = pipe.execute()
+    return None if ready is None else int(ready), None if failed is None else failed.decode(), cancelled is not None
+
+
+def beats(client: redis.Redis, job_id: str) -> int:
+    """How often a streamed job's decoding said it is alive (`decoding`)."""
+    return int(client.get(job_key(job_id, "beat")) or 0)
 
 
 @contextlib.contextmanager

@@ -643,8 +643,8 @@ def test_a_decoding_that_stores_no_row_beats_while_it_lives_and_recreates_no_cle
     client, job_id = redis_server.client(), "decoded-whole-first"
     store.put_job(client, job_id, "{}", 4, 60, streamed=True)
     with store.decoding(client, job_id, 60):
-        wait_for(lambda: store.stream_state(client, job_id).beats >= 3)
-        assert store.stream_state(client, job_id).ready == 0  # no row yet: only the beat says it is alive
+        wait_for(lambda: store.beats(client, job_id) >= 3)
+        assert store.stream_state(client, job_id)[0] == 0  # no row yet: only the beat says it is alive
         store.delete_job(client, job_id, 4)
         time.sleep(5 * store.STREAM_BEAT_S)  # beats after the cleanup: none may write the key again
     assert tilerec_keys(redis_server) == []
