@@ -10,7 +10,9 @@ and both must find the same detections. The scenes are written as PNG and as an 
 `--formats` as JPEG (quality 95) and WebP (quality 90) too. With `--in-process`, each job is also run in one fresh
 process of this checkout on the same tiles (`bench.inprocess`: decoded whole, then tiled), at one thread and at the
 libraries' default threads, interleaved with the clusters' jobs: what distribution buys, in the same run. The
-load average is recorded beside every job. Writes `versus.json` and `versus.md` (medians, and the ratio of each
+load average is recorded beside every job, and its CPU seconds (every process of the cluster, the Redis included;
+the one-process run's own): two cores give at most two CPU seconds a second, so 2 × one thread's CPU over the
+job's bounds the ratio whatever the load. Writes `versus.json` and `versus.md` (medians, and the ratio of each
 scene's median times: this checkout over the other).
 """
 
