@@ -1,4 +1,4 @@
-"""`python -m bench.video [--frames 96] [--segments 0] [--repeats 2] [--sizes 1080p,4k] [--out FILE]`: frames per
+"""`python -m bench.video [--frames 96] [--segments 0] [--repeats 3] [--sizes 1080p,4k] [--out FILE]`: frames per
 second of a video job at W=2 (tilerec.recognize_video on a private cluster of 2 worker processes) against the user's
 alternative, a loop in one process with the same decoder (PyAV, frames read in order), the same recognizer on the
 same tiles and the same tracker (ByteTrack, one for the whole clip). The loop runs twice: at one thread (the
