@@ -62,6 +62,8 @@ class Roster(bootsteps.StartStopStep):
 
 
 def _client() -> Any:
+    """The store, tried once per command: the announcements run on the worker's event loop, which a client
+    retrying for 30 s (a failover, a restart) would stop, messages and heartbeats with it."""
     from tasks.celery import store_client  # not at import: tasks.celery adds this step
 
-    return store_client()
+    return store_client(patient=False)

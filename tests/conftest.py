@@ -25,6 +25,16 @@ CLUSTER_FIXTURES = {"redis_server", "app", "worker", "two_nodes", "other_node", 
                     "s3_worker", "small_view", "browser", "smoke"}  # fmt: skip
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Test processes × native threads = cores, as in the workers (tasks.celery): two test processes (`-n 2`) each
+    giving OpenCV and ONNX Runtime every core would spin against each other (about a third more CPU for the same
+    recognition)."""
+    from pipeline.recognizers import limit_threads
+
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    limit_threads(max(1, (os.cpu_count() or 1) // processes))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `cluster` every test that uses a fixture starting processes; tests that start their own are marked
     where they are written. `pytest -m "not cluster"` runs the rest: the edit-test loop's fast subset."""
