@@ -36,7 +36,6 @@ import redis
 from celery import chord, group, signals, states
 from celery.exceptions import Ignore
 
-from pipeline import images, sources
 from pipeline.inference import (
     TileOutcome,
     assemble,
@@ -51,10 +50,10 @@ from pipeline.inference import (
 )
 from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, parse_options
-from pipeline.readers import remote
+from pipeline.readers import images, remote, sources
+from pipeline.readers.sources import FileRef
 from pipeline.recognizers import spec_of
-from pipeline.sources import FileRef
-from pipeline.stages import (
+from pipeline.recognizers.stages import (
     CropOutcome,
     CropPlan,
     PlannedCrop,

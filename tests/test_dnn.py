@@ -16,10 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 from bench.batching import detector_model, tiles
 from pipeline import recognize_image, recognizers
 from pipeline.model import Detections
-from pipeline.photo_scenes import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
 from pipeline.recognizers import RecognizerError, get_recognizer, limit_threads, thread_budget
 from pipeline.recognizers.dnn import COCO_KEYPOINTS, OBJECTS_FILE, YUNET_FILE, YUNET_KEYPOINTS, model_file
-from pipeline.scenes import Scene, Truth, iou_xywh
+from pipeline.scenes.codes import Scene, Truth, iou_xywh
+from pipeline.scenes.photos import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
 from pipeline.tiling import Window, grid
 from tasks import recognize
 

@@ -15,7 +15,7 @@ import pytest
 from pipeline import recognize_image, recognizers
 from pipeline.model import Detections
 from pipeline.recognizers import RecognizerError, available, get_recognizer, get_spec, plugins
-from pipeline.scenes import iou_xywh
+from pipeline.scenes.codes import iou_xywh
 from tasks import recognize
 
 TIMEOUT = 120
