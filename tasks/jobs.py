@@ -39,6 +39,7 @@ from celery.exceptions import Ignore
 from pipeline.inference import (
     TileOutcome,
     assemble,
+    grey_tiles,
     measured_tile_cost,
     plan,
     recognize_windows,
@@ -73,7 +74,7 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many times fails instead of coming back
 CANCEL_CHECK_S = 0.25  # a running batch looks for a cancel this often (a round trip each)
 STREAM_POLL_S = 0.02  # a batch waiting for a streamed image's rows looks this often
-STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when no row came for this long
+STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when neither a row nor a beat came this long
 PROGRESS_STEPS = 50  # a job reports its progress at most this many times
 PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each report: an event and a result write)
 # auto batches: at least this many per process of the tiling node (its size is known there, the cluster's is not;
@@ -221,7 +222,7 @@ def _start(
     channels = 1 if spec_of(options.recognizer).grey else 3
     loaded = time.time()
     source = sources.open_source(target, options.level, settings().max_pixels, options.roi, options.read_spec(),
-                                 in_row_order=True)  # fmt: skip
+                                 in_row_order=True, grey=grey_tiles(options))  # fmt: skip
     with contextlib.closing(source):
         decoded = time.time()
         # the tile tasks read an object in storage themselves, and a file when they see the same files
@@ -337,12 +338,14 @@ def _decode_streamed(client: redis.Redis, job: Job, attempts: int, target: Path 
             raise images.ImageError(f"gave up on {job.image!r}: {DIED} times it decoded it")
         target = resolve(job.image) if target is None else target
         source = sources.open_source(target, job.level, settings().max_pixels, job.options.roi,  # type: ignore[arg-type]
-                                     job.options.read_spec(), in_row_order=True)  # fmt: skip
+                                     job.options.read_spec(), in_row_order=True,
+                                     grey=grey_tiles(job.options))  # fmt: skip
         with contextlib.closing(source):
             if (source.width, source.height) != (job.width, job.height):
                 raise images.ImageError("the image changed while its job was being planned; submit it again")
             tiles = ((window, storable(source.read(window), job.options)) for window in job.windows)
-            store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
+            with store.decoding(client, job.id, settings().tile_ttl):
+                store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
     except redis.OutOfMemoryError:
         store.fail_job(client, job.id, job.tiles, store.FILLED, settings().tile_ttl)
     except Exception as error:
@@ -436,13 +439,13 @@ class _StoredTiles:
 def _wait_for_rows(task: Any, client: redis.Redis, job: Job, stop: int) -> None:
     """Wait until a streamed image's tiles up to `stop` are stored, its decoding failed, or the job was cancelled.
     A decoding that stalls (its process may have died, and its redelivery needs a process) gets this one back."""
-    seen, since = -1, time.monotonic()
+    seen, since = (-1, -1), time.monotonic()
     while True:
         ready, failed, cancelled = store.stream_state(client, job.id)
         if ready is None or ready >= stop or failed or cancelled:
             return
-        if ready > seen:
-            seen, since = ready, time.monotonic()
+        if (progress := (ready, store.beats(client, job.id))) != seen:  # a row stored, or the decoder still alive
+            seen, since = progress, time.monotonic()
         elif time.monotonic() - since > STREAM_STALL_S:
             raise task.retry(countdown=1, max_retries=10**6)
         time.sleep(STREAM_POLL_S)

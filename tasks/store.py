@@ -12,6 +12,7 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:ready      tiles stored so far while the tiling task decodes a PNG band by band (absent: all)
     tilerec:job:J:failed     why decoding that PNG failed (the job fails with this)
     tilerec:job:J:stream     hash: the time the tiling task spent decoding that PNG and storing its tiles
+    tilerec:job:J:beat       counted up every STREAM_BEAT_S while it decodes: alive, though no row came yet
     tilerec:job:J:stage      a job with a second stage: its merged first-stage result and crop plan (JSON), stored
                              by the merge for the crop batches and the final callback (the tiles stay until then)
     tilerec:job:J:crops      its number of crops
@@ -30,12 +31,15 @@ crop). Results too large for the result backend: tilerec:result:<job id>.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import ssl
+import threading
 import time
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -52,8 +56,10 @@ from pipeline.tiling import Window
 
 PREFIX = "tilerec"
 REF_SCHEME = "redis:"
-PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "frames", "need")  # and tiles
+PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "beat", "frames", "need")
+# and tiles
 STAGE_PARTS = ("stage", "crops", "crop_records")  # a second stage's
+STREAM_BEAT_S = 1.0  # a streamed decoding says it is alive this often (a WebP decoded whole stores no row for long)
 FLUSH_EVERY = 32  # tiles a pipeline holds before it is sent: bounds the memory of storing a job's tiles
 READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
@@ -147,7 +153,7 @@ def put_tiles(
                 pipe.exists(job_key(job_id, "job"))
                 *_, cancelled, described = pipe.execute()
                 if cancelled or not described:  # what it wrote goes (the merge may have cleaned up before)
-                    _unlink(client, _keys(job_id, stored, ("ready", "stream")))
+                    _unlink(client, _keys(job_id, stored, ("ready", "stream", "beat")))
                     return False
             elif count % FLUSH_EVERY == 0:
                 pipe.execute()
@@ -219,6 +225,7 @@ def put_job(client: redis.Redis, job_id: str, description: str, tiles: int, ttl:
         pipe.set(job_key(job_id, "total"), tiles, ex=ttl)
         if streamed:
             pipe.set(job_key(job_id, "ready"), 0, ex=ttl)
+            pipe.set(job_key(job_id, "beat"), 0, ex=ttl)
         pipe.execute()
 
 
@@ -344,6 +351,34 @@ def stream_state(client: redis.Redis, job_id: str) -> tuple[int | None, str | No
             pipe.get(job_key(job_id, part))
         ready, failed, cancelled = pipe.execute()
     return None if ready is None else int(ready), None if failed is None else failed.decode(), cancelled is not None
+
+
+def beats(client: redis.Redis, job_id: str) -> int:
+    """How often a streamed job's decoding said it is alive (`decoding`)."""
+    return int(client.get(job_key(job_id, "beat")) or 0)
+
+
+@contextlib.contextmanager
+def decoding(client: redis.Redis, job_id: str, ttl: int) -> Iterator[None]:
+    """While the block decodes a streamed job's image, a helper thread counts its `beat` up every STREAM_BEAT_S, so
+    the tile tasks waiting for rows tell a long decoding (a WebP decoded whole before its first row, a loaded
+    machine) from a process that died. The count is only updated, never created: a job cleaned up stays clean."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while not stop.wait(STREAM_BEAT_S):
+            count += 1
+            with contextlib.suppress(redis.RedisError):  # a store outage shows in the decoding's own writes
+                client.set(job_key(job_id, "beat"), count, ex=ttl, xx=True)
+
+    helper = threading.Thread(target=beat, name="tilerec-stream-beat", daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        helper.join()
 
 
 def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> None:
@@ -637,6 +672,61 @@ def get_bytes(client: redis.Redis, ref: str) -> bytes:
     if data is None:
         raise ImageError(f"no image is stored under {ref!r} (it expired or was never stored)")
     return data
+
+
+RANGE_BYTES = 1 << 18  # a stored input read as a file takes this much per round trip (GETRANGE)
+
+
+@dataclass(frozen=True)
+class StoredInput:
+    """A client's stored input (`put_bytes`) to open as a file read by ranges: a video segment task reads the part of
+    an uploaded clip it decodes (and its index), not the whole clip."""
+
+    client: redis.Redis
+    key: str
+    size: int
+
+    def open(self) -> io.BufferedReader:
+        return io.BufferedReader(_Ranges(self), RANGE_BYTES)
+
+
+class _Ranges(io.RawIOBase):
+    """A stored input's bytes by GETRANGE, as a seekable raw file."""
+
+    def __init__(self, stored: StoredInput) -> None:
+        super().__init__()
+        self.stored, self.position = stored, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.stored.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        if self.position >= self.stored.size:
+            return 0
+        data = self.stored.client.getrange(self.stored.key, self.position, self.position + len(buffer) - 1)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def stored_input(client: redis.Redis, ref: str) -> StoredInput:
+    """The input stored under `ref`, to read by ranges (`StoredInput.open`) rather than fetch whole (`get_bytes`)."""
+    key = _input_key(ref)
+    size = client.strlen(key)
+    if not size:
+        raise ImageError(f"no image is stored under {ref!r} (it expired or was never stored)")
+    return StoredInput(client, key, size)
 
 
 def delete_ref(client: redis.Redis, ref: str) -> None:
