@@ -24,7 +24,7 @@ from tasks import store
 from tasks.client import submit_video
 from tasks.jobs import JobCancelled
 from tests.clips import FRAMES, GOP, HEIGHT, OVERLAP, TILE, WIDTH, KnownClip, frames_of, movers, overlapping, write_clip
-from tests.conftest import IMAGES_ROOT, tilerec_keys
+from tests.conftest import IMAGES_ROOT, once_per_run, tilerec_keys
 from tests.test_reliability import TIMEOUT, wait_for
 
 SEGMENT = 30  # recognized frames per segment: boundaries near 24, 48, 72, 96 fall mid-motion for every code
@@ -37,11 +37,14 @@ def known() -> KnownClip:
 
 
 @pytest.fixture(scope="module")
-def in_process(known: KnownClip) -> dict[str, dict]:
-    """The known clip recognized in this process, by recognizer (each computed once for the module's tests)."""
-    return {
-        recognizer: recognize_video(known.path, recognizer, **OPTIONS).to_json() for recognizer in ("qrcode", "aruco")
-    }
+def in_process(known: KnownClip, tmp_path_factory) -> dict[str, dict]:
+    """The known clip recognized in process, by recognizer (each computed once per test run for the module's
+    tests: the clip is the same in every test process)."""
+    return once_per_run(
+        tmp_path_factory,
+        "video-in-process",
+        lambda _: {r: recognize_video(known.path, r, **OPTIONS).to_json() for r in ("qrcode", "aruco")},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -448,10 +451,10 @@ def test_bad_videos_fail_the_job_in_one_line_and_leave_nothing(worker, redis_ser
     assert tilerec_keys(redis_server) == []
 
 
-def test_exports_follow_the_tracks(known, tmp_path):
+def test_exports_follow_the_tracks(in_process):
     from pipeline.outputs.export import frame_lines, mot_lines
 
-    result = recognize_video(known.path, "aruco", **OPTIONS).to_json()
+    result = in_process["aruco"]
     rows = [line.split(",") for line in mot_lines(result)]
     by_track = {t["id"]: t for t in result["tracks"]}
     assert len(rows) == sum(len(t["frames"]) for t in result["tracks"])
