@@ -32,8 +32,8 @@ from pipeline import faces, sources
 from pipeline.images import ImageError, confine
 from pipeline.inference import recognize_source
 from pipeline.tiling import Window
+from tasks.access import resolve
 from tasks.celery import app, settings, store_client
-from tasks.jobs import resolve
 from tasks.resources import register
 from tasks.store import PREFIX
 

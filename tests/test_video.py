@@ -21,7 +21,7 @@ from pipeline.options import OptionsError, parse_video_options
 from pipeline.tracking import Piece, Seen, match_across, stitch
 from pipeline.video import Clip, VideoError, owned, plan_segments, probe, read_frames, select_frames, write_video
 from tasks.client import submit_video
-from tasks.jobs import JobCancelled
+from tasks.job_record import JobCancelled
 from tests.clips import FRAMES, GOP, HEIGHT, OVERLAP, TILE, WIDTH, KnownClip, frames_of, movers, overlapping, write_clip
 from tests.conftest import IMAGES_ROOT, tilerec_keys
 from tests.test_reliability import TIMEOUT, wait_for
