@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +101,14 @@ def test_the_cli_reads_its_environment_when_a_command_runs(monkeypatch, tmp_path
     assert run_settings(argparse.Namespace(broker="redis://given:2/0")).broker == "redis://given:2/0"
     monkeypatch.setenv("TILEREC_BROKER_URL", "")
     assert run_settings(argparse.Namespace(broker=None)).broker is None  # a private cluster
+
+
+def test_settings_are_read_from_the_environment_only_at_the_edge():
+    root = Path(__file__).resolve().parents[1]
+    edge = {root / "tasks" / "celery.py", root / "tasks" / "cli" / "settings.py"}
+    sources = [*(root / "pipeline").rglob("*.py"), *(root / "tasks").rglob("*.py")]
+    assert len(sources) > 40, "the packages were found"
+    reading = re.compile(r"\bos\.(environ|getenv|putenv)\b|\bfrom os import (environ|getenv)\b")
+    readers = sorted(str(path.relative_to(root)) for path in sources if path not in edge and
+                     reading.search(path.read_text()))  # fmt: skip
+    assert readers == [], "pipeline/ takes parameters; tasks/ reads settings in tasks.celery or tasks/cli/settings.py"
