@@ -50,9 +50,12 @@ def test_a_run_groups_unknown_faces_into_people_and_a_named_group_is_tagged_late
     first, second = sets
     local, run1, run2 = tmp_path / "local", tmp_path / "run1", tmp_path / "run2"
     ok(tilerec(local, "run", str(first), "-r", "faces-dnn", "--identify", "family", "--out", str(run1), "-q",
-               "--workers", "2"))  # fmt: skip
+               "--workers", "2", "--json", str(tmp_path / "run1.json")))  # fmt: skip
     # sorted file names: biden.jpg first, so its person is unknown-1, the other unknown-2
     assert identities(run1) == {"biden": ["unknown-1"], "obama": ["unknown-2"], "obama2": ["unknown-2"]}
+    printed = json.loads((tmp_path / "run1.json").read_text())  # --json names the same groups as results.jsonl
+    named = sorted(d["data"]["identity"] for result in printed for d in result["detections"])
+    assert named == ["unknown-1", "unknown-2", "unknown-2"]
     assert '"embedding"' not in (run1 / "results.jsonl").read_text() + (run1 / "coco.json").read_text()
     with np.load(run1 / "faces.npz") as kept:
         assert kept["vectors"].shape == (3, 128) and sorted(kept["groups"]) == ["unknown-1", "unknown-2", "unknown-2"]

@@ -101,6 +101,11 @@ def test_parameters_are_checked():
     assert resolve_params("faces", {"min_size": 30.0}) == {"scale_factor": 1.1, "min_neighbors": 5, "min_size": 30}
     with pytest.raises(RecognizerError, match="has no parameter"):
         resolve_params("faces", {"colour": "red"})
+    # a parameter another recognizer takes says which: naming people needs the detector with landmarks
+    with pytest.raises(
+        RecognizerError, match=r"no parameter\(s\) identify; .* \(identify is a parameter of faces-dnn\)$"
+    ):
+        resolve_params("faces", {"identify": "family"})
     with pytest.raises(RecognizerError, match="'min_neighbors' must be int"):
         resolve_params("faces", {"min_neighbors": "five"})
     with pytest.raises(RecognizerError, match="unknown recognizer 'cats'; available: aruco"):

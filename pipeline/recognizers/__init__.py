@@ -158,10 +158,19 @@ def resolve_params(name: str | Recognizer, params: Mapping[str, Any] | None = No
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
         known = ", ".join(sorted(spec.params)) or "none"
-        raise RecognizerError(f"recognizer {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {known}")
+        raise RecognizerError(
+            f"recognizer {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {known}{_takers(unknown)}"
+        )
     resolved = {key: _coerce(name, key, params.get(key, default), default) for key, default in spec.params.items()}
     _check_files(name, spec, resolved)
     return resolved
+
+
+def _takers(params: Sequence[str]) -> str:
+    """Where a parameter belongs to other registered recognizers, a clause naming them (`identify`: faces-dnn)."""
+    takers = {param: [n for n in sorted(_REGISTRY) if param in _REGISTRY[n].params] for param in params}
+    named = [f"{param} is a parameter of {', '.join(names)}" for param, names in takers.items() if names]
+    return f" ({'; '.join(named)})" if named else ""
 
 
 def tiles_per_pass(recognizer: Recognizer) -> int:

@@ -28,7 +28,7 @@ from tasks.cli.errors import CliError, describe, say
 from tasks.cli.inputs import Target, annotate_paths, check_image, reader_suffixes
 from tasks.cli.jobs import Overview, execute
 from tasks.cli.output import report_failures, summarize, write_json, write_outputs
-from tasks.cli.people import FACES, RunFaces, group_run
+from tasks.cli.people import FACES, RunFaces, group_run, label_outcome
 from tasks.cli.settings import RunSettings
 
 if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
@@ -292,12 +292,14 @@ def run_many(
     finally:
         if results:
             results.close()
-    write_outputs(outcomes, args.json, args.format, annotated)
-    outcomes = inputs.rejected + outcomes
     grouped = None
     if out and taken is not None:
-        lines, *grouped = group_run(out, taken, read_entries(out / RESULTS))
-        rewrite_entries(out / RESULTS, lines)
+        grouped = group_run(out, taken, read_entries(out / RESULTS))
+        rewrite_entries(out / RESULTS, grouped.lines)
+        named = grouped.by_image
+        outcomes = [label_outcome(o, named.get(str(o.image.path or o.image.given), {})) for o in outcomes]
+    write_outputs(outcomes, args.json, args.format, annotated)
+    outcomes = inputs.rejected + outcomes
     if out:
         document, unknown = coco_of(read_entries(out / RESULTS), inputs)
         write_json(str(out / COCO), document)
@@ -310,7 +312,7 @@ def run_many(
         if out:
             say(console, f"tilerec: results in {out / RESULTS} and {out / COCO}")
         if grouped:
-            faces, people = grouped
+            faces, people = grouped.faces, grouped.people
             say(console, f"tilerec: {faces} faces embedded; the unknown ones are {people} people (unknown-1 …); "
                          f"embeddings (biometric data) in {out / FACES}")  # fmt: skip
     return report_failures(outcomes)

@@ -80,6 +80,18 @@ def label_result(result: dict[str, Any], groups: dict[int, str]) -> dict[str, An
     return {**result, "detections": detections}
 
 
+def label_outcome(outcome: Completed, groups: dict[int, str]) -> Completed:
+    """The outcome with each grouped face's identity replaced by its group, by detection row (the --json, --format
+    and --annotate outputs then name the same people as results.jsonl)."""
+    if outcome.result is None or not groups:
+        return outcome
+    detections = outcome.result.detections
+    identities = list(detections.data.get("identity", [None] * len(detections)))
+    for row, group in groups.items():
+        identities[row] = group
+    return replace(outcome, result=replace(outcome.result, detections=detections.with_data({"identity": identities})))
+
+
 def write_faces(folder: Path, model: str, faces: Sequence[RunFace], groups: Sequence[str | None]) -> Path:
     """RUN/faces.npz, written whole and renamed into place (an interrupted write leaves the previous one)."""
     path = folder / FACES
@@ -153,10 +165,20 @@ class RunFaces:
         return replace(outcome, result=result)
 
 
-def group_run(folder: Path, taken: RunFaces, lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+@dataclass(frozen=True)
+class Grouped:
+    """The unknown faces of a run grouped into people: results.jsonl's lines with each grouped face's label, the
+    groups by image path and detection row, and the counts of faces and of groups."""
+
+    lines: list[dict[str, Any]]
+    by_image: dict[str, dict[int, str]]
+    faces: int
+    people: int
+
+
+def group_run(folder: Path, taken: RunFaces, lines: list[dict[str, Any]]) -> Grouped:
     """Group the unknown faces of the whole run (those of images done before a --resume included, from the run's
-    faces.npz) into people and keep them in RUN/faces.npz. Returns results.jsonl's lines with each grouped face's
-    label, the faces and the groups."""
+    faces.npz) into people and keep them in RUN/faces.npz."""
     done = {line["path"] for line in lines if line.get("ok") and line.get("result")}
     fresh = {face.image for face in taken.faces}
     before = read_faces(folder)
@@ -178,4 +200,4 @@ def group_run(folder: Path, taken: RunFaces, lines: list[dict[str, Any]]) -> tup
         for line in lines
     ]
     write_faces(folder, model, faces, groups)
-    return labelled, len(faces), len({group for group in groups if group})
+    return Grouped(labelled, by_image, len(faces), len({group for group in groups if group}))
