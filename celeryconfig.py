@@ -6,7 +6,7 @@ A calling app needs only the broker, the result backend and the JSON serializer:
 import math
 import os
 
-from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.readers.images import DEFAULT_MAX_PIXELS
 
 
 def _env(name: str, default: str) -> str:

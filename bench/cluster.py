@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,7 +21,7 @@ import redis
 from celery import Celery
 
 from bench.analysis import idle_time
-from tasks.local import LocalCluster
+from tasks.local import LocalCluster, Worker
 
 JOBS_QUEUE = "tilerec"
 TILES_QUEUE = "tilerec.tiles"
@@ -113,22 +114,45 @@ def vm_hwm_mb(pid: int) -> float | None:
 WHATIF_DIR = Path(__file__).resolve().parent / "whatif"
 
 
+class TreeWorker(Worker):
+    """tasks.local.Worker started in the folder `tree`, which `python -m celery` puts first on sys.path (another
+    checkout's `tasks` and `pipeline`, or bench/whatif's celeryconfig), run by `python` (another installation's, to
+    run its code with its own packages)."""
+
+    def __init__(self, *args: Any, tree: Path | str, python: str = sys.executable, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tree = str(tree)
+        self.python = python
+
+    def command(self) -> list[str]:
+        _, *arguments = super().command()
+        return ["env", "--chdir", self.tree, self.python, *arguments]  # env execs it: the worker keeps env's pid
+
+
 class Cluster(LocalCluster):
     """tasks.local.LocalCluster (a redis-server plus one `celery worker` with `workers` prefork processes, consuming
     both queues) with a client app, its worker's log, and the job runs read back from it.
 
     `overrides` (Celery settings) start the worker on bench/whatif/celeryconfig.py: tilerec's settings with those
-    replaced, to measure a configuration change side by side with today's.
+    replaced, to measure a configuration change side by side with today's. `tree` and `python` run another
+    checkout's code (TreeWorker).
     """
 
     def __init__(
-        self, workers: int, folder: Path, env: dict[str, str], overrides: dict[str, Any] | None = None
+        self,
+        workers: int,
+        folder: Path,
+        env: dict[str, str],
+        overrides: dict[str, Any] | None = None,
+        tree: Path | None = None,
+        python: str = sys.executable,
     ) -> None:
         super().__init__(workers, dict(env))
         self.env["TILEREC_RESULT_BACKEND"] = self.url
+        self.tree, self.python = tree, python
         if overrides is not None:
             self.env["TILEREC_BENCH_OVERRIDES"] = json.dumps(overrides)
-            self.cwd = str(WHATIF_DIR)
+            self.tree = WHATIF_DIR
         self.log_path = folder / f"worker-W{workers}-{self.redis.port}.log"
         self.log_file = str(self.log_path)
         self.app: Celery | None = None
@@ -141,6 +165,13 @@ class Cluster(LocalCluster):
             self.stop()
             raise
         return self
+
+    def new_worker(self) -> Worker:
+        if self.tree is None:
+            return super().new_worker()
+        return TreeWorker(
+            self.url, self.workers, env=self.env, log_file=self.log_file, tree=self.tree, python=self.python
+        )
 
     def stop(self) -> None:
         if self.app is not None:

@@ -25,8 +25,8 @@ from typing import Any
 
 import cv2
 
-from pipeline.datasets import write_scene_set
 from pipeline.inference import recognize_image
+from pipeline.outputs.datasets import write_scene_set
 
 CODE_RECOGNIZERS = ("qrcode", "aruco", "barcode")  # the built-ins a generated scene has truth for
 

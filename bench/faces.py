@@ -4,7 +4,7 @@ merged face's full-resolution crop) against the same detector and embedder in on
 (YuNet run once at the image's full size, dlib's ResNet on each face it finds, the same one-to-one matching).
 
 Scenes: real photos (../shared/images/people) pasted small into a textured background, half of the faces across
-tile seams (pipeline.photo_scenes), two people enrolled from photos not pasted. The two sides alternate which goes
+tile seams (pipeline.scenes.photos), two people enrolled from photos not pasted. The two sides alternate which goes
 first in each repetition, so a drift of the machine's speed hits both alike; the load average is recorded with each
 figure (this machine is shared). Writes faces.json and faces.md: medians, faces/s, the ratio, and how many faces
 each side found and named right.
@@ -26,11 +26,11 @@ import cv2
 import numpy as np
 
 from bench.cluster import Cluster
-from pipeline import faces
 from pipeline.inference import recognize_image
-from pipeline.photo_scenes import Picture, photo_scene
+from pipeline.recognizers import faces
 from pipeline.recognizers.dnn import YUNET_FILE
-from pipeline.scenes import Scene, iou_xywh
+from pipeline.scenes.codes import Scene, iou_xywh
+from pipeline.scenes.photos import Picture, photo_scene
 
 PEOPLE = Path(__file__).resolve().parents[2] / "shared" / "images" / "people"
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"

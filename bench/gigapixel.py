@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from pipeline.scenes import qr_code
+from pipeline.scenes.codes import qr_code
 from pipeline.tiling import grid
 
 TIFF_TILE = 512

@@ -56,7 +56,7 @@ def _warm_up(recognizer: str, options: dict[str, Any]) -> None:
 
 def _whole(pixels: np.ndarray, recognizer: str, options: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
     """The recognizer once on the whole image, detections placed as a single full-image window would be."""
-    from pipeline.merge import place
+    from pipeline.merge.detections import place
     from pipeline.options import parse_options
     from pipeline.recognizers import get_recognizer
     from pipeline.tiling import Window
@@ -76,7 +76,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     keep_freed_buffers()
     _set_threads(spec["threads"])
     from pipeline.inference import recognize_image
-    from pipeline.sources import decode
+    from pipeline.readers.sources import decode
 
     recognizer, options = spec["recognizer"], spec.get("options", {})
     _warm_up(recognizer, options)
@@ -86,7 +86,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if Path(spec["image"]).suffix in (".tif", ".tiff") and spec["mode"] != "whole":
             # a tiled TIFF is read window by window, as the tile tasks read it: no whole decode
             from pipeline.inference import recognize_source
-            from pipeline.sources import open_source
+            from pipeline.readers.sources import open_source
 
             source = open_source(Path(spec["image"]))
             t1 = t2 = time.perf_counter()
@@ -150,7 +150,7 @@ def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any) -> None:
         _configure_models()
         from pipeline.inference import recognize_window, windows_of
         from pipeline.options import parse_options
-        from pipeline.sources import open_source
+        from pipeline.readers.sources import open_source
 
         recognizer, options = spec["recognizer"], spec.get("options", {})
         source = open_source(Path(spec["image"]))  # a TIFF read window by window, anything else decoded whole

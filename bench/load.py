@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from bench.cluster import LOG_LINE
-from pipeline.scenes import qr_code, qr_scene
+from pipeline.scenes.codes import qr_code, qr_scene
 from tasks import store
 
 CLIENTS = 4

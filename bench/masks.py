@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 from shapely import affinity
 
-from pipeline.merge import merge_detections, place
+from pipeline.merge.detections import merge_detections, place
 from pipeline.model import Detections
 from pipeline.shapes import obb_corners
 from pipeline.tiling import grid

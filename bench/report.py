@@ -113,8 +113,8 @@ def accuracy_section(summary: dict[str, Any], plots: dict[str, str]) -> str:
             )
     text = "## Accuracy\n\n"
     text += (
-        "Ground truth from the seeded scenes (`pipeline.scenes.code_scene`: QR codes, ArUco markers and EAN-13 "
-        "barcodes mixed, a share across tile seams and at the image edges; `pipeline.photo_scenes`: pasted "
+        "Ground truth from the seeded scenes (`pipeline.scenes.codes.code_scene`: QR codes, ArUco markers and EAN-13 "
+        "barcodes mixed, a share across tile seams and at the image edges; `pipeline.scenes.photos`: pasted "
         "astronaut faces, people and drawn clocks). A detection matches an object of the same label and payload "
         "with box IoU ≥ 0.5 (barcodes ≥ 0.3: OpenCV's box covers the middle of the bars only). Duplicates: an object "
         "reported more than once. Recall by placement: inside one tile / across a seam / at an image edge.\n\n"
@@ -319,8 +319,8 @@ def whatif_section(summary: dict[str, Any]) -> str:
         "Changes the stage figures point at, run side by side with today's configuration on the speed scene "
         "(extra clusters started on bench/whatif/celeryconfig.py, which is tilerec's celeryconfig with the named "
         "settings replaced; tilerec itself is unchanged). The .npy row reads the same pixels from a .npy file "
-        "(`pipeline.sources.decode` loads it without a codec); its speedup is over the 1-thread in-process run on "
-        "the same file. (The tiled TIFF, which needs no whole decode at all, is measured in the Speed section.)\n\n"
+        "(`pipeline.readers.sources.decode` loads it without a codec); its speedup is over the 1-thread in-process run "
+        "on the same file. (The tiled TIFF, which needs no whole decode at all, is measured in the Speed section.)\n\n"
         + _table(
             [
                 "recognizer",

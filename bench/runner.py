@@ -29,7 +29,7 @@ from bench.config import Profile, cores
 from bench.inprocess import run_in_subprocess, run_together
 from bench.scenes import CODE_KIND, PHOTO_KINDS, SceneFile, one_tile_image, scene_file
 from pipeline.model import Detections
-from pipeline.scenes import Truth, placement_of, score
+from pipeline.scenes.codes import Truth, placement_of, score
 
 # OpenCV's barcode box spans the middle rows of the bars only (IoU 0.4-0.7 with the full bars); the decoded digits
 # identify the code, so a lower box threshold still matches nothing but the right code.
@@ -376,7 +376,7 @@ def build_scenes(runner: Runner) -> list[SceneFile]:
         )
         if found is None:
             bench.console.log(
-                f"[yellow]no {kind} scene: pipeline.photo_scenes or ../shared/images/astronaut.png missing"
+                f"[yellow]no {kind} scene: pipeline.scenes.photos or ../shared/images/astronaut.png missing"
             )
             continue
         bench.console.log(f"scene {found.name}: {len(found.truths)} objects ({time.perf_counter() - began:.1f} s)")
@@ -474,7 +474,7 @@ def _as_tiled_tiff(scene: SceneFile) -> SceneFile | None:
         import tifffile
 
         from pipeline.inference import recognize_source  # noqa: F401  (the in-process reader of such files)
-        from pipeline.sources import open_source  # noqa: F401
+        from pipeline.readers.sources import open_source  # noqa: F401
     except ImportError:
         return None
     path = scene.path.with_suffix(".tif")

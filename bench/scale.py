@@ -219,8 +219,8 @@ def run_size(
 ) -> dict[str, Any]:
     """One cluster of `processes` worker processes running the code of `tree` (a checkout of tilerec: its
     `tasks` and `pipeline` come first on the workers' path): the big job, the small jobs and the latency."""
-    from bench.cluster import client_app
-    from tasks.local import RedisServer, Worker
+    from bench.cluster import TreeWorker, client_app
+    from tasks.local import RedisServer
 
     big_image, small_image = images
     options = {"tile": TILE, "overlap": 0.0, "ms": profile.tile_ms}
@@ -229,7 +229,7 @@ def run_size(
                "TILEREC_ALLOWED_ROOTS": str(folder)}  # fmt: skip
         sizes = node_sizes(processes, profile.per_node)
         logs = [str(folder / f"worker-P{processes}-{k}.log") for k in range(len(sizes))]
-        nodes = [Worker(server.url, size, env=env, name=f"scale{k}", cwd=str(tree), log_file=logs[k])
+        nodes = [TreeWorker(server.url, size, env=env, name=f"scale{k}", log_file=logs[k], tree=tree)
                  for k, size in enumerate(sizes)]  # fmt: skip
         app = client_app(server.url)
         try:

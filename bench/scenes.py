@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.scenes import Scene, Truth, code_scene
+from pipeline.scenes.codes import Scene, Truth, code_scene
 
 PHOTO_KINDS = {"faces": ("faces-dnn",), "objects": ("objects",)}
 CODE_KIND = "codes"
@@ -59,9 +59,9 @@ def astronaut() -> np.ndarray | None:
 
 def _photo_scene(kind: str, size: int, seed: int, tile: int, overlap: float) -> Scene | None:
     """Pasted astronaut faces, or astronaut people and drawn clocks, as the DNN tests build them; None without the
-    photo or without pipeline.photo_scenes."""
+    photo or without pipeline.scenes.photos."""
     try:
-        from pipeline.photo_scenes import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
+        from pipeline.scenes.photos import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
     except ImportError:
         return None
     photo = astronaut()

@@ -194,8 +194,8 @@ def transports(tcp: redis.Redis, tiles: list[np.ndarray], folder: Path, repeat: 
 
 def input_formats(image: np.ndarray, repeat: int = 1) -> list[dict[str, Any]]:
     """How long decoding the whole input takes per file format: the serial part of a job besides storing tiles."""
-    from pipeline.images import encode_array
-    from pipeline.sources import decode
+    from pipeline.readers.images import encode_array
+    from pipeline.readers.sources import decode
 
     formats: dict[str, bytes] = {
         "PNG (as written by cv2.imwrite)": cv2.imencode(".png", image)[1].tobytes(),

@@ -4,7 +4,7 @@ process (the user's alternative), side by side in one run.
     python -m bench.text [--sizes 2000,4000,8000,12000] [--page-sizes 2000,4000] [--workers 2] [--reps 1]
                          [--det-scale 0.5] [--out bench-out/text]
 
-Scenes: generated posters (`pipeline.text_scenes.poster`: a headline and blocks of two columns of 32 px text on a
+Scenes: generated posters (`poster`: a headline and blocks of two columns of 32 px text on a
 light ground, as many of 1,200 words as fit: 163 at 2000 px, 483 at 4000, all from 8000 on, so the biggest hold the
 same text in more white space), generated pages (three or more columns of 28 px text filling the page) and the
 real scans in ../shared/images/text.
@@ -24,16 +24,70 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 
 from bench.cluster import Cluster
 from bench.scenes import shared_images_dir
-from pipeline.text_scenes import character_error_rate, column_page, poster, word_recall, words
+from pipeline.scenes.text import (
+    LineTruth,
+    TextPage,
+    character_error_rate,
+    column_page,
+    draw_lines,
+    word_recall,
+    words,
+)
 
 POSTER_WORDS = 1200
+
+
+def poster(
+    width: int,
+    vocabulary: Sequence[str],
+    size: int = 32,
+    headline: str = "Tilerec reads posters",
+    per_block: int = 160,
+    seed: int = 0,
+) -> TextPage:
+    """A poster `width` px wide (3:4): a headline a fortieth of its width tall over a light grey ground, and text
+    blocks of two columns at `size` px (`per_block` words each), laid row by row with white space between them,
+    filled with the words in order as far as they fit. Text stays `size` px at every poster size, as when a bigger
+    poster holds more (or is printed at more dots per inch): whole-image OCR shrinks it out of reach.
+
+    Returns:
+        The page; its lines are the headline, then each block's lines in reading order, blocks row by row.
+    """
+    height = width * 3 // 4
+    image = np.full((height, width), 235, np.uint8)
+    rng = np.random.default_rng(seed)
+    image = np.clip(image.astype(np.int16) + rng.integers(-6, 7, image.shape), 0, 255).astype(np.uint8)
+    big = max(size, width // 40)
+    truths = draw_lines(image, [(width // 20, height // 30, headline)], big)
+    block_width = min(width - 2 * (width // 20), 1800)
+    across = max(1, (width - width // 10 + 200) // (block_width + 200))
+    top, start = height // 30 + 2 * big, 0
+    while start < len(vocabulary):
+        row = []
+        for column in range(across):
+            chunk = vocabulary[start : start + per_block]
+            if not chunk:
+                break
+            row.append((width // 20 + column * (block_width + 200), column_page(chunk, 2, block_width, size, 40, 80)))
+            start += len(chunk)
+        tallest = max(block.image.shape[0] for _, block in row)
+        if top + tallest > height - height // 40:
+            break
+        for x, block in row:
+            rows, cols = block.image.shape
+            image[top : top + rows, x : x + cols] = np.minimum(image[top : top + rows, x : x + cols], block.image)
+            truths += [LineTruth(t.text, (t.box[0] + x, t.box[1] + top, t.box[2], t.box[3])) for t in block.lines]
+        top += tallest + 150
+    return TextPage(image, truths)
 
 
 def _scenes(folder: Path, sizes: list[int], page_sizes: list[int]) -> list[tuple[str, Path, str]]:

@@ -34,8 +34,7 @@ RECOGNIZERS = {CODE_KIND: ("qrcode", "barcode", "aruco"), "objects": ("objects",
 
 def _clusters(other: Path, workers: int, folder: Path, env: dict[str, str]) -> dict[str, Cluster]:
     here = Cluster(workers, folder, env)
-    there = Cluster(workers, folder, env)
-    there.python, there.cwd = str(other / ".venv" / "bin" / "python"), str(other)
+    there = Cluster(workers, folder, env, tree=other, python=str(other / ".venv" / "bin" / "python"))
     clusters = {"this": here, "other": there}
     for cluster in clusters.values():
         cluster.start()

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.clips import plan_video, run_segment
 from pipeline.options import parse_video_options
-from pipeline.scenes import Mover, moving_frame, qr_sticker
-from pipeline.video import probe, write_video
+from pipeline.scenes.codes import Mover, moving_frame, qr_sticker
+from pipeline.video.clips import plan_video, run_segment
+from pipeline.video.frames import probe, write_video
 
 SIZES = {"1080p": (1920, 1080), "4k": (3840, 2160)}
 OPTIONS = {"tile": 640, "overlap": 0.2}
@@ -154,7 +154,7 @@ def decoders(folder: Path, sizes: list[str], frames: int) -> list[dict[str, Any]
     """PyAV against OpenCV's FFmpeg backend, clip by clip."""
     import cv2
 
-    from pipeline.video import read_frames
+    from pipeline.video.frames import read_frames
 
     rows = []
     rng = np.random.default_rng(1)
@@ -206,7 +206,7 @@ def real_seeks(path: Path, tries: int = 20) -> dict[str, Any]:
     order, for each decoder?"""
     import cv2
 
-    from pipeline.video import read_frames
+    from pipeline.video.frames import read_frames
 
     clip = probe(path, str(path), 10**10)
     in_order = [p for _, p in read_frames(path, str(path), clip, list(range(clip.frames)))]

@@ -35,8 +35,8 @@ import tifffile
 
 from bench.gigapixel import TIFF_TILE, place_codes, texture, tiles
 from bench.screenshot import CHROMIUM_FLAGS, chromium
-from pipeline.pyramid import DeepZoomGrid, overview
-from pipeline.sources import open_source
+from pipeline.outputs.pyramid import DeepZoomGrid, overview
+from pipeline.readers.sources import open_source
 
 
 def write_pyramid(single: Path, path: Path) -> None:

@@ -11,13 +11,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.images import normalize
-from pipeline.merge import merge_detections, place
+from pipeline.merge.detections import merge_detections, place
 from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, OptionsError, parse_options
+from pipeline.readers.images import normalize
+from pipeline.readers.sources import ArraySource, Source, is_blank
 from pipeline.recognizers import Recognizer, get_recognizer, recognize_many, spec_of, tiles_per_pass
-from pipeline.sources import ArraySource, Source, is_blank
-from pipeline.stages import run_stage
+from pipeline.recognizers.stages import run_stage
 from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
 
 

@@ -480,7 +480,7 @@ def map_points(transform: Sequence[float], downsample: float, points: np.ndarray
 
 @dataclass
 class StageSummary:
-    """What a job's second stage did (`pipeline.stages`), as the result's `second_stage` carries it."""
+    """What a job's second stage did (`pipeline.recognizers.stages`), as the result's `second_stage` carries it."""
 
     name: str
     crops: int = 0  # crops read and recognized

@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.merge import MATCH_METRICS, MERGE_METHODS
+from pipeline.merge.detections import MATCH_METRICS, MERGE_METHODS
+from pipeline.readers.sources import BLANK_RANGE, ReadSpec
 from pipeline.recognizers import Recognizer, resolve_params, spec_of
-from pipeline.sources import BLANK_RANGE, ReadSpec
 from pipeline.tiling import validate_tiling
 
 JOB_OPTIONS = (

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import images
-from pipeline.readers import remote
+from pipeline.readers import images, remote
 from tasks import store
 from tasks.celery import settings, store_client
 

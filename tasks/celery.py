@@ -15,9 +15,8 @@ from celery import Celery, signals
 from celery.worker.control import inspect_command
 from kombu.utils.url import maybe_sanitize_url
 
-from pipeline import images
 from pipeline.memory import keep_freed_buffers
-from pipeline.readers import remote
+from pipeline.readers import images, remote
 from pipeline.readers.geo import GDAL_DEFAULTS
 from pipeline.recognizers import limit_threads, restrict_file_params
 from pipeline.recognizers.dnn import configure_execution, configure_models, current_execution

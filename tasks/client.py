@@ -18,8 +18,8 @@ import redis
 from celery.exceptions import TimeoutError
 from celery.result import AsyncResult
 
-from pipeline.images import encode_array
 from pipeline.model import Recognition
+from pipeline.readers.images import encode_array
 from pipeline.readers.remote import is_url
 from tasks import gallery, store
 from tasks.celery import settings, store_client

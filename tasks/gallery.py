@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import redis
 
-from pipeline import faces, sources
-from pipeline.images import ImageError, confine
 from pipeline.inference import recognize_source
+from pipeline.readers import sources
+from pipeline.readers.images import ImageError, confine
+from pipeline.recognizers import faces
 from pipeline.tiling import Window
 from tasks.access import resolve
 from tasks.celery import app, settings, store_client

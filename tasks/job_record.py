@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 from pipeline.inference import windows_of
 from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions
-from pipeline.sources import FileRef
-from pipeline.stages import CropPlan
+from pipeline.readers.sources import FileRef
+from pipeline.recognizers.stages import CropPlan
 from pipeline.tiling import Window
 from tasks import store
 from tasks.celery import store_client

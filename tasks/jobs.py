@@ -30,12 +30,12 @@ import redis
 from celery import chord, group, states
 from celery.exceptions import Ignore
 
-from pipeline import images, sources
 from pipeline.inference import TileOutcome, assemble, measured_tile_cost, region, stage_reader, storable
 from pipeline.model import Recognition
 from pipeline.options import JobOptions, parse_options
-from pipeline.sources import Source
-from pipeline.stages import CropOutcome, SecondStage, finish_stage, plan_crops, run_stage, stage_of
+from pipeline.readers import images, sources
+from pipeline.readers.sources import Source
+from pipeline.recognizers.stages import CropOutcome, SecondStage, finish_stage, plan_crops, run_stage, stage_of
 from pipeline.tiling import Window, row_ends
 from tasks import resources, store
 from tasks.access import resolve

@@ -206,8 +206,6 @@ class Worker:
         env: dict[str, str] | None = None,
         name: str | None = None,
         log_file: str | None = None,
-        cwd: str | None = None,
-        python: str = sys.executable,
     ) -> None:
         self.broker_url = broker_url
         self.concurrency = concurrency
@@ -215,21 +213,22 @@ class Worker:
         self.hostname = f"{name or 'tilerec-' + uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         self.env = environment_with({"TILEREC_BROKER_URL": broker_url, **(env or {})})
         self.log_file = log_file
-        self.cwd = cwd  # `python -m celery` puts it first on sys.path (a celeryconfig of its own, say)
-        self.python = python  # another installation's, to run its code (bench.versus)
         self.process: subprocess.Popen | None = None
 
-    def start(self, wait: bool = True) -> Worker:
-        command = [self.python, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork",
+    def command(self) -> list[str]:
+        """The `celery worker` command line this worker runs."""
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "prefork",
                    "--concurrency", str(self.concurrency), "--hostname", self.hostname, "--loglevel", "INFO",
                    "--without-gossip", "--without-mingle"]  # fmt: skip
         if self.queues:
             command += ["--queues", ",".join(self.queues)]
+        return command
+
+    def start(self, wait: bool = True) -> Worker:
         output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            command,
+            self.command(),
             env=self.env,
-            cwd=self.cwd,
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -280,16 +279,12 @@ class LocalCluster:
         workers: int | None = None,
         env: dict[str, str] | None = None,
         log_file: str | None = None,
-        cwd: str | None = None,
-        python: str = sys.executable,
         data: str | None = None,
     ) -> None:
         self.redis = RedisServer(workdir=data)
         self.workers = workers or os.cpu_count() or 1
         self.env = env or {}
         self.log_file = log_file
-        self.cwd = cwd
-        self.python = python
         self.worker: Worker | None = None
 
     @property
@@ -300,14 +295,16 @@ class LocalCluster:
         try:
             self.redis.start()
             # assigned before it starts, so an interrupt or timeout while waiting for it still stops it
-            self.worker = Worker(
-                self.url, self.workers, env=self.env, log_file=self.log_file, cwd=self.cwd, python=self.python
-            )
+            self.worker = self.new_worker()
             self.worker.start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def new_worker(self) -> Worker:
+        """The cluster's worker process, not started yet."""
+        return Worker(self.url, self.workers, env=self.env, log_file=self.log_file)
 
     def stop(self) -> None:
         if self.worker is not None:

@@ -18,13 +18,12 @@ from typing import Any
 import redis
 from celery.exceptions import Ignore
 
-from pipeline import sources
 from pipeline.inference import plan, storable, windows_of
 from pipeline.options import JobOptions
-from pipeline.readers import remote
+from pipeline.readers import remote, sources
+from pipeline.readers.sources import FileRef
 from pipeline.recognizers import spec_of
-from pipeline.sources import FileRef
-from pipeline.stages import SecondStage, crop_spans
+from pipeline.recognizers.stages import SecondStage, crop_spans
 from tasks import store
 from tasks.celery import others_recognize, pool_size, settings
 from tasks.job_record import JobCancelled, JobRecord

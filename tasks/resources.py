@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from pipeline.options import JobOptions
-from pipeline.stages import StageError
+from pipeline.recognizers.stages import StageError
 
 Loader = Callable[[redis.Redis, JobOptions], Any]
 _LOADERS: dict[str, Loader] = {}

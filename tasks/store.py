@@ -15,7 +15,7 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:stage      a job with a second stage: its merged first-stage result and crop plan (JSON), stored
                              by the merge for the crop batches and the final callback (the tiles stay until then)
     tilerec:job:J:crops      its number of crops
-    tilerec:job:J:crop_records  hash: crop K -> its outcome (pipeline.stages.CropOutcome, JSON)
+    tilerec:job:J:crop_records  hash: crop K -> its outcome (pipeline.recognizers.stages.CropOutcome, JSON)
     tilerec:job:J:frames     a video job's hash: segment N -> its frames done so far (progress in frames; a redone
                              segment overwrites its own count); its records are by segment, its total in frames
     tilerec:job:J:need       bytes its tiles take in the store, while it waits for room (admission control)
@@ -47,7 +47,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from pipeline.images import ImageError
+from pipeline.readers.images import ImageError
 from pipeline.tiling import Window
 
 PREFIX = "tilerec"

@@ -20,10 +20,10 @@ from typing import Any
 import redis
 from celery import chord, group
 
-from pipeline.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
 from pipeline.options import VideoOptions, parse_video_options
 from pipeline.recognizers import thread_budget
-from pipeline.video import VideoError, owned, probe
+from pipeline.video.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
+from pipeline.video.frames import VideoError, owned, probe
 from tasks import store
 from tasks.access import resolve
 from tasks.batches import DIED, MAX_ATTEMPTS, PROGRESS_EVERY_S, TRANSIENT, CancelWatch, attempt, publish_progress

@@ -10,8 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.scenes import Mover, MovingTruth, aruco_marker, moving_frame, qr_sticker
-from pipeline.video import write_video
+from pipeline.scenes.codes import Mover, MovingTruth, aruco_marker, moving_frame, qr_sticker
+from pipeline.video.frames import write_video
 
 WIDTH, HEIGHT, FRAMES, FPS, GOP = 640, 480, 120, 30, 12
 TILE, OVERLAP = 320, 0.4  # windows at x 0, 192, 320 and y 0, 160: every mover below crosses a seam

@@ -78,7 +78,7 @@ def worker(app, redis_server: RedisServer, tmp_path_factory) -> Iterator[Worker]
 @pytest.fixture(scope="session")
 def big_scene():
     """Big enough that a job runs for a while on two processes: 48 tiles of QR recognition, with its truth."""
-    from pipeline.scenes import qr_scene
+    from pipeline.scenes.codes import qr_scene
 
     scene = qr_scene(4000, 3000, count=16, seam_share=0.5, seed=21)
     path = IMAGES_ROOT / "big-qr.png"

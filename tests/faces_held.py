@@ -10,9 +10,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.faces import FaceIdentities
 from pipeline.recognizers import get_spec
-from pipeline.stages import Crop
+from pipeline.recognizers.faces import FaceIdentities
+from pipeline.recognizers.stages import Crop
 
 HOLD_S = 120.0  # the longest a held crop batch waits
 

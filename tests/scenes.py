@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.scenes import Truth
+from pipeline.scenes.codes import Truth
 
 
 def assert_each_code_once(detections: list[dict[str, Any]], truths: list[Truth], tolerance: float = 3.0) -> None:

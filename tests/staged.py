@@ -25,7 +25,7 @@ import redis
 from pipeline.model import Detections
 from pipeline.options import JobOptions
 from pipeline.recognizers import RecognizerSpec
-from pipeline.stages import Crop, SecondStage, StageResult
+from pipeline.recognizers.stages import Crop, SecondStage, StageResult
 from tasks.resources import register
 from tests.shaped import DARK, Segmenter
 

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.scenes import qr_scene
+from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks import store
 from tasks.local import RedisServer, Worker

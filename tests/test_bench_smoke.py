@@ -53,8 +53,8 @@ def test_speed_stages_add_up_to_the_wall_time(smoke):
         assert math.isclose(sum(stages[name] for name in (*parts, "deliver")), entry["wall_s"], abs_tol=0.01)
         assert 0 < entry["recognize_sum_s"] <= entry["recognition_wall_s"] + 0.005  # W=1: one process, every tile
         assert entry["in_task_overhead_ms"] >= 0 and entry["between_tasks_ms"] >= 0
-    # tile tasks read the TIFF's windows themselves: nothing is decoded whole or stored
-    assert speed["tiled TIFF"]["by_workers"]["1"]["stages"]["store"] < 0.005
+    # that tile tasks read the TIFF's windows themselves, storing no pixels, is a property of the job, not a timing:
+    # test_gigapixel.py::test_tile_tasks_read_their_own_windows_and_no_pixels_go_through_redis counts the bytes
 
 
 def test_memory_messages_latency_and_storage_are_measured(smoke):
@@ -86,7 +86,7 @@ def test_the_report_has_every_section_and_its_plots(smoke):
 def test_code_scenes_are_seeded_and_put_objects_on_seams_and_edges():
     import numpy as np
 
-    from pipeline.scenes import code_scene, placement_of
+    from pipeline.scenes.codes import code_scene, placement_of
     from pipeline.tiling import grid
 
     first, again = code_scene(3000, 2500, seed=4), code_scene(3000, 2500, seed=4)
@@ -104,7 +104,7 @@ def test_the_hardware_ceiling_shares_every_tile_once_between_its_processes(tmp_p
     import cv2
 
     from bench.inprocess import run_together
-    from pipeline.scenes import code_scene
+    from pipeline.scenes.codes import code_scene
 
     image = tmp_path / "scene.png"
     cv2.imwrite(str(image), code_scene(1800, 1000, kinds=("aruco",), seed=1).image)

@@ -1,6 +1,6 @@
 """`tilerec` as a user runs it: a subprocess, on synthetic scenes whose QR codes and boxes are known.
 
-Expected values come from the scenes' ground truth (pipeline.scenes), never from the program's own output.
+Expected values come from the scenes' ground truth (pipeline.scenes.codes), never from the program's own output.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from pipeline.recognizers import available
-from pipeline.scenes import Scene, Truth, qr_scene
+from pipeline.scenes.codes import Scene, Truth, qr_scene
 from pipeline.tiling import grid
 from tasks.cli.clusters import worker_command
 from tasks.cli.errors import CliError

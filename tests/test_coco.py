@@ -1,4 +1,4 @@
-"""COCO export with masks and keypoints (pipeline.export), checked by COCO's own tooling: faster-coco-eval (the
+"""COCO export with masks and keypoints (pipeline.outputs.export), checked by COCO's own tooling: faster-coco-eval (the
 `eval` extra) loads the results and scores a perfect predictor of a drawn scene at AP 1.0, a shifted one lower."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import shapely
 
-from pipeline.export import COCO_KEYPOINTS, coco_document, coco_results, segmentation
 from pipeline.model import Detections, Recognition
+from pipeline.outputs.export import COCO_KEYPOINTS, coco_document, coco_results, segmentation
 from pipeline.shapes import encode_rle, polygons_from_bitmap
 
 pytest.importorskip("faster_coco_eval")

@@ -2,7 +2,7 @@
 real local cluster, and `tilerec evaluate` against COCO truth of generated scenes, checked against faster-coco-eval
 called directly on the same files.
 
-Expected values come from the generated scenes (pipeline.scenes.code_scene: each marker's id and box are known)
+Expected values come from the generated scenes (pipeline.scenes.codes.code_scene: each marker's id and box are known)
 and from the evaluator library itself, never from tilerec's own output.
 """
 
@@ -19,12 +19,12 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.datasets import DatasetError, read_dataset, write_scene_set
-from pipeline.evaluate import STATS, CocoResults, evaluate, load_detections, load_truth
-from pipeline.export import coco_document
 from pipeline.model import Detections as Found
 from pipeline.model import Recognition
-from pipeline.scenes import code_scene
+from pipeline.outputs.datasets import DatasetError, read_dataset, write_scene_set
+from pipeline.outputs.evaluate import STATS, CocoResults, evaluate, load_detections, load_truth
+from pipeline.outputs.export import coco_document
+from pipeline.scenes.codes import code_scene
 from tests.conftest import tilerec_keys
 from tests.faulty import holding, release
 from tests.test_cli import CLI, cli_env, input_keys, one_error_line, tilerec, wait_for
@@ -143,7 +143,7 @@ def test_masks_are_scored_when_results_and_truth_have_them(tmp_path: Path) -> No
 
 def test_plots_are_a_precision_recall_curve_per_class(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from pipeline.evaluate import plot_curves
+    from pipeline.outputs.evaluate import plot_curves
 
     truth_path = write_scene_set(tmp_path, 2, WIDTH, HEIGHT, ("aruco", "qrcode"), per_image=2, seed=3)
     truth = load_truth(truth_path)

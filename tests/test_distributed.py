@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import recognize_image
-from pipeline.scenes import qr_code, qr_scene
+from pipeline.scenes.codes import qr_code, qr_scene
 from pipeline.tiling import grid, tapered_sizes
 from tasks import recognize, store
 from tasks.client import put_image, submit

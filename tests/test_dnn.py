@@ -16,7 +16,6 @@ from onnx import TensorProto, helper, numpy_helper
 from bench.batching import detector_model, tiles
 from pipeline import recognize_image, recognizers
 from pipeline.model import Detections
-from pipeline.photo_scenes import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
 from pipeline.recognizers import RecognizerError, dnn, get_recognizer, limit_threads, thread_budget
 from pipeline.recognizers.dnn import (
     COCO_KEYPOINTS,
@@ -26,7 +25,8 @@ from pipeline.recognizers.dnn import (
     configure_models,
     model_file,
 )
-from pipeline.scenes import Scene, Truth, iou_xywh
+from pipeline.scenes.codes import Scene, Truth, iou_xywh
+from pipeline.scenes.photos import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
 from pipeline.tiling import Window, grid
 from tasks import recognize
 

@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import faces
 from pipeline.inference import recognize_image
 from pipeline.model import Detections
+from pipeline.recognizers import faces
 
 PEOPLE = Path(__file__).resolve().parents[2] / "shared" / "images" / "people"
 SAME = ("obama2", "obama3", "obama_partial_face")
@@ -100,7 +100,7 @@ def test_identities_become_data_columns():
 
 
 def test_an_annotated_image_shows_a_face_s_name_in_its_caption():
-    from pipeline.render import draw_detections
+    from pipeline.outputs.render import draw_detections
 
     blank = np.full((300, 600, 3), 128, np.uint8)
     face = Detections.from_xywh([[200, 150, 80, 80]], [0.9], "face")

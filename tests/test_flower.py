@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import pytest
 
-from pipeline.scenes import qr_scene
+from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks import recognize
 from tasks.batches import PROGRESS_STEPS

@@ -17,12 +17,12 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_points
 
 from pipeline import ImageError, OptionsError
-from pipeline.export import geojson_document
 from pipeline.model import Detections, Recognition, Spatial, map_points
 from pipeline.options import parse_options
+from pipeline.outputs.export import geojson_document
 from pipeline.readers.geo import check_bands, default_bands, to_8bit
-from pipeline.scenes import Truth, qr_code, qr_scene
-from pipeline.sources import ReadSpec, choose_reader, open_source
+from pipeline.readers.sources import ReadSpec, choose_reader, open_source
+from pipeline.scenes.codes import Truth, qr_code, qr_scene
 from pipeline.tiling import Window, grid
 from tasks import recognize
 from tests.conftest import IMAGES_ROOT, tilerec_keys

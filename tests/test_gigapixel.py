@@ -13,11 +13,11 @@ import pytest
 import tifffile
 
 from pipeline import ImageError, OptionsError, recognize_image
-from pipeline.merge import merge_detections
+from pipeline.merge.detections import merge_detections
 from pipeline.model import Detections
+from pipeline.readers.sources import ArraySource, is_blank, open_source
 from pipeline.readers.tiff import TiffSource
-from pipeline.scenes import qr_code, qr_scene
-from pipeline.sources import ArraySource, is_blank, open_source
+from pipeline.scenes.codes import qr_code, qr_scene
 from pipeline.tiling import Window, grid
 from tasks import app, recognize
 from tasks.client import Job, fetch_document, fetch_result, put_image
@@ -468,7 +468,7 @@ def test_a_huge_claim_is_refused_from_the_header_in_process_too(bad_tiffs):
 
 
 def test_a_file_changed_after_planning_is_not_misread(tmp_path, scene):
-    from pipeline.sources import FileRef, SourceCache
+    from pipeline.readers.sources import FileRef, SourceCache
 
     path = write_tiff(tmp_path / "moving.tif", scene.image[:300, :300], tile=(64, 64))
     ref = FileRef.of(path, 0)
@@ -485,7 +485,7 @@ def test_a_file_changed_after_planning_is_not_misread(tmp_path, scene):
 
 
 def test_the_cache_checks_a_file_once_before_opening_it(tmp_path, scene):
-    from pipeline.sources import FileRef, SourceCache
+    from pipeline.readers.sources import FileRef, SourceCache
 
     path = write_tiff(tmp_path / "checked.tif", scene.image[:300, :300], tile=(64, 64))
     ref = FileRef.of(path, 0)

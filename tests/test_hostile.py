@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.export import coco_document, geojson_document
 from pipeline.model import Detections, Recognition
-from pipeline.render import caption, draw_detections
-from pipeline.scenes import qr_code
+from pipeline.outputs.export import coco_document, geojson_document
+from pipeline.outputs.render import caption, draw_detections
+from pipeline.scenes.codes import qr_code
 from tasks.cli.errors import markup_safe, printable
 from tests.conftest import IMAGES_ROOT
 from tests.test_flower import PASSWORD, USER, flower  # noqa: F401 (Flower watching the session's worker)

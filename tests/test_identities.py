@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.inference import recognize_image
-from pipeline.photo_scenes import Picture, photo_scene
-from pipeline.scenes import iou_xywh, placement_of
+from pipeline.scenes.codes import iou_xywh, placement_of
+from pipeline.scenes.photos import Picture, photo_scene
 from tasks import client, gallery
 from tests.conftest import IMAGES_ROOT, tilerec_keys
 from tests.test_faces import PEOPLE, SAME, only_face, photo

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.images import ImageError, confine, encode_array, read_file
-from pipeline.sources import decode, image_size
+from pipeline.readers.images import ImageError, confine, encode_array, read_file
+from pipeline.readers.sources import decode, image_size
 
 
 def png_bytes(image: np.ndarray) -> bytes:

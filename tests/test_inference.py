@@ -4,7 +4,7 @@ import pytest
 from pipeline import OptionsError, RecognizerError, recognize_image
 from pipeline.inference import measured_tile_cost, plan
 from pipeline.options import parse_options
-from pipeline.scenes import qr_code, qr_scene, score
+from pipeline.scenes.codes import qr_code, qr_scene, score
 from pipeline.tiling import grid
 from tests.scenes import assert_each_code_once
 

@@ -1,11 +1,11 @@
-"""Text lines joined across seams and put in reading order (pipeline.lines): pure geometry, fast."""
+"""Text lines joined across seams and put in reading order (pipeline.merge.lines): pure geometry, fast."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.lines import join_lines, layout, line_axes, page_angle, page_text, word_count
+from pipeline.merge.lines import join_lines, layout, line_axes, page_angle, page_text, word_count
 from pipeline.model import Detections
 from pipeline.recognizers.text import lines_from_obb, oriented_lines
 from pipeline.shapes import obb_corners

@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.merge import box_metric, merge_detections, overlapping_pairs, place
+from pipeline.merge.detections import box_metric, merge_detections, overlapping_pairs, place
 from pipeline.model import Detections
 from pipeline.tiling import Window
 
@@ -126,7 +126,7 @@ def test_grid_bucketing_finds_exactly_the_intersecting_pairs(seed):
 
 
 def reference_merge(d: Detections, method: str, metric: str, threshold: float) -> list[tuple]:
-    """Plain O(N²) greedy merge with the documented rules, written independently of pipeline.merge."""
+    """Plain O(N²) greedy merge with the documented rules, written independently of pipeline.merge.detections."""
     order = sorted(range(len(d)), key=lambda k: (bool(d.cut[k]), -d.scores[k], k))
     alive = set(order)
     out = []

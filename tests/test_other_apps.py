@@ -18,7 +18,7 @@ import cv2
 import pytest
 from celery import Celery
 
-from pipeline.scenes import qr_scene
+from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks.local import RedisServer, Worker, _die_with_parent, _stop, _wait
 from tests.conftest import IMAGES_ROOT

@@ -16,7 +16,7 @@ from pipeline import recognize_image, recognizers
 from pipeline.model import Detections
 from pipeline.recognizers import RecognizerError, available, get_recognizer, get_spec, plugins
 from pipeline.recognizers.plugins import module_list
-from pipeline.scenes import iou_xywh
+from pipeline.scenes.codes import iou_xywh
 from tasks import recognize
 
 TIMEOUT = 120

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.images import ImageError
-from pipeline.sources import decode, image_size
+from pipeline.readers.images import ImageError
+from pipeline.readers.sources import decode, image_size
 from tasks import recognize
 from tasks.client import put_image
 from tests.conftest import IMAGES_ROOT, tilerec_keys

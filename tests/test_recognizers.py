@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.recognizers import RecognizerError, available, get_recognizer, resolve_params
 from pipeline.recognizers.opencv import contrib
-from pipeline.scenes import ean13, iou_xywh, qr_code
+from pipeline.scenes.codes import ean13, iou_xywh, qr_code
 
 ASTRONAUT = Path(__file__).resolve().parents[1].parent / "shared" / "images" / "astronaut.png"
 # the face in astronaut.png, from ../shared/models/PROVENANCE.md (YuNet's box, x y w h)
@@ -118,7 +118,7 @@ def test_parameters_are_checked():
 @pytest.mark.parametrize("name", sorted(spec.name for spec in available() if spec.grey))
 def test_grey_recognizers_find_the_same_on_the_grey_tiles_the_store_keeps(name):
     """Tiles of grey recognizers are stored grey (pipeline.inference.compact): nothing may change but the bytes."""
-    from pipeline.scenes import code_scene
+    from pipeline.scenes.codes import code_scene
 
     scene = code_scene(1200, 900, seed=3, per_megapixel=8).image
     photo = cv2.imread(str(ASTRONAUT))

@@ -23,7 +23,7 @@ from celery.exceptions import TimeoutError
 from kombu import Connection, Exchange, Producer
 
 from bench.cluster import parse_log
-from pipeline.scenes import qr_code, qr_scene
+from pipeline.scenes.codes import qr_code, qr_scene
 from pipeline.tiling import grid
 from tasks import recognize
 from tasks.batches import CANCEL_CHECK_S

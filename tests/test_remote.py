@@ -19,7 +19,7 @@ import tifffile
 
 from pipeline import ImageError
 from pipeline.readers import remote
-from pipeline.sources import FileRef, SourceCache, open_source
+from pipeline.readers.sources import FileRef, SourceCache, open_source
 from pipeline.tiling import Window
 from tasks.local import S3Server, Worker
 from tests.conftest import IMAGES_ROOT, tilerec_keys
@@ -63,7 +63,7 @@ def s3(scene_cog) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="module")
 def scene_cog():
-    from pipeline.scenes import qr_scene
+    from pipeline.scenes.codes import qr_scene
 
     scene = qr_scene(2400, 1800, count=8, seam_share=0.5, seed=27)
     grey = cv2.cvtColor(scene.image, cv2.COLOR_BGR2GRAY)
@@ -215,7 +215,7 @@ def test_the_cli_recognizes_an_object_on_a_private_cluster(s3, scene_cog, tmp_pa
 def test_a_video_in_object_storage_is_read_by_its_segments(app, redis_server, s3, s3_worker):
     """Each segment task opens the object itself (range requests through fsspec) and seeks in it: the result is
     the one of the same clip on disk."""
-    from pipeline.clips import recognize_video
+    from pipeline.video.clips import recognize_video
     from tests.clips import OVERLAP, TILE, write_clip
 
     known = write_clip(IMAGES_ROOT / "remote-known.mp4")

@@ -1,4 +1,4 @@
-"""Drawing detections (pipeline.render) and the COCO export (pipeline.export), on hand-made detections."""
+"""Drawing detections (pipeline.outputs.render) and the COCO export (pipeline.outputs.export), on made-up detections."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import shapely
 
-from pipeline.export import COCO_KEYPOINTS, categories, category_ids, coco_document, coco_results
 from pipeline.model import Detections, Recognition
-from pipeline.render import MASK_ALPHA, caption, draw_detections, label_color, to_bgr
+from pipeline.outputs.export import COCO_KEYPOINTS, categories, category_ids, coco_document, coco_results
+from pipeline.outputs.render import MASK_ALPHA, caption, draw_detections, label_color, to_bgr
 from pipeline.shapes import obb_corners
 
 

@@ -13,9 +13,9 @@ import shapely
 from shapely import affinity
 
 from pipeline import recognize_image
-from pipeline.merge import merge_detections
+from pipeline.merge.detections import merge_detections
 from pipeline.model import Detections, Recognition
-from pipeline.scenes import aruco_marker, qr_sticker
+from pipeline.scenes.codes import aruco_marker, qr_sticker
 from pipeline.shapes import (
     ShapeError,
     obb_corners,

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from pipeline.readers.slide import base_mpp, level_for_mpp
-from pipeline.scenes import Truth, qr_code
+from pipeline.scenes.codes import Truth, qr_code
 from tasks import recognize
 from tests.conftest import IMAGES_ROOT, tilerec_keys
 

@@ -20,8 +20,7 @@ from pipeline import recognizers
 from pipeline.model import Detections, Recognition
 from pipeline.options import OptionsError, parse_options
 from pipeline.recognizers import RecognizerSpec, register
-from pipeline.shapes import obb_corners
-from pipeline.stages import (
+from pipeline.recognizers.stages import (
     CropPlan,
     SecondStage,
     StageError,
@@ -34,6 +33,7 @@ from pipeline.stages import (
     rectify,
     shape_bounds,
 )
+from pipeline.shapes import obb_corners
 from pipeline.tiling import Window, grid
 from tasks.client import submit
 from tests.conftest import IMAGES_ROOT, tilerec_keys
@@ -251,7 +251,9 @@ def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so(regi
 
         def finish(self, detections, records, resources):
             names = [resources["gallery"].get(r["w"]) for r in records]
-            return pipeline.stages.StageResult(detections.with_data({"name": names}), {"people": len(names)})
+            return pipeline.recognizers.stages.StageResult(
+                detections.with_data({"name": names}), {"people": len(names)}
+            )
 
     register(RecognizerSpec("test-gallery", staged_segmenter,
                             second_stage=lambda params: Counted()))  # fmt: skip

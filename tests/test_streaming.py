@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageError
 from pipeline.inference import windows_of
 from pipeline.options import parse_options
+from pipeline.readers.images import ImageError
+from pipeline.readers.sources import ArraySource, decode, open_source
 from pipeline.readers.vips import BAND_ROWS, VipsSource
-from pipeline.sources import ArraySource, decode, open_source
 from pipeline.tiling import Window, grid
 
 

@@ -12,11 +12,11 @@ import tifffile
 
 import pipeline
 from pipeline.inference import recognize_source
-from pipeline.lines import join_lines, layout
+from pipeline.merge.lines import join_lines, layout
+from pipeline.readers.sources import open_source
 from pipeline.recognizers import RecognizerError, get_recognizer
 from pipeline.recognizers.text import joined_pieces, lines_from_obb, piece_bounds, unreadable
-from pipeline.sources import open_source
-from pipeline.text_scenes import (
+from pipeline.scenes.text import (
     character_error_rate,
     column_page,
     duplicated_words,

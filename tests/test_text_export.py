@@ -1,4 +1,4 @@
-"""Plain text and hOCR of recognized lines (pipeline.export), on hand-made lines: structure, boxes, hostile text."""
+"""Plain text and hOCR of recognized lines (pipeline.outputs.export), on hand-made lines: structure, boxes, bad text."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import xml.etree.ElementTree as ElementTree
 import numpy as np
 import pytest
 
-from pipeline.export import geojson_document, hocr_document, plain_text, word_quads, xml_safe
 from pipeline.model import Detections, Recognition, Spatial
+from pipeline.outputs.export import geojson_document, hocr_document, plain_text, word_quads, xml_safe
 
 XHTML = "{http://www.w3.org/1999/xhtml}"
 

@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import pytest
 
-from pipeline.scenes import qr_scene
+from pipeline.scenes.codes import qr_scene
 from tasks.local import RedisServer, Tls, Worker, _stop, _wait, free_port
 from tests.conftest import IMAGES_ROOT, tilerec_left
 from tests.scenes import assert_each_code_once

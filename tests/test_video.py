@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.clips import plan_video, recognize_video
 from pipeline.model import Detections
 from pipeline.options import OptionsError, parse_video_options
-from pipeline.tracking import Piece, Seen, match_across, stitch
-from pipeline.video import Clip, VideoError, owned, plan_segments, probe, read_frames, select_frames, write_video
+from pipeline.video.clips import plan_video, recognize_video
+from pipeline.video.frames import Clip, VideoError, owned, plan_segments, probe, read_frames, select_frames, write_video
+from pipeline.video.tracking import Piece, Seen, match_across, stitch
 from tasks.client import submit_video
 from tasks.job_record import JobCancelled
 from tests.clips import FRAMES, GOP, HEIGHT, OVERLAP, TILE, WIDTH, KnownClip, frames_of, movers, overlapping, write_clip
@@ -308,7 +308,7 @@ def test_an_untiled_job_reads_each_frame_whole(known):
 def test_a_folder_of_frames_is_a_clip(tmp_path):
     folder = tmp_path / "frames"
     folder.mkdir()
-    from pipeline.scenes import moving_frame
+    from pipeline.scenes.codes import moving_frame
 
     for frame in range(40):
         image, _ = moving_frame(WIDTH, HEIGHT, movers(), frame)
@@ -410,7 +410,7 @@ def test_bad_videos_fail_the_job_in_one_line_and_leave_nothing(worker, redis_ser
 
 
 def test_exports_follow_the_tracks(known, tmp_path):
-    from pipeline.export import frame_lines, mot_lines
+    from pipeline.outputs.export import frame_lines, mot_lines
 
     result = recognize_video(known.path, "aruco", **OPTIONS).to_json()
     rows = [line.split(",") for line in mot_lines(result)]

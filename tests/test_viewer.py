@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.pyramid import DeepZoomGrid, Pyramid, overview
-from pipeline.scenes import qr_scene
-from pipeline.sources import ArraySource, is_blank, open_source
+from pipeline.outputs.pyramid import DeepZoomGrid, Pyramid, overview
+from pipeline.readers.sources import ArraySource, is_blank, open_source
+from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks.cli.commands import main
 from tasks.local import _stop, free_port

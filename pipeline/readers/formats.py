@@ -13,7 +13,7 @@ import io
 import re
 import struct
 
-from pipeline.images import NPY_MAGIC, ImageError
+from pipeline.readers.images import NPY_MAGIC, ImageError
 
 HEAD_BYTES = 64 * 1024  # enough for every header read here, barring a huge comment before a PNM's size
 VIPS_FORMATS = ("jpeg", "png", "gif", "heif", "tiff")

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.images import ImageError
 from pipeline.model import Spatial
+from pipeline.readers.images import ImageError
 from pipeline.tiling import Window
 
 GEO_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory

@@ -12,8 +12,8 @@ import io
 import cv2
 import numpy as np
 
-from pipeline.images import ImageError, check_pixels, normalize
 from pipeline.readers import formats
+from pipeline.readers.images import ImageError, check_pixels, normalize
 
 
 def decode(data: bytes, kind: str, max_pixels: int) -> np.ndarray:

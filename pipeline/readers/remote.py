@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.images import ImageError
+from pipeline.readers.images import ImageError
 
 BLOCK_BYTES = 256 * 2**10  # one range request: a few compressed TIFF tiles, a small share of a large image
 # aligned blocks kept in an LRU: a window fetches the blocks its TIFF tiles lie in, once. fsspec's readahead default

@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.images import ImageError
 from pipeline.model import Spatial
+from pipeline.readers.images import ImageError
 from pipeline.tiling import Window
 
 

@@ -19,8 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.images import ImageError, normalize
 from pipeline.model import Spatial
+from pipeline.readers.images import ImageError, normalize
 from pipeline.tiling import Window
 
 SEGMENT_CACHE_BYTES = 64 * 2**20  # decoded TIFF tiles kept per open file: neighbouring windows share tiles

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pyvips
 
-from pipeline.images import ImageError, normalize
+from pipeline.readers.images import ImageError, normalize
 from pipeline.tiling import Window
 
 BAND_ROWS = 256  # rows decoded at a time: a 20000-pixel-wide RGB band is 15 MB

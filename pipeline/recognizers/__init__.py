@@ -1,6 +1,8 @@
 """Recognizers: the protocol, the registry, and a per-process cache so nothing heavy is rebuilt per tile.
 
-Built-ins live in `opencv` (classical) and `dnn` (neural); third-party ones load by name through `plugins`.
+Built-ins live in `opencv` (classical), `dnn` (neural) and `text` (OCR); third-party ones load by name through
+`plugins`. A second stage (`stages`) recognizes crops of a first recognizer's detections: `faces` tells who a face
+is, `text_stage` reads the text of the lines found.
 """
 
 from __future__ import annotations
@@ -53,9 +55,10 @@ class RecognizerSpec:
     """A registered recognizer: how to build it, its parameters with defaults, and what a tile costs.
 
     `cost_ms` is a rough time for one 640x640 tile on one core; it sets how many tiles a task batches.
-    `second_stage`, for a recognizer with one (`pipeline.stages`): called with the job's recognizer parameters (a
-    dict), it returns the `SecondStage` run on the full-resolution crop of each merged detection; jobs run it unless
-    they say `second_stage=False`, or, where `stage_by_default` is False, only when they say `second_stage=True`.
+    `second_stage`, for a recognizer with one (`pipeline.recognizers.stages`): called with the job's recognizer
+    parameters (a dict), it returns the `SecondStage` run on the full-resolution crop of each merged detection; jobs
+    run it unless they say `second_stage=False`, or, where `stage_by_default` is False, only when they say
+    `second_stage=True`.
     `stage_by_default` may also be a function of the job's recognizer parameters (on where they ask for it).
     """
 
@@ -66,8 +69,8 @@ class RecognizerSpec:
     cost_ms: float = 20.0
     file_params: tuple[str, ...] = ()  # parameters that name files the worker opens (models, label lists)
     grey: bool = False  # it reads grey pixels only: colour tiles are converted before storing (a third of the bytes)
-    merge: str = "greedy_nmm"  # the merge its jobs use unless they name one (pipeline.merge.MERGE_METHODS)
-    second_stage: Callable[[dict[str, Any]], Any] | None = None  # params -> pipeline.stages.SecondStage
+    merge: str = "greedy_nmm"  # the merge its jobs use unless they name one (pipeline.merge.detections.MERGE_METHODS)
+    second_stage: Callable[[dict[str, Any]], Any] | None = None  # params -> pipeline.recognizers.stages.SecondStage
     # a job runs the second stage unless it says second_stage=False; or a function of the job's parameters
     stage_by_default: bool | Callable[[Mapping[str, Any]], bool] = True
 

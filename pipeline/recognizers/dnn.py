@@ -111,7 +111,7 @@ class YuNetFaces:
 
     def __init__(
         self, model: str, score_threshold: float, nms_threshold: float, top_k: int, **identities: Any
-    ) -> None:  # `identities`: the parameters of the identities stage (pipeline.faces), not the detector's
+    ) -> None:  # `identities`: the parameters of the identities stage (pipeline.recognizers.faces), not the detector's
         path = model_file("faces-dnn", "model", model, "TILEREC_YUNET_MODEL", YUNET_FILE)
         try:
             self.detector = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold, nms_threshold, top_k)
@@ -616,8 +616,8 @@ class OnnxObjects:
 
 
 def _identities(params: dict[str, Any]) -> Any:
-    """The identities stage (pipeline.faces, imported on use: it needs dlib only where faces are identified)."""
-    from pipeline.faces import FaceIdentities
+    """The identities stage (`faces`, imported on use: it needs dlib only where faces are identified)."""
+    from pipeline.recognizers.faces import FaceIdentities
 
     return FaceIdentities(params)
 

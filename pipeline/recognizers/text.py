@@ -3,7 +3,7 @@ the merged lines, through ONNX Runtime, with the models and the pre- and post-pr
 (the `text` extra).
 
 The detector returns each line as an oriented box (`obb`) whose width runs along the line; the merge joins the
-pieces of a line that tile seams cut (`pipeline.lines`), and each merged line is then read once from its crop of
+pieces of a line that tile seams cut (`pipeline.merge.lines`), and each merged line is then read once from its crop of
 the original image (`LineReader`), its box turned so that its x axis is the reading direction.
 Other PP-OCR ONNX models are named by path (`det_model`, `rec_model`, `cls_model`, `keys`); on workers they must lie
 under the model folders, as every recognizer's files.
@@ -264,7 +264,7 @@ class LineReader:
         """Each rectified crop's reading, turned a half turn where that reads better.
 
         Args:
-            crops: BGR pictures of lines, each's x axis along its box's (`pipeline.stages.rectify`).
+            crops: BGR pictures of lines, each's x axis along its box's (`pipeline.recognizers.stages.rectify`).
         """
         if not crops:
             return []
@@ -298,7 +298,9 @@ def unreadable(obb: Sequence[float]) -> str | None:
 
 def text_stage(params: dict[str, Any]) -> Any:
     """The `text` recognizer's second stage (`pipeline.recognizers.text_stage.TextStage`) for a job's parameters."""
-    from pipeline.recognizers.text_stage import TextStage  # here: pipeline.stages imports the registry this fills
+    from pipeline.recognizers.text_stage import (
+        TextStage,  # here: pipeline.recognizers.stages imports the registry this fills
+    )
 
     return TextStage(params)
 

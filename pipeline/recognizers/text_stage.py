@@ -1,5 +1,5 @@
 """The `text` recognizer's second stage: each merged line read once from its full-resolution crop, the page put in
-reading order (`pipeline.lines`)."""
+reading order (`pipeline.merge.lines`)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.lines import layout, page_text, word_count
+from pipeline.merge.lines import layout, page_text, word_count
 from pipeline.model import Detections
 from pipeline.recognizers.dnn import _bgr
+from pipeline.recognizers.stages import Crop, SecondStage, StageResult, quad_of, rectify
 from pipeline.recognizers.text import REC_BATCH, LineReader, unreadable
-from pipeline.stages import Crop, SecondStage, StageResult, quad_of, rectify
 
 
 class TextStage(SecondStage):
     """The `text` recognizer's second stage: each merged line read once from its full-resolution crop
-    (`LineReader`), then the page put in reading order (`pipeline.lines.layout`).
+    (`LineReader`), then the page put in reading order (`pipeline.merge.lines.layout`).
 
     `finish` gives each line its `text` (the result's detections, in reading order, turned so that each box's x axis
     is its reading direction), `text_score` (the recognizer's confidence), `column` and `block` data; it drops lines

@@ -40,13 +40,13 @@ from kombu.exceptions import OperationalError
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.merge import MATCH_METRICS, MERGE_METHODS
+from pipeline.merge.detections import MATCH_METRICS, MERGE_METHODS
 from pipeline.model import Recognition
 from pipeline.options import DEFAULTS, ON_TILE_ERROR, parse_options
 from pipeline.readers import remote
 from pipeline.recognizers import available
 from pipeline.recognizers.dnn import OnnxObjects, plan_execution
-from pipeline.scenes import qr_scene, score
+from pipeline.scenes.codes import qr_scene, score
 from tasks.cli.clusters import exec_worker, ping, remote_cluster
 from tasks.cli.errors import (
     EXIT_FAILED,

@@ -1,5 +1,5 @@
-"""`tilerec evaluate`: COCO metrics of a run's results against a ground-truth dataset (pipeline.evaluate), printed
-as a table, written as JSON, drawn as precision–recall curves, and two runs side by side with --compare."""
+"""`tilerec evaluate`: COCO metrics of a run's results against a ground-truth dataset (pipeline.outputs.evaluate),
+printed as a table, written as JSON, drawn as precision–recall curves, and two runs side by side with --compare."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.datasets import Dataset, DatasetError
-from pipeline.evaluate import STATS, CocoResults, Metrics, evaluate, load_detections, load_truth, plot_curves
+from pipeline.outputs.datasets import Dataset, DatasetError
+from pipeline.outputs.evaluate import STATS, CocoResults, Metrics, evaluate, load_detections, load_truth, plot_curves
 from tasks.cli.errors import EXIT_OK, CliError, markup_safe, say
 from tasks.cli.output import write_json
 

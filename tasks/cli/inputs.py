@@ -12,9 +12,8 @@ from typing import Any
 
 import cv2
 
-from pipeline import images, sources
 from pipeline.options import DEFAULTS, JOB_OPTIONS, READERS, parse_options
-from pipeline.readers import remote
+from pipeline.readers import images, remote, sources
 from pipeline.readers.slide import slide_vendor
 from tasks.cli.errors import CliError
 

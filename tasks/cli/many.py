@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 
-from pipeline.datasets import DatasetError, read_dataset
-from pipeline.export import coco_document
 from pipeline.model import Recognition
+from pipeline.outputs.datasets import DatasetError, read_dataset
+from pipeline.outputs.export import coco_document
 from tasks.cli.errors import CliError, describe, say
 from tasks.cli.inputs import Target, annotate_paths, check_image, reader_suffixes
 from tasks.cli.jobs import Overview, execute

@@ -13,10 +13,10 @@ import cv2
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import sources
-from pipeline.export import coco_document, geojson_document, hocr_document, plain_text
 from pipeline.model import Recognition
-from pipeline.render import draw_detections
+from pipeline.outputs.export import coco_document, geojson_document, hocr_document, plain_text
+from pipeline.outputs.render import draw_detections
+from pipeline.readers import sources
 from tasks.cli.errors import EXIT_FAILED, EXIT_OK, CliError, describe, markup_safe, print_error, say
 from tasks.cli.inputs import Target
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.faces import DLIB, default_threshold, stack
 from pipeline.model import Recognition
+from pipeline.recognizers.faces import DLIB, default_threshold, stack
 from tasks.cli.errors import CliError
 
 if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
@@ -58,7 +58,7 @@ def take_faces(recognition: Recognition, image: str) -> tuple[Recognition, list[
 
 def group_unknown(model: str, faces: Sequence[RunFace], threshold: float) -> list[str | None]:
     """Each face's group: `unknown-N` for the faces no one matched, grouped into people (None for the others)."""
-    from pipeline.faces import UNKNOWN, FaceError, cluster_faces
+    from pipeline.recognizers.faces import UNKNOWN, FaceError, cluster_faces
 
     unknown = [index for index, face in enumerate(faces) if face.identity == UNKNOWN]
     try:

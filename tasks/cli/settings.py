@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline import images
+from pipeline.readers import images
 from pipeline.recognizers.plugins import allow_modules, module_list
 from tasks.cli.errors import say
 

@@ -1,7 +1,7 @@
 """`tilerec run CLIP` for video: one video job (tasks.client.submit_video) with a progress bar in frames, its result
 as tilerec's JSON, MOTChallenge text or JSON lines per frame, and an annotated MP4 with boxes and track ids.
 
-A video is told from an image by its name (pipeline.video.VIDEO_SUFFIXES); a folder is a folder of frames only
+A video is told from an image by its name (pipeline.video.frames.VIDEO_SUFFIXES); a folder is a folder of frames only
 with --frames (without it, a folder's images are separate image jobs, as ever)."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.clips import annotated_frames, open_clip
-from pipeline.export import frame_lines, mot_lines
-from pipeline.images import ImageError
 from pipeline.options import VIDEO_DEFAULTS, VIDEO_OPTIONS, parse_video_options
+from pipeline.outputs.export import frame_lines, mot_lines
 from pipeline.readers import remote
-from pipeline.video import FOLDER_RATE, is_video_name, write_video
+from pipeline.readers.images import ImageError
+from pipeline.video.clips import annotated_frames, open_clip
+from pipeline.video.frames import FOLDER_RATE, is_video_name, write_video
 from tasks.cli.clusters import ignoring_interrupts, open_cluster
 from tasks.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, CliError, print_error, say
 from tasks.cli.inputs import Target, positive_float, positive_int

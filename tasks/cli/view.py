@@ -1,6 +1,6 @@
 """`tilerec view`: a result's detections over its image, in a deep-zoom viewer (OpenSeadragon) served on loopback.
 
-The page (viewer/) loads the image as Deep Zoom tiles cut on demand from the image file (pipeline.pyramid) and
+The page (viewer/) loads the image as Deep Zoom tiles cut on demand from the image file (pipeline.outputs.pyramid) and
 the result document itself. `--export DIR` writes the same files as a static folder any web server can host.
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline import images, sources
 from pipeline.model import Recognition
-from pipeline.pyramid import Pyramid
+from pipeline.outputs.pyramid import Pyramid
+from pipeline.readers import images, sources
 from tasks.cli.errors import EXIT_OK, EXIT_UNREACHABLE, CliError, say
 from tasks.cli.inputs import add_read_flags
 from tasks.cli.settings import environment

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.model import Detections
 from pipeline.recognizers import RecognizerSpec
-from pipeline.stages import Crop, SecondStage
+from pipeline.recognizers.stages import Crop, SecondStage
 
 
 class Measure(SecondStage):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.scenes import Scene, Truth
+from pipeline.scenes.codes import Scene, Truth
 from pipeline.tiling import Window, grid
 
 # boxes (x, y, w, h) in ../shared/images/astronaut.png (512x512): YuNet's face, FastestDet's person

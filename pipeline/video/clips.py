@@ -14,17 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import images
-from pipeline.images import ImageError
 from pipeline.inference import TileFailure, crop, describe, recognize_windows, region, windows_of
-from pipeline.merge import merge_detections
+from pipeline.merge.detections import merge_detections
 from pipeline.model import Detections
 from pipeline.options import JobOptions, VideoOptions, parse_video_options
-from pipeline.readers import remote
+from pipeline.readers import images, remote
+from pipeline.readers.images import ImageError
 from pipeline.recognizers import spec_of
 from pipeline.tiling import Window
-from pipeline.tracking import SegmentTracker, Track, pieces_of, stitch
-from pipeline.video import Clip, Segment, VideoError, owned, plan_segments, probe, read_frames, select_frames
+from pipeline.video.frames import Clip, Segment, VideoError, owned, plan_segments, probe, read_frames, select_frames
+from pipeline.video.tracking import SegmentTracker, Track, pieces_of, stitch
 
 SCHEMA = "tilerec.video@1"
 OVERLAP_FRAMES = 2  # recognized frames each segment shares with the next: where tracks are matched across
@@ -360,7 +359,7 @@ def annotated_frames(
 ) -> Iterator[np.ndarray]:
     """The clip's frames from the first recognized to the last, each with the boxes of the latest recognized frame
     at or before it (frames a step skipped hold the last boxes), captioned `#track label`."""
-    from pipeline.render import draw_detections
+    from pipeline.outputs.render import draw_detections
 
     by_frame = {f["frame"]: f["detections"] for f in result["per_frame"]}
     if not by_frame:

@@ -227,7 +227,7 @@ def merge_detections(
     the smallest one around all their corners, and a cut view's keypoints to the best-scored of each; a whole view
     only grows with other whole views, so a seam-cut fragment never stretches it. Detections with a payload (QR text,
     marker id) match by payload. "lines" joins the pieces of text lines by their geometry along each line
-    (`pipeline.lines.join_lines`; the `text` recognizer's merge).
+    (`pipeline.merge.lines.join_lines`; the `text` recognizer's merge).
     """
     if method not in MERGE_METHODS:
         raise ValueError(f"merge must be one of {MERGE_METHODS}, got {method!r}")
@@ -236,7 +236,7 @@ def merge_detections(
     if method == "none" or len(detections) < 2:
         return detections
     if method == "lines":
-        from pipeline.lines import join_lines  # here: pipeline.lines builds on this module's pair search
+        from pipeline.merge.lines import join_lines  # here: pipeline.merge.lines builds on this module's pair search
 
         return join_lines(detections)
     merged, joined = _merge_once(detections, method, match_metric, match_threshold)

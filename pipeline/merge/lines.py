@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.merge import overlapping_pairs
+from pipeline.merge.detections import overlapping_pairs
 from pipeline.model import Detections
 from pipeline.shapes import obb_corners
 

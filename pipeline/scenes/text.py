@@ -1,5 +1,5 @@
-"""Generated pages of text with known strings and positions, for the `text` recognizer's tests and benchmark, and
-the scores of a reading against the truth (word recall, character error rate).
+"""Generated pages of text with known strings and positions, for the `text` recognizer's tests (and the pages of
+its benchmark, bench.text), and the scores of a reading against the truth (word recall, character error rate).
 
 Text is rendered with Pillow in matplotlib's bundled DejaVu Sans (both come with the `test` and `bench` extras), so
 every page is the same on every machine. Each `LineTruth` is one line as placed: its string and box; a page's
@@ -175,50 +175,6 @@ def turned(page: TextPage, quarter_turns: int = 0, skew: float = 0.0) -> np.ndar
     grown = (int(height * sin + width * cos) + 2, int(height * cos + width * sin) + 2)
     matrix[:, 2] += (grown[0] / 2 - width / 2, grown[1] / 2 - height / 2)
     return cv2.warpAffine(image, matrix, grown, flags=cv2.INTER_CUBIC, borderValue=255)
-
-
-def poster(
-    width: int,
-    vocabulary: Sequence[str],
-    size: int = 32,
-    headline: str = "Tilerec reads posters",
-    per_block: int = 160,
-    seed: int = 0,
-) -> TextPage:
-    """A poster `width` px wide (3:4): a headline a fortieth of its width tall over a light grey ground, and text
-    blocks of two columns at `size` px (`per_block` words each), laid row by row with white space between them,
-    filled with the words in order as far as they fit. Text stays `size` px at every poster size, as when a bigger
-    poster holds more (or is printed at more dots per inch): whole-image OCR shrinks it out of reach.
-
-    Returns:
-        The page; its lines are the headline, then each block's lines in reading order, blocks row by row.
-    """
-    height = width * 3 // 4
-    image = np.full((height, width), 235, np.uint8)
-    rng = np.random.default_rng(seed)
-    image = np.clip(image.astype(np.int16) + rng.integers(-6, 7, image.shape), 0, 255).astype(np.uint8)
-    big = max(size, width // 40)
-    truths = draw_lines(image, [(width // 20, height // 30, headline)], big)
-    block_width = min(width - 2 * (width // 20), 1800)
-    across = max(1, (width - width // 10 + 200) // (block_width + 200))
-    top, start = height // 30 + 2 * big, 0
-    while start < len(vocabulary):
-        row = []
-        for column in range(across):
-            chunk = vocabulary[start : start + per_block]
-            if not chunk:
-                break
-            row.append((width // 20 + column * (block_width + 200), column_page(chunk, 2, block_width, size, 40, 80)))
-            start += len(chunk)
-        tallest = max(block.image.shape[0] for _, block in row)
-        if top + tallest > height - height // 40:
-            break
-        for x, block in row:
-            rows, cols = block.image.shape
-            image[top : top + rows, x : x + cols] = np.minimum(image[top : top + rows, x : x + cols], block.image)
-            truths += [LineTruth(t.text, (t.box[0] + x, t.box[1] + top, t.box[2], t.box[3])) for t in block.lines]
-        top += tallest + 150
-    return TextPage(image, truths)
 
 
 def word_recall(truth: Sequence[str], found: Sequence[str]) -> float:

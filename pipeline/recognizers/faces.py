@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from pipeline.model import Detections
-from pipeline.stages import Crop, SecondStage, StageResult
+from pipeline.recognizers.stages import Crop, SecondStage, StageResult
 
 EMBEDDERS = ("dlib", "sface")
 MIN_FACE_PX = 32  # the shorter side of a face's box: a smaller face is blown up past what the embedders resolve

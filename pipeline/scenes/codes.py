@@ -197,7 +197,7 @@ def ean13(first12: str, module_px: int = 3, height_px: int = 120) -> tuple[np.nd
     return picture, (quiet * module_px, 10, len(modules) * module_px, height_px), digits
 
 
-# --- scenes for the benchmarks: ArUco markers, EAN-13 barcodes and QR codes, alone or mixed, up to 16000² and more ---
+# --- scenes of ArUco markers, EAN-13 barcodes and QR codes, alone or mixed, up to 16000² and more (tests, datasets) ---
 
 PLACEMENTS = ("seam", "edge", "inside")
 

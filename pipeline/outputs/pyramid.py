@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.sources import ArraySource, Source
+from pipeline.readers.sources import ArraySource, Source
 from pipeline.tiling import Window
 
 TILE_SIZE = 254  # with a 1 px overlap, DZI tiles are at most 256 px: OpenSeadragon's and Deep Zoom's default

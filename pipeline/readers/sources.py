@@ -27,10 +27,10 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageError, check_pixels, file_errors
 from pipeline.model import Spatial
 from pipeline.readers import formats, geo, opencv, remote
 from pipeline.readers.geo import GeoSource, is_georeferenced
+from pipeline.readers.images import DEFAULT_MAX_PIXELS, ImageError, check_pixels, file_errors
 from pipeline.readers.remote import RemoteObject
 from pipeline.readers.slide import SlideSource, slide_vendor
 from pipeline.readers.tiff import TiffSource, check_extent, tiff_file, tiff_source

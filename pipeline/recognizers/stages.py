@@ -175,7 +175,7 @@ def _build(name: str, params: str) -> SecondStage:
     stage = factory(json.loads(params))
     if not isinstance(stage, SecondStage):
         raise StageError(f"recognizer {name!r}: its second_stage factory returned {type(stage).__name__}, "
-                         "not a pipeline.stages.SecondStage")  # fmt: skip
+                         "not a pipeline.recognizers.stages.SecondStage")  # fmt: skip
     return stage
 
 

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 from shapely.geometry.base import BaseGeometry
 
-from pipeline.export import mask_crop, skeleton
 from pipeline.model import Detections
+from pipeline.outputs.export import mask_crop, skeleton
 from pipeline.shapes import obb_corners, rasterize
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import Dataset, DatasetError, read_dataset
-from pipeline.export import coco_results
 from pipeline.model import Recognition
+from pipeline.outputs.datasets import Dataset, DatasetError, read_dataset
+from pipeline.outputs.export import coco_results
 
 # faster-coco-eval's stats, in its order (COCOeval.summarize for bbox and segm)
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -78,7 +78,7 @@ class Metrics:
 
 
 def load_truth(path: str | Path) -> Dataset:
-    """The ground truth: a COCO dataset with annotations (see pipeline.datasets.read_dataset for its errors)."""
+    """The ground truth: a COCO dataset with annotations (see pipeline.outputs.datasets.read_dataset for its errors)."""
     dataset = read_dataset(path)
     if not isinstance(dataset.document.get("annotations"), list):
         raise DatasetError(f"ground truth {str(path)!r} has no `annotations` list")

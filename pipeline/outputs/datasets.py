@@ -15,7 +15,7 @@ from typing import Any
 
 import cv2
 
-from pipeline.scenes import Scene, code_scene
+from pipeline.scenes.codes import Scene, code_scene
 
 
 class DatasetError(ValueError):
@@ -121,7 +121,7 @@ def write_scene_set(
     per_image: int = 2,
     seed: int = 0,
 ) -> Path:
-    """Write `count` small scenes with known codes (pipeline.scenes.code_scene) as PNGs and their COCO truth.
+    """Write `count` small scenes with known codes (pipeline.scenes.codes.code_scene) as PNGs and their COCO truth.
 
     Args:
         folder: where `truth.json` goes, the images in its `images/` folder (`scene-00000.png`, …); made if missing.

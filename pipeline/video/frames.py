@@ -23,9 +23,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline import sources
-from pipeline.images import ImageError
-from pipeline.readers import remote
+from pipeline.readers import remote, sources
+from pipeline.readers.images import ImageError
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".flv",
                   ".wmv", ".3gp", ".ogv", ".y4m")  # fmt: skip
