@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -111,6 +112,16 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds the processes have used so far, from /proc (a process gone counts 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 WHATIF_DIR = Path(__file__).resolve().parent / "whatif"
 
 
@@ -184,6 +195,11 @@ class Cluster(LocalCluster):
 
     def client(self) -> redis.Redis:
         return self.redis.client()
+
+    def pids(self) -> list[int]:
+        """Every process of the cluster: the worker, its pool, and the Redis."""
+        assert self.worker is not None and self.worker.process is not None and self.redis.process is not None
+        return [self.worker.process.pid, *self.worker.child_pids(), self.redis.process.pid]
 
     def _log_size(self) -> int:
         return self.log_path.stat().st_size if self.log_path.exists() else 0

@@ -10,7 +10,9 @@ and both must find the same detections. The scenes are written as PNG and as an 
 `--formats` as JPEG (quality 95) and WebP (quality 90) too. With `--in-process`, each job is also run in one fresh
 process of this checkout on the same tiles (`bench.inprocess`: decoded whole, then tiled), at one thread and at the
 libraries' default threads, interleaved with the clusters' jobs: what distribution buys, in the same run. The
-load average is recorded beside every job. Writes `versus.json` and `versus.md` (medians, and the ratio of each
+load average is recorded beside every job, and its CPU seconds (every process of the cluster, the Redis included;
+the one-process run's own): two cores give at most two CPU seconds a second, so 2 × one thread's CPU over the
+job's bounds the ratio whatever the load. Writes `versus.json` and `versus.md` (medians, and the ratio of each
 scene's median times: this checkout over the other).
 """
 
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import Cluster
+from bench.cluster import Cluster, cpu_seconds
 from bench.inprocess import run_in_subprocess
 from bench.runner import _as_encoded, _as_tiled_tiff
 from bench.scenes import CODE_KIND, PHOTO_KINDS, one_tile_image, scene_file
@@ -56,14 +58,14 @@ def _scenes(folder: Path, size: int, formats: tuple[str, ...]) -> list[tuple[str
     return found
 
 
-def _in_process(path: Path, recognizer: str, threads: str | int) -> tuple[float, list[Any], float]:
+def _in_process(path: Path, recognizer: str, threads: str | int) -> tuple[float, list[Any], float, float]:
     """One pass in a fresh process of this checkout: (seconds from the file to the result, detections, its serial
-    decode's seconds)."""
+    decode's seconds, its CPU seconds)."""
     out = run_in_subprocess({"image": str(path), "recognizer": recognizer, "mode": "tiled", "threads": threads,
                              "reps": 1, "options": {}}, 1800)  # fmt: skip
     if "error" in out:
         raise RuntimeError(f"in process ({threads} threads) failed on {path.name}: {out['error']}")
-    return out["passes"][0]["total_s"], out["detections"], out["passes"][0]["decode_s"]
+    return out["passes"][0]["total_s"], out["detections"], out["passes"][0]["decode_s"], out["passes"][0]["cpu_s"]
 
 
 def run(
@@ -97,17 +99,21 @@ def run(
                 row = rows.setdefault(key, {"this": [], "other": [], "same": True, "load": []})
                 found = {}
                 for name, cluster in order:
+                    pids = cluster.pids()
+                    cpu = cpu_seconds(pids)
                     run_ = cluster.run(str(path), recognizer, {}, 600)
                     if run_.error:
                         raise RuntimeError(f"{name} failed {key}: {run_.error}")
                     row[name].append(run_.wall_s)
+                    row.setdefault(f"{name}_cpu", []).append(cpu_seconds(pids) - cpu)
                     found[name] = run_.result["detections"]
                     row["load"].append(os.getloadavg()[0])
                 row["same"] = row["same"] and found["this"] == found["other"]
                 if in_process and path != one_tile:
                     for threads in (1, "default") if rep % 2 == 0 else ("default", 1):
-                        seconds, detections, decode_s = _in_process(path, recognizer, threads)
+                        seconds, detections, decode_s, cpu = _in_process(path, recognizer, threads)
                         row.setdefault(f"inproc-{threads}", []).append(seconds)
+                        row.setdefault(f"inproc-{threads}_cpu", []).append(cpu)
                         row.setdefault("decode_s", []).append(decode_s)
                         row["same_in_process"] = row.get("same_in_process", True) and detections == found["this"]
                         row["load"].append(os.getloadavg()[0])
@@ -126,6 +132,9 @@ def run(
             row["speedup_1"] = statistics.median(row["inproc-1"]) / row["this_median_s"]
             row["speedup_default"] = statistics.median(row["inproc-default"]) / row["this_median_s"]
             row["decode_median_s"] = statistics.median(row["decode_s"])
+            # two cores give at most 2 CPU seconds a second: the job's CPU (all its processes and the Redis)
+            # against one thread's bounds the ratio whatever the load (`cpu_bound`)
+            row["cpu_bound"] = 2 * statistics.median(row["inproc-1_cpu"]) / statistics.median(row["this_cpu"])
     ratios = [row["ratio"] for key, row in rows.items() if not key.startswith("aruco png one")]
     summary = {
         "size": size,
@@ -146,15 +155,20 @@ def _markdown(summary: dict[str, Any], other: Path) -> str:
         f"{summary['size']}² scenes at W={summary['workers']}, median of {summary['reps']} interleaved jobs each; "
         f"ratio = this checkout's median time / {other.name}'s; × 1 thread and × default threads = the same "
         "tiles' time in one process of this checkout over this checkout's W time; load = the median 1-minute load "
-        "average beside the jobs",
+        "average beside the jobs; this CPU = the CPU seconds of this cluster's processes (worker, pool, Redis) for the "
+        "job, 1 thread CPU = the one-thread run's; CPU bound = 2 × 1 thread CPU / this CPU, the most two cores can "
+        "give against one thread",
         "",
-        "| scene | this s | other s | ratio | × 1 thread | × default threads | serial decode s | load | same |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scene | this s | other s | ratio | × 1 thread | × default threads | serial decode s | this CPU s | "
+        "1 thread CPU s | CPU bound | load | same |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in summary["rows"].items():
         same = row["same"] and row.get("same_in_process", True)
-        speedups = (f"{row['speedup_1']:.2f} | {row['speedup_default']:.2f} | {row['decode_median_s']:.3f}"
-                    if "speedup_1" in row else "– | – | –")  # fmt: skip
+        speedups = (f"{row['speedup_1']:.2f} | {row['speedup_default']:.2f} | {row['decode_median_s']:.3f} | "
+                    f"{statistics.median(row['this_cpu']):.2f} | {statistics.median(row['inproc-1_cpu']):.2f} | "
+                    f"{row['cpu_bound']:.2f}"
+                    if "speedup_1" in row else "– | – | – | – | – | –")  # fmt: skip
         lines.append(
             f"| {key} | {row['this_median_s']:.3f} | {row['other_median_s']:.3f} | {row['ratio']:.3f} | "
             f"{speedups} | {row['load_median']:.1f} | {'yes' if same else 'NO'} |"

@@ -141,6 +141,13 @@ def storable(tile: np.ndarray | None, options: JobOptions) -> np.ndarray | None:
     return compact(tile, options)
 
 
+def grey_tiles(options: JobOptions) -> bool:
+    """The job's tiles are grey from the source on: its recognizer reads grey only and no tile is judged blank
+    (`skip_blank` looks at every channel), so an image libvips decodes band by band can be opened `grey`
+    (`sources.open_source`) and each band converted once rather than tile by tile, overlaps twice: the same pixels."""
+    return spec_of(options.recognizer).grey and options.skip_blank is None
+
+
 def stage_reader(read: Callable[[Window], np.ndarray | None], options: JobOptions) -> Callable[[Window], Any]:
     """A reader of crops for the second stage from a reader of the image's windows: the same channels as the
     tiles (`compact`), so a crop read from the file and one assembled from stored tiles are the same pixels."""

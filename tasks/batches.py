@@ -36,7 +36,7 @@ MAX_ATTEMPTS = 3  # a tile (or an image) whose worker process dies this many tim
 DIED = f"the worker process died all {MAX_ATTEMPTS}"
 CANCEL_CHECK_S = 0.25  # a running batch looks for a cancel this often (a round trip each)
 STREAM_POLL_S = 0.02  # a batch waiting for a streamed image's rows looks this often
-STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when no row came for this long
+STREAM_STALL_S = 5.0  # ... and gives its process back (retrying later) when neither a row nor a beat came this long
 PROGRESS_STEPS = 50  # a job reports its progress at most this many times
 PROGRESS_EVERY_S = 0.5  # and a process at most this often for one job (each report: an event and a result write)
 log = logging.getLogger(__name__)
@@ -160,13 +160,13 @@ def _spanned(owned: list[tuple[int, int]], start: int, stop: int) -> range:
 def wait_for_rows(task: Any, client: redis.Redis, job: JobRecord, stop: int) -> None:
     """Wait until a streamed image's tiles up to `stop` are stored, its decoding failed, or the job was cancelled.
     A decoding that stalls (its process may have died, and its redelivery needs a process) gets this one back."""
-    seen, since = -1, time.monotonic()
+    seen, since = (-1, -1), time.monotonic()
     while True:
         ready, failed, cancelled = store.stream_state(client, job.id)
         if ready is None or ready >= stop or failed or cancelled:
             return
-        if ready > seen:
-            seen, since = ready, time.monotonic()
+        if (progress := (ready, store.beats(client, job.id))) != seen:  # a row stored, or the decoder still alive
+            seen, since = progress, time.monotonic()
         elif time.monotonic() - since > STREAM_STALL_S:
             raise task.retry(countdown=1, max_retries=10**6)
         time.sleep(STREAM_POLL_S)

@@ -30,7 +30,7 @@ import redis
 from celery import chord, group, states
 from celery.exceptions import Ignore
 
-from pipeline.inference import TileOutcome, assemble, measured_tile_cost, region, stage_reader, storable
+from pipeline.inference import TileOutcome, assemble, grey_tiles, measured_tile_cost, region, stage_reader, storable
 from pipeline.model import Recognition
 from pipeline.options import JobOptions, parse_options
 from pipeline.readers import images, sources
@@ -91,7 +91,7 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
         target = resolve(image)
         parsed, loaded = parse_options(recognizer, options), time.time()
         source = sources.open_source(target, parsed.level, settings().max_pixels, parsed.roi, parsed.read_spec(),
-                                     in_row_order=True)  # fmt: skip
+                                     in_row_order=True, grey=grey_tiles(parsed))  # fmt: skip
         with contextlib.closing(source):
             decoded = time.time()
             planned = plan_job(client, job_id, image, target, source, parsed, (started, loaded, decoded))
@@ -138,12 +138,14 @@ def _decode_streamed(client: redis.Redis, job: JobRecord, attempts: int, target:
             raise images.ImageError(f"gave up on {job.image!r}: {DIED} times it decoded it")
         target = resolve(job.image) if target is None else target
         source = sources.open_source(target, job.level, settings().max_pixels, job.options.roi,  # type: ignore[arg-type]
-                                     job.options.read_spec(), in_row_order=True)  # fmt: skip
+                                     job.options.read_spec(), in_row_order=True,
+                                     grey=grey_tiles(job.options))  # fmt: skip
         with contextlib.closing(source):
             if (source.width, source.height) != (job.width, job.height):
                 raise images.ImageError("the image changed while its job was being planned; submit it again")
             tiles = ((window, storable(source.read(window), job.options)) for window in job.windows)
-            store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
+            with store.decoding(client, job.id, settings().tile_ttl):
+                store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
     except redis.OutOfMemoryError:
         store.fail_job(client, job.id, job.tiles, store.FILLED, settings().tile_ttl)
     except Exception as error:

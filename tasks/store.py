@@ -12,6 +12,7 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:ready      tiles stored so far while the tiling task decodes a PNG band by band (absent: all)
     tilerec:job:J:failed     why decoding that PNG failed (the job fails with this)
     tilerec:job:J:stream     hash: the time the tiling task spent decoding that PNG and storing its tiles
+    tilerec:job:J:beat       counted up every STREAM_BEAT_S while it decodes: alive, though no row came yet
     tilerec:job:J:stage      a job with a second stage: its merged first-stage result and crop plan (JSON), stored
                              by the merge for the crop batches and the final callback (the tiles stay until then)
     tilerec:job:J:crops      its number of crops
@@ -30,12 +31,14 @@ crop). Results too large for the result backend: tilerec:result:<job id>.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import ssl
+import threading
 import time
 import uuid
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -52,8 +55,10 @@ from pipeline.tiling import Window
 
 PREFIX = "tilerec"
 REF_SCHEME = "redis:"
-PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "frames", "need")  # and tiles
+PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "beat", "frames", "need")
+# and tiles
 STAGE_PARTS = ("stage", "crops", "crop_records")  # a second stage's
+STREAM_BEAT_S = 1.0  # a streamed decoding says it is alive this often (a WebP decoded whole stores no row for long)
 FLUSH_EVERY = 32  # tiles a pipeline holds before it is sent: bounds the memory of storing a job's tiles
 READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
@@ -141,7 +146,7 @@ def put_tiles(
                 pipe.exists(job_key(job_id, "job"))
                 *_, cancelled, described = pipe.execute()
                 if cancelled or not described:  # what it wrote goes (the merge may have cleaned up before)
-                    _unlink(client, _keys(job_id, stored, ("ready", "stream")))
+                    _unlink(client, _keys(job_id, stored, ("ready", "stream", "beat")))
                     return False
             elif count % FLUSH_EVERY == 0:
                 pipe.execute()
@@ -213,6 +218,7 @@ def put_job(client: redis.Redis, job_id: str, description: str, tiles: int, ttl:
         pipe.set(job_key(job_id, "total"), tiles, ex=ttl)
         if streamed:
             pipe.set(job_key(job_id, "ready"), 0, ex=ttl)
+            pipe.set(job_key(job_id, "beat"), 0, ex=ttl)
         pipe.execute()
 
 
@@ -338,6 +344,34 @@ def stream_state(client: redis.Redis, job_id: str) -> tuple[int | None, str | No
             pipe.get(job_key(job_id, part))
         ready, failed, cancelled = pipe.execute()
     return None if ready is None else int(ready), None if failed is None else failed.decode(), cancelled is not None
+
+
+def beats(client: redis.Redis, job_id: str) -> int:
+    """How often a streamed job's decoding said it is alive (`decoding`)."""
+    return int(client.get(job_key(job_id, "beat")) or 0)
+
+
+@contextlib.contextmanager
+def decoding(client: redis.Redis, job_id: str, ttl: int) -> Iterator[None]:
+    """While the block decodes a streamed job's image, a helper thread counts its `beat` up every STREAM_BEAT_S, so
+    the tile tasks waiting for rows tell a long decoding (a WebP decoded whole before its first row, a loaded
+    machine) from a process that died. The count is only updated, never created: a job cleaned up stays clean."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while not stop.wait(STREAM_BEAT_S):
+            count += 1
+            with contextlib.suppress(redis.RedisError):  # a store outage shows in the decoding's own writes
+                client.set(job_key(job_id, "beat"), count, ex=ttl, xx=True)
+
+    helper = threading.Thread(target=beat, name="tilerec-stream-beat", daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        helper.join()
 
 
 def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> None:

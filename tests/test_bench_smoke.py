@@ -121,6 +121,18 @@ def test_the_hardware_ceiling_reports_a_process_that_failed(tmp_path):
     assert "missing.png" in out["error"] and "timed_out" not in out
 
 
+def test_the_decode_floor_is_the_two_cores_work_or_the_serial_part_whichever_ends_later():
+    from bench.floor import floor
+
+    # recognition 1.0 s in 10 rows: the other process starts at the first row (0.1 s), the tiling one after its
+    # serial 0.5 s; together they finish (1.0 + 0.1 + 0.5) / 2 = 0.8 s after the start, past 0.5 + 0.05
+    assert floor(first_row=0.1, serial=0.5, recognize=1.0, rows=10) == pytest.approx(0.8)
+    # a serial part longer than the rest: the last row (0.1 s of recognition) shared by both after it
+    assert floor(first_row=0.1, serial=2.0, recognize=1.0, rows=10) == pytest.approx(2.05)
+    # nothing serial (a tiled TIFF): the work halved
+    assert floor(first_row=0.0, serial=0.0, recognize=1.0, rows=10) == pytest.approx(0.5)
+
+
 def test_idle_time_is_split_into_before_between_and_after_each_process_tasks():
     from bench.analysis import idle_time
 

@@ -137,10 +137,11 @@ def encoded(scene_path: str, suffix: str) -> Path:
     return path
 
 
-# (suffix, uploaded: bytes through the store rather than a shared file, streamed); a WebP is decoded whole
+# (suffix, uploaded: bytes through the store rather than a shared file, streamed); a WebP is decoded whole, after
+# the chord is published
 STREAMED = {
     "JPEG": (".jpg", False, True),
-    "WebP": (".webp", False, False),
+    "WebP": (".webp", False, True),
     "stripped TIFF, uploaded": (".tif", True, True),
 }
 

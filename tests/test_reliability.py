@@ -633,6 +633,23 @@ def test_a_stream_that_outlives_its_merge_deletes_all_it_wrote(redis_server):
     assert tilerec_keys(redis_server) == []
 
 
+def test_a_decoding_that_stores_no_row_beats_while_it_lives_and_recreates_no_cleaned_job(redis_server, monkeypatch):
+    """A WebP is decoded whole before its first row is stored: its tile tasks see the decoding's beat go up, so
+    they wait rather than give their process back as for a dead decoder; once the merge cleaned the job up (a
+    cancel), a beat writes nothing back."""
+    from tasks import store
+
+    monkeypatch.setattr(store, "STREAM_BEAT_S", 0.01)
+    client, job_id = redis_server.client(), "decoded-whole-first"
+    store.put_job(client, job_id, "{}", 4, 60, streamed=True)
+    with store.decoding(client, job_id, 60):
+        wait_for(lambda: store.beats(client, job_id) >= 3)
+        assert store.stream_state(client, job_id)[0] == 0  # no row yet: only the beat says it is alive
+        store.delete_job(client, job_id, 4)
+        time.sleep(5 * store.STREAM_BEAT_S)  # beats after the cleanup: none may write the key again
+    assert tilerec_keys(redis_server) == []
+
+
 def test_a_png_damaged_mid_stream_fails_the_job_clearly_and_leaves_nothing(worker, redis_server, big_scene):
     _, path = big_scene
     damaged = IMAGES_ROOT / "damaged-mid-stream.png"

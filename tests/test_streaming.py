@@ -15,7 +15,8 @@ from PIL import Image
 from pipeline.inference import windows_of
 from pipeline.options import parse_options
 from pipeline.readers.images import ImageError
-from pipeline.readers.sources import ArraySource, decode, open_source
+from pipeline.readers.opencv import DeferredSource
+from pipeline.readers.sources import decode, open_source
 from pipeline.readers.vips import BAND_ROWS, VipsSource
 from pipeline.tiling import Window, grid
 
@@ -87,7 +88,8 @@ WRITTEN = [(".png", name) for name in LAYOUTS] + [(".webp", "BGR 8-bit"), (".web
 
 @pytest.mark.parametrize(("suffix", "name"), WRITTEN)
 def test_windows_in_row_order_are_the_very_pixels_written(suffix, name):
-    """PNG decoded band by band by libvips; WebP decoded whole by OpenCV (faster, and libvips decodes it whole)."""
+    """PNG decoded band by band by libvips; WebP decoded whole by OpenCV (faster, and libvips decodes it whole) at
+    its first window, so a tiling task can publish the job's batches before it decodes."""
     channels, dtype = LAYOUTS[name]
     image = picture(700, 157, channels, dtype)  # more than two bands of BAND_ROWS
     data = encoded(image, suffix, *LOSSLESS[suffix])
@@ -96,11 +98,37 @@ def test_windows_in_row_order_are_the_very_pixels_written(suffix, name):
         want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[:, :, :3]
         np.testing.assert_array_equal(want[image[:, :, 3] > 0], image[:, :, :3][image[:, :, 3] > 0])
     source = open_source(data, in_row_order=True)
-    assert isinstance(source, VipsSource if suffix == ".png" else ArraySource)
+    assert isinstance(source, VipsSource if suffix == ".png" else DeferredSource)
     assert (source.width, source.height) == (157, 700)
     for window in grid(700, 157, tile=64, overlap=0.25):
         np.testing.assert_array_equal(source.read(window), want[window.y : window.y2, window.x : window.x2])
     np.testing.assert_array_equal(decode(data), want)
+
+
+GREY_CASES = [(".png", name) for name in LAYOUTS] + [(".jpg", "BGR 8-bit")]
+
+
+@pytest.mark.parametrize(("suffix", "name"), GREY_CASES)
+def test_grey_windows_are_the_colour_windows_converted(suffix, name):
+    """Opened `grey` (a grey-only recognizer's tiles), bands are converted once, RGB to grey: the very pixels of
+    each window converted from BGR, as a tile task converts a window read in colour."""
+    channels, dtype = LAYOUTS[name]
+    image = picture(600, 157, channels, dtype)
+    data = encoded(image, suffix, *LOSSLESS.get(suffix, ()))
+    colour, grey = open_source(data, in_row_order=True), open_source(data, in_row_order=True, grey=True)
+    assert grey.channels == 1
+    for window in grid(600, 157, tile=96, overlap=0.25):
+        want = colour.read(window)
+        want = want if want.ndim == 2 else cv2.cvtColor(want, cv2.COLOR_BGR2GRAY)
+        np.testing.assert_array_equal(grey.read(window), want)
+
+
+@pytest.mark.parametrize("name", ["CMYK JPEG", "grey and alpha PNG", "palette PNG with transparency"])
+def test_converted_layouts_read_grey_as_their_colour_converted(name):
+    data = layouts_opencv_converts()[name]
+    colour = decode(data)
+    want = colour if colour.ndim == 2 else cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
+    np.testing.assert_array_equal(open_source(data, in_row_order=True, grey=True).read(Window(0, 0, 0, 70, 90)), want)
 
 
 def filtered_rows(raw: np.ndarray, bpp: int) -> bytes:
@@ -237,6 +265,25 @@ def test_damaged_pixel_data_is_a_clear_image_error(kind, message):
     with pytest.raises(ImageError, match=f"the image is damaged or cut short: {message}"):
         for window in grid(300, 200, tile=64, overlap=0.0):
             source.read(window)
+
+
+def test_libpng_in_libvips_ignores_chunk_crcs_but_zlib_catches_damaged_pixel_data():
+    """libvips sets libpng to ignore CRC errors: a wrong chunk CRC over sound data reads as the very pixels, while
+    any byte of the pixel data changed (its chunk's CRC made to match, so only zlib can tell) fails the read, near
+    the stream's start or in its Adler-32 at its very end, after every band was handed out."""
+    image = picture(300, 200, 3)
+    data = png(image)
+    idat = data.index(b"IDAT")
+    crc = idat + 4 + struct.unpack(">I", data[idat - 4 : idat])[0]  # after the chunk's type and data
+    np.testing.assert_array_equal(decode(data[:crc] + bytes([data[crc] ^ 0xFF]) + data[crc + 1 :]), image)
+    parts = chunks(data)
+    pixels = b"".join(body for name, body in parts if name == b"IDAT")
+    for position in (len(pixels) // 2, len(pixels) - 10, len(pixels) - 2):
+        broken = pixels[:position] + bytes([pixels[position] ^ 0x01]) + pixels[position + 1 :]
+        source = open_source(assemble([parts[0], (b"IDAT", broken), (b"IEND", b"")]), in_row_order=True)
+        with pytest.raises(ImageError, match="IDAT: incorrect data check"):
+            for window in grid(300, 200, tile=64, overlap=0.0):
+                source.read(window)
 
 
 def test_an_image_read_in_row_order_is_size_checked_and_truncation_checked_first():

@@ -3,17 +3,23 @@
 libvips as the pyvips-binary wheel ships it reads none of these formats but WebP, whose frame it decodes whole
 before its first band anyway, in 1.9x OpenCV's time (docs/performance.md). Each one's size is read from its header
 (`formats.opencv_size`; an array's from the .npy header) and checked against the pixel limit before it is decoded.
+A WebP read in row order is a `DeferredSource`: decoded at its first window, so a tiling task publishes the job's
+batches first and decodes it after (`sources.open_source`).
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 
 from pipeline.readers import formats
 from pipeline.readers.images import ImageError, check_pixels, normalize
+from pipeline.tiling import Window
+
+DEFERRED = ("webp",)  # always colour (RGB or RGBA): its channels are known before it is decoded
 
 
 def decode(data: bytes, kind: str, max_pixels: int) -> np.ndarray:
@@ -57,3 +63,30 @@ def _load_npy(data: bytes) -> np.ndarray:
     except ValueError as error:
         raise ImageError(f"the stored array cannot be read: {error}") from None
     return normalize(array)
+
+
+class DeferredSource:
+    """An image in one of DEFERRED, sized from its header and decoded whole at its first window: a tiling task that
+    streams its tiles opens it before it publishes the job's batches, and decodes it only after."""
+
+    windowed = False  # decoded once, by the process that opened it
+    levels = 1
+    level = 0
+    downsample = 1.0
+    spatial = None
+    reader = "array"
+    channels = 3  # a WebP is RGB or RGBA, given as BGR
+
+    def __init__(self, load: Callable[[], bytes], kind: str, size: tuple[int, int], max_pixels: int) -> None:
+        """`load` gives the whole file, of format `kind` and (width, height) `size` (from its header, checked)."""
+        self.load, self.kind, self.max_pixels = load, kind, max_pixels
+        self.width, self.height = size
+        self.pixels: np.ndarray | None = None
+
+    def read(self, window: Window) -> np.ndarray:
+        if self.pixels is None:
+            self.pixels = decode(self.load(), self.kind, self.max_pixels)
+        return self.pixels[window.y : window.y2, window.x : window.x2]
+
+    def close(self) -> None:
+        self.pixels = None

@@ -10,7 +10,11 @@ which reads what and why). Every input is identified from its first bytes and it
 - JPEG, PNG, GIF and HEIF through libvips, decoded top to bottom band by band (`readers.vips`): read in row order
   (`in_row_order`), only the bands a window spans are held, otherwise the image is decoded whole;
 - WebP, BMP, PNM/PFM, HDR, Sun raster, JPEG 2000 and .npy are decoded whole (`readers.opencv`) into an
-  `ArraySource`.
+  `ArraySource`; a WebP read in row order at its first window (`opencv.DeferredSource`).
+
+A caller that keeps only grey (a grey-only recognizer's tiles) opens an image `grey`: one libvips decodes band by
+band is then converted to grey once per band, not window by window (other sources' windows stay as they are: an
+image decoded whole would need a second whole-image buffer, whose fresh pages cost more than converting windows).
 
 Every source gives 8-bit grey or BGR windows (what the recognizers take), like `images.normalize`.
 """
@@ -121,13 +125,16 @@ def open_source(
     roi: list[int] | None = None,
     spec: ReadSpec = ReadSpec(),
     in_row_order: bool = False,
+    grey: bool = False,
 ) -> Source:
     """A source for a file (already confined to the allowed roots), an object in storage, or encoded bytes.
 
     The format is known from the first bytes and the size from the header before any pixel is decoded: `max_pixels`
     is checked against the `roi` ([x, y, w, h]) or the level for an image read by window, against the whole image
     for anything decoded. A format decoded top to bottom (JPEG, PNG, WebP, …) is decoded whole here, unless the
-    caller reads its windows `in_row_order` (`tiling.grid`'s): then bands are decoded as the windows reach them.
+    caller reads its windows `in_row_order` (`tiling.grid`'s): then bands are decoded as the windows reach them (a
+    WebP, decoded whole, at its first window). `grey`: the caller keeps only grey, so an image libvips decodes gives
+    grey bands, converted once rather than window by window.
     """
     source = open_windowed(target, level, spec)
     if source is None:
@@ -135,7 +142,7 @@ def open_source(
             raise ImageError(
                 f"{_name(target)} has 1 pyramid level (only TIFFs and slides have more); level {level} asked"
             )
-        return _open_decoded(target, max_pixels or DEFAULT_MAX_PIXELS, in_row_order)  # type: ignore[arg-type]
+        return _open_decoded(target, max_pixels or DEFAULT_MAX_PIXELS, in_row_order, grey)  # type: ignore[arg-type]
     try:
         if max_pixels:
             width, height = (roi[2], roi[3]) if roi and source.windowed else (source.width, source.height)
@@ -150,17 +157,20 @@ def open_source(
     return ArraySource(pixels)
 
 
-def _open_decoded(target: Path | bytes, max_pixels: int, in_row_order: bool) -> Source:
+def _open_decoded(target: Path | bytes, max_pixels: int, in_row_order: bool, grey: bool) -> Source:
     """An image in a format read top to bottom (libvips) or decoded whole (OpenCV, NumPy), its size checked from its
     header and its ends for truncation before any pixel is decoded."""
     head, tail, size = _ends(target)
     kind = formats.sniff(head)
     if kind not in formats.VIPS_FORMATS:
-        check_pixels(*opencv.size(kind, head), max_pixels)
+        dimensions = opencv.size(kind, head)
+        check_pixels(*dimensions, max_pixels)
         formats.check_complete(kind, head, tail, size)  # both before the file is read
-        data = target if isinstance(target, bytes) else _read(target)
-        return ArraySource(opencv.decode(data, kind, max_pixels))
-    source = VipsSource(target, _name(target), kind)
+        load = (lambda: target) if isinstance(target, bytes) else (lambda: _read(target))  # type: ignore[arg-type]
+        if in_row_order and kind in opencv.DEFERRED:
+            return opencv.DeferredSource(load, kind, dimensions, max_pixels)
+        return ArraySource(opencv.decode(load(), kind, max_pixels))
+    source = VipsSource(target, _name(target), kind, grey)
     check_pixels(source.width, source.height, max_pixels)
     formats.check_complete(kind, head, tail, size)
     if in_row_order:

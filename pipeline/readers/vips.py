@@ -9,6 +9,9 @@ decoding again from the top (the formats are serial), which only callers out of 
 Pixels come as libvips gives them (RGB order, 8 or 16 bits, with alpha where the file has it) and are turned into
 exactly what OpenCV's `imdecode` gives for the same file, normalized (`images.normalize`): BGR or grey, 16-bit
 scaled to 8, alpha dropped, grey with alpha as BGR, CMYK JPEGs by OpenCV's conversion, EXIF orientation ignored.
+A caller that keeps only grey (a grey-only recognizer's tiles) opens it `grey`: each band is then converted to grey
+once, RGB to grey directly, rather than to BGR and then window by window, overlaps twice (the same pixels as
+`cv2.cvtColor(window, cv2.COLOR_BGR2GRAY)`, and a third of the bytes to cut and store).
 pyvips with the pyvips-binary wheel (libvips and its codecs) is a dependency.
 """
 
@@ -86,13 +89,15 @@ class VipsSource:
     spatial = None
     reader = "vips"
 
-    def __init__(self, target: Path | bytes, name: str, kind: str) -> None:
-        """Open `target`, a file or its bytes in format `kind` (`formats.sniff`), reading its header only."""
+    def __init__(self, target: Path | bytes, name: str, kind: str, grey: bool = False) -> None:
+        """Open `target`, a file or its bytes in format `kind` (`formats.sniff`), reading its header only; `grey`:
+        give its pixels as grey."""
         self.target, self.name, self.kind = target, name, kind
         self.image = self._open()
         self.width, self.height = self.image.width, self.image.height
         self._cmyk = self.image.interpretation == "cmyk"
-        self.channels = 1 if self.image.bands == 1 and not self._cmyk else 3
+        self._grey = grey
+        self.channels = 1 if grey or (self.image.bands == 1 and not self._cmyk) else 3
         if self.image.format not in _DTYPES:
             raise ImageError(f"{name}: unsupported pixel type {self.image.format}; use 8- or 16-bit images")
         self._bands: Iterator[np.ndarray] | None = None
@@ -111,7 +116,8 @@ class VipsSource:
             raise _vips_error(f"{self.name}: the {self.kind.upper()} header", error) from None
 
     def bands(self, rows: int = BAND_ROWS) -> Iterator[np.ndarray]:
-        """The image's rows, top to bottom, `rows` at a time (the last band may be shorter), normalized."""
+        """The image's rows, top to bottom, `rows` at a time (the last band may be shorter), normalized (grey where
+        opened `grey`)."""
         image = self._open() if self._decoded else self.image  # a second pass needs a decoder of its own
         self._decoded = True
         region = pyvips.Region.new(image)
@@ -123,7 +129,15 @@ class VipsSource:
                 data = region.fetch(0, top, self.width, count)
             except pyvips.Error as error:
                 raise _vips_error(self.name, error) from None
-            yield self._to_bgr(np.frombuffer(data, dtype).reshape(count, self.width, image.bands))
+            yield self._pixels(np.frombuffer(data, dtype).reshape(count, self.width, image.bands))
+
+    def _pixels(self, raw: np.ndarray) -> np.ndarray:
+        if not self._grey:
+            return self._to_bgr(raw)
+        if raw.dtype == np.uint8 and raw.shape[2] in (3, 4) and not self._cmyk:
+            return cv2.cvtColor(raw, cv2.COLOR_RGB2GRAY if raw.shape[2] == 3 else cv2.COLOR_RGBA2GRAY)
+        pixels = self._to_bgr(raw)  # 16-bit, CMYK, grey with alpha: through BGR, as a window would be converted
+        return pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
 
     def _to_bgr(self, raw: np.ndarray) -> np.ndarray:
         if self._cmyk:
