@@ -1,8 +1,13 @@
-"""`python -m bench.video [--frames 48] [--segments 4] [--repeats 2] [--sizes 1080p,4k] [--out FILE]`: frames per
+"""`python -m bench.video [--frames 96] [--segments 0] [--repeats 3] [--sizes 1080p,4k] [--out FILE]`: frames per
 second of a video job at W=2 (tilerec.recognize_video on a private cluster of 2 worker processes) against the user's
 alternative, a loop in one process with the same decoder (PyAV, frames read in order), the same recognizer on the
-same tiles and the same tracker (ByteTrack, one for the whole clip). Runs are interleaved (single, distributed,
-distributed, single, …) and each records the load average, for a shared machine.
+same tiles and the same tracker (ByteTrack, one for the whole clip). The loop runs twice: at one thread (the
+decoder's thread_count=1 and cv2.setNumThreads(1): the same work as a worker process does, on one core) and at its
+libraries' default threads (FFmpeg's and OpenCV's pools over every core); both ratios are reported. Runs are
+interleaved (the three in turn, the order rotating each repeat) and each records the load average and the CPU
+seconds it used, for a shared machine. Each row also says what the job's plan costs on top of the loop's work:
+frames recognized twice in the segments' overlaps, and frames decoded before a segment's first (from the keyframe
+before it).
 
 `python -m bench.video --decoders`: PyAV against OpenCV's FFmpeg backend on the same clips: decoding speed (frames
 read in order, as BGR), seek accuracy (a frame asked for by number, after a seek, is it that frame?), and what each
@@ -16,16 +21,19 @@ blocks at the bottom, so a decoded frame says which it is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from pipeline.options import parse_video_options
@@ -38,6 +46,7 @@ OPTIONS = {"tile": 640, "overlap": 0.2}
 GOP = 24
 BITS = 12  # frame-number blocks at the bottom of each frame
 BLOCK = 16
+DEFAULT_CV_THREADS = cv2.getNumThreads()  # OpenCV's own choice, before anything changes it
 
 
 def stamp(image: np.ndarray, number: int) -> np.ndarray:
@@ -89,29 +98,57 @@ def cpu_s(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def single_loop(path: Path, recognizer: str) -> tuple[float, int, int, float]:
+@contextlib.contextmanager
+def opencv_threads(threads: int) -> Iterator[None]:
+    """OpenCV's pool at `threads` (0: its default) for the block, then as it was."""
+    was = cv2.getNumThreads()
+    cv2.setNumThreads(threads or DEFAULT_CV_THREADS)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(was)
+
+
+def single_loop(path: Path, recognizer: str, threads: int = 0) -> dict[str, float]:
     """The user's alternative: one process reads the clip in order and recognizes and tracks every frame (the
-    plan's one segment). Returns (seconds, frames, tracked detections, CPU seconds of all its threads)."""
-    began, spent = time.perf_counter(), time.process_time()
-    options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": 10**9})
-    clip = probe(path, str(path), 10**10)
-    plan = plan_video(clip, options)
-    outcome = run_segment(path, str(path), plan, 0, options)
-    tracked = sum(sum(t >= 0 for t in f.tracks) for f in outcome.frames)
-    return time.perf_counter() - began, len(outcome.frames), tracked, time.process_time() - spent
+    plan's one segment), its decoder and OpenCV at `threads` (0: their defaults). Returns its seconds, frames,
+    tracked detections and CPU seconds (all its threads)."""
+    with opencv_threads(threads):
+        began, spent = time.perf_counter(), time.process_time()
+        options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": 10**9})
+        clip = probe(path, str(path), 10**10)
+        plan = plan_video(clip, options)
+        outcome = run_segment(path, str(path), plan, 0, options, threads=threads)
+        tracked = sum(sum(t >= 0 for t in f.tracks) for f in outcome.frames)
+        return {"s": time.perf_counter() - began, "frames": len(outcome.frames), "tracked": tracked,
+                "cpu_s": time.process_time() - spent}  # fmt: skip
 
 
-def distributed(path: Path, recognizer: str, segment_frames: int, cluster: Any) -> tuple[float, int, int, float]:
-    """The same clip as a video job on the running private cluster (W=2); CPU seconds of its worker's processes
-    (the main one and the pool's), of its redis-server and of this client."""
+def plan_costs(path: Path, recognizer: str, segment_frames: int | None) -> dict[str, int]:
+    """What the W=2 job's plan adds to the loop's work: its segments, the frames recognized twice (the overlaps),
+    and the frames decoded only to reach a segment's first (from the keyframe before it)."""
+    options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": segment_frames})
+    plan = plan_video(probe(path, str(path), 10**10), options)
+    recognized = sum(len(plan.wanted(n)) for n in range(len(plan.segments)))
+    lead_in = sum(s.first - plan.clip.keyframe_before(s.first) for s in plan.segments)
+    overlap = recognized - len(plan.selected)
+    return {"segments": len(plan.segments), "overlap_frames": overlap, "lead_in_frames": lead_in}
+
+
+def distributed(path: Path, recognizer: str, segment_frames: int | None, cluster: Any) -> dict[str, float]:
+    """The same clip as a video job on the running private cluster (W=2): as `single_loop`'s, with the CPU seconds
+    of its worker's processes (the main one and the pool's), of its redis-server and of this client, and the
+    seconds of its serial parts (the probe before the segments, the merge after them)."""
     from tasks.client import submit_video
 
     pids = [cluster.worker.process.pid, *cluster.worker.child_pids(), cluster.redis.process.pid]
     began, spent, used = time.perf_counter(), time.process_time(), cpu_s(pids)
     result = submit_video(str(path), recognizer, segment_frames=segment_frames, **OPTIONS).get(timeout=3600)
-    tracked = sum(len(t["frames"]) for t in result["tracks"])
     cpu = cpu_s(pids) - used + time.process_time() - spent
-    return time.perf_counter() - began, result["frames"]["processed"], tracked, cpu
+    tracked = sum(len(t.rows) for t in result.tracks)
+    serial = result.timings["probe_s"] + result.timings["merge_s"]
+    return {"s": time.perf_counter() - began, "frames": len(result.per_frame), "tracked": tracked, "cpu_s": cpu,
+            "serial_s": serial}  # fmt: skip
 
 
 def compare(
@@ -125,34 +162,39 @@ def compare(
         width, height = SIZES[size]
         clips[size] = folder / f"clip-{size}.mp4"
         write_clip(clips[size], width, height, frames)
+    length = -(-frames // segments) if segments else None  # None: the job's own plan, as a user gets it
     rows = []
     with LocalCluster(workers=2, env={"TILEREC_ALLOWED_ROOTS": str(folder)}) as cluster:
         configure_app(cluster.url, cluster.url, cluster.url)
-        length = -(-frames // segments)
         distributed(clips[sizes[0]], recognizer, length, cluster)  # the processes build their recognizers
+        single_loop(clips[sizes[0]], recognizer)  # and this one
         for size in sizes:
-            runs: dict[str, list[dict[str, Any]]] = {"single": [], "W=2": []}
+            order = [("loop, 1 thread", partial(single_loop, threads=1)),
+                     ("loop, default threads", single_loop),
+                     ("W=2", partial(distributed, segment_frames=length, cluster=cluster))]  # fmt: skip
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in order}
             for repeat in range(repeats):
-                order = [("single", single_loop),
-                         ("W=2", partial(distributed, segment_frames=length, cluster=cluster))]  # fmt: skip
-                for name, run in order if repeat % 2 == 0 else order[::-1]:
+                for name, run in order[repeat % 3 :] + order[: repeat % 3]:
                     before = load()
-                    seconds, done, tracked, cpu = run(clips[size], recognizer)
-                    runs[name].append({"s": round(seconds, 2), "fps": round(done / seconds, 3), "frames": done,
-                                       "tracked": tracked, "cpu_s": round(cpu, 2),
+                    ran = run(clips[size], recognizer)
+                    runs[name].append({**{key: round(value, 3) for key, value in ran.items()},
+                                       "fps": round(ran["frames"] / ran["s"], 3),
+                                       "cores": round(ran["cpu_s"] / ran["s"], 2),
                                        "load": [before, load()]})  # fmt: skip
-            fps = {name: statistics.median(r["fps"] for r in found) for name, found in runs.items()}
-            cpu = {name: statistics.median(r["cpu_s"] for r in found) for name, found in runs.items()}
-            rows.append({"size": size, "frames": frames, "segments": segments, "recognizer": recognizer, "runs": runs,
-                         "median_fps": fps, "speedup": round(fps["W=2"] / fps["single"], 3), "median_cpu_s": cpu,
-                         "cpu_ratio": round(cpu["W=2"] / cpu["single"], 3)})  # fmt: skip
+            median = {key: {name: statistics.median(r[key] for r in found) for name, found in runs.items()}
+                      for key in ("fps", "cpu_s", "cores")}  # fmt: skip
+            fps, cpu = median["fps"], median["cpu_s"]
+            rows.append({"size": size, "frames": frames, "recognizer": recognizer,
+                         **plan_costs(clips[size], recognizer, length), "runs": runs, "median": median,
+                         "speedup_vs_one_thread": round(fps["W=2"] / fps["loop, 1 thread"], 3),
+                         "speedup_vs_default_threads": round(fps["W=2"] / fps["loop, default threads"], 3),
+                         "cpu_ratio_vs_one_thread": round(cpu["W=2"] / cpu["loop, 1 thread"], 3)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def decoders(folder: Path, sizes: list[str], frames: int) -> list[dict[str, Any]]:
     """PyAV against OpenCV's FFmpeg backend, clip by clip."""
-    import cv2
 
     from pipeline.video.frames import read_frames
 
@@ -204,7 +246,6 @@ REAL_CLIP = Path(__file__).resolve().parents[2] / "shared" / "video" / "bikes.mp
 def real_seeks(path: Path, tries: int = 20) -> dict[str, Any]:
     """A real camera file (B-frames, shot cuts): does a frame decoded after a seek equal the same frame decoded in
     order, for each decoder?"""
-    import cv2
 
     from pipeline.video.frames import read_frames
 
@@ -230,7 +271,6 @@ def real_seeks(path: Path, tries: int = 20) -> dict[str, Any]:
 def vfr_counts(folder: Path) -> dict[str, Any]:
     """A variable-frame-rate clip (frames 20 and 80 ms apart, in turn): the frame count and times each reports."""
     import av
-    import cv2
 
     path = folder / "vfr.mp4"
     base = Fraction(1, 1000)
@@ -252,11 +292,11 @@ def vfr_counts(folder: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=48, help="frames per clip")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each, interleaved")
+    parser.add_argument("--frames", type=int, default=96, help="frames per clip")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved")
     parser.add_argument("--sizes", default="1080p,4k", help="of " + ", ".join(SIZES))
     parser.add_argument("--recognizer", default="qrcode")
-    parser.add_argument("--segments", type=int, default=4, help="segments of the W=2 job (2 per process)")
+    parser.add_argument("--segments", type=int, default=0, help="segments of the W=2 job (0: the job's own plan)")
     parser.add_argument("--decoders", action="store_true", help="PyAV against OpenCV's FFmpeg backend instead")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here too")
     args = parser.parse_args(argv)

@@ -105,9 +105,10 @@ def configure(**changes: Any) -> None:
     _settings = None
 
 
-def store_client() -> redis.Redis:
+def store_client(patient: bool = True) -> redis.Redis:
+    """The tile store's client (`store.connect`: `patient=False` for a caller that must not block)."""
     conf = app.conf
-    return store.connect(settings().store_url, conf.sentinel_master, sentinel_options())
+    return store.connect(settings().store_url, conf.sentinel_master, sentinel_options(), patient)
 
 
 def sentinel_options() -> tuple[tuple[str, Any], ...]:

@@ -21,6 +21,7 @@ from celery.result import AsyncResult
 from pipeline.model import Recognition
 from pipeline.readers.images import encode_array
 from pipeline.readers.remote import is_url
+from pipeline.video.clips import VideoRecognition
 from tasks import gallery, store
 from tasks.celery import settings, store_client
 from tasks.jobs import recognize
@@ -167,14 +168,14 @@ class Job:
 
 
 class ClipJob(Job):
-    """A submitted video job (`submit_video`): progress in frames; `get` gives its result document (JSON: its
-    `per_frame` detections and `tracks`, docs/video.md)."""
+    """A submitted video job (`submit_video`): progress in frames; `get` gives its recognition (`per_frame`
+    detections with their track ids, and `tracks`; `to_json()` gives the result document, docs/video.md)."""
 
-    def get(self, timeout: float | None = None, interval: float = 0.1) -> dict[str, Any]:  # type: ignore[override]
+    def get(self, timeout: float | None = None, interval: float = 0.1) -> VideoRecognition:  # type: ignore[override]
         return super().get(timeout, interval)
 
-    def _read(self, result: dict[str, Any]) -> dict[str, Any]:
-        return fetch_document(result)
+    def _read(self, result: dict[str, Any]) -> VideoRecognition:
+        return VideoRecognition.from_json(fetch_document(result))
 
 
 def _units(result: dict[str, Any]) -> int:

@@ -62,6 +62,9 @@ class Roster(bootsteps.StartStopStep):
 
 
 def _client() -> Any:
+    """The store, tried once per command: the announcements run on the worker's event loop, which the tasks'
+    retrying client would stop, messages and heartbeats with it, for as long as the store is away (a failover, a
+    restart: its connection retries nest in its command retries, over 40 s against a store that hangs up)."""
     from tasks.celery import store_client  # not at import: tasks.celery adds this step
 
-    return store_client()
+    return store_client(patient=False)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import ssl
 import threading
@@ -63,17 +64,23 @@ FLUSH_EVERY = 32  # tiles a pipeline holds before it is sent: bounds the memory 
 READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
 
-@lru_cache(maxsize=4)
-def connect(url: str, master: str = "mymaster", sentinel_options: tuple[tuple[str, Any], ...] = ()) -> redis.Redis:
+@lru_cache(maxsize=8)
+def connect(
+    url: str, master: str = "mymaster", sentinel_options: tuple[tuple[str, Any], ...] = (), patient: bool = True
+) -> redis.Redis:
     """One client (and connection pool) per URL per process. Commands are retried with backoff for about 30 s on
     connection errors (Redis restarting, loading its data, failing over), so a restart is a pause, not a failure.
+    `patient=False`: each command tried once, with timeouts of a second or two, for a caller that must not block
+    (a worker's event loop, which announces the node in the roster) and tries again later anyway.
 
     A `sentinel://host:26379;sentinel://host2:26379/db` URL asks those sentinels for the master named `master`
     (and follows it when they fail over); a password in the first URL is the master's. `sentinel_options`: the
     sentinels' own connection options, as items (celeryconfig's sentinel_kwargs: their password; TLS, which then
     the master speaks too)."""
-    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), 20)
-    options = {"socket_connect_timeout": 5, "socket_timeout": 30, "health_check_interval": 30, "retry": retry,
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), 20 if patient else 0)
+    connect_s = 5 if patient else 1
+    options = {"socket_connect_timeout": connect_s, "socket_timeout": 30 if patient else 2,
+               "health_check_interval": 30, "retry": retry,
                "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}  # fmt: skip
     if not url.startswith("sentinel://"):
         return redis.Redis.from_url(url, **options)
@@ -82,7 +89,7 @@ def connect(url: str, master: str = "mymaster", sentinel_options: tuple[tuple[st
     sentinels = Sentinel(
         [(host.hostname, host.port or 26379) for host in hosts],
         sentinel_kwargs=dict(sentinel_options),
-        socket_connect_timeout=5,
+        socket_connect_timeout=connect_s,
     )
     first = hosts[0]
     db = int(first.path.strip("/") or 0)
@@ -665,6 +672,61 @@ def get_bytes(client: redis.Redis, ref: str) -> bytes:
     if data is None:
         raise ImageError(f"no image is stored under {ref!r} (it expired or was never stored)")
     return data
+
+
+RANGE_BYTES = 1 << 18  # a stored input read as a file takes this much per round trip (GETRANGE)
+
+
+@dataclass(frozen=True)
+class StoredInput:
+    """A client's stored input (`put_bytes`) to open as a file read by ranges: a video segment task reads the part of
+    an uploaded clip it decodes (and its index), not the whole clip."""
+
+    client: redis.Redis
+    key: str
+    size: int
+
+    def open(self) -> io.BufferedReader:
+        return io.BufferedReader(_Ranges(self), RANGE_BYTES)
+
+
+class _Ranges(io.RawIOBase):
+    """A stored input's bytes by GETRANGE, as a seekable raw file."""
+
+    def __init__(self, stored: StoredInput) -> None:
+        super().__init__()
+        self.stored, self.position = stored, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.stored.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        if self.position >= self.stored.size:
+            return 0
+        data = self.stored.client.getrange(self.stored.key, self.position, self.position + len(buffer) - 1)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def stored_input(client: redis.Redis, ref: str) -> StoredInput:
+    """The input stored under `ref`, to read by ranges (`StoredInput.open`) rather than fetch whole (`get_bytes`)."""
+    key = _input_key(ref)
+    size = client.strlen(key)
+    if not size:
+        raise ImageError(f"no image is stored under {ref!r} (it expired or was never stored)")
+    return StoredInput(client, key, size)
 
 
 def delete_ref(client: redis.Redis, ref: str) -> None:

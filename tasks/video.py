@@ -23,13 +23,14 @@ from celery import chord, group
 from pipeline.options import VideoOptions, parse_video_options
 from pipeline.recognizers import thread_budget
 from pipeline.video.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
-from pipeline.video.frames import VideoError, owned, probe
+from pipeline.video.frames import Target, VideoError, owned, probe
 from tasks import store
 from tasks.access import resolve
 from tasks.batches import DIED, MAX_ATTEMPTS, PROGRESS_EVERY_S, TRANSIENT, CancelWatch, attempt, publish_progress
 from tasks.celery import app, settings, store_client
 from tasks.job_record import JobCancelled, described
 from tasks.jobs import batch_priority, deliver
+from tasks.planning import NoRoom, admit, wait_for_room
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,23 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
             raise VideoError(f"gave up on {video!r}: {DIED} times it probed it")
         if store.is_cancelled(client, job_id):
             raise JobCancelled(f"job {job_id} was cancelled")
+        if (need := store.waiting_need(client, job_id)) is not None:
+            admit(client, job_id, need)  # before its clip is read again
         parsed = parse_video_options(recognizer, options)
-        target = resolve(video)
+        target = _opened(video)
         plan = plan_video(probe(target, repr(video), settings().max_pixels, parsed.frame_rate), parsed)
         job = VideoJob(job_id, video, parsed, plan, started, {"probe_s": time.time() - started})
         if len(plan.segments) == 1:  # one segment: a chord would only add its round trips
             outcome = run_segment(target, repr(video), plan, 0, parsed, TRANSIENT, thread_budget())
             return _finish(client, job, [outcome])
-        store.put_job(client, job_id, job.to_json(), job.frames, settings().tile_ttl)
+        description = job.to_json()
+        admit(client, job_id, _need(description, job.plan))
+        store.put_job(client, job_id, description, job.frames, settings().tile_ttl)
+    except NoRoom as waiting:
+        raise wait_for_room(self, client, waiting.room) from None
+    except redis.OutOfMemoryError:
+        store.delete_job(client, job_id)
+        raise store.StoreFull(store.FILLED) from None
     except BaseException:
         store.delete_job(client, job_id)  # a job refused or failed while planning leaves nothing behind
         raise
@@ -84,6 +94,21 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
         for number, segment in enumerate(plan.segments)
     )
     return self.replace(chord(header, merge_video.si(video, recognizer, **options)))
+
+
+def _opened(video: Any) -> Target:
+    """The clip a message names, resolved as an image is, but an upload read by ranges: each segment task reads the
+    part of it that it decodes."""
+    if isinstance(video, str) and video.startswith(store.REF_SCHEME):
+        return store.stored_input(store_client(), video)
+    return resolve(video)
+
+
+def _need(description: str, plan: VideoPlan) -> int:
+    """The bytes a video job takes in the store: its description, and a record of each frame its segments recognize
+    (overlaps included); no pixels, as each segment task decodes its own frames."""
+    recognized = sum(len(plan.wanted(n)) for n in range(len(plan.segments)))
+    return store.allocated(len(description)) + recognized * store.RECORD_BYTES + 4 * store.KEY_BYTES  # 4 keys
 
 
 @app.task(
@@ -100,7 +125,7 @@ def recognize_segment(self: Any, job_id: str, first: int, stop: int) -> dict[str
     with attempt(client, job_id, f"segment:{number}", careful) as run:
         if run:
             report = _Progress(self, client, job, number)
-            outcome = run_segment(resolve(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
+            outcome = run_segment(_opened(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
                                   thread_budget(), report)  # fmt: skip
         else:
             outcome = SegmentOutcome(number, error=f"gave up: {DIED} times it ran this segment")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import pytest
@@ -15,6 +19,7 @@ from pipeline.recognizers import plugins
 from pipeline.recognizers.dnn import configure_models
 from tasks.local import RedisServer, Worker
 
+T = TypeVar("T")
 IMAGES_ROOT = Path(tempfile.mkdtemp(prefix="tilerec-images-"))
 os.environ["TILEREC_ALLOWED_ROOTS"] = str(IMAGES_ROOT)
 # the workers open model files named in jobs only under TILEREC_MODEL_DIR: the shared models beside the repo
@@ -27,6 +32,16 @@ configure_models(os.environ["TILEREC_MODEL_DIR"])
 # of them, directly or through another fixture, is a `cluster` test
 CLUSTER_FIXTURES = {"redis_server", "app", "worker", "two_nodes", "other_node", "other_app", "flower", "s3",
                     "s3_worker", "small_view", "browser", "smoke"}  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Test processes × native threads = cores, as in the workers (tasks.celery): two test processes (`-n 2`) each
+    giving OpenCV and ONNX Runtime every core would spin against each other (about a third more CPU for the same
+    recognition)."""
+    from pipeline.recognizers import limit_threads
+
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    limit_threads(max(1, (os.cpu_count() or 1) // processes))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -110,3 +125,22 @@ def caller_app(url: str) -> Celery:
     caller = Celery("caller", broker=url, backend=url, set_as_current=False)
     caller.conf.update(accept_content=["json"], result_accept_content=["json"], task_serializer="json")
     return caller
+
+
+def once_per_run(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], T]) -> T:
+    """`build(folder)`'s value, built once per test run: a module's fixture is built in every test process that
+    runs one of its tests (both, under `-n 2`), so a costly one (the bench's smoke run, a clip recognized in
+    process) is built by the first process that asks, in a folder of the run's, while the other waits for it; the
+    value is pickled there, the folder is the build's to fill and the tests' to read."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = factory.mktemp(name)
+        return build(folder)
+    shared = factory.getbasetemp().parent  # the run's folder, above each test process's own
+    folder, value = shared / name, shared / f"{name}.pickle"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes, by this process or by its death
+        if not value.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a build that failed left
+            folder.mkdir()
+            value.write_bytes(pickle.dumps(build(folder)))
+    return pickle.loads(value.read_bytes())

@@ -14,11 +14,13 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 import pytest
+from celery import Celery
 
 from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks import store
 from tasks.local import RedisServer, Worker
+from tests.clips import FRAMES, OVERLAP, TILE, write_clip
 from tests.conftest import IMAGES_ROOT, tilerec_left
 from tests.faulty import MARKER_BGR, RELEASE, TENANT
 from tests.scenes import assert_each_code_once
@@ -100,6 +102,36 @@ def test_a_job_that_does_not_fit_now_waits_in_line_then_completes(capped, marked
             outcome = job.wait()
             assert "result" in outcome, outcome
             assert_each_code_once(outcome["result"]["detections"], scene.truths)
+    wait_for(lambda: tilerec_left(client) == [], timeout=20)
+    assert worker.process.poll() is None
+
+
+@pytest.mark.cluster
+def test_a_video_job_waits_in_line_behind_a_waiting_image_job(capped, marked):
+    """Room goes in the order jobs asked for it: a video job (a few kB of records, no pixels) sent while an image
+    job waits for room waits behind it (state WAITING, nothing stored but its need), then completes with its
+    tracks once the held job ends."""
+    server, worker = capped
+    _, path = marked
+    client = server.client()
+    clip = write_clip(IMAGES_ROOT / "admission-clip.mp4")
+    first = Client(server.url, path, "tests.faulty:HeldOnMarker", batch_size=2)
+    wait_for(lambda: client.hlen(store.job_key(first.id, "records")) >= 4, timeout=60)
+    second = Client(server.url, path, "tests.faulty:HeldOnMarker", batch_size=2)
+    wait_for(lambda: state_of(client, second.id) == "WAITING", timeout=60)
+    app = Celery("tilerec-test-video", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    app.conf.update(broker_url=server.url, result_backend=server.url)
+    video = app.send_task("tilerec.recognize_video", args=[str(clip.path), "qrcode"],
+                          kwargs={"tile": TILE, "overlap": OVERLAP, "segment_frames": 30})  # fmt: skip
+    wait_for(lambda: state_of(client, video.id) == "WAITING", timeout=60)
+    assert sorted(client.scan_iter(store.job_key(video.id, "*"))) == [store.job_key(video.id, "need").encode()]
+    (IMAGES_ROOT / RELEASE).touch()
+    for job in (first, second):
+        assert "result" in job.wait()
+    result = video.get(timeout=180)
+    assert result["frames"]["processed"] == FRAMES
+    assert sorted(t["text"] for t in result["tracks"]) == ["alpha", "bravo", "charlie"]
     wait_for(lambda: tilerec_left(client) == [], timeout=20)
     assert worker.process.poll() is None
 

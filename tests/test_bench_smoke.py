@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import shutil
 import sys
 from importlib.metadata import packages_distributions
 from pathlib import Path
@@ -18,13 +19,18 @@ import tomllib
 from packaging.requirements import Requirement
 
 from bench.__main__ import main
+from tests.conftest import once_per_run
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("bench")
-    main(["--smoke", "--out", str(out)])
-    return json.loads((out / "results.json").read_text()), out
+    """The smoke run's results and folder, once per test run (tests read the folder; one that changes it, a copy)."""
+
+    def run(out: Path) -> tuple[dict, Path]:
+        main(["--smoke", "--out", str(out)])
+        return json.loads((out / "results.json").read_text()), out
+
+    return once_per_run(tmp_path_factory, "bench-smoke", run)
 
 
 def test_every_run_succeeded_and_tiled_runs_agree(smoke):
@@ -69,8 +75,9 @@ def test_memory_messages_latency_and_storage_are_measured(smoke):
     assert codecs["raw (today)"]["lossless"] and codecs["raw (today)"]["ratio"] == 1.0
 
 
-def test_the_report_has_every_section_and_its_plots(smoke):
-    results, out = smoke
+def test_the_report_has_every_section_and_its_plots(smoke, tmp_path):
+    results, shared = smoke
+    out = shutil.copytree(shared, tmp_path / "bench")
     text = (out / "report.md").read_text()
     for heading in ("## Targets", "## Accuracy", "## Speed", "## Tiles per batch", "## Memory and broker messages",
                     "## Latency of a one-tile image", "## Tile storage", "## Where the time goes"):  # fmt: skip

@@ -14,6 +14,7 @@ import pytest
 from pipeline.inference import recognize_image
 from pipeline.model import Detections
 from pipeline.recognizers import faces
+from tests.conftest import once_per_run
 
 PEOPLE = Path(__file__).resolve().parents[2] / "shared" / "images" / "people"
 SAME = ("obama2", "obama3", "obama_partial_face")
@@ -32,9 +33,12 @@ def only_face(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def embedded() -> dict[str, np.ndarray]:
-    embedder = faces.get_embedder()
-    return {name: embedder.embed(photo(name), *only_face(photo(name))) for name in ("obama", *SAME, "biden")}
+def embedded(tmp_path_factory) -> dict[str, np.ndarray]:
+    def embed(_: Path) -> dict[str, np.ndarray]:
+        embedder = faces.get_embedder()
+        return {name: embedder.embed(photo(name), *only_face(photo(name))) for name in ("obama", *SAME, "biden")}
+
+    return once_per_run(tmp_path_factory, "faces-embedded", embed)
 
 
 def test_the_same_person_is_recognized_in_other_photos_and_the_other_person_is_not(embedded):

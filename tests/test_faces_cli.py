@@ -14,6 +14,8 @@ import pytest
 from tests.test_cli import CLI, cli_env, one_error_line
 from tests.test_faces import PEOPLE
 
+pytestmark = pytest.mark.cluster  # each command without --broker starts a private cluster (Redis and workers)
+
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 
 

@@ -26,7 +26,7 @@ from pipeline.scenes.codes import qr_code
 from tasks.cli.errors import markup_safe, printable
 from tests.conftest import IMAGES_ROOT
 from tests.test_flower import PASSWORD, USER, flower  # noqa: F401 (Flower watching the session's worker)
-from tests.test_viewer import browser, open_page, serving  # noqa: F401 (the headless Chromium)
+from tests.test_viewer import browser, chromium, open_page, serving  # noqa: F401 (the headless Chromium)
 
 TIMEOUT = 120
 PAYLOADS = [

@@ -31,6 +31,7 @@ from tasks.client import submit
 from tasks.local import RedisServer, Worker
 from tests.conftest import IMAGES_ROOT, caller_app, tilerec_keys
 from tests.faulty import holding, release
+from tests.held_store import StoreGate
 from tests.scenes import assert_each_code_once
 
 pytestmark = pytest.mark.cluster  # every test here starts Redis and Celery workers of its own
@@ -688,19 +689,23 @@ def test_a_one_process_worker_decodes_a_png_before_recognizing_it(tmp_path, big_
 
 
 @contextlib.contextmanager
-def tiling_and_tile_nodes(tmp_path: Path, tile_processes: int = 2) -> Iterator[tuple[RedisServer, Celery, Worker]]:
+def tiling_and_tile_nodes(
+    tmp_path: Path, tile_processes: int = 2
+) -> Iterator[tuple[RedisServer, Celery, Worker, StoreGate]]:
     """A tiling node of one process (the jobs queue only) beside a tile node: the tiling process can be killed
-    while it decodes a streamed PNG, and a PNG is streamed, since the tile processes are not the tiling one."""
-    with RedisServer() as server:
+    while it decodes a streamed PNG, and a PNG is streamed, since the tile processes are not the tiling one. The
+    tiling node reaches the store through the gate (tests/held_store.py), which holds it where a test says."""
+    with RedisServer() as server, StoreGate(server.port) as gate:
         env = slow_workers_env(server)
         caller = caller_app(server.url)
-        tiling = Worker(server.url, 1, queues=["tilerec"], env=env, log_file=str(tmp_path / "tiling.log"))
+        tiling_env = {**env, "TILEREC_STORE_URL": gate.url}
+        tiling = Worker(server.url, 1, queues=["tilerec"], env=tiling_env, log_file=str(tmp_path / "tiling.log"))
         tiles = Worker(
             server.url, tile_processes, queues=["tilerec.tiles"], env=env, log_file=str(tmp_path / "tiles.log")
         )
         try:
             with tiles, tiling:
-                yield server, caller, tiling
+                yield server, caller, tiling, gate
         finally:
             caller.close()
 
@@ -709,7 +714,7 @@ def test_a_png_is_streamed_to_the_one_tile_process_of_another_node(tmp_path, big
     """One tile process, but not the tiling task's own: it recognizes while the tiling process decodes, so the PNG
     is streamed (with the tile process on the tiling node, it would be decoded whole)."""
     scene, path = big_scene
-    with tiling_and_tile_nodes(tmp_path, tile_processes=1) as (server, caller, _):
+    with tiling_and_tile_nodes(tmp_path, tile_processes=1) as (server, caller, _, _):
         job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
         result = job.get(timeout=TIMEOUT)
         leftovers = sorted(server.client().scan_iter("tilerec:job:*"))
@@ -722,11 +727,13 @@ def test_a_tiling_process_killed_while_decoding_resumes_without_a_second_chord(t
     """The tiling process, killed while it decodes a PNG after publishing the chord: the redelivered tiling task
     finishes the decoding instead of planning the job again, and the job's one merge gives the result."""
     scene, path = big_scene
-    with tiling_and_tile_nodes(tmp_path) as (server, caller, tiling):
+    with tiling_and_tile_nodes(tmp_path) as (server, caller, tiling, gate):
+        gate.hold_after(1)  # the end of the first row of tiles: the decoder waits there until killed
         job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
         store = server.client()
-        wait_for(lambda: int(store.get(f"tilerec:job:{job.id}:ready") or 0) >= 3, step=0.002)
+        assert gate.wait_held() < len(grid(3000, 4000))
         os.kill(tiling.child_pids()[0], signal.SIGKILL)
+        gate.drop()
         result = job.get(timeout=TIMEOUT)
         time.sleep(1.0)  # time for a second chord, had one been published, to show in the log and the store
         leftovers = sorted(store.scan_iter("tilerec:job:*"))
@@ -742,19 +749,21 @@ def test_a_png_that_kills_its_tiling_process_every_time_fails_after_three_tries(
     """The crash-loop guard of a streamed decoding: killed while decoding on three deliveries, the job fails with
     an ImageError saying so, instead of coming back forever."""
     _, path = big_scene
-    with tiling_and_tile_nodes(tmp_path) as (server, caller, tiling):
+    with tiling_and_tile_nodes(tmp_path) as (server, caller, tiling, gate):
+        gate.hold_after(1)
         job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
         store = server.client()
-        ready = f"tilerec:job:{job.id}:ready"
-        reached, killed = 2, set()
-        for _ in range(3):  # each delivery decodes further than the one before, then dies
-            wait_for(lambda done=reached: int(store.get(ready) or 0) > done, step=0.002)
+        killed = set()
+        for _ in range(3):  # each delivery decodes a row further than the one before, is held there, then dies
+            reached = gate.wait_held()
+            assert reached < len(grid(3000, 4000))
             # the pool's current child (a killed one may still be listed until it is reaped)
             (victim,) = (pid for pid in tiling.child_pids() if pid not in killed)
+            gate.hold_after(reached + 1)  # the next delivery sets no row end up to `reached` again
             os.kill(victim, signal.SIGKILL)
+            gate.drop()
             killed.add(victim)
             wait_for(lambda: any(pid not in killed for pid in tiling.child_pids()))
-            reached = int(store.get(ready))  # read once the decoder is dead: the next one must pass it, so it runs
         with pytest.raises(Exception) as raised:
             job.get(timeout=TIMEOUT)
         leftovers = sorted(store.scan_iter("tilerec:job:*"))

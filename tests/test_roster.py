@@ -3,9 +3,13 @@ pool size in the tile store, a node that only tiles and merges does not, and a s
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 
 import pytest
+import redis
 
 from tasks import store
 from tasks.local import RedisServer, Worker, _wait
@@ -35,3 +39,23 @@ def test_a_lapsed_announcement_is_not_counted():
         assert store.tile_processes(client) == 7
         client.zadd(store.ROSTER_KEY, {gone: time.time() - 1})  # its node stopped announcing a while ago
         assert store.tile_processes(client) == 2
+
+
+def test_announcements_try_the_store_once_so_a_failover_never_holds_the_event_loop():
+    """A node announces on its worker's event loop: a store that is down (failing over, restarting) costs an
+    announcement one try, not the 30 s of retries the tasks' store calls ride through (the next one tries again)."""
+    accepted = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def hang_up() -> None:
+            with contextlib.suppress(OSError):  # closed: the test is over
+                while True:
+                    connection, _ = listener.accept()
+                    accepted.append(connection.getpeername())
+                    connection.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        client = store.connect(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", patient=False)
+        with pytest.raises(redis.ConnectionError):
+            store.announce_processes(client, store.roster_member("node@host", 2), 15)
+    assert len(accepted) == 1

@@ -26,7 +26,7 @@ from pipeline.scenes.text import (
     words,
 )
 from tasks.client import submit
-from tests.conftest import IMAGES_ROOT, tilerec_keys
+from tests.conftest import IMAGES_ROOT, once_per_run, tilerec_keys
 
 TIMEOUT = 300
 SCANS = Path(__file__).resolve().parents[2] / "shared" / "images" / "text"
@@ -41,8 +41,8 @@ def seams():
 
 
 @pytest.fixture(scope="module")
-def seams_read(seams):
-    return pipeline.recognize_image(seams.image, "text", **FAST)
+def seams_read(seams, tmp_path_factory):
+    return once_per_run(tmp_path_factory, "text-seams", lambda _: pipeline.recognize_image(seams.image, "text", **FAST))
 
 
 def lines_of(document: dict) -> list[str]:

@@ -20,10 +20,11 @@ from pipeline.options import OptionsError, parse_video_options
 from pipeline.video.clips import plan_video, recognize_video
 from pipeline.video.frames import Clip, VideoError, owned, plan_segments, probe, read_frames, select_frames, write_video
 from pipeline.video.tracking import Piece, Seen, match_across, stitch
+from tasks import store
 from tasks.client import submit_video
 from tasks.job_record import JobCancelled
 from tests.clips import FRAMES, GOP, HEIGHT, OVERLAP, TILE, WIDTH, KnownClip, frames_of, movers, overlapping, write_clip
-from tests.conftest import IMAGES_ROOT, tilerec_keys
+from tests.conftest import IMAGES_ROOT, once_per_run, tilerec_keys
 from tests.test_reliability import TIMEOUT, wait_for
 
 SEGMENT = 30  # recognized frames per segment: boundaries near 24, 48, 72, 96 fall mid-motion for every code
@@ -36,11 +37,14 @@ def known() -> KnownClip:
 
 
 @pytest.fixture(scope="module")
-def in_process(known: KnownClip) -> dict[str, dict]:
-    """The known clip recognized in this process, by recognizer (each computed once for the module's tests)."""
-    return {
-        recognizer: recognize_video(known.path, recognizer, **OPTIONS).to_json() for recognizer in ("qrcode", "aruco")
-    }
+def in_process(known: KnownClip, tmp_path_factory) -> dict[str, dict]:
+    """The known clip recognized in process, by recognizer (each computed once per test run for the module's
+    tests: the clip is the same in every test process)."""
+    return once_per_run(
+        tmp_path_factory,
+        "video-in-process",
+        lambda _: {r: recognize_video(known.path, r, **OPTIONS).to_json() for r in ("qrcode", "aruco")},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +223,16 @@ def test_segments_start_on_keyframes_overlap_and_own_each_frame_once(length, ste
         shared = [f for f in chosen if after.first <= f < before.stop]
         assert len(shared) == 4  # the overlap: frames both recognize
         assert after.first in chosen  # a segment starts on a frame it recognizes
-        if length * step >= 2 * 12:  # a keyframe lies within half a segment before its planned start: it starts there
+        if length * step >= 12:  # a keyframe lies within half a segment of its planned start: it starts there
             assert after.first in clip.keyframes
+
+
+def test_a_segment_starts_on_the_nearest_keyframe_before_or_after_its_planned_start():
+    clip = Clip(64, 48, 100, 30.0, tuple(i / 30 for i in range(100)), (0, 22, 41, 70))
+    segments = plan_segments(list(range(100)), clip, 25, overlap=2)
+    # planned at 25 (keyframe 22 is nearer than 41), then 47 (41 before it), then 66 (70 after it), then 95 (none
+    # within 12 of it: it starts where planned)
+    assert [s.first for s in segments] == [0, 22, 41, 70, 95]
 
 
 def pieces(segment: int, tracks: dict[int, list[tuple[int, float, float]]], text: str | None = None) -> list[Piece]:
@@ -328,24 +340,54 @@ def comparable(result: dict) -> dict:
 
 def test_distributed_gives_the_same_result_as_in_process(worker, redis_server, known, in_process):
     job = submit_video(str(known.path), "qrcode", **OPTIONS)
-    result = job.get(timeout=TIMEOUT)
-    assert comparable(result) == comparable(in_process["qrcode"])
+    recognition = job.get(timeout=TIMEOUT)
+    result = recognition.to_json()
+    assert comparable(result) == comparable(in_process["qrcode"])  # the typed result gives the document back
     assert_tracks_follow_the_codes(result, known, "qrcode")
+    ids = {track.text: track.id for track in recognition.tracks}
+    assert sorted(ids) == ["alpha", "bravo", "charlie"]
+    for frame in recognition.per_frame:
+        assert list(frame.tracks) == [ids[text] for text in frame.detections.texts]
     assert job.progress() == (FRAMES, FRAMES)
     assert tilerec_keys(redis_server) == []
 
 
 def test_an_uploaded_clip_gives_the_same_result(worker, redis_server, known):
-    result = submit_video(known.path.read_bytes(), "aruco", **OPTIONS).get(timeout=TIMEOUT)
+    result = submit_video(known.path.read_bytes(), "aruco", **OPTIONS).get(timeout=TIMEOUT).to_json()
     assert_tracks_follow_the_codes(result, known, "aruco")
     assert tilerec_keys(redis_server) == []
+
+
+def test_a_segment_of_an_uploaded_clip_reads_only_its_part_of_it(redis_server, tmp_path):
+    """An upload is read by ranges: decoding the last 12 of 120 frames fetches the clip's index and the frames from
+    the keyframe before them, not the whole clip (Redis's own count of the bytes it sent), and gives the frames the
+    file gives."""
+    noise = np.random.default_rng(3).integers(0, 256, (120, 240, 320), dtype=np.uint8)  # ~100 kB a frame encoded
+    path = tmp_path / "noise.mp4"
+    write_video(path, iter(noise), 30, gop=12)
+    client = redis_server.client()
+    data = path.read_bytes()
+    stored = store.stored_input(client, store.put_bytes(client, data, 60))
+    clip = probe(stored, "upload", 10**8)
+    wanted = list(range(108, 120))
+
+    def sent() -> int:
+        return int(client.info("stats")["total_net_output_bytes"])
+
+    before = sent()
+    read = [picture for _, picture in read_frames(stored, "upload", clip, wanted, grey=True)]
+    fetched = sent() - before
+    client.delete(stored.key)
+    assert fetched < len(data) / 3, (fetched, len(data))
+    from_file = [picture for _, picture in read_frames(path, "file", clip, wanted, grey=True)]
+    assert len(read) == 12 and all(np.array_equal(a, b) for a, b in zip(read, from_file, strict=True))
 
 
 def test_a_process_killed_mid_segment_changes_nothing(worker, redis_server, red_clip):
     import tests.faulty
 
     recognizer = "tests.faulty:HoldsOnRed"
-    undisturbed = submit_video(str(red_clip.path), recognizer, **OPTIONS).get(timeout=TIMEOUT)
+    undisturbed = submit_video(str(red_clip.path), recognizer, **OPTIONS).get(timeout=TIMEOUT).to_json()
     flag, held = IMAGES_ROOT / tests.faulty.HOLD_ON_RED, IMAGES_ROOT / tests.faulty.HELD
     held.unlink(missing_ok=True)
     flag.touch()
@@ -356,7 +398,7 @@ def test_a_process_killed_mid_segment_changes_nothing(worker, redis_server, red_
         os.kill(int(held.read_text()), signal.SIGKILL)
     finally:
         flag.unlink(missing_ok=True)
-    assert comparable(job.get(timeout=TIMEOUT)) == comparable(undisturbed)
+    assert comparable(job.get(timeout=TIMEOUT).to_json()) == comparable(undisturbed)
     assert_tracks_follow_the_codes(undisturbed, red_clip, "qrcode")
     wait_for(lambda: len(worker.child_pids()) == 2)
     assert tilerec_keys(redis_server) == []
@@ -364,7 +406,7 @@ def test_a_process_killed_mid_segment_changes_nothing(worker, redis_server, red_
 
 def test_a_segment_that_always_kills_its_process_is_reported_in_a_partial_result(worker, redis_server, red_clip):
     result = submit_video(str(red_clip.path), "tests.faulty:CrashesOnRed", on_tile_error="partial",
-                          **OPTIONS).get(timeout=TIMEOUT)  # fmt: skip
+                          **OPTIONS).get(timeout=TIMEOUT).to_json()  # fmt: skip
     assert [s["segment"] for s in result["failed_segments"]] == [2]
     assert "the worker process died all 3 times" in result["failed_segments"][0]["error"]
     first, stop = result["failed_segments"][0]["frames"]
@@ -409,10 +451,10 @@ def test_bad_videos_fail_the_job_in_one_line_and_leave_nothing(worker, redis_ser
     assert tilerec_keys(redis_server) == []
 
 
-def test_exports_follow_the_tracks(known, tmp_path):
+def test_exports_follow_the_tracks(in_process):
     from pipeline.outputs.export import frame_lines, mot_lines
 
-    result = recognize_video(known.path, "aruco", **OPTIONS).to_json()
+    result = in_process["aruco"]
     rows = [line.split(",") for line in mot_lines(result)]
     by_track = {t["id"]: t for t in result["tracks"]}
     assert len(rows) == sum(len(t["frames"]) for t in result["tracks"])

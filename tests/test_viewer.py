@@ -234,7 +234,7 @@ def test_export_writes_every_tile_and_the_page(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def browser():
+def chromium():
     if not (CHROMIUM and CHROMEDRIVER):
         message = "no Chromium and chromedriver here: apt-get install chromium chromium-driver"
         if os.environ.get("TILEREC_REQUIRE_BROWSER"):
@@ -252,6 +252,14 @@ def browser():
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The module's Chromium, on a blank page after each test: a viewer page left open redraws while the other
+    tests run."""
+    yield chromium
+    chromium.get("about:blank")
 
 
 FLAT = 200  # the flat band's grey: its tiles are blank and skipped

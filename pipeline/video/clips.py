@@ -22,7 +22,18 @@ from pipeline.readers import images, remote
 from pipeline.readers.images import ImageError
 from pipeline.recognizers import spec_of
 from pipeline.tiling import Window
-from pipeline.video.frames import Clip, Segment, VideoError, owned, plan_segments, probe, read_frames, select_frames
+from pipeline.video.frames import (
+    Clip,
+    ClipSummary,
+    Segment,
+    Target,
+    VideoError,
+    owned,
+    plan_segments,
+    probe,
+    read_frames,
+    select_frames,
+)
 from pipeline.video.tracking import SegmentTracker, Track, pieces_of, stitch
 
 SCHEMA = "tilerec.video@1"
@@ -148,9 +159,6 @@ def recognize_frame(
     return FrameOutcome(frame, merged, seconds=time.perf_counter() - began)
 
 
-Target = Path | bytes | remote.RemoteObject
-
-
 def run_segment(
     target: Target,
     name: str,
@@ -198,18 +206,43 @@ def run_segment(
     return SegmentOutcome(number, settled, None, time.perf_counter() - began)
 
 
+@dataclass(frozen=True)
+class TrackedFrame:
+    """A recognized frame in a clip's result: its time (seconds from the first frame), its detections and each one's
+    track id (-1: in no track)."""
+
+    frame: int
+    time: float
+    detections: Detections
+    tracks: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        records = self.detections.to_records()
+        for record, track in zip(records, self.tracks, strict=True):
+            if track >= 0:
+                record["track"] = track
+        return {"frame": self.frame, "time": self.time, "detections": records}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrackedFrame:
+        records = data["detections"]
+        tracks = tuple(int(r.get("track", -1)) for r in records)
+        return cls(int(data["frame"]), float(data["time"]), Detections.from_records(records), tracks)
+
+
 @dataclass
 class VideoRecognition:
-    """A whole clip's recognition: what `tilerec.merge_video` returns and `recognize_video` gives in process."""
+    """A whole clip's recognition: what `tilerec.merge_video` returns (as `to_json()`), `recognize_video` gives in
+    process and `tasks.client.ClipJob.get` gives a caller (`from_json` of the document)."""
 
-    clip: Clip
+    clip: ClipSummary
     recognizer: str
     params: dict[str, Any]
-    options: VideoOptions
+    options: VideoOptions  # what the document tells of them: tiling, tile, overlap and the frames' selection
     source: str | None
     tiles: int  # windows per frame
     segments: list[list[int]]  # each segment's [first, stop)
-    per_frame: list[dict[str, Any]]
+    per_frame: list[TrackedFrame]
     tracks: list[Track]
     skipped: int  # frames not chosen (time range, step, fps)
     failed_segments: list[dict[str, Any]] = field(default_factory=list)
@@ -217,10 +250,11 @@ class VideoRecognition:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The result document (docs/video.md, "The result"), JSON-ready, schema `tilerec.video@1`."""
         opts = self.options
         return {
             "schema": SCHEMA,
-            "video": {"source": self.source, **self.clip.summary()},
+            "video": {"source": self.source, **self.clip.to_json()},
             "recognizer": {"name": self.recognizer, "params": self.params},
             "tiling": {
                 "tiled": opts.tiled,
@@ -237,12 +271,37 @@ class VideoRecognition:
                 "skipped": self.skipped,
                 "failed": len(self.failed_frames),
             },
-            "per_frame": self.per_frame,
+            "per_frame": [frame.to_json() for frame in self.per_frame],
             "tracks": [track.to_json() for track in self.tracks],
             "failed_segments": self.failed_segments,
             "failed_frames": self.failed_frames,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> VideoRecognition:
+        """The recognition a result document describes (`to_json()` gives it back); its options hold what the
+        document tells (the recognizer's other job options at their defaults), unchecked, as the recognizer may be
+        a plugin this process lacks."""
+        tiling, selection, recognizer = data["tiling"], data["selection"], data["recognizer"]
+        frame = JobOptions(recognizer["name"], dict(recognizer["params"]), tiling["tile"], tiling["overlap"])
+        options = VideoOptions(frame, selection["step"], selection["fps"], selection["start"], selection["end"],
+                               tiling["tiled"])  # fmt: skip
+        return cls(
+            clip=ClipSummary.from_json(data["video"]),
+            recognizer=recognizer["name"],
+            params=dict(recognizer["params"]),
+            options=options,
+            source=data["video"]["source"],
+            tiles=int(tiling["tiles"]),
+            segments=[list(s) for s in tiling["segment_frames"]],
+            per_frame=[TrackedFrame.from_json(f) for f in data["per_frame"]],
+            tracks=[Track.from_json(t) for t in data["tracks"]],
+            skipped=int(data["frames"]["skipped"]),
+            failed_segments=list(data["failed_segments"]),
+            failed_frames=list(data["failed_frames"]),
+            timings=dict(data["timings"]),
+        )
 
 
 def assemble_video(
@@ -286,20 +345,17 @@ def assemble_video(
         for n in range(len(plan.segments))
     ]  # fmt: skip
     tracks, ids = stitch(pieces, owners)
-    per_frame = []
-    for n, frames in enumerate(mine):
-        for f in frames:
-            if f.detections is None:
-                continue
-            records = f.detections.to_records()
-            for record, local in zip(records, f.tracks, strict=True):
-                if local >= 0 and (n, local) in ids:
-                    record["track"] = ids[(n, local)]
-            per_frame.append({"frame": f.frame, "time": plan.clip.times[f.frame], "detections": records})
+    per_frame = [
+        TrackedFrame(f.frame, plan.clip.times[f.frame], f.detections,
+                     tuple(ids.get((n, local), -1) if local >= 0 else -1 for local in f.tracks))
+        for n, frames in enumerate(mine)
+        for f in frames
+        if f.detections is not None
+    ]  # fmt: skip
     finished = time.time()
     spent = [o.seconds for o in by_number.values()]
     return VideoRecognition(
-        clip=plan.clip,
+        clip=plan.clip.summary(),
         recognizer=spec_of(options.frame.recognizer).name,
         params=options.frame.params,
         options=options,

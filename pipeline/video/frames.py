@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 import cv2
 import numpy as np
@@ -81,11 +81,16 @@ class Clip:
         """The last keyframe at or before `frame`: where decoding it starts."""
         return self.keyframes[max(0, bisect.bisect_right(self.keyframes, frame) - 1)]
 
-    def summary(self) -> dict[str, Any]:
+    def keyframe_after(self, frame: int) -> int:
+        """The first keyframe at or after `frame` (`frames` if none): where a segment can start without decoding
+        frames it does not want."""
+        found = bisect.bisect_left(self.keyframes, frame)
+        return self.keyframes[found] if found < len(self.keyframes) else self.frames
+
+    def summary(self) -> ClipSummary:
         """What a result says of the clip (no per-frame lists)."""
-        return {"width": self.width, "height": self.height, "frames": self.frames, "fps": round(self.fps, 4),
-                "duration": round(self.duration, 4), "keyframes": len(self.keyframes), "rotation": self.rotation,
-                "codec": self.codec, "vfr": self.vfr}  # fmt: skip
+        return ClipSummary(self.width, self.height, self.frames, round(self.fps, 4), round(self.duration, 4),
+                           len(self.keyframes), self.rotation, self.codec, self.vfr)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +101,35 @@ class Clip:
         return cls(**{**data, **lists})
 
 
-Target = Path | bytes | remote.RemoteObject
+@dataclass(frozen=True)
+class ClipSummary:
+    """A clip as a result describes it: `Clip`'s sizes and flags, its keyframes counted, no per-frame lists."""
+
+    width: int
+    height: int
+    frames: int
+    fps: float
+    duration: float
+    keyframes: int
+    rotation: int
+    codec: str
+    vfr: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClipSummary:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+
+
+class Openable(Protocol):
+    """A clip stored elsewhere that opens as a seekable binary file (an upload in the store, read by ranges)."""
+
+    def open(self) -> BinaryIO: ...
+
+
+Target = Path | bytes | remote.RemoteObject | Openable
 
 
 def is_video_name(name: str) -> bool:
@@ -106,15 +139,17 @@ def is_video_name(name: str) -> bool:
 
 @contextlib.contextmanager
 def _container(target: Target, name: str) -> Iterator[Any]:
-    """An open input container on a path, bytes or an object in storage; FFmpeg's refusals as VideoErrors."""
+    """An open input container on a path, bytes, an object in storage or an openable upload; FFmpeg's refusals as
+    VideoErrors."""
     av = _need_av()
     opened = None
     try:
         if isinstance(target, remote.RemoteObject):
-            handle = remote.open_file(target.url)
-            opened = av.open(handle, "r")
-        else:
+            opened = av.open(remote.open_file(target.url), "r")
+        elif isinstance(target, bytes | Path):
             opened = av.open(io.BytesIO(target) if isinstance(target, bytes) else str(target), "r")
+        else:
+            opened = av.open(target.open(), "r")
     except av.FFmpegError as error:
         raise VideoError(f"{name} is not a video FFmpeg can read, or it is truncated ({_reason(error)})") from None
     try:
@@ -305,9 +340,10 @@ class Segment:
 
 
 def plan_segments(selected: Sequence[int], clip: Clip, length: int, overlap: int) -> list[Segment]:
-    """Cut the selected frames into segments of about `length` of them, each starting on a keyframe where one is
-    within half a segment before the planned start (a segment starting elsewhere decodes from the keyframe before
-    it, and drops what it decoded before its first frame), each running `overlap` selected frames into the next.
+    """Cut the selected frames into segments of about `length` of them, each starting on the keyframe nearest its
+    planned start where one lies within half a segment of it, before or after (one always does when the keyframes
+    are at most `length` frames apart; a segment starting elsewhere decodes from the keyframe before it and drops
+    what it decoded before its first frame), each running `overlap` selected frames into the next.
 
     Args:
         selected: the frames the job recognizes, ascending (`select_frames`).
@@ -323,9 +359,12 @@ def plan_segments(selected: Sequence[int], clip: Clip, length: int, overlap: int
     starts = [0]  # positions in `selected`
     while starts[-1] + length < len(selected):
         planned = starts[-1] + length
-        key = clip.keyframe_before(selected[planned])
-        position = bisect.bisect_left(selected, key)
-        snapped = position if position > starts[-1] + length // 2 else planned
+        before = bisect.bisect_left(selected, clip.keyframe_before(selected[planned]))
+        after = bisect.bisect_left(selected, clip.keyframe_after(selected[planned]))
+        near = [
+            p for p in (before, after) if starts[-1] + length // 2 < p <= planned + length // 2 and p < len(selected)
+        ]
+        snapped = min(near, key=lambda p: abs(p - planned)) if near else planned
         if len(selected) - snapped <= overlap:  # a last segment of overlap only would add nothing of its own
             break
         starts.append(snapped)

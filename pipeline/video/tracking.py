@@ -110,6 +110,10 @@ class Track:
             document["text"] = self.text
         return document
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Track:
+        return cls(int(data["id"]), data["label"], [list(row) for row in data["frames"]], data.get("text"))
+
 
 @dataclass(frozen=True)
 class Seen:

@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,7 @@ def run_video(args: argparse.Namespace, options: dict[str, Any], settings: RunSe
                 if settings.timeout is not None and time.monotonic() - began > settings.timeout:
                     raise CliError(f"timed out after {settings.timeout:g} s", EXIT_TIMEOUT)
                 time.sleep(0.2)
-            result = job.get()
+            result = replace(job.get(), source=target.given).to_json()
         except BaseException as error:
             with ignoring_interrupts():
                 if not job.result.ready():
@@ -137,7 +138,6 @@ def run_video(args: argparse.Namespace, options: dict[str, Any], settings: RunSe
         finally:
             if bar:
                 bar.stop()
-    result["video"]["source"] = target.given
     write_video_outputs(target, result, args.json, args.format, args.annotate)
     if not settings.quiet:
         say(console, summary(target, result, time.monotonic() - began))
