@@ -6,6 +6,8 @@ A calling app needs only the broker, the result backend and the JSON serializer:
 import math
 import os
 
+from pipeline.readers.images import DEFAULT_MAX_PIXELS
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
@@ -35,8 +37,16 @@ def _chord_safe(url: str) -> str:
     return f"tasks.chords:{kind}+{url}" if kind else url
 
 
+def backend_and_store(broker: str) -> tuple[str, str]:
+    """The result backend's and the tile store's URLs that go with `broker`: each its own variable's, else the one
+    before it (the CLI asks again for a broker given with --broker)."""
+    backend = _env("TILEREC_RESULT_BACKEND", broker)
+    return backend, _env("TILEREC_STORE_URL", backend)
+
+
 broker_url = _env("TILEREC_BROKER_URL", "redis://localhost:6379/0")
-result_backend = _chord_safe(_env("TILEREC_RESULT_BACKEND", broker_url))
+_backend_url, tilerec_store_url = backend_and_store(broker_url)
+result_backend = _chord_safe(_backend_url)
 
 # JSON only: a pickle message from anyone who can reach the broker is refused, never executed.
 task_serializer = "json"
@@ -133,10 +143,9 @@ task_track_started = True
 worker_send_task_events = _flag("TILEREC_TASK_EVENTS", "false")
 task_send_sent_event = True
 
-# tilerec's own settings (not Celery's), read once per process into tasks.celery.Settings.
-tilerec_store_url = _env("TILEREC_STORE_URL", _env("TILEREC_RESULT_BACKEND", broker_url))
+# tilerec's own settings (not Celery's), read once per process into tasks.celery.AppSettings.
 tilerec_tile_ttl = _number("TILEREC_TILE_TTL", 3600, 1)
-tilerec_max_pixels = _number("TILEREC_MAX_PIXELS", 40_000 * 40_000, 1)
+tilerec_max_pixels = _number("TILEREC_MAX_PIXELS", DEFAULT_MAX_PIXELS, 1)
 tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
 # Images may be URLs (s3://bucket/key, gs://, az://, https://) only under these prefixes (comma or space separated,
 # e.g. "s3://scans s3://tiles/public/"); empty: no URL is read. Credentials: the environment or fsspec's config.
@@ -155,10 +164,17 @@ tilerec_store_max_bytes = _number("TILEREC_STORE_MAX_BYTES", 0, 0)
 # A Redis that evicts keys (a maxmemory-policy other than noeviction) would drop tiles, messages and chord counts
 # silently: a worker refuses to start against one, unless this is "true" (you know its data will never be evicted).
 tilerec_allow_eviction = _flag("TILEREC_ALLOW_EVICTION", "false")
+# where recognizers find their model files when a job names none: their own files, else this folder
+tilerec_model_dir = _env("TILEREC_MODEL_DIR", "")
+tilerec_model_files = {"TILEREC_YUNET_MODEL": _env("TILEREC_YUNET_MODEL", ""),
+                       "TILEREC_OBJECTS_MODEL": _env("TILEREC_OBJECTS_MODEL", "")}  # fmt: skip
 # files a job may name as recognizer parameters (models, label lists): only under these folders (os.pathsep list)
 tilerec_model_roots = os.pathsep.join(
-    root for root in (os.environ.get("TILEREC_MODEL_DIR", ""), os.environ.get("TILEREC_MODEL_ROOTS", "")) if root
+    root for root in (tilerec_model_dir, os.environ.get("TILEREC_MODEL_ROOTS", "")) if root
 )
+# the modules `package.module:factory` recognizer names may import (comma list): a message names the module, and
+# importing it runs its code, so only these
+tilerec_plugin_modules = _env("TILEREC_PLUGIN_MODULES", "")
 
 
 def _auto_or_count(name: str) -> int | None:

@@ -60,11 +60,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def _model_dir() -> None:
-    """Point the DNN recognizers at ../shared/models when the caller has not (workers inherit the environment)."""
+    """Point the DNN recognizers at ../shared/models when the caller has not (workers inherit the environment), in
+    this process too (the library reads no environment variable)."""
+    from pipeline.recognizers.dnn import configure_models
+
     if not os.environ.get("TILEREC_MODEL_DIR"):
         shared = Path(__file__).resolve().parents[2] / "shared" / "models"
         if shared.is_dir():
             os.environ["TILEREC_MODEL_DIR"] = str(shared)
+    configure_models(os.environ.get("TILEREC_MODEL_DIR", ""))
 
 
 def usable_recognizers(wanted: tuple[str, ...], console: Console) -> list[str]:

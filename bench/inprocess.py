@@ -29,6 +29,13 @@ from typing import Any
 import numpy as np
 
 
+def _configure_models() -> None:
+    """The parent's models (TILEREC_MODEL_DIR), as a worker is given its own: the library reads no variable."""
+    from pipeline.recognizers.dnn import configure_models
+
+    configure_models(os.environ.get("TILEREC_MODEL_DIR", ""))
+
+
 def _set_threads(threads: str | int) -> None:
     """Must run before any recognizer is built: ONNX Runtime reads the budget when its session is created."""
     if threads == "default":
@@ -140,6 +147,7 @@ def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any) -> None:
 
         keep_freed_buffers()
         _set_threads(1)
+        _configure_models()
         from pipeline.inference import recognize_window, windows_of
         from pipeline.options import parse_options
         from pipeline.readers.sources import open_source
@@ -218,6 +226,7 @@ def run_in_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def main() -> None:
+    _configure_models()
     spec = json.loads(sys.argv[1])
     try:
         out = run(spec)

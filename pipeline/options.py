@@ -77,6 +77,9 @@ class JobOptions:
         return cls(**data)
 
 
+DEFAULTS = JobOptions()  # the defaults of an option the caller leaves out: parsing and the CLI's help read them here
+
+
 def _ratio(name: str, value: Any, upper_open: bool = False) -> float:
     if (
         isinstance(value, bool)
@@ -169,6 +172,12 @@ def _batch_size(name: str, value: Any) -> int | None:
     return value
 
 
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise OptionsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None = None) -> JobOptions:
     """JobOptions from a caller's keyword options: job options by name, everything else a recognizer parameter."""
     options = dict(options or {})
@@ -178,36 +187,28 @@ def parse_options(recognizer: Any = "faces", options: Mapping[str, Any] | None =
         raise OptionsError(f"params must be a mapping of recognizer parameters, got {params!r}")
     params = {**params, **{k: v for k, v in options.items() if k not in JOB_OPTIONS}}
     try:
-        tile, overlap = validate_tiling(options.get("tile", 640), options.get("overlap", 0.2))
+        tile, overlap = validate_tiling(options.get("tile", DEFAULTS.tile), options.get("overlap", DEFAULTS.overlap))
     except ValueError as error:
         raise OptionsError(str(error)) from None
-    merge = options.get("merge", spec.merge)
-    if merge not in MERGE_METHODS:
-        raise OptionsError(f"merge must be one of {', '.join(MERGE_METHODS)}, got {merge!r}")
-    metric = options.get("match_metric", "ios")
-    if metric not in MATCH_METRICS:
-        raise OptionsError(f"match_metric must be one of {', '.join(MATCH_METRICS)}, got {metric!r}")
+    merge = _choice("merge", options.get("merge", spec.merge), MERGE_METHODS)
+    metric = _choice("match_metric", options.get("match_metric", DEFAULTS.match_metric), MATCH_METRICS)
     batch_size = _batch_size("batch_size", options.get("batch_size"))
-    reader = options.get("reader", "auto")
-    if reader not in READERS:
-        raise OptionsError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
-    on_tile_error = options.get("on_tile_error", "fail")
-    if on_tile_error not in ON_TILE_ERROR:
-        raise OptionsError(f"on_tile_error must be one of {', '.join(ON_TILE_ERROR)}, got {on_tile_error!r}")
+    reader = _choice("reader", options.get("reader", DEFAULTS.reader), READERS)
+    on_tile_error = _choice("on_tile_error", options.get("on_tile_error", DEFAULTS.on_tile_error), ON_TILE_ERROR)
     params = resolve_params(recognizer, params)
     return JobOptions(
         recognizer=recognizer,
         params=params,
         tile=tile,
         overlap=overlap,
-        min_score=_ratio("min_score", options.get("min_score", 0.0)),
+        min_score=_ratio("min_score", options.get("min_score", DEFAULTS.min_score)),
         merge=merge,
         match_metric=metric,
-        match_threshold=_ratio("match_threshold", options.get("match_threshold", 0.5)),
+        match_threshold=_ratio("match_threshold", options.get("match_threshold", DEFAULTS.match_threshold)),
         batch_size=batch_size,
         min_batches=None if options.get("min_batches") is None else _whole("min_batches", options["min_batches"], 1),
         on_tile_error=on_tile_error,
-        level=_whole("level", options.get("level", 0), 0),
+        level=_whole("level", options.get("level", DEFAULTS.level), 0),
         roi=_roi(options.get("roi")),
         skip_blank=_skip_blank(options.get("skip_blank")),
         reader=reader,
@@ -244,6 +245,9 @@ class VideoOptions:
         return cls(**{**data, "frame": JobOptions.from_json(data["frame"])})
 
 
+VIDEO_DEFAULTS = VideoOptions(DEFAULTS)  # as DEFAULTS, for a video's own options
+
+
 def _seconds(name: str, value: Any, allow_none: bool) -> float | None:
     if value is None and allow_none:
         return None
@@ -268,18 +272,21 @@ def parse_video_options(recognizer: Any = "faces", options: Mapping[str, Any] | 
     frame = parse_options(recognizer, options)
     if video.get("step") is not None and video.get("fps") is not None:
         raise OptionsError("give step or fps, not both (fps picks the frames by time)")
-    tiled = video.get("tiled", True)
+    tiled = video.get("tiled", VIDEO_DEFAULTS.tiled)
     if not isinstance(tiled, bool):
         raise OptionsError(f"tiled must be true or false, got {tiled!r}")
-    start, end = _seconds("start", video.get("start", 0.0), False), _seconds("end", video.get("end"), True)
+    start, end = (
+        _seconds("start", video.get("start", VIDEO_DEFAULTS.start), False),
+        _seconds("end", video.get("end"), True),
+    )
     if end is not None and end <= start:
         raise OptionsError(f"end ({end} s) must be after start ({start} s)")
     segment_frames = video.get("segment_frames")
     return VideoOptions(
         frame=frame,
-        step=_whole("step", video.get("step") or 1, 1),
+        step=_whole("step", video.get("step") or VIDEO_DEFAULTS.step, 1),
         fps=_rate("fps", video.get("fps")),
-        start=start or 0.0,
+        start=start or VIDEO_DEFAULTS.start,
         end=end,
         tiled=tiled,
         segment_frames=None if segment_frames is None else _whole("segment_frames", segment_frames, 1),

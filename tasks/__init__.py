@@ -7,7 +7,8 @@ galleries of people and their tasks (tasks.gallery), the tile store, and the cli
 from pipeline.inference import TileFailure
 from tasks.celery import app
 from tasks.gallery import gallery_add, gallery_list, gallery_remove, gallery_rename
-from tasks.jobs import JobCancelled, finish, merge, recognize, recognize_crops, recognize_tiles
+from tasks.job_record import JobCancelled
+from tasks.jobs import finish, merge, recognize, recognize_crops, recognize_tiles
 from tasks.video import merge_video, recognize_segment, recognize_video
 
 __all__ = [

@@ -17,8 +17,10 @@ from kombu.utils.url import maybe_sanitize_url
 
 from pipeline.memory import keep_freed_buffers
 from pipeline.readers import images, remote
+from pipeline.readers.geo import GDAL_DEFAULTS
 from pipeline.recognizers import limit_threads, restrict_file_params
-from pipeline.recognizers.dnn import configure_execution, current_execution
+from pipeline.recognizers.dnn import configure_execution, configure_models, current_execution
+from pipeline.recognizers.plugins import allow_modules, module_list
 from tasks import store
 from tasks.leases import Leases
 from tasks.roster import Roster
@@ -32,7 +34,7 @@ app.steps["consumer"].add(Roster)
 
 
 @dataclass(frozen=True)
-class Settings:
+class AppSettings:
     """celeryconfig's tilerec_* settings, typed (their meanings are documented there and in docs/configuration.md)."""
 
     store_url: str
@@ -41,6 +43,9 @@ class Settings:
     allowed_roots: tuple[Path, ...]
     allowed_urls: tuple[str, ...]
     model_roots: tuple[Path, ...]
+    model_dir: str
+    model_files: dict[str, str]  # by the variable a recognizer names
+    plugin_modules: tuple[str, ...]
     shared_storage: bool
     result_inline_max_bytes: int
     result_expires: int
@@ -55,14 +60,17 @@ class Settings:
     allow_eviction: bool
 
     @classmethod
-    def of(cls, conf: Any) -> Settings:
+    def of(cls, conf: Any) -> AppSettings:
         return cls(
             store_url=conf.tilerec_store_url,
             tile_ttl=int(conf.tilerec_tile_ttl),
             max_pixels=int(conf.tilerec_max_pixels),
-            allowed_roots=tuple(images.allowed_roots_from_env(conf.tilerec_allowed_roots)),
+            allowed_roots=tuple(images.roots_from(conf.tilerec_allowed_roots)),
             allowed_urls=tuple(remote.allowed_urls_from_env(conf.tilerec_allowed_urls)),
-            model_roots=tuple(images.allowed_roots_from_env(conf.tilerec_model_roots)),
+            model_roots=tuple(images.roots_from(conf.tilerec_model_roots)),
+            model_dir=conf.tilerec_model_dir,
+            model_files=dict(conf.tilerec_model_files),
+            plugin_modules=module_list(conf.tilerec_plugin_modules),
             shared_storage=bool(conf.tilerec_shared_storage),
             result_inline_max_bytes=int(conf.tilerec_result_inline_max_bytes),
             result_expires=int(conf.result_expires or 0),
@@ -78,14 +86,14 @@ class Settings:
         )
 
 
-_settings: Settings | None = None
+_settings: AppSettings | None = None
 
 
-def settings() -> Settings:
+def settings() -> AppSettings:
     """This process's settings, read from the app's configuration on first use."""
     global _settings
     if _settings is None:
-        _settings = Settings.of(app.conf)
+        _settings = AppSettings.of(app.conf)
     return _settings
 
 
@@ -146,6 +154,17 @@ def _set_up_execution(**_: Any) -> None:
     pool forks: a provider this node lacks is warned about once in its log, not once per process, and every process
     inherits the result (no session is built here, so no GPU context crosses the fork)."""
     configure_execution(settings().onnx_providers, settings().device, settings().onnx_providers_strict)
+
+
+@signals.celeryd_after_setup.connect
+def _set_up_pipeline(**_: Any) -> None:
+    """The pipeline's process-wide settings, from this worker's, in its main process before its pool forks (every
+    process inherits them, whatever the pool): the modules `module:factory` names may import, where models are
+    found, and GDAL's defaults where the operator set none (GDAL reads its own variables when it first reads)."""
+    allow_modules(settings().plugin_modules)
+    configure_models(settings().model_dir, settings().model_files)
+    for name, value in GDAL_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def redis_urls() -> list[str]:

@@ -24,7 +24,8 @@ from pipeline.readers.remote import is_url
 from pipeline.video.clips import VideoRecognition
 from tasks import gallery, store
 from tasks.celery import settings, store_client
-from tasks.jobs import WAITING, recognize
+from tasks.jobs import recognize
+from tasks.planning import WAITING
 from tasks.video import recognize_video
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)  # a Redis restarting, loading its data or failing over

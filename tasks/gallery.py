@@ -33,8 +33,8 @@ from pipeline.readers import sources
 from pipeline.readers.images import ImageError, confine
 from pipeline.recognizers import faces
 from pipeline.tiling import Window
+from tasks.access import resolve
 from tasks.celery import app, settings, store_client
-from tasks.jobs import resolve
 from tasks.resources import register
 from tasks.store import PREFIX
 

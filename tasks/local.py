@@ -26,6 +26,8 @@ from urllib.parse import quote
 import redis
 from celery import Celery
 
+from tasks.cli.settings import environment_with
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -209,7 +211,7 @@ class Worker:
         self.concurrency = concurrency
         self.queues = queues
         self.hostname = f"{name or 'tilerec-' + uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-        self.env = {**os.environ, "TILEREC_BROKER_URL": broker_url, **(env or {})}
+        self.env = environment_with({"TILEREC_BROKER_URL": broker_url, **(env or {})})
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
 

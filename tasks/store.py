@@ -2,7 +2,7 @@
 carry references.
 
 Keys of job J (all expire after the tile TTL and are deleted when the job ends):
-    tilerec:job:J:job        the job's description (tasks.jobs.Job, JSON)
+    tilerec:job:J:job        the job's description (tasks.job_record.JobRecord, JSON)
     tilerec:job:J:total      its number of tiles
     tilerec:job:J:tile:I     raw pixels of tile I (empty: blank, skipped)
     tilerec:job:J:records    hash: tile I -> its outcome (pipeline.inference.TileOutcome, JSON); a redone tile

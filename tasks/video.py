@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import redis
@@ -26,21 +25,12 @@ from pipeline.recognizers import thread_budget
 from pipeline.video.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
 from pipeline.video.frames import Target, VideoError, owned, probe
 from tasks import store
+from tasks.access import resolve
+from tasks.batches import DIED, MAX_ATTEMPTS, PROGRESS_EVERY_S, TRANSIENT, CancelWatch, attempt, publish_progress
 from tasks.celery import app, settings, store_client
-from tasks.jobs import (
-    CANCEL_CHECK_S,
-    DIED,
-    MAX_ATTEMPTS,
-    PROGRESS_EVERY_S,
-    TRANSIENT,
-    JobCancelled,
-    _admit,
-    _NoRoom,
-    _wait_for_room,
-    batch_priority,
-    deliver,
-    resolve,
-)
+from tasks.job_record import JobCancelled, described
+from tasks.jobs import batch_priority, deliver
+from tasks.planning import NoRoom, admit, wait_for_room
 
 
 @dataclass(frozen=True)
@@ -80,7 +70,7 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
         if store.is_cancelled(client, job_id):
             raise JobCancelled(f"job {job_id} was cancelled")
         if (need := store.waiting_need(client, job_id)) is not None:
-            _admit(client, job_id, need)  # before its clip is read again
+            admit(client, job_id, need)  # before its clip is read again
         parsed = parse_video_options(recognizer, options)
         target = _opened(video)
         plan = plan_video(probe(target, repr(video), settings().max_pixels, parsed.frame_rate), parsed)
@@ -89,10 +79,10 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
             outcome = run_segment(target, repr(video), plan, 0, parsed, TRANSIENT, thread_budget())
             return _finish(client, job, [outcome])
         description = job.to_json()
-        _admit(client, job_id, _need(description, job.plan))
+        admit(client, job_id, _need(description, job.plan))
         store.put_job(client, job_id, description, job.frames, settings().tile_ttl)
-    except _NoRoom as waiting:
-        raise _wait_for_room(self, client, waiting.room) from None
+    except NoRoom as waiting:
+        raise wait_for_room(self, client, waiting.room) from None
     except redis.OutOfMemoryError:
         store.delete_job(client, job_id)
         raise store.StoreFull(store.FILLED) from None
@@ -121,12 +111,6 @@ def _need(description: str, plan: VideoPlan) -> int:
     return store.allocated(len(description)) + recognized * store.RECORD_BYTES + 4 * store.KEY_BYTES  # 4 keys
 
 
-@lru_cache(maxsize=16)
-def _described(job_id: str) -> VideoJob:
-    """A job's description, read once per process (it never changes once stored)."""
-    return VideoJob.from_json(store.get_job(store_client(), job_id))
-
-
 @app.task(
     name="tilerec.recognize_segment", bind=True, autoretry_for=TRANSIENT, retry_backoff=True, max_retries=5,
     track_started=False,
@@ -135,18 +119,16 @@ def recognize_segment(self: Any, job_id: str, first: int, stop: int) -> dict[str
     """Recognize and track the segment of the job's frames that starts at `first`, and store its record; returns
     a summary for monitors. Its failure (a damaged stream) is recorded, not raised, so the merge still runs; a
     segment whose process died MAX_ATTEMPTS times ends failed instead of coming back forever."""
-    client, job = store_client(), _described(job_id)
+    client, job = store_client(), described(VideoJob.from_json, job_id)
     number = job.plan.number_of(first)
     careful = bool(self.request.delivery_info.get("redelivered"))
-    name = f"segment:{number}"
-    if careful and store.count_attempt(client, job_id, name, settings().tile_ttl) > MAX_ATTEMPTS - 1:
-        outcome = SegmentOutcome(number, error=f"gave up: {DIED} times it ran this segment")
-    else:
-        report = _Progress(self, client, job, number)
-        outcome = run_segment(_opened(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
-                              thread_budget(), report)  # fmt: skip
-        if careful:
-            store.clear_attempts(client, job_id, name)
+    with attempt(client, job_id, f"segment:{number}", careful) as run:
+        if run:
+            report = _Progress(self, client, job, number)
+            outcome = run_segment(_opened(job.video), repr(job.video), job.plan, number, job.options, TRANSIENT,
+                                  thread_budget(), report)  # fmt: skip
+        else:
+            outcome = SegmentOutcome(number, error=f"gave up: {DIED} times it ran this segment")
     store.put_records(client, job_id, {number: json.dumps(outcome.to_json())}, settings().tile_ttl)
     return {
         "segment": number,
@@ -158,33 +140,27 @@ def recognize_segment(self: Any, job_id: str, first: int, stop: int) -> dict[str
 
 
 class _Progress:
-    """A segment's frames as they are done: the job's progress in frames (the store, an event on the job's row for
-    monitors, its PROGRESS state in the result backend), each at most every PROGRESS_EVERY_S, and a look for a
-    cancel every CANCEL_CHECK_S. Called with the frames done so far; False stops the segment."""
+    """A segment's frames as they are done: the job's progress in frames (the store, then `publish_progress`), at
+    most every PROGRESS_EVERY_S, and a look for a cancel (`CancelWatch`). Called with the frames done so far; False
+    stops the segment."""
 
     def __init__(self, task: Any, client: redis.Redis, job: VideoJob, number: int) -> None:
         self.task, self.client, self.job, self.number = task, client, job, number
         first, stop = owned(job.plan.segments, number)
         self.mine = sum(first <= f < stop for f in job.plan.wanted(number))  # overlap frames count in the next
-        self.reported, self.looked = time.monotonic(), float("-inf")  # the first frame looks for a cancel
+        self.reported = time.monotonic()
+        self.cancelled = CancelWatch(client, job.id)
 
     def __call__(self, done: int) -> bool:
         now = time.monotonic()
         last = done == len(self.job.plan.wanted(self.number))
         if last or now - self.reported > PROGRESS_EVERY_S:
             self.reported = now
-            total = self.job.frames
             counted = store.put_frames_done(self.client, self.job.id, self.number, min(done, self.mine),
                                             settings().tile_ttl)  # fmt: skip
             if counted is not None:
-                with self.task.app.events.default_dispatcher(hostname=self.task.request.hostname) as dispatcher:
-                    dispatcher.send("task-progress", uuid=self.job.id, done=counted, total=total,
-                                    result=f"{counted}/{total} frames")  # fmt: skip
-                self.task.backend.store_result(self.job.id, {"done": counted, "total": total}, "PROGRESS")
-        if now - self.looked > CANCEL_CHECK_S:
-            self.looked = now
-            return not store.is_cancelled(self.client, self.job.id)
-        return True
+                publish_progress(self.task, self.job.id, counted, self.job.frames, "frames")
+        return not self.cancelled()
 
 
 @app.task(name="tilerec.merge_video", bind=True)

@@ -7,7 +7,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -15,6 +15,8 @@ import cv2
 import pytest
 from celery import Celery
 
+from pipeline.recognizers import plugins
+from pipeline.recognizers.dnn import configure_models
 from tasks.local import RedisServer, Worker
 
 T = TypeVar("T")
@@ -22,6 +24,8 @@ IMAGES_ROOT = Path(tempfile.mkdtemp(prefix="tilerec-images-"))
 os.environ["TILEREC_ALLOWED_ROOTS"] = str(IMAGES_ROOT)
 # the workers open model files named in jobs only under TILEREC_MODEL_DIR: the shared models beside the repo
 os.environ.setdefault("TILEREC_MODEL_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "models"))
+# and this process's recognizers find them there too, as a worker's do (tasks.celery configures its own)
+configure_models(os.environ["TILEREC_MODEL_DIR"])
 
 
 # fixtures that start processes (Redis, Celery workers, Flower, SeaweedFS, Chromium, the bench): a test using one
@@ -46,6 +50,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture
+def allow_modules() -> Iterator[Callable[[Iterable[str]], None]]:
+    """`plugins.allow_modules` for this process, for one test (a worker's are its TILEREC_PLUGIN_MODULES)."""
+    previous = plugins.allowed_modules()
+    yield plugins.allow_modules
+    plugins.allow_modules(previous)
 
 
 @pytest.fixture(scope="session")

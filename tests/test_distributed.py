@@ -11,7 +11,7 @@ from pipeline.scenes.codes import qr_code, qr_scene
 from pipeline.tiling import grid, tapered_sizes
 from tasks import recognize, store
 from tasks.client import put_image, submit
-from tasks.jobs import BATCHES_PER_PROCESS
+from tasks.planning import BATCHES_PER_PROCESS
 from tests.conftest import tilerec_keys
 from tests.scenes import assert_each_code_once
 

@@ -16,8 +16,15 @@ from onnx import TensorProto, helper, numpy_helper
 from bench.batching import detector_model, tiles
 from pipeline import recognize_image, recognizers
 from pipeline.model import Detections
-from pipeline.recognizers import RecognizerError, get_recognizer, limit_threads, thread_budget
-from pipeline.recognizers.dnn import COCO_KEYPOINTS, OBJECTS_FILE, YUNET_FILE, YUNET_KEYPOINTS, model_file
+from pipeline.recognizers import RecognizerError, dnn, get_recognizer, limit_threads, thread_budget
+from pipeline.recognizers.dnn import (
+    COCO_KEYPOINTS,
+    OBJECTS_FILE,
+    YUNET_FILE,
+    YUNET_KEYPOINTS,
+    configure_models,
+    model_file,
+)
 from pipeline.scenes.codes import Scene, Truth, iou_xywh
 from pipeline.scenes.photos import ASTRONAUT_FACE, ASTRONAUT_PERSON, Picture, clock, photo_scene
 from pipeline.tiling import Window, grid
@@ -199,17 +206,17 @@ def test_a_missing_or_corrupt_model_is_named_with_its_parameter(recognizer, tmp_
 def test_the_model_comes_from_the_parameter_then_the_env_then_the_model_dir(tmp_path, monkeypatch):
     for name in ("given.onnx", "from-env.onnx", YUNET_FILE):
         (tmp_path / name).write_bytes(b"x")
-    monkeypatch.setenv("TILEREC_MODEL_DIR", str(tmp_path))
-    monkeypatch.setenv("TILEREC_YUNET_MODEL", str(tmp_path / "from-env.onnx"))
+    monkeypatch.setattr(dnn, "_places", dnn._places)  # this process's, restored after
+    configure_models(str(tmp_path), {"TILEREC_YUNET_MODEL": str(tmp_path / "from-env.onnx")})
 
     def find(value: str) -> Path:
         return model_file("faces-dnn", "model", value, "TILEREC_YUNET_MODEL", YUNET_FILE)
 
     assert find(str(tmp_path / "given.onnx")) == tmp_path / "given.onnx"
     assert find("") == tmp_path / "from-env.onnx"
-    monkeypatch.delenv("TILEREC_YUNET_MODEL")
+    configure_models(str(tmp_path))
     assert find("") == tmp_path / YUNET_FILE
-    monkeypatch.delenv("TILEREC_MODEL_DIR")
+    configure_models()
     with pytest.raises(RecognizerError, match="set parameter 'model', or env TILEREC_YUNET_MODEL to the file"):
         find("")
 

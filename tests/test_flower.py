@@ -28,7 +28,7 @@ import pytest
 from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks import recognize
-from tasks.jobs import PROGRESS_STEPS
+from tasks.batches import PROGRESS_STEPS
 from tasks.local import _die_with_parent, _stop, _wait, free_port
 from tests.conftest import IMAGES_ROOT
 from tests.scenes import assert_each_code_once

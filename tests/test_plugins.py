@@ -15,6 +15,7 @@ import pytest
 from pipeline import recognize_image, recognizers
 from pipeline.model import Detections
 from pipeline.recognizers import RecognizerError, available, get_recognizer, get_spec, plugins
+from pipeline.recognizers.plugins import module_list
 from pipeline.scenes.codes import iou_xywh
 from tasks import recognize
 
@@ -102,7 +103,7 @@ def test_the_plugin_s_optional_second_stage_measures_each_whole_spot_in_process_
     assert remote["detections"] == local["detections"]
 
 
-def test_module_factory_names_load_only_from_allowed_modules(registry, tmp_path, monkeypatch):
+def test_module_factory_names_load_only_from_allowed_modules(registry, tmp_path, monkeypatch, allow_modules):
     (tmp_path / "spotter.py").write_text(
         "import pathlib\n"
         "from pipeline.model import Detections\n"
@@ -111,11 +112,11 @@ def test_module_factory_names_load_only_from_allowed_modules(registry, tmp_path,
         "    return lambda tile: Detections.empty()\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("TILEREC_PLUGIN_MODULES", "json, other")
+    allow_modules(module_list("json, other"))
     with pytest.raises(RecognizerError, match="module 'spotter' is not allowed; a worker imports only the modules"):
         get_spec("spotter:nothing")
     assert not (tmp_path / "imported").exists(), "a refused module is never imported"
-    monkeypatch.setenv("TILEREC_PLUGIN_MODULES", "json,spotter")
+    allow_modules(module_list("json,spotter"))
     assert len(recognize_image(spots_image(), "spotter:nothing", sensitivity=1).detections) == 0
     assert (tmp_path / "imported").exists()
     with pytest.raises(RecognizerError, match="module 'spotter' has no factory 'Nothing'"):

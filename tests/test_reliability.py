@@ -26,8 +26,8 @@ from bench.cluster import parse_log
 from pipeline.scenes.codes import qr_code, qr_scene
 from pipeline.tiling import grid
 from tasks import recognize
+from tasks.batches import CANCEL_CHECK_S
 from tasks.client import submit
-from tasks.jobs import CANCEL_CHECK_S
 from tasks.local import RedisServer, Worker
 from tests.conftest import IMAGES_ROOT, caller_app, tilerec_keys
 from tests.faulty import holding, release

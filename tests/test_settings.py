@@ -3,9 +3,12 @@ whatever loads it (worker, Flower, a calling app) with the setting's name and wh
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +47,68 @@ def test_numbers_come_from_the_environment_or_their_defaults():
     assert shown.stdout == "120 250.5 1 None\n", shown.stderr
     given = _load({"TILEREC_MIN_BATCHES": " 12 "}, "import celeryconfig as c; print(c.tilerec_min_batches)")
     assert given.stdout == "12\n"
+
+
+def test_the_broker_is_followed_by_the_backend_and_the_store_unless_they_are_set():
+    shown = _load(
+        {"TILEREC_BROKER_URL": "redis://broker:1/0", "TILEREC_RESULT_BACKEND": "", "TILEREC_STORE_URL": ""},
+        "import celeryconfig as c; print(c.result_backend, c.tilerec_store_url, *c.backend_and_store('redis://b:2'))",
+    )
+    assert shown.stdout.split() == ["tasks.chords:RedisBackend+redis://broker:1/0", "redis://broker:1/0",
+                                    "redis://b:2", "redis://b:2"], shown.stderr  # fmt: skip
+    shown = _load(
+        {"TILEREC_BROKER_URL": "redis://broker:1/0", "TILEREC_RESULT_BACKEND": "redis://backend:3/0"},
+        "import celeryconfig as c; print(c.tilerec_store_url, *c.backend_and_store('redis://b:2'))",
+    )
+    assert shown.stdout.split() == ["redis://backend:3/0", "redis://backend:3/0", "redis://backend:3/0"]
+
+
+def test_a_worker_gives_the_pipeline_its_plugin_modules_model_files_and_gdal_defaults(tmp_path):
+    for name in ("yunet.onnx", "FastestDet.onnx"):
+        (tmp_path / name).write_bytes(b"x")
+    code = (
+        "import os; from tasks.celery import _set_up_pipeline; _set_up_pipeline();"
+        "from pipeline.recognizers import dnn, plugins;"
+        "print(sorted(plugins.allowed_modules()));"
+        "print(dnn.model_file('faces-dnn', 'model', '', 'TILEREC_YUNET_MODEL', dnn.YUNET_FILE));"
+        "print(dnn.model_file('objects', 'model', '', 'TILEREC_OBJECTS_MODEL', dnn.OBJECTS_FILE));"
+        "print(os.environ['GDAL_CACHEMAX'], os.environ['GDAL_DISABLE_READDIR_ON_OPEN'])"
+    )
+    env = {
+        "TILEREC_PLUGIN_MODULES": " tests.faulty, tests.staged",
+        "TILEREC_MODEL_DIR": str(tmp_path),
+        "TILEREC_YUNET_MODEL": str(tmp_path / "yunet.onnx"),
+        "TILEREC_OBJECTS_MODEL": "",
+        "GDAL_CACHEMAX": "32",
+    }
+    shown = _load(env, code)  # fmt: skip
+    assert shown.stdout.splitlines() == ["['tests.faulty', 'tests.staged']", str(tmp_path / "yunet.onnx"),
+                                         str(tmp_path / "FastestDet.onnx"), "32 EMPTY_DIR"], shown.stderr  # fmt: skip
+
+
+def test_the_cli_reads_its_environment_when_a_command_runs(monkeypatch, tmp_path):
+    from pipeline.recognizers import plugins
+    from tasks.cli.settings import environment, run_settings, set_up
+
+    monkeypatch.setattr(plugins, "_allowed", plugins._allowed)  # this process's, restored after
+    monkeypatch.setenv("TILEREC_BROKER_URL", "redis://cluster:1/0")
+    monkeypatch.setenv("TILEREC_ALLOWED_ROOTS", os.pathsep.join([str(tmp_path), ""]))
+    monkeypatch.setenv("TILEREC_PLUGIN_MODULES", "tests.faulty ,")
+    set_up()
+    assert plugins.allowed_modules() == {"tests.faulty"}
+    assert environment().allowed_roots == (tmp_path.resolve(),)
+    assert run_settings(argparse.Namespace(broker=None)).broker == "redis://cluster:1/0"
+    assert run_settings(argparse.Namespace(broker="redis://given:2/0")).broker == "redis://given:2/0"
+    monkeypatch.setenv("TILEREC_BROKER_URL", "")
+    assert run_settings(argparse.Namespace(broker=None)).broker is None  # a private cluster
+
+
+def test_settings_are_read_from_the_environment_only_at_the_edge():
+    root = Path(__file__).resolve().parents[1]
+    edge = {root / "tasks" / "celery.py", root / "tasks" / "cli" / "settings.py"}
+    sources = [*(root / "pipeline").rglob("*.py"), *(root / "tasks").rglob("*.py")]
+    assert len(sources) > 40, "the packages were found"
+    reading = re.compile(r"\bos\.(environ|getenv|putenv)\b|\bfrom os import (environ|getenv)\b")
+    readers = sorted(str(path.relative_to(root)) for path in sources if path not in edge and
+                     reading.search(path.read_text()))  # fmt: skip
+    assert readers == [], "pipeline/ takes parameters; tasks/ reads settings in tasks.celery or tasks/cli/settings.py"

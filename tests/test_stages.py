@@ -49,8 +49,8 @@ RECTS = [(100, 100, 50, 40), (500, 300, 900, 300), (1200, 900, 200, 100), (1560,
 
 
 @pytest.fixture(autouse=True)
-def staged_allowed(monkeypatch):
-    monkeypatch.setenv("TILEREC_PLUGIN_MODULES", "tests.faulty,tests.shaped,tests.staged")
+def staged_allowed(allow_modules):
+    allow_modules(["tests.faulty", "tests.shaped", "tests.staged"])
 
 
 @pytest.fixture

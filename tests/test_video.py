@@ -22,7 +22,7 @@ from pipeline.video.frames import Clip, VideoError, owned, plan_segments, probe,
 from pipeline.video.tracking import Piece, Seen, match_across, stitch
 from tasks import store
 from tasks.client import submit_video
-from tasks.jobs import JobCancelled
+from tasks.job_record import JobCancelled
 from tests.clips import FRAMES, GOP, HEIGHT, OVERLAP, TILE, WIDTH, KnownClip, frames_of, movers, overlapping, write_clip
 from tests.conftest import IMAGES_ROOT, once_per_run, tilerec_keys
 from tests.test_reliability import TIMEOUT, wait_for

@@ -9,7 +9,6 @@ and `export.geojson_document` uses to put detections on the map. rasterio is the
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,11 @@ from pipeline.readers.images import ImageError
 from pipeline.tiling import Window
 
 GEO_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory
-# GDAL's block cache is 5 % of the machine's memory per process by default: a tile process reading a large COG grew
-# to 1 GB (bench.remote); 64 MB is what a TiffSource keeps. Set before GDAL first reads, unless the user set it.
-os.environ.setdefault("GDAL_CACHEMAX", "64")
-# no listing of the image's folder (or bucket) for sidecar files on each open: a COG carries its overviews
-os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+# GDAL's own settings that a worker sets in its environment before GDAL first reads, unless the operator set them
+# (tasks.celery). GDAL's block cache is 5 % of the machine's memory per process by default: a tile process reading a
+# large COG grew to 1 GB (bench.remote); 64 MB is what a TiffSource keeps. And no listing of the image's folder (or
+# bucket) for sidecar files on each open: a COG carries its overviews.
+GDAL_DEFAULTS = {"GDAL_CACHEMAX": "64", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
 def available() -> bool:

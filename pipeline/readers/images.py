@@ -19,9 +19,14 @@ class ImageError(ValueError):
     """The image cannot be used: missing, refused, not an image, damaged, or too large."""
 
 
-def allowed_roots_from_env(value: str | None = None) -> list[Path]:
-    """Roots from TILEREC_ALLOWED_ROOTS (os.pathsep-separated), resolved."""
-    value = os.environ.get("TILEREC_ALLOWED_ROOTS", "") if value is None else value
+def roots_from(value: str) -> list[Path]:
+    """Folders from an os.pathsep-separated list (TILEREC_ALLOWED_ROOTS, TILEREC_MODEL_ROOTS), resolved.
+
+    Args:
+        value: the list, as the variable holds it; empty parts are left out.
+
+    Returns:
+        The folders' real paths, in the list's order."""
     return [Path(part).resolve() for part in value.split(os.pathsep) if part.strip()]
 
 

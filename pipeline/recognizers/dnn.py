@@ -2,7 +2,8 @@
 for YOLOv8/11 exports of the other heads also instance masks, oriented boxes or keypoints.
 
 Model files are not part of tilerec (where to get them: ../shared/models/PROVENANCE.md). Each recognizer takes
-its file from its `model` parameter, else from its own env var, else from the folder in TILEREC_MODEL_DIR.
+its file from its `model` parameter, else from the file configured under its own variable's name, else from the
+configured folder (`configure_models`: workers and the CLI configure them from TILEREC_MODEL_DIR and the variables).
 A `model` (or `names`) sent in a job is a path the worker opens: on workers it must lie under TILEREC_MODEL_DIR or
 TILEREC_MODEL_ROOTS (see `restrict_file_params`), so a message cannot make a worker parse arbitrary files.
 ONNX Runtime sessions run on the execution providers of `configure_execution` (workers: TILEREC_ONNX_PROVIDERS).
@@ -15,7 +16,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,12 +43,39 @@ MASK_COEFFICIENTS = 32  # prototype masks of Ultralytics' segment heads
 YUNET_KEYPOINTS = ("right_eye", "left_eye", "nose_tip", "right_mouth_corner", "left_mouth_corner")
 
 
+@dataclass(frozen=True)
+class ModelPlaces:
+    """Where recognizers find their model files when a job names none."""
+
+    folder: str = ""  # TILEREC_MODEL_DIR: each recognizer's own file name in it
+    files: Mapping[str, str] = field(default_factory=dict)  # by the variable a recognizer names: its file
+
+
+_places = ModelPlaces()  # this process's (`configure_models`)
+
+
+def configure_models(folder: str = "", files: Mapping[str, str] | None = None) -> None:
+    """Where this process's recognizers find their model files when a job names none (none until called).
+
+    Args:
+        folder: the folder of the models under their usual file names (workers: TILEREC_MODEL_DIR).
+        files: a file for a recognizer, by the variable it names (`TILEREC_YUNET_MODEL`, `TILEREC_OBJECTS_MODEL`);
+            empty values are left out.
+
+    Example:
+        >>> configure_models("/models", {"TILEREC_OBJECTS_MODEL": "/models/yolo11n.onnx"})
+    """
+    global _places
+    _places = ModelPlaces(folder, {name: path for name, path in (files or {}).items() if path})
+
+
 def model_file(recognizer: str, param: str, value: str, env: str, filename: str) -> Path:
-    """The model named by the parameter, else by `env`, else TILEREC_MODEL_DIR/filename; it must be a file."""
-    model_dir = os.environ.get(MODEL_DIR_ENV, "")
+    """The model named by the parameter, else configured under `env`, else the configured folder's `filename`; it
+    must be a file."""
+    model_dir = _places.folder
     choices = [
         (value, f"parameter {param!r}"),
-        (os.environ.get(env, ""), f"env {env}, parameter {param!r} being empty"),
+        (_places.files.get(env, ""), f"env {env}, parameter {param!r} being empty"),
         (model_dir and os.path.join(model_dir, filename), f"env {MODEL_DIR_ENV}, parameter {param!r} being empty"),
     ]
     chosen = next(((path, source) for path, source in choices if path), None)

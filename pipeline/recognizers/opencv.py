@@ -4,6 +4,7 @@ provides them under the same names; without it those two say so."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,14 @@ class HogPeople:
         return Detections.from_xywh(np.asarray(boxes).reshape(-1, 4), _squash(weights), "person")
 
 
+def _decoded(found: bool, texts: Sequence[str], quads: np.ndarray | None, label: str) -> Detections:
+    """The codes a detector found and decoded (one found but not decoded is left out), from its quads and texts."""
+    if not found or quads is None:
+        return Detections.empty()
+    keep = [i for i, text in enumerate(texts) if text]
+    return _from_quads(quads[keep], [texts[i] for i in keep], label)
+
+
 class QRCodes:
     """QR codes, detected and decoded; codes that are found but cannot be decoded are left out."""
 
@@ -107,10 +116,7 @@ class QRCodes:
 
     def __call__(self, tile: np.ndarray) -> Detections:
         found, texts, quads, _ = self.detector.detectAndDecodeMulti(tile)
-        if not found or quads is None:
-            return Detections.empty()
-        keep = [i for i, text in enumerate(texts) if text]
-        return _from_quads(quads[keep], [texts[i] for i in keep], "qrcode")
+        return _decoded(found, texts, quads, "qrcode")
 
 
 class Barcodes:
@@ -121,10 +127,7 @@ class Barcodes:
 
     def __call__(self, tile: np.ndarray) -> Detections:
         found, texts, _, quads = self.detector.detectAndDecodeWithType(tile)
-        if not found or quads is None:
-            return Detections.empty()
-        keep = [i for i, text in enumerate(texts) if text]
-        return _from_quads(quads[keep], [texts[i] for i in keep], "barcode")
+        return _decoded(found, texts, quads, "barcode")
 
 
 class ArucoMarkers:

@@ -18,8 +18,8 @@ Two ways to name one:
   same name wins.
 - ``package.module:factory`` as the recognizer name. The module is imported by whoever handles the message, so
   anyone who can publish to the broker could run any importable code: such names are refused unless the module is
-  listed, exactly, in the comma-separated env var TILEREC_PLUGIN_MODULES of the worker (and of any process that
-  checks options, such as the CLI).
+  listed, exactly, in `allow_modules`: a worker (and the CLI, which checks options) lists those of its
+  TILEREC_PLUGIN_MODULES, a comma-separated list; a program of its own lists its own.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import os
+from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 
 from pipeline.recognizers import RecognizerError, RecognizerSpec
 
 GROUP = "tilerec.recognizers"
 MODULES_ENV = "TILEREC_PLUGIN_MODULES"
+_allowed: frozenset[str] = frozenset()  # the modules `module:factory` names may import, in this process
 
 
 def spec_from(name: str, target: object) -> RecognizerSpec:
@@ -63,8 +64,23 @@ def entry_point_names() -> set[str]:
     return set(_entry_points())
 
 
+def module_list(text: str) -> tuple[str, ...]:
+    """The modules of a comma-separated list such as TILEREC_PLUGIN_MODULES, spaces around names left out."""
+    return tuple(module.strip() for module in text.split(",") if module.strip())
+
+
+def allow_modules(modules: Iterable[str]) -> None:
+    """From now on, `module:factory` recognizer names may import exactly these modules (none until called).
+
+    Args:
+        modules: module names, such as `module_list` gives them."""
+    global _allowed
+    _allowed = frozenset(modules)
+
+
 def allowed_modules() -> set[str]:
-    return {module.strip() for module in os.environ.get(MODULES_ENV, "").split(",") if module.strip()}
+    """The modules `module:factory` names may import in this process (`allow_modules`)."""
+    return set(_allowed)
 
 
 def _from_reference(name: str) -> RecognizerSpec:

@@ -22,22 +22,10 @@ from rich.console import Console
 
 from tasks.cli.errors import EXIT_FAILED, EXIT_UNREACHABLE, CliError, say
 from tasks.cli.inputs import Target
+from tasks.cli.settings import RunSettings, environment_with
 
 PING_TIMEOUT_S = 3.0  # an unreachable broker is reported after this, instead of Celery retrying for ever
 WORKER_STOP_S = 1.0  # the private cluster holds nothing worth a warm shutdown's wait
-
-
-@dataclass
-class Settings:
-    """How and where jobs run, shared by `run` and `demo`."""
-
-    broker: str | None
-    workers: int | None = None
-    shared_path: bool = False
-    timeout: float | None = None
-    quiet: bool = False
-    in_flight: int | None = None  # jobs submitted at a time (None: a few per worker process)
-    keep_data: bool = False  # the private cluster's Redis keeps its data in TILEREC_LOCAL_DATA (galleries of people)
 
 
 @dataclass
@@ -116,10 +104,11 @@ def ignoring_interrupts() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def remote_cluster(broker: str, settings: Settings, console: Console) -> Iterator[Cluster]:
+def remote_cluster(broker: str, settings: RunSettings, console: Console) -> Iterator[Cluster]:
     """An existing cluster: checked reachable within seconds, then used as is."""
-    backend = os.environ.get("TILEREC_RESULT_BACKEND") or broker
-    store_url = os.environ.get("TILEREC_STORE_URL") or backend
+    from celeryconfig import backend_and_store
+
+    backend, store_url = backend_and_store(broker)
     ping(broker, "broker")
     if backend.split(":", 1)[0] in ("redis", "rediss") and backend != broker:
         ping(backend, "result backend")
@@ -186,7 +175,7 @@ def local_store() -> Iterator[Cluster]:
 
 
 @contextlib.contextmanager
-def local_cluster(targets: Sequence[Target], settings: Settings, console: Console) -> Iterator[Cluster]:
+def local_cluster(targets: Sequence[Target], settings: RunSettings, console: Console) -> Iterator[Cluster]:
     """A private redis-server and celery worker for this run, always stopped on the way out."""
     with local_data(settings.keep_data) as folder, _local_cluster(targets, settings, console, folder) as cluster:
         yield cluster
@@ -194,7 +183,7 @@ def local_cluster(targets: Sequence[Target], settings: Settings, console: Consol
 
 @contextlib.contextmanager
 def _local_cluster(
-    targets: Sequence[Target], settings: Settings, console: Console, data: str | None
+    targets: Sequence[Target], settings: RunSettings, console: Console, data: str | None
 ) -> Iterator[Cluster]:
     from tasks.local import LocalCluster
 
@@ -242,7 +231,7 @@ def start_local(cluster: Any, log: Path, console: Console, quiet: bool) -> None:
 
 
 @contextlib.contextmanager
-def open_cluster(targets: Sequence[Target], settings: Settings, console: Console) -> Iterator[Cluster]:
+def open_cluster(targets: Sequence[Target], settings: RunSettings, console: Console) -> Iterator[Cluster]:
     if settings.broker:
         with remote_cluster(settings.broker, settings, console) as cluster:
             yield cluster
@@ -266,7 +255,7 @@ def worker_command(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """`celery -A tasks worker ARGS`, with two additions. `--broker URL` is set as TILEREC_BROKER_URL (for celery
     it is a global option that must come before `worker`; the result backend and store follow it unless their own
     variables are set). `--concurrency auto` (or `-c auto`) becomes the number of usable CPUs."""
-    env, rest, broker = dict(os.environ), [], None
+    rest, broker = [], None
     items = iter(args)
     for item in items:
         name, has_value, value = item.partition("=") if item.startswith("--") else (item, "", "")
@@ -280,8 +269,7 @@ def worker_command(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
             broker = value
         else:
             rest += [name, str(usable_cpus()) if value == "auto" else value]
-    if broker:
-        env["TILEREC_BROKER_URL"] = broker
+    env = environment_with({"TILEREC_BROKER_URL": broker} if broker else {})
     return [sys.executable, "-m", "celery", "-A", "tasks", "worker", *rest], env
 
 

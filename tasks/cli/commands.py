@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -41,12 +42,12 @@ from rich.table import Table
 
 from pipeline.merge.detections import MATCH_METRICS, MERGE_METHODS
 from pipeline.model import Recognition
-from pipeline.options import ON_TILE_ERROR, parse_options
+from pipeline.options import DEFAULTS, ON_TILE_ERROR, parse_options
 from pipeline.readers import remote
 from pipeline.recognizers import available
 from pipeline.recognizers.dnn import OnnxObjects, plan_execution
 from pipeline.scenes.codes import qr_scene, score
-from tasks.cli.clusters import Settings, exec_worker, ping, remote_cluster
+from tasks.cli.clusters import exec_worker, ping, remote_cluster
 from tasks.cli.errors import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -73,6 +74,7 @@ from tasks.cli.inputs import (
 from tasks.cli.jobs import execute
 from tasks.cli.many import is_many, run_many
 from tasks.cli.output import report_failures, summarize, write_annotated, write_json, write_outputs
+from tasks.cli.settings import environment, run_settings, set_up
 from tasks.cli.video import VIDEO_FORMATS, add_video_flags, is_video_run, run_video
 from tasks.cli.view import Viewed, add_view_parser, open_pyramid, view
 
@@ -82,16 +84,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def settings_from(args: argparse.Namespace, console: Console) -> Settings:
-    broker = args.broker or os.environ.get("TILEREC_BROKER_URL") or None
-    if broker and args.workers and not args.quiet:
-        say(console, "tilerec: warning: --workers is for the local cluster; ignored with a broker")
-    in_flight = getattr(args, "max_in_flight", None)
-    keep = bool(getattr(args, "identify", None))  # the private cluster's galleries are kept in TILEREC_LOCAL_DATA
-    return Settings(broker, args.workers, getattr(args, "shared_path", False), args.timeout, args.quiet, in_flight,
-                    keep)  # fmt: skip
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -110,16 +102,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.view and remote.is_url(args.images[0]):
         raise CliError("--view shows local images; `tilerec view` the result with --image PATH of a local copy")
     if is_video_run(args):
-        return run_video(args, options, settings_from(args, console), console)
+        return run_video(args, options, run_settings(args, console), console)
     if args.format in VIDEO_FORMATS[1:]:
         raise CliError(
             f"--format {args.format} is for a video (its tracks); images take json, coco, geojson, text or hocr"
         )
     if is_many(args):
-        return run_many(args, options, settings_from(args, console), console, app.conf.tilerec_max_pixels)
+        return run_many(args, options, run_settings(args, console), console, app.conf.tilerec_max_pixels)
     targets = [check_image(given, app.conf.tilerec_max_pixels) for given in args.images]
     annotated = annotate_paths(args.annotate, targets)
-    settings = settings_from(args, console)
+    settings = run_settings(args, console)
     outcomes = execute(targets, args.recognizer, options, settings, console)
     write_outputs(outcomes, args.json, args.format, annotated, args.wgs84)
     if not args.quiet:
@@ -134,11 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel jobs on a running cluster by id (what `tilerec run` and `Job.id` give)."""
-    broker = args.broker or os.environ.get("TILEREC_BROKER_URL")
-    if not broker:
+    settings = replace(run_settings(args), quiet=True)
+    if not settings.broker:
         raise CliError("cancel needs the cluster: --broker URL or TILEREC_BROKER_URL")
-    settings = Settings(broker, None, False, None, True)
-    with remote_cluster(broker, settings, Console(stderr=True)):
+    with remote_cluster(settings.broker, settings, Console(stderr=True)):
         from tasks.client import cancel
 
         for job_id in args.job_ids:
@@ -161,7 +152,7 @@ def executions() -> dict[str, Any]:
     configured = settings()
     here = plan_execution(configured.onnx_providers, configured.device, configured.onnx_providers_strict)
     listing: dict[str, Any] = {"local": here.to_json()}
-    broker = os.environ.get("TILEREC_BROKER_URL")
+    broker = environment().broker
     if broker:
         ping(broker, "broker")  # unreachable: fails within seconds, as `run` does
         replies = app.control.broadcast("tilerec_execution", reply=True, timeout=1.0)
@@ -227,7 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.quiet:
         say(console, f"tilerec: wrote {image_path} ({width}x{height}, {count} QR codes; ground truth in {truth_path})")
     target = check_image(str(image_path))
-    outcomes = execute([target], "qrcode", {}, settings_from(args, console), console)
+    outcomes = execute([target], "qrcode", {}, run_settings(args, console), console)
     if report_failures(outcomes) != EXIT_OK:
         return EXIT_FAILED
     result = outcomes[0].result
@@ -347,17 +338,26 @@ def build_parser() -> Parser:
         metavar="KEY=VALUE",
         help="a recognizer parameter (repeatable); VALUE is read as JSON if it is JSON, else as a string",
     )
-    run.add_argument("--tile", type=int, metavar="PX", help="tile size in pixels (default 640)")
-    run.add_argument("--overlap", type=float, metavar="RATIO", help="tile overlap ratio in [0, 1) (default 0.2)")
-    run.add_argument("--min-score", type=float, metavar="S", help="drop detections scoring below S (default 0)")
+    run.add_argument("--tile", type=int, metavar="PX", help=f"tile size in pixels (default {DEFAULTS.tile})")
+    run.add_argument(
+        "--overlap", type=float, metavar="RATIO", help=f"tile overlap ratio in [0, 1) (default {DEFAULTS.overlap})"
+    )
+    run.add_argument(
+        "--min-score", type=float, metavar="S", help=f"drop detections scoring below S (default {DEFAULTS.min_score:g})"
+    )
     run.add_argument(
         "--merge",
         choices=MERGE_METHODS,
         help="how seam duplicates merge (default: the recognizer's, greedy_nmm but for text: lines)",
     )
-    run.add_argument("--match-metric", choices=MATCH_METRICS, help="overlap measure for merging (default ios)")
     run.add_argument(
-        "--match-threshold", type=float, metavar="T", help="overlap that makes two boxes one (default 0.5)"
+        "--match-metric", choices=MATCH_METRICS, help=f"overlap measure for merging (default {DEFAULTS.match_metric})"
+    )
+    run.add_argument(
+        "--match-threshold",
+        type=float,
+        metavar="T",
+        help=f"overlap that makes two boxes one (default {DEFAULTS.match_threshold})",
     )
     run.add_argument(
         "--batch-size", type=positive_int, metavar="N", help="tiles per batch (default: from the recognizer's cost)"
@@ -459,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if signal.getsignal(number) == signal.SIG_DFL:
                 with contextlib.suppress(ValueError):  # not the main thread
                     signal.signal(number, _raise_interrupted)
+        set_up()
         return args.handler(args)
     except CliError as error:
         print_error(str(error))

@@ -15,22 +15,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from rich.console import Console
 
-from tasks.cli.clusters import Cluster, Settings, local_store, open_cluster, remote_cluster
+from tasks.cli.clusters import Cluster, local_store, open_cluster, remote_cluster
 from tasks.cli.errors import EXIT_OK, CliError, say
 from tasks.cli.inputs import check_image, number_list
+from tasks.cli.settings import RunSettings, run_settings
 
 
-def _settings(args: argparse.Namespace, quiet: bool = True) -> Settings:
+def _settings(args: argparse.Namespace, quiet: bool = True) -> RunSettings:
     """Where the gallery is; `quiet`: no warning when no worker answers (only `add` from photos needs one)."""
-    broker = args.broker or os.environ.get("TILEREC_BROKER_URL") or None
-    return Settings(broker, getattr(args, "workers", None), getattr(args, "shared_path", False), args.timeout,
-                    quiet, keep_data=True)  # fmt: skip
+    return replace(run_settings(args), quiet=quiet, keep_data=True)
 
 
 @contextlib.contextmanager

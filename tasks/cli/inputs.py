@@ -12,7 +12,7 @@ from typing import Any
 
 import cv2
 
-from pipeline.options import JOB_OPTIONS, READERS, parse_options
+from pipeline.options import DEFAULTS, JOB_OPTIONS, READERS, parse_options
 from pipeline.readers import images, remote, sources
 from pipeline.readers.slide import slide_vendor
 from tasks.cli.errors import CliError
@@ -67,7 +67,9 @@ def number_list(kind: type) -> Any:
 
 def add_read_flags(parser: argparse.ArgumentParser) -> None:
     """How an image is opened (docs/geospatial.md): `run`'s, and `view`'s to show the image as the job read it."""
-    parser.add_argument("--reader", choices=READERS, help="how images are opened (default auto: by their content)")
+    parser.add_argument(
+        "--reader", choices=READERS, help=f"how images are opened (default {DEFAULTS.reader}: by their content)"
+    )
     parser.add_argument(
         "--bands", type=number_list(int), metavar="B[,G,R]", help="GeoTIFF bands as grey or red,green,blue, e.g. 3,2,1"
     )

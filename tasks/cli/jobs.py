@@ -22,9 +22,10 @@ from rich.progress import (
 from rich.table import Column
 from rich.text import Text
 
-from tasks.cli.clusters import Cluster, Settings, ignoring_interrupts, open_cluster
+from tasks.cli.clusters import Cluster, ignoring_interrupts, open_cluster
 from tasks.cli.errors import EXIT_TIMEOUT, CliError, markup_safe
 from tasks.cli.inputs import Target
+from tasks.cli.settings import RunSettings
 
 if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts, not for `--help`
     from tasks.client import Completed
@@ -39,6 +40,21 @@ class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed, unit = task.finished_speed or task.speed, task.fields.get("unit", "tiles")
         return Text(f"{speed:.1f} {unit}/s" if speed else f"– {unit}/s", style="progress.data.speed", no_wrap=True)
+
+
+def _progress(console: Console, fixed: Column, *extra: ProgressColumn) -> Progress:
+    """Bars with a job's (or the run's) name, its bar, done of total and unit, the `extra` columns, then the time
+    left; `fixed`: the table column of the narrow ones."""
+    return Progress(
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(table_column=fixed),
+        TextColumn("{task.fields[unit]}", table_column=fixed),
+        *extra,
+        TimeRemainingColumn(table_column=fixed),
+        console=console,
+        expand=True,
+    )
 
 
 class _Bars:
@@ -64,21 +80,8 @@ class Tracker(_Bars):
 
     def __init__(self, console: Console, targets: Sequence[Target], live: bool) -> None:
         fixed = Column(no_wrap=True)
-        self.progress = (
-            Progress(
-                TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
-                BarColumn(bar_width=20),
-                MofNCompleteColumn(table_column=fixed),
-                TextColumn("{task.fields[unit]}", table_column=fixed),
-                RateColumn(table_column=fixed),
-                TextColumn("ETA", table_column=fixed),
-                TimeRemainingColumn(table_column=fixed),
-                console=console,
-                expand=True,
-            )
-            if live
-            else None
-        )
+        extra = (RateColumn(table_column=fixed), TextColumn("ETA", table_column=fixed))
+        self.progress = _progress(console, fixed, *extra) if live else None
         self.index = {id(target): number for number, target in enumerate(targets)}
         self.names = [short(target.given) for target in targets]
         self.ids = (
@@ -115,21 +118,9 @@ class Overview(_Bars):
 
     def __init__(self, console: Console, total: int, skipped: int, live: bool) -> None:
         fixed = Column(no_wrap=True)
-        self.progress = (
-            Progress(
-                TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
-                BarColumn(bar_width=20),
-                MofNCompleteColumn(table_column=fixed),
-                TextColumn("{task.fields[unit]}", table_column=fixed),
-                TextColumn("{task.fields[rate]}", table_column=fixed),
-                TextColumn("{task.fields[failed]}", style="red", table_column=fixed),
-                TimeRemainingColumn(table_column=fixed),
-                console=console,
-                expand=True,
-            )
-            if live
-            else None
-        )
+        extra = (TextColumn("{task.fields[rate]}", table_column=fixed),
+                 TextColumn("{task.fields[failed]}", style="red", table_column=fixed))  # fmt: skip
+        self.progress = _progress(console, fixed, *extra) if live else None
         self.started = time.monotonic()
         self.tiles = 0  # of finished jobs
         self.failed = 0
@@ -182,7 +173,7 @@ def named(done: Completed) -> Completed:
     return dataclasses.replace(done, result=dataclasses.replace(done.result, source=os.fspath(done.image)))
 
 
-def in_flight(settings: Settings, cluster: Cluster, images: int, many: bool) -> int | None:
+def in_flight(settings: RunSettings, cluster: Cluster, images: int, many: bool) -> int | None:
     """Jobs at a time: --max-in-flight; else every named image at once, as ever; for many images, a few per
     process of the private cluster, or None to let submit_many ask a shared cluster's workers."""
     from tasks.client import IN_FLIGHT_PER_PROCESS
@@ -198,7 +189,7 @@ def execute(
     targets: Sequence[Target],
     recognizer: str,
     options: dict[str, Any],
-    settings: Settings,
+    settings: RunSettings,
     console: Console,
     sink: Callable[[Completed], Completed] | None = None,
     overview: Overview | None = None,

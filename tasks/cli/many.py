@@ -24,12 +24,12 @@ from rich.console import Console
 from pipeline.model import Recognition
 from pipeline.outputs.datasets import DatasetError, read_dataset
 from pipeline.outputs.export import coco_document
-from tasks.cli.clusters import Settings
 from tasks.cli.errors import CliError, describe, say
 from tasks.cli.inputs import Target, annotate_paths, check_image, reader_suffixes
 from tasks.cli.jobs import Overview, execute
 from tasks.cli.output import report_failures, summarize, write_json, write_outputs
 from tasks.cli.people import FACES, RunFaces, group_run, label_outcome
+from tasks.cli.settings import RunSettings
 
 if TYPE_CHECKING:  # tasks.client loads the Celery app: imported when a run starts
     from tasks.client import Completed
@@ -242,7 +242,7 @@ def summary_line(outcomes: Sequence[Completed], skipped: int, seconds: float) ->
 
 
 def run_many(
-    args: argparse.Namespace, options: dict[str, Any], settings: Settings, console: Console, max_pixels: int
+    args: argparse.Namespace, options: dict[str, Any], settings: RunSettings, console: Console, max_pixels: int
 ) -> int:
     """`tilerec run` over many images; the exit code says whether any failed (1) or all went through (0)."""
     if args.resume and not args.out:

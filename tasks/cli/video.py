@@ -18,15 +18,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.options import VIDEO_OPTIONS, parse_video_options
+from pipeline.options import VIDEO_DEFAULTS, VIDEO_OPTIONS, parse_video_options
 from pipeline.outputs.export import frame_lines, mot_lines
 from pipeline.readers import remote
 from pipeline.readers.images import ImageError
 from pipeline.video.clips import annotated_frames, open_clip
-from pipeline.video.frames import is_video_name, write_video
-from tasks.cli.clusters import Settings, ignoring_interrupts, open_cluster
+from pipeline.video.frames import FOLDER_RATE, is_video_name, write_video
+from tasks.cli.clusters import ignoring_interrupts, open_cluster
 from tasks.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, CliError, print_error, say
 from tasks.cli.inputs import Target, positive_float, positive_int
+from tasks.cli.settings import RunSettings
 
 VIDEO_FORMATS = ("json", "mot", "jsonl")
 ANNOTATE_SUFFIXES = (".mp4", ".mkv", ".mov")
@@ -36,15 +37,21 @@ def add_video_flags(parser: argparse.ArgumentParser) -> None:
     """Video options of `run` (docs/video.md)."""
     parser.add_argument("--frames", action="store_true", help="the folder given is one clip of its image files, "
                         "in name order (zero-padded numbers)")  # fmt: skip
-    parser.add_argument("--step", type=positive_int, metavar="N", help="video: every N-th frame (default 1)")
+    parser.add_argument(
+        "--step", type=positive_int, metavar="N", help=f"video: every N-th frame (default {VIDEO_DEFAULTS.step})"
+    )
     parser.add_argument("--fps", type=positive_float, metavar="F", help="video: F frames a second, evenly in time")
-    parser.add_argument("--start", type=float, metavar="S", help="video: from S seconds (default 0)")
+    parser.add_argument(
+        "--start", type=float, metavar="S", help=f"video: from S seconds (default {VIDEO_DEFAULTS.start:g})"
+    )
     parser.add_argument("--end", type=float, metavar="S", help="video: up to S seconds (default: the end)")
     parser.add_argument("--no-tiling", dest="tiled", action="store_false", default=None,
                         help="video: recognize each frame whole (its --roi), not tiled")  # fmt: skip
     parser.add_argument("--segment-frames", type=positive_int, metavar="N",
                         help="video: recognized frames per segment task (default: from the clip)")  # fmt: skip
-    parser.add_argument("--frame-rate", type=positive_float, metavar="F", help="--frames: the clip's rate (default 30)")
+    parser.add_argument(
+        "--frame-rate", type=positive_float, metavar="F", help=f"--frames: the clip's rate (default {FOLDER_RATE:g})"
+    )
 
 
 def is_video_run(args: argparse.Namespace) -> bool:
@@ -93,7 +100,7 @@ def check_video(args: argparse.Namespace) -> Target:
     return Target(given, path.resolve())
 
 
-def run_video(args: argparse.Namespace, options: dict[str, Any], settings: Settings, console: Console) -> int:
+def run_video(args: argparse.Namespace, options: dict[str, Any], settings: RunSettings, console: Console) -> int:
     """One video job on the chosen cluster, its outputs written; a timeout or an interrupt cancels it."""
     from tasks.client import submit_video
 

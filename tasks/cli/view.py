@@ -30,6 +30,7 @@ from pipeline.outputs.pyramid import Pyramid
 from pipeline.readers import images, sources
 from tasks.cli.errors import EXIT_OK, EXIT_UNREACHABLE, CliError, say
 from tasks.cli.inputs import add_read_flags
+from tasks.cli.settings import environment
 from tasks.store import REF_SCHEME
 
 PAGE = Path(__file__).with_name("viewer")  # index.html, viewer.js, viewer.css, the vendored OpenSeadragon
@@ -243,7 +244,7 @@ def view(viewed: Viewed, host: str, port: int, browser: bool, console: Console) 
 
 def allowed_folders(result: str, allow: Sequence[str] | None) -> list[Path]:
     """Where a result's image may be: the current folder, the result's, TILEREC_ALLOWED_ROOTS and --allow."""
-    folders = [Path.cwd(), *images.allowed_roots_from_env(), *(Path(a).expanduser().resolve() for a in allow or ())]
+    folders = [Path.cwd(), *environment().allowed_roots, *(Path(a).expanduser().resolve() for a in allow or ())]
     if not result.startswith(REF_SCHEME):
         folders.append(Path(result).expanduser().resolve().parent)
     return folders
