@@ -189,8 +189,9 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="also in one process: 1, default threads")
     args = parser.parse_args()
     recognizers = tuple(args.recognizers.split(",")) if args.recognizers else None
-    summary = run(args.other.resolve(), args.size, args.workers, args.reps, args.out.resolve(), tuple(args.formats.split(",")),
-                  recognizers, args.in_process)  # fmt: skip
+    formats = tuple(args.formats.split(","))
+    summary = run(args.other.resolve(), args.size, args.workers, args.reps, args.out.resolve(), formats, recognizers,
+                  args.in_process)  # fmt: skip
     print(_markdown(summary, args.other))
 
 
