@@ -68,7 +68,9 @@ class SentinelGroup:
             config.write_text(
                 f"{listen}bind 127.0.0.1\ndir {self.folder}\n"
                 f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2\n"
-                f"sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 10000\n"
+                # a failed election is tried again after twice the failover timeout: at 10 s, one failed vote on a
+                # loaded machine made the failover outlast the store clients' ~30 s of retries
+                f"sentinel down-after-milliseconds {MASTER} 1000\nsentinel failover-timeout {MASTER} 4000\n"
             )
             command = [binary, str(config)] + ([] if binary.endswith("redis-sentinel") else ["--sentinel"])
             quiet = subprocess.DEVNULL
