@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 from celery.worker.control import inspect_command
+from kombu.transport import redis as redis_transport
 from kombu.utils.url import maybe_sanitize_url
 
 from pipeline.memory import keep_freed_buffers
@@ -27,6 +28,27 @@ from tasks.roster import Roster
 
 STARTUP_WAIT_S = 30.0  # a worker waits this long for its Redis to answer before it starts without checking it
 log = logging.getLogger(__name__)
+
+
+class _QoS(redis_transport.QoS):
+    """kombu's Redis QoS, whose restoring of unacknowledged messages when a channel closes survives a connection
+    already let go. When the broker drops mid-task, kombu 5.7 can close the channel after its transport's client is
+    gone, and the restore then raises AttributeError ('NoneType' ... 'hostname'): an "Unrecoverable error" that
+    ends the worker. The messages stay in the unacked hash, which the visibility timeout restores."""
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        try:
+            return super().restore_unacked_once(stderr)
+        except AttributeError:
+            if getattr(self.channel.connection, "client", None) is not None:
+                raise
+            log.warning("tilerec: the broker connection was gone before its unacknowledged messages could be put "
+                        "back; the visibility timeout (%s s) puts them back", app.conf.broker_transport_options.get(
+                            "visibility_timeout"))  # fmt: skip
+            return None
+
+
+redis_transport.Channel.QoS = _QoS  # the Sentinel channel too: it inherits Channel's
 app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(Leases)
