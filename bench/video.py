@@ -6,8 +6,8 @@ decoder's thread_count=1 and cv2.setNumThreads(1): the same work as a worker pro
 libraries' default threads (FFmpeg's and OpenCV's pools over every core); both ratios are reported. Runs are
 interleaved (the three in turn, the order rotating each repeat) and each records the load average and the CPU
 seconds it used, for a shared machine. Each row also says what the job's plan costs on top of the loop's work:
-frames recognized twice in the segments' overlaps, and frames decoded before a segment's first (from the keyframe
-before it).
+frames decoded before a segment's first (from the keyframe before it); no frame is recognized twice (the merge
+carries each segment's tracker over the next one's first frames).
 
 `python -m bench.video --decoders`: PyAV against OpenCV's FFmpeg backend on the same clips: decoding speed (frames
 read in order, as BGR), seek accuracy (a frame asked for by number, after a seek, is it that frame?), and what each
@@ -38,7 +38,7 @@ import numpy as np
 
 from pipeline.options import parse_video_options
 from pipeline.scenes.codes import Mover, moving_frame, qr_sticker
-from pipeline.video.clips import plan_video, run_segment
+from pipeline.video.clips import assemble_video, plan_video, run_segment
 from pipeline.video.frames import probe, write_video
 
 SIZES = {"1080p": (1920, 1080), "4k": (3840, 2160)}
@@ -111,28 +111,26 @@ def opencv_threads(threads: int) -> Iterator[None]:
 
 def single_loop(path: Path, recognizer: str, threads: int = 0) -> dict[str, float]:
     """The user's alternative: one process reads the clip in order and recognizes and tracks every frame (the
-    plan's one segment), its decoder and OpenCV at `threads` (0: their defaults). Returns its seconds, frames,
-    tracked detections and CPU seconds (all its threads)."""
+    plan's one segment, its tracks settled), its decoder and OpenCV at `threads` (0: their defaults). Returns its
+    seconds, frames, tracked detections and CPU seconds (all its threads)."""
     with opencv_threads(threads):
         began, spent = time.perf_counter(), time.process_time()
         options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": 10**9})
         clip = probe(path, str(path), 10**10)
         plan = plan_video(clip, options)
         outcome = run_segment(path, str(path), plan, 0, options, threads=threads)
-        tracked = sum(sum(t >= 0 for t in f.tracks) for f in outcome.frames)
-        return {"s": time.perf_counter() - began, "frames": len(outcome.frames), "tracked": tracked,
-                "cpu_s": time.process_time() - spent}  # fmt: skip
+        result = assemble_video([outcome], plan, options, time.time())
+        return {"s": time.perf_counter() - began, "frames": len(result.per_frame),
+                "tracked": sum(len(t.rows) for t in result.tracks), "cpu_s": time.process_time() - spent}  # fmt: skip
 
 
 def plan_costs(path: Path, recognizer: str, segment_frames: int | None) -> dict[str, int]:
-    """What the W=2 job's plan adds to the loop's work: its segments, the frames recognized twice (the overlaps),
-    and the frames decoded only to reach a segment's first (from the keyframe before it)."""
+    """What the W=2 job's plan adds to the loop's work: its segments, and the frames decoded only to reach a
+    segment's first (from the keyframe before it)."""
     options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": segment_frames})
     plan = plan_video(probe(path, str(path), 10**10), options)
-    recognized = sum(len(plan.wanted(n)) for n in range(len(plan.segments)))
     lead_in = sum(s.first - plan.clip.keyframe_before(s.first) for s in plan.segments)
-    overlap = recognized - len(plan.selected)
-    return {"segments": len(plan.segments), "overlap_frames": overlap, "lead_in_frames": lead_in}
+    return {"segments": len(plan.segments), "lead_in_frames": lead_in}
 
 
 def distributed(path: Path, recognizer: str, segment_frames: int | None, cluster: Any) -> dict[str, float]:

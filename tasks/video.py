@@ -23,7 +23,7 @@ from celery import chord, group
 from pipeline.options import VideoOptions, parse_video_options
 from pipeline.recognizers import thread_budget
 from pipeline.video.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
-from pipeline.video.frames import Target, VideoError, owned, probe
+from pipeline.video.frames import Target, VideoError, probe
 from tasks import store
 from tasks.access import resolve
 from tasks.batches import DIED, MAX_ATTEMPTS, PROGRESS_EVERY_S, TRANSIENT, CancelWatch, attempt, publish_progress
@@ -105,10 +105,9 @@ def _opened(video: Any) -> Target:
 
 
 def _need(description: str, plan: VideoPlan) -> int:
-    """The bytes a video job takes in the store: its description, and a record of each frame its segments recognize
-    (overlaps included); no pixels, as each segment task decodes its own frames."""
-    recognized = sum(len(plan.wanted(n)) for n in range(len(plan.segments)))
-    return store.allocated(len(description)) + recognized * store.RECORD_BYTES + 4 * store.KEY_BYTES  # 4 keys
+    """The bytes a video job takes in the store: its description, and a record of each frame its segments recognize;
+    no pixels, as each segment task decodes its own frames."""
+    return store.allocated(len(description)) + len(plan.selected) * store.RECORD_BYTES + 4 * store.KEY_BYTES  # 4 keys
 
 
 @app.task(
@@ -146,18 +145,16 @@ class _Progress:
 
     def __init__(self, task: Any, client: redis.Redis, job: VideoJob, number: int) -> None:
         self.task, self.client, self.job, self.number = task, client, job, number
-        first, stop = owned(job.plan.segments, number)
-        self.mine = sum(first <= f < stop for f in job.plan.wanted(number))  # overlap frames count in the next
+        self.mine = len(job.plan.wanted(number))
         self.reported = time.monotonic()
         self.cancelled = CancelWatch(client, job.id)
 
     def __call__(self, done: int) -> bool:
         now = time.monotonic()
-        last = done == len(self.job.plan.wanted(self.number))
+        last = done == self.mine
         if last or now - self.reported > PROGRESS_EVERY_S:
             self.reported = now
-            counted = store.put_frames_done(self.client, self.job.id, self.number, min(done, self.mine),
-                                            settings().tile_ttl)  # fmt: skip
+            counted = store.put_frames_done(self.client, self.job.id, self.number, done, settings().tile_ttl)
             if counted is not None:
                 publish_progress(self.task, self.job.id, counted, self.job.frames, "frames")
         return not self.cancelled()

@@ -17,9 +17,9 @@ import pytest
 
 from pipeline.model import Detections
 from pipeline.options import OptionsError, parse_video_options
-from pipeline.video.clips import plan_video, recognize_video
-from pipeline.video.frames import Clip, VideoError, owned, plan_segments, probe, read_frames, select_frames, write_video
-from pipeline.video.tracking import Piece, Seen, match_across, stitch
+from pipeline.video.clips import FrameOutcome, SegmentOutcome, VideoPlan, assemble_video, plan_video, recognize_video
+from pipeline.video.frames import Clip, VideoError, plan_segments, probe, read_frames, select_frames, write_video
+from pipeline.video.tracking import Piece, Seen, SegmentTracker, match_across, stitch
 from tasks import store
 from tasks.client import submit_video
 from tasks.job_record import JobCancelled
@@ -212,16 +212,14 @@ def test_frames_are_chosen_by_time_range_step_and_fps():
 
 
 @pytest.mark.parametrize(("length", "step"), [(30, 1), (7, 1), (20, 3), (1000, 1)])
-def test_segments_start_on_keyframes_overlap_and_own_each_frame_once(length, step):
+def test_segments_start_on_keyframes_and_hold_each_frame_once(length, step):
     clip = steady(200)
     chosen = select_frames(clip, step=step)
-    segments = plan_segments(chosen, clip, length, overlap=4)
-    owners = [owned(segments, n) for n in range(len(segments))]
-    counted = [f for first, stop in owners for f in chosen if first <= f < stop]
-    assert counted == chosen  # every chosen frame owned once, in order
+    segments = plan_segments(chosen, clip, length)
+    counted = [f for segment in segments for f in chosen if segment.first <= f < segment.stop]
+    assert counted == chosen  # every chosen frame recognized once, in order
     for before, after in itertools.pairwise(segments):
-        shared = [f for f in chosen if after.first <= f < before.stop]
-        assert len(shared) == 4  # the overlap: frames both recognize
+        assert before.stop <= after.first  # no frame recognized twice
         assert after.first in chosen  # a segment starts on a frame it recognizes
         if length * step >= 12:  # a keyframe lies within half a segment of its planned start: it starts there
             assert after.first in clip.keyframes
@@ -229,10 +227,58 @@ def test_segments_start_on_keyframes_overlap_and_own_each_frame_once(length, ste
 
 def test_a_segment_starts_on_the_nearest_keyframe_before_or_after_its_planned_start():
     clip = Clip(64, 48, 100, 30.0, tuple(i / 30 for i in range(100)), (0, 22, 41, 70))
-    segments = plan_segments(list(range(100)), clip, 25, overlap=2)
+    segments = plan_segments(list(range(100)), clip, 25)
     # planned at 25 (keyframe 22 is nearer than 41), then 47 (41 before it), then 66 (70 after it), then 95 (none
     # within 12 of it: it starts where planned)
     assert [s.first for s in segments] == [0, 22, 41, 70, 95]
+
+
+def drifting(frames: int, seed: int = 0) -> list[Detections]:
+    """Boxes drifting at their own speeds, two labels, some missed now and then and some low-scored (ByteTrack's
+    second pass), one more box every third frame: what a tracker carried across a cut must follow alike."""
+    rng = np.random.default_rng(seed)
+    made = []
+    for frame in range(frames):
+        kept = [k for k in range(6 + frame % 3) if rng.random() > 0.15]
+        xyxy = np.asarray([[10 + 40 * k + 3 * frame, 20 + 2 * frame * (k % 2)] * 2 for k in kept], float).reshape(-1, 4)
+        xyxy[:, 2:] += 30
+        scores = rng.uniform(0.05, 1.0, len(kept)).astype(np.float32)
+        made.append(Detections(xyxy, scores, np.asarray(["a" if k % 3 else "b" for k in kept], object)))
+    return made
+
+
+def test_a_tracker_carried_through_json_goes_on_exactly_as_one_never_stopped():
+    frames = drifting(40)
+    whole = SegmentTracker(30.0)
+    ids = [whole.update(found) for found in frames]
+    for cut in (1, 2, 17, 39):  # a track born in the frame before the cut (cut 1) included
+        carried = SegmentTracker(30.0)
+        before = [carried.update(found) for found in frames[:cut]]
+        carried = SegmentTracker.from_json(json.loads(json.dumps(carried.to_json())))
+        assert before + [carried.update(found) for found in frames[cut:]] == ids
+        assert carried.confirmed == whole.confirmed and carried.to_json() == whole.to_json()
+
+
+def test_a_track_that_begins_in_a_segments_last_frame_is_confirmed_in_the_next_ones_first():
+    """An object first seen in segment 0's last frame: its segment alone never confirms it (ByteTrack wants a second
+    detection), the merge's carried tracker does, so the object's first frame stays in its track."""
+    clip = steady(20, gop=10)
+    plan = VideoPlan(clip, tuple(range(20)), tuple(plan_segments(list(range(20)), clip, 10)), 30.0)
+    assert [(s.first, s.stop) for s in plan.segments] == [(0, 10), (10, 20)]
+
+    def seen(frame: int) -> Detections:  # a box still from frame 0, another moving 1 px a frame from frame 9 on
+        boxes = [[40.0, 30, 60, 45]] + ([[frame, 5.0, frame + 20, 25]] if frame >= 9 else [])
+        return Detections(np.asarray(boxes), np.full(len(boxes), 0.9), np.asarray(["thing"] * len(boxes), object))
+
+    outcomes = []
+    for number, segment in enumerate(plan.segments):
+        tracker = SegmentTracker(plan.rate)
+        frames = [FrameOutcome(f, seen(f), tuple(tracker.update(seen(f)))) for f in range(segment.first, segment.stop)]
+        outcomes.append(SegmentOutcome(number, tuple(frames), tracker=tracker.to_json()))
+    assert outcomes[0].frames[-1].tracks == (1, 2) and outcomes[0].tracker["confirmed"] == [1]  # 2: not yet
+    result = assemble_video(outcomes, plan, parse_video_options("qrcode", {}), 0.0)
+    assert [(t.first, t.last) for t in result.tracks] == [(0, 19), (9, 19)]
+    assert [f.tracks for f in result.per_frame] == [(1,)] * 9 + [(1, 2)] * 11
 
 
 def pieces(segment: int, tracks: dict[int, list[tuple[int, float, float]]], text: str | None = None) -> list[Piece]:

@@ -28,7 +28,6 @@ from pipeline.video.frames import (
     Segment,
     Target,
     VideoError,
-    owned,
     plan_segments,
     probe,
     read_frames,
@@ -37,9 +36,10 @@ from pipeline.video.frames import (
 from pipeline.video.tracking import SegmentTracker, Track, pieces_of, stitch
 
 SCHEMA = "tilerec.video@1"
-OVERLAP_FRAMES = 2  # recognized frames each segment shares with the next: where tracks are matched across
+OVERLAP_FRAMES = 2  # frames of the next segment each segment's tracker is carried over in the merge: where tracks
+# are matched across
 AUTO_SEGMENTS = 8  # an auto plan cuts the clip into about this many segments ...
-MIN_SEGMENT_FRAMES = 24  # ... of at least this many recognized frames (the overlap stays a small share)
+MIN_SEGMENT_FRAMES = 24  # ... of at least this many recognized frames (a task's own cost stays a small share)
 MAX_SEGMENT_FRAMES = 600  # ... and at most this many, so a long clip spreads over a big cluster
 
 
@@ -54,7 +54,7 @@ class VideoPlan:
     rate: float
 
     def wanted(self, number: int) -> list[int]:
-        """The frames segment `number` recognizes, its overlap included."""
+        """The frames segment `number` recognizes."""
         segment = self.segments[number]
         return [f for f in self.selected if segment.first <= f < segment.stop]
 
@@ -73,7 +73,7 @@ class VideoPlan:
 
 
 def plan_video(clip: Clip, options: VideoOptions) -> VideoPlan:
-    """The frames to recognize (time range, step or fps) cut into keyframe-aligned, overlapping segments.
+    """The frames to recognize (time range, step or fps) cut into keyframe-aligned segments.
 
     Raises:
         VideoError: no frame lies in the time range.
@@ -83,7 +83,7 @@ def plan_video(clip: Clip, options: VideoOptions) -> VideoPlan:
         until = "the end" if options.end is None else f"{options.end:g} s"
         raise VideoError(f"no frames between {options.start:g} s and {until} (the clip lasts {clip.duration:.3f} s)")
     auto = min(MAX_SEGMENT_FRAMES, max(MIN_SEGMENT_FRAMES, math.ceil(len(selected) / AUTO_SEGMENTS)))
-    segments = plan_segments(selected, clip, options.segment_frames or auto, OVERLAP_FRAMES)
+    segments = plan_segments(selected, clip, options.segment_frames or auto)
     rate = options.fps if options.fps is not None else clip.fps / options.step
     return VideoPlan(clip, tuple(selected), tuple(segments), rate)
 
@@ -97,8 +97,8 @@ def frame_windows(clip: Clip, options: VideoOptions) -> list[Window]:
 
 @dataclass(frozen=True)
 class FrameOutcome:
-    """One frame's recognition: its detections and each one's track id in its segment (-1: untracked), or the
-    error that stopped it."""
+    """One frame's recognition: its detections and each one's provisional track id in its segment (-1: untracked,
+    `SegmentTracker.update`), or the error that stopped it."""
 
     frame: int
     detections: Detections | None = None
@@ -109,12 +109,14 @@ class FrameOutcome:
 
 @dataclass(frozen=True)
 class SegmentOutcome:
-    """What a segment task stores for the merge: its frames' outcomes, or the error that stopped it."""
+    """What a segment task stores for the merge: its frames' outcomes and its tracker as it ended
+    (`SegmentTracker.to_json`), or the error that stopped it."""
 
     number: int
     frames: tuple[FrameOutcome, ...] = ()
     error: str | None = None
     seconds: float = 0.0
+    tracker: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         frames = []
@@ -125,7 +127,8 @@ class SegmentOutcome:
             else:
                 record.update(f.detections.to_columns(), tracks=list(f.tracks))  # type: ignore[union-attr]
             frames.append(record)
-        return {"segment": self.number, "frames": frames, "error": self.error, "seconds": round(self.seconds, 4)}
+        return {"segment": self.number, "frames": frames, "error": self.error, "seconds": round(self.seconds, 4),
+                "tracker": self.tracker}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SegmentOutcome:
@@ -135,7 +138,8 @@ class SegmentOutcome:
             else FrameOutcome(int(r["frame"]), Detections.from_columns(r), tuple(r["tracks"]), seconds=r["seconds"])
             for r in data["frames"]
         )
-        return cls(int(data["segment"]), frames, data.get("error"), float(data.get("seconds", 0.0)))
+        return cls(int(data["segment"]), frames, data.get("error"), float(data.get("seconds", 0.0)),
+                   data.get("tracker"))  # fmt: skip
 
 
 def recognize_frame(
@@ -169,7 +173,8 @@ def run_segment(
     threads: int = 0,
     on_frame: Callable[[int], bool] | None = None,
 ) -> SegmentOutcome:
-    """Decode segment `number`'s frames (from the keyframe before its first), recognize and track them.
+    """Decode segment `number`'s frames (from the keyframe before its first), recognize and track them (the
+    merge carries its tracker on over the next segment's first frames, then settles the ids: `assemble_video`).
 
     Args:
         target, name: the clip as resolved, and as the user named it.
@@ -181,7 +186,8 @@ def run_segment(
         on_frame: called with the frames done so far after each; returning False stops the segment (a cancel).
 
     Returns:
-        The frames' outcomes, or the error (a damaged stream, a tracker's failure) that stopped the segment.
+        The frames' outcomes and the tracker, or the error (a damaged stream, a tracker's failure) that stopped the
+        segment.
     """
     began = time.perf_counter()
     windows = frame_windows(plan.clip, options)
@@ -202,8 +208,7 @@ def run_segment(
         return SegmentOutcome(number, (), str(error), time.perf_counter() - began)
     except Exception as error:  # the segment's own failure (the tracker, say): reported, so the merge still runs
         return SegmentOutcome(number, (), describe(error), time.perf_counter() - began)
-    settled = tuple(replace(outcome, tracks=tracker.settle(outcome.tracks)) for outcome in done)
-    return SegmentOutcome(number, settled, None, time.perf_counter() - began)
+    return SegmentOutcome(number, tuple(done), None, time.perf_counter() - began, tracker.to_json())
 
 
 @dataclass(frozen=True)
@@ -323,15 +328,14 @@ def assemble_video(
     by_number: dict[int, SegmentOutcome] = {}
     for outcome in outcomes:
         by_number.setdefault(outcome.number, outcome)
-    owners = [owned(plan.segments, n) for n in range(len(plan.segments))]
+    owners = [(segment.first, segment.stop) for segment in plan.segments]
     failed_segments = [
         {"segment": n, "frames": list(owners[n]), "error": by_number[n].error if n in by_number else "no result"}
         for n in range(len(plan.segments))
         if n not in by_number or by_number[n].error is not None
     ]
-    mine = [[f for f in by_number[n].frames if owners[n][0] <= f.frame < owners[n][1]] if n in by_number else []
-            for n in range(len(plan.segments))]  # fmt: skip
-    failed_frames = [{"frame": f.frame, "error": f.error} for frames in mine for f in frames if f.error is not None]
+    failed_frames = [{"frame": f.frame, "error": f.error} for o in by_number.values() for f in o.frames
+                     if f.error is not None]  # fmt: skip
     if (failed_segments or failed_frames) and options.frame.on_tile_error == "fail":
         said = [
             f"segment {s['segment']} (frames {s['frames'][0]}–{s['frames'][1] - 1}): {s['error']}"
@@ -339,18 +343,14 @@ def assemble_video(
         ] + [f"frame {f['frame']}: {f['error']}" for f in failed_frames[:3]]
         raise TileFailure(f"{len(failed_segments)} of {len(plan.segments)} segments and {len(failed_frames)} frames "
                           f"failed: {'; '.join(said)}")  # fmt: skip
-    pieces = [
-        pieces_of(n, ((f.frame, f.detections, f.tracks) for f in by_number[n].frames if f.detections is not None))
-        if n in by_number else []
-        for n in range(len(plan.segments))
-    ]  # fmt: skip
-    tracks, ids = stitch(pieces, owners)
+    tracked = [_tracked(by_number.get(n), by_number.get(n + 1)) for n in range(len(plan.segments))]
+    tracks, ids = stitch([pieces_of(n, frames) for n, frames in enumerate(tracked)], owners)
     per_frame = [
-        TrackedFrame(f.frame, plan.clip.times[f.frame], f.detections,
-                     tuple(ids.get((n, local), -1) if local >= 0 else -1 for local in f.tracks))
-        for n, frames in enumerate(mine)
-        for f in frames
-        if f.detections is not None
+        TrackedFrame(frame, plan.clip.times[frame], found,
+                     tuple(ids.get((n, local), -1) if local >= 0 else -1 for local in locals_))
+        for n, frames in enumerate(tracked)
+        for frame, found, locals_ in frames
+        if owners[n][0] <= frame < owners[n][1]
     ]  # fmt: skip
     finished = time.time()
     spent = [o.seconds for o in by_number.values()]
@@ -374,6 +374,24 @@ def assemble_video(
             "total_s": finished - started,
         },
     )
+
+
+def _tracked(
+    outcome: SegmentOutcome | None, after: SegmentOutcome | None
+) -> list[tuple[int, Detections, tuple[int, ...]]]:
+    """A segment's recognized frames with their final track ids in the segment, and the next segment's first
+    OVERLAP_FRAMES frames with the ids this segment's tracker gives them: its tracker, as the segment task left it,
+    carried on over those frames' detections (as the next segment found them: the same pixels), so its tracks run
+    into them to be matched there (`stitch`), as if the segment had recognized them itself; ids are settled after
+    that, so a track that began in its last frame is confirmed there."""
+    if outcome is None or outcome.tracker is None:
+        return []
+    tracker = SegmentTracker.from_json(outcome.tracker)
+    frames = [(f.frame, f.detections, f.tracks) for f in outcome.frames if f.detections is not None]
+    if after is not None:
+        frames += [(f.frame, f.detections, tuple(tracker.update(f.detections)))
+                   for f in after.frames[:OVERLAP_FRAMES] if f.detections is not None]  # fmt: skip
+    return [(frame, found, tracker.settle(ids)) for frame, found, ids in frames]  # type: ignore[misc]
 
 
 def open_clip(video: str | Path, max_pixels: int, frame_rate: float | None = None) -> tuple[Target, Clip]:

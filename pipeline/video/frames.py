@@ -332,27 +332,25 @@ def select_frames(clip: Clip, step: int = 1, fps: float | None = None, start: fl
 
 @dataclass(frozen=True)
 class Segment:
-    """A segment task's frames: the selected frames in [first, stop). It owns those before the next segment's
-    first frame; the frames after (its overlap) are recognized by both, for stitching tracks across."""
+    """A segment task's frames: the selected frames in [first, stop), each recognized by this segment only."""
 
     first: int
     stop: int
 
 
-def plan_segments(selected: Sequence[int], clip: Clip, length: int, overlap: int) -> list[Segment]:
+def plan_segments(selected: Sequence[int], clip: Clip, length: int) -> list[Segment]:
     """Cut the selected frames into segments of about `length` of them, each starting on the keyframe nearest its
     planned start where one lies within half a segment of it, before or after (one always does when the keyframes
     are at most `length` frames apart; a segment starting elsewhere decodes from the keyframe before it and drops
-    what it decoded before its first frame), each running `overlap` selected frames into the next.
+    what it decoded before its first frame).
 
     Args:
         selected: the frames the job recognizes, ascending (`select_frames`).
         clip: the probed clip (its keyframes).
         length: selected frames per segment (at least 1).
-        overlap: selected frames each segment shares with the next.
 
     Returns:
-        The segments in order; their owned ranges cover every selected frame once.
+        The segments in order; they hold every selected frame once.
     """
     if not selected:
         return []
@@ -364,21 +362,9 @@ def plan_segments(selected: Sequence[int], clip: Clip, length: int, overlap: int
         near = [
             p for p in (before, after) if starts[-1] + length // 2 < p <= planned + length // 2 and p < len(selected)
         ]
-        snapped = min(near, key=lambda p: abs(p - planned)) if near else planned
-        if len(selected) - snapped <= overlap:  # a last segment of overlap only would add nothing of its own
-            break
-        starts.append(snapped)
-    segments = []
-    for number, position in enumerate(starts):
-        end = starts[number + 1] + overlap if number + 1 < len(starts) else len(selected)
-        segments.append(Segment(selected[position], selected[min(end, len(selected)) - 1] + 1))
-    return segments
-
-
-def owned(segments: Sequence[Segment], number: int) -> tuple[int, int]:
-    """The frames [first, stop) that segment `number` owns: up to the next segment's first frame."""
-    segment = segments[number]
-    return segment.first, segments[number + 1].first if number + 1 < len(segments) else segment.stop
+        starts.append(min(near, key=lambda p: abs(p - planned)) if near else planned)
+    ends = [*starts[1:], len(selected)]
+    return [Segment(selected[start], selected[end - 1] + 1) for start, end in zip(starts, ends, strict=True)]
 
 
 def write_video(path: Path, frames: Iterator[np.ndarray], fps: float, gop: int = 12, quality: int = 18) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +44,9 @@ class SegmentTracker:
 
     ByteTrack confirms a new track on its second detection and reports it from then on; a track here starts at its
     first detection instead (the frame an object enters is part of its track), so ids are provisional until the
-    segment ends: `settle` turns those of tracks never confirmed (a one-frame false positive) into -1."""
+    tracker has seen the frames after the segment's (the merge carries it on over the next segment's first ones):
+    `settle` turns those of tracks never confirmed (a one-frame false positive) into -1. `to_json` and `from_json`
+    carry a tracker from a segment task to the merge, to go on exactly where it stopped."""
 
     def __init__(self, rate: float, buffer_s: float = TRACK_BUFFER_S) -> None:
         self.rate, self.buffer_s = rate, buffer_s
@@ -81,6 +83,85 @@ class SegmentTracker:
     def settle(self, ids: Sequence[int]) -> tuple[int, ...]:
         """Provisional ids (`update`'s) as final: -1 for a track ByteTrack never confirmed."""
         return tuple(i if i in self.confirmed else -1 for i in ids)
+
+    def to_json(self) -> dict[str, Any]:
+        """The tracker's whole state, JSON-ready: each label's ByteTrack (`_byte_track_state`) and the segment's ids."""
+        return {"rate": self.rate, "buffer_s": self.buffer_s,
+                "trackers": {label: _byte_track_state(t) for label, t in self.trackers.items()},
+                "ids": [[label, internal, local] for (label, internal), local in self.ids.items()],
+                "confirmed": sorted(self.confirmed)}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SegmentTracker:
+        """The tracker `to_json` described, in the state it was in."""
+        tracker = cls(float(data["rate"]), float(data["buffer_s"]))
+        for label, state in data["trackers"].items():
+            tracker.trackers[label] = _restored(_byte_track(tracker.rate, tracker.buffer_s), state)
+        tracker.ids = {(str(label), int(internal)): int(local) for label, internal, local in data["ids"]}
+        tracker.confirmed = {int(i) for i in data["confirmed"]}
+        return tracker
+
+
+# What a ByteTrack (supervision 0.30, pinned below 0.31) holds between frames: its frame count, its two id counters,
+# and its tracked, lost and just-removed tracks; each track's Kalman state, counters and flags. The rest (thresholds,
+# filters) comes from its constructor.
+_TRACK_FIELDS = ("is_activated", "start_frame", "frame_id", "score", "tracklet_len", "internal_track_id",
+                 "external_track_id")  # fmt: skip
+_LISTS = ("tracked_tracks", "lost_tracks", "removed_tracks")
+
+
+def _byte_track_state(tracker: Any) -> dict[str, Any]:
+    """One ByteTrack's state, JSON-ready; a track in two of its lists (lost, then removed) is stored once."""
+    tracks: dict[int, Any] = {}
+    for name in _LISTS:
+        for track in getattr(tracker, name):
+            tracks.setdefault(id(track), track)
+    index = {key: number for number, key in enumerate(tracks)}
+    return {
+        "frame_id": tracker.frame_id,
+        "next_ids": [tracker.internal_id_counter._id, tracker.external_id_counter._id],
+        "tracks": [{**{name: _plain(getattr(t, name)) for name in _TRACK_FIELDS}, "state": t.state.value,
+                    "tlwh": t._tlwh.tolist(), "kalman": t.kalman_filter is not None,
+                    "mean": _array(t.mean), "covariance": _array(t.covariance)}
+                   for t in tracks.values()],
+        **{name: [index[id(t)] for t in getattr(tracker, name)] for name in _LISTS},
+    }  # fmt: skip
+
+
+def _restored(tracker: Any, state: Mapping[str, Any]) -> Any:
+    """A new ByteTrack (`_byte_track`'s) put in the state `_byte_track_state` described."""
+    from supervision.tracker.byte_tracker.single_object_track import STrack, TrackState
+
+    tracker.frame_id = int(state["frame_id"])
+    tracker.internal_id_counter._id, tracker.external_id_counter._id = (int(i) for i in state["next_ids"])
+    tracks = []
+    for saved in state["tracks"]:
+        track = STrack(np.asarray(saved["tlwh"], np.float32), saved["score"], tracker.minimum_consecutive_frames,
+                       tracker.shared_kalman, tracker.internal_id_counter, tracker.external_id_counter)  # fmt: skip
+        for name in _TRACK_FIELDS:
+            setattr(track, name, saved[name])
+        track.state = TrackState(saved["state"])
+        track.kalman_filter = tracker.kalman_filter if saved["kalman"] else None
+        track.mean, track.covariance = _unarray(saved["mean"]), _unarray(saved["covariance"])
+        tracks.append(track)
+    for name in _LISTS:
+        setattr(tracker, name, [tracks[number] for number in state[name]])
+    return tracker
+
+
+def _array(values: np.ndarray | None) -> list[Any] | None:
+    """An array as [dtype, nested lists]: its dtype kept, as a new track's mean is float32 until its first update
+    and the filter's arithmetic follows the dtype."""
+    return None if values is None else [values.dtype.str, values.tolist()]
+
+
+def _unarray(saved: list[Any] | None) -> np.ndarray | None:
+    return None if saved is None else np.asarray(saved[1], np.dtype(saved[0]))
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (JSON has no float32)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @dataclass
