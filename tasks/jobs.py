@@ -53,7 +53,6 @@ from tasks.batches import (
 from tasks.celery import app, settings, store_client
 from tasks.job_record import JobCancelled, JobRecord, Staged, described, planned_stage
 from tasks.planning import (
-    NoRoom,
     admit,
     crop_batches,
     crops_of,
@@ -61,7 +60,7 @@ from tasks.planning import (
     store_shared,
     store_streamed,
     store_tiles,
-    wait_for_room,
+    while_planning,
 )
 
 BULKY = ("detections", "per_frame", "tracks")  # what a result's summary leaves out (an image's, a video's)
@@ -81,7 +80,7 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
         if redelivered and (earlier := JobRecord.from_json(store.get_job(client, job_id))).streamed:
             _decode_streamed(client, earlier, attempts)  # its process died decoding: the chord runs already
             raise Ignore("the job's chord was published by an earlier delivery; its merge gives the job's result")
-    try:
+    with while_planning(self, client):
         if attempts > MAX_ATTEMPTS:
             raise images.ImageError(f"gave up on {image!r}: {DIED} times it read it")
         if store.is_cancelled(client, job_id):
@@ -104,14 +103,6 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
                 store_tiles(client, job, source, decoded)
             else:
                 store_shared(client, job, decoded)
-    except NoRoom as waiting:
-        raise wait_for_room(self, client, waiting.room) from None
-    except redis.OutOfMemoryError:
-        store.delete_job(client, job_id)
-        raise store.StoreFull(store.FILLED) from None
-    except BaseException:
-        store.delete_job(client, job_id)  # a job refused or failed while tiling leaves nothing behind
-        raise
     header = group(
         recognize_tiles.si(job_id, first, stop).set(priority=batch_priority(number))
         for number, (first, stop) in enumerate(spans)

@@ -10,7 +10,9 @@ one batch  recognized right in the tiling task, where a chord would only add its
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,23 @@ def admit(client: redis.Redis, job_id: str, need: int) -> None:
     if not room.granted:
         store.wait(client, job_id, need, settings().tile_ttl)
         raise NoRoom(room)
+
+
+@contextlib.contextmanager
+def while_planning(task: Any, client: redis.Redis) -> Iterator[None]:
+    """A job's first task while it reads and plans its input (an image's or a video's): a job without room in the
+    store waits in line (`wait_for_room`); one refused or failed leaves nothing behind, its keys deleted (a store out
+    of memory said as StoreFull)."""
+    try:
+        yield
+    except NoRoom as waiting:
+        raise wait_for_room(task, client, waiting.room) from None
+    except redis.OutOfMemoryError:
+        store.delete_job(client, task.request.id)
+        raise store.StoreFull(store.FILLED) from None
+    except BaseException:
+        store.delete_job(client, task.request.id)
+        raise
 
 
 def wait_for_room(task: Any, client: redis.Redis, room: store.Room) -> Ignore:

@@ -30,7 +30,7 @@ from tasks.batches import DIED, MAX_ATTEMPTS, PROGRESS_EVERY_S, TRANSIENT, Cance
 from tasks.celery import app, settings, store_client
 from tasks.job_record import JobCancelled, described
 from tasks.jobs import batch_priority, deliver
-from tasks.planning import NoRoom, admit, wait_for_room
+from tasks.planning import admit, while_planning
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
     client, job_id, started = store_client(), self.request.id, time.time()
     redelivered = bool(self.request.delivery_info.get("redelivered"))
     attempts = 1 + (store.count_attempt(client, job_id, "tiling", settings().tile_ttl) if redelivered else 0)
-    try:
+    with while_planning(self, client):
         if attempts > MAX_ATTEMPTS:
             raise VideoError(f"gave up on {video!r}: {DIED} times it probed it")
         if store.is_cancelled(client, job_id):
@@ -81,14 +81,6 @@ def recognize_video(self: Any, video: str, recognizer: str = "faces", **options:
         description = job.to_json()
         admit(client, job_id, _need(description, job.plan))
         store.put_job(client, job_id, description, job.frames, settings().tile_ttl)
-    except NoRoom as waiting:
-        raise wait_for_room(self, client, waiting.room) from None
-    except redis.OutOfMemoryError:
-        store.delete_job(client, job_id)
-        raise store.StoreFull(store.FILLED) from None
-    except BaseException:
-        store.delete_job(client, job_id)  # a job refused or failed while planning leaves nothing behind
-        raise
     header = group(
         recognize_segment.si(job_id, segment.first, segment.stop).set(priority=batch_priority(number))
         for number, segment in enumerate(plan.segments)
