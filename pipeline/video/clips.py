@@ -391,7 +391,7 @@ def _tracked(
     if after is not None:
         frames += [(f.frame, f.detections, tuple(tracker.update(f.detections)))
                    for f in after.frames[:OVERLAP_FRAMES] if f.detections is not None]  # fmt: skip
-    return [(frame, found, tracker.settle(ids)) for frame, found, ids in frames]  # type: ignore[misc]
+    return [(frame, found, tracker.settle(ids)) for frame, found, ids in frames]
 
 
 def open_clip(video: str | Path, max_pixels: int, frame_rate: float | None = None) -> tuple[Target, Clip]:
