@@ -15,7 +15,8 @@ import cv2
 import pytest
 from celery import Celery
 
-from pipeline.recognizers import plugins
+from pipeline import recognizers
+from pipeline.recognizers import RecognizerSpec, plugins
 from pipeline.recognizers.dnn import configure_models
 from tasks.local import RedisServer, Worker
 
@@ -50,6 +51,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+
+
+@pytest.fixture(autouse=True)
+def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, RecognizerSpec]:
+    """A copy of the recognizer registry for each test: what a test registers or loads (`tests.staged:DarkBlobs`,
+    a plugin) is gone after it, so a later test in the same process (listing the recognizers) does not see it."""
+    monkeypatch.setattr(recognizers, "_REGISTRY", dict(recognizers._REGISTRY))
+    return recognizers._REGISTRY
 
 
 @pytest.fixture
