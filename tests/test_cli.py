@@ -374,10 +374,8 @@ def test_shared_path_sends_the_path_and_a_failed_job_is_one_line(
 def test_timeout_gives_up_and_cleans_the_job(
     scene_png: Path, gate: Path, redis_server: RedisServer, worker: Worker
 ) -> None:
-    began = time.monotonic()
     run = ("run", str(scene_png), *held(gate), "--broker", redis_server.url, "--timeout", "2", "--quiet")
-    completed = tilerec(*run, env=HELD_ENV)
-    assert time.monotonic() - began < 15
+    completed = tilerec(*run, env=HELD_ENV)  # its tiles held until released below: only the timeout ends it
     assert completed.returncode == 4
     assert "timed out after 2 s" in one_error_line(completed)
     release(gate)  # the held tiles end, finding their job given up

@@ -277,10 +277,9 @@ def test_redis_restart_mid_life_clients_get_clear_errors_and_workers_reconnect(t
     try:
         assert client["texts"] == ["after restart"]
         server.stop()
-        began = time.monotonic()
-        down = run_client_script(server.url, str(path), timeout=10)
-        assert down["error"] is not None and time.monotonic() - began < 40
-        assert "connect" in down["error"].lower() or "timed out" in down["error"].lower()
+        down = run_client_script(server.url, str(path), timeout=60)
+        # a connection error once its retries are spent, not its own wait for the result running out
+        assert down["error"] is not None and "connect" in down["error"].lower(), down
         server.start()  # same port, empty data: the worker must reconnect by itself
         wait_for(
             lambda: run_client_script(server.url, str(path), timeout=10)["texts"] == ["after restart"],
@@ -299,6 +298,7 @@ from tasks import app, recognize
 url, path, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
 app.conf.update(broker_url=url, result_backend=url, tilerec_store_url=url,
                 broker_connection_timeout=2, broker_connection_max_retries=1,
+                result_backend_transport_options={"retry_policy": {"max_retries": 2, "interval_step": 0.5}},
                 task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5})
 try:
     result = recognize.delay(path, "qrcode").get(timeout=timeout)
