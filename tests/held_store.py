@@ -71,6 +71,12 @@ class StoreGate:
         """Let the held connections go on: what they sent meanwhile reaches the store, and the decoders go on."""
         self._end_holds(going_on=True)
 
+    def disarm(self) -> None:
+        """Hold nothing more, and let go on what is held (a test is over; the next one uses the same nodes)."""
+        with self.lock:
+            self.armed = None
+        self.release()
+
     def _end_holds(self, going_on: bool) -> None:
         with self.lock:
             self.going_on = going_on

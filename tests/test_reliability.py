@@ -581,7 +581,7 @@ def idat_damaged_at(data: bytes, share: float) -> bytes:
     return data[:spot] + bytes([data[spot] ^ 0xFF]) + data[spot + 1 :]
 
 
-def test_a_png_is_recognized_while_its_rows_are_still_decoding(tmp_path, big_scene):
+def test_a_png_is_recognized_while_its_rows_are_still_decoding(split_nodes, big_scene):
     """The tiling task decodes a PNG band by band after publishing the chord: tile tasks recognize the batches whose
     tiles are stored while later rows are still decoding (the serial part of the job overlaps the parallel one). The
     tiling process is held at the end of the first row of tiles until a tile of it is recognized, then let go: the
@@ -589,20 +589,20 @@ def test_a_png_is_recognized_while_its_rows_are_still_decoding(tmp_path, big_sce
     tiling task's own (on the tiling node the PNG would be decoded whole): uploaded or a shared file, it streams."""
     scene, path = big_scene
     tiles = len(grid(3000, 4000))
-    with tiling_and_tile_nodes(tmp_path, tile_processes=1) as (server, caller, _, gate):
-        client = server.client()
-        image = store.put_bytes(client, Path(path).read_bytes(), 600)  # through a redis: reference, like a client
-        gate.hold_after(1)
-        job = caller.send_task("tilerec.recognize", args=[image, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
-        held = gate.wait_held()
-        ready, records = (f"tilerec:job:{job.id}:{part}" for part in ("ready", "records"))
-        wait_for(lambda: client.hlen(records) > 0, TIMEOUT)
-        assert held < tiles and int(client.get(ready)) == held, "the rows below the first were decoded meanwhile"
-        gate.release()
-        uploaded = job.get(timeout=TIMEOUT)
-        shared = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
-        results = [uploaded, shared.get(timeout=TIMEOUT)]
-        leftovers = sorted(client.scan_iter("tilerec:job:*"))
+    server, caller, _, gate = split_nodes
+    client = server.client()
+    image = store.put_bytes(client, Path(path).read_bytes(), 600)  # through a redis: reference, like a client
+    gate.hold_after(1)
+    job = caller.send_task("tilerec.recognize", args=[image, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
+    held = gate.wait_held()
+    ready, records = (f"tilerec:job:{job.id}:{part}" for part in ("ready", "records"))
+    wait_for(lambda: client.hlen(records) > 0, TIMEOUT)
+    assert held < tiles and int(client.get(ready)) == held, "the rows below the first were decoded meanwhile"
+    gate.release()
+    uploaded = job.get(timeout=TIMEOUT)
+    shared = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
+    results = [uploaded, shared.get(timeout=TIMEOUT)]
+    leftovers = sorted(client.scan_iter("tilerec:job:*"))
     for result in results:
         assert_each_code_once(result["detections"], scene.truths)
         assert result["timings"]["streamed_decode_s"] > 0 and result["timings"]["decode_s"] == 0
@@ -716,21 +716,19 @@ def broker_idle(client) -> bool:
     return not queues and client.hlen("unacked") == 0
 
 
-@contextlib.contextmanager
-def tiling_and_tile_nodes(
-    tmp_path: Path, tile_processes: int = 2
-) -> Iterator[tuple[RedisServer, Celery, Worker, StoreGate]]:
-    """A tiling node of one process (the jobs queue only) beside a tile node: the tiling process can be killed
-    while it decodes a streamed PNG, and a PNG is streamed, since the tile processes are not the tiling one. The
-    tiling node reaches the store through the gate (tests/held_store.py), which holds it where a test says."""
+@pytest.fixture(scope="module")
+def tiling_and_tile_nodes(tmp_path_factory) -> Iterator[tuple[RedisServer, Celery, Worker, StoreGate]]:
+    """A tiling node of one process (the jobs queue only) beside a tile node of one process: the tiling process can
+    be killed while it decodes a streamed PNG, and a PNG is streamed, since the tile process is not the tiling one.
+    The tiling node reaches the store through the gate (tests/held_store.py), which holds it where a test says.
+    Started once for the module's tests that need them (`split_nodes`)."""
+    logs = tmp_path_factory.mktemp("split-nodes")
     with RedisServer() as server, StoreGate(server.port) as gate:
         env = slow_workers_env(server)
         caller = caller_app(server.url)
         tiling_env = {**env, "TILEREC_STORE_URL": gate.url}
-        tiling = Worker(server.url, 1, queues=["tilerec"], env=tiling_env, log_file=str(tmp_path / "tiling.log"))
-        tiles = Worker(
-            server.url, tile_processes, queues=["tilerec.tiles"], env=env, log_file=str(tmp_path / "tiles.log")
-        )
+        tiling = Worker(server.url, 1, queues=["tilerec"], env=tiling_env, log_file=str(logs / "tiling.log"))
+        tiles = Worker(server.url, 1, queues=["tilerec.tiles"], env=env, log_file=str(logs / "tiles.log"))
         try:
             with tiles, tiling:
                 yield server, caller, tiling, gate
@@ -738,50 +736,61 @@ def tiling_and_tile_nodes(
             caller.close()
 
 
-def test_a_tiling_process_killed_while_decoding_resumes_without_a_second_chord(tmp_path, big_scene):
+@pytest.fixture
+def split_nodes(tiling_and_tile_nodes) -> Iterator[tuple[RedisServer, Celery, Worker, StoreGate]]:
+    """The module's tiling and tile nodes, their gate holding nothing once the test is over."""
+    yield tiling_and_tile_nodes
+    tiling_and_tile_nodes[3].disarm()
+
+
+def test_a_tiling_process_killed_while_decoding_resumes_without_a_second_chord(split_nodes, big_scene):
     """The tiling process, killed while it decodes a PNG after publishing the chord: the redelivered tiling task
     finishes the decoding instead of planning the job again, and the job's one merge gives the result."""
     scene, path = big_scene
-    with tiling_and_tile_nodes(tmp_path) as (server, caller, tiling, gate):
-        gate.hold_after(1)  # the end of the first row of tiles: the decoder waits there until killed
-        job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
-        client = server.client()
-        assert gate.wait_held() < len(grid(3000, 4000))
-        os.kill(tiling.child_pids()[0], signal.SIGKILL)
-        gate.drop()
-        result = job.get(timeout=TIMEOUT)
-        wait_for(lambda: broker_idle(client), TIMEOUT)  # a second chord, had one been published, has run by now
-        leftovers = sorted(client.scan_iter("tilerec:job:*"))
-    log = (tmp_path / "tiling.log").read_text()
+    server, caller, tiling, gate = split_nodes
+    gate.hold_after(1)  # the end of the first row of tiles: the decoder waits there until killed
+    job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
+    client = server.client()
+    assert gate.wait_held() < len(grid(3000, 4000))
+    os.kill(tiling.child_pids()[0], signal.SIGKILL)
+    gate.drop()
+    result = job.get(timeout=TIMEOUT)
+    wait_for(lambda: broker_idle(client), TIMEOUT)  # a second chord, had one been published, has run by now
+    leftovers = sorted(client.scan_iter("tilerec:job:*"))
+    log = Path(tiling.log_file).read_text()
     assert_each_code_once(result["detections"], scene.truths)
     assert result["tiling"]["tiles"] == len(grid(3000, 4000)) and result["failed_tiles"] == []
-    assert len(re.findall(r"Task tilerec\.recognize\[[^]]+\] received", log)) == 2  # killed, then delivered again
-    assert len(re.findall(r"Task tilerec\.merge\[[^]]+\] received", log)) == 1
+    # the merge carries the job's id too (the tiling task replaces itself with the chord)
+    received = {
+        task: len(re.findall(rf"Task tilerec\.{task}\[{re.escape(job.id)}\] received", log))
+        for task in ("recognize", "merge")
+    }
+    assert received == {"recognize": 2, "merge": 1}  # killed, then delivered again; one merge
     assert leftovers == []
 
 
-def test_a_png_that_kills_its_tiling_process_every_time_fails_after_three_tries(tmp_path, big_scene):
+def test_a_png_that_kills_its_tiling_process_every_time_fails_after_three_tries(split_nodes, big_scene):
     """The crash-loop guard of a streamed decoding: killed while decoding on three deliveries, the job fails with
     an ImageError saying so, instead of coming back forever."""
     _, path = big_scene
-    with tiling_and_tile_nodes(tmp_path) as (server, caller, tiling, gate):
-        gate.hold_after(1)
-        job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
-        client = server.client()
-        killed = set()
-        for _ in range(3):  # each delivery decodes a row further than the one before, is held there, then dies
-            reached = gate.wait_held()
-            assert reached < len(grid(3000, 4000))
-            # the pool's current child (a killed one may still be listed until it is reaped)
-            (victim,) = (pid for pid in tiling.child_pids() if pid not in killed)
-            gate.hold_after(reached + 1)  # the next delivery sets no row end up to `reached` again
-            os.kill(victim, signal.SIGKILL)
-            gate.drop()
-            killed.add(victim)
-            wait_for(lambda: any(pid not in killed for pid in tiling.child_pids()))
-        with pytest.raises(Exception) as raised:
-            job.get(timeout=TIMEOUT)
-        leftovers = sorted(client.scan_iter("tilerec:job:*"))
+    server, caller, tiling, gate = split_nodes
+    gate.hold_after(1)
+    job = caller.send_task("tilerec.recognize", args=[path, "qrcode"], kwargs={"batch_size": 1}, queue="tilerec")
+    client = server.client()
+    killed = set()
+    for _ in range(3):  # each delivery decodes a row further than the one before, is held there, then dies
+        reached = gate.wait_held()
+        assert reached < len(grid(3000, 4000))
+        # the pool's current child (a killed one may still be listed until it is reaped)
+        (victim,) = (pid for pid in tiling.child_pids() if pid not in killed)
+        gate.hold_after(reached + 1)  # the next delivery sets no row end up to `reached` again
+        os.kill(victim, signal.SIGKILL)
+        gate.drop()
+        killed.add(victim)
+        wait_for(lambda: any(pid not in killed for pid in tiling.child_pids()))
+    with pytest.raises(Exception) as raised:
+        job.get(timeout=TIMEOUT)
+    leftovers = sorted(client.scan_iter("tilerec:job:*"))
     assert type(raised.value).__name__ == "ImageError"
     assert "the worker process died all 3 times it decoded it" in str(raised.value)
     assert leftovers == []
