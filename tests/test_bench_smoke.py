@@ -52,7 +52,7 @@ def test_speed_stages_add_up_to_the_wall_time(smoke):
     assert set(speed) == {"PNG", "tiled TIFF"}  # the same pixels, decoded whole or read window by window
     for row in speed.values():
         entry = row["by_workers"]["1"]
-        assert 0 < entry["wall_s"] < 60 and entry["speedup_vs_single"] > 0
+        assert entry["wall_s"] > 0 and entry["speedup_vs_single"] > 0
         stages = entry["stages"]
         parts = ("queue_in", "read_decode", "store", "dispatch", "to_first_tile", "recognition", "gather", "merge")
         assert all(stages[name] >= -0.005 for name in parts), stages  # log stamps are ms-rounded
