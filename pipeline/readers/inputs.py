@@ -58,11 +58,11 @@ def identify(target: Path | bytes | RemoteObject) -> Input:
         ImageError: it is missing, unreadable, a folder or empty, or its header (of a format whose size is read
             here) is damaged.
     """
+    vendor = slide_vendor(target) if isinstance(target, Path) else None
     name, head, tail, size = _ends(target)
     kind = formats.kind_of(head)
     return Input(target, name, size, kind, head, formats.dimensions(kind, head),
-                 formats.truncation(kind, head, tail, size),
-                 slide_vendor(target) if isinstance(target, Path) else None)  # fmt: skip
+                 formats.truncation(kind, head, tail, size), vendor)  # fmt: skip
 
 
 def _ends(target: Path | bytes | RemoteObject) -> tuple[str, bytes, bytes, int]:
