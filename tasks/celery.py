@@ -19,7 +19,7 @@ from kombu.utils.url import maybe_sanitize_url
 from pipeline.memory import keep_freed_buffers
 from pipeline.readers import images, remote
 from pipeline.readers.geo import GDAL_DEFAULTS
-from pipeline.recognizers import limit_threads, restrict_file_params
+from pipeline.recognizers import limit_threads, restrict_file_params, usable_cpus
 from pipeline.recognizers.dnn import configure_execution, configure_models, current_execution
 from pipeline.recognizers.plugins import allow_modules, module_list
 from tasks import store
@@ -164,7 +164,7 @@ def _set_up_process(**_: Any) -> None:
     # a worker's own messages (batches, merges, retries) are received at once: their task-sent events would cost
     # a publish each and tell a monitor little (a client's jobs still send theirs)
     app.conf.task_send_sent_event = False
-    limit_threads(settings().threads_per_process or max(1, (os.cpu_count() or 1) // pool_size()))
+    limit_threads(settings().threads_per_process or max(1, usable_cpus() // pool_size()))
     restrict_file_params(settings().model_roots)
     if settings().keep_freed_buffers:
         keep_freed_buffers()

@@ -7,6 +7,8 @@ is, `text_stage` reads the text of the lines found.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -188,6 +190,17 @@ def recognize_many(recognizer: Recognizer, tiles: Sequence[np.ndarray]) -> list[
     if len(found) != len(tiles):
         raise TypeError(f"the recognizer's recognize_batch returned {len(found)} results for {len(tiles)} tiles")
     return found
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (`docker run --cpus`), which
+    os.cpu_count() and so celery's default concurrency ignore."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    return max(1, count)
 
 
 _thread_budget = 0
