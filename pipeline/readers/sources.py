@@ -1,8 +1,8 @@
 """Image sources: where a job's pixels come from, read one window at a time when the format allows it.
 
-One `open_source` for every input, through one reader per kind of file (`pipeline.readers`, whose docstring says
-which reads what and why). Every input is identified from its first bytes and its size read from its header, and
-`max_pixels` checked, before any pixel is decoded:
+One `open_source` for every input: identified once (`inputs.identify`), then opened by one reader per kind of file
+(`pipeline.readers`, whose docstring says which reads what and why). Every input's size is read from its header and
+`max_pixels` checked before any pixel is decoded:
 
 - a tiled or stripped TIFF (BigTIFF and pyramids too) is read window by window: `read(window)` decodes only the
   TIFF tiles or strips the window touches (`TiffSource`), so a gigapixel scan costs each reader a few tiles;
