@@ -121,10 +121,23 @@ broker_use_ssl = tls_for_sentinel(broker_url)
 redis_backend_use_ssl = tls_for_sentinel(result_backend)
 broker_connection_retry_on_startup = True
 
-# Redis restarted or failed over: a worker reconnects, its results and chord counts are retried until Redis is
-# back (about 30 s in all), and so are its messages (the client's too).
+
+def backoff_retries(seconds: float, base_s: float = 0.1, cap_s: float = 2.0) -> int:
+    """How many retries, sleeping base_s·2ⁿ (at most cap_s) before the n-th, wait `seconds` in all."""
+    retries, waited = 0, 0.0
+    while waited < seconds:
+        retries += 1
+        waited += min(cap_s, base_s * 2**retries)
+    return retries
+
+
+# Redis restarted or failed over: for this long a worker's Redis writes are retried with backoff (store commands,
+# results, chord counts), so an outage this short is a pause, not a failed job.
+# Make it longer than the sentinels' failover takes (their down-after-milliseconds plus failover-timeout).
+tilerec_redis_patience_s = _number("TILEREC_REDIS_PATIENCE_S", 30, 0, float)
+tilerec_redis_retries = backoff_retries(tilerec_redis_patience_s)
 result_backend_always_retry = True
-result_backend_max_retries = 20
+result_backend_max_retries = backoff_retries(2 * tilerec_redis_patience_s)  # Celery sleeps a random part of each step
 result_backend_base_sleep_between_retries_ms = 100
 result_backend_max_sleep_between_retries_ms = 2000
 # Publishing is retried for about 12 s (15 tries, a connection timeout of 2 s each): Celery holds a chord's callback

@@ -80,6 +80,7 @@ class AppSettings:
     onnx_providers_strict: bool
     store_max_bytes: int  # 0: Redis's maxmemory alone
     allow_eviction: bool
+    redis_retries: int  # a store command's, while Redis restarts or fails over
 
     @classmethod
     def of(cls, conf: Any) -> AppSettings:
@@ -105,6 +106,7 @@ class AppSettings:
             onnx_providers_strict=bool(conf.tilerec_onnx_providers_strict),
             store_max_bytes=int(conf.tilerec_store_max_bytes),
             allow_eviction=bool(conf.tilerec_allow_eviction),
+            redis_retries=int(conf.tilerec_redis_retries),
         )
 
 
@@ -128,9 +130,10 @@ def configure(**changes: Any) -> None:
 
 
 def store_client(patient: bool = True) -> redis.Redis:
-    """The tile store's client (`store.connect`: `patient=False` for a caller that must not block)."""
-    conf = app.conf
-    return store.connect(settings().store_url, conf.sentinel_master, sentinel_options(), patient)
+    """The tile store's client (`store.connect`), patient for TILEREC_REDIS_PATIENCE_S; `patient=False` for a
+    caller that must not block."""
+    retries = settings().redis_retries if patient else 0
+    return store.connect(settings().store_url, app.conf.sentinel_master, sentinel_options(), retries)
 
 
 def sentinel_options() -> tuple[tuple[str, Any], ...]:
@@ -205,7 +208,7 @@ def _memory_of(url: str) -> store.Memory | None:
     while True:
         try:
             if url.startswith("sentinel:"):
-                client = store.connect(url, app.conf.sentinel_master, sentinel_options())
+                client = store.connect(url, app.conf.sentinel_master, sentinel_options(), settings().redis_retries)
             else:  # no retries: a wrong password is said at once
                 client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
             return store.memory(client)

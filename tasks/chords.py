@@ -27,7 +27,6 @@ from celery.backends import redis as celery_redis
 from celery.backends.base import _is_request_ignore_result
 
 CLAIM_WAIT_S = 120.0  # at most: a claim lasts 2 × the join timeout, then the time its publish retries may take
-RETRIES = 20  # about 30 s of backoff, as the worker's other Redis writes
 
 
 class _ChordSafe:
@@ -57,14 +56,15 @@ class _ChordSafe:
         """Celery's count of the part, retried while Redis is unreachable (restarting, loading, failing over): it
         counts a part once, however often it runs. Returns whether it had to retry (a claim it took in an attempt
         whose reply was lost is then held by nobody)."""
-        for attempt in range(RETRIES + 1):
+        retries = int(self.app.conf.tilerec_redis_retries)  # type: ignore[attr-defined]
+        for attempt in range(retries + 1):
             try:
                 super().on_chord_part_return(request, state, result, **kwargs)  # type: ignore[misc]
                 return attempt > 0
             except (redis.ConnectionError, redis.TimeoutError):
-                if attempt == RETRIES:
+                if attempt == retries:
                     raise
-                time.sleep(min(2.0, 0.1 * 2**attempt))
+                time.sleep(min(2.0, 0.1 * 2 ** (attempt + 1)))
         return False
 
 

@@ -66,20 +66,21 @@ READ_EVERY = 8  # tiles fetched in one round trip by a tile task
 
 @lru_cache(maxsize=8)
 def connect(
-    url: str, master: str = "mymaster", sentinel_options: tuple[tuple[str, Any], ...] = (), patient: bool = True
+    url: str, master: str = "mymaster", sentinel_options: tuple[tuple[str, Any], ...] = (), retries: int = 18
 ) -> redis.Redis:
-    """One client (and connection pool) per URL per process. Commands are retried with backoff for about 30 s on
-    connection errors (Redis restarting, loading its data, failing over), so a restart is a pause, not a failure.
-    `patient=False`: each command tried once, with timeouts of a second or two, for a caller that must not block
-    (a worker's event loop, which announces the node in the roster) and tries again later anyway.
+    """One client (and connection pool) per URL per process. Commands are retried `retries` times with backoff
+    (0.2 s doubling to 2 s: 18 is about 30 s, celeryconfig's TILEREC_REDIS_PATIENCE_S) on connection errors (Redis
+    restarting, loading its data, failing over), so a restart is a pause, not a failure. `retries=0`: each command
+    tried once, with timeouts of a second or two, for a caller that must not block (a worker's event loop, which
+    announces the node in the roster) and tries again later anyway.
 
     A `sentinel://host:26379;sentinel://host2:26379/db` URL asks those sentinels for the master named `master`
     (and follows it when they fail over); a password in the first URL is the master's. `sentinel_options`: the
     sentinels' own connection options, as items (celeryconfig's sentinel_kwargs: their password; TLS, which then
     the master speaks too)."""
-    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), 20 if patient else 0)
-    connect_s = 5 if patient else 1
-    options = {"socket_connect_timeout": connect_s, "socket_timeout": 30 if patient else 2,
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries)
+    connect_s = 5 if retries else 1
+    options = {"socket_connect_timeout": connect_s, "socket_timeout": 30 if retries else 2,
                "health_check_interval": 30, "retry": retry,
                "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}  # fmt: skip
     if not url.startswith("sentinel://"):

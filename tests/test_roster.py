@@ -55,7 +55,7 @@ def test_announcements_try_the_store_once_so_a_failover_never_holds_the_event_lo
                     connection.close()
 
         threading.Thread(target=hang_up, daemon=True).start()
-        client = store.connect(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", patient=False)
+        client = store.connect(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", retries=0)
         with pytest.raises(redis.ConnectionError):
             store.announce_processes(client, store.roster_member("node@host", 2), 15)
     assert len(accepted) == 1

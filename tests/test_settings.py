@@ -8,9 +8,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
 
 
 def _load(env: dict[str, str], code: str = "import celeryconfig") -> subprocess.CompletedProcess:
@@ -30,6 +32,7 @@ def _load(env: dict[str, str], code: str = "import celeryconfig") -> subprocess.
         ("TILEREC_MIN_BATCHES", "0", "'auto' or a whole number of at least 1"),
         ("TILEREC_MIN_BATCHES", "many", "'auto' or a whole number of at least 1"),
         ("TILEREC_STORE_MAX_BYTES", "200mb", "a whole number of at least 0"),
+        ("TILEREC_REDIS_PATIENCE_S", "-5", "a number of at least 0"),
     ],
 )
 def test_a_bad_number_stops_the_loading_with_the_setting_and_what_it_accepts(name, value, accepts):
@@ -47,6 +50,31 @@ def test_numbers_come_from_the_environment_or_their_defaults():
     assert shown.stdout == "120 250.5 1 None\n", shown.stderr
     given = _load({"TILEREC_MIN_BATCHES": " 12 "}, "import celeryconfig as c; print(c.tilerec_min_batches)")
     assert given.stdout == "12\n"
+
+
+def test_redis_patience_becomes_the_retries_whose_backoff_adds_up_to_it():
+    # sleeps 0.2, 0.4, 0.8, 1.6, then 2 s each: 3.0 s after 4 retries, 29.0 after 17, 31.0 after 18
+    import celeryconfig
+
+    assert [celeryconfig.backoff_retries(s) for s in (0, 0.2, 0.25, 3.0, 29.0, 30)] == [0, 1, 2, 4, 17, 18]
+    shown = _load({"TILEREC_REDIS_PATIENCE_S": "120"},
+                  "import celeryconfig as c; print(c.tilerec_redis_retries, c.result_backend_max_retries)")  # fmt: skip
+    assert shown.stdout.split() == ["63", "123"], shown.stderr  # 3.0 s + 2 s × 59; twice that for Celery's jitter
+
+
+def test_a_store_client_waits_its_retries_for_a_redis_that_is_not_there():
+    from tasks import store
+    from tasks.local import free_port
+
+    port = free_port()
+    client = store.connect(f"redis://127.0.0.1:{port}/0", retries=3)  # sleeps 0.2 + 0.4 + 0.8 s
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
+    assert time.monotonic() - started >= 1.4
+    impatient = store.connect(f"redis://127.0.0.1:{port}/1", retries=0)
+    with pytest.raises(redis.ConnectionError):
+        impatient.ping()
 
 
 def test_the_broker_is_followed_by_the_backend_and_the_store_unless_they_are_set():
