@@ -24,7 +24,7 @@ from pipeline.recognizers.dnn import configure_execution, configure_models, curr
 from pipeline.recognizers.plugins import allow_modules, module_list
 from tasks import store
 from tasks.leases import Leases
-from tasks.roster import Roster
+from tasks.roster import roster_step
 
 STARTUP_WAIT_S = 30.0  # a worker waits this long for its Redis to answer before it starts without checking it
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ redis_transport.Channel.QoS = _QoS  # the Sentinel channel too: it inherits Chan
 app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(Leases)
-app.steps["consumer"].add(Roster)
+app.steps["consumer"].add(roster_step(lambda: store_client(patient=False)))  # defined below, called later
 
 
 @dataclass(frozen=True)
