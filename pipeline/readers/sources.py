@@ -139,12 +139,11 @@ def open_source(
     found = identify(target)
     source = _opened(found, level, spec, grey, max_pixels or DEFAULT_MAX_PIXELS)
     try:
-        if source.windowed:  # what is read: the roi, or the level
-            width, height = (roi[2], roi[3]) if roi else (source.width, source.height)
-        else:  # what is decoded: the whole image, up to the default limit
-            width, height, max_pixels = source.width, source.height, max_pixels or DEFAULT_MAX_PIXELS
-        if max_pixels:
-            check_pixels(width, height, max_pixels, "read" if source.windowed else "decode")
+        # read by window: the roi or the level, against the limit asked; decoded: the whole image, by default too
+        limit = max_pixels if source.windowed else max_pixels or DEFAULT_MAX_PIXELS
+        width, height = (roi[2], roi[3]) if roi and source.windowed else (source.width, source.height)
+        if limit:
+            check_pixels(width, height, limit, "read" if source.windowed else "decode")
         if source.windowed:
             return source.validate() if isinstance(source, TiffSource) else source
         if found.truncation:  # after the size, before any pixel is decoded
@@ -275,10 +274,7 @@ class SourceCache:
             return source
         if check is not None:
             check(ref.path)
-        found = identify(self._current(ref))
-        if found.kind != "tiff" and ref.reader != "slide":
-            raise ImageError(f"{ref.path!r} changed after the job was planned (it is no longer a TIFF)")
-        opened = _opened(found, ref.level, ref.spec, False, DEFAULT_MAX_PIXELS)
+        opened = _opened(identify(self._current(ref)), ref.level, ref.spec, False, DEFAULT_MAX_PIXELS)
         try:
             if isinstance(opened, TiffSource):
                 opened.validate()
