@@ -3,6 +3,7 @@ so the two give identical detections."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.readers.images import normalize
 from pipeline.readers.sources import ArraySource, Source
 from pipeline.recognizers import Recognizer, get_recognizer, recognize_many, spec_of, tiles_per_pass
-from pipeline.recognizers.stages import run_stage
+from pipeline.recognizers.stages import SecondStage, built_stage, finish_stage, plan_crops, read_crops
 from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
 
 
@@ -171,6 +172,33 @@ def stage_reader(read: Callable[[Window], np.ndarray | None], options: JobOption
         return None if pixels is None else compact(pixels, options)
 
     return read_crop
+
+
+def stage_of(options: JobOptions) -> SecondStage | None:
+    """The job's second stage, built once per process for its recognizer and parameters; None when it has none
+    or the job turned it off (`second_stage=False`)."""
+    if not options.second_stage or not isinstance(options.recognizer, str):
+        return None
+    return built_stage(options.recognizer, json.dumps(options.params, sort_keys=True))
+
+
+def run_stage(
+    recognition: Recognition,
+    options: JobOptions,
+    read: Callable[[Window], np.ndarray | None],
+    bounds: Window,
+    resources: Mapping[str, Any] | None = None,
+    started: float | None = None,
+) -> Recognition:
+    """Both steps of the job's second stage in this process (in process, and on a one-batch job's tiling task):
+    the same planning and finish as on workers. `read` gives a window's full-resolution pixels in the stage's
+    channels. Without a second stage, the recognition as it is."""
+    stage = stage_of(options)
+    if stage is None:
+        return recognition
+    plan = plan_crops(recognition.detections, stage, bounds, options.max_crops)
+    outcomes = read_crops(read, plan.crops, recognition.detections, stage)
+    return finish_stage(recognition, stage, plan, outcomes, resources, started=started)
 
 
 def _placed(found: Any, tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:

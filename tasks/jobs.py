@@ -29,12 +29,21 @@ import redis
 from celery import chord, group, states
 from celery.exceptions import Ignore
 
-from pipeline.inference import TileOutcome, assemble, grey_tiles, measured_tile_cost, region, stage_reader
+from pipeline.inference import (
+    TileOutcome,
+    assemble,
+    grey_tiles,
+    measured_tile_cost,
+    region,
+    run_stage,
+    stage_of,
+    stage_reader,
+)
 from pipeline.model import Recognition
 from pipeline.options import JobOptions, parse_options
 from pipeline.readers import images, sources
 from pipeline.readers.sources import Source
-from pipeline.recognizers.stages import CropOutcome, SecondStage, finish_stage, plan_crops, run_stage, stage_of
+from pipeline.recognizers.stages import CropOutcome, SecondStage, finish_stage, plan_crops
 from pipeline.tiling import Window
 from tasks import resources, store
 from tasks.access import resolve

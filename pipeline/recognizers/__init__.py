@@ -1,8 +1,8 @@
 """Recognizers: the protocol, the registry, and a per-process cache so nothing heavy is rebuilt per tile.
 
-Built-ins live in `opencv` (classical), `dnn` (neural) and `text` (OCR); third-party ones load by name through
-`plugins`. A second stage (`stages`) recognizes crops of a first recognizer's detections: `faces` tells who a face
-is, `text_stage` reads the text of the lines found.
+Built-ins live in `opencv` (classical), `dnn` (neural) and `text` (OCR, registered with its second stage in
+`text_stage`); third-party ones load by name through `plugins`. A second stage (`stages`) recognizes crops of a first
+recognizer's detections: `faces` tells who a face is, `text_stage` reads the text of the lines found.
 """
 
 from __future__ import annotations
@@ -280,4 +280,4 @@ def get_recognizer(name: str | Recognizer, params: Mapping[str, Any] | None = No
     return _build(name, tuple(sorted(resolved.items())))
 
 
-from pipeline.recognizers import dnn, opencv, plugins, text  # noqa: E402,F401  registers the built-ins
+from pipeline.recognizers import dnn, opencv, plugins, text_stage  # noqa: E402,F401  registers the built-ins
