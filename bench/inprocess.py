@@ -69,11 +69,26 @@ def _whole(pixels: np.ndarray, recognizer: str, options: dict[str, Any]) -> tupl
     return place(found, Window(0, 0, 0, width, height), width, height).to_records(), seconds
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Time `reps` passes over the image file; detections from the first pass (later ones are checked equal)."""
-    from pipeline.memory import keep_freed_buffers
+def _faults_since(before: resource.struct_rusage) -> dict[str, float]:
+    """The pass's page faults (minor: fresh pages the kernel handed the process) and its system CPU seconds, which
+    on this VM are mostly those faults: a pass that maps a whole decoded image afresh pays them, a warm one reuses."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return {"minor_faults": now.ru_minflt - before.ru_minflt, "sys_s": now.ru_stime - before.ru_stime}
 
-    keep_freed_buffers()
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time `reps` passes over the image file; detections from the first pass (later ones are checked equal).
+
+    `warm`: the process keeps every freed buffer (`keep_all_freed_memory`) and makes one pass first, untimed
+    ("cold" in the result), so the timed passes reuse the pages of its decoded image instead of faulting in fresh
+    ones, whose cost on this VM varies twentyfold from minute to minute (docs/performance.md)."""
+    from pipeline.memory import keep_all_freed_memory, keep_freed_buffers
+
+    warm = bool(spec.get("warm"))
+    if warm:
+        keep_all_freed_memory()
+    else:
+        keep_freed_buffers()
     _set_threads(spec["threads"])
     from pipeline.inference import recognize_image
     from pipeline.readers.sources import decode
@@ -81,8 +96,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     recognizer, options = spec["recognizer"], spec.get("options", {})
     _warm_up(recognizer, options)
     passes, detections, identical = [], None, True
-    for _ in range(spec.get("reps", 1)):
-        cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(spec.get("reps", 1) + warm):
+        usage0, cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
         if Path(spec["image"]).suffix in (".tif", ".tiff") and spec["mode"] != "whole":
             # a tiled TIFF is read window by window, as the tile tasks read it: no whole decode
             from pipeline.inference import recognize_source
@@ -96,7 +111,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             recognize_s, merge_s = result.timings["recognize_s"], result.timings["merge_s"]
             t3 = time.perf_counter()
             passes.append({"read_s": t1 - t0, "decode_s": 0.0, "recognize_s": recognize_s, "merge_s": merge_s,
-                           "total_s": t3 - t0, "cpu_s": time.process_time() - cpu0, "tiles": tiles})  # fmt: skip
+                           "total_s": t3 - t0, "cpu_s": time.process_time() - cpu0, "tiles": tiles,
+                           **_faults_since(usage0)})  # fmt: skip
             detections = records if detections is None else detections
             identical = identical and records == detections
             continue
@@ -122,6 +138,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 "total_s": t3 - t0,
                 "cpu_s": time.process_time() - cpu0,
                 "tiles": tiles,
+                **_faults_since(usage0),
             }
         )
         if detections is None:
@@ -131,6 +148,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     import cv2
 
     return {
+        "cold": passes.pop(0) if warm else None,
         "passes": passes,
         "detections": detections,
         "reps_identical": identical,

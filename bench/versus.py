@@ -1,6 +1,6 @@
 """This checkout against another one, side by side: the speed scenes recognized by a cluster of each, interleaved.
 
-    python -m bench.versus ../tilerec-main [--size 8000] [--workers 2] [--reps 5] [--out bench-out/versus]
+    python -m bench.versus ../tilerec-main [--size 8000] [--workers 2] [--reps 3] [--out bench-out/versus]
         [--formats png,tif,jpg,webp] [--recognizers qrcode,aruco] [--in-process]
 
 Each checkout runs its own private Redis and `celery worker` (the other one with its own `.venv/bin/python`), both
@@ -9,7 +9,10 @@ speed hits both alike. Every job is timed by the client, from sending `tilerec.r
 and both must find the same detections. The scenes are written as PNG and as an uncompressed tiled TIFF, and with
 `--formats` as JPEG (quality 95) and WebP (quality 90) too. With `--in-process`, each job is also run in one fresh
 process of this checkout on the same tiles (`bench.inprocess`: decoded whole, then tiled), at one thread and at the
-libraries' default threads, interleaved with the clusters' jobs: what distribution buys, in the same run. The
+libraries' default threads, interleaved with the clusters' jobs: what distribution buys, in the same run. That
+process makes a cold pass, then the timed one, which reuses the cold pass's pages (as the workers, warm, reuse
+theirs): on this VM a whole decoded image's fresh pages cost 0.1 to 2.5 s from one minute to the next, which made
+one-pass baselines drift twofold between repetitions; the cold pass's time is reported beside it. The
 load average is recorded beside every job, and its CPU seconds (every process of the cluster, the Redis included;
 the one-process run's own): two cores give at most two CPU seconds a second, so 2 × one thread's CPU over the
 job's bounds the ratio whatever the load. Writes `versus.json` and `versus.md` (medians, and the ratio of each
@@ -58,14 +61,15 @@ def _scenes(folder: Path, size: int, formats: tuple[str, ...]) -> list[tuple[str
     return found
 
 
-def _in_process(path: Path, recognizer: str, threads: str | int) -> tuple[float, list[Any], float, float]:
-    """One pass in a fresh process of this checkout: (seconds from the file to the result, detections, its serial
-    decode's seconds, its CPU seconds)."""
+def _in_process(path: Path, recognizer: str, threads: str | int) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+    """A warm pass in a fresh process of this checkout, after a cold one that warmed it (`bench.inprocess` `warm`:
+    the decoded image's pages kept and reused): (the warm pass, detections, the cold pass), each pass with its
+    seconds from the file to the result, its serial decode's seconds, CPU seconds and page faults."""
     out = run_in_subprocess({"image": str(path), "recognizer": recognizer, "mode": "tiled", "threads": threads,
-                             "reps": 1, "options": {}}, 1800)  # fmt: skip
+                             "reps": 1, "warm": True, "options": {}}, 1800)  # fmt: skip
     if "error" in out:
         raise RuntimeError(f"in process ({threads} threads) failed on {path.name}: {out['error']}")
-    return out["passes"][0]["total_s"], out["detections"], out["passes"][0]["decode_s"], out["passes"][0]["cpu_s"]
+    return out["passes"][0], out["detections"], out["cold"]
 
 
 def run(
@@ -111,10 +115,12 @@ def run(
                 row["same"] = row["same"] and found["this"] == found["other"]
                 if in_process and path != one_tile:
                     for threads in (1, "default") if rep % 2 == 0 else ("default", 1):
-                        seconds, detections, decode_s, cpu = _in_process(path, recognizer, threads)
-                        row.setdefault(f"inproc-{threads}", []).append(seconds)
-                        row.setdefault(f"inproc-{threads}_cpu", []).append(cpu)
-                        row.setdefault("decode_s", []).append(decode_s)
+                        warm, detections, cold = _in_process(path, recognizer, threads)
+                        row.setdefault(f"inproc-{threads}", []).append(warm["total_s"])
+                        row.setdefault(f"inproc-{threads}_cpu", []).append(warm["cpu_s"])
+                        row.setdefault(f"inproc-{threads}_cold", []).append(cold["total_s"])
+                        row.setdefault(f"inproc-{threads}_cold_faults", []).append(cold["minor_faults"])
+                        row.setdefault("decode_s", []).append(warm["decode_s"])
                         row["same_in_process"] = row.get("same_in_process", True) and detections == found["this"]
                         row["load"].append(os.getloadavg()[0])
                 print(f"rep {rep} {key}: this {row['this'][-1]:.3f} s, other {row['other'][-1]:.3f} s"
@@ -131,6 +137,7 @@ def run(
         if "inproc-1" in row:
             row["speedup_1"] = statistics.median(row["inproc-1"]) / row["this_median_s"]
             row["speedup_default"] = statistics.median(row["inproc-default"]) / row["this_median_s"]
+            row["speedup_1_cold"] = statistics.median(row["inproc-1_cold"]) / row["this_median_s"]
             row["decode_median_s"] = statistics.median(row["decode_s"])
             # two cores give at most 2 CPU seconds a second: the job's CPU (all its processes and the Redis)
             # against one thread's bounds the ratio whatever the load (`cpu_bound`)
@@ -154,21 +161,23 @@ def _markdown(summary: dict[str, Any], other: Path) -> str:
     lines = [
         f"{summary['size']}² scenes at W={summary['workers']}, median of {summary['reps']} interleaved jobs each; "
         f"ratio = this checkout's median time / {other.name}'s; × 1 thread and × default threads = the same "
-        "tiles' time in one process of this checkout over this checkout's W time; load = the median 1-minute load "
+        "tiles' time in a warm process of this checkout (its second pass, the first's pages reused) over this "
+        "checkout's W time, × 1 thread cold = its first pass's; load = the median 1-minute load "
         "average beside the jobs; this CPU = the CPU seconds of this cluster's processes (worker, pool, Redis) for the "
         "job, 1 thread CPU = the one-thread run's; CPU bound = 2 × 1 thread CPU / this CPU, the most two cores can "
         "give against one thread",
         "",
-        "| scene | this s | other s | ratio | × 1 thread | × default threads | serial decode s | this CPU s | "
-        "1 thread CPU s | CPU bound | load | same |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scene | this s | other s | ratio | × 1 thread | × default threads | × 1 thread cold | serial decode s | "
+        "this CPU s | 1 thread CPU s | CPU bound | load | same |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in summary["rows"].items():
         same = row["same"] and row.get("same_in_process", True)
-        speedups = (f"{row['speedup_1']:.2f} | {row['speedup_default']:.2f} | {row['decode_median_s']:.3f} | "
+        speedups = (f"{row['speedup_1']:.2f} | {row['speedup_default']:.2f} | {row['speedup_1_cold']:.2f} | "
+                    f"{row['decode_median_s']:.3f} | "
                     f"{statistics.median(row['this_cpu']):.2f} | {statistics.median(row['inproc-1_cpu']):.2f} | "
                     f"{row['cpu_bound']:.2f}"
-                    if "speedup_1" in row else "– | – | – | – | – | –")  # fmt: skip
+                    if "speedup_1" in row else "– | – | – | – | – | – | –")  # fmt: skip
         lines.append(
             f"| {key} | {row['this_median_s']:.3f} | {row['other_median_s']:.3f} | {row['ratio']:.3f} | "
             f"{speedups} | {row['load_median']:.1f} | {'yes' if same else 'NO'} |"
@@ -182,7 +191,7 @@ def main() -> None:
     parser.add_argument("other", type=Path, help="another checkout, with its own .venv")
     parser.add_argument("--size", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-out/versus"))
     parser.add_argument("--formats", default="png,tif", help="of png, tif (uncompressed, tiled), jpg, webp")
     parser.add_argument("--recognizers", default=None, help="only these, e.g. qrcode,aruco,faces-dnn,objects")

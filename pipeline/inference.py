@@ -19,7 +19,7 @@ from pipeline.readers.images import normalize
 from pipeline.readers.sources import ArraySource, Source
 from pipeline.recognizers import Recognizer, get_recognizer, recognize_many, spec_of, tiles_per_pass
 from pipeline.recognizers.stages import SecondStage, built_stage, finish_stage, plan_crops, read_crops
-from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tapered_batches
+from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tail_smallest, tapered_batches
 
 
 class TileFailure(RuntimeError):
@@ -96,7 +96,8 @@ def plan(
     `tile_cost_ms` is what a 640x640 tile costs, measured on earlier jobs; by default the recognizer's estimate.
     `processes`: the cluster's tile processes (0: unknown), so a big job gets a few large batches per process
     (`tiling.auto_batch_size`) and a tail of small ones for each process (`tiling.tapered_sizes`).
-    A recognizer's `batch` parameter (tiles per forward pass) rounds auto batches up to whole passes."""
+    A recognizer's `batch` parameter (tiles per forward pass) rounds auto batches up to whole passes; the tail's
+    smallest batch holds `tiling.TAIL_MIN_MS` of work (`tiling.tail_smallest`)."""
     windows = windows_of(height, width, options)
     if options.batch_size is not None:
         return batches(windows, options.batch_size)
@@ -106,9 +107,10 @@ def plan(
     per_pass = options.params.get("batch", 1)  # a recognizer's `batch` parameter: tiles per forward pass
     if isinstance(per_pass, int) and per_pass > 1:  # whole passes per task, the last one of the image aside
         size = -(-size // per_pass) * per_pass
+    smallest = tail_smallest(cost, size)
     if row_by_row:
-        return row_batches(windows, size, taper, max(1, processes))
-    return tapered_batches(windows, size, max(1, processes)) if taper else batches(windows, size)
+        return row_batches(windows, size, taper, max(1, processes), smallest)
+    return tapered_batches(windows, size, max(1, processes), smallest) if taper else batches(windows, size)
 
 
 def measured_tile_cost(seconds: list[float], height: int, width: int, options: JobOptions) -> float | None:

@@ -9,20 +9,40 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import Any
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 
 def keep_freed_buffers(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 64 * 2**20) -> bool:
     """Serve buffers below `mmap_threshold` bytes from the heap, and give back only freed memory above
     `trim_threshold` at its top; both must be set, as setting one turns glibc's own adjustment off. Returns False
     where this is not glibc (the process keeps its allocator's defaults)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
+def keep_all_freed_memory() -> bool:
+    """Serve every buffer from the heap, whole decoded images too, and give none back: a process that handles one
+    image after another then reuses the same pages instead of faulting fresh ones in for each (on a VM whose host
+    takes freed memory back, a fresh page can cost 20 times its usual fault). For a process's own benchmark runs:
+    its resident set stays at its peak. Returns False where this is not glibc."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def _mallopt() -> Any:
+    """glibc's mallopt, or None elsewhere."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return None

@@ -80,6 +80,9 @@ def grid(height: int, width: int, tile: int = 640, overlap: float = 0.2) -> list
 
 SHARES_PER_PROCESS = 8  # a big job's full batches per tile process of the cluster (then the tapered tail)
 MAX_BATCH_MS = 10_000.0  # ... each holding at most this much work: a cluster that grows mid-job still gets batches
+# the tapered tail's smallest batch holds this much work: about 3 times a batch task's own cost (7 ms of CPU and
+# 3-5 ms of waits, docs/performance.md), where one more halving would cost its tasks more than it evens the finish
+TAIL_MIN_MS = 30.0
 
 
 def auto_batch_size(
@@ -124,10 +127,15 @@ def tapered_sizes(total: int, size: int, lanes: int = 1, smallest: int = 1) -> l
     return body + tail[::-1]
 
 
-def tapered_batches(windows: list[Window], size: int, lanes: int = 1) -> list[list[Window]]:
+def tail_smallest(tile_cost_ms: float, size: int) -> int:
+    """The tiles of a tapered tail's smallest batch: TAIL_MIN_MS of work, at most a full batch (`size`)."""
+    return max(1, min(size, math.ceil(TAIL_MIN_MS / max(tile_cost_ms, 1e-3))))
+
+
+def tapered_batches(windows: list[Window], size: int, lanes: int = 1, smallest: int = 1) -> list[list[Window]]:
     """`windows` cut into consecutive batches of `tapered_sizes`."""
     cut, start = [], 0
-    for length in tapered_sizes(len(windows), size, lanes):
+    for length in tapered_sizes(len(windows), size, lanes, smallest):
         cut.append(windows[start : start + length])
         start += length
     return cut
@@ -138,7 +146,9 @@ def row_ends(windows: list[Window]) -> set[int]:
     return {w.index + 1 for w, after in itertools.pairwise([*windows, None]) if after is None or after.y != w.y}
 
 
-def row_batches(windows: list[Window], size: int, taper: bool = True, lanes: int = 1) -> list[list[Window]]:
+def row_batches(
+    windows: list[Window], size: int, taper: bool = True, lanes: int = 1, smallest: int = 1
+) -> list[list[Window]]:
     """`windows` (in grid order) cut into batches of at most `size` that never span two rows of tiles; the last row
     tapered as `tapered_batches` (with `taper`).
 
@@ -149,4 +159,4 @@ def row_batches(windows: list[Window], size: int, taper: bool = True, lanes: int
     if not rows:
         return []
     cut = [batch for row in rows[:-1] for batch in batches(row, size)]
-    return cut + (tapered_batches(rows[-1], size, lanes) if taper else batches(rows[-1], size))
+    return cut + (tapered_batches(rows[-1], size, lanes, smallest) if taper else batches(rows[-1], size))

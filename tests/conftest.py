@@ -15,7 +15,8 @@ import cv2
 import pytest
 from celery import Celery
 
-from pipeline.recognizers import plugins
+from pipeline import recognizers
+from pipeline.recognizers import RecognizerSpec, plugins
 from pipeline.recognizers.dnn import configure_models
 from tasks.local import RedisServer, Worker
 
@@ -46,10 +47,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `cluster` every test that uses a fixture starting processes; tests that start their own are marked
-    where they are written. `pytest -m "not cluster"` runs the rest: the edit-test loop's fast subset."""
+    where they are written. `pytest -m "not cluster"` runs the rest: the edit-test loop's fast subset.
+
+    Then the modules with cluster tests run first and those without last, each module's tests together and in
+    order: under `-n 2` the processes take the tests left a few at a time, so the run ends on short tests and the
+    two processes end together, rather than one waiting for the other's last fault test."""
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+    with_cluster = {item.path for item in items if item.get_closest_marker("cluster")}
+    items.sort(key=lambda item: item.path not in with_cluster)  # stable: the order within each group is kept
+
+
+@pytest.fixture(autouse=True)
+def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, RecognizerSpec]:
+    """A copy of the recognizer registry for each test: what a test registers or loads (`tests.staged:DarkBlobs`,
+    a plugin) is gone after it, so a later test in the same process (listing the recognizers) does not see it."""
+    monkeypatch.setattr(recognizers, "_REGISTRY", dict(recognizers._REGISTRY))
+    return recognizers._REGISTRY
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 The tiling node reaches the store through it (TILEREC_STORE_URL). A streamed PNG's tiling task sets the job's
 `ready` count at the end of each row of tiles and waits for the answer (`store.put_tiles`): once the relay has
 passed on a count at or past `hold_after(count)`, it passes nothing more from that connection, so the decoder waits
-there until its process is killed. The kill tests land mid-decoding by construction, on a machine of any speed.
+there until its process is killed (`drop`) or the test lets it go on (`release`). The kill tests land mid-decoding
+by construction, on a machine of any speed, and a test sees tiles recognized while the rows below are not decoded.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class StoreGate:
         self.armed: int | None = None
         self.held: int | None = None  # the count at which a connection is held now
         self.holding = threading.Event()
-        self.holds: list[threading.Event] = []  # one per held connection: set, it is closed
+        self.holds: list[threading.Event] = []  # one per held connection: set, it is closed or goes on
+        self.going_on = False  # whether the held connections go on (`release`) rather than close (`drop`)
         self.listener = socket.create_server(("127.0.0.1", self.port))
 
     @property
@@ -63,9 +65,24 @@ class StoreGate:
 
     def drop(self) -> None:
         """Close the held connections (their processes killed): nothing they sent after the hold reaches the store."""
+        self._end_holds(going_on=False)
+
+    def release(self) -> None:
+        """Let the held connections go on: what they sent meanwhile reaches the store, and the decoders go on."""
+        self._end_holds(going_on=True)
+
+    def disarm(self) -> None:
+        """Hold nothing more, and let go on what is held (a test is over; the next one uses the same nodes)."""
         with self.lock:
+            self.armed = None
+        self.release()
+
+    def _end_holds(self, going_on: bool) -> None:
+        with self.lock:
+            self.going_on = going_on
             for hold in self.holds:
                 hold.set()
+            self.holds.clear()
 
     def __enter__(self) -> StoreGate:
         threading.Thread(target=self._accept, daemon=True).start()
@@ -99,8 +116,7 @@ class StoreGate:
             try:
                 while sent := command(reader):
                     server.sendall(sent[0])
-                    if hold := self._hold(sent[1]):
-                        hold.wait(HOLD_LIMIT_S)
+                    if (hold := self._hold(sent[1])) and not (hold.wait(HOLD_LIMIT_S) and self.going_on):
                         break
             except OSError:
                 pass

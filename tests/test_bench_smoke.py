@@ -52,7 +52,7 @@ def test_speed_stages_add_up_to_the_wall_time(smoke):
     assert set(speed) == {"PNG", "tiled TIFF"}  # the same pixels, decoded whole or read window by window
     for row in speed.values():
         entry = row["by_workers"]["1"]
-        assert 0 < entry["wall_s"] < 60 and entry["speedup_vs_single"] > 0
+        assert entry["wall_s"] > 0 and entry["speedup_vs_single"] > 0
         stages = entry["stages"]
         parts = ("queue_in", "read_decode", "store", "dispatch", "to_first_tile", "recognition", "gather", "merge")
         assert all(stages[name] >= -0.005 for name in parts), stages  # log stamps are ms-rounded
@@ -195,3 +195,22 @@ def test_every_module_the_bench_imports_comes_with_the_bench_extra():
                 if not found & names:
                     missing[f"{path.name}: {module}"] = sorted(found)
     assert not missing, missing
+
+
+def test_a_warm_one_process_run_times_a_pass_that_reuses_the_cold_passs_pages(tmp_path):
+    import cv2
+
+    from bench.inprocess import run_in_subprocess
+    from pipeline.scenes.codes import code_scene
+
+    scene = code_scene(2400, 2400, kinds=("aruco",), seed=2)
+    image = tmp_path / "scene.png"
+    cv2.imwrite(str(image), scene.image)
+    spec = {"image": str(image), "recognizer": "aruco", "mode": "tiled", "threads": 1, "reps": 1, "options": {}}
+    out = run_in_subprocess({**spec, "warm": True}, 120)
+    [warm] = out["passes"]
+    assert len(out["detections"]) == len(scene.truths) and out["reps_identical"]
+    # the cold pass faulted the whole image's pages in (17 MB: at least one fault a 2 MB huge page, 4 KB otherwise)
+    assert out["cold"]["minor_faults"] >= 2400 * 2400 * 3 // 2**21
+    assert warm["minor_faults"] < out["cold"]["minor_faults"] / 4  # the warm one reused them
+    assert run_in_subprocess(spec, 120)["cold"] is None  # a plain run has no cold pass

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import recognize_image
 from pipeline.scenes.codes import qr_code, qr_scene
-from pipeline.tiling import grid, tapered_sizes
+from pipeline.tiling import grid, tail_smallest, tapered_sizes
 from tasks import recognize, store
 from tasks.client import put_image, submit
 from tasks.planning import BATCHES_PER_PROCESS
@@ -151,5 +151,6 @@ def test_auto_batches_are_sized_from_what_earlier_tiles_cost(worker, redis_serve
     least = BATCHES_PER_PROCESS * worker.concurrency  # auto: 4 per process of the tiling node
     lanes = store.tile_processes(client)  # the nodes taking tiles (tasks/roster.py): a tail for each process
     assert lanes >= worker.concurrency
-    assert cheap["tiling"]["batches"] == len(tapered_sizes(tiles, math.ceil(tiles / least), lanes))
+    size = math.ceil(tiles / least)  # tiles so cheap that no tail batch would hold TAIL_MIN_MS: no halving tail
+    assert cheap["tiling"]["batches"] == len(tapered_sizes(tiles, size, lanes, tail_smallest(0.001, size)))
     assert cheap["detections"] == first["detections"]

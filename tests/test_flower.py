@@ -109,7 +109,9 @@ def flower(worker, redis_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def jobs(flower, worker):
-    """One good job and one refused one, run while Flower watches; returns what the caller saw."""
+    """One good job and one refused one, run while Flower watches; returns what the caller saw, and the events
+    Flower counted meanwhile (the module's other tests, run before or after, send jobs of their own)."""
+    before = event_counts(flower, worker)
     scene = qr_scene(1920, 1280, count=6, seam_share=0.5, seed=5)
     path = IMAGES_ROOT / "flower-scene.png"
     cv2.imwrite(str(path), scene.image)
@@ -128,7 +130,17 @@ def jobs(flower, worker):
         return len(rows) == result["tiling"]["batches"] + 1 and tasks.get(refused.id, {}).get("state") == "FAILURE"
 
     _wait(seen, 15, "flower to see the tasks' last events")
-    return {"path": str(path), "job": job.id, "result": result, "refused": refused.id, "tasks": tasks}
+    events = {kind: count - before[kind] for kind, count in event_counts(flower, worker).items()}
+    return {"path": str(path), "job": job.id, "result": result, "refused": refused.id, "tasks": tasks, "events": events}
+
+
+def event_counts(flower: Flower, worker) -> dict[str, float]:
+    """The tilerec.recognize events Flower has counted: sent by this test process, progress from the worker."""
+    client = f"gen{os.getpid()}@{socket.gethostname()}"  # this test process, the client that sends the jobs
+    sent = flower.metric("flower_events_total", task="tilerec.recognize", type="task-sent", worker=client)
+    progress = flower.metric("flower_events_total", task="tilerec.recognize", type="task-progress",
+                             worker=worker.hostname)  # fmt: skip
+    return {"sent": sent or 0.0, "progress": progress or 0.0}
 
 
 def test_flower_shows_every_tilerec_task_with_small_readable_arguments(flower, jobs, worker):
@@ -177,15 +189,13 @@ def test_flower_shows_every_tilerec_task_with_small_readable_arguments(flower, j
 
 
 def test_flower_sees_sent_events_progress_events_and_the_worker(flower, jobs, worker):
-    client = f"gen{os.getpid()}@{socket.gethostname()}"  # this test process, the client that sent the jobs
-    assert flower.metric("flower_events_total", task="tilerec.recognize", type="task-sent", worker=client) == 2.0
+    assert jobs["events"]["sent"] == 2.0
     for name in NAMES:
         assert flower.metric("flower_events_total", task=name, type="task-started", worker=worker.hostname)
     # progress goes to the job's own row, named tilerec.recognize until the merge takes it over; it is reported
     # when the job crosses another 1/PROGRESS_STEPS of its tiles (with fewer tiles, after any batch), by a process
     # at most every PROGRESS_EVERY_S, and always by the batch that completes the job's tiles
-    progress = flower.metric("flower_events_total", task="tilerec.recognize", type="task-progress",
-                             worker=worker.hostname)  # fmt: skip
+    progress = jobs["events"]["progress"]
     assert jobs["result"]["tiling"]["tiles"] <= PROGRESS_STEPS
     assert 1 <= progress <= jobs["result"]["tiling"]["batches"]
 

@@ -5,7 +5,7 @@ from pipeline import OptionsError, RecognizerError, recognize_image
 from pipeline.inference import measured_tile_cost, plan
 from pipeline.options import parse_options
 from pipeline.scenes.codes import qr_code, qr_scene, score
-from pipeline.tiling import grid
+from pipeline.tiling import TAIL_MIN_MS, grid
 from tests.scenes import assert_each_code_once
 
 
@@ -82,14 +82,27 @@ def test_auto_batches_follow_the_measured_tile_cost():
 def test_auto_batches_of_a_streamed_image_stay_within_rows_of_tiles():
     options = parse_options("qrcode", {})
     # 8000² at 640/0.2: 16 rows of 16 tiles. 32 tiles a batch fit the 400 ms and 8-batch targets, but row by row
-    # each batch is one row of tiles, its last row tapered
+    # each batch is one row of tiles, its last row tapered down to 3 tiles (37.5 ms, the least above TAIL_MIN_MS):
+    # 16 = 7 + 6 + 3
     assert max(len(batch) for batch in plan(8000, 8000, options, 12.5, min_batches=8)) == 32
     streamed = plan(8000, 8000, options, 12.5, min_batches=8, row_by_row=True)
-    assert [len(batch) for batch in streamed] == [16] * 15 + [1, 8, 4, 2, 1]
+    assert [len(batch) for batch in streamed] == [16] * 15 + [7, 6, 3]
     assert all(len({w.y for w in batch}) == 1 for batch in streamed)
     assert [w for batch in streamed for w in batch] == grid(8000, 8000)
     chosen = parse_options("qrcode", {"batch_size": 20})  # a size asked for is kept as it is
     assert plan(8000, 8000, chosen, row_by_row=True) == plan(8000, 8000, chosen)
+
+
+def test_the_tail_stops_halving_where_a_batch_would_hold_less_than_tail_min_ms():
+    options = parse_options("qrcode", {})
+    # 256 tiles of 5 ms on 2 processes: 32 a batch, then a tail for each process down to 6 tiles (30 ms), not 1
+    planned = [len(batch) for batch in plan(8000, 8000, options, 5.0, min_batches=8, processes=2)]
+    assert planned == [12] + [32] * 5 + [24, 24, 12, 12, 6, 6]
+    assert min(planned[1:]) * 5.0 >= TAIL_MIN_MS
+    # a costly tile is worth a batch of its own: the tail halves down to one
+    assert plan(8000, 8000, options, 50.0, min_batches=8, processes=2)[-1:] == [[grid(8000, 8000)[-1]]]
+    # tiles so cheap that even a full batch holds less: no tail at all
+    assert {len(batch) for batch in plan(8000, 8000, options, 0.01, min_batches=8, processes=2)} == {32}
 
 
 def test_measured_tile_cost_is_scaled_to_a_640_tile():

@@ -40,3 +40,37 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
     mapped_each_time, kept = map(int, out.split())
     assert mapped_each_time >= ROUNDS * PAGES * 0.9  # every buffer's pages faulted in afresh
     assert kept <= PAGES * 2  # the first buffer's pages, then the same memory again
+
+
+WHOLE = 64 * 2**20  # a whole decoded image's buffer: above the largest threshold glibc serves from the heap
+
+# A fresh interpreter: keep_freed_buffers() (a whole image's buffer still mapped and unmapped each time), then
+# keep_all_freed_memory(); page faults over a few whole-image buffers in each state.
+WHOLE_PROBE = textwrap.dedent(
+    f"""
+    import resource
+    import numpy as np
+    from pipeline.memory import keep_all_freed_memory, keep_freed_buffers
+
+    def faults():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(4):
+            np.ones({WHOLE}, np.uint8)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert keep_freed_buffers()
+    mapped = faults()
+    assert keep_all_freed_memory()
+    np.ones({WHOLE}, np.uint8)  # the first one's pages are fresh
+    print(mapped, faults())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_whole_image_buffers_are_reused_when_all_freed_memory_is_kept():
+    out = subprocess.run([sys.executable, "-c", WHOLE_PROBE], capture_output=True, text=True, check=True).stdout
+    mapped_each_time, kept = map(int, out.split())
+    # numpy asks for huge pages from 4 MB on, so a buffer may fault in 2 MB at a time: counted in those
+    assert mapped_each_time >= 4 * WHOLE // 2**21
+    assert kept < mapped_each_time / 4

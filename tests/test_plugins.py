@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import recognize_image, recognizers
+from pipeline import recognize_image
 from pipeline.model import Detections
 from pipeline.recognizers import RecognizerError, available, get_recognizer, get_spec, plugins
 from pipeline.recognizers.plugins import module_list
@@ -33,13 +33,6 @@ def plugin() -> None:
         if os.environ.get("CI", "").lower() in ("1", "true"):
             pytest.fail(message)
         pytest.skip(message)
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """A copy of the registry for this test, so names it loads do not stay loaded for the others."""
-    monkeypatch.setattr(recognizers, "_REGISTRY", dict(recognizers._REGISTRY))
-    return recognizers._REGISTRY
 
 
 def spots_image() -> np.ndarray:

@@ -16,7 +16,6 @@ import pytest
 import tifffile
 
 import pipeline
-from pipeline import recognizers
 from pipeline.model import Detections, Recognition
 from pipeline.options import OptionsError, parse_options
 from pipeline.recognizers import RecognizerSpec, register
@@ -51,12 +50,6 @@ RECTS = [(100, 100, 50, 40), (500, 300, 900, 300), (1200, 900, 200, 100), (1560,
 @pytest.fixture(autouse=True)
 def staged_allowed(allow_modules):
     allow_modules(["tests.faulty", "tests.shaped", "tests.staged"])
-
-
-@pytest.fixture
-def registry(monkeypatch):
-    """A copy of the registry for this test, so recognizers it registers do not stay registered."""
-    monkeypatch.setattr(recognizers, "_REGISTRY", dict(recognizers._REGISTRY))
 
 
 def expected(image: np.ndarray, rects=RECTS, pad: int = PAD) -> dict[tuple, dict]:
@@ -242,7 +235,7 @@ def test_a_grey_image_gives_grey_crops():
     assert_crops_exact(pipeline.recognize_image(grey, STAGED).to_json(), grey)
 
 
-def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so(registry):
+def test_resources_a_finish_needs_are_given_by_name_and_missing_ones_say_so():
     class Counted(SecondStage):
         resources = ("gallery",)
 
@@ -271,7 +264,7 @@ def staged_segmenter(**_: object):
     return Segmenter()
 
 
-def test_a_stage_can_be_on_by_default_only_where_the_job_s_parameters_ask_for_it(registry):
+def test_a_stage_can_be_on_by_default_only_where_the_job_s_parameters_ask_for_it():
     class Widths(SecondStage):
         def recognize(self, crops):
             return [{"w": crop.pixels.shape[1]} for crop in crops]
