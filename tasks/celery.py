@@ -87,7 +87,7 @@ class AppSettings:
         return cls(
             store_url=conf.tilerec_store_url,
             tile_ttl=int(conf.tilerec_tile_ttl),
-            max_pixels=int(conf.tilerec_max_pixels),
+            max_pixels=int(conf.tilerec_max_pixels) or images.DEFAULT_MAX_PIXELS,
             allowed_roots=tuple(images.roots_from(conf.tilerec_allowed_roots)),
             allowed_urls=tuple(remote.allowed_urls_from_env(conf.tilerec_allowed_urls)),
             model_roots=tuple(images.roots_from(conf.tilerec_model_roots)),
