@@ -6,8 +6,6 @@ A calling app needs only the broker, the result backend and the JSON serializer:
 import math
 import os
 
-from pipeline.readers.images import DEFAULT_MAX_PIXELS
-
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
@@ -158,7 +156,8 @@ task_send_sent_event = True
 
 # tilerec's own settings (not Celery's), read once per process into tasks.celery.AppSettings.
 tilerec_tile_ttl = _number("TILEREC_TILE_TTL", 3600, 1)
-tilerec_max_pixels = _number("TILEREC_MAX_PIXELS", DEFAULT_MAX_PIXELS, 1)
+# the largest image (or region) accepted, in pixels; 0: the readers' own limit (40,000², pipeline.readers.images)
+tilerec_max_pixels = _number("TILEREC_MAX_PIXELS", 0, 0)
 tilerec_allowed_roots = _env("TILEREC_ALLOWED_ROOTS", "")
 # Images may be URLs (s3://bucket/key, gs://, az://, https://) only under these prefixes (comma or space separated,
 # e.g. "s3://scans s3://tiles/public/"); empty: no URL is read. Credentials: the environment or fsspec's config.

@@ -3,6 +3,7 @@ so the two give identical detections."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from pipeline.merge.detections import merge_detections, place
 from pipeline.model import Detections, Recognition, Spatial
 from pipeline.options import JobOptions, OptionsError, parse_options
 from pipeline.readers.images import normalize
-from pipeline.readers.sources import ArraySource, Source, is_blank
+from pipeline.readers.sources import ArraySource, Source
 from pipeline.recognizers import Recognizer, get_recognizer, recognize_many, spec_of, tiles_per_pass
-from pipeline.recognizers.stages import run_stage
+from pipeline.recognizers.stages import SecondStage, built_stage, finish_stage, plan_crops, read_crops
 from pipeline.tiling import Window, auto_batch_size, batches, grid, row_batches, tail_smallest, tapered_batches
 
 
@@ -122,8 +123,22 @@ def measured_tile_cost(seconds: list[float], height: int, width: int, options: J
 
 
 def blank(tile: np.ndarray, options: JobOptions) -> bool:
-    """The tile is to be skipped: `skip_blank` is on and the tile has no content (see `sources.is_blank`)."""
+    """The tile is to be skipped: `skip_blank` is on and the tile has no content (`is_blank`)."""
     return options.skip_blank is not None and is_blank(tile, options.skip_blank)
+
+
+def is_blank(tile: np.ndarray, threshold: float) -> bool:
+    """No content: averaged over 4x4 pixel blocks, no channel varies by more than `threshold` grey levels.
+
+    The averaging flattens sensor noise and compression artefacts, while an object keeps its contrast, however
+    small it is in the tile; the range tells them apart where the standard deviation cannot (figures:
+    docs/performance.md). Default threshold (skip_blank=true): 16.
+    """
+    block = 4 if min(tile.shape[:2]) >= 8 else 1
+    means = cv2.resize(tile, (tile.shape[1] // block, tile.shape[0] // block), interpolation=cv2.INTER_AREA)
+    means = means.reshape(means.shape[0] * means.shape[1], -1)
+    spread = means.max(axis=0).astype(np.int16) - means.min(axis=0)
+    return bool(spread.max() <= threshold)
 
 
 def compact(tile: np.ndarray, options: JobOptions) -> np.ndarray:
@@ -159,6 +174,33 @@ def stage_reader(read: Callable[[Window], np.ndarray | None], options: JobOption
         return None if pixels is None else compact(pixels, options)
 
     return read_crop
+
+
+def stage_of(options: JobOptions) -> SecondStage | None:
+    """The job's second stage, built once per process for its recognizer and parameters; None when it has none
+    or the job turned it off (`second_stage=False`)."""
+    if not options.second_stage or not isinstance(options.recognizer, str):
+        return None
+    return built_stage(options.recognizer, json.dumps(options.params, sort_keys=True))
+
+
+def run_stage(
+    recognition: Recognition,
+    options: JobOptions,
+    read: Callable[[Window], np.ndarray | None],
+    bounds: Window,
+    resources: Mapping[str, Any] | None = None,
+    started: float | None = None,
+) -> Recognition:
+    """Both steps of the job's second stage in this process (in process, and on a one-batch job's tiling task):
+    the same planning and finish as on workers. `read` gives a window's full-resolution pixels in the stage's
+    channels. Without a second stage, the recognition as it is."""
+    stage = stage_of(options)
+    if stage is None:
+        return recognition
+    plan = plan_crops(recognition.detections, stage, bounds, options.max_crops)
+    outcomes = read_crops(read, plan.crops, recognition.detections, stage)
+    return finish_stage(recognition, stage, plan, outcomes, resources, started=started)
 
 
 def _placed(found: Any, tile: np.ndarray, window: Window, options: JobOptions, width: int, height: int) -> Detections:

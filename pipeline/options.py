@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.merge.detections import MATCH_METRICS, MERGE_METHODS
-from pipeline.readers.sources import BLANK_RANGE, ReadSpec
+from pipeline.readers.sources import ReadSpec
 from pipeline.recognizers import Recognizer, resolve_params, spec_of
 from pipeline.tiling import validate_tiling
 
+BLANK_RANGE = 16.0  # skip_blank=True: a tile whose 4x4 block means vary by at most this (grey levels) is blank
 JOB_OPTIONS = (
     "tile",
     "overlap",

@@ -3,7 +3,8 @@
 Pure functions. Masks are shapely (Multi)Polygons in image (or tile) coordinates, never full-image arrays, so memory
 grows with an object's outline, not with the image (SAHI #888, #234). Oriented boxes are rows of
 (cx, cy, w, h, angle): the box of width `w` along its own x axis, turned by `angle` degrees clockwise in image
-coordinates (y down), as OpenCV's `RotatedRect` and Ultralytics' OBB (which gives radians).
+coordinates (y down), as OpenCV's `RotatedRect` and Ultralytics' OBB (which gives radians). Which boxes overlap
+(`overlapping_pairs`) is the pair search every merge starts from.
 """
 
 from __future__ import annotations
@@ -195,3 +196,52 @@ def check_mask(mask: BaseGeometry, width: float, height: float, tolerance: float
     if x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance or y2 > height + tolerance:
         return f"outside its {width:g}x{height:g} tile (bounds {x1:g}, {y1:g}, {x2:g}, {y2:g})"
     return None
+
+
+def _expand_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each k, the pairs (k, m) with starts[k] <= m < ends[k], as two flat arrays."""
+    counts = (ends - starts).clip(min=0)
+    total = int(counts.sum())
+    owner = np.repeat(np.arange(len(starts)), counts)
+    offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, np.repeat(starts, counts) + offsets
+
+
+def overlapping_pairs(xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) of boxes that intersect, found through a uniform grid of cells.
+
+    Each box is entered into every cell it covers; only boxes sharing a cell are compared. The cell side is
+    twice the median box side, so small boxes share few cells and a rare huge box costs only its own cells.
+    """
+    n = len(xyxy)
+    if n < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    sides = np.maximum(xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1])
+    cell = max(float(np.median(sides)) * 2.0, 1.0)
+    origin = xyxy[:, :2].min(axis=0)
+    c1 = np.floor((xyxy[:, :2] - origin) / cell).astype(np.int64)
+    c2 = np.floor((xyxy[:, 2:] - origin) / cell).astype(np.int64)
+    span = c2 - c1 + 1
+    columns = int(c2[:, 0].max()) + 1
+    # one entry per (box, covered cell)
+    box_of_entry = np.repeat(np.arange(n), span[:, 0] * span[:, 1])
+    local = np.arange(len(box_of_entry)) - np.repeat(
+        np.cumsum(span[:, 0] * span[:, 1]) - span[:, 0] * span[:, 1],
+        span[:, 0] * span[:, 1],
+    )
+    cx = c1[box_of_entry, 0] + local % span[box_of_entry, 0]
+    cy = c1[box_of_entry, 1] + local // span[box_of_entry, 0]
+    cell_id = cy * columns + cx
+    order = np.lexsort((box_of_entry, cell_id))
+    cell_id, box_of_entry = cell_id[order], box_of_entry[order]
+    group_end = np.searchsorted(cell_id, cell_id, side="right")
+    first, second = _expand_ranges(np.arange(len(cell_id)) + 1, group_end)
+    i, j = box_of_entry[first], box_of_entry[second]
+    keys = np.sort(np.minimum(i, j) * n + np.maximum(i, j))
+    keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))] if len(keys) else keys  # no box shares a cell
+    i, j = keys // n, keys % n
+    a, b = xyxy[i], xyxy[j]
+    touching = (np.maximum(a[:, 0], b[:, 0]) < np.minimum(a[:, 2], b[:, 2])) & (
+        np.maximum(a[:, 1], b[:, 1]) < np.minimum(a[:, 3], b[:, 3])
+    )
+    return i[touching], j[touching]

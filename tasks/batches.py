@@ -20,11 +20,11 @@ import numpy as np
 import redis
 from celery import signals
 
-from pipeline.inference import TileOutcome, recognize_windows, stage_reader, tiles_per_forward_pass
+from pipeline.inference import TileOutcome, recognize_windows, stage_of, stage_reader, tiles_per_forward_pass
 from pipeline.model import Detections
 from pipeline.readers import sources
 from pipeline.readers.sources import FileRef
-from pipeline.recognizers.stages import CropOutcome, PlannedCrop, read_crops, stage_of
+from pipeline.recognizers.stages import CropOutcome, PlannedCrop, read_crops
 from pipeline.tiling import Window
 from tasks import store
 from tasks.access import allowed

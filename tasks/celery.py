@@ -19,12 +19,12 @@ from kombu.utils.url import maybe_sanitize_url
 from pipeline.memory import keep_freed_buffers
 from pipeline.readers import images, remote
 from pipeline.readers.geo import GDAL_DEFAULTS
-from pipeline.recognizers import limit_threads, restrict_file_params
+from pipeline.recognizers import limit_threads, restrict_file_params, usable_cpus
 from pipeline.recognizers.dnn import configure_execution, configure_models, current_execution
 from pipeline.recognizers.plugins import allow_modules, module_list
 from tasks import store
 from tasks.leases import Leases
-from tasks.roster import Roster
+from tasks.roster import roster_step
 
 STARTUP_WAIT_S = 30.0  # a worker waits this long for its Redis to answer before it starts without checking it
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ redis_transport.Channel.QoS = _QoS  # the Sentinel channel too: it inherits Chan
 app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(Leases)
-app.steps["consumer"].add(Roster)
+app.steps["consumer"].add(roster_step(lambda: store_client(patient=False)))  # defined below, called later
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class AppSettings:
         return cls(
             store_url=conf.tilerec_store_url,
             tile_ttl=int(conf.tilerec_tile_ttl),
-            max_pixels=int(conf.tilerec_max_pixels),
+            max_pixels=int(conf.tilerec_max_pixels) or images.DEFAULT_MAX_PIXELS,
             allowed_roots=tuple(images.roots_from(conf.tilerec_allowed_roots)),
             allowed_urls=tuple(remote.allowed_urls_from_env(conf.tilerec_allowed_urls)),
             model_roots=tuple(images.roots_from(conf.tilerec_model_roots)),
@@ -167,7 +167,7 @@ def _set_up_process(**_: Any) -> None:
     # a worker's own messages (batches, merges, retries) are received at once: their task-sent events would cost
     # a publish each and tell a monitor little (a client's jobs still send theirs)
     app.conf.task_send_sent_event = False
-    limit_threads(settings().threads_per_process or max(1, (os.cpu_count() or 1) // pool_size()))
+    limit_threads(settings().threads_per_process or max(1, usable_cpus() // pool_size()))
     restrict_file_params(settings().model_roots)
     if settings().keep_freed_buffers:
         keep_freed_buffers()

@@ -23,20 +23,28 @@ import json
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import redis
 from celery import chord, group, states
 from celery.exceptions import Ignore
 
-from pipeline.inference import TileOutcome, assemble, grey_tiles, measured_tile_cost, region, stage_reader, storable
+from pipeline.inference import (
+    TileOutcome,
+    assemble,
+    grey_tiles,
+    measured_tile_cost,
+    region,
+    run_stage,
+    stage_of,
+    stage_reader,
+)
 from pipeline.model import Recognition
 from pipeline.options import JobOptions, parse_options
 from pipeline.readers import images, sources
 from pipeline.readers.sources import Source
-from pipeline.recognizers.stages import CropOutcome, SecondStage, finish_stage, plan_crops, run_stage, stage_of
-from pipeline.tiling import Window, row_ends
+from pipeline.recognizers.stages import CropOutcome, SecondStage, finish_stage, plan_crops
+from pipeline.tiling import Window
 from tasks import resources, store
 from tasks.access import resolve
 from tasks.batches import (
@@ -52,16 +60,7 @@ from tasks.batches import (
 )
 from tasks.celery import app, settings, store_client
 from tasks.job_record import JobCancelled, JobRecord, Staged, described, planned_stage
-from tasks.planning import (
-    admit,
-    crop_batches,
-    crops_of,
-    plan_job,
-    store_shared,
-    store_streamed,
-    store_tiles,
-    while_planning,
-)
+from tasks.planning import admit, crop_batches, crops_of, decode_streamed, plan_job, store_job, while_planning
 
 BULKY = ("detections", "per_frame", "tracks")  # what a result's summary leaves out (an image's, a video's)
 
@@ -78,7 +77,7 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
     attempts = 1 + (store.count_attempt(client, job_id, "tiling", settings().tile_ttl) if redelivered else 0)
     with contextlib.suppress(LookupError):
         if redelivered and (earlier := JobRecord.from_json(store.get_job(client, job_id))).streamed:
-            _decode_streamed(client, earlier, attempts)  # its process died decoding: the chord runs already
+            decode_streamed(client, earlier, attempts)  # its process died decoding: the chord runs already
             raise Ignore("the job's chord was published by an earlier delivery; its merge gives the job's result")
     with while_planning(self, client):
         if attempts > MAX_ATTEMPTS:
@@ -91,18 +90,16 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
         parsed, loaded = parse_options(recognizer, options), time.time()
         source = sources.open_source(target, parsed.level, settings().max_pixels, parsed.roi, parsed.read_spec(),
                                      in_row_order=True, grey=grey_tiles(parsed))  # fmt: skip
-        with contextlib.closing(source):
+        with contextlib.ExitStack() as held:
+            held.callback(source.close)
             decoded = time.time()
             planned = plan_job(client, job_id, image, target, source, parsed, (started, loaded, decoded))
             job, spans = planned.record, planned.spans
-            if job.streamed:
-                store_streamed(client, job)
-            elif len(spans) == 1:  # one batch: recognized right here, a chord would only add its round trips
+            if len(spans) == 1:  # one batch: recognized right here, a chord would only add its round trips
                 return _recognize_here(client, job, source, redelivered)
-            elif job.file is None:
-                store_tiles(client, job, source, decoded)
-            else:
-                store_shared(client, job, decoded)
+            store_job(client, job, source, decoded)
+            if job.streamed:
+                held.pop_all()  # its source stays open: it is decoded once the chord is published
     header = group(
         recognize_tiles.si(job_id, first, stop).set(priority=batch_priority(number))
         for number, (first, stop) in enumerate(spans)
@@ -111,7 +108,11 @@ def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) 
         return self.replace(chord(header, merge.si(image, recognizer, **options)))
     except Ignore:  # the chord is published: its batch tasks recognize each row of a streamed image once stored
         if job.streamed:
-            _decode_streamed(client, job, attempts, target)
+            decode_streamed(client, job, attempts, source)
+        raise
+    except BaseException:
+        if job.streamed:
+            source.close()
         raise
 
 
@@ -119,29 +120,6 @@ def _recognize_here(client: redis.Redis, job: JobRecord, source: Source, redeliv
     """A job of one batch, recognized in its tiling task from its open `source`, its second stage too."""
     outcomes = run_tiles(client, job, job.windows, source.read, redelivered)
     return _finish(client, job, outcomes, source.read)  # type: ignore[return-value]
-
-
-def _decode_streamed(client: redis.Redis, job: JobRecord, attempts: int, target: Path | bytes | None = None) -> None:
-    """Decode the job's image (`target`, or resolved again) top to bottom and store each row of tiles as soon as it
-    is decoded; a failure is stored for the waiting batch tasks and the merge (which fails the job with it)."""
-    try:
-        if attempts > MAX_ATTEMPTS:
-            raise images.ImageError(f"gave up on {job.image!r}: {DIED} times it decoded it")
-        target = resolve(job.image) if target is None else target
-        source = sources.open_source(target, job.level, settings().max_pixels, job.options.roi,  # type: ignore[arg-type]
-                                     job.options.read_spec(), in_row_order=True,
-                                     grey=grey_tiles(job.options))  # fmt: skip
-        with contextlib.closing(source):
-            if (source.width, source.height) != (job.width, job.height):
-                raise images.ImageError("the image changed while its job was being planned; submit it again")
-            tiles = ((window, storable(source.read(window), job.options)) for window in job.windows)
-            with store.decoding(client, job.id, settings().tile_ttl):
-                store.put_tiles(client, job.id, tiles, settings().tile_ttl, row_ends(job.windows))
-    except redis.OutOfMemoryError:
-        store.fail_job(client, job.id, job.tiles, store.FILLED, settings().tile_ttl)
-    except Exception as error:
-        reason = str(error) if isinstance(error, images.ImageError) else f"{type(error).__name__}: {error}"
-        client.set(store.job_key(job.id, "failed"), reason, ex=settings().tile_ttl)
 
 
 @app.task(

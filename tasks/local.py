@@ -26,6 +26,7 @@ from urllib.parse import quote
 import redis
 from celery import Celery
 
+from pipeline.recognizers import usable_cpus
 from tasks.cli.settings import environment_with
 
 PR_SET_PDEATHSIG = 1
@@ -282,7 +283,7 @@ class LocalCluster:
         data: str | None = None,
     ) -> None:
         self.redis = RedisServer(workdir=data)
-        self.workers = workers or os.cpu_count() or 1
+        self.workers = workers or usable_cpus()
         self.env = env or {}
         self.log_file = log_file
         self.worker: Worker | None = None

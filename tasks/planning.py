@@ -1,10 +1,10 @@
 """How an image job is planned by its tiling task: its batches sized from what tiles cost in earlier jobs, room
 reserved in the store for its tiles (or a wait in line for it), and one of its modes chosen and stored:
 
-streamed   an image decoded top to bottom once the chord is published, stored row by row while other processes
-           recognize its first rows (`store_streamed`; tasks.jobs decodes it)
-shared     a tiled file or object its batch tasks read themselves: only the record is stored (`store_shared`)
-stored     its tiles stored, then its record (`store_tiles`)
+streamed   its record stored; its image decoded top to bottom once the chord is published, stored row by row while
+           other processes recognize its first rows (`decode_streamed`)
+shared     a tiled file or object its batch tasks read themselves: only the record is stored
+stored     its tiles stored, then its record
 one batch  recognized right in the tiling task, where a chord would only add its round trips (tasks.jobs)
 """
 
@@ -20,13 +20,17 @@ from typing import Any
 import redis
 from celery.exceptions import Ignore
 
-from pipeline.inference import plan, storable, windows_of
+from pipeline.inference import grey_tiles, plan, region, storable
 from pipeline.options import JobOptions
 from pipeline.readers import remote, sources
+from pipeline.readers.images import ImageError
 from pipeline.readers.sources import FileRef
 from pipeline.recognizers import spec_of
 from pipeline.recognizers.stages import SecondStage, crop_spans
+from pipeline.tiling import row_ends
 from tasks import store
+from tasks.access import resolve
+from tasks.batches import DIED, MAX_ATTEMPTS
 from tasks.celery import others_recognize, pool_size, settings
 from tasks.job_record import JobCancelled, JobRecord
 
@@ -86,35 +90,65 @@ def plan_job(
     return JobPlan(record, spans)
 
 
-def store_streamed(client: redis.Redis, job: JobRecord) -> None:
-    """A streamed job: its room reserved and its record stored before its rows are (they follow the chord)."""
-    admit(client, job.id, need(job))
-    store.put_job(client, job.id, job.to_json(), job.tiles, settings().tile_ttl, streamed=True)
-
-
-def store_tiles(client: redis.Redis, job: JobRecord, source: sources.Source, decoded: float) -> None:
-    """A stored job: its room reserved, its tiles read from `source` and stored, then its record (`store_shared`)."""
-    admit(client, job.id, need(job))
-    tiles = ((window, storable(source.read(window), job.options)) for window in job.windows)
-    store.put_tiles(client, job.id, tiles, settings().tile_ttl)
-    store_shared(client, job, decoded)
-
-
-def store_shared(client: redis.Redis, job: JobRecord, decoded: float) -> None:
-    """The job's record, with the time spent storing since the image was open (`decoded`), unless the job was
+def store_job(client: redis.Redis, job: JobRecord, source: sources.Source, decoded: float) -> None:
+    """Store what the job's batch tasks need, by its mode (module docstring): a streamed job's room and record (its
+    tiles follow the chord: `decode_streamed`), a stored job's room, tiles and record, a shared job's record. The
+    record goes last, with the time spent storing since the image was open (`decoded`), unless the job was
     cancelled meanwhile."""
+    if job.streamed or job.file is None:
+        admit(client, job.id, need(job))
+    if job.streamed:
+        store.put_job(client, job.id, job.to_json(), job.tiles, settings().tile_ttl, streamed=True)
+        return
+    if job.file is None:
+        _put_tiles(client, job, source)
     if store.is_cancelled(client, job.id):
         raise JobCancelled(f"job {job.id} was cancelled")
     job = replace(job, timings={**job.timings, "store_s": time.time() - decoded})
     store.put_job(client, job.id, job.to_json(), job.tiles, settings().tile_ttl)
 
 
+def decode_streamed(client: redis.Redis, job: JobRecord, attempts: int, source: sources.Source | None = None) -> None:
+    """Decode a streamed job's image (its open `source`, or opened again after a redelivery) top to bottom and store
+    each row of tiles as soon as it is decoded; a failure is stored for the waiting batch tasks and the merge (which
+    fails the job with it)."""
+    try:
+        if attempts > MAX_ATTEMPTS:
+            raise ImageError(f"gave up on {job.image!r}: {DIED} times it decoded it")
+        with contextlib.closing(source or _reopen(job)) as opened, store.decoding(client, job.id, settings().tile_ttl):
+            _put_tiles(client, job, opened, row_ends(job.windows))
+    except redis.OutOfMemoryError:
+        store.fail_job(client, job.id, job.tiles, store.FILLED, settings().tile_ttl)
+    except Exception as error:
+        reason = str(error) if isinstance(error, ImageError) else f"{type(error).__name__}: {error}"
+        client.set(store.job_key(job.id, "failed"), reason, ex=settings().tile_ttl)
+
+
+def _reopen(job: JobRecord) -> sources.Source:
+    """The job's image opened again as it was planned, checked to be the same size."""
+    source = sources.open_source(resolve(job.image), job.level, settings().max_pixels, job.options.roi,
+                                 job.options.read_spec(), in_row_order=True, grey=grey_tiles(job.options))  # fmt: skip
+    if (source.width, source.height) != (job.width, job.height):
+        source.close()
+        raise ImageError("the image changed while its job was being planned; submit it again")
+    return source
+
+
+def _put_tiles(client: redis.Redis, job: JobRecord, source: sources.Source, rows: set[int] | None = None) -> None:
+    """The job's tiles read from `source` in row order and stored (`rows`: a streamed job's, made ready row by
+    row)."""
+    tiles = ((window, storable(source.read(window), job.options)) for window in job.windows)
+    store.put_tiles(client, job.id, tiles, settings().tile_ttl, rows or ())
+
+
 def tile_spans(
     client: redis.Redis, options: JobOptions, height: int, width: int, row_by_row: bool = False
 ) -> list[tuple[int, int]]:
     """The job's batches as [first, stop) tile ranges, sized from what tiles cost this recognizer in earlier jobs."""
-    # a job of one tile has nothing to size or spread: no round trips for the cost or the cluster (tasks/roster.py)
-    several = len(windows_of(height, width, options)) > 1
+    # a job of one tile (`tiling.grid` gives one where no side is longer than a tile) has nothing to size or spread:
+    # no round trips for the cost or the cluster (tasks/roster.py)
+    covered = region(height, width, options)
+    several = max(covered.width, covered.height) > options.tile
     measured = store.get_tile_cost(client, options.recognizer, options.params) if several else None
     processes = store.tile_processes(client) if several else 0
     least = options.min_batches or settings().min_batches or BATCHES_PER_PROCESS * pool_size()

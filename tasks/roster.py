@@ -11,6 +11,7 @@ A node that dies stops announcing and drops out of the count within ANNOUNCE_TTL
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
@@ -23,48 +24,53 @@ ANNOUNCE_TTL_S = 3 * ANNOUNCE_EVERY_S  # two missed announcements do not drop a 
 log = logging.getLogger(__name__)
 
 
-class Roster(bootsteps.StartStopStep):
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+def roster_step(connect: Callable[[], Any]) -> type[bootsteps.StartStopStep]:
+    """The consumer step that announces this node's tile processes, through the store client `connect()` gives: one
+    tried once per command, as the announcements run on the worker's event loop, which a retrying client would stop,
+    messages and heartbeats with it, for as long as the store is away (a failover, a restart).
 
-    def __init__(self, consumer: Any, **_: Any) -> None:
-        self.timer: Any = None
-        self.member: str | None = None
+    Args:
+        connect: gives the store's client when an announcement is made.
 
-    def start(self, consumer: Any) -> None:
-        if consumer.app.conf.tiles_queue not in consumer.app.amqp.queues.consume_from:
-            return  # takes no tiles: not a process a job's batches can go to
-        self.announce(consumer)
-        self.timer = consumer.timer.call_repeatedly(ANNOUNCE_EVERY_S, self.announce, (consumer,))
+    Returns:
+        The step, for `app.steps["consumer"].add`.
+    """
 
-    def stop(self, consumer: Any) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.member is not None:
+    class Roster(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def __init__(self, consumer: Any, **_: Any) -> None:
+            self.timer: Any = None
+            self.member: str | None = None
+
+        def start(self, consumer: Any) -> None:
+            if consumer.app.conf.tiles_queue not in consumer.app.amqp.queues.consume_from:
+                return  # takes no tiles: not a process a job's batches can go to
+            self.announce(consumer)
+            self.timer = consumer.timer.call_repeatedly(ANNOUNCE_EVERY_S, self.announce, (consumer,))
+
+        def stop(self, consumer: Any) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            if self.member is not None:
+                try:
+                    store.withdraw_processes(connect(), self.member)
+                except Exception as error:  # it lapses on its own
+                    log.warning("could not withdraw %s from the roster: %s", consumer.hostname, error)
+                self.member = None
+
+        shutdown = stop
+
+        def announce(self, consumer: Any) -> None:
             try:
-                store.withdraw_processes(_client(), self.member)
-            except Exception as error:  # it lapses on its own
-                log.warning("could not withdraw %s from the roster: %s", consumer.hostname, error)
-            self.member = None
+                member = store.roster_member(consumer.hostname, int(consumer.pool.num_processes))
+                client = connect()
+                if self.member not in (None, member):  # the pool was resized
+                    store.withdraw_processes(client, self.member)
+                store.announce_processes(client, member, ANNOUNCE_TTL_S)
+                self.member = member
+            except Exception as error:  # the next announcement tries again; the event loop must go on
+                log.warning("could not announce %s's processes: %s", consumer.hostname, error)
 
-    shutdown = stop
-
-    def announce(self, consumer: Any) -> None:
-        try:
-            member = store.roster_member(consumer.hostname, int(consumer.pool.num_processes))
-            client = _client()
-            if self.member not in (None, member):  # the pool was resized
-                store.withdraw_processes(client, self.member)
-            store.announce_processes(client, member, ANNOUNCE_TTL_S)
-            self.member = member
-        except Exception as error:  # the next announcement tries again; the event loop must go on
-            log.warning("could not announce %s's processes: %s", consumer.hostname, error)
-
-
-def _client() -> Any:
-    """The store, tried once per command: the announcements run on the worker's event loop, which the tasks'
-    retrying client would stop, messages and heartbeats with it, for as long as the store is away (a failover, a
-    restart: its connection retries nest in its command retries, over 40 s against a store that hangs up)."""
-    from tasks.celery import store_client  # not at import: tasks.celery adds this step
-
-    return store_client(patient=False)
+    return Roster

@@ -13,9 +13,10 @@ import pytest
 import tifffile
 
 from pipeline import ImageError, OptionsError, recognize_image
+from pipeline.inference import is_blank
 from pipeline.merge.detections import merge_detections
 from pipeline.model import Detections
-from pipeline.readers.sources import ArraySource, is_blank, open_source
+from pipeline.readers.sources import ArraySource, open_source
 from pipeline.readers.tiff import TiffSource
 from pipeline.scenes.codes import qr_code, qr_scene
 from pipeline.tiling import Window, grid

@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.readers.images import ImageError, confine, encode_array, read_file
+from pipeline.readers.images import ImageError, confine, encode_array
+from pipeline.readers.inputs import read_file
 from pipeline.readers.sources import decode, image_size
 
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import redis
 
@@ -24,7 +26,7 @@ def _load(env: dict[str, str], code: str = "import celeryconfig") -> subprocess.
     [
         ("TILEREC_TILE_TTL", "an hour", "a whole number of at least 1"),
         ("TILEREC_TILE_TTL", "0", "a whole number of at least 1"),
-        ("TILEREC_MAX_PIXELS", "1.5e9", "a whole number of at least 1"),
+        ("TILEREC_MAX_PIXELS", "1.5e9", "a whole number of at least 0"),
         ("TILEREC_PREFETCH_MULTIPLIER", "-1", "a whole number of at least 0"),
         ("TILEREC_RESULT_INLINE_MAX_BYTES", "-2", "a whole number of at least -1"),
         ("TILEREC_BATCH_TARGET_MS", "fast", "a number of at least 1"),
@@ -129,6 +131,18 @@ def test_the_cli_reads_its_environment_when_a_command_runs(monkeypatch, tmp_path
     assert run_settings(argparse.Namespace(broker="redis://given:2/0")).broker == "redis://given:2/0"
     monkeypatch.setenv("TILEREC_BROKER_URL", "")
     assert run_settings(argparse.Namespace(broker=None)).broker is None  # a private cluster
+
+
+def test_the_pixel_limit_is_the_readers_unless_set_and_the_cli_checks_images_against_it(tmp_path):
+    shown = _load({"TILEREC_MAX_PIXELS": ""}, "from tasks.celery import settings; print(settings().max_pixels)")
+    assert shown.stdout == f"{40_000 * 40_000}\n", shown.stderr
+    image = tmp_path / "wide.png"
+    cv2.imwrite(str(image), np.zeros((10, 30), np.uint8))  # 300 pixels
+    refused = subprocess.run([str(Path(sys.executable).parent / "tilerec"), "run", str(image), "-r", "qrcode"],
+                             env={**os.environ, "TILEREC_MAX_PIXELS": "299", "TILEREC_BROKER_URL": ""},
+                             capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode != 0
+    assert "30x10" in refused.stderr.replace("×", "x") and "TILEREC_MAX_PIXELS" in refused.stderr, refused.stderr
 
 
 def test_settings_are_read_from_the_environment_only_at_the_edge():

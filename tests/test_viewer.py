@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline.inference import is_blank
 from pipeline.outputs.pyramid import DeepZoomGrid, Pyramid, overview
-from pipeline.readers.sources import ArraySource, is_blank, open_source
+from pipeline.readers.sources import ArraySource, open_source
 from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks.cli.commands import main

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.merge.detections import overlapping_pairs
 from pipeline.model import Detections
-from pipeline.shapes import obb_corners
+from pipeline.shapes import obb_corners, overlapping_pairs
 
 MAX_ANGLE = 10.0  # degrees between two pieces of one line (both long enough to have a direction)
 MAX_HEIGHT_RATIO = 1.6  # taller / shorter piece of one line

@@ -1,4 +1,5 @@
-"""What an image file is, from its first bytes: its format, and for the formats OpenCV decodes, its size.
+"""What an image file is, from its first bytes: its format, for the formats OpenCV decodes its size, and from its
+ends whether it is cut short.
 
 Every input is identified here before anything else reads it, so a file that is no image format tilerec reads (a
 video, an archive, 4 GB of zeros) is refused after its first HEAD_BYTES, whatever its size. The formats libvips
@@ -13,6 +14,8 @@ import io
 import re
 import struct
 
+import numpy as np
+
 from pipeline.readers.images import NPY_MAGIC, ImageError
 
 HEAD_BYTES = 64 * 1024  # enough for every header read here, barring a huge comment before a PNM's size
@@ -21,23 +24,19 @@ VIPS_FORMATS = ("jpeg", "png", "gif", "heif", "tiff")
 OPENCV_FORMATS = ("webp", "bmp", "pnm", "pfm", "hdr", "sun", "jp2")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"hevm", b"mif1", b"msf1", b"avif", b"avis")
+READ = "a JPEG, PNG, WebP, TIFF, GIF, HEIF/AVIF, BMP, PNM/PFM, HDR, Sun raster, JPEG 2000 or .npy file"  # what to give
 _HDR_SIZE = re.compile(rb"\n\n([-+][XY]) (\d+) ([-+][XY]) (\d+)\n")
 
 
-def sniff(head: bytes) -> str:
+def kind_of(head: bytes) -> str | None:
     """The format whose signature `head` starts with.
 
     Args:
         head: the file's first bytes (at least 16 where the file has them).
 
     Returns:
-        One of VIPS_FORMATS, OPENCV_FORMATS or "npy".
-
-    Raises:
-        ImageError: no format tilerec reads starts this way.
+        One of VIPS_FORMATS, OPENCV_FORMATS or "npy"; None where no format tilerec decodes starts this way.
     """
-    if not head:
-        raise ImageError("the image is empty (0 bytes)")
     signatures = (
         ("png", head.startswith(b"\x89PNG\r\n\x1a\n")),
         ("jpeg", head.startswith(b"\xff\xd8\xff")),
@@ -53,21 +52,20 @@ def sniff(head: bytes) -> str:
         ("sun", head[:4] == b"\x59\xa6\x6a\x95"),
         ("jp2", head.startswith((b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"))),
     )
-    for name, matches in signatures:
-        if matches:
-            return name
-    raise ImageError(
-        f"not an image format tilerec reads (it starts {head[:12]!r}); give a JPEG, PNG, WebP, TIFF, GIF, HEIF/AVIF, "
-        "BMP, PNM/PFM, HDR, Sun raster, JPEG 2000 or .npy file"
-    )
+    return next((name for name, matches in signatures if matches), None)
 
 
-def opencv_size(kind: str, head: bytes) -> tuple[int, int]:
-    """(width, height) of an image in one of OPENCV_FORMATS, from its header (`head`: its first HEAD_BYTES).
+def dimensions(kind: str | None, head: bytes) -> tuple[int, int] | None:
+    """(width, height) of an image in one of OPENCV_FORMATS or of a .npy array, from its header (`head`: its first
+    HEAD_BYTES); None for the other formats, whose readers read their own headers.
 
     Raises:
         ImageError: the header is damaged or cut short.
     """
+    if kind == "npy":
+        return _npy_size(head)
+    if kind not in OPENCV_FORMATS:
+        return None
     if kind == "hdr":
         found = _HDR_SIZE.search(head)
         if found is None:
@@ -109,17 +107,33 @@ def _webp_size(head: bytes) -> tuple[int, int]:
     raise ImageError("the WebP header is damaged or cut short: no VP8, VP8L or VP8X chunk first")
 
 
-def check_complete(kind: str, head: bytes, tail: bytes, size: int) -> None:
-    """Refuse a truncated file from its ends: decoders fill a cut JPEG or PNG with grey without complaint.
+def truncation(kind: str | None, head: bytes, tail: bytes, size: int) -> str | None:
+    """Why a file is cut short, from its ends (decoders fill a cut JPEG or PNG with grey without complaint); None
+    where its ends tell no truncation.
 
     Args:
-        kind: the format (`sniff`).
+        kind: the format (`kind_of`).
         head, tail: the file's first bytes and its last 32 (or fewer).
         size: the file's length in bytes.
     """
     if kind == "png" and b"IEND" not in tail:
-        raise ImageError("the PNG file is truncated (no IEND chunk at its end)")
+        return "the PNG file is truncated (no IEND chunk at its end)"
     if kind == "jpeg" and b"\xff\xd9" not in tail[-16:]:
-        raise ImageError("the JPEG file is truncated (no end-of-image marker)")
+        return "the JPEG file is truncated (no end-of-image marker)"
     if kind == "webp" and len(head) >= 8 and 8 + struct.unpack("<I", head[4:8])[0] > size:
-        raise ImageError("the WebP file is truncated (shorter than its RIFF header says)")
+        return "the WebP file is truncated (shorter than its RIFF header says)"
+    return None
+
+
+def _npy_size(head: bytes) -> tuple[int, int]:
+    """(width, height) of a .npy array of shape (height, width[, channels]), from its header."""
+    stream = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(stream)
+    except ValueError as error:
+        raise ImageError(f"the stored array cannot be read: {error}") from None
+    if len(shape) not in (2, 3):
+        raise ImageError(f"the stored array has shape {shape}; expected (height, width[, channels])")
+    return shape[1], shape[0]

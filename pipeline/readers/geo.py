@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.model import Spatial
+from pipeline.readers import remote
 from pipeline.readers.images import ImageError
+from pipeline.readers.inputs import Input
+from pipeline.readers.remote import RemoteObject
 from pipeline.tiling import Window
 
-GEO_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory
 # GDAL's own settings that a worker sets in its environment before GDAL first reads, unless the operator set them
 # (tasks.celery). GDAL's block cache is 5 % of the machine's memory per process by default: a tile process reading a
 # large COG grew to 1 GB (bench.remote); 64 MB is what a TiffSource keeps. And no listing of the image's folder (or
@@ -30,11 +32,6 @@ def available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("rasterio") is not None
-
-
-def is_georeferenced(tags: Any) -> bool:
-    """A TIFF page's tags (tifffile's `page.tags`) place it on the map: it carries any GeoTIFF tag."""
-    return any(code in tags for code in GEO_TAGS)
 
 
 def default_bands(count: int) -> tuple[int, ...]:
@@ -171,3 +168,23 @@ class GeoSource:
         self.dataset.close()
         if self._keep is not None:
             self._keep.close()
+
+
+def geo_source(found: Input, level: int, bands: tuple[int, ...] | None, scale: tuple[float, float] | None) -> GeoSource:
+    """`found` opened through rasterio: a file by its path, bytes as an in-memory file, an object in storage through
+    its fsspec filesystem (range requests).
+
+    Raises:
+        ImageError: rasterio is not installed, or the raster cannot be read as asked."""
+    if not available():
+        raise ImageError(f"{found.name}: reading bands of a GeoTIFF needs rasterio (pip install 'tilerec[geo]')")
+    target = found.target
+    if isinstance(target, bytes):
+        from rasterio.io import MemoryFile
+
+        memory = MemoryFile(target)
+        return GeoSource(memory.name, found.name, level, bands, scale, keep=memory)
+    if isinstance(target, RemoteObject):
+        fs, path = remote.filesystem(target.url)
+        return GeoSource(path, found.name, level, bands, scale, opener=fs)
+    return GeoSource(str(target), found.name, level, bands, scale)

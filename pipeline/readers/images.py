@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -43,32 +42,15 @@ def confine(path: str, roots: Sequence[Path]) -> Path:
     return real
 
 
-@contextmanager
-def file_errors(path: str) -> Iterator[None]:
-    """OS errors while reading an image file, as ImageErrors in words a user understands."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise ImageError(f"image file {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path!r} is a directory, not an image file") from None
-    except OSError as error:
-        raise ImageError(f"cannot read image file {path!r}: {error.strerror}") from None
-
-
-def read_file(path: str, roots: Sequence[Path]) -> bytes:
-    real = confine(path, roots)
-    with file_errors(path):
-        return real.read_bytes()
-
-
-def check_pixels(width: int, height: int, max_pixels: int) -> None:
+def check_pixels(width: int, height: int, max_pixels: int, verb: str = "decode") -> None:
+    """Refuse an image that would decode (or, by windows, read: `verb`) more than `max_pixels` pixels, before any
+    pixel is read."""
     if width <= 0 or height <= 0:
         raise ImageError(f"the image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ImageError(
             f"the image is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
-            "(TILEREC_MAX_PIXELS); refusing to decode it"
+            f"(TILEREC_MAX_PIXELS); refusing to {verb} it"
         )
 
 

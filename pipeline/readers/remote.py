@@ -116,6 +116,13 @@ def stat(url: str) -> RemoteObject:
     return RemoteObject(url, int(info["size"]), str(etag).strip('"'))
 
 
+def read_range(url: str, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of the object (one range request; fewer where the object is shorter)."""
+    fs, path = filesystem(url)
+    with remote_errors(url):
+        return fs.cat_file(path, start=start, end=stop)
+
+
 def open_file(url: str) -> Any:
     """A seekable file object on the object; each read that misses its cache is a range request."""
     fs, path = filesystem(url)

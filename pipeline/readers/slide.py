@@ -17,20 +17,8 @@ import numpy as np
 
 from pipeline.model import Spatial
 from pipeline.readers.images import ImageError
+from pipeline.readers.inputs import Input
 from pipeline.tiling import Window
-
-
-def slide_vendor(path: Path) -> str | None:
-    """The slide format OpenSlide recognizes in the file ("aperio", "generic-tiff", …); None where it sees none or
-    OpenSlide is not installed."""
-    try:
-        import openslide
-    except ImportError:
-        return None
-    try:
-        return openslide.OpenSlide.detect_format(str(path))
-    except Exception:  # OpenSlide reports an unreadable file as no format at all
-        return None
 
 
 def level_for_mpp(base_mpp: float, downsamples: Sequence[float], wanted: float) -> int:
@@ -110,3 +98,12 @@ class SlideSource:
 
     def close(self) -> None:
         self.slide.close()
+
+
+def slide_source(found: Input, level: int, mpp: float | None) -> SlideSource:
+    """`found` opened through OpenSlide, which reads local files only."""
+    if found.remote:
+        raise ImageError(f"{found.name}: slides are read from local files only (OpenSlide cannot read object storage)")
+    if not isinstance(found.target, Path):
+        raise ImageError("slides are read from files only: give the slide's path (OpenSlide cannot read bytes)")
+    return SlideSource(found.target, found.name, level, mpp)

@@ -1,8 +1,8 @@
 """Image sources: where a job's pixels come from, read one window at a time when the format allows it.
 
-One `open_source` for every input, through one reader per kind of file (`pipeline.readers`, whose docstring says
-which reads what and why). Every input is identified from its first bytes and its size read from its header, and
-`max_pixels` checked, before any pixel is decoded:
+One `open_source` for every input: identified once (`inputs.identify`), then opened by one reader per kind of file
+(`pipeline.readers`, whose docstring says which reads what and why). Every input's size is read from its header and
+`max_pixels` checked before any pixel is decoded:
 
 - a tiled or stripped TIFF (BigTIFF and pyramids too) is read window by window: `read(window)` decodes only the
   TIFF tiles or strips the window touches (`TiffSource`), so a gigapixel scan costs each reader a few tiles;
@@ -28,20 +28,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
 from pipeline.model import Spatial
 from pipeline.readers import formats, geo, opencv, remote
-from pipeline.readers.geo import GeoSource, is_georeferenced
-from pipeline.readers.images import DEFAULT_MAX_PIXELS, ImageError, check_pixels, file_errors
+from pipeline.readers.geo import geo_source
+from pipeline.readers.images import DEFAULT_MAX_PIXELS, ImageError, check_pixels
+from pipeline.readers.inputs import Input, identify
+from pipeline.readers.opencv import DeferredSource
 from pipeline.readers.remote import RemoteObject
-from pipeline.readers.slide import SlideSource, slide_vendor
-from pipeline.readers.tiff import TiffSource, check_extent, tiff_file, tiff_source
+from pipeline.readers.slide import slide_source
+from pipeline.readers.tiff import TiffSource, check_extent, is_georeferenced, tiff_file, tiff_source
 from pipeline.readers.vips import VipsSource
 from pipeline.tiling import Window
-
-BLANK_RANGE = 16.0  # skip_blank=True: a tile whose 4x4 block means vary by at most this (grey levels) is blank
 
 
 class Source(Protocol):
@@ -129,27 +128,30 @@ def open_source(
 ) -> Source:
     """A source for a file (already confined to the allowed roots), an object in storage, or encoded bytes.
 
-    The format is known from the first bytes and the size from the header before any pixel is decoded: `max_pixels`
-    is checked against the `roi` ([x, y, w, h]) or the level for an image read by window, against the whole image
-    for anything decoded. A format decoded top to bottom (JPEG, PNG, WebP, …) is decoded whole here, unless the
-    caller reads its windows `in_row_order` (`tiling.grid`'s): then bands are decoded as the windows reach them (a
-    WebP, decoded whole, at its first window). `grey`: the caller keeps only grey, so an image libvips decodes gives
-    grey bands, converted once rather than window by window.
+    The input is identified once (`inputs.identify`: its format from its first bytes) and opened by the one reader
+    that reads it, its size from its header: `max_pixels` is checked against the `roi` ([x, y, w, h]) or the level
+    for an image read by window, and against the whole image (at most DEFAULT_MAX_PIXELS) for anything decoded,
+    whose ends are checked for a truncation too, before any pixel is decoded. A format decoded top to bottom (JPEG,
+    PNG, WebP, …) is decoded whole here, unless the caller reads its windows `in_row_order` (`tiling.grid`'s): then
+    bands are decoded as the windows reach them (a WebP, decoded whole, at its first window). `grey`: the caller
+    keeps only grey, so an image libvips decodes gives grey bands, converted once rather than window by window.
     """
-    source = open_windowed(target, level, spec)
-    if source is None:
-        if level != 0:
-            raise ImageError(
-                f"{_name(target)} has 1 pyramid level (only TIFFs and slides have more); level {level} asked"
-            )
-        return _open_decoded(target, max_pixels or DEFAULT_MAX_PIXELS, in_row_order, grey)  # type: ignore[arg-type]
+    found = identify(target)
+    source = _opened(found, level, spec, grey, max_pixels or DEFAULT_MAX_PIXELS)
     try:
-        if max_pixels:
-            width, height = (roi[2], roi[3]) if roi and source.windowed else (source.width, source.height)
-            check_region(width, height, max_pixels, "read" if source.windowed else "decode")
+        # read by window: the roi or the level, against the limit asked; decoded: the whole image, by default too
+        limit = max_pixels if source.windowed else max_pixels or DEFAULT_MAX_PIXELS
+        width, height = (roi[2], roi[3]) if roi and source.windowed else (source.width, source.height)
+        if limit:
+            check_pixels(width, height, limit, "read" if source.windowed else "decode")
         if source.windowed:
             return source.validate() if isinstance(source, TiffSource) else source
-        pixels = source._to_bgr(source.whole())  # type: ignore[union-attr]
+        if found.truncation:  # after the size, before any pixel is decoded
+            raise ImageError(found.truncation)
+        # read in row order, libvips decodes bands as the windows reach them, OpenCV a WebP at its first window
+        if in_row_order and (isinstance(source, VipsSource) or found.kind in opencv.DEFERRED):
+            return source
+        pixels = source.whole()  # type: ignore[attr-defined]
     except BaseException:
         source.close()
         raise
@@ -157,26 +159,36 @@ def open_source(
     return ArraySource(pixels)
 
 
-def _open_decoded(target: Path | bytes, max_pixels: int, in_row_order: bool, grey: bool) -> Source:
-    """An image in a format read top to bottom (libvips) or decoded whole (OpenCV, NumPy), its size checked from its
-    header and its ends for truncation before any pixel is decoded."""
-    head, tail, size = _ends(target)
-    kind = formats.sniff(head)
-    if kind not in formats.VIPS_FORMATS:
-        dimensions = opencv.size(kind, head)
-        check_pixels(*dimensions, max_pixels)
-        formats.check_complete(kind, head, tail, size)  # both before the file is read
-        load = (lambda: target) if isinstance(target, bytes) else (lambda: _read(target))  # type: ignore[arg-type]
-        if in_row_order and kind in opencv.DEFERRED:
-            return opencv.DeferredSource(load, kind, dimensions, max_pixels)
-        return ArraySource(opencv.decode(load(), kind, max_pixels))
-    source = VipsSource(target, _name(target), kind, grey)
-    check_pixels(source.width, source.height, max_pixels)
-    formats.check_complete(kind, head, tail, size)
-    if in_row_order:
-        return source
-    with contextlib.closing(source):
-        return ArraySource(source.whole())
+def _opened(found: Input, level: int, spec: ReadSpec, grey: bool, max_pixels: int) -> Source:
+    """`found` opened by the one reader `choose_reader` picks for it, its header read and no pixel decoded."""
+    if found.kind != "tiff":
+        if choose_reader(spec, False, found.vendor) == "slide":
+            return slide_source(found, level, spec.mpp)
+        if found.remote:
+            raise ImageError(f"{found.name} is not a TIFF: only TIFFs and GeoTIFFs are read from object storage")
+        if spec.reader != "auto":
+            raise ImageError(f"{found.name} is not a TIFF: reader {spec.reader!r} cannot read it")
+        if level != 0:
+            raise ImageError(f"{found.name} has 1 pyramid level (only TIFFs and slides have more); level {level} asked")
+        if found.kind is None:
+            raise ImageError(f"not an image format tilerec reads (it starts {found.head[:12]!r}); give {formats.READ}")
+        if found.kind in formats.VIPS_FORMATS:
+            return VipsSource(found.target, found.name, found.kind, grey)  # type: ignore[arg-type]
+        return DeferredSource(found, max_pixels)
+    tiff = tiff_file(found)
+    try:
+        reader = choose_reader(spec, is_georeferenced(tiff), found.vendor, geo.available())
+        if reader != "tiff" or found.remote:
+            check_extent(tiff, found)  # a local file's TiffSource checks it as it opens (`TiffSource.validate`)
+    except BaseException:
+        tiff.close()
+        raise
+    if reader == "tiff":
+        return tiff_source(tiff, found, level)  # an object's source reads through the handle `tiff` opened
+    tiff.close()
+    if reader == "slide":
+        return slide_source(found, level, spec.mpp)
+    return geo_source(found, level, spec.bands, spec.scale)
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -198,146 +210,8 @@ def image_size(target: Path | bytes) -> tuple[int, int]:
     Raises:
         ImageError: not an image format tilerec reads, or a damaged header.
     """
-    windowed = open_windowed(target, 0, ReadSpec())
-    if windowed is not None:
-        with contextlib.closing(windowed):
-            return windowed.width, windowed.height
-    head, _, _ = _ends(target)
-    kind = formats.sniff(head)
-    if kind not in formats.VIPS_FORMATS:
-        return opencv.size(kind, head)
-    with contextlib.closing(VipsSource(target, _name(target), kind)) as source:
+    with contextlib.closing(_opened(identify(target), 0, ReadSpec(), False, DEFAULT_MAX_PIXELS)) as source:
         return source.width, source.height
-
-
-def _name(target: Path | bytes | RemoteObject) -> str:
-    if isinstance(target, RemoteObject):
-        return repr(target.url)
-    return repr(str(target)) if isinstance(target, Path) else "the image"
-
-
-def open_windowed(target: Path | bytes | RemoteObject, level: int, spec: ReadSpec) -> Source | None:
-    """The image opened by the reader `choose_reader` picks (its header read, no pixels); None for a format that
-    only decodes whole (PNG, JPEG, …), which `open_source` then decodes."""
-    name = _name(target)
-    if isinstance(target, RemoteObject):
-        return _open_remote(target, name, level, spec)
-    head, _, _ = _ends(target)
-    vendor = slide_vendor(target) if isinstance(target, Path) and spec.reader in ("auto", "slide") else None
-    if head[:4] not in formats.TIFF_MAGIC:
-        if choose_reader(spec, False, vendor) == "slide":
-            return _open_slide(target, name, level, spec)
-        if spec.reader != "auto":
-            raise ImageError(f"{name} is not a TIFF: reader {spec.reader!r} cannot read it")
-        return None
-    tiff = tiff_file(target, name)
-    georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
-    reader = choose_reader(spec, georeferenced, vendor, geo.available())
-    if reader == "tiff":
-        return tiff_source(tiff, target, name, level)
-    if reader == "geo" and not geo.available():
-        tiff.close()
-        raise ImageError(f"{name}: reading bands of a GeoTIFF needs rasterio (pip install 'tilerec[geo]')")
-    try:
-        check_extent(tiff, len(target) if isinstance(target, bytes) else _size(target), name)
-    finally:
-        tiff.close()
-    if reader == "slide":
-        return _open_slide(target, name, level, spec)
-    if isinstance(target, bytes):
-        from rasterio.io import MemoryFile
-
-        memory = MemoryFile(target)
-        return GeoSource(memory.name, name, level, spec.bands, spec.scale, keep=memory)
-    return GeoSource(str(target), name, level, spec.bands, spec.scale)
-
-
-def _open_remote(target: RemoteObject, name: str, level: int, spec: ReadSpec) -> Source:
-    """An object in storage, read by range requests: a TIFF through tifffile, a GeoTIFF through rasterio."""
-    if spec.reader == "slide" or spec.mpp is not None:
-        raise ImageError(f"{name}: slides are read from local files only (OpenSlide cannot read object storage)")
-    handle = remote.open_file(target.url)
-    try:
-        with remote.remote_errors(target.url):
-            head = handle.read(4)
-            handle.seek(0)
-        if head not in formats.TIFF_MAGIC:
-            raise ImageError(f"{name} is not a TIFF: only TIFFs and GeoTIFFs are read from object storage")
-        tiff = tiff_file(handle, name)
-        try:
-            check_extent(tiff, target.size, name)
-            georeferenced = bool(tiff.pages) and is_georeferenced(tiff.pages[0].tags)
-        except BaseException:
-            tiff.close()
-            raise
-        if choose_reader(spec, georeferenced, None, geo.available()) == "tiff":
-            return tiff_source(tiff, handle, name, level, target.size)  # the source reads through the handle
-        tiff.close()
-    except BaseException:
-        handle.close()
-        raise
-    handle.close()
-    if not geo.available():
-        raise ImageError(f"{name}: reading bands of a GeoTIFF needs rasterio (pip install 'tilerec[geo]')")
-    fs, path = remote.filesystem(target.url)
-    return GeoSource(path, name, level, spec.bands, spec.scale, opener=fs)
-
-
-def _open_slide(target: Path | bytes, name: str, level: int, spec: ReadSpec) -> Source:
-    if not isinstance(target, Path):
-        raise ImageError("slides are read from files only: give the slide's path (OpenSlide cannot read bytes)")
-    return SlideSource(target, name, level, spec.mpp)
-
-
-def _size(path: Path) -> int:
-    with file_errors(str(path)):
-        return path.stat().st_size
-
-
-def check_region(width: int, height: int, max_pixels: int, verb: str = "read") -> None:
-    """Refuse a job that would read (or decode) more than `max_pixels` pixels, before any pixel is read."""
-    if width <= 0 or height <= 0:
-        raise ImageError(f"the image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageError(
-            f"the image is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
-            f"(TILEREC_MAX_PIXELS); refusing to {verb} it"
-        )
-
-
-def _ends(target: Path | bytes) -> tuple[bytes, bytes, int]:
-    """The first HEAD_BYTES and the last 32 bytes of a file or of bytes, and the length: what tells the format, the
-    size and a truncation, read before anything else."""
-    if isinstance(target, bytes):
-        if not target:
-            raise ImageError("the image is empty (0 bytes)")
-        return target[: formats.HEAD_BYTES], target[-32:], len(target)
-    with file_errors(str(target)), open(target, "rb") as handle:
-        head = handle.read(formats.HEAD_BYTES)
-        size = handle.seek(0, 2)
-        handle.seek(max(0, size - 32))
-        if not head:
-            raise ImageError(f"the image is empty (0 bytes): {_name(target)}")
-        return head, handle.read(), size
-
-
-def _read(path: Path) -> bytes:
-    with file_errors(str(path)):
-        return path.read_bytes()
-
-
-def is_blank(tile: np.ndarray, threshold: float) -> bool:
-    """No content: averaged over 4x4 pixel blocks, no channel varies by more than `threshold` grey levels.
-
-    The averaging flattens sensor noise and compression artefacts, while an object keeps its contrast, however
-    small it is in the tile; the range tells them apart where the standard deviation cannot (figures:
-    docs/performance.md). Default threshold (skip_blank=true): 16.
-    """
-    block = 4 if min(tile.shape[:2]) >= 8 else 1
-    means = cv2.resize(tile, (tile.shape[1] // block, tile.shape[0] // block), interpolation=cv2.INTER_AREA)
-    means = means.reshape(means.shape[0] * means.shape[1], -1)
-    spread = means.max(axis=0).astype(np.int16) - means.min(axis=0)
-    return bool(spread.max() <= threshold)
 
 
 @dataclass(frozen=True)
@@ -400,9 +274,7 @@ class SourceCache:
             return source
         if check is not None:
             check(ref.path)
-        opened = open_windowed(self._current(ref), ref.level, ref.spec)
-        if opened is None:
-            raise ImageError(f"{ref.path!r} changed after the job was planned (it is no longer a TIFF)")
+        opened = _opened(identify(self._current(ref)), ref.level, ref.spec, False, DEFAULT_MAX_PIXELS)
         try:
             if isinstance(opened, TiffSource):
                 opened.validate()

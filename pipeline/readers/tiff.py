@@ -13,16 +13,19 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
 from pipeline.model import Spatial
+from pipeline.readers import remote
 from pipeline.readers.images import ImageError, normalize
+from pipeline.readers.inputs import Input
+from pipeline.readers.remote import RemoteObject
 from pipeline.tiling import Window
 
+GEO_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory
 SEGMENT_CACHE_BYTES = 64 * 2**20  # decoded TIFF tiles kept per open file: neighbouring windows share tiles
 
 
@@ -198,11 +201,15 @@ class TiffSource:
         elif self._layout is not None:
             raw = self._assemble(window, self._layout)
         else:
-            raw = self.whole()[window.y : window.y2, window.x : window.x2]
+            raw = self._decoded()[window.y : window.y2, window.x : window.x2]
         return self._to_bgr(raw)
 
     def whole(self) -> np.ndarray:
-        """The level decoded whole, as stored (for TIFFs that cannot be read by window)."""
+        """The level decoded whole as 8-bit grey or BGR (a TIFF that cannot be read by window)."""
+        return self._to_bgr(self._decoded())
+
+    def _decoded(self) -> np.ndarray:
+        """The level decoded whole, as stored."""
         try:
             pixels = np.asarray(self.page.asarray())
         except Exception as error:
@@ -293,34 +300,47 @@ class TiffSource:
         self.tiff.close()
 
 
-def tiff_source(tiff: Any, target: Any, name: str, level: int, size: int | None = None) -> TiffSource:
-    """A TiffSource of an open TiffFile (closed if it cannot be one)."""
+def tiff_source(tiff: Any, found: Input, level: int) -> TiffSource:
+    """A TiffSource of `found`, open as `tiff` (closed if it cannot be one)."""
     try:
         if not tiff.series:
-            raise ImageError(f"{name} is not a readable TIFF: no image found (its header is damaged)")
-        source = TiffSource(tiff, name, level, target if isinstance(target, bytes) else None)
-        source.size = size
+            raise ImageError(f"{found.name} is not a readable TIFF: no image found (its header is damaged)")
+        source = TiffSource(tiff, found.name, level, found.target if isinstance(found.target, bytes) else None)
+        source.size = found.size
         return source
     except ImageError:
         tiff.close()
         raise
     except Exception as error:
         tiff.close()
-        raise _tiff_error(name, error) from None
+        raise _tiff_error(found.name, error) from None
 
 
-def tiff_file(target: str | Path | bytes | Any, name: str) -> Any:
+def tiff_file(found: Input) -> Any:
+    """`found`'s TIFF header (its image file directories) read by tifffile: an object in storage through an fsspec
+    handle, which the TiffSource then reads its tiles through."""
     import tifffile
 
+    target = found.target
+    handle = remote.open_file(target.url) if isinstance(target, RemoteObject) else None
     try:
-        return tifffile.TiffFile(io.BytesIO(target) if isinstance(target, bytes) else target)
+        return tifffile.TiffFile(io.BytesIO(target) if isinstance(target, bytes) else handle or target)
     except Exception as error:
-        raise _tiff_error(name, error) from None
+        if handle is not None:
+            handle.close()
+        raise _tiff_error(found.name, error) from None
 
 
-def check_extent(tiff: Any, size: int, name: str) -> None:
+def is_georeferenced(tiff: Any) -> bool:
+    """The TIFF's first page places it on the map: it carries any GeoTIFF tag."""
+    return bool(tiff.pages) and any(code in tiff.pages[0].tags for code in GEO_TAGS)
+
+
+def check_extent(tiff: Any, found: Input) -> None:
     """Refuse a TIFF whose image data reaches past its end (a truncated file or upload), from its header alone."""
     for page in tiff.pages:
         ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(page.databytecounts, np.int64)
-        if len(ends) and int(ends.max()) > size:
-            raise ImageError(f"{name} is truncated: its data reaches byte {int(ends.max()):,} of a {size:,}-byte file")
+        if len(ends) and int(ends.max()) > found.size:
+            raise ImageError(
+                f"{found.name} is truncated: its data reaches byte {int(ends.max()):,} of a {found.size:,}-byte file"
+            )

@@ -90,7 +90,7 @@ class VipsSource:
     reader = "vips"
 
     def __init__(self, target: Path | bytes, name: str, kind: str, grey: bool = False) -> None:
-        """Open `target`, a file or its bytes in format `kind` (`formats.sniff`), reading its header only; `grey`:
+        """Open `target`, a file or its bytes in format `kind` (`formats.kind_of`), reading its header only; `grey`:
         give its pixels as grey."""
         self.target, self.name, self.kind = target, name, kind
         self.image = self._open()

@@ -1,12 +1,14 @@
 """Recognizers: the protocol, the registry, and a per-process cache so nothing heavy is rebuilt per tile.
 
-Built-ins live in `opencv` (classical), `dnn` (neural) and `text` (OCR); third-party ones load by name through
-`plugins`. A second stage (`stages`) recognizes crops of a first recognizer's detections: `faces` tells who a face
-is, `text_stage` reads the text of the lines found.
+Built-ins live in `opencv` (classical), `dnn` (neural) and `text` (OCR, registered with its second stage in
+`text_stage`); third-party ones load by name through `plugins`. A second stage (`stages`) recognizes crops of a first
+recognizer's detections: `faces` tells who a face is, `text_stage` reads the text of the lines found.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -190,6 +192,17 @@ def recognize_many(recognizer: Recognizer, tiles: Sequence[np.ndarray]) -> list[
     return found
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (`docker run --cpus`), which
+    os.cpu_count() and so celery's default concurrency ignore."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    return max(1, count)
+
+
 _thread_budget = 0
 
 
@@ -267,4 +280,4 @@ def get_recognizer(name: str | Recognizer, params: Mapping[str, Any] | None = No
     return _build(name, tuple(sorted(resolved.items())))
 
 
-from pipeline.recognizers import dnn, opencv, plugins, text  # noqa: E402,F401  registers the built-ins
+from pipeline.recognizers import dnn, opencv, plugins, text_stage  # noqa: E402,F401  registers the built-ins

@@ -30,7 +30,6 @@ import cv2
 import numpy as np
 
 from pipeline.model import Detections, Recognition, StageSummary
-from pipeline.options import JobOptions
 from pipeline.recognizers import spec_of
 from pipeline.shapes import obb_corners, obb_from_points
 from pipeline.tiling import Window, auto_batch_size, tapered_sizes
@@ -159,16 +158,10 @@ class CropOutcome:
         return cls(int(data["crop"]), data.get("record"), data.get("error"), float(data.get("seconds", 0.0)))
 
 
-def stage_of(options: JobOptions) -> SecondStage | None:
-    """The job's second stage, built once per process for its recognizer and parameters; None when it has none
-    or the job turned it off (`second_stage=False`)."""
-    if not options.second_stage or not isinstance(options.recognizer, str):
-        return None
-    return _build(options.recognizer, json.dumps(options.params, sort_keys=True))
-
-
 @lru_cache(maxsize=16)
-def _build(name: str, params: str) -> SecondStage:
+def built_stage(name: str, params: str) -> SecondStage:
+    """The second stage of recognizer `name` for its parameters (`params`: their JSON, sorted), built once per
+    process."""
     factory = spec_of(name).second_stage
     if factory is None:
         raise StageError(f"recognizer {name!r} has no second stage")
@@ -414,25 +407,6 @@ def finish_stage(
 def _xywh(xyxy: np.ndarray) -> list[float]:
     x1, y1, x2, y2 = (round(float(v), 2) for v in xyxy)
     return [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)]
-
-
-def run_stage(
-    recognition: Recognition,
-    options: JobOptions,
-    read: Callable[[Window], np.ndarray | None],
-    bounds: Window,
-    resources: Mapping[str, Any] | None = None,
-    started: float | None = None,
-) -> Recognition:
-    """Both steps of the job's second stage in this process (in process, and on a one-batch job's tiling task):
-    the same planning and finish as on workers. `read` gives a window's full-resolution pixels in the stage's
-    channels. Without a second stage, the recognition as it is."""
-    stage = stage_of(options)
-    if stage is None:
-        return recognition
-    plan = plan_crops(recognition.detections, stage, bounds, options.max_crops)
-    outcomes = read_crops(read, plan.crops, recognition.detections, stage)
-    return finish_stage(recognition, stage, plan, outcomes, resources, started=started)
 
 
 def quad_of(detection: Detections, row: int = 0) -> np.ndarray:

@@ -15,13 +15,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
 from pipeline.model import Detections
-from pipeline.recognizers import RecognizerError, RecognizerSpec, register
+from pipeline.recognizers import RecognizerError
 from pipeline.recognizers.dnn import _bgr, _session
 from pipeline.shapes import obb_corners
 
@@ -360,38 +359,3 @@ def unreadable(obb: Sequence[float]) -> str | None:
     if height > MAX_LINE_HEIGHT:
         return f"too tall for a text line ({height:.0f} px; at most {MAX_LINE_HEIGHT})"
     return None
-
-
-def text_stage(params: dict[str, Any]) -> Any:
-    """The `text` recognizer's second stage (`pipeline.recognizers.text_stage.TextStage`) for a job's parameters."""
-    from pipeline.recognizers.text_stage import (
-        TextStage,  # here: pipeline.recognizers.stages imports the registry this fills
-    )
-
-    return TextStage(params)
-
-
-register(
-    RecognizerSpec(
-        "text",
-        TextLines,
-        {
-            "det_model": "",
-            "rec_model": "",
-            "cls_model": "",
-            "keys": "",
-            "det_scale": 1.0,
-            "det_threshold": 0.3,
-            "box_threshold": 0.5,
-            "unclip_ratio": 1.6,
-            "text_score": 0.5,
-            "use_cls": True,
-        },
-        f"text lines read by PP-OCR (ONNX Runtime; the rapidocr wheel's {DET_FILE}, {REC_FILE}, {CLS_FILE}): lines "
-        "detected on tiles, joined across seams, each read once from the full-resolution crop",
-        cost_ms=400,  # a 640x640 tile through the DB detector on one thread
-        file_params=("det_model", "rec_model", "cls_model", "keys"),
-        merge="lines",
-        second_stage=text_stage,
-    )
-)

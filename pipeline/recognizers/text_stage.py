@@ -1,5 +1,6 @@
 """The `text` recognizer's second stage: each merged line read once from its full-resolution crop, the page put in
-reading order (`pipeline.merge.lines`)."""
+reading order (`pipeline.merge.lines`); and the recognizer's registration, its tile pass (`text.TextLines`) with
+this stage."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import numpy as np
 
 from pipeline.merge.lines import layout, page_text, word_count
 from pipeline.model import Detections
+from pipeline.recognizers import RecognizerSpec, register
 from pipeline.recognizers.dnn import _bgr
 from pipeline.recognizers.stages import Crop, SecondStage, StageResult, quad_of, rectify
-from pipeline.recognizers.text import REC_BATCH, LineReader, unreadable
+from pipeline.recognizers.text import CLS_FILE, DET_FILE, REC_BATCH, REC_FILE, LineReader, TextLines, unreadable
 
 
 class TextStage(SecondStage):
@@ -89,3 +91,29 @@ class TextStage(SecondStage):
             "dropped": len(detections) - len(kept),
         }
         return StageResult(result[order], output)
+
+
+register(
+    RecognizerSpec(
+        "text",
+        TextLines,
+        {
+            "det_model": "",
+            "rec_model": "",
+            "cls_model": "",
+            "keys": "",
+            "det_scale": 1.0,
+            "det_threshold": 0.3,
+            "box_threshold": 0.5,
+            "unclip_ratio": 1.6,
+            "text_score": 0.5,
+            "use_cls": True,
+        },
+        f"text lines read by PP-OCR (ONNX Runtime; the rapidocr wheel's {DET_FILE}, {REC_FILE}, {CLS_FILE}): lines "
+        "detected on tiles, joined across seams, each read once from the full-resolution crop",
+        cost_ms=400,  # a 640x640 tile through the DB detector on one thread
+        file_params=("det_model", "rec_model", "cls_model", "keys"),
+        merge="lines",
+        second_stage=TextStage,
+    )
+)

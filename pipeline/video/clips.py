@@ -18,7 +18,7 @@ from pipeline.inference import TileFailure, crop, describe, recognize_windows, r
 from pipeline.merge.detections import merge_detections
 from pipeline.model import Detections
 from pipeline.options import JobOptions, VideoOptions, parse_video_options
-from pipeline.readers import images, remote
+from pipeline.readers import images, inputs, remote
 from pipeline.readers.images import ImageError
 from pipeline.recognizers import spec_of
 from pipeline.tiling import Window
@@ -401,7 +401,7 @@ def open_clip(video: str | Path, max_pixels: int, frame_rate: float | None = Non
         target: Target = remote.stat(video)
     else:
         path = Path(video).expanduser()
-        with images.file_errors(str(video)):
+        with inputs.file_errors(str(video)):
             path = path.resolve(strict=True)
         target = path
     return target, probe(target, name, max_pixels, frame_rate)

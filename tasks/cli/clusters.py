@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import signal
 import sys
@@ -20,6 +19,7 @@ from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 from rich.console import Console
 
+from pipeline.recognizers import usable_cpus
 from tasks.cli.errors import EXIT_FAILED, EXIT_UNREACHABLE, CliError, say
 from tasks.cli.inputs import Target
 from tasks.cli.settings import RunSettings, environment_with
@@ -238,17 +238,6 @@ def open_cluster(targets: Sequence[Target], settings: RunSettings, console: Cons
     else:
         with local_cluster(targets, settings, console) as cluster:
             yield cluster
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (`docker run --cpus`), which
-    os.cpu_count() and so celery's default concurrency ignore."""
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, math.ceil(int(quota) / int(period)))
-    return max(1, count)
 
 
 def worker_command(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:

@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"--format {args.format} needs --json OUT (or --json - for stdout)")
     if args.wgs84 and args.format != "geojson":
         raise CliError("--wgs84 is for --format geojson")
-    from tasks import app
+    from tasks.celery import settings
 
     if not (args.images or args.list or args.coco_images):
         raise CliError("run needs images: files, a folder, a glob pattern, --list FILE or --coco-images DATASET.json")
@@ -108,8 +108,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"--format {args.format} is for a video (its tracks); images take json, coco, geojson, text or hocr"
         )
     if is_many(args):
-        return run_many(args, options, run_settings(args, console), console, app.conf.tilerec_max_pixels)
-    targets = [check_image(given, app.conf.tilerec_max_pixels) for given in args.images]
+        return run_many(args, options, run_settings(args, console), console, settings().max_pixels)
+    targets = [check_image(given, settings().max_pixels) for given in args.images]
     annotated = annotate_paths(args.annotate, targets)
     settings = run_settings(args, console)
     outcomes = execute(targets, args.recognizer, options, settings, console)

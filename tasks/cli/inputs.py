@@ -14,7 +14,7 @@ import cv2
 
 from pipeline.options import DEFAULTS, JOB_OPTIONS, READERS, parse_options
 from pipeline.readers import images, remote, sources
-from pipeline.readers.slide import slide_vendor
+from pipeline.readers.inputs import slide_vendor
 from tasks.cli.errors import CliError
 
 
