@@ -410,7 +410,7 @@ def test_cancel_by_job_id(
 @pytest.mark.parametrize(
     ("arguments", "expected"),
     [
-        (["run", "/no/such/image.png", "-r", "qrcode"], "cannot read image '/no/such/image.png': no such file"),
+        (["run", "/no/such/image.png", "-r", "qrcode"], "image file '/no/such/image.png' does not exist"),
         (["run", __file__, "-r", "qrcode"], "not an image format tilerec reads"),
         (["run", __file__, "-r", "no-such-recognizer"], "unknown recognizer 'no-such-recognizer'"),
         (["run", __file__, "-r", "faces", "--param", "min_size=big"], "parameter 'min_size' must be int"),

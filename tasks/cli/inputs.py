@@ -14,7 +14,7 @@ import cv2
 
 from pipeline.options import DEFAULTS, JOB_OPTIONS, READERS, parse_options
 from pipeline.readers import images, remote, sources
-from pipeline.readers.inputs import slide_vendor
+from pipeline.readers.inputs import file_errors, slide_vendor
 from tasks.cli.errors import CliError
 
 
@@ -156,16 +156,12 @@ def check_image(given: str, max_pixels: int = images.DEFAULT_MAX_PIXELS) -> Targ
     Reads only the file's header: the workers read a gigapixel TIFF window by window, never whole."""
     if remote.is_url(given):
         return Target(given, None)
-    path = Path(given).expanduser()
     try:
-        real = path.resolve(strict=True)
-        real.open("rb").close()
-    except FileNotFoundError:
-        raise CliError(f"cannot read image {given!r}: no such file") from None
-    except IsADirectoryError:
-        raise CliError(f"cannot read image {given!r}: it is a directory") from None
-    except OSError as error:
-        raise CliError(f"cannot read image {given!r}: {error.strerror or error}") from None
+        with file_errors(given):  # the readers' words for a missing or unreadable file
+            real = Path(given).expanduser().resolve(strict=True)
+            real.open("rb").close()
+    except images.ImageError as error:
+        raise CliError(str(error)) from None
     try:
         if not slide_vendor(real):
             images.check_pixels(*sources.image_size(real), max_pixels)
