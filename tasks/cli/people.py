@@ -71,25 +71,21 @@ def group_unknown(model: str, faces: Sequence[RunFace], threshold: float) -> lis
     return groups
 
 
-def label_result(result: dict[str, Any], groups: dict[int, str]) -> dict[str, Any]:
-    """The result with each grouped face's identity (`unknown`) replaced by its group, by detection row."""
-    detections = [
-        {**record, "data": {**record["data"], "identity": groups[row]}} if row in groups else record
-        for row, record in enumerate(result.get("detections", []))
-    ]
-    return {**result, "detections": detections}
-
-
-def label_outcome(outcome: Completed, groups: dict[int, str]) -> Completed:
-    """The outcome with each grouped face's identity replaced by its group, by detection row (the --json, --format
-    and --annotate outputs then name the same people as results.jsonl)."""
-    if outcome.result is None or not groups:
-        return outcome
-    detections = outcome.result.detections
+def with_groups(recognition: Recognition, groups: dict[int, str]) -> Recognition:
+    """The recognition with each grouped face's identity (`unknown`) replaced by its group, by detection row."""
+    detections = recognition.detections
     identities = list(detections.data.get("identity", [None] * len(detections)))
     for row, group in groups.items():
         identities[row] = group
-    return replace(outcome, result=replace(outcome.result, detections=detections.with_data({"identity": identities})))
+    return replace(recognition, detections=detections.with_data({"identity": identities}))
+
+
+def label_outcome(outcome: Completed, groups: dict[int, str]) -> Completed:
+    """The outcome with its faces labelled by group (the --json, --format and --annotate outputs then name the same
+    people as results.jsonl)."""
+    if outcome.result is None or not groups:
+        return outcome
+    return replace(outcome, result=with_groups(outcome.result, groups))
 
 
 def write_faces(folder: Path, model: str, faces: Sequence[RunFace], groups: Sequence[str | None]) -> Path:
@@ -194,7 +190,7 @@ def group_run(folder: Path, taken: RunFaces, lines: list[dict[str, Any]]) -> Gro
         if group is not None:
             by_image.setdefault(face.image, {})[face.row] = group
     labelled = [
-        {**line, "result": label_result(line["result"], by_image[line["path"]])}
+        {**line, "result": with_groups(Recognition.from_json(line["result"]), by_image[line["path"]]).to_json()}
         if line.get("result") and line["path"] in by_image
         else line
         for line in lines
