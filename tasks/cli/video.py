@@ -22,7 +22,7 @@ from pipeline.options import VIDEO_DEFAULTS, VIDEO_OPTIONS, parse_video_options
 from pipeline.outputs.export import frame_lines, mot_lines
 from pipeline.readers import remote
 from pipeline.readers.images import ImageError
-from pipeline.video.clips import annotated_frames, open_clip
+from pipeline.video.clips import VideoRecognition, annotated_frames, open_clip
 from pipeline.video.frames import FOLDER_RATE, is_video_name, write_video
 from tasks.cli.clusters import ignoring_interrupts, open_cluster
 from tasks.cli.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, CliError, print_error, say
@@ -126,7 +126,7 @@ def run_video(args: argparse.Namespace, options: dict[str, Any], settings: RunSe
                 if settings.timeout is not None and time.monotonic() - began > settings.timeout:
                     raise CliError(f"timed out after {settings.timeout:g} s", EXIT_TIMEOUT)
                 time.sleep(0.2)
-            result = replace(job.get(), source=target.given).to_json()
+            result = replace(job.get(), source=target.given)
         except BaseException as error:
             with ignoring_interrupts():
                 if not job.result.ready():
@@ -144,30 +144,30 @@ def run_video(args: argparse.Namespace, options: dict[str, Any], settings: RunSe
     return EXIT_OK
 
 
-def summary(target: Target, result: dict[str, Any], seconds: float) -> str:
-    frames = result["frames"]
-    labels = Counter(track["label"] for track in result["tracks"])
+def summary(target: Target, result: VideoRecognition, seconds: float) -> str:
+    labels = Counter(track.label for track in result.tracks)
     per_label = ", ".join(f"{label} {n}" for label, n in sorted(labels.items())) or "none"
-    failed = f", {len(result['failed_segments'])} segments failed" if result["failed_segments"] else ""
-    return (f"{target.given}: {frames['processed']} frames recognized ({frames['skipped']} skipped), "
-            f"{len(result['tracks'])} tracks ({per_label}) in {result['tiling']['segments']} segments{failed}, "
+    failed = f", {len(result.failed_segments)} segments failed" if result.failed_segments else ""
+    return (f"{target.given}: {len(result.per_frame)} frames recognized ({result.skipped} skipped), "
+            f"{len(result.tracks)} tracks ({per_label}) in {len(result.segments)} segments{failed}, "
             f"{seconds:.1f} s")  # fmt: skip
 
 
-def write_video_outputs(target: Target, result: dict[str, Any], json_to: str | None, fmt: str,
+def write_video_outputs(target: Target, result: VideoRecognition, json_to: str | None, fmt: str,
                         annotate: str | None) -> None:  # fmt: skip
     """--json in the chosen format (- for stdout), and --annotate as an MP4 drawn from the local clip."""
+    document = result.to_json()
     if json_to is not None:
         if fmt == "json":
-            text = json.dumps(result, indent=2) + "\n"
+            text = json.dumps(document, indent=2) + "\n"
         else:
-            text = "".join(line + "\n" for line in (mot_lines(result) if fmt == "mot" else frame_lines(result)))
+            text = "".join(line + "\n" for line in (mot_lines(document) if fmt == "mot" else frame_lines(document)))
         _write_text(json_to, text)
     if annotate is not None and target.path is not None:
         try:
-            source, clip = open_clip(target.path, 2**62, result["video"].get("fps") if clip_is_folder(target) else None)
+            source, clip = open_clip(target.path, 2**62, result.clip.fps if clip_is_folder(target) else None)
             Path(annotate).parent.mkdir(parents=True, exist_ok=True)
-            write_video(Path(annotate), annotated_frames(source, target.given, clip, result), clip.fps)
+            write_video(Path(annotate), annotated_frames(source, target.given, clip, document), clip.fps)
         except (ImageError, OSError) as error:
             raise CliError(f"cannot write the annotated video {annotate!r}: {error}", EXIT_FAILED) from None
 
