@@ -44,6 +44,14 @@ def tilerec(*args: str, timeout: float = 90, env: dict[str, str] | None = None) 
     return subprocess.run([*CLI, *args], env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def interruptible() -> None:
+    """Run in a CLI child this test interrupts, before it starts: Ctrl-C at its default and not blocked, so Python
+    turns it into KeyboardInterrupt whatever this test process carries (an ignored or a blocked SIGINT passes
+    through fork and exec, and a test's process is shared with whatever ran before it)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def one_error_line(completed: subprocess.CompletedProcess[str]) -> str:
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1, completed.stderr
@@ -239,6 +247,7 @@ def test_ctrl_c_leaves_no_process_behind(scene_png: Path, gate: Path, moment: st
     cli = subprocess.Popen(
         [*CLI, "run", str(scene_png), *held(gate), "--workers", "2"],
         env={**cli_env(), **HELD_ENV},
+        preexec_fn=interruptible,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -27,7 +27,7 @@ from pipeline.outputs.export import coco_document
 from pipeline.scenes.codes import code_scene
 from tests.conftest import tilerec_keys
 from tests.faulty import holding, release
-from tests.test_cli import CLI, cli_env, input_keys, one_error_line, tilerec, wait_for
+from tests.test_cli import CLI, cli_env, input_keys, interruptible, one_error_line, tilerec, wait_for
 
 pytest.importorskip("faster_coco_eval")
 from faster_coco_eval import COCO, COCOeval_faster
@@ -343,7 +343,9 @@ def test_a_run_interrupted_halfway_resumes_to_one_result_per_image_and_evaluates
     held = ("-r", "tests.faulty:Held", "-p", f"gate={gate}", "-p", f"after={IMAGES // 2}", "-p", "recognizer=aruco")
     run = [*CLI, "run", f"{images}/", *held, "--out", str(out), "--workers", "2"]
     env = {**cli_env(), "TILEREC_PLUGIN_MODULES": "tests.faulty"}
-    cli = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.Popen(
+        run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible
+    )
     try:
         wait_for(lambda: results.exists() and results.read_text().count("\n") >= IMAGES // 2, 120, "half the images")
         wait_for(lambda: holding(gate, IMAGES // 2), 60, "an image to be held")
