@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import redis
 from celery import signals
+from kombu.exceptions import OperationalError
 
 from pipeline.inference import TileOutcome, recognize_windows, stage_of, stage_reader, tiles_per_forward_pass
 from pipeline.model import Detections
@@ -273,7 +274,11 @@ def publish_progress(task: Any, job_id: str, done: int, total: int, unit: str, s
     """The job's progress, `done` of `total` `unit`s: an event on the job's own row for monitors (Flower shows its
     `result`), and the job's state PROGRESS in the result backend for any app's AsyncResult (`info`: done, total
     and, in a second stage, `stage`)."""
-    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
+    # a monitor's event only: one lost while the broker fails over must not fail the batch (the store counts)
+    with (
+        contextlib.suppress(OperationalError, redis.ConnectionError, redis.TimeoutError),
+        task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher,
+    ):
         dispatcher.send("task-progress", uuid=job_id, done=done, total=total, result=f"{done}/{total} {unit}")
     info = {"done": done, "total": total} if stage is None else {"done": done, "total": total, "stage": stage}
     task.backend.store_result(job_id, info, "PROGRESS")

@@ -11,6 +11,10 @@ callback is never called). Used by tilerec's workers; results and keys stay Cele
    once more, which claims and publishes the callback.
 3. Celery counts a part with one Lua call, not retried: a Redis restart at that moment failed the chord. Here it is
    retried with backoff, like the worker's other Redis writes (Celery counts a part once however often it runs).
+4. Redis replicates asynchronously: a master killed just after counting a part can lose the count in a failover,
+   and its task, acknowledged, never comes back, so the chord waits forever. Here a count waits (up to
+   REPLICA_WAIT_MS) for the master's replicas to have it; a master that dies first fails the wait, and the part is
+   counted again on the new one.
 
 tests/test_reliability.py kills a process in each of the first two windows (both tests fail without this module)
 and restarts Redis under running jobs.
@@ -27,6 +31,8 @@ from celery.backends import redis as celery_redis
 from celery.backends.base import _is_request_ignore_result
 
 CLAIM_WAIT_S = 120.0  # at most: a claim lasts 2 × the join timeout, then the time its publish retries may take
+REPLICA_WAIT_MS = 1000  # a replica slower than this: the count goes on without it (the window narrowed, not shut)
+REPLICAS_CHECK_S = 10.0  # how long a process trusts its master's count of replicas
 
 
 class _ChordSafe:
@@ -60,12 +66,22 @@ class _ChordSafe:
         for attempt in range(retries + 1):
             try:
                 super().on_chord_part_return(request, state, result, **kwargs)  # type: ignore[misc]
+                self._replicated()
                 return attempt > 0
             except (redis.ConnectionError, redis.TimeoutError):
                 if attempt == retries:
                     raise
                 time.sleep(min(2.0, 0.1 * 2 ** (attempt + 1)))
         return False
+
+    def _replicated(self) -> None:
+        """Wait until the master's replicas have this connection's writes (the count), where it has replicas."""
+        now = time.monotonic()
+        if now >= getattr(self, "_replicas_until", 0.0):
+            replication = self.client.info("replication")  # type: ignore[attr-defined]
+            self._replicas, self._replicas_until = int(replication.get("connected_slaves", 0)), now + REPLICAS_CHECK_S
+        if self._replicas:
+            self.client.wait(self._replicas, REPLICA_WAIT_MS)  # type: ignore[attr-defined]
 
 
 class RedisBackend(_ChordSafe, celery_redis.RedisBackend):
