@@ -29,7 +29,7 @@ def _flag(name: str, default: str) -> bool:
 
 
 def _chord_safe(url: str) -> str:
-    """A Redis or Sentinel backend URL as tasks.chords' backend: Celery's own, with two crash windows of a chord
+    """A Redis or Sentinel backend URL as tasks.chords' backend: Celery's own, with the fault windows of a chord
     closed. Its keys and values are Celery's, so any app reads the results with a plain redis:// backend."""
     kind = {"redis": "RedisBackend", "rediss": "RedisBackend", "sentinel": "SentinelBackend"}.get(url.split(":", 1)[0])
     return f"tasks.chords:{kind}+{url}" if kind else url

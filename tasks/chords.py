@@ -1,4 +1,4 @@
-"""Celery's Redis result backends with three fault windows of a chord closed (celery/celery#4207 tracks chords whose
+"""Celery's Redis result backends with four fault windows of a chord closed (celery/celery#4207 tracks chords whose
 callback is never called). Used by tilerec's workers; results and keys stay Celery's own.
 
 1. Celery stores a header task's SUCCESS, then counts it for its chord. A process killed in between has its task
