@@ -83,6 +83,10 @@ worker_prefetch_multiplier = _number("TILEREC_PREFETCH_MULTIPLIER", 1, 0)  # 0: 
 # A task a node took and did not acknowledge comes back to the queue once its lease is this old: live nodes renew
 # theirs (tasks/leases.py), so this bounds how long a dead or frozen node's work waits; every node looks every 2 s.
 visibility_timeout = _number("TILEREC_VISIBILITY_TIMEOUT", 15, 3)
+# A job that made no progress for this long, while a message of its chord is neither queued nor running anywhere
+# (lost in a failover, flushed), has that message sent again (tasks/stalls.py); every node looks a sixth of it
+# apart. Work merely queued behind other jobs is never sent again, however long it waits. 0: no repair.
+tilerec_stall_s = _number("TILEREC_STALL_S", 60, 0, float)
 # Redis Sentinel: broker, backend and store URLs of the form sentinel://host:26379;sentinel://host2:26379/0 find the
 # master of this name (a password for the sentinels themselves, if they have one: TILEREC_SENTINEL_PASSWORD).
 sentinel_master = _env("TILEREC_SENTINEL_MASTER", "mymaster")

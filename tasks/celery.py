@@ -53,6 +53,7 @@ app = Celery("tilerec")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(Leases)
 app.steps["consumer"].add(roster_step(lambda: store_client(patient=False)))  # defined below, called later
+app.steps["consumer"].add("tasks.stalls:StallWatch")  # by name: it imports this module
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ from tasks.batches import (
 from tasks.celery import app, settings, store_client
 from tasks.job_record import JobCancelled, JobRecord, Staged, described, planned_stage
 from tasks.planning import admit, crop_batches, crops_of, decode_streamed, plan_job, store_job, while_planning
+from tasks.stalls import ChordTask
 
 BULKY = ("detections", "per_frame", "tracks")  # what a result's summary leaves out (an image's, a video's)
 
@@ -70,7 +71,7 @@ def batch_priority(number: int) -> int:
     return min(9, 1 + number.bit_length())
 
 
-@app.task(name="tilerec.recognize", bind=True)
+@app.task(name="tilerec.recognize", bind=True, base=ChordTask)
 def recognize(self: Any, image: str, recognizer: str = "faces", **options: Any) -> Any:
     client, job_id, started = store_client(), self.request.id, time.time()
     redelivered = bool(self.request.delivery_info.get("redelivered"))
@@ -159,7 +160,7 @@ def recognize_tiles(self: Any, job_id: str, first: int, stop: int) -> dict[str, 
     }
 
 
-@app.task(name="tilerec.merge", bind=True)
+@app.task(name="tilerec.merge", bind=True, base=ChordTask)
 def merge(self: Any, image: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
     """The job's tile records, read from the store, merged into its Recognition. It runs under the job's id (the
     chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor.

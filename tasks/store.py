@@ -20,10 +20,15 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:frames     a video job's hash: segment N -> its frames done so far (progress in frames; a redone
                              segment overwrites its own count); its records are by segment, its total in frames
     tilerec:job:J:need       bytes its tiles take in the store, while it waits for room (admission control)
+    tilerec:job:J:chord      the chord it runs now (tiles, crops or segments, then its merge) as its messages were
+                             sent: what re-sends one that was lost (tasks/stalls.py)
+    tilerec:job:J:repair     held for a stall period by the node that re-sent a lost message of the job
 Room in the store (admission control, see `reserve`): tilerec:room:held (sorted set: job -> when its reservation
 lapses), tilerec:room:unwritten (hash: job -> reserved bytes not yet stored), tilerec:room:line (sorted set: waiting
 job -> when it first asked) and tilerec:room:line-needs (hash: waiting job -> its need).
 The nodes that take tiles, each with its pool size: tilerec:tile-processes (a sorted set, tasks/roster.py).
+Jobs whose chord is sent and whose merge has not ended them: tilerec:chords (a sorted set: job -> when its keys
+lapse), which the nodes watch for stalls (tasks/stalls.py).
 Inputs stored by clients: tilerec:input:<uuid>. Measured tile costs: tilerec:cost:<recognizer>:<parameters hash>
 (ms per 640x640 tile, a week), and a second stage's: tilerec:cost:<recognizer>#crops:<parameters hash> (ms per
 crop). Results too large for the result backend: tilerec:result:<job id>.
@@ -56,7 +61,21 @@ from pipeline.tiling import Window
 
 PREFIX = "tilerec"
 REF_SCHEME = "redis:"
-PARTS = ("job", "total", "records", "attempts", "cancelled", "ready", "failed", "stream", "beat", "frames", "need")
+PARTS = (
+    "job",
+    "total",
+    "records",
+    "attempts",
+    "cancelled",
+    "ready",
+    "failed",
+    "stream",
+    "beat",
+    "frames",
+    "need",
+    "chord",
+    "repair",
+)
 # and tiles
 STAGE_PARTS = ("stage", "crops", "crop_records")  # a second stage's
 STREAM_BEAT_S = 1.0  # a streamed decoding says it is alive this often (a WebP decoded whole stores no row for long)
@@ -388,7 +407,48 @@ def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> No
         _unlink(client, [key.decode() for key in client.scan_iter(job_key(job_id, "*"), count=1000)])
     else:
         _unlink(client, _keys(job_id, tiles, PARTS + STAGE_PARTS))
+    client.zrem(CHORDS_KEY, job_id)
     release(client, job_id)
+
+
+CHORDS_KEY = f"{PREFIX}:chords"
+
+
+def put_chord(client: redis.Redis, job_id: str, sent: str, ttl: int) -> None:
+    """The chord the job runs now, as its messages are sent (JSON, tasks.stalls.SentChord); the job is watched for
+    stalls from now until `delete_job` (or its keys lapse)."""
+    now = time.time()
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(job_key(job_id, "chord"), sent, ex=ttl)
+        pipe.zadd(CHORDS_KEY, {job_id: now + ttl})
+        pipe.zremrangebyscore(CHORDS_KEY, "-inf", now)
+        pipe.execute()
+
+
+def chord_jobs(client: redis.Redis) -> list[str]:
+    """The jobs whose chord was sent and who have not ended (nor lapsed)."""
+    return [job.decode() for job in client.zrangebyscore(CHORDS_KEY, time.time(), "+inf")]
+
+
+def get_chord(client: redis.Redis, job_id: str) -> str | None:
+    """The job's chord as sent (`put_chord`); None once the job ended."""
+    data = client.get(job_key(job_id, "chord"))
+    return None if data is None else data.decode()
+
+
+_CLAIM_REPAIR = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    return 0
+end
+return redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) and 1 or 0
+"""
+
+
+def claim_repair(client: redis.Redis, job_id: str, node: str, seconds: int) -> bool:
+    """Whether `node` is the one to re-send the job's lost messages for the next `seconds`: no other node claimed
+    it, and the job has not ended (a key of an ended job is never made again)."""
+    key = job_key(job_id, "repair")
+    return bool(client.eval(_CLAIM_REPAIR, 2, job_key(job_id, "job"), key, node, seconds))
 
 
 def fail_job(client: redis.Redis, job_id: str, tiles: int, reason: str, ttl: int) -> None:

@@ -31,6 +31,7 @@ from tasks.celery import app, settings, store_client
 from tasks.job_record import JobCancelled, described
 from tasks.jobs import batch_priority, deliver
 from tasks.planning import admit, while_planning
+from tasks.stalls import ChordTask
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class VideoJob:
                       "plan": VideoPlan.from_json(data["plan"])})  # fmt: skip
 
 
-@app.task(name="tilerec.recognize_video", bind=True)
+@app.task(name="tilerec.recognize_video", bind=True, base=ChordTask)
 def recognize_video(self: Any, video: str, recognizer: str = "faces", **options: Any) -> Any:
     client, job_id, started = store_client(), self.request.id, time.time()
     redelivered = bool(self.request.delivery_info.get("redelivered"))

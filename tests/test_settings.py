@@ -35,6 +35,7 @@ def _load(env: dict[str, str], code: str = "import celeryconfig") -> subprocess.
         ("TILEREC_MIN_BATCHES", "many", "'auto' or a whole number of at least 1"),
         ("TILEREC_STORE_MAX_BYTES", "200mb", "a whole number of at least 0"),
         ("TILEREC_REDIS_PATIENCE_S", "-5", "a number of at least 0"),
+        ("TILEREC_STALL_S", "soon", "a number of at least 0"),
     ],
 )
 def test_a_bad_number_stops_the_loading_with_the_setting_and_what_it_accepts(name, value, accepts):
