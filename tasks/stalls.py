@@ -8,14 +8,18 @@ never had. Its job would wait for ever. Here:
    as its messages are sent (`SentChord`: the header tasks' ids, group and ranges, and the body), just before it
    sends them, and the job is watched until it ends (`store.put_chord`).
 2. Every node watches those jobs (`StallWatch`, a consumer step): a job whose progress (its tiles, crops or frames
-   done, its chord's count, whether its merge was sent) has not moved for TILEREC_STALL_S is looked up in the
-   broker. A message queued (kombu's list per queue and priority) or delivered and not acknowledged (its `unacked`
-   hash) is work merely waiting or running: nothing is done. A part of the chord not counted whose message is
-   nowhere, seen so at two looks in a row (a message moves between a list and the hash in between), was lost.
-3. One node (a claim on the job for a stall period) sends the lost messages again, each with its original task id,
-   group, index in the group and chord: Celery counts a part once per task id and index, so a batch that ran after
-   all is counted once, and its records, keyed by tile, once too. A chord counted in full whose merge is nowhere has
-   its merge sent again, under the job's id.
+   done, its chord's count, whether its merge was sent) has not moved for TILEREC_STALL_S is claimed by one node
+   for a stall period (a job key), which looks it up in the broker, once per look for all such jobs. A message
+   queued (kombu's list per queue and priority) or delivered and not acknowledged (its `unacked` hash) is work
+   merely waiting or running: nothing is done, however long it waits. A part of the chord not counted whose message
+   is nowhere, seen so at two looks in a row (a message moves between a list and the hash in between), was lost.
+3. That node sends the lost messages again, each with its original task id, group, index in the group and chord:
+   Celery counts a part once per task id and index, so a batch that ran after all is counted once, and its
+   records, keyed by tile, once too. A chord counted in full whose merge is nowhere has its merge sent again, under
+   the job's id.
+
+Celery's own state of a chord is read where its Redis backend keeps it (`.d`: the parts counted, as "id:index";
+`.c`: "done" once the callback was sent; `.s`: its size); tests/test_stalls.py fails if that changes.
 """
 
 from __future__ import annotations
@@ -163,6 +167,23 @@ class Seen:
     absent: bool = False
 
 
+@dataclass(frozen=True)
+class Stalled:
+    """A job whose progress stood still for a stall period, with what its chord lacks."""
+
+    job: str
+    sent: SentChord
+    lacking: Missing
+    merged: bool  # its chord's callback was sent (`.c` is "done")
+    seen: Seen
+
+    @property
+    def ids(self) -> set[str]:
+        """The task ids to look for in the broker: the job's own (its tiling task, merge or finish) and the lacking
+        batches'."""
+        return {self.job} | {self.sent.batches[n].id for n in self.lacking.batches}
+
+
 @dataclass
 class Watch:
     """This node's view of the jobs it watches, and what it does about a stalled one."""
@@ -172,17 +193,23 @@ class Watch:
     seen: dict[str, Seen] = field(default_factory=dict)
 
     def look(self, channel: Any, queues: list[str]) -> None:
-        """One look at every watched job."""
+        """One look at every watched job; the broker is read once, for all the stalled ones."""
         client = store_client(patient=False)
         jobs = store.chord_jobs(client)
         self.seen = {job: seen for job, seen in self.seen.items() if job in jobs}
-        for job in jobs:
-            text = store.get_chord(client, job)
-            if text is not None:
-                self.look_at(client, channel, queues, job, SentChord.from_json(text))
+        stalled = [found for job in jobs if (found := self.stalled(client, job)) is not None]
+        if stalled:
+            present = in_broker(channel, queues, set().union(*(found.ids for found in stalled)))
+            for found in stalled:
+                self.judge(found, present)
 
-    def look_at(self, client: redis.Redis, channel: Any, queues: list[str], job: str, sent: SentChord) -> None:
-        now, backend = time.monotonic(), app.backend.client
+    def stalled(self, client: redis.Redis, job: str) -> Stalled | None:
+        """The job, if its progress stood still for a stall period and this node is the one to look after it (a
+        claim: one node reads the broker for it, and sends again)."""
+        text = store.get_chord(client, job)
+        if text is None:
+            return None
+        sent, backend, now = SentChord.from_json(text), app.backend.client, time.monotonic()
         with backend.pipeline(transaction=False) as pipe:
             pipe.scard(sent.key(".d"))
             pipe.get(sent.key(".c"))
@@ -191,30 +218,38 @@ class Watch:
         seen = self.seen.get(job)
         if seen is None or seen.progress != progress:
             self.seen[job] = Seen(progress, now)
-            return
+            return None
         if now - seen.since < self.stall_s:
-            return
-        lacking = missing(sent, {m.decode() for m in backend.smembers(sent.key(".d"))}, claim == b"done")
-        ids = {sent.batches[n].id for n in lacking.batches}
-        present = in_broker(channel, queues, ids | {job})
-        lost = [n for n in lacking.batches if sent.batches[n].id not in present]
-        if job in present or not (lost or lacking.merge):  # its work is queued or running: merely busy
-            self.seen[job] = Seen(progress, now)
-        elif not seen.absent:  # once more at the next look: a message may have been between a list and the hash
+            return None
+        if not store.claim_repair(client, job, self.node, max(1, round(self.stall_s))):
+            self.seen[job] = Seen(progress, now)  # another node looks after it for a stall period
+            return None
+        merged = claim == b"done"
+        lacking = missing(sent, {m.decode() for m in backend.smembers(sent.key(".d"))}, merged)
+        return Stalled(job, sent, lacking, merged, seen)
+
+    def judge(self, found: Stalled, present: set[str]) -> None:
+        """Send again what the stalled job lost, once it was found lost at two looks in a row (a message moves
+        from a queue's list to the unacked hash between two commands); nothing if its work is merely waiting or
+        running."""
+        job, seen = found.job, found.seen
+        lost = [n for n in found.lacking.batches if found.sent.batches[n].id not in present]
+        if job in present or not (lost or found.lacking.merge):
+            self.seen[job] = Seen(seen.progress, time.monotonic())
+        elif not seen.absent:
             self.seen[job] = replace(seen, absent=True)
         else:
-            if store.claim_repair(client, job, self.node, max(1, round(self.stall_s))):
-                self.send_again(job, sent, lost, lacking.merge, claim)
-            self.seen[job] = Seen(progress, now)
+            self.send_again(job, found.sent, lost, found.lacking.merge, found.merged)
+            self.seen[job] = Seen(seen.progress, time.monotonic())
 
-    def send_again(self, job: str, sent: SentChord, lost: list[int], merge: bool, claim: bytes | None) -> None:
+    def send_again(self, job: str, sent: SentChord, lost: list[int], merge: bool, merged: bool) -> None:
         """Send the lost messages of `job` again, saying so."""
         waited = f"no message queued or running for {self.stall_s:g} s"
         if merge:
             sent.merge().apply_async()
             log.warning("job %s: its merge (%s) was lost (%s): sent again", job, sent.body["task"], waited)
             return
-        if app.backend.client.get(sent.key(".s")) is None and claim is None:  # the chord's size was lost too
+        if not merged and app.backend.client.get(sent.key(".s")) is None:  # the chord's size was lost too
             app.backend.set_chord_size(sent.group, len(sent.batches))
         for number in lost:
             sent.batch(job, number).apply_async()

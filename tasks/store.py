@@ -22,7 +22,7 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:need       bytes its tiles take in the store, while it waits for room (admission control)
     tilerec:job:J:chord      the chord it runs now (tiles, crops or segments, then its merge) as its messages were
                              sent: what re-sends one that was lost (tasks/stalls.py)
-    tilerec:job:J:repair     held for a stall period by the node that re-sent a lost message of the job
+    tilerec:job:J:repair     held for a stall period by the node that looks for the stalled job's lost messages
 Room in the store (admission control, see `reserve`): tilerec:room:held (sorted set: job -> when its reservation
 lapses), tilerec:room:unwritten (hash: job -> reserved bytes not yet stored), tilerec:room:line (sorted set: waiting
 job -> when it first asked) and tilerec:room:line-needs (hash: waiting job -> its need).
@@ -440,13 +440,17 @@ _CLAIM_REPAIR = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
     return 0
 end
+local holder = redis.call('GET', KEYS[2])
+if holder then
+    return holder == ARGV[1] and 1 or 0
+end
 return redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) and 1 or 0
 """
 
 
 def claim_repair(client: redis.Redis, job_id: str, node: str, seconds: int) -> bool:
-    """Whether `node` is the one to re-send the job's lost messages for the next `seconds`: no other node claimed
-    it, and the job has not ended (a key of an ended job is never made again)."""
+    """Whether `node` is the one to look for the stalled job's lost messages and send them again: it claimed the
+    job for `seconds` now or before, and the job has not ended (a key of an ended job is never made again)."""
     key = job_key(job_id, "repair")
     return bool(client.eval(_CLAIM_REPAIR, 2, job_key(job_id, "job"), key, node, seconds))
 
