@@ -21,6 +21,7 @@ from tests.faulty import holding, release
 from tests.scenes import assert_each_code_once
 from tests.test_faults import Client, env_for
 from tests.test_reliability import wait_for
+from tests.test_stages import RECTS, assert_crops_exact, scene_file
 
 pytestmark = pytest.mark.cluster  # every test here starts Redis and Celery workers of its own
 
@@ -143,6 +144,41 @@ def test_a_job_whose_message_was_lost_sends_it_again_and_completes(cluster, scen
     assert cluster.log().count(said) == 1, cluster.log()[-3000:]
     assert cluster.log().count("sent again") == 1
     wait_for(lambda: tilerec_left(server) == [], timeout=20)
+
+
+def test_a_lost_crop_batch_of_a_second_stage_is_sent_again(tmp_path):
+    """The merge of a job with a second stage becomes a chord of crop batches: one of them lost before any node
+    takes it is sent again, and every crop is measured exactly (the scene's own pixels)."""
+    image, path = scene_file("stalls-staged.png", seed=34)
+    cluster = Cluster(tmp_path, TILEREC_PLUGIN_MODULES="tests.shaped,tests.staged")
+    try:
+        server = cluster.redis.client()
+        cluster.jobs.start()
+        client = Client(cluster.redis.url, path, "tests.staged:DarkBlobs", batch_size=2, crop_batch_size=1)
+        tiles = sent_chord(server, client.id)
+        wait_for(lambda: len(queued(server, TILES)) == len(tiles.batches), timeout=60)
+        cluster.jobs.stop()  # its tiling task ended; the merge waits in the jobs queue once the tiles are done
+        cluster.tiles.start()
+        wait_for(lambda: one(server, JOBS, client.id) is not None, timeout=60)
+        cluster.tiles.stop()
+        cluster.jobs.start()  # the merge sends the crop batches, which no node takes until the tiles node is back
+        wait_for(lambda: sent_chord(server, client.id).task == "tilerec.recognize_crops", timeout=60)
+        crops = sent_chord(server, client.id)
+        assert len(crops.batches) == len(RECTS)
+        wait_for(lambda: len(queued(server, TILES)) == len(crops.batches), timeout=60)
+        name, original, _ = one(server, TILES, crops.batches[1].id)
+        lose(server, name, original)
+        wait_for(lambda: one(server, TILES, crops.batches[1].id) is not None, timeout=60)
+        assert_sent_as_before(original, one(server, TILES, crops.batches[1].id)[1], {"origin"})
+        cluster.tiles.start()
+        outcome = client.wait()
+        assert "result" in outcome, outcome
+        assert_crops_exact(outcome["result"], image)
+        assert cluster.log().count(f"job {client.id}: batch crops 1-1 {LOST}") == 1, cluster.log()[-3000:]
+        assert cluster.log().count("sent again") == 1
+        wait_for(lambda: tilerec_left(server) == [], timeout=20)
+    finally:
+        cluster.stop()
 
 
 def test_a_job_queued_behind_another_is_never_sent_again(cluster, scene, tmp_path):
