@@ -101,9 +101,11 @@ class SentChord:
         sent = self.batches[number]
         return f"{UNITS.get(self.task, 'units')} {sent.first}-{sent.stop - 1}"
 
-    def key(self, suffix: str) -> str:
-        """A key of the chord's state in the result backend (Celery's: .d its counted parts, .c its callback)."""
-        return app.backend.get_key_for_group(self.group, suffix)
+
+def chord_key(group: str, suffix: str) -> str:
+    """A key of a chord's state in the result backend (Celery's: .d its counted parts, .c its callback, .s its
+    size)."""
+    return app.backend.get_key_for_group(group, suffix)
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class ChordTask(Task):
     def on_replace(self, sig: Signature) -> Any:
         if isinstance(sig, chord):
             sent = SentChord.of(self.request.id, sig)
-            store.put_chord(store_client(), self.request.id, sent.to_json(), settings().tile_ttl)
+            store.put_chord(store_client(), self.request.id, sent.group, sent.to_json(), settings().tile_ttl)
         return super().on_replace(sig)
 
 
@@ -206,26 +208,27 @@ class Watch:
     def stalled(self, client: redis.Redis, job: str) -> Stalled | None:
         """The job, if its progress stood still for a stall period and this node is the one to look after it (a
         claim: one node reads the broker for it, and sends again)."""
-        text = store.get_chord(client, job)
-        if text is None:
+        group = store.get_chord(client, job, "group")
+        if group is None:
             return None
-        sent, backend, now = SentChord.from_json(text), app.backend.client, time.monotonic()
+        backend, now = app.backend.client, time.monotonic()
         with backend.pipeline(transaction=False) as pipe:
-            pipe.scard(sent.key(".d"))
-            pipe.get(sent.key(".c"))
+            pipe.scard(chord_key(group, ".d"))
+            pipe.get(chord_key(group, ".c"))
             counted, claim = pipe.execute()
-        progress = (store.progress(client, job), store.crop_progress(client, job), sent.group, counted, claim)
+        progress = (store.progress(client, job), store.crop_progress(client, job), group, counted, claim)
         seen = self.seen.get(job)
         if seen is None or seen.progress != progress:
             self.seen[job] = Seen(progress, now)
             return None
         if now - seen.since < self.stall_s:
             return None
-        if not store.claim_repair(client, job, self.node, max(1, round(self.stall_s))):
-            self.seen[job] = Seen(progress, now)  # another node looks after it for a stall period
+        text = store.get_chord(client, job)
+        if text is None or not store.claim_repair(client, job, self.node, max(1, round(self.stall_s))):
+            self.seen[job] = Seen(progress, now)  # ended, or another node looks after it for a stall period
             return None
-        merged = claim == b"done"
-        lacking = missing(sent, {m.decode() for m in backend.smembers(sent.key(".d"))}, merged)
+        sent, merged = SentChord.from_json(text), claim == b"done"
+        lacking = missing(sent, {m.decode() for m in backend.smembers(chord_key(group, ".d"))}, merged)
         return Stalled(job, sent, lacking, merged, seen)
 
     def judge(self, found: Stalled, present: set[str]) -> None:
@@ -249,7 +252,7 @@ class Watch:
             sent.merge().apply_async()
             log.warning("job %s: its merge (%s) was lost (%s): sent again", job, sent.body["task"], waited)
             return
-        if not merged and app.backend.client.get(sent.key(".s")) is None:  # the chord's size was lost too
+        if not merged and app.backend.client.get(chord_key(sent.group, ".s")) is None:  # the chord's size was lost too
             app.backend.set_chord_size(sent.group, len(sent.batches))
         for number in lost:
             sent.batch(job, number).apply_async()

@@ -20,8 +20,8 @@ Keys of job J (all expire after the tile TTL and are deleted when the job ends):
     tilerec:job:J:frames     a video job's hash: segment N -> its frames done so far (progress in frames; a redone
                              segment overwrites its own count); its records are by segment, its total in frames
     tilerec:job:J:need       bytes its tiles take in the store, while it waits for room (admission control)
-    tilerec:job:J:chord      the chord it runs now (tiles, crops or segments, then its merge) as its messages were
-                             sent: what re-sends one that was lost (tasks/stalls.py)
+    tilerec:job:J:chord      hash: the chord it runs now (tiles, crops or segments, then its merge): its group id,
+                             and the chord as its messages were sent, to send one that was lost again (tasks/stalls.py)
     tilerec:job:J:repair     held for a stall period by the node that looks for the stalled job's lost messages
 Room in the store (admission control, see `reserve`): tilerec:room:held (sorted set: job -> when its reservation
 lapses), tilerec:room:unwritten (hash: job -> reserved bytes not yet stored), tilerec:room:line (sorted set: waiting
@@ -414,12 +414,13 @@ def delete_job(client: redis.Redis, job_id: str, tiles: int | None = None) -> No
 CHORDS_KEY = f"{PREFIX}:chords"
 
 
-def put_chord(client: redis.Redis, job_id: str, sent: str, ttl: int) -> None:
-    """The chord the job runs now, as its messages are sent (JSON, tasks.stalls.SentChord); the job is watched for
-    stalls from now until `delete_job` (or its keys lapse)."""
+def put_chord(client: redis.Redis, job_id: str, group: str, sent: str, ttl: int) -> None:
+    """The chord the job runs now: its group id, and the chord as its messages are sent (JSON,
+    tasks.stalls.SentChord); the job is watched for stalls from now until `delete_job` (or its keys lapse)."""
     now = time.time()
     with client.pipeline(transaction=False) as pipe:
-        pipe.set(job_key(job_id, "chord"), sent, ex=ttl)
+        pipe.hset(job_key(job_id, "chord"), mapping={"group": group, "sent": sent})
+        pipe.expire(job_key(job_id, "chord"), ttl)
         pipe.zadd(CHORDS_KEY, {job_id: now + ttl})
         pipe.zremrangebyscore(CHORDS_KEY, "-inf", now)
         pipe.execute()
@@ -430,9 +431,10 @@ def chord_jobs(client: redis.Redis) -> list[str]:
     return [job.decode() for job in client.zrangebyscore(CHORDS_KEY, time.time(), "+inf")]
 
 
-def get_chord(client: redis.Redis, job_id: str) -> str | None:
-    """The job's chord as sent (`put_chord`); None once the job ended."""
-    data = client.get(job_key(job_id, "chord"))
+def get_chord(client: redis.Redis, job_id: str, part: str = "sent") -> str | None:
+    """The job's chord as sent (`put_chord`), or its `part` "group" (a look at every job reads only that); None
+    once the job ended."""
+    data = client.hget(job_key(job_id, "chord"), part)
     return None if data is None else data.decode()
 
 

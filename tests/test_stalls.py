@@ -86,7 +86,7 @@ def cluster(tmp_path) -> Iterator[Cluster]:
 def sent_chord(client, job_id: str) -> SentChord:
     """The job's chord as its tiling task stored it, once it did."""
     wait_for(lambda: client.exists(f"tilerec:job:{job_id}:chord"), timeout=60)
-    return SentChord.from_json(client.get(f"tilerec:job:{job_id}:chord").decode())
+    return SentChord.from_json(client.hget(f"tilerec:job:{job_id}:chord", "sent").decode())
 
 
 def one(client, queue: str, task_id: str) -> tuple[bytes, bytes, dict] | None:
