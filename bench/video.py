@@ -7,7 +7,7 @@ libraries' default threads (FFmpeg's and OpenCV's pools over every core); both r
 interleaved (the three in turn, the order rotating each repeat) and each records the load average and the CPU
 seconds it used, for a shared machine. Each row also says what the job's plan costs on top of the loop's work:
 frames decoded before a segment's first (from the keyframe before it); no frame is recognized twice (the merge
-carries each segment's tracker over the next one's first frames).
+tracks the segments' detections through the clip with one tracker, as the loop does).
 
 `python -m bench.video --decoders`: PyAV against OpenCV's FFmpeg backend on the same clips: decoding speed (frames
 read in order, as BGR), seek accuracy (a frame asked for by number, after a seek, is it that frame?), and what each
@@ -111,8 +111,8 @@ def opencv_threads(threads: int) -> Iterator[None]:
 
 def single_loop(path: Path, recognizer: str, threads: int = 0) -> dict[str, float]:
     """The user's alternative: one process reads the clip in order and recognizes and tracks every frame (the
-    plan's one segment, its tracks settled), its decoder and OpenCV at `threads` (0: their defaults). Returns its
-    seconds, frames, tracked detections and CPU seconds (all its threads)."""
+    plan's one segment, then the same tracking as a job's merge), its decoder and OpenCV at `threads` (0: their
+    defaults). Returns its seconds, frames, tracked detections and CPU seconds (all its threads)."""
     with opencv_threads(threads):
         began, spent = time.perf_counter(), time.process_time()
         options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": 10**9})

@@ -5,9 +5,10 @@ tilerec.recognize_video(video, recognizer, **options)   resolves and probes the 
                                                         chord(segment tasks, merge_video); a clip of one segment
                                                         is recognized right there
 tilerec.recognize_segment(job_id, first, stop)          decodes the segment's frames (seeking to the keyframe before
-                                                        `first`), recognizes and tracks them, stores its record
+                                                        `first`), recognizes them, stores its record
 tilerec.merge_video(video, recognizer, **options)       runs under the job's id with the job's own arguments, and
-                                                        stitches the segments' tracks into the result
+                                                        tracks the segments' detections through the clip into the
+                                                        result
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _need(description: str, plan: VideoPlan) -> int:
     track_started=False,
 )  # fmt: skip
 def recognize_segment(self: Any, job_id: str, first: int, stop: int) -> dict[str, Any]:
-    """Recognize and track the segment of the job's frames that starts at `first`, and store its record; returns
+    """Recognize the segment of the job's frames that starts at `first`, and store its record; returns
     a summary for monitors. Its failure (a damaged stream) is recorded, not raised, so the merge still runs; a
     segment whose process died MAX_ATTEMPTS times ends failed instead of coming back forever."""
     client, job = store_client(), described(VideoJob.from_json, job_id)
@@ -154,8 +155,8 @@ class _Progress:
 
 @app.task(name="tilerec.merge_video", bind=True)
 def merge_video(self: Any, video: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
-    """The job's segment records, read from the store, stitched into its result. It runs under the job's id (the
-    chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor."""
+    """The job's segment records, read from the store, tracked through the clip into its result. It runs under the
+    job's id (the chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor."""
     client = store_client()
     job = VideoJob.from_json(store.get_job(client, self.request.id))
     return _finish(client, job, [SegmentOutcome.from_json(record) for record in store.get_records(client, job.id)])
