@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
-from celery import chord, group
+from celery import chord, group, signals
 
 from pipeline.options import VideoOptions, parse_video_options
 from pipeline.recognizers import thread_budget
 from pipeline.video.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
 from pipeline.video.frames import Target, VideoError, probe
+from pipeline.video.tracking import preload
 from tasks import store
 from tasks.access import resolve
 from tasks.batches import DIED, MAX_ATTEMPTS, PROGRESS_EVERY_S, TRANSIENT, CancelWatch, attempt, publish_progress
@@ -58,6 +59,13 @@ class VideoJob:
         data = json.loads(text)
         return cls(**{**data, "options": VideoOptions.from_json(data["options"]),
                       "plan": VideoPlan.from_json(data["plan"])})  # fmt: skip
+
+
+@signals.celeryd_after_setup.connect
+def _preload_tracker(**_: Any) -> None:
+    """The tracker's library imported in the worker's main process before its pool forks: every process inherits
+    it, and a merge, the job's one serial part, does not import it first."""
+    preload()
 
 
 @app.task(name="tilerec.recognize_video", bind=True)

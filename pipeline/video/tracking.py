@@ -11,6 +11,7 @@ one; supervision 0.30 is the last release with ByteTrack and depends on neither.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -37,6 +38,13 @@ def _byte_track(rate: float, buffer_s: float) -> Any:
                                 minimum_consecutive_frames=1)  # fmt: skip
     except ImportError:
         raise ImportError("tracking needs supervision (pip install 'tilerec[video]')") from None
+
+
+def preload() -> None:
+    """Import ByteTrack's library (supervision, scipy: 0.4 s) now where it is installed (the video extra): a worker
+    does it before its pool forks, so a video job's merge does not wait for it."""
+    with contextlib.suppress(ImportError):
+        _byte_track(30.0, TRACK_BUFFER_S)
 
 
 class ClipTracker:
