@@ -71,7 +71,9 @@ class ClipTracker:
         found = [-1] * len(detections)
         for label in sorted(set(detections.labels) | set(self.trackers)):
             picked = np.flatnonzero(detections.labels == label)
-            tracker = self.trackers.setdefault(label, _byte_track(self.rate, self.buffer_s))
+            if label not in self.trackers:
+                self.trackers[label] = _byte_track(self.rate, self.buffer_s)
+            tracker = self.trackers[label]
             boxes = detections.xyxy[picked].reshape(-1, 4)
             tracker.update_with_tensors(np.hstack([boxes, detections.scores[picked, None]]))
             # the tracks this frame's detections updated or started, matched back to them as ByteTrack does
