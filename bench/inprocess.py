@@ -99,11 +99,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(spec.get("reps", 1) + warm):
         usage0, cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
         if Path(spec["image"]).suffix in (".tif", ".tiff") and spec["mode"] != "whole":
-            # a tiled TIFF is read window by window, as the tile tasks read it: no whole decode
-            from pipeline.inference import recognize_source
+            # a tiled TIFF is read window by window, as the tile tasks read it (grey for a grey-only recognizer, as
+            # they open it): no whole decode
+            from pipeline.inference import grey_tiles, recognize_source
+            from pipeline.options import parse_options
             from pipeline.readers.sources import open_source
 
-            source = open_source(Path(spec["image"]))
+            source = open_source(Path(spec["image"]), grey=grey_tiles(parse_options(recognizer, options)))
             t1 = t2 = time.perf_counter()
             result = recognize_source(source, recognizer, **options)
             source.close()
