@@ -199,7 +199,7 @@ def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any, rank: int
             read = lambda w: pixels[w.y : w.y2, w.x : w.x2]  # noqa: E731
         _warm_up(recognizer, options)
         start.wait()
-        started, cpu0, tiles, decode_s = time.time(), time.process_time(), 0, 0.0
+        started, cpu0, tiles, found, decode_s = time.time(), time.process_time(), 0, 0, 0.0
         if decoded and rank == 0:
             ends = row_ends(windows)
             for window in windows:
@@ -217,10 +217,11 @@ def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any, rank: int
             while decoded and ready.value < first + len(taken):
                 time.sleep(0.001)
             for window in taken:
-                recognize_window(read, window, parsed, source.width, source.height)
+                outcome = recognize_window(read, window, parsed, source.width, source.height)
+                found += len(outcome.detections) if outcome.detections is not None else 0
             tiles += len(taken)
         out.put({"start": started, "end": time.time(), "cpu_s": time.process_time() - cpu0, "tiles": tiles,
-                 "decode_s": decode_s})  # fmt: skip
+                 "decode_s": decode_s, "found": found})  # fmt: skip
         source.close()
     except Exception as error:  # reported as data, like run_in_subprocess
         start.abort()
@@ -281,6 +282,7 @@ def run_together(spec: dict[str, Any], workers: int, timeout: float, decoding: b
         "decode_s": max(p["decode_s"] for p in parts),
         "cpu_s": sum(p["cpu_s"] for p in parts),
         "tiles": sum(p["tiles"] for p in parts),
+        "found": sum(p["found"] for p in parts),  # detections in all tiles, before merging
     }
 
 
