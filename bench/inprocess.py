@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.config import vm_hwm_mb
+
 
 def _configure_models() -> None:
     """The parent's models (TILEREC_MODEL_DIR), as a worker is given its own: the library reads no variable."""
@@ -155,7 +157,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "passes": passes,
         "detections": detections,
         "reps_identical": identical,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": vm_hwm_mb(os.getpid()),
         "opencv_threads": cv2.getNumThreads(),
     }
 
