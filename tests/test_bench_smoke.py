@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import shutil
 import sys
 from importlib.metadata import packages_distributions
@@ -119,6 +120,24 @@ def test_the_hardware_ceiling_shares_every_tile_once_between_its_processes(tmp_p
     # 640-pixel tiles, 20 % overlap: columns at x = 0, 512, 1024 and 1160 (flush right), rows at y = 0 and 360
     assert out["tiles"] == 8, out
     assert len(out["share_s"]) == 2 and 0 < max(out["share_s"]) <= out["recognize_s"]
+
+
+def test_the_ideal_streamed_job_recognizes_the_tiles_one_process_decoded_for_both(tmp_path):
+    import cv2
+
+    from bench.inprocess import run_together
+    from pipeline.scenes.codes import code_scene
+
+    image = tmp_path / "scene.jpg"
+    scene = code_scene(1800, 1000, kinds=("qrcode",), seed=2)
+    cv2.imwrite(str(image), scene.image, [cv2.IMWRITE_JPEG_QUALITY, 98])
+    spec = {"image": str(image), "recognizer": "qrcode", "options": {}}
+    whole, streamed = run_together(spec, 2, timeout=120), run_together(spec, 2, timeout=120, decoding=True)
+    assert whole["tiles"] == streamed["tiles"] == 8, (whole, streamed)
+    # the same pixels, grey from shared memory or decoded whole in each process: the same codes in every tile
+    assert streamed["found"] == whole["found"] >= len(scene.truths), (whole, streamed, len(scene.truths))
+    assert streamed["decode_s"] > 0 and whole["decode_s"] == 0
+    assert not any("psm_" in name for name in os.listdir("/dev/shm")), "the shared image was left behind"
 
 
 def test_the_hardware_ceiling_reports_a_process_that_failed(tmp_path):
