@@ -233,3 +233,11 @@ def test_a_warm_one_process_run_times_a_pass_that_reuses_the_cold_passs_pages(tm
     assert out["cold"]["minor_faults"] >= 2400 * 2400 * 3 // 2**21
     assert warm["minor_faults"] < out["cold"]["minor_faults"] / 4  # the warm one reused them
     assert run_in_subprocess(spec, 120)["cold"] is None  # a plain run has no cold pass
+
+
+def test_the_video_merge_benchmark_tracks_each_code_of_its_scene_once():
+    from bench.video import merge_cost
+
+    (row,) = merge_cost(["1080p"], 200, 1)
+    assert (row["frames"], row["tracks"]) == (200, 4)  # the 1080p scene's 4 codes, however the frames are cut
+    assert row["segments"] > 1 and row["detections"] > 0
