@@ -646,16 +646,12 @@ def test_tilerec_run_says_in_one_line_why_a_video_cannot_be_used(worker, redis_s
     assert tilerec_keys(redis_server) == []
 
 
-def test_tracks_without_payloads_are_stitched_by_their_boxes(known):
-    """ArUco markers with their ids taken away: nothing but box overlap in the segments' shared frames can make each
-    marker one track across the 5 segments."""
-    from pipeline.recognizers import get_recognizer
+def test_tracks_without_payloads_follow_their_boxes_across_segments(known):
+    """ArUco markers with their ids taken away: nothing but box overlap from frame to frame can make each marker one
+    track across the 5 segments."""
+    from tests.faulty import UnnamedMarkers
 
-    def unnamed(tile: np.ndarray) -> Detections:
-        found = get_recognizer("aruco")(tile)
-        return Detections(found.xyxy, found.scores, found.labels)
-
-    result = recognize_video(known.path, unnamed, **OPTIONS).to_json()
+    result = recognize_video(known.path, UnnamedMarkers(), **OPTIONS).to_json()
     assert result["tiling"]["segments"] == 5
     assert len(result["tracks"]) == 2 and all("text" not in track for track in result["tracks"])
     for track in result["tracks"]:
