@@ -1,7 +1,7 @@
 """Objects tracked through a clip: one ByteTrack (supervision's) over every recognized frame's detections in clip
 order, however the frames were split among segment tasks (the merge runs it on the boxes the segments stored: no
-pixels, about a millisecond a frame), then tracks with the same decoded payload (a QR code's text, a marker's id)
-joined whatever the gap between them.
+pixels; 0.7 ms a frame with 4 objects, 2 ms with 16), then tracks with the same decoded payload (a QR code's text,
+a marker's id) joined whatever the gap between them.
 
 Why supervision's ByteTrack (docs/video.md): IoU matching with a Kalman filter and a second pass for low-score
 detections, in numpy and scipy. norfair caps numpy below 2 (opencv-python-headless 4.11+ needs numpy 2), and
