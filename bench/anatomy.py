@@ -22,7 +22,8 @@ from typing import Any
 
 import redis
 
-from bench.cluster import JOBS_QUEUE, TILES_QUEUE, client_app, vm_hwm_mb, whole_result
+from bench.cluster import JOBS_QUEUE, TILES_QUEUE, client_app, whole_result
+from bench.config import vm_hwm_mb
 from tasks.local import RedisServer, Worker
 
 

@@ -103,15 +103,6 @@ def whole_result(client: redis.Redis, out: Any) -> Any:
     return out if text is None else json.loads(text)
 
 
-def vm_hwm_mb(pid: int) -> float | None:
-    """Peak resident set (VmHWM) of a process in MiB, from /proc; None if it is gone."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
 def cpu_seconds(pids: list[int]) -> float:
     """User and system CPU seconds the processes have used so far, from /proc (a process gone counts 0)."""
     total = 0.0

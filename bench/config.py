@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 CODE_RECOGNIZERS = ("qrcode", "aruco", "barcode")
 DNN_RECOGNIZERS = ("faces-dnn", "objects")
 CHEAP_RECOGNIZER = "aruco"
 BATCH_SIZES: tuple[int | str, ...] = (1, 2, 4, 8, 16, "auto")
+
+
+def vm_hwm_mb(pid: int) -> float | None:
+    """Peak resident set (VmHWM) of a process in MiB, from /proc; None if it is gone. Not `ru_maxrss`: Linux
+    carries that across fork and exec, so a fresh process would report at least its parent's size."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
 
 
 def cores() -> int:

@@ -20,9 +20,14 @@ other process recognizes from the first row on. With no cost per batch and two f
 before max((recognize + first_row + serial) / 2, serial + a row's tiles / 2): the floor, and one-thread time over
 it is the best ratio the decode leaves. Each part is timed by the clock and by the process's user CPU time: on a
 loaded machine the CPU times are the better estimate of what the parts cost on an idle one (libvips may use a
-second thread, so they can also exceed it), and the floor is given from both. `--together` also runs the
-recognition stage on two one-thread processes sharing the tiles (`bench.inprocess.run_together`): what two
-processes of this machine give over one, decoding aside. Writes floor.json and floor.md.
+second thread, so they can also exceed it), and the floor is given from both. `--together` also measures that
+floor instead of adding it up: each format's job as an ideal W=2 that costs nothing to distribute
+(`bench.inprocess.run_together` with `decoding`: two one-thread processes share the tiles through a counter; the
+first decodes the image in row order, as the tiling task streams it, into shared memory, then recognizes, while
+the other recognizes each row once decoded; a TIFF's tiles are read from the file by both), once per rep,
+interleaved: no Celery, no Redis, no copy of a tile, only the decode, the recognition and what two processes of
+this machine give over one. Its best ratio, (decode + recognize) / together, bounds any W=2 job of that format here.
+Writes floor.json and floor.md.
 """
 
 from __future__ import annotations
@@ -104,12 +109,13 @@ def _serial(path: Path, options: Any, client: Any, grey: bool) -> dict[str, tupl
 
 def _recognize(path: Path, options: Any) -> tuple[tuple[float, float], int, int]:
     """((wall, CPU) seconds, tiles, rows of tiles) of the tiles recognized one after the other, the image read as
-    in one process: a tiled TIFF window by window, anything else decoded whole first (not timed)."""
-    from pipeline.inference import recognize_windows, windows_of
+    in one process: a tiled TIFF window by window (grey for a grey-only recognizer, as tile tasks read it), anything
+    else decoded whole first (not timed)."""
+    from pipeline.inference import grey_tiles, recognize_windows, windows_of
     from pipeline.readers.sources import open_source
     from pipeline.tiling import row_ends
 
-    source = open_source(path)
+    source = open_source(path, grey=path.suffix == ".tif" and grey_tiles(options))
     windows = windows_of(source.height, source.width, options)
     clocks = _Clocks()
     recognize_windows(source.read, windows, options, source.width, source.height)
@@ -148,6 +154,11 @@ def run(size: int, reps: int, formats: tuple[str, ...], recognizer: str, out: Pa
                          "decode_opencv": (0.0, 0.0) if tiff else _decode_opencv(path),
                          **grey, "serial_colour": colour["serial"]}  # fmt: skip
                 parts["recognize"], row["tiles"], row["rows"] = _recognize(path, options)
+                for workers in ((1, 2) if rep % 2 == 0 else (2, 1)) if together else ():
+                    shared = run_together({"image": str(path), "recognizer": recognizer}, workers, 1800, decoding=True)
+                    if "error" in shared:
+                        raise RuntimeError(f"{workers} process(es) failed on {path.name}: {shared['error']}")
+                    row.setdefault(f"together_{workers}_s", []).append(shared["recognize_s"])
                 for part, (wall, cpu) in parts.items():
                     row.setdefault(f"{part}_s", []).append(wall)
                     row.setdefault(f"{part}_cpu_s", []).append(cpu)
@@ -160,17 +171,12 @@ def run(size: int, reps: int, formats: tuple[str, ...], recognizer: str, out: Pa
             row.update({f"{part}{clock}_median_s": value for part, value in median.items()})
             row[f"floor{clock}_s"] = floor(median["first_row"], median["serial"], median["recognize"], row["rows"])
             row[f"best_ratio{clock}"] = (median["decode"] + median["recognize"]) / row[f"floor{clock}_s"]
+        if "together_2_s" in row:
+            one, two = statistics.median(row["together_1_s"]), statistics.median(row["together_2_s"])
+            row.update(together_1_median_s=one, together_2_median_s=two, together_ratio=one / two,
+                       together_ratio_vs_whole=(row["decode_median_s"] + row["recognize_median_s"]) / two)  # fmt: skip
         row["load_median"] = statistics.median(row["load"])
     summary: dict[str, Any] = {"size": size, "reps": reps, "recognizer": recognizer, "rows": rows}
-    tif = next((path for path in scenes if path.suffix == ".tif"), None)
-    if together and tif is not None:
-        spec = {"image": str(tif), "recognizer": recognizer, "options": {}}
-        shared = run_together(spec, 2, 1800)
-        if "error" not in shared:
-            summary["together"] = {"two_processes_s": shared["recognize_s"],
-                                   "one_thread_s": rows["tif"]["recognize_median_s"],
-                                   "speedup": rows["tif"]["recognize_median_s"] / shared["recognize_s"],
-                                   "load": os.getloadavg()[0]}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "floor.json").write_text(json.dumps(summary, indent=1))
     (out / "floor.md").write_text(_markdown(summary))
@@ -193,11 +199,15 @@ def _markdown(summary: dict[str, Any]) -> str:
             f"| {name} | {' | '.join(cells)} | {row['floor_s']:.3f} ({row['floor_cpu_s']:.3f}) "
             f"| {row['best_ratio']:.2f} ({row['best_ratio_cpu']:.2f}) | {row['load_median']:.1f} |"
         )
-    if "together" in summary:
-        shared = summary["together"]
-        lines += ["", f"recognition of the TIFF's tiles on two one-thread processes: {shared['two_processes_s']:.3f} s "
-                  f"against {shared['one_thread_s']:.3f} s on one ({shared['speedup']:.2f}x, "
-                  f"load {shared['load']:.1f})"]  # fmt: skip
+    together = {name: row for name, row in summary["rows"].items() if "together_ratio" in row}
+    if together:
+        lines += ["", "The job with nothing to distribute it (`--together`: one process decoding in row order into "
+                  "shared memory and recognizing, against two sharing the tiles; medians, wall seconds):", "",
+                  "| format | one process s | two processes s | × | × the whole decode and recognize above |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {name} | {row['together_1_median_s']:.3f} | {row['together_2_median_s']:.3f} "
+                  f"| {row['together_ratio']:.2f} | {row['together_ratio_vs_whole']:.2f} |"
+                  for name, row in together.items()]  # fmt: skip
     return "\n".join([*lines, ""])
 
 
@@ -207,7 +217,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--formats", default="jpg,png,webp,tif", help="of png, tif (uncompressed, tiled), jpg, webp")
     parser.add_argument("--recognizer", default="qrcode")
-    parser.add_argument("--together", action="store_true", help="also two processes sharing the TIFF's tiles")
+    parser.add_argument("--together", action="store_true", help="also each job as an ideal W=2 (and W=1)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/floor"))
     args = parser.parse_args()
     summary = run(args.size, args.reps, tuple(args.formats.split(",")), args.recognizer, args.out, args.together)

@@ -17,6 +17,7 @@ distribution with what is an allocator setting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.config import vm_hwm_mb
 
 
 def _configure_models() -> None:
@@ -99,11 +102,13 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(spec.get("reps", 1) + warm):
         usage0, cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
         if Path(spec["image"]).suffix in (".tif", ".tiff") and spec["mode"] != "whole":
-            # a tiled TIFF is read window by window, as the tile tasks read it: no whole decode
-            from pipeline.inference import recognize_source
+            # a tiled TIFF is read window by window, as the tile tasks read it (grey for a grey-only recognizer, as
+            # they open it): no whole decode
+            from pipeline.inference import grey_tiles, recognize_source
+            from pipeline.options import parse_options
             from pipeline.readers.sources import open_source
 
-            source = open_source(Path(spec["image"]))
+            source = open_source(Path(spec["image"]), grey=grey_tiles(parse_options(recognizer, options)))
             t1 = t2 = time.perf_counter()
             result = recognize_source(source, recognizer, **options)
             source.close()
@@ -152,54 +157,104 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "passes": passes,
         "detections": detections,
         "reps_identical": identical,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": vm_hwm_mb(os.getpid()),
         "opencv_threads": cv2.getNumThreads(),
     }
 
 
-def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any) -> None:
-    """One process of the ceiling: load and warm up, wait for the others, then take the next tile not yet taken
-    until none is left (the dynamic split of an ideal scheduler that costs nothing)."""
+SHARE_CHUNK = 4  # tiles taken at a time: neighbours share a TIFF's tiles, which each process caches (as a batch)
+
+
+def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any, rank: int, ready: Any, image: Any) -> None:
+    """One process of the ceiling: load and warm up, wait for the others, then take the next tiles not yet taken
+    until none is left (the dynamic split of an ideal scheduler that costs nothing). A TIFF's windows are read from
+    the file by each process (grey for a grey-only recognizer, as tile tasks read them); any other image is decoded
+    whole by each before the start, or, given `image` (shared memory), by process 0 alone after the start, in row
+    order as the tiling task streams it, with no copy to a store: a tile is then taken once process 0 has decoded
+    its row (`ready`: the tiles in place), so process 0 recognizes after decoding and the others from the first
+    row on."""
     try:
+        from multiprocessing import shared_memory
+
+        import numpy as np
+
         from pipeline.memory import keep_freed_buffers
 
         keep_freed_buffers()
         _set_threads(1)
         _configure_models()
-        from pipeline.inference import recognize_window, windows_of
+        from pipeline.inference import grey_tiles, recognize_window, windows_of
         from pipeline.options import parse_options
         from pipeline.readers.sources import open_source
+        from pipeline.tiling import row_ends
 
         recognizer, options = spec["recognizer"], spec.get("options", {})
-        source = open_source(Path(spec["image"]))  # a TIFF read window by window, anything else decoded whole
         parsed = parse_options(recognizer, options)
+        decoded = image is not None
+        source = open_source(Path(spec["image"]), in_row_order=decoded, grey=grey_tiles(parsed))  # else whole
         windows = windows_of(source.height, source.width, parsed)
+        read = source.read
+        if decoded:
+            name, shape = image
+            memory = shared_memory.SharedMemory(name=name)
+            pixels = np.ndarray(shape, np.uint8, memory.buf)
+            read = lambda w: pixels[w.y : w.y2, w.x : w.x2]  # noqa: E731
         _warm_up(recognizer, options)
         start.wait()
-        started, cpu0, tiles = time.time(), time.process_time(), 0
+        started, cpu0, tiles, found, decode_s = time.time(), time.process_time(), 0, 0, 0.0
+        if decoded and rank == 0:
+            ends = row_ends(windows)
+            for window in windows:
+                pixels[window.y : window.y2, window.x : window.x2] = source.read(window)
+                if window.index + 1 in ends:
+                    ready.value = window.index + 1
+            decode_s = time.time() - started
         while True:
             with next_tile.get_lock():
-                index = next_tile.value
-                next_tile.value += 1
-            if index >= len(windows):
+                first = next_tile.value
+                next_tile.value += SHARE_CHUNK
+            taken = windows[first : first + SHARE_CHUNK]
+            if not taken:
                 break
-            recognize_window(source.read, windows[index], parsed, source.width, source.height)
-            tiles += 1
-        out.put({"start": started, "end": time.time(), "cpu_s": time.process_time() - cpu0, "tiles": tiles})
+            while decoded and ready.value < first + len(taken):
+                time.sleep(0.001)
+            for window in taken:
+                outcome = recognize_window(read, window, parsed, source.width, source.height)
+                found += len(outcome.detections) if outcome.detections is not None else 0
+            tiles += len(taken)
+        out.put({"start": started, "end": time.time(), "cpu_s": time.process_time() - cpu0, "tiles": tiles,
+                 "decode_s": decode_s, "found": found})  # fmt: skip
+        source.close()
     except Exception as error:  # reported as data, like run_in_subprocess
         start.abort()
         out.put({"error": f"{type(error).__name__}: {error}"[:300]})
 
 
-def run_together(spec: dict[str, Any], workers: int, timeout: float) -> dict[str, Any]:
-    """The hardware ceiling of the recognition stage: `workers` fresh one-thread interpreters share the tiles, released
-    at once when all are loaded. The stage runs from the first start to the last end."""
+def run_together(spec: dict[str, Any], workers: int, timeout: float, decoding: bool = False) -> dict[str, Any]:
+    """The hardware ceiling of the recognition stage: `workers` fresh one-thread interpreters share the tiles,
+    released at once when all are loaded; with `decoding`, an image other than a TIFF is decoded by the first one
+    after the release, in row order, into shared memory (`_share`): the ceiling of a whole streamed job. The stage
+    runs from the first start to the last end."""
     import multiprocessing
     import queue
+    from multiprocessing import shared_memory
+
+    from pipeline.inference import grey_tiles
+    from pipeline.options import parse_options
+    from pipeline.readers.sources import open_source
 
     context = multiprocessing.get_context("spawn")
     start, next_tile, out = context.Barrier(workers), context.Value("l", 0), context.Queue()
-    procs = [context.Process(target=_share, args=(spec, start, next_tile, out)) for _ in range(workers)]
+    ready, image, memory = context.Value("l", 0), None, None
+    path = Path(spec["image"])
+    if decoding and path.suffix not in (".tif", ".tiff"):
+        grey = grey_tiles(parse_options(spec["recognizer"], spec.get("options", {})))
+        with contextlib.closing(open_source(path, in_row_order=True, grey=grey)) as header:  # nothing decoded
+            shape = (header.height, header.width) + (() if header.channels == 1 else (header.channels,))
+        memory = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
+        image = (memory.name, shape)
+    procs = [context.Process(target=_share, args=(spec, start, next_tile, out, rank, ready, image))
+             for rank in range(workers)]  # fmt: skip
     for proc in procs:
         proc.start()
     parts: list[dict[str, Any]] = []
@@ -217,14 +272,19 @@ def run_together(spec: dict[str, Any], workers: int, timeout: float) -> dict[str
         for proc in procs:
             proc.kill()
             proc.join()
+        if memory is not None:
+            memory.close()
+            memory.unlink()
     errors = sorted((part["error"] for part in parts if "error" in part), key=lambda e: e.startswith("BrokenBarrier"))
     if errors:  # the cause first, not the others' broken barrier
         return {"error": errors[0]}
     return {
         "recognize_s": max(p["end"] for p in parts) - min(p["start"] for p in parts),
         "share_s": [p["end"] - p["start"] for p in parts],
+        "decode_s": max(p["decode_s"] for p in parts),
         "cpu_s": sum(p["cpu_s"] for p in parts),
         "tiles": sum(p["tiles"] for p in parts),
+        "found": sum(p["found"] for p in parts),  # detections in all tiles, before merging
     }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +20,7 @@ import numpy as np
 import shapely
 from shapely import affinity
 
+from bench.config import vm_hwm_mb
 from pipeline.merge.detections import merge_detections, place
 from pipeline.model import Detections
 from pipeline.shapes import obb_corners
@@ -88,7 +89,7 @@ def measure(objects: int, variant: str) -> dict:
         "objects": len(truth),
         "merged": len(merged),
         "merge_s": round(seconds, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(vm_hwm_mb(os.getpid()) or 0.0, 1),
     }
 
 

@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.cluster import vm_hwm_mb
+from bench.config import vm_hwm_mb
 from tasks.local import RedisServer, Worker
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.config import vm_hwm_mb
 from pipeline.model import Detections
 
 RECOGNIZER = "bench.scale:SleepTile"
@@ -411,7 +412,7 @@ def _merge_in_child(url: str, job_id: str, side: int, tiles: int, queue: Any) ->
     client = store.connect(url)
     options = parse_options("faces", {"tile": 640, "overlap": 0.2})
     windows = windows_of(side, side, options)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = vm_hwm_mb(os.getpid()) or 0.0
     began = time.perf_counter()
     records = store.get_records(client, job_id)
     read = time.perf_counter()
@@ -419,11 +420,11 @@ def _merge_in_child(url: str, job_id: str, side: int, tiles: int, queue: Any) ->
     decoded = time.perf_counter()
     recognition = assemble(outcomes, windows, options, side, side, time.time())
     merged = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = vm_hwm_mb(os.getpid()) or 0.0
     queue.put({"read_s": read - began, "decode_s": decoded - read, "assemble_s": merged - decoded,
                "total_s": merged - began, "detections_in": sum(len(o.detections) for o in outcomes),
                "detections_out": len(recognition.detections), "tiles": tiles,
-               "peak_rss_mb": peak / 1024, "rss_growth_mb": (peak - base) / 1024})  # fmt: skip
+               "peak_rss_mb": peak, "rss_growth_mb": peak - base})  # fmt: skip
 
 
 def merge_cost(detections: int) -> dict[str, Any]:

@@ -7,7 +7,10 @@ libraries' default threads (FFmpeg's and OpenCV's pools over every core); both r
 interleaved (the three in turn, the order rotating each repeat) and each records the load average and the CPU
 seconds it used, for a shared machine. Each row also says what the job's plan costs on top of the loop's work:
 frames decoded before a segment's first (from the keyframe before it); no frame is recognized twice (the merge
-carries each segment's tracker over the next one's first frames).
+tracks the segments' detections through the clip with one tracker, as the loop does).
+
+`python -m bench.video --merge --frames 18000`: the merge alone (it tracks the whole clip, serially) on the scenes'
+boxes, no pixels: its seconds for a clip of that many frames.
 
 `python -m bench.video --decoders`: PyAV against OpenCV's FFmpeg backend on the same clips: decoding speed (frames
 read in order, as BGR), seek accuracy (a frame asked for by number, after a seek, is it that frame?), and what each
@@ -36,6 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.model import Detections
 from pipeline.options import parse_video_options
 from pipeline.scenes.codes import Mover, moving_frame, qr_sticker
 from pipeline.video.clips import assemble_video, plan_video, run_segment
@@ -61,8 +65,8 @@ def read_stamp(image: np.ndarray) -> int:
     return sum(1 << bit for bit in range(BITS) if grey[-BLOCK:, bit * BLOCK : (bit + 1) * BLOCK].mean() > 128)
 
 
-def write_clip(path: Path, width: int, height: int, frames: int, seed: int = 0) -> None:
-    """QR codes drifting across the frame (some through tile seams), a numbered frame each."""
+def scene(width: int, height: int, seed: int = 0) -> tuple[list[Mover], np.ndarray]:
+    """The clip's QR codes (one per half megapixel, at least 4) drifting at their own speeds, and its background."""
     rng = np.random.default_rng(seed)
     background = rng.integers(120, 200, (height // 8, width // 8), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
     count = max(4, width * height // 500_000)
@@ -71,6 +75,12 @@ def write_clip(path: Path, width: int, height: int, frames: int, seed: int = 0) 
               (int(rng.integers(-4, 5)), int(rng.integers(-3, 4))))
         for n in range(count)
     ]  # fmt: skip
+    return movers, background
+
+
+def write_clip(path: Path, width: int, height: int, frames: int, seed: int = 0) -> None:
+    """QR codes drifting across the frame (some through tile seams), a numbered frame each."""
+    movers, background = scene(width, height, seed)
 
     def pictures():
         for frame in range(frames):
@@ -111,8 +121,8 @@ def opencv_threads(threads: int) -> Iterator[None]:
 
 def single_loop(path: Path, recognizer: str, threads: int = 0) -> dict[str, float]:
     """The user's alternative: one process reads the clip in order and recognizes and tracks every frame (the
-    plan's one segment, its tracks settled), its decoder and OpenCV at `threads` (0: their defaults). Returns its
-    seconds, frames, tracked detections and CPU seconds (all its threads)."""
+    plan's one segment, then the same tracking as a job's merge), its decoder and OpenCV at `threads` (0: their
+    defaults). Returns its seconds, frames, tracked detections and CPU seconds (all its threads)."""
     with opencv_threads(threads):
         began, spent = time.perf_counter(), time.process_time()
         options = parse_video_options(recognizer, {**OPTIONS, "segment_frames": 10**9})
@@ -288,6 +298,54 @@ def vfr_counts(folder: Path) -> dict[str, Any]:
                        "fps": round(capture.get(cv2.CAP_PROP_FPS), 3)}}  # fmt: skip
 
 
+def boxes_at(movers: list[Mover], frame: int, width: int, height: int, period: int = 96) -> Detections:
+    """The detections of the codes wholly inside the frame at `frame`, with their payloads (what `qrcode` finds);
+    the codes go back and forth along their first `period` frames' paths, so a long clip has them all along."""
+    step = frame % (2 * period)
+    step = min(step, 2 * period - step)
+    boxes = [(x + m.sticker.box[0], y + m.sticker.box[1], m.sticker.box[2], m.sticker.box[3], m.sticker.text)
+             for m in movers for x, y in [m.at(step)]]  # fmt: skip
+    inside = [b for b in boxes if b[0] >= 0 and b[1] >= 0 and b[0] + b[2] <= width and b[1] + b[3] <= height]
+    xyxy = np.asarray([[x, y, x + w, y + h] for x, y, w, h, _ in inside], float).reshape(-1, 4)
+    return Detections(xyxy, np.ones(len(inside)), ["qrcode"] * len(inside), [b[4] for b in inside])
+
+
+def merge_cost(sizes: list[str], frames: int, repeats: int) -> list[dict[str, Any]]:
+    """The merge alone, which tracks the whole clip: the scene's codes' boxes in every frame (from their paths, no
+    pixels: what recognition finds in the generated clips), stored as the job's segments (its own plan) would
+    store them, then read, assembled and written as the merge task does. Returns, by size, the median seconds of
+    `repeats` runs and the milliseconds a frame."""
+    from pipeline.video.clips import FrameOutcome, SegmentOutcome
+    from pipeline.video.frames import Clip
+
+    rows = []
+    for size in sizes:
+        width, height = SIZES[size]
+        movers, _ = scene(width, height)
+        clip = Clip(width, height, frames, 30.0, tuple(f / 30 for f in range(frames)), tuple(range(0, frames, GOP)))
+        options = parse_video_options("qrcode", OPTIONS)
+        plan = plan_video(clip, options)
+        records = [
+            json.dumps(SegmentOutcome(n, tuple(FrameOutcome(f, boxes_at(movers, f, width, height))
+                                               for f in plan.wanted(n))).to_json())
+            for n in range(len(plan.segments))
+        ]  # fmt: skip
+        spent = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            outcomes = [SegmentOutcome.from_json(json.loads(record)) for record in records]
+            document = assemble_video(outcomes, plan, options, time.time()).to_json()
+            json.dumps(document)
+            spent.append(time.perf_counter() - began)
+        seconds = statistics.median(spent)
+        detections = sum(len(f.detections) for o in outcomes for f in o.frames if f.detections is not None)
+        rows.append({"clip": size, "frames": frames, "segments": len(plan.segments), "detections": detections,
+                     "tracks": len(document["tracks"]), "merge_s": round(seconds, 3),
+                     "ms_a_frame": round(1000 * seconds / frames, 3), "load": load()})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=96, help="frames per clip")
@@ -296,12 +354,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--recognizer", default="qrcode")
     parser.add_argument("--segments", type=int, default=0, help="segments of the W=2 job (0: the job's own plan)")
     parser.add_argument("--decoders", action="store_true", help="PyAV against OpenCV's FFmpeg backend instead")
+    parser.add_argument("--merge", action="store_true", help="the merge alone (it tracks the whole clip) instead")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here too")
     args = parser.parse_args(argv)
     sizes = args.sizes.split(",")
     with tempfile.TemporaryDirectory(prefix="tilerec-bench-video-") as folder:
         if args.decoders:
             rows = decoders(Path(folder), sizes, args.frames)
+        elif args.merge:
+            rows = merge_cost(sizes, args.frames, args.repeats)
         else:
             rows = compare(Path(folder), sizes, args.frames, args.repeats, args.recognizer, args.segments)
     if args.out is not None:

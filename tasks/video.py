@@ -5,9 +5,10 @@ tilerec.recognize_video(video, recognizer, **options)   resolves and probes the 
                                                         chord(segment tasks, merge_video); a clip of one segment
                                                         is recognized right there
 tilerec.recognize_segment(job_id, first, stop)          decodes the segment's frames (seeking to the keyframe before
-                                                        `first`), recognizes and tracks them, stores its record
+                                                        `first`), recognizes them, stores its record
 tilerec.merge_video(video, recognizer, **options)       runs under the job's id with the job's own arguments, and
-                                                        stitches the segments' tracks into the result
+                                                        tracks the segments' detections through the clip into the
+                                                        result
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
-from celery import chord, group
+from celery import chord, group, signals
 
 from pipeline.options import VideoOptions, parse_video_options
 from pipeline.recognizers import thread_budget
 from pipeline.video.clips import SegmentOutcome, VideoPlan, assemble_video, plan_video, run_segment
 from pipeline.video.frames import Target, VideoError, probe
+from pipeline.video.tracking import preload
 from tasks import store
 from tasks.access import resolve
 from tasks.batches import DIED, MAX_ATTEMPTS, PROGRESS_EVERY_S, TRANSIENT, CancelWatch, attempt, publish_progress
@@ -58,6 +60,13 @@ class VideoJob:
         data = json.loads(text)
         return cls(**{**data, "options": VideoOptions.from_json(data["options"]),
                       "plan": VideoPlan.from_json(data["plan"])})  # fmt: skip
+
+
+@signals.celeryd_after_setup.connect
+def _preload_tracker(**_: Any) -> None:
+    """The tracker's library imported in the worker's main process before its pool forks: every process inherits
+    it, and a merge, the job's one serial part, does not import it first."""
+    preload()
 
 
 @app.task(name="tilerec.recognize_video", bind=True, base=ChordTask)
@@ -108,7 +117,7 @@ def _need(description: str, plan: VideoPlan) -> int:
     track_started=False,
 )  # fmt: skip
 def recognize_segment(self: Any, job_id: str, first: int, stop: int) -> dict[str, Any]:
-    """Recognize and track the segment of the job's frames that starts at `first`, and store its record; returns
+    """Recognize the segment of the job's frames that starts at `first`, and store its record; returns
     a summary for monitors. Its failure (a damaged stream) is recorded, not raised, so the merge still runs; a
     segment whose process died MAX_ATTEMPTS times ends failed instead of coming back forever."""
     client, job = store_client(), described(VideoJob.from_json, job_id)
@@ -155,8 +164,8 @@ class _Progress:
 
 @app.task(name="tilerec.merge_video", bind=True)
 def merge_video(self: Any, video: str, recognizer: str = "faces", **options: Any) -> dict[str, Any]:
-    """The job's segment records, read from the store, stitched into its result. It runs under the job's id (the
-    chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor."""
+    """The job's segment records, read from the store, tracked through the clip into its result. It runs under the
+    job's id (the chord's body inherits it) and carries the job's own arguments, so a job reads as one in a monitor."""
     client = store_client()
     job = VideoJob.from_json(store.get_job(client, self.request.id))
     return _finish(client, job, [SegmentOutcome.from_json(record) for record in store.get_records(client, job.id)])

@@ -57,6 +57,37 @@ def write_clip(path: Path, frames: int = FRAMES, fps: float = FPS, gop: int = GO
     return KnownClip(path, dict(truths))
 
 
+FLICKER_SIZE = (320, 240)  # a small frame, recognized whole: the flickering clip tests tracking, not tiling
+FLICKER_SEGMENT = 30  # its keyframe interval and segment length: segments [0, 30), [30, 60), [60, 90), [90, 120)
+
+
+def flickering() -> list[tuple[Mover, tuple[int, ...]]]:
+    """Three ArUco markers on paths that never overlap, each with the frames it is left out of (a detector's
+    flicker): the first and the second missing in the first frames of a segment, the third never."""
+    return [
+        (Mover(aruco_marker(7, 6), (10, 20), (2, 0)), (30, 31, 60)),  # missed at the starts of segments 1 and 2
+        (Mover(aruco_marker(3, 6), (260, 180), (-2, 0)), (45, 90, 91, 92)),  # mid-segment, then segment 3's start
+        (Mover(aruco_marker(5, 6), (140, 100), (0, 0)), ()),
+    ]
+
+
+def write_flickering_clip(path: Path) -> KnownClip:
+    """The flickering markers' clip (FRAMES frames, a keyframe every FLICKER_SEGMENT) and each marker's truth in the
+    frames it is drawn in."""
+    truths: dict[str, list[MovingTruth]] = defaultdict(list)
+    width, height = FLICKER_SIZE
+
+    def pictures():
+        for frame in range(FRAMES):
+            image, found = moving_frame(width, height, [m for m, gone in flickering() if frame not in gone], frame)
+            for truth in found:
+                truths[str(truth.truth.text)].append(truth)
+            yield image
+
+    write_video(path, pictures(), FPS, FLICKER_SEGMENT, quality=0)
+    return KnownClip(path, dict(truths))
+
+
 def overlapping(chosen: list[Mover], frames: int = FRAMES) -> list[tuple[int, str, str]]:
     """Frames where two movers' pictures overlap (the scene must have none: a covered code cannot be read)."""
     found = []

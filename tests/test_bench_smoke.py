@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import shutil
 import sys
 from importlib.metadata import packages_distributions
@@ -121,6 +122,24 @@ def test_the_hardware_ceiling_shares_every_tile_once_between_its_processes(tmp_p
     assert len(out["share_s"]) == 2 and 0 < max(out["share_s"]) <= out["recognize_s"]
 
 
+def test_the_ideal_streamed_job_recognizes_the_tiles_one_process_decoded_for_both(tmp_path):
+    import cv2
+
+    from bench.inprocess import run_together
+    from pipeline.scenes.codes import code_scene
+
+    image = tmp_path / "scene.jpg"
+    scene = code_scene(1800, 1000, kinds=("qrcode",), seed=2)
+    cv2.imwrite(str(image), scene.image, [cv2.IMWRITE_JPEG_QUALITY, 98])
+    spec = {"image": str(image), "recognizer": "qrcode", "options": {}}
+    whole, streamed = run_together(spec, 2, timeout=120), run_together(spec, 2, timeout=120, decoding=True)
+    assert whole["tiles"] == streamed["tiles"] == 8, (whole, streamed)
+    # the same pixels, grey from shared memory or decoded whole in each process: the same codes in every tile
+    assert streamed["found"] == whole["found"] >= len(scene.truths), (whole, streamed, len(scene.truths))
+    assert streamed["decode_s"] > 0 and whole["decode_s"] == 0
+    assert not any("psm_" in name for name in os.listdir("/dev/shm")), "the shared image was left behind"
+
+
 def test_the_hardware_ceiling_reports_a_process_that_failed(tmp_path):
     from bench.inprocess import run_together
 
@@ -214,3 +233,11 @@ def test_a_warm_one_process_run_times_a_pass_that_reuses_the_cold_passs_pages(tm
     assert out["cold"]["minor_faults"] >= 2400 * 2400 * 3 // 2**21
     assert warm["minor_faults"] < out["cold"]["minor_faults"] / 4  # the warm one reused them
     assert run_in_subprocess(spec, 120)["cold"] is None  # a plain run has no cold pass
+
+
+def test_the_video_merge_benchmark_tracks_each_code_of_its_scene_once():
+    from bench.video import merge_cost
+
+    (row,) = merge_cost(["1080p"], 200, 1)
+    assert (row["frames"], row["tracks"]) == (200, 4)  # the 1080p scene's 4 codes, however the frames are cut
+    assert row["segments"] > 1 and row["detections"] > 0

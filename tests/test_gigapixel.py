@@ -103,6 +103,45 @@ def test_windows_of_every_tiff_layout_equal_the_decoded_image(tmp_path, layout, 
         source.close()
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_tiff_opened_grey_gives_its_colour_windows_converted(tmp_path, layout):
+    """A grey-only recognizer's windows: each TIFF tile or strip turned grey once as decoded (8-bit RGB), or the
+    BGR window turned grey (other layouts), must be the pixels the store would keep of the colour window."""
+    image = np.random.default_rng(5).integers(0, 256, (530, 700, 3), dtype=np.uint8)
+    options = dict(LAYOUTS[layout])
+    if options.get("planarconfig") == "separate":
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        tifffile.imwrite(tmp_path / "x.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", **options)
+    else:
+        write_tiff(tmp_path / "x.tif", image, **options)
+    windows = [Window(0, 0, 0, 700, 530), Window(1, 250, 100, 300, 333), Window(2, 699, 529, 1, 1)]
+    windows += [Window(3, 127, 63, 130, 68), Window(4, 600, 400, 100, 130), Window(5, 250, 100, 300, 333)]
+    for target in (tmp_path / "x.tif", (tmp_path / "x.tif").read_bytes()):
+        source = open_source(target, grey=True)
+        assert isinstance(source, TiffSource) and source.channels == 1
+        for w in windows:  # the last window again: from the tiles cached grey
+            want = cv2.cvtColor(np.ascontiguousarray(image[w.y : w.y2, w.x : w.x2]), cv2.COLOR_BGR2GRAY)
+            assert np.array_equal(source.read(w), want), (layout, w)
+        source.close()
+
+
+def test_sixteen_bit_alpha_and_white_is_zero_tiffs_opened_grey_read_as_their_bgr_converted(tmp_path):
+    image = np.random.default_rng(6).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    rgba = np.dstack([rgb, np.full((300, 400), 255, np.uint8)])
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    tifffile.imwrite(tmp_path / "a.tif", rgba, photometric="rgb", tile=(64, 64), extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "w.tif", rgb.astype(np.uint16) * 257, photometric="rgb", tile=(64, 64))
+    tifffile.imwrite(tmp_path / "m.tif", 255 - grey, photometric="miniswhite", tile=(64, 64))
+    window = Window(0, 10, 20, 200, 100)
+    for name in ("a.tif", "w.tif", "m.tif"):
+        colour, grey_source = open_source(tmp_path / name), open_source(tmp_path / name, grey=True)
+        read = colour.read(window)
+        want = cv2.cvtColor(read, cv2.COLOR_BGR2GRAY) if read.ndim == 3 else read
+        assert np.array_equal(grey_source.read(window), want), name
+        assert np.array_equal(want, grey[20:120, 10:210]), name
+
+
 def test_sixteen_bit_and_alpha_tiffs_read_as_eight_bit_bgr(tmp_path):
     rng = np.random.default_rng(4)
     image = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)

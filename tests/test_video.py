@@ -1,4 +1,4 @@
-"""Video jobs: decoding and probing (PyAV), frame choice, segments, tracking and stitching, in one process and on
+"""Video jobs: decoding and probing (PyAV), frame choice, segments, tracking through the clip, in one process and on
 real workers, with clips generated with known motion (tests/clips.py)."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ import itertools
 import json
 import os
 import signal
+import warnings
+from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,12 +20,35 @@ import pytest
 from pipeline.model import Detections
 from pipeline.options import OptionsError, parse_video_options
 from pipeline.video.clips import FrameOutcome, SegmentOutcome, VideoPlan, assemble_video, plan_video, recognize_video
-from pipeline.video.frames import Clip, VideoError, plan_segments, probe, read_frames, select_frames, write_video
-from pipeline.video.tracking import Piece, Seen, SegmentTracker, match_across, stitch
+from pipeline.video.frames import (
+    Clip,
+    Segment,
+    VideoError,
+    plan_segments,
+    probe,
+    read_frames,
+    select_frames,
+    write_video,
+)
+from pipeline.video.tracking import track_clip
 from tasks import store
 from tasks.client import submit_video
 from tasks.job_record import JobCancelled
-from tests.clips import FRAMES, GOP, HEIGHT, OVERLAP, TILE, WIDTH, KnownClip, frames_of, movers, overlapping, write_clip
+from tests.clips import (
+    FLICKER_SEGMENT,
+    FRAMES,
+    GOP,
+    HEIGHT,
+    OVERLAP,
+    TILE,
+    WIDTH,
+    KnownClip,
+    frames_of,
+    movers,
+    overlapping,
+    write_clip,
+    write_flickering_clip,
+)
 from tests.conftest import IMAGES_ROOT, once_per_run, tilerec_keys
 from tests.test_reliability import TIMEOUT, wait_for
 
@@ -193,7 +218,7 @@ def test_a_frame_above_the_pixel_limit_is_refused_before_decoding(tmp_path):
         probe(path, "n.mp4", 3000)
 
 
-# --- choosing frames, segments, stitching (pure) ---------------------------------------------------------------
+# --- choosing frames, segments, tracking (pure) ----------------------------------------------------------------
 
 
 def steady(frames: int, fps: float = 30.0, gop: int = 12) -> Clip:
@@ -247,70 +272,75 @@ def drifting(frames: int, seed: int = 0) -> list[Detections]:
     return made
 
 
-def test_a_tracker_carried_through_json_goes_on_exactly_as_one_never_stopped():
-    frames = drifting(40)
-    whole = SegmentTracker(30.0)
-    ids = [whole.update(found) for found in frames]
-    for cut in (1, 2, 17, 39):  # a track born in the frame before the cut (cut 1) included
-        carried = SegmentTracker(30.0)
-        before = [carried.update(found) for found in frames[:cut]]
-        carried = SegmentTracker.from_json(json.loads(json.dumps(carried.to_json())))
-        assert before + [carried.update(found) for found in frames[cut:]] == ids
-        assert carried.confirmed == whole.confirmed and carried.to_json() == whole.to_json()
+def boxes(rows: list[tuple[float, float]], text: str | None = None) -> Detections:
+    """20 px boxes of one label at these (x, y), with a payload."""
+    xyxy = np.asarray([[x, y, x + 20, y + 20] for x, y in rows], float).reshape(-1, 4)
+    return Detections(xyxy, np.full(len(rows), 0.9), np.asarray(["thing"] * len(rows), object), [text] * len(rows))
 
 
-def test_a_track_that_begins_in_a_segments_last_frame_is_confirmed_in_the_next_ones_first():
-    """An object first seen in segment 0's last frame: its segment alone never confirms it (ByteTrack wants a second
-    detection), the merge's carried tracker does, so the object's first frame stays in its track."""
-    clip = steady(20, gop=10)
-    plan = VideoPlan(clip, tuple(range(20)), tuple(plan_segments(list(range(20)), clip, 10)), 30.0)
-    assert [(s.first, s.stop) for s in plan.segments] == [(0, 10), (10, 20)]
-
-    def seen(frame: int) -> Detections:  # a box still from frame 0, another moving 1 px a frame from frame 9 on
-        boxes = [[40.0, 30, 60, 45]] + ([[frame, 5.0, frame + 20, 25]] if frame >= 9 else [])
-        return Detections(np.asarray(boxes), np.full(len(boxes), 0.9), np.asarray(["thing"] * len(boxes), object))
-
+def segmented(frames: list[Detections | None], cuts: tuple[int, ...]) -> tuple[VideoPlan, list[SegmentOutcome]]:
+    """A plan with segments starting at `cuts` and each segment's outcome, as its task would store it: these
+    frames' detections (None: the frame failed); a segment whose frames all failed failed itself."""
+    clip = steady(len(frames))
+    starts = (0, *cuts)
+    segments = tuple(Segment(first, stop) for first, stop in zip(starts, (*cuts, len(frames)), strict=True))
     outcomes = []
-    for number, segment in enumerate(plan.segments):
-        tracker = SegmentTracker(plan.rate)
-        frames = [FrameOutcome(f, seen(f), tuple(tracker.update(seen(f)))) for f in range(segment.first, segment.stop)]
-        outcomes.append(SegmentOutcome(number, tuple(frames), tracker=tracker.to_json()))
-    assert outcomes[0].frames[-1].tracks == (1, 2) and outcomes[0].tracker["confirmed"] == [1]  # 2: not yet
-    result = assemble_video(outcomes, plan, parse_video_options("qrcode", {}), 0.0)
-    assert [(t.first, t.last) for t in result.tracks] == [(0, 19), (9, 19)]
-    assert [f.tracks for f in result.per_frame] == [(1,)] * 9 + [(1, 2)] * 11
+    for number, segment in enumerate(segments):
+        mine = range(segment.first, segment.stop)
+        if all(frames[f] is None for f in mine):
+            outcomes.append(SegmentOutcome(number, error="a damaged stream"))
+        else:
+            done = [FrameOutcome(f, frames[f]) if frames[f] is not None else FrameOutcome(f, error="x") for f in mine]
+            outcomes.append(SegmentOutcome(number, tuple(done)))
+    return VideoPlan(clip, tuple(range(len(frames))), segments, 30.0), outcomes
 
 
-def pieces(segment: int, tracks: dict[int, list[tuple[int, float, float]]], text: str | None = None) -> list[Piece]:
-    """A segment's tracks: local id -> (frame, x, y) of a 20 px box."""
-    made = []
-    for local, rows in tracks.items():
-        seen = {f: Seen(f, (x, y, x + 20, y + 20), 0.9, text) for f, x, y in rows}
-        made.append(Piece(segment, local, "thing", seen))
-    return made
+def tracked(frames: list[Detections | None], cuts: tuple[int, ...] = ()) -> list[tuple[int, ...]]:
+    """Each recognized frame's track ids when the clip is cut into segments at `cuts`."""
+    plan, outcomes = segmented(frames, cuts)
+    result = assemble_video(outcomes, plan, parse_video_options("qrcode", {"on_tile_error": "partial"}), 0.0)
+    return [f.tracks for f in result.per_frame]
 
 
-def test_tracks_are_stitched_one_to_one_in_the_overlap():
-    # two objects passing close by in the overlap (frames 10–13): A moves right, B moves left 6 px below
-    a = [(f, 2.0 * f, 0.0) for f in range(0, 20)]
-    b = [(f, 40 - 2.0 * f, 6.0) for f in range(0, 20)]
-    first = pieces(0, {1: [r for r in a if r[0] < 14], 2: [r for r in b if r[0] < 14]})
-    second = pieces(1, {1: [r for r in b if r[0] >= 10], 2: [r for r in a if r[0] >= 10]})
-    assert sorted(match_across(first, second)) == [(0, 1), (1, 0)]
-    tracks, ids = stitch([first, second], [(0, 10), (10, 20)])
-    assert len(tracks) == 2 and ids[(0, 1)] == ids[(1, 2)] and ids[(0, 2)] == ids[(1, 1)]
-    by_first_x = {t.rows[0][1]: t for t in tracks}
-    assert [r[1] for r in by_first_x[0.0].rows] == [2.0 * f for f in range(20)]  # A, each frame once
-    assert [r[1] for r in by_first_x[40.0].rows] == [40 - 2.0 * f for f in range(20)]
+def test_the_tracks_do_not_depend_on_where_the_segments_are_cut():
+    """Boxes drifting, missed now and then, low-scored: the segments' detections tracked in the merge give the same
+    ids wherever the clip is cut, as one tracker over the whole clip gives."""
+    frames = drifting(40)
+    whole = tracked(frames)
+    assert len({i for ids in whole for i in ids if i > 0}) >= 6
+    for cuts in ((1,), (2,), (17,), (39,), (5, 6, 7, 30)):  # a track born in the frame before a cut (1) included
+        assert tracked(frames, cuts) == whole, cuts
+
+
+def test_an_object_missed_in_a_segments_first_frames_keeps_its_track():
+    """A still box missed in frames 10 and 11, the first two of the second segment: one track."""
+    frames = [boxes([(40, 30)]) if f not in (10, 11) else boxes([]) for f in range(20)]
+    assert tracked(frames, (10,)) == [(1,)] * 10 + [()] * 2 + [(1,)] * 8
+
+
+def test_a_track_that_begins_in_a_segments_last_frame_keeps_that_frame():
+    """An object first seen in segment 0's last frame: ByteTrack confirms a track on its second detection, in the
+    next segment; the object's first frame stays in its track."""
+    frames = [boxes([(40, 30)] + ([(f, 5)] if f >= 9 else [])) for f in range(20)]
+    assert tracked(frames, (10,)) == [(1,)] * 9 + [(1, 2)] * 11
+
+
+def test_a_failed_segment_is_time_the_tracker_sees_nothing_in():
+    """A still box, and a segment that failed: a track lost for less than a second (ByteTrack's buffer) goes on
+    after it, one lost for longer ends and the box is a new track."""
+    short = [boxes([(40, 30)]) if not 10 <= f < 20 else None for f in range(40)]
+    assert tracked(short, (10, 20)) == [(1,)] * 30
+    long = [boxes([(40, 30)]) if not 10 <= f < 50 else None for f in range(70)]
+    assert tracked(long, (10, 50)) == [(1,)] * 10 + [(2,)] * 20
 
 
 def test_a_payload_joins_tracks_whatever_the_gap_but_not_two_seen_together():
-    gone_and_back = pieces(0, {1: [(f, 0.0, 0.0) for f in range(5)], 2: [(f, 90.0, 0.0) for f in range(50, 55)]}, "A")
-    twins = pieces(1, {1: [(f, 0.0, 50.0) for f in range(60, 65)], 2: [(f, 60.0, 50.0) for f in range(60, 65)]}, "B")
-    tracks, _ = stitch([gone_and_back, twins], [(0, 60), (60, 70)])
-    texts = sorted((t.text, t.first, t.last) for t in tracks)
-    assert texts == [("A", 0, 54), ("B", 60, 64), ("B", 60, 64)]
+    gone = [boxes([(0, 0)], "A") if f < 5 else boxes([(90, 0)], "A") if 50 <= f < 55 else boxes([]) for f in range(60)]
+    twins = [boxes([(0, 50), (60, 50)], "B")] * 5
+    tracks, ids = track_clip(list(enumerate(gone + twins)), 30.0)
+    assert sorted((t.text, t.first, t.last) for t in tracks) == [("A", 0, 54), ("B", 60, 64), ("B", 60, 64)]
     assert [t.id for t in tracks] == [1, 2, 3]
+    assert ids[:5] == ids[50:55] == [(1,)] * 5 and ids[60:] == [(2, 3)] * 5
 
 
 # --- recognition and tracking on known clips ---------------------------------------------------------------------
@@ -517,6 +547,71 @@ def test_no_detection_is_left_untracked_on_a_clean_clip(in_process):
     assert len(found) == sum(len(t["frames"]) for t in result["tracks"])
 
 
+FLICKER_OPTIONS = {"tiled": False, "segment_frames": FLICKER_SEGMENT}
+
+
+@pytest.fixture(scope="module")
+def flicker() -> KnownClip:
+    return write_flickering_clip(IMAGES_ROOT / "flickering.mp4")
+
+
+@pytest.fixture(scope="module")
+def flicker_job(worker, redis_server, flicker) -> dict:
+    """The flickering clip's markers, ids forgotten, recognized by a job on the workers."""
+    job = submit_video(str(flicker.path), "tests.faulty:UnnamedMarkers", **FLICKER_OPTIONS)
+    return job.get(timeout=TIMEOUT).to_json()
+
+
+def test_a_marker_missed_in_a_segments_first_frames_keeps_one_track(flicker, flicker_job, redis_server):
+    """Markers without ids, each left out of some frames: two of them in the first frames of a segment, where a
+    tracker that starts with the segment would lose them; each is one track, in every frame it is drawn in."""
+    assert flicker_job["tiling"]["segment_frames"] == [[0, 30], [30, 60], [60, 90], [90, 120]]
+    assert len(flicker_job["tracks"]) == 3 and all("text" not in track for track in flicker_job["tracks"])
+    for track in flicker_job["tracks"]:
+        rows = frames_of(track)
+        marker = min(flicker.truths, key=lambda m: np.abs(rows[0, 1:5] - flicker.truths[m][0].truth.box).max())
+        truths = {t.frame: t.truth.box for t in flicker.truths[marker]}
+        assert [int(f) for f in rows[:, 0]] == sorted(truths), marker
+        assert max(np.abs(row[1:5] - np.asarray(truths[int(row[0])])).max() for row in rows) <= 2.0
+    assert tilerec_keys(redis_server) == []
+
+
+def one_bytetrack(per_frame: list[dict], rate: float) -> set[tuple[tuple[int, int], ...]]:
+    """The tracks one supervision ByteTrack makes of these frames' detections fed to it in order (a second's buffer,
+    as tilerec's), each as its detections' (frame, x); ByteTrack reports a track from its second detection, or from
+    its first in the first frame it is fed."""
+    import supervision as sv
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of the `trackers` package
+        tracker = sv.ByteTrack(lost_track_buffer=30, frame_rate=rate, minimum_consecutive_frames=1)
+    found = defaultdict(list)
+    for frame in per_frame:
+        records = frame["detections"]
+        fed = sv.Detections(
+            xyxy=Detections.from_records(records).xyxy, confidence=np.asarray([r["score"] for r in records])
+        )
+        reported = tracker.update_with_detections(fed)
+        for box, track in zip(reported.xyxy, reported.tracker_id, strict=True):
+            found[int(track)].append((frame["frame"], round(float(box[0]))))
+    return {tuple(rows) for rows in found.values()}
+
+
+def test_a_job_tracks_as_one_bytetrack_over_the_whole_clip_and_as_one_process(flicker, flicker_job):
+    from tests.faulty import UnnamedMarkers
+
+    in_process = recognize_video(flicker.path, UnnamedMarkers(), **FLICKER_OPTIONS).to_json()
+    assert comparable(flicker_job) == comparable(in_process)
+    tracks = defaultdict(list)
+    for frame in flicker_job["per_frame"]:
+        for record in frame["detections"]:
+            tracks[record["track"]].append((frame["frame"], round(record["box"][0])))
+    first = flicker_job["per_frame"][0]["frame"]
+    assert {tuple(rows if rows[0][0] == first else rows[1:]) for rows in tracks.values()} == one_bytetrack(
+        flicker_job["per_frame"], flicker_job["video"]["fps"]
+    )
+
+
 # --- the command line ------------------------------------------------------------------------------------------
 
 
@@ -551,16 +646,12 @@ def test_tilerec_run_says_in_one_line_why_a_video_cannot_be_used(worker, redis_s
     assert tilerec_keys(redis_server) == []
 
 
-def test_tracks_without_payloads_are_stitched_by_their_boxes(known):
-    """ArUco markers with their ids taken away: nothing but box overlap in the segments' shared frames can make each
-    marker one track across the 5 segments."""
-    from pipeline.recognizers import get_recognizer
+def test_tracks_without_payloads_follow_their_boxes_across_segments(known):
+    """ArUco markers with their ids taken away: nothing but box overlap from frame to frame can make each marker one
+    track across the 5 segments."""
+    from tests.faulty import UnnamedMarkers
 
-    def unnamed(tile: np.ndarray) -> Detections:
-        found = get_recognizer("aruco")(tile)
-        return Detections(found.xyxy, found.scores, found.labels)
-
-    result = recognize_video(known.path, unnamed, **OPTIONS).to_json()
+    result = recognize_video(known.path, UnnamedMarkers(), **OPTIONS).to_json()
     assert result["tiling"]["segments"] == 5
     assert len(result["tracks"]) == 2 and all("text" not in track for track in result["tracks"])
     for track in result["tracks"]:

@@ -13,8 +13,9 @@ One `open_source` for every input: identified once (`inputs.identify`), then ope
   `ArraySource`; a WebP read in row order at its first window (`opencv.DeferredSource`).
 
 A caller that keeps only grey (a grey-only recognizer's tiles) opens an image `grey`: one libvips decodes band by
-band is then converted to grey once per band, not window by window (other sources' windows stay as they are: an
-image decoded whole would need a second whole-image buffer, whose fresh pages cost more than converting windows).
+band is then converted to grey once per band, and a TIFF read by window once per TIFF tile or strip, not window by
+window (other sources' windows stay as they are: an image decoded whole would need a second whole-image buffer,
+whose fresh pages cost more than converting windows).
 
 Every source gives 8-bit grey or BGR windows (what the recognizers take), like `images.normalize`.
 """
@@ -134,7 +135,8 @@ def open_source(
     whose ends are checked for a truncation too, before any pixel is decoded. A format decoded top to bottom (JPEG,
     PNG, WebP, …) is decoded whole here, unless the caller reads its windows `in_row_order` (`tiling.grid`'s): then
     bands are decoded as the windows reach them (a WebP, decoded whole, at its first window). `grey`: the caller
-    keeps only grey, so an image libvips decodes gives grey bands, converted once rather than window by window.
+    keeps only grey, so an image libvips decodes gives grey bands, and a TIFF grey windows, each converted once
+    rather than window by window.
     """
     found = identify(target)
     source = _opened(found, level, spec, grey, max_pixels or DEFAULT_MAX_PIXELS)
@@ -184,7 +186,7 @@ def _opened(found: Input, level: int, spec: ReadSpec, grey: bool, max_pixels: in
         tiff.close()
         raise
     if reader == "tiff":
-        return tiff_source(tiff, found, level)  # an object's source reads through the handle `tiff` opened
+        return tiff_source(tiff, found, level, grey)  # an object's source reads through the handle `tiff` opened
     tiff.close()
     if reader == "slide":
         return slide_source(found, level, spec.mpp)
@@ -227,6 +229,7 @@ class FileRef:
     bands: tuple[int, ...] | None = None
     scale: tuple[float, float] | None = None
     etag: str = ""  # an object in storage: its ETag (mtime_ns is 0)
+    grey: bool = False  # opened grey (`open_source`), so every window is
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,7 +239,7 @@ class FileRef:
         bands, scale = data.get("bands"), data.get("scale")
         return cls(str(data["path"]), int(data["level"]), int(data["mtime_ns"]), int(data["size"]),
                    data.get("reader", "tiff"), tuple(bands) if bands else None, tuple(scale) if scale else None,
-                   data.get("etag", ""))  # fmt: skip
+                   data.get("etag", ""), bool(data.get("grey", False)))  # fmt: skip
 
     @classmethod
     def of(cls, target: Path | RemoteObject, level: int, source: Source | None = None) -> FileRef:
@@ -244,7 +247,8 @@ class FileRef:
         to open it the same way."""
         reader = source.reader if source is not None else "tiff"
         options = {"reader": reader, "bands": getattr(source, "bands", None) if reader == "geo" else None,
-                   "scale": getattr(source, "scale", None) if reader == "geo" else None}  # fmt: skip
+                   "scale": getattr(source, "scale", None) if reader == "geo" else None,
+                   "grey": bool(getattr(source, "grey", False))}  # fmt: skip
         if isinstance(target, RemoteObject):
             return cls(target.url, level, 0, target.size, etag=target.etag, **options)
         stat = target.stat()
@@ -274,7 +278,7 @@ class SourceCache:
             return source
         if check is not None:
             check(ref.path)
-        opened = _opened(identify(self._current(ref)), ref.level, ref.spec, False, DEFAULT_MAX_PIXELS)
+        opened = _opened(identify(self._current(ref)), ref.level, ref.spec, ref.grey, DEFAULT_MAX_PIXELS)
         try:
             if isinstance(opened, TiffSource):
                 opened.validate()

@@ -3,7 +3,9 @@
 Opening reads the header (the image file directories) only. `read(window)` decodes only the TIFF tiles or strips
 that the window touches, each with its own offset, by tifffile's codecs; an uncompressed, contiguous image is read
 row by row (a view, for bytes in memory). A TIFF stored as one compressed strip cannot be read by window: it is
-decoded whole.
+decoded whole. Opened `grey` (a grey-only recognizer's windows), an 8-bit RGB TIFF's tiles or strips are converted
+to grey once each as decoded and windows assembled from them, instead of each window converted to BGR and then to
+grey (overlapping windows share tiles): the same pixels.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ class TiffSource:
 
     reader = "tiff"
 
-    def __init__(self, tiff: Any, name: str, level: int = 0, data: bytes | None = None) -> None:
-        self.tiff, self.name, self.level = tiff, name, level
+    def __init__(self, tiff: Any, name: str, level: int = 0, data: bytes | None = None, grey: bool = False) -> None:
+        self.tiff, self.name, self.level, self.grey = tiff, name, level, grey
         series = tiff.series[0]
         self.levels = len(series.levels)
         if not 0 <= level < self.levels:
@@ -64,8 +66,11 @@ class TiffSource:
         self.width, self.height = int(self.page.imagewidth), int(self.page.imagelength)
         self.downsample = int(series.levels[0].pages[0].imagewidth) / max(self.width, 1)
         self._photometric, samples = self._check_pixels_supported()
-        self.channels = 1 if samples < 3 else 3
+        self.channels = 1 if grey or samples < 3 else 3
         self._samples = samples
+        # tiles or strips turned grey as decoded, where that gives the pixels a BGR window turned grey would
+        interleaved_rgb8 = self._photometric == "RGB" and np.dtype(self.page.dtype) == np.uint8
+        self._grey_segments = grey and interleaved_rgb8 and int(self.page.shaped[0]) == 1
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._data = data
@@ -200,13 +205,15 @@ class TiffSource:
             raw = self._interleave(self._rows(window))
         elif self._layout is not None:
             raw = self._assemble(window, self._layout)
+            if self._grey_segments:
+                return raw[:, :, 0]
         else:
             raw = self._decoded()[window.y : window.y2, window.x : window.x2]
-        return self._to_bgr(raw)
+        return self._normalized(raw)
 
     def whole(self) -> np.ndarray:
         """The level decoded whole as 8-bit grey or BGR (a TIFF that cannot be read by window)."""
-        return self._to_bgr(self._decoded())
+        return self._normalized(self._decoded())
 
     def _decoded(self) -> np.ndarray:
         """The level decoded whole, as stored."""
@@ -219,7 +226,8 @@ class TiffSource:
         return pixels.reshape(self.height, self.width, -1)
 
     def _assemble(self, window: Window, layout: _Layout) -> np.ndarray:
-        out = np.zeros((window.height, window.width, self._samples), dtype=self.page.dtype)
+        samples = 1 if self._grey_segments else self._samples
+        out = np.zeros((window.height, window.width, samples), dtype=self.page.dtype)
         for index, top, left in self._segments(window, layout):
             segment = self._segment(index)
             if segment is None:
@@ -270,6 +278,8 @@ class TiffSource:
                 f"({type(error).__name__}: {error})"
             ) from None
         segment = np.asarray(decoded).reshape(shape[1], shape[2], -1)
+        if self._grey_segments:
+            segment = cv2.cvtColor(np.ascontiguousarray(segment[:, :, :3]), cv2.COLOR_RGB2GRAY)[:, :, None]
         self._remember(index, segment)
         return segment
 
@@ -279,6 +289,11 @@ class TiffSource:
         while self._cached_bytes > SEGMENT_CACHE_BYTES and len(self._cache) > 1:
             _, dropped = self._cache.popitem(last=False)
             self._cached_bytes -= dropped.nbytes
+
+    def _normalized(self, raw: np.ndarray) -> np.ndarray:
+        """8-bit grey or BGR pixels from the TIFF's samples; grey where opened `grey`."""
+        pixels = self._to_bgr(raw)
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY) if self.grey and pixels.ndim == 3 else pixels
 
     def _to_bgr(self, raw: np.ndarray) -> np.ndarray:
         if raw.ndim == 2:
@@ -300,12 +315,12 @@ class TiffSource:
         self.tiff.close()
 
 
-def tiff_source(tiff: Any, found: Input, level: int) -> TiffSource:
-    """A TiffSource of `found`, open as `tiff` (closed if it cannot be one)."""
+def tiff_source(tiff: Any, found: Input, level: int, grey: bool = False) -> TiffSource:
+    """A TiffSource of `found`, open as `tiff` (closed if it cannot be one); `grey`: its windows as grey."""
     try:
         if not tiff.series:
             raise ImageError(f"{found.name} is not a readable TIFF: no image found (its header is damaged)")
-        source = TiffSource(tiff, found.name, level, found.target if isinstance(found.target, bytes) else None)
+        source = TiffSource(tiff, found.name, level, found.target if isinstance(found.target, bytes) else None, grey)
         source.size = found.size
         return source
     except ImageError:

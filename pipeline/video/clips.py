@@ -1,14 +1,14 @@
 """Recognizing a video: its frames planned into segments, each segment's frames recognized (whole or tiled, with the
-image pipeline's tiling and merge) and tracked, and the segments assembled into one result with tracks through
-the whole clip. The same functions run in one process (`recognize_video`) and on Celery workers (tasks/video.py),
-so the two give identical results for the same plan."""
+image pipeline's tiling and merge), and the segments assembled into one result, its detections tracked through
+the whole clip by one tracker. The same functions run in one process (`recognize_video`) and on Celery workers
+(tasks/video.py), so the two give identical results for the same plan."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,9 @@ from pipeline.video.frames import (
     read_frames,
     select_frames,
 )
-from pipeline.video.tracking import SegmentTracker, Track, pieces_of, stitch
+from pipeline.video.tracking import Track, track_clip
 
 SCHEMA = "tilerec.video@1"
-OVERLAP_FRAMES = 2  # frames of the next segment each segment's tracker is carried over in the merge: where tracks
-# are matched across
 AUTO_SEGMENTS = 8  # an auto plan cuts the clip into about this many segments ...
 MIN_SEGMENT_FRAMES = 24  # ... of at least this many recognized frames (a task's own cost stays a small share)
 MAX_SEGMENT_FRAMES = 600  # ... and at most this many, so a long clip spreads over a big cluster
@@ -97,26 +95,22 @@ def frame_windows(clip: Clip, options: VideoOptions) -> list[Window]:
 
 @dataclass(frozen=True)
 class FrameOutcome:
-    """One frame's recognition: its detections and each one's provisional track id in its segment (-1: untracked,
-    `SegmentTracker.update`), or the error that stopped it."""
+    """One frame's recognition: its detections, or the error that stopped it."""
 
     frame: int
     detections: Detections | None = None
-    tracks: tuple[int, ...] = ()
     error: str | None = None
     seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class SegmentOutcome:
-    """What a segment task stores for the merge: its frames' outcomes and its tracker as it ended
-    (`SegmentTracker.to_json`), or the error that stopped it."""
+    """What a segment task stores for the merge: its frames' outcomes, or the error that stopped it."""
 
     number: int
     frames: tuple[FrameOutcome, ...] = ()
     error: str | None = None
     seconds: float = 0.0
-    tracker: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         frames = []
@@ -125,21 +119,19 @@ class SegmentOutcome:
             if f.error is not None:
                 record["error"] = f.error
             else:
-                record.update(f.detections.to_columns(), tracks=list(f.tracks))  # type: ignore[union-attr]
+                record.update(f.detections.to_columns())  # type: ignore[union-attr]
             frames.append(record)
-        return {"segment": self.number, "frames": frames, "error": self.error, "seconds": round(self.seconds, 4),
-                "tracker": self.tracker}  # fmt: skip
+        return {"segment": self.number, "frames": frames, "error": self.error, "seconds": round(self.seconds, 4)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> SegmentOutcome:
         frames = tuple(
             FrameOutcome(int(r["frame"]), error=r["error"], seconds=r["seconds"])
             if "error" in r
-            else FrameOutcome(int(r["frame"]), Detections.from_columns(r), tuple(r["tracks"]), seconds=r["seconds"])
+            else FrameOutcome(int(r["frame"]), Detections.from_columns(r), seconds=r["seconds"])
             for r in data["frames"]
         )
-        return cls(int(data["segment"]), frames, data.get("error"), float(data.get("seconds", 0.0)),
-                   data.get("tracker"))  # fmt: skip
+        return cls(int(data["segment"]), frames, data.get("error"), float(data.get("seconds", 0.0)))
 
 
 def recognize_frame(
@@ -173,8 +165,8 @@ def run_segment(
     threads: int = 0,
     on_frame: Callable[[int], bool] | None = None,
 ) -> SegmentOutcome:
-    """Decode segment `number`'s frames (from the keyframe before its first), recognize and track them (the
-    merge carries its tracker on over the next segment's first frames, then settles the ids: `assemble_video`).
+    """Decode segment `number`'s frames (from the keyframe before its first) and recognize them (the merge tracks
+    every segment's detections through the clip in order: `assemble_video`).
 
     Args:
         target, name: the clip as resolved, and as the user named it.
@@ -186,29 +178,24 @@ def run_segment(
         on_frame: called with the frames done so far after each; returning False stops the segment (a cancel).
 
     Returns:
-        The frames' outcomes and the tracker, or the error (a damaged stream, a tracker's failure) that stopped the
-        segment.
+        The frames' outcomes, or the error (a damaged stream) that stopped the segment.
     """
     began = time.perf_counter()
     windows = frame_windows(plan.clip, options)
     grey = spec_of(options.frame.recognizer).grey
-    tracker = SegmentTracker(plan.rate)
     done: list[FrameOutcome] = []
     try:
         for frame, picture in read_frames(target, name, plan.clip, plan.wanted(number), grey, threads):
-            outcome = recognize_frame(picture, frame, windows, options.frame, reraise)
-            if outcome.detections is not None:  # a failed frame is left out of tracking
-                outcome = replace(outcome, tracks=tuple(tracker.update(outcome.detections)))
-            done.append(outcome)
+            done.append(recognize_frame(picture, frame, windows, options.frame, reraise))
             if on_frame is not None and not on_frame(len(done)):
                 break
     except reraise:
         raise
     except ImageError as error:  # VideoError too: the stream is damaged from here on
         return SegmentOutcome(number, (), str(error), time.perf_counter() - began)
-    except Exception as error:  # the segment's own failure (the tracker, say): reported, so the merge still runs
+    except Exception as error:  # the segment's own failure: reported, so the merge still runs
         return SegmentOutcome(number, (), describe(error), time.perf_counter() - began)
-    return SegmentOutcome(number, tuple(done), None, time.perf_counter() - began, tracker.to_json())
+    return SegmentOutcome(number, tuple(done), None, time.perf_counter() - began)
 
 
 @dataclass(frozen=True)
@@ -318,8 +305,9 @@ def assemble_video(
     source: str | None = None,
     timings: Mapping[str, float] | None = None,
 ) -> VideoRecognition:
-    """The clip's result from its segments' outcomes: tracks stitched across segments, each frame from the segment
-    that owns it; the one assembly, in one process and in the merge task.
+    """The clip's result from its segments' outcomes: their frames in clip order, tracked by one tracker from the
+    first to the last (`track_clip`), as if one process had recognized them all; the one assembly, in one process
+    and in the merge task.
 
     Raises:
         TileFailure: a segment or frame failed (or a segment has no outcome) and `on_tile_error` is "fail".
@@ -343,15 +331,14 @@ def assemble_video(
         ] + [f"frame {f['frame']}: {f['error']}" for f in failed_frames[:3]]
         raise TileFailure(f"{len(failed_segments)} of {len(plan.segments)} segments and {len(failed_frames)} frames "
                           f"failed: {'; '.join(said)}")  # fmt: skip
-    tracked = [_tracked(by_number.get(n), by_number.get(n + 1)) for n in range(len(plan.segments))]
-    tracks, ids = stitch([pieces_of(n, frames) for n, frames in enumerate(tracked)], owners)
+    found = {f.frame: f.detections for o in by_number.values() for f in o.frames}
+    frames = [(frame, found.get(frame)) for frame in plan.selected]
+    tracks, ids = track_clip(frames, plan.rate)
     per_frame = [
-        TrackedFrame(frame, plan.clip.times[frame], found,
-                     tuple(ids.get((n, local), -1) if local >= 0 else -1 for local in locals_))
-        for n, frames in enumerate(tracked)
-        for frame, found, locals_ in frames
-        if owners[n][0] <= frame < owners[n][1]
-    ]  # fmt: skip
+        TrackedFrame(frame, plan.clip.times[frame], detections, tracked)
+        for (frame, detections), tracked in zip(frames, ids, strict=True)
+        if detections is not None
+    ]
     finished = time.time()
     spent = [o.seconds for o in by_number.values()]
     return VideoRecognition(
@@ -376,24 +363,6 @@ def assemble_video(
     )
 
 
-def _tracked(
-    outcome: SegmentOutcome | None, after: SegmentOutcome | None
-) -> list[tuple[int, Detections, tuple[int, ...]]]:
-    """A segment's recognized frames with their final track ids in the segment, and the next segment's first
-    OVERLAP_FRAMES frames with the ids this segment's tracker gives them: its tracker, as the segment task left it,
-    carried on over those frames' detections (as the next segment found them: the same pixels), so its tracks run
-    into them to be matched there (`stitch`), as if the segment had recognized them itself; ids are settled after
-    that, so a track that began in its last frame is confirmed there."""
-    if outcome is None or outcome.tracker is None:
-        return []
-    tracker = SegmentTracker.from_json(outcome.tracker)
-    frames = [(f.frame, f.detections, f.tracks) for f in outcome.frames if f.detections is not None]
-    if after is not None:
-        frames += [(f.frame, f.detections, tuple(tracker.update(f.detections)))
-                   for f in after.frames[:OVERLAP_FRAMES] if f.detections is not None]  # fmt: skip
-    return [(frame, found, tracker.settle(ids)) for frame, found, ids in frames]
-
-
 def open_clip(video: str | Path, max_pixels: int, frame_rate: float | None = None) -> tuple[Target, Clip]:
     """A local video file, folder of frames or URL (fsspec), resolved and probed."""
     name = repr(str(video))
@@ -410,7 +379,7 @@ def open_clip(video: str | Path, max_pixels: int, frame_rate: float | None = Non
 def recognize_video(
     video: str | Path, recognizer: str = "faces", *, max_pixels: int = images.DEFAULT_MAX_PIXELS, **options: Any
 ) -> VideoRecognition:
-    """A clip recognized and tracked in this process: the same plan, segments and stitching as a distributed job,
+    """A clip recognized and tracked in this process: the same plan, segments and tracking as a distributed job,
     so the same result (the user's single-process alternative is `bench.video`'s loop).
 
     Args:
