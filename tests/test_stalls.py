@@ -15,7 +15,7 @@ import pytest
 from pipeline.scenes.codes import qr_scene
 from pipeline.tiling import grid
 from tasks.local import RedisServer, Worker
-from tasks.stalls import SentChord, missing
+from tasks.stalls import SentChord, check_every, missing
 from tests.conftest import IMAGES_ROOT, tilerec_left
 from tests.faulty import holding, release
 from tests.scenes import assert_each_code_once
@@ -111,12 +111,12 @@ def body(raw: bytes) -> list:
     return json.loads(base64.b64decode(json.loads(raw)["body"]))
 
 
-@pytest.mark.parametrize("lost", ["batch", "merge"])
+@pytest.mark.parametrize("lost", ["batch", "queue", "merge"])
 def test_a_job_whose_message_was_lost_sends_it_again_and_completes(cluster, scene, lost):
-    """One batch message deleted from the broker before any node takes it, or the merge message once the last
-    batch sent it: a node sends the very message again, the job completes with every code once, the log says
-    what was sent again, and nothing of the job is left. Without the repair the job waits until its client gives
-    up (180 s)."""
+    """One batch message deleted from the broker before any node takes it, every message of the tiles queue (as a
+    flush would), or the merge message once the last batch sent it: a node sends the very messages again, the job
+    completes with every code once, the log says what was sent again, and nothing of the job is left. Without the
+    repair the job waits until its client gives up (180 s)."""
     truth, path = scene
     server = cluster.redis.client()
     cluster.jobs.start()
@@ -124,25 +124,31 @@ def test_a_job_whose_message_was_lost_sends_it_again_and_completes(cluster, scen
     sent = sent_chord(server, client.id)
     assert len(sent.batches) == 4
     wait_for(lambda: len(queued(server, TILES)) == 4, timeout=60)
-    if lost == "batch":  # the jobs node watches: it sends the batch again, to a queue no node takes yet
-        queue, task_id, said = TILES, sent.batches[2].id, f"job {client.id}: batch tiles 6-8 {LOST}"
-    else:  # the merge is sent by the tiles node, while no node takes the jobs queue; that node sends it again
-        queue, task_id, said = JOBS, client.id, f"job {client.id}: its merge (tilerec.merge) {LOST}"
+    # the jobs node watches and sends batches again, to a queue no node takes yet
+    queue, numbers = TILES, {"batch": [2], "queue": [0, 1, 2, 3]}.get(lost, [])
+    said = [f"job {client.id}: batch tiles {3 * n}-{3 * n + 2} {LOST}" for n in numbers]
+    if lost == "merge":  # sent by the tiles node, while no node takes the jobs queue; that node sends it again
+        queue, said = JOBS, [f"job {client.id}: its merge (tilerec.merge) {LOST}"]
         cluster.jobs.stop()  # warm shutdown: its tiling task ends first
         cluster.tiles.start()
-        wait_for(lambda: one(server, queue, task_id) is not None, timeout=60)
-    name, original, _ = one(server, queue, task_id)
-    lose(server, name, original)
-    wait_for(lambda: one(server, queue, task_id) is not None, timeout=60)
+        wait_for(lambda: one(server, queue, client.id) is not None, timeout=60)
+    ids = [client.id] if lost == "merge" else [sent.batches[n].id for n in numbers]
+    originals = {task_id: one(server, queue, task_id) for task_id in ids}
+    for name, raw, _ in originals.values():
+        lose(server, name, raw)
+    assert not any(one(server, queue, task_id) for task_id in ids)
+    wait_for(lambda: all(one(server, queue, task_id) for task_id in ids), timeout=60)
     sender = {"origin", "parent_id"} if lost == "merge" else {"origin"}
-    assert_sent_as_before(original, one(server, queue, task_id)[1], sender)
-    (cluster.tiles if lost == "batch" else cluster.jobs).start()
+    for task_id, (_, raw, _) in originals.items():
+        assert_sent_as_before(raw, one(server, queue, task_id)[1], sender)
+    (cluster.jobs if lost == "merge" else cluster.tiles).start()
     outcome = client.wait()
     assert "result" in outcome, outcome
     assert_each_code_once(outcome["result"]["detections"], truth.truths)
     assert outcome["result"]["failed_tiles"] == []
-    assert cluster.log().count(said) == 1, cluster.log()[-3000:]
-    assert cluster.log().count("sent again") == 1
+    log = cluster.log()
+    assert all(log.count(line) == 1 for line in said), log[-3000:]
+    assert log.count("sent again") == len(said)
     wait_for(lambda: tilerec_left(server) == [], timeout=20)
 
 
@@ -219,3 +225,4 @@ def test_what_a_chord_lacks_is_its_uncounted_parts_then_its_merge():
     lacking = missing(sent, set(), True)
     assert lacking.merge and lacking.batches == []
     assert sent.describe(1) == "tiles 3-5"
+    assert [check_every(s) for s in (1, 2, 12, 60, 600)] == [0.5, 0.5, 2.0, 5.0, 5.0]
