@@ -176,7 +176,6 @@ class Stalled:
     job: str
     sent: SentChord
     lacking: Missing
-    merged: bool  # its chord's callback was sent (`.c` is "done")
     seen: Seen
 
     @property
@@ -227,9 +226,8 @@ class Watch:
         if text is None or not store.claim_repair(client, job, self.node, max(1, round(self.stall_s))):
             self.seen[job] = Seen(progress, now)  # ended, or another node looks after it for a stall period
             return None
-        sent, merged = SentChord.from_json(text), claim == b"done"
-        lacking = missing(sent, {m.decode() for m in backend.smembers(chord_key(group, ".d"))}, merged)
-        return Stalled(job, sent, lacking, merged, seen)
+        sent, parts = SentChord.from_json(text), {part.decode() for part in backend.smembers(chord_key(group, ".d"))}
+        return Stalled(job, sent, missing(sent, parts, claim == b"done"), seen)
 
     def judge(self, found: Stalled, present: set[str]) -> None:
         """Send again what the stalled job lost, once it was found lost at two looks in a row (a message moves
@@ -242,17 +240,17 @@ class Watch:
         elif not seen.absent:
             self.seen[job] = replace(seen, absent=True)
         else:
-            self.send_again(job, found.sent, lost, found.lacking.merge, found.merged)
+            self.send_again(job, found.sent, lost, found.lacking.merge)
             self.seen[job] = Seen(seen.progress, time.monotonic())
 
-    def send_again(self, job: str, sent: SentChord, lost: list[int], merge: bool, merged: bool) -> None:
+    def send_again(self, job: str, sent: SentChord, lost: list[int], merge: bool) -> None:
         """Send the lost messages of `job` again, saying so."""
         waited = f"no message queued or running for {self.stall_s:g} s"
         if merge:
             sent.merge().apply_async()
             log.warning("job %s: its merge (%s) was lost (%s): sent again", job, sent.body["task"], waited)
             return
-        if not merged and app.backend.client.get(chord_key(sent.group, ".s")) is None:  # the chord's size was lost too
+        if app.backend.client.get(chord_key(sent.group, ".s")) is None:  # the chord's size was lost too
             app.backend.set_chord_size(sent.group, len(sent.batches))
         for number in lost:
             sent.batch(job, number).apply_async()
