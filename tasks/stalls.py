@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
-from celery import Task, bootsteps, chord, signature
+from celery import Task, bootsteps, chord, group, signature
 from celery.canvas import Signature
 
 from tasks import store
@@ -66,12 +66,13 @@ class SentChord:
 
     @classmethod
     def of(cls, job_id: str, work: chord) -> SentChord:
-        """The chord `work` (frozen, its options set, as Task.replace sends it) of job `job_id`."""
-        header = work.tasks.tasks
+        """The chord `work` (frozen, its options set, as Task.replace sends it) of job `job_id`; a job in a
+        caller's chain has the rest of the chain in its body, and its header as a lazy list."""
+        header = list(work.tasks.tasks if isinstance(work.tasks, group) else work.tasks)
         body = work.body.clone(**{k: v for k, v in work.options.items() if k not in BODY_LEFT_OUT})
         batches = [Batch(task.id, task.args[1], task.args[2], task.options.get("priority")) for task in header]
         root, nesting = work.options.get("root_id") or job_id, work.options.get("replaced_task_nesting", 0)
-        return cls(header[0].task, work.tasks.id, dict(body), batches, root, nesting)
+        return cls(header[0].task, work.id, dict(body), batches, root, nesting)
 
     def to_json(self) -> str:
         return json.dumps({"task": self.task, "group": self.group, "body": self.body, "root": self.root,
