@@ -252,6 +252,9 @@ def run_together(spec: dict[str, Any], workers: int, timeout: float, decoding: b
         with contextlib.closing(open_source(path, in_row_order=True, grey=grey)) as header:  # nothing decoded
             shape = (header.height, header.width) + (() if header.channels == 1 else (header.channels,))
         memory = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)))
+        # its pages touched here, not by the decoding: a fresh page's price swings twentyfold on this VM from one
+        # minute to the next (docs/performance.md), and the one-thread baseline reuses warm pages too
+        np.ndarray(shape, np.uint8, memory.buf)[:] = 0
         image = (memory.name, shape)
     procs = [context.Process(target=_share, args=(spec, start, next_tile, out, rank, ready, image))
              for rank in range(workers)]  # fmt: skip
