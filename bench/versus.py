@@ -55,9 +55,11 @@ def _scenes(folder: Path, size: int, formats: tuple[str, ...]) -> list[tuple[str
         scene = scene_file(folder, kind, size, seed=5)
         if scene is None:
             continue
-        encoded = {"png": scene, "tif": _as_tiled_tiff(scene), "jpg": _as_encoded(scene, ".jpg"),
-                   "webp": _as_encoded(scene, ".webp")}  # fmt: skip
-        found += [(kind, encoded[name].path) for name in formats if encoded[name] is not None]  # type: ignore[union-attr]
+        # only the formats asked for are written (a WebP cannot be wider than 16383 pixels)
+        encode = {"png": lambda s: s, "tif": _as_tiled_tiff, "jpg": lambda s: _as_encoded(s, ".jpg"),
+                  "webp": lambda s: _as_encoded(s, ".webp")}  # fmt: skip
+        encoded = [encode[name](scene) for name in formats]
+        found += [(kind, file.path) for file in encoded if file is not None]
     return found
 
 
