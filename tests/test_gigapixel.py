@@ -78,6 +78,20 @@ LAYOUTS = {
 }
 
 
+LAYOUT_WINDOWS = [Window(0, 0, 0, 700, 530), Window(1, 250, 100, 300, 333), Window(2, 699, 529, 1, 1),
+                  Window(3, 127, 63, 130, 68), Window(4, 600, 400, 100, 130)]  # fmt: skip
+
+
+def _in_layout(folder: Path, image: np.ndarray, options: dict) -> tuple[Path, bytes]:
+    """`image` (BGR or grey) written as a TIFF of `options`' layout: the file, and its bytes."""
+    if options.get("planarconfig") == "separate":
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        tifffile.imwrite(folder / "x.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", **options)
+    else:
+        write_tiff(folder / "x.tif", image, **options)
+    return folder / "x.tif", (folder / "x.tif").read_bytes()
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("grey", [False, True])
 def test_windows_of_every_tiff_layout_equal_the_decoded_image(tmp_path, layout, grey):
@@ -87,18 +101,11 @@ def test_windows_of_every_tiff_layout_equal_the_decoded_image(tmp_path, layout, 
     options = dict(LAYOUTS[layout])
     if options.get("planarconfig") == "separate" and grey:
         options.pop("planarconfig")
-    if options.get("planarconfig") == "separate":
-        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        tifffile.imwrite(tmp_path / "x.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", **options)
-    else:
-        write_tiff(tmp_path / "x.tif", image, **options)
-    windows = [Window(0, 0, 0, 700, 530), Window(1, 250, 100, 300, 333), Window(2, 699, 529, 1, 1)]
-    windows += [Window(3, 127, 63, 130, 68), Window(4, 600, 400, 100, 130)]
-    for target in (tmp_path / "x.tif", (tmp_path / "x.tif").read_bytes()):
+    for target in _in_layout(tmp_path, image, options):
         source = open_source(target)
         assert isinstance(source, TiffSource) and source.windowed
         assert (source.width, source.height, source.channels) == (700, 530, 1 if grey else 3)
-        for w in windows:
+        for w in LAYOUT_WINDOWS:
             assert np.array_equal(source.read(w), image[w.y : w.y2, w.x : w.x2]), (layout, w)
         source.close()
 
@@ -108,18 +115,10 @@ def test_a_tiff_opened_grey_gives_its_colour_windows_converted(tmp_path, layout)
     """A grey-only recognizer's windows: each TIFF tile or strip turned grey once as decoded (8-bit RGB), or the
     BGR window turned grey (other layouts), must be the pixels the store would keep of the colour window."""
     image = np.random.default_rng(5).integers(0, 256, (530, 700, 3), dtype=np.uint8)
-    options = dict(LAYOUTS[layout])
-    if options.get("planarconfig") == "separate":
-        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        tifffile.imwrite(tmp_path / "x.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", **options)
-    else:
-        write_tiff(tmp_path / "x.tif", image, **options)
-    windows = [Window(0, 0, 0, 700, 530), Window(1, 250, 100, 300, 333), Window(2, 699, 529, 1, 1)]
-    windows += [Window(3, 127, 63, 130, 68), Window(4, 600, 400, 100, 130), Window(5, 250, 100, 300, 333)]
-    for target in (tmp_path / "x.tif", (tmp_path / "x.tif").read_bytes()):
+    for target in _in_layout(tmp_path, image, dict(LAYOUTS[layout])):
         source = open_source(target, grey=True)
         assert isinstance(source, TiffSource) and source.channels == 1
-        for w in windows:  # the last window again: from the tiles cached grey
+        for w in [*LAYOUT_WINDOWS, LAYOUT_WINDOWS[1]]:  # a window again: from the tiles cached grey
             want = cv2.cvtColor(np.ascontiguousarray(image[w.y : w.y2, w.x : w.x2]), cv2.COLOR_BGR2GRAY)
             assert np.array_equal(source.read(w), want), (layout, w)
         source.close()
