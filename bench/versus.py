@@ -4,18 +4,19 @@
         [--formats png,tif,jpg,webp] [--recognizers qrcode,aruco] [--in-process]
 
 Each checkout runs its own private Redis and `celery worker` (the other one with its own `.venv/bin/python`), both
-up for the whole run; jobs go one at a time, alternating which cluster goes first, so a drift of the machine's
-speed hits both alike. Every job is timed by the client, from sending `tilerec.recognize` to holding the result,
-and both must find the same detections. The scenes are written as PNG and as an uncompressed tiled TIFF, and with
-`--formats` as JPEG (quality 95) and WebP (quality 90) too. With `--in-process`, each job is also run in one fresh
-process of this checkout on the same tiles (`bench.inprocess`: decoded whole, then tiled), at one thread and at the
-libraries' default threads, interleaved with the clusters' jobs: what distribution buys, in the same run. That
-process makes a cold pass, then the timed one, which reuses the cold pass's pages (as the workers, warm, reuse
-theirs): on this VM a whole decoded image's fresh pages cost 0.1 to 2.5 s from one minute to the next, which made
-one-pass baselines drift twofold between repetitions; the cold pass's time is reported beside it. The
-load average is recorded beside every job, and its CPU seconds (every process of the cluster, the Redis included;
-the one-process run's own): two cores give at most two CPU seconds a second, so 2 × one thread's CPU over the
-job's bounds the ratio whatever the load. Writes `versus.json` and `versus.md` (medians, and the ratio of each
+up for the whole run; jobs go one at a time, alternating which cluster goes first, so a drift of the machine's speed
+hits both alike. Every job is timed by the client, from sending `tilerec.recognize` to holding the result, and both
+must find the same detections; the image's modification time is renewed before each job, so no worker reuses what it
+kept open of it from the last one (a TIFF's decoded tiles). The scenes are written as PNG and as an uncompressed
+tiled TIFF, and with `--formats` as JPEG (quality 95) and WebP (quality 90) too. With `--in-process`, each job is
+also run in one fresh process of this checkout on the same tiles (`bench.inprocess`: decoded whole, then tiled), at
+one thread and at the libraries' default threads, interleaved with the clusters' jobs: what distribution buys, in
+the same run. That process makes a cold pass, then the timed one, which reuses the cold pass's pages (as the
+workers, warm, reuse theirs): on this VM a whole decoded image's fresh pages cost 0.1 to 2.5 s from one minute to
+the next, which made one-pass baselines drift twofold between repetitions; the cold pass's time is reported beside
+it. The load average is recorded beside every job, and its CPU seconds (every process of the cluster, the Redis
+included; the one-process run's own): two cores give at most two CPU seconds a second, so 2 × one thread's CPU over
+the job's bounds the ratio whatever the load. Writes `versus.json` and `versus.md` (medians, and the ratio of each
 scene's median times: this checkout over the other).
 """
 
@@ -107,6 +108,9 @@ def run(
                 for name, cluster in order:
                     pids = cluster.pids()
                     cpu = cpu_seconds(pids)
+                    # a new modification time: the file is a new one to the tile processes, whose open files (and a
+                    # TIFF's decoded tiles) from the last job are not reused, as the one-process run reopens it too
+                    os.utime(path)
                     run_ = cluster.run(str(path), recognizer, {}, 600)
                     if run_.error:
                         raise RuntimeError(f"{name} failed {key}: {run_.error}")
