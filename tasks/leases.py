@@ -14,35 +14,22 @@ within a few seconds (NTP), since each renews with its own.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
-from celery import bootsteps
 from celery.worker import state
 
-log = logging.getLogger(__name__)
+from tasks.steps import RepeatingStep
 
 
-class Leases(bootsteps.StartStopStep):
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-
-    def __init__(self, consumer: Any, **_: Any) -> None:
-        self.timer: Any = None
+class Leases(RepeatingStep):
+    failure = "could not renew the leases of {host}'s messages"
 
     def start(self, consumer: Any) -> None:
         channel = consumer.task_consumer.channel
         if getattr(channel, "unacked_index_key", None) is None:  # not a Redis transport: nothing to renew
             return
-        every = max(1.0, float(channel.visibility_timeout) / 3)
-        self.timer = consumer.timer.call_repeatedly(every, self.renew, (consumer,))
-
-    def stop(self, consumer: Any) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    shutdown = stop
+        self.repeat(consumer, max(1.0, float(channel.visibility_timeout) / 3))
 
     @staticmethod
     def held(consumer: Any) -> set[str]:
@@ -56,12 +43,10 @@ class Leases(bootsteps.StartStopStep):
                 tags.add(message.delivery_tag)
         return tags
 
-    def renew(self, consumer: Any) -> None:
-        try:
-            tags = self.held(consumer)
-            if tags:
-                channel = consumer.task_consumer.channel
-                with channel.conn_or_acquire() as client:
-                    client.zadd(channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)
-        except Exception as error:  # the next renewal tries again; the event loop must go on
-            log.warning("could not renew the leases of %s's messages: %s", consumer.hostname, error)
+    def run(self, consumer: Any) -> None:
+        """Renew the leases of the messages this node holds."""
+        tags = self.held(consumer)
+        if tags:
+            channel = consumer.task_consumer.channel
+            with channel.conn_or_acquire() as client:
+                client.zadd(channel.unacked_index_key, dict.fromkeys(tags, time.time()), xx=True)

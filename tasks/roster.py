@@ -14,9 +14,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from celery import bootsteps
-
 from tasks import store
+from tasks.steps import RepeatingStep
 
 ANNOUNCE_EVERY_S = 5.0
 ANNOUNCE_TTL_S = 3 * ANNOUNCE_EVERY_S  # two missed announcements do not drop a live node
@@ -24,7 +23,7 @@ ANNOUNCE_TTL_S = 3 * ANNOUNCE_EVERY_S  # two missed announcements do not drop a 
 log = logging.getLogger(__name__)
 
 
-def roster_step(connect: Callable[[], Any]) -> type[bootsteps.StartStopStep]:
+def roster_step(connect: Callable[[], Any]) -> type[RepeatingStep]:
     """The consumer step that announces this node's tile processes, through the store client `connect()` gives: one
     tried once per command, as the announcements run on the worker's event loop, which a retrying client would stop,
     messages and heartbeats with it, for as long as the store is away (a failover, a restart).
@@ -36,23 +35,21 @@ def roster_step(connect: Callable[[], Any]) -> type[bootsteps.StartStopStep]:
         The step, for `app.steps["consumer"].add`.
     """
 
-    class Roster(bootsteps.StartStopStep):
-        requires = ("celery.worker.consumer.tasks:Tasks",)
+    class Roster(RepeatingStep):
+        failure = "could not announce {host}'s processes"
 
-        def __init__(self, consumer: Any, **_: Any) -> None:
-            self.timer: Any = None
+        def __init__(self, consumer: Any, **kwargs: Any) -> None:
+            super().__init__(consumer, **kwargs)
             self.member: str | None = None
 
         def start(self, consumer: Any) -> None:
             if consumer.app.conf.tiles_queue not in consumer.app.amqp.queues.consume_from:
                 return  # takes no tiles: not a process a job's batches can go to
-            self.announce(consumer)
-            self.timer = consumer.timer.call_repeatedly(ANNOUNCE_EVERY_S, self.announce, (consumer,))
+            self.run_once(consumer)
+            self.repeat(consumer, ANNOUNCE_EVERY_S)
 
         def stop(self, consumer: Any) -> None:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            super().stop(consumer)
             if self.member is not None:
                 try:
                     store.withdraw_processes(connect(), self.member)
@@ -60,17 +57,13 @@ def roster_step(connect: Callable[[], Any]) -> type[bootsteps.StartStopStep]:
                     log.warning("could not withdraw %s from the roster: %s", consumer.hostname, error)
                 self.member = None
 
-        shutdown = stop
-
-        def announce(self, consumer: Any) -> None:
-            try:
-                member = store.roster_member(consumer.hostname, int(consumer.pool.num_processes))
-                client = connect()
-                if self.member not in (None, member):  # the pool was resized
-                    store.withdraw_processes(client, self.member)
-                store.announce_processes(client, member, ANNOUNCE_TTL_S)
-                self.member = member
-            except Exception as error:  # the next announcement tries again; the event loop must go on
-                log.warning("could not announce %s's processes: %s", consumer.hostname, error)
+        def run(self, consumer: Any) -> None:
+            """Announce this node's tile processes (withdrawing the old count of a resized pool)."""
+            member = store.roster_member(consumer.hostname, int(consumer.pool.num_processes))
+            client = connect()
+            if self.member not in (None, member):  # the pool was resized
+                store.withdraw_processes(client, self.member)
+            store.announce_processes(client, member, ANNOUNCE_TTL_S)
+            self.member = member
 
     return Roster

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
-from celery import Task, bootsteps, chord, group, signature
+from celery import Task, chord, group, signature
 from celery.canvas import Signature
 
 from tasks import store
 from tasks.celery import app, settings, store_client
+from tasks.steps import RepeatingStep
 
 SCAN_EVERY = 1000  # messages read from the broker in one round trip
 UNITS = {"tilerec.recognize_tiles": "tiles", "tilerec.recognize_crops": "crops", "tilerec.recognize_segment": "frames"}
@@ -258,13 +259,13 @@ class Watch:
             log.warning("job %s: batch %s was lost (%s): sent again", job, sent.describe(number), waited)
 
 
-class StallWatch(bootsteps.StartStopStep):
+class StallWatch(RepeatingStep):
     """The consumer step that looks at the watched jobs every `check_every(TILEREC_STALL_S)` seconds."""
 
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    failure = "could not look for stalled jobs"
 
-    def __init__(self, consumer: Any, **_: Any) -> None:
-        self.timer: Any = None
+    def __init__(self, consumer: Any, **kwargs: Any) -> None:
+        super().__init__(consumer, **kwargs)
         self.watch: Watch | None = None
 
     def start(self, consumer: Any) -> None:
@@ -273,21 +274,11 @@ class StallWatch(bootsteps.StartStopStep):
         if getattr(channel, "unacked_key", None) is None or stall_s <= 0:  # not a Redis transport, or turned off
             return
         self.watch = self.watch or Watch(stall_s, consumer.hostname)
-        self.timer = consumer.timer.call_repeatedly(check_every(stall_s), self.look, (consumer,))
+        self.repeat(consumer, check_every(stall_s))
 
-    def stop(self, consumer: Any) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    shutdown = stop
-
-    def look(self, consumer: Any) -> None:
-        try:
-            assert self.watch is not None
-            self.watch.look(consumer.task_consumer.channel, list(consumer.app.amqp.queues))
-        except Exception as error:  # the next look tries again; the event loop must go on
-            log.warning("could not look for stalled jobs: %s", error)
+    def run(self, consumer: Any) -> None:
+        assert self.watch is not None
+        self.watch.look(consumer.task_consumer.channel, list(consumer.app.amqp.queues))
 
 
 def check_every(stall_s: float) -> float:
