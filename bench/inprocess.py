@@ -176,8 +176,6 @@ def _share(spec: dict[str, Any], start: Any, next_tile: Any, out: Any, rank: int
     try:
         from multiprocessing import shared_memory
 
-        import numpy as np
-
         from pipeline.memory import keep_freed_buffers
 
         keep_freed_buffers()
