@@ -234,6 +234,43 @@ def held(gate: Path) -> tuple[str, ...]:
 HELD_ENV = {"TILEREC_PLUGIN_MODULES": "tests.faulty"}  # the CLI checks a `module:factory` recognizer's name too
 
 
+SWALLOWED = """
+import signal, sys, time
+from tasks.cli.commands import _raise_interrupted, reraise_swallowed_interrupts
+if sys.argv[1] == "hook":
+    reraise_swallowed_interrupts()
+signal.signal(signal.SIGTERM, _raise_interrupted)
+
+
+class Finalized:
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __del__(self):  # the signal arrives while a finalizer runs: Python swallows what it raises there
+        signal.raise_signal(self.signum)
+
+
+try:
+    Finalized(int(sys.argv[2]))
+    for _ in range(100):  # the main flow goes on, as the CLI polls for its worker: the interrupt must land here
+        time.sleep(0.02)
+    print("not interrupted")
+except KeyboardInterrupt as interrupt:
+    print("interrupted", getattr(interrupt, "signum", signal.SIGINT))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_a_finalizer_swallowed_still_stops_the_cli(signum: int) -> None:
+    said, repo = {}, Path(__file__).resolve().parents[1]
+    for hooked in ("hook", "bare"):
+        done = subprocess.run([sys.executable, "-c", SWALLOWED, hooked, str(int(signum))], capture_output=True,
+                              text=True, timeout=60, preexec_fn=interruptible, cwd=repo)  # fmt: skip
+        said[hooked] = (done.stdout.strip(), done.stderr[-500:])
+    assert said["bare"][0] == "not interrupted", said  # Python's own behaviour: what the hook is for
+    assert said["hook"][0] == f"interrupted {int(signum)}", said
+
+
 @pytest.mark.cluster
 @pytest.mark.parametrize(
     ("moment", "signum", "code"),

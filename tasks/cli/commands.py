@@ -23,12 +23,14 @@ Exit codes: 0 success, 1 a job failed, 2 bad arguments or unreadable input, 3 br
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -444,8 +446,30 @@ def build_parser() -> Parser:
     return parser
 
 
+REDELIVER_S = 0.05  # an interrupt a finalizer swallowed is delivered again this much later
+
+
 def _raise_interrupted(signum: int, _frame: Any) -> None:
     raise Interrupted(signum)
+
+
+def reraise_swallowed_interrupts() -> None:
+    """A Ctrl-C (or SIGTERM, SIGHUP) that arrives while a finalizer runs (a Redis connection's `__del__` while the
+    CLI polls for its worker, say) is raised there, and Python only reports it as unraisable: the CLI would go on
+    as if nothing had come. This hook delivers it again to the main thread, through the signal's own handler,
+    REDELIVER_S later: delivered at once, it would land in the hook, and be swallowed again."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
+            again = threading.Timer(REDELIVER_S, _thread.interrupt_main, (signum,))
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -454,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["worker"]:
             exec_worker(argv[1:])
         args = build_parser().parse_args(argv)
+        reraise_swallowed_interrupts()
         for number in (signal.SIGTERM, signal.SIGHUP):
             # only where the default (dying without cleanup) applies: a SIGHUP ignored by nohup stays ignored
             if signal.getsignal(number) == signal.SIG_DFL:
